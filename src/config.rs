@@ -1,0 +1,470 @@
+//! Configuration: one TOML file overlaid by environment variables.
+//!
+//! Plain serde structs with `deny_unknown_fields`, so a typo is an error
+//! rather than a silently ignored setting. Loading and checking are split:
+//! [`Config::load`] reads and type-checks, [`Config::validate`] checks the
+//! values and returns every problem at once, each naming its dotted field,
+//! so an operator fixes a file in one pass. Key templates become typed
+//! values here ([`crate::rules::RuleSet`]) and are never re-parsed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::rules::{Action, RuleSet};
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pg-cache-invalidator/config.toml";
+/// Default name of both the replication slot and the publication.
+pub const DEFAULT_SLOT_AND_PUBLICATION: &str = "pg_cache_invalidator";
+/// Default pub/sub channel for invalidation events.
+pub const DEFAULT_CHANNEL: &str = "cache-invalidation";
+/// Default metrics/health listener: loopback only, so nothing is exposed
+/// unless the operator asks for it.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
+/// Prefix of environment overrides: `PGCI__REDIS__CHANNEL=...`.
+pub const ENV_PREFIX: &str = "PGCI";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The database to watch.
+    pub postgres: PostgresConfig,
+    /// Slot and publication of the `replication` source.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    /// Where the `outbox` source keeps its objects.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// The cache to keep fresh.
+    pub redis: RedisConfig,
+    /// Metrics and health endpoints.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Which keys each table's changes invalidate.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq-style URL; `DATABASE_URL` overrides it.
+    pub url: SecretUrl,
+    /// CA certificate for `sslmode=verify-ca|verify-full`.
+    #[serde(default)]
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Which change stream to read.
+    #[serde(default)]
+    pub source: SourceKind,
+}
+
+/// The change stream the daemon reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A logical replication slot with `pgoutput`.
+    #[default]
+    Replication,
+    /// A trigger-fed outbox table.
+    Outbox,
+}
+
+/// `[replication]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The logical replication slot.
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// The publication listing the watched tables.
+    #[serde(default = "default_slot")]
+    pub publication: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            slot: default_slot(),
+            publication: default_slot(),
+        }
+    }
+}
+
+fn default_slot() -> String {
+    DEFAULT_SLOT_AND_PUBLICATION.to_string()
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Schema for the outbox table and trigger function.
+    #[serde(default = "default_slot")]
+    pub schema: String,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            schema: default_slot(),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL; `REDIS_URL` overrides it.
+    pub url: SecretUrl,
+    /// Pub/sub channel for events; empty turns events off.
+    #[serde(default = "default_channel")]
+    pub channel: String,
+}
+
+fn default_channel() -> String {
+    DEFAULT_CHANNEL.to_string()
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address for `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    DEFAULT_HTTP_LISTEN.to_string()
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for terminals, `json` for log collectors.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One `[[rules]]` entry as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `schema.table` (or `table` for `public.table`).
+    pub table: String,
+    /// Key templates such as `profile:user:{id}`.
+    pub keys: Vec<String>,
+    /// What to do with the keys.
+    #[serde(default)]
+    pub action: Action,
+}
+
+/// A connection URL whose password never reaches a log line: `Debug` and
+/// `Display` print it redacted; [`SecretUrl::expose`] gives the real text
+/// to the one place that connects.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...`, and any
+/// `password=` query or key/value parameter, with `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = rest_start + colon + 1;
+                out.replace_range(start..rest_start + at, "***");
+            }
+        }
+    }
+    let lower = out.to_ascii_lowercase();
+    if let Some(pos) = lower.find("password=") {
+        let start = pos + "password=".len();
+        let end = out[start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |i| start + i);
+        out.replace_range(start..end, "***");
+    }
+    out
+}
+
+/// A configuration file that could not be used. `Display` is one line per
+/// problem, each naming the field and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing or unreadable, or not valid TOML, or a field has
+    /// the wrong type or is unknown.
+    #[error("{0}")]
+    Load(String),
+    /// Values that are well-typed but wrong.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads `path`, then applies `DATABASE_URL`, `REDIS_URL` and
+    /// `PGCI__SECTION__KEY` overrides from the environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!(
+                "config file {} does not exist: pass --config FILE",
+                path.display()
+            )));
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(false),
+            );
+        for (var, key) in [("DATABASE_URL", "postgres.url"), ("REDIS_URL", "redis.url")] {
+            if let Ok(value) = std::env::var(var) {
+                if !value.is_empty() {
+                    builder = builder
+                        .set_override(key, value)
+                        .map_err(|e| ConfigError::Load(format!("{var}: {e}")))?;
+                }
+            }
+        }
+        let raw = builder.build().map_err(|e| {
+            ConfigError::Load(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        raw.try_deserialize::<Config>().map_err(|e| {
+            ConfigError::Load(format!(
+                "invalid config {}: {}",
+                path.display(),
+                one_line(&e.to_string())
+            ))
+        })
+    }
+
+    /// Checks every value and compiles the rules; returns all problems.
+    pub fn validate(&self) -> Result<RuleSet, ConfigError> {
+        let mut problems = Vec::new();
+        check_url(
+            "postgres.url",
+            self.postgres.url.expose(),
+            &["postgres", "postgresql"],
+            &mut problems,
+        );
+        check_url(
+            "redis.url",
+            self.redis.url.expose(),
+            &["redis", "rediss"],
+            &mut problems,
+        );
+        if self.postgres.source == SourceKind::Outbox {
+            problems.push(
+                "postgres.source: \"outbox\" is not available in this version: use \"replication\""
+                    .to_string(),
+            );
+        }
+        check_identifier(
+            "replication.slot",
+            &self.replication.slot,
+            true,
+            &mut problems,
+        );
+        check_identifier(
+            "replication.publication",
+            &self.replication.publication,
+            true,
+            &mut problems,
+        );
+        check_identifier("outbox.schema", &self.outbox.schema, false, &mut problems);
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen: {:?} is not an address like 127.0.0.1:9187",
+                self.http.listen
+            ));
+        }
+        let rules = match RuleSet::compile(&self.rules) {
+            Ok(rules) => Some(rules),
+            Err(errors) => {
+                problems.extend(errors);
+                None
+            }
+        };
+        match rules {
+            Some(rules) if problems.is_empty() => Ok(rules),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn check_url(field: &str, url: &str, schemes: &[&str], problems: &mut Vec<String>) {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) => {}
+        _ => problems.push(format!(
+            "{field}: {} is not a {}:// URL",
+            redact_url(url),
+            schemes[0]
+        )),
+    }
+}
+
+/// Slot and publication names may hold only lower-case letters, digits and
+/// underscores: the server's rule for slots, and the transport sends both
+/// unquoted. Other identifiers are quoted wherever we use them, so only
+/// emptiness and length matter.
+fn check_identifier(field: &str, value: &str, slot_rules: bool, problems: &mut Vec<String>) {
+    if value.is_empty() || value.len() > 63 {
+        problems.push(format!("{field}: must be 1 to 63 characters long"));
+    } else if slot_rules
+        && !value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        problems.push(format!(
+            "{field}: {value:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_every_form() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr3t@db:5432/postgres?sslmode=require"),
+            "postgres://app:***@db:5432/postgres?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/x?password=zz&sslmode=disable"),
+            "postgres://app@db/x?password=***&sslmode=disable"
+        );
+        assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+        assert!(!format!("{:?}", SecretUrl::new("redis://u:hunter2@h")).contains("hunter2"));
+    }
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write");
+        Config::load(&path)
+    }
+
+    const MINIMAL: &str = r#"
+        [postgres]
+        url = "postgres://u@127.0.0.1/db"
+        [redis]
+        url = "redis://127.0.0.1"
+        [[rules]]
+        table = "public.profiles"
+        keys = ["profile:user:{id}"]
+    "#;
+
+    #[test]
+    fn loads_defaults() {
+        let cfg = parse(MINIMAL).expect("loads");
+        assert_eq!(cfg.replication.slot, "pg_cache_invalidator");
+        assert_eq!(cfg.redis.channel, "cache-invalidation");
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = parse(&format!("{MINIMAL}\n[log]\nformt = \"json\"\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("formt"), "{text}");
+        assert_eq!(text.lines().count(), 1);
+    }
+
+    #[test]
+    fn validation_names_each_field() {
+        let cfg = parse(
+            r#"
+            [postgres]
+            url = "mysql://x"
+            [replication]
+            slot = "Bad-Slot"
+            [redis]
+            url = "redis://127.0.0.1"
+            [[rules]]
+            table = "public.profiles"
+            keys = ["{id}"]
+        "#,
+        )
+        .expect("loads");
+        let text = cfg.validate().unwrap_err().to_string();
+        assert!(text.contains("postgres.url"), "{text}");
+        assert!(text.contains("replication.slot"), "{text}");
+        assert!(text.contains("rules[0].keys[0]"), "{text}");
+    }
+}

@@ -1,0 +1,261 @@
+//! Regular (non-replication) PostgreSQL connections: catalog checks,
+//! `setup`, `status`. The only module that uses `tokio-postgres`.
+//!
+//! The connection URL is parsed once into [`ConnInfo`], which both this
+//! module and the replication source use, so the two connections always
+//! reach the same server as the same user.
+
+pub mod catalog;
+pub mod setup;
+
+use std::str::FromStr;
+
+use crate::config::SecretUrl;
+
+/// TLS modes as libpq names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it (treated as plain in this version).
+    Prefer,
+    /// TLS without certificate checks.
+    Require,
+    /// TLS with the chain checked against `ssl_root_cert`.
+    VerifyCa,
+    /// TLS with the chain and host name checked.
+    VerifyFull,
+}
+
+/// Where and as whom to connect, parsed from `[postgres] url`.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// Host name, IP address, or a Unix socket directory (starts with `/`).
+    pub host: String,
+    /// TCP port (also names the Unix socket file).
+    pub port: u16,
+    /// Role name.
+    pub user: String,
+    /// Password, empty for trust / peer authentication.
+    pub password: String,
+    /// Database name.
+    pub dbname: String,
+    /// TLS mode.
+    pub sslmode: SslMode,
+    /// The URL as given, to print redacted.
+    url: SecretUrl,
+}
+
+impl std::fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnInfo({})", self.url.redacted())
+    }
+}
+
+/// A URL that cannot be used, or a server that cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is malformed or asks for something unsupported.
+    #[error("postgres.url {url}: {reason}")]
+    BadUrl {
+        /// Redacted URL.
+        url: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// Connecting or a query failed.
+    #[error("{context}: {source}")]
+    Query {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    /// Wraps a driver error with what was being done.
+    pub fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+        let context = context.into();
+        move |source| DbError::Query { context, source }
+    }
+}
+
+impl ConnInfo {
+    /// Parses a `postgres://` URL. `sslmode` is taken out before the rest is
+    /// handed to the driver's parser, because the driver knows only
+    /// disable / prefer / require.
+    pub fn parse(url: &SecretUrl) -> Result<ConnInfo, DbError> {
+        let bad = |reason: String| DbError::BadUrl {
+            url: url.redacted(),
+            reason,
+        };
+        let (stripped, sslmode) = take_sslmode(url.expose()).map_err(bad)?;
+        let config = tokio_postgres::Config::from_str(&stripped)
+            .map_err(|e| bad(format!("cannot parse: {e}")))?;
+        let host = match config.get_hosts() {
+            [] => "localhost".to_string(),
+            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+            [tokio_postgres::config::Host::Unix(p)] => p.display().to_string(),
+            _ => return Err(bad("give exactly one host".to_string())),
+        };
+        let port = match config.get_ports() {
+            [] => 5432,
+            [p] => *p,
+            _ => return Err(bad("give exactly one port".to_string())),
+        };
+        let user = config
+            .get_user()
+            .ok_or_else(|| bad("no user: write postgres://USER@HOST/DB".to_string()))?
+            .to_string();
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let dbname = config.get_dbname().unwrap_or(&user).to_string();
+        if !matches!(sslmode, SslMode::Disable | SslMode::Prefer) {
+            return Err(bad(
+                "TLS (sslmode=require|verify-ca|verify-full) is not available in this version: use sslmode=disable on a trusted network".to_string(),
+            ));
+        }
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            sslmode,
+            url: url.clone(),
+        })
+    }
+
+    /// The URL with its password redacted, for logs.
+    pub fn redacted(&self) -> String {
+        self.url.redacted()
+    }
+
+    fn driver_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("pg-cache-invalidator")
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if !self.password.is_empty() {
+            config.password(&self.password);
+        }
+        config
+    }
+}
+
+fn take_sslmode(url: &str) -> Result<(String, SslMode), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), SslMode::Prefer));
+    };
+    let mut mode = SslMode::Prefer;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", value)) => {
+                mode = match value {
+                    "disable" => SslMode::Disable,
+                    "prefer" | "allow" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                        ))
+                    }
+                }
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, mode))
+}
+
+/// A regular connection; the driver's connection task runs in the
+/// background and ends when the client is dropped.
+pub struct Db {
+    client: tokio_postgres::Client,
+}
+
+impl Db {
+    /// Connects.
+    pub async fn connect(info: &ConnInfo) -> Result<Db, DbError> {
+        let (client, connection) = info
+            .driver_config()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(DbError::query(format!(
+                "cannot connect to {}",
+                info.redacted()
+            )))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "postgres connection closed");
+            }
+        });
+        Ok(Db { client })
+    }
+
+    /// The driver's client, for the modules of `db`.
+    pub(crate) fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
+    /// Runs SQL text (several statements allowed), returning nothing.
+    pub async fn execute_batch(&self, sql: &str) -> Result<(), DbError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(DbError::query(format!("running {}", first_line(sql))))
+    }
+}
+
+fn first_line(sql: &str) -> &str {
+    sql.lines()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+        .unwrap_or(sql)
+        .trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_sslmode() {
+        let info = ConnInfo::parse(&SecretUrl::new(
+            "postgres://app:p%40ss@db.local:6543/main?sslmode=disable&application_name=x",
+        ))
+        .expect("valid");
+        assert_eq!(info.host, "db.local");
+        assert_eq!(info.port, 6543);
+        assert_eq!(info.user, "app");
+        assert_eq!(info.password, "p@ss");
+        assert_eq!(info.dbname, "main");
+        assert_eq!(info.sslmode, SslMode::Disable);
+        assert!(!format!("{info:?}").contains("p%40ss"));
+    }
+
+    #[test]
+    fn rejects_unknown_sslmode_and_missing_user() {
+        let err = ConnInfo::parse(&SecretUrl::new("postgres://a:secret@h/d?sslmode=maybe"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode=maybe"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        assert!(ConnInfo::parse(&SecretUrl::new("postgres://h/d")).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! `setup` and `teardown`: the SQL that prepares a database, planned from
+//! the rules and the live catalog, so re-running it does nothing more than
+//! what is missing. `--print` shows the same statements instead of running
+//! them; `sql/` holds them for a DBA who prefers to run them by hand.
+
+use std::fmt;
+
+use crate::config::ReplicationConfig;
+use crate::db::catalog::{self, Identity};
+use crate::db::{Db, DbError};
+use crate::rules::{quote_ident, quote_literal, RuleSet};
+
+/// One statement and why it is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// A one-line reason, printed as an SQL comment.
+    pub why: String,
+    /// The statement.
+    pub sql: String,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "-- {}\n{}\n", self.why, self.sql)
+    }
+}
+
+/// What setup would do, or why it cannot.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Statements to run, in order.
+    pub steps: Vec<Step>,
+    /// Problems setup cannot fix (missing tables or columns, wal_level).
+    pub problems: Vec<String>,
+}
+
+/// Plans the statements that make the database ready for `rules`: replica
+/// identities first, then the publication, then the slot (a slot decodes
+/// with the catalog as of each change, so the publication must exist before
+/// the slot's first change).
+pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<Plan, DbError> {
+    let mut plan = Plan::default();
+    let level = catalog::wal_level(db).await?;
+    if level != "logical" {
+        plan.problems.push(format!(
+            "wal_level is {level}: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL, then run setup again"
+        ));
+    }
+    let mut tables = Vec::new();
+    for (table, table_rules) in rules.tables() {
+        let Some(info) = catalog::inspect_table(db, table).await? else {
+            plan.problems.push(format!(
+                "table {table} does not exist: create it or fix the rule's table name"
+            ));
+            continue;
+        };
+        let needed = RuleSet::key_columns(table_rules);
+        let unknown: Vec<_> = needed
+            .iter()
+            .filter(|c| !info.columns.iter().any(|col| &col.name == *c))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            plan.problems.push(format!(
+                "table {table} has no column(s) {} used by its key templates: fix the templates",
+                unknown.join(", ")
+            ));
+            continue;
+        }
+        if !needed.is_subset(&info.identity_columns()) {
+            let identity = info.cheapest_identity(&needed);
+            let why = match &identity {
+                Identity::Default => format!("{table}: the primary key carries the key columns"),
+                Identity::Index(name) => format!(
+                    "{table}: unique index {name} over NOT NULL columns carries the key columns"
+                ),
+                Identity::Full => format!(
+                    "{table}: no primary key or unique NOT NULL index covers the key columns, so DELETEs must log the whole row"
+                ),
+            };
+            plan.steps.push(Step {
+                why,
+                sql: identity.alter_sql(table),
+            });
+        }
+        tables.push(table.clone());
+    }
+
+    let publication = &cfg.publication;
+    let all_ops = "insert, update, delete, truncate";
+    match catalog::inspect_publication(db, publication).await? {
+        None if !tables.is_empty() => plan.steps.push(Step {
+            why: format!("publication {publication} lists the watched tables"),
+            sql: format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{all_ops}');",
+                quote_ident(publication),
+                tables
+                    .iter()
+                    .map(|t| t.quoted())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+        None => {}
+        Some(existing) => {
+            if !existing.missing_operations.is_empty() {
+                plan.steps.push(Step {
+                    why: format!(
+                        "publication {publication} must also publish {}",
+                        existing.missing_operations.join(", ")
+                    ),
+                    sql: format!(
+                        "ALTER PUBLICATION {} SET (publish = '{all_ops}');",
+                        quote_ident(publication)
+                    ),
+                });
+            }
+            if !existing.all_tables {
+                for table in tables.iter().filter(|t| !existing.tables.contains(t)) {
+                    plan.steps.push(Step {
+                        why: format!("publication {publication} is missing {table}"),
+                        sql: format!(
+                            "ALTER PUBLICATION {} ADD TABLE {};",
+                            quote_ident(publication),
+                            table.quoted()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    let slot = &cfg.slot;
+    match catalog::inspect_slot(db, slot).await? {
+        None => plan.steps.push(Step {
+            why: format!("replication slot {slot} keeps the changes the daemon has not confirmed"),
+            sql: format!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
+                quote_literal(slot)
+            ),
+        }),
+        Some(info) if info.plugin.as_deref() != Some("pgoutput") => plan.problems.push(format!(
+            "replication slot {slot:?} exists with plugin {:?}: drop it or choose another [replication] slot",
+            info.plugin.unwrap_or_default()
+        )),
+        Some(_) => {}
+    }
+    Ok(plan)
+}
+
+/// Runs the planned steps in order, calling `done` after each.
+pub async fn apply(db: &Db, plan: &Plan, mut done: impl FnMut(&Step)) -> Result<(), DbError> {
+    for step in &plan.steps {
+        db.execute_batch(&step.sql).await?;
+        done(step);
+    }
+    Ok(())
+}
+
+/// Plans `teardown`: drop the slot, then the publication. Replica
+/// identities are left as they are: they are harmless and other consumers
+/// may rely on them.
+pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbError> {
+    let mut plan = Plan::default();
+    if let Some(slot) = catalog::inspect_slot(db, &cfg.slot).await? {
+        if slot.active {
+            plan.problems.push(format!(
+                "replication slot {:?} is in use by pid {}: stop the daemon first",
+                cfg.slot,
+                slot.active_pid.unwrap_or_default()
+            ));
+        }
+        plan.steps.push(Step {
+            why: format!(
+                "drop replication slot {} (a forgotten slot retains WAL without limit)",
+                cfg.slot
+            ),
+            sql: format!(
+                "SELECT pg_drop_replication_slot({});",
+                quote_literal(&cfg.slot)
+            ),
+        });
+    }
+    if catalog::inspect_publication(db, &cfg.publication)
+        .await?
+        .is_some()
+    {
+        plan.steps.push(Step {
+            why: format!("drop publication {}", cfg.publication),
+            sql: format!("DROP PUBLICATION {};", quote_ident(&cfg.publication)),
+        });
+    }
+    Ok(plan)
+}

@@ -1,0 +1,6 @@
+//! Decode: the bytes of the change stream into typed messages.
+//!
+//! No I/O and no panics here, so it can be tested and fuzzed on its own.
+
+pub mod pgoutput;
+pub mod time;

@@ -1,0 +1,271 @@
+//! The apply loop: source → decode → plan → sink → ack.
+//!
+//! ```text
+//!  source.next() ─▶ decode ─▶ plan ─▶ pending Batch ─(channel, 2 deep)─▶ sink task
+//!        ▲                                                                  │
+//!        └──────────── confirm(lsn) ◀──── ack watch (applied LSN) ◀─────────┘
+//! ```
+//!
+//! Reading and applying overlap: while the sink task waits for Redis, the
+//! loop keeps decoding into the next batch, so a batch grows exactly as
+//! large as the Redis round-trip lets it (up to [`MAX_BATCH_ITEMS`]). A
+//! batch carries the end LSN of the last transaction it completes; the sink
+//! applies batches strictly in order and publishes that LSN only after Redis
+//! acknowledged everything, and only then is it confirmed to the server.
+//! A keepalive's position is confirmed the same way, when no transaction is
+//! open, so writes to unwatched tables never make the slot retain WAL.
+//!
+//! A large transaction does not have to fit in memory: once the pending
+//! batch is full it is applied without an acknowledgement, and the
+//! transaction's commit confirms it later. That is safe because pgoutput v1
+//! sends only committed transactions.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::decode::pgoutput::{self, DecodeError, Message};
+use crate::decode::time::pg_micros_to_rfc3339;
+use crate::lsn::Lsn;
+use crate::plan::{CacheOp, Op, PlanError, Planner};
+use crate::sink::redis::{RedisSink, SinkError};
+use crate::sink::{Batch, Item};
+use crate::source::replication::{FatalSourceError, ReplicationSource, SourceEvent};
+
+/// Most operations in one batch: bounds memory (a few hundred bytes each)
+/// and the size of one Redis pipeline, while being large enough that a
+/// backlog drains in few round-trips.
+pub const MAX_BATCH_ITEMS: usize = 4096;
+/// Batches queued for the sink besides the one it applies: one is enough to
+/// keep Redis busy while the next fills.
+const QUEUED_BATCHES: usize = 1;
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The stream cannot continue.
+    #[error(transparent)]
+    Source(#[from] FatalSourceError),
+    /// A message could not be decoded.
+    #[error("cannot decode the change stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// A change could not be planned.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Redis could not be written before shutdown.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The sink task ended unexpectedly.
+    #[error("the redis sink task ended unexpectedly")]
+    SinkGone,
+}
+
+/// The transaction being read.
+struct OpenTxn {
+    lsn: Lsn,
+    commit_time: Arc<str>,
+}
+
+/// Decoding state between events.
+struct Stream {
+    planner: Planner,
+    pending: Batch,
+    txn: Option<OpenTxn>,
+    /// Highest ack already handed to the sink or pending.
+    queued_ack: Lsn,
+}
+
+impl Stream {
+    /// The pending batch should go to the sink now.
+    fn ready(&self) -> bool {
+        self.pending.ack.is_some() || self.pending.items.len() >= MAX_BATCH_ITEMS
+    }
+
+    /// Reading must pause until the sink takes the pending batch.
+    fn full(&self) -> bool {
+        self.pending.items.len() >= MAX_BATCH_ITEMS
+    }
+
+    fn take(&mut self) -> Batch {
+        std::mem::take(&mut self.pending)
+    }
+
+    fn set_ack(&mut self, lsn: Lsn) {
+        if lsn > self.queued_ack {
+            self.queued_ack = lsn;
+            self.pending.ack = Some(lsn);
+        }
+    }
+
+    fn push(&mut self, op: CacheOp) {
+        let (lsn, commit_time) = match &self.txn {
+            Some(txn) => (txn.lsn, Arc::clone(&txn.commit_time)),
+            None => (Lsn::ZERO, Arc::from("")),
+        };
+        self.pending.items.push(Item {
+            op,
+            lsn,
+            commit_time,
+        });
+    }
+
+    fn handle(&mut self, event: SourceEvent) -> Result<(), PipelineError> {
+        match event {
+            SourceEvent::Restarted => self.txn = None,
+            SourceEvent::Begin {
+                commit_lsn,
+                commit_time_micros,
+            } => {
+                self.txn = Some(OpenTxn {
+                    lsn: commit_lsn,
+                    commit_time: Arc::from(pg_micros_to_rfc3339(commit_time_micros)),
+                });
+            }
+            SourceEvent::Commit { end_lsn } => {
+                self.txn = None;
+                self.set_ack(end_lsn);
+            }
+            SourceEvent::KeepAlive { wal_end } => {
+                if self.txn.is_none() {
+                    self.set_ack(wal_end);
+                }
+            }
+            SourceEvent::Change(data) => self.change(&pgoutput::decode(&data)?)?,
+        }
+        Ok(())
+    }
+
+    fn change(&mut self, message: &Message) -> Result<(), PipelineError> {
+        let planned = match message {
+            Message::Relation(relation) => {
+                self.planner.on_relation(relation)?;
+                None
+            }
+            Message::Insert { relation, new } => {
+                self.planner
+                    .plan_row(*relation, Op::Insert, None, Some(new))?
+            }
+            Message::Update { relation, old, new } => self.planner.plan_row(
+                *relation,
+                Op::Update,
+                old.as_ref().map(|(_, tuple)| tuple),
+                Some(new),
+            )?,
+            Message::Delete { relation, old } => {
+                self.planner
+                    .plan_row(*relation, Op::Delete, Some(&old.1), None)?
+            }
+            Message::Truncate { relations, .. } => {
+                for oid in relations {
+                    if let Some(op) = self.planner.plan_truncate(*oid)? {
+                        self.push(op);
+                    }
+                }
+                None
+            }
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Origin { .. }
+            | Message::Type { .. }
+            | Message::LogicalMessage { .. } => None,
+        };
+        if let Some(op) = planned {
+            self.push(op);
+        }
+        Ok(())
+    }
+}
+
+/// Runs until `shutdown` turns true or a fatal error; then applies what was
+/// read, confirms it, and ends the replication session.
+pub async fn run(
+    mut source: ReplicationSource,
+    sink: RedisSink,
+    planner: Planner,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
+    let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+    let sink_task = tokio::spawn(apply_batches(sink, batch_rx, ack_tx));
+    let mut stream = Stream {
+        planner,
+        pending: Batch::default(),
+        txn: None,
+        queued_ack: Lsn::ZERO,
+    };
+
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            // 1. Shutdown: stop reading; what was read is applied below.
+            _ = shutdown.changed() => break Ok(()),
+            // 2. The sink applied a batch: confirm its LSN to the server.
+            changed = ack_rx.changed() => {
+                if changed.is_err() {
+                    break Err(PipelineError::SinkGone);
+                }
+                let applied = *ack_rx.borrow_and_update();
+                source.confirm(applied);
+            }
+            // 3. The sink has room and a batch is ready: hand it over.
+            permit = batch_tx.reserve(), if stream.ready() => match permit {
+                Ok(permit) => permit.send(stream.take()),
+                Err(_) => break Err(PipelineError::SinkGone),
+            },
+            // 4. New WAL or a keepalive, unless the pending batch is full.
+            event = source.next(), if !stream.full() => match event {
+                Ok(event) => {
+                    if let Err(error) = stream.handle(event) {
+                        break Err(error);
+                    }
+                }
+                Err(error) => break Err(error.into()),
+            },
+        }
+    };
+
+    // Apply what was read (on a fatal error too: those changes are
+    // committed and their invalidations are due), then confirm and stop.
+    if !stream.pending.items.is_empty() || stream.pending.ack.is_some() {
+        let _ = batch_tx.send(stream.take()).await;
+    }
+    drop(batch_tx);
+    let sink_result = sink_task.await.map_err(|_| PipelineError::SinkGone)?;
+    source.confirm(*ack_rx.borrow());
+    source.shutdown().await;
+    outcome?;
+    sink_result.map_err(PipelineError::from)
+}
+
+/// The sink task: applies batches in order and publishes each batch's ack
+/// after Redis acknowledged it.
+async fn apply_batches(
+    mut sink: RedisSink,
+    mut batches: mpsc::Receiver<Batch>,
+    ack: watch::Sender<Lsn>,
+) -> Result<(), SinkError> {
+    let mut last_report = tokio::time::Instant::now();
+    let mut reported = sink.stats();
+    while let Some(batch) = batches.recv().await {
+        sink.apply(&batch).await?;
+        if let Some(lsn) = batch.ack {
+            ack.send_replace(lsn);
+        }
+        if last_report.elapsed() >= std::time::Duration::from_secs(10) {
+            let now = sink.stats();
+            if now.operations != reported.operations {
+                tracing::info!(
+                    changes = now.operations - reported.operations,
+                    keys = now.keys - reported.keys,
+                    batches = now.batches - reported.batches,
+                    retries = now.retries - reported.retries,
+                    applied_lsn = %*ack.borrow(),
+                    "progress"
+                );
+            }
+            reported = now;
+            last_report = tokio::time::Instant::now();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! Plan: from a decoded row change to the cache operations it requires.
+//!
+//! The stream names tables by OID and sends their column layout in Relation
+//! messages (again on every session and after every ALTER TABLE). When one
+//! arrives, each rule's templates are *bound*: column names become tuple
+//! positions. Rendering a key is then concatenation. A table that the
+//! publication sends but no rule watches binds to nothing and is skipped.
+//!
+//! An UPDATE renders keys from the new row and, when the server sent the old
+//! row (a replica identity column changed, or REPLICA IDENTITY FULL), from
+//! the old row too, so a moved key invalidates both places. A placeholder
+//! whose column is NULL (or an unchanged TOASTed value that did not travel)
+//! yields no key: it is counted, never rendered as "null".
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::decode::pgoutput::{Datum, Relation, Tuple};
+use crate::rules::{Action, Part, RuleSet};
+
+/// The kind of row change, as named in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// INSERT
+    Insert,
+    /// UPDATE
+    Update,
+    /// DELETE
+    Delete,
+    /// TRUNCATE
+    Truncate,
+}
+
+impl Op {
+    /// The lowercase name used in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+/// Work for the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheOp {
+    /// Remove these keys (one row change).
+    Invalidate {
+        /// `schema.table`.
+        table: Arc<str>,
+        /// The change.
+        op: Op,
+        /// The rules' action.
+        action: Action,
+        /// The rendered keys, without duplicates.
+        keys: Vec<String>,
+    },
+    /// Remove every key matching these patterns (a TRUNCATE).
+    Flush {
+        /// `schema.table`.
+        table: Arc<str>,
+        /// `SCAN MATCH` patterns.
+        patterns: Vec<String>,
+    },
+}
+
+/// A change the planner cannot handle safely: the daemon stops rather than
+/// skip an invalidation.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A row change arrived for an OID with no Relation message before it.
+    #[error(
+        "the stream sent a change for relation {0} before describing it; this is a protocol error"
+    )]
+    UnknownRelation(u32),
+    /// A rule uses a column the table no longer has (altered while running).
+    #[error("table {table} no longer has column {column:?} used by key template {template:?}: fix the rule and restart")]
+    MissingColumn {
+        /// `schema.table`.
+        table: String,
+        /// The missing column.
+        column: String,
+        /// The template that uses it.
+        template: String,
+    },
+}
+
+#[derive(Debug)]
+enum BoundPart {
+    Literal(String),
+    Column(usize),
+}
+
+#[derive(Debug)]
+struct BoundTemplate {
+    parts: Vec<BoundPart>,
+}
+
+#[derive(Debug)]
+struct BoundTable {
+    name: Arc<str>,
+    action: Action,
+    templates: Vec<BoundTemplate>,
+    patterns: Vec<String>,
+}
+
+/// Counters the planner keeps for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlanStats {
+    /// Keys not rendered because a placeholder column was NULL.
+    pub null_keys_skipped: u64,
+    /// Keys not rendered because a placeholder value did not travel.
+    pub unavailable_keys_skipped: u64,
+}
+
+/// Turns decoded changes into [`CacheOp`]s.
+#[derive(Debug)]
+pub struct Planner {
+    rules: Arc<RuleSet>,
+    /// Bound rules by relation OID; `None` for relations no rule watches.
+    relations: HashMap<u32, Option<BoundTable>>,
+    stats: PlanStats,
+}
+
+impl Planner {
+    /// A planner for `rules`, with no relation known yet.
+    pub fn new(rules: Arc<RuleSet>) -> Self {
+        Planner {
+            rules,
+            relations: HashMap::new(),
+            stats: PlanStats::default(),
+        }
+    }
+
+    /// What has been skipped so far.
+    pub fn stats(&self) -> PlanStats {
+        self.stats
+    }
+
+    /// Binds the rules of a (re-)described relation.
+    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PlanError> {
+        let bound = match self.rules.rules_for(&relation.namespace, &relation.name) {
+            None => None,
+            Some((table, rules)) => {
+                let name: Arc<str> = Arc::from(table.to_string());
+                let mut templates = Vec::new();
+                let mut patterns = Vec::new();
+                for template in rules.iter().flat_map(|r| r.keys.iter()) {
+                    let mut parts = Vec::new();
+                    for part in template.parts() {
+                        parts.push(match part {
+                            Part::Literal(text) => BoundPart::Literal(text.clone()),
+                            Part::Column(col) => {
+                                let index = relation
+                                    .columns
+                                    .iter()
+                                    .position(|c| c.name == *col)
+                                    .ok_or_else(|| PlanError::MissingColumn {
+                                        table: name.to_string(),
+                                        column: col.clone(),
+                                        template: template.to_string(),
+                                    })?;
+                                BoundPart::Column(index)
+                            }
+                        });
+                    }
+                    templates.push(BoundTemplate { parts });
+                    let pattern = template.scan_pattern();
+                    if !patterns.contains(&pattern) {
+                        patterns.push(pattern);
+                    }
+                }
+                Some(BoundTable {
+                    name,
+                    action: rules.first().map_or(Action::Delete, |r| r.action),
+                    templates,
+                    patterns,
+                })
+            }
+        };
+        self.relations.insert(relation.oid, bound);
+        Ok(())
+    }
+
+    fn table(&self, oid: u32) -> Result<Option<&BoundTable>, PlanError> {
+        match self.relations.get(&oid) {
+            Some(bound) => Ok(bound.as_ref()),
+            None => Err(PlanError::UnknownRelation(oid)),
+        }
+    }
+
+    /// Plans an INSERT, UPDATE or DELETE; `None` when no rule watches the
+    /// table or no key could be rendered.
+    pub fn plan_row(
+        &mut self,
+        oid: u32,
+        op: Op,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+    ) -> Result<Option<CacheOp>, PlanError> {
+        let mut stats = self.stats;
+        let Some(table) = self.table(oid)? else {
+            return Ok(None);
+        };
+        let mut keys = Vec::new();
+        for tuple in [new, old].into_iter().flatten() {
+            for template in &table.templates {
+                match render(template, tuple) {
+                    Rendered::Key(key) => {
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                    Rendered::Null => stats.null_keys_skipped += 1,
+                    Rendered::Unavailable => stats.unavailable_keys_skipped += 1,
+                }
+            }
+        }
+        let result = (!keys.is_empty()).then(|| CacheOp::Invalidate {
+            table: Arc::clone(&table.name),
+            op,
+            action: table.action,
+            keys,
+        });
+        self.stats = stats;
+        Ok(result)
+    }
+
+    /// Plans a TRUNCATE of `oid`; `None` when no rule watches it.
+    pub fn plan_truncate(&self, oid: u32) -> Result<Option<CacheOp>, PlanError> {
+        Ok(self.table(oid)?.map(|table| CacheOp::Flush {
+            table: Arc::clone(&table.name),
+            patterns: table.patterns.clone(),
+        }))
+    }
+}
+
+enum Rendered {
+    Key(String),
+    Null,
+    Unavailable,
+}
+
+fn render(template: &BoundTemplate, tuple: &Tuple) -> Rendered {
+    let mut key = String::with_capacity(64);
+    for part in &template.parts {
+        match part {
+            BoundPart::Literal(text) => key.push_str(text),
+            BoundPart::Column(i) => match tuple.get(*i) {
+                Some(Datum::Text(bytes)) => key.push_str(&String::from_utf8_lossy(bytes)),
+                Some(Datum::Null) => return Rendered::Null,
+                Some(Datum::UnchangedToast | Datum::Binary(_)) | None => {
+                    return Rendered::Unavailable
+                }
+            },
+        }
+    }
+    Rendered::Key(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RuleConfig;
+    use crate::decode::pgoutput::{decode, tests::relation_message, Message};
+    use bytes::Bytes;
+
+    fn planner() -> Planner {
+        let rules = RuleSet::compile(&[
+            RuleConfig {
+                table: "public.user_tokens".into(),
+                keys: vec![
+                    "balance:user:{user_id}".into(),
+                    "balance:user:{user_id}:token:{token_id}".into(),
+                ],
+                action: Action::Delete,
+            },
+            RuleConfig {
+                table: "public.user_tokens".into(),
+                keys: vec!["balance:user:{user_id}".into()],
+                action: Action::Delete,
+            },
+        ])
+        .expect("valid");
+        let mut planner = Planner::new(Arc::new(rules));
+        let rel = relation_message(
+            7,
+            "user_tokens",
+            &[("id", true), ("user_id", false), ("token_id", false)],
+        );
+        let Ok(Message::Relation(rel)) = decode(&rel) else {
+            panic!("relation")
+        };
+        planner.on_relation(&rel).expect("binds");
+        let other = relation_message(8, "unwatched", &[("id", true)]);
+        let Ok(Message::Relation(other)) = decode(&other) else {
+            panic!("relation")
+        };
+        planner.on_relation(&other).expect("binds");
+        planner
+    }
+
+    fn row(values: &[Option<&str>]) -> Tuple {
+        values
+            .iter()
+            .map(|v| match v {
+                Some(s) => Datum::Text(Bytes::copy_from_slice(s.as_bytes())),
+                None => Datum::Null,
+            })
+            .collect()
+    }
+
+    fn keys(op: Option<CacheOp>) -> Vec<String> {
+        match op {
+            Some(CacheOp::Invalidate { keys, .. }) => keys,
+            other => panic!("expected keys, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn renders_every_template_once() {
+        let mut p = planner();
+        let new = row(&[Some("r1"), Some("u1"), Some("t1")]);
+        let got = keys(p.plan_row(7, Op::Insert, None, Some(&new)).expect("plans"));
+        assert_eq!(got, ["balance:user:u1", "balance:user:u1:token:t1"]);
+    }
+
+    #[test]
+    fn moved_row_invalidates_old_and_new_keys() {
+        let mut p = planner();
+        let old = row(&[Some("r1"), Some("u1"), Some("t1")]);
+        let new = row(&[Some("r1"), Some("u2"), Some("t1")]);
+        let got = keys(
+            p.plan_row(7, Op::Update, Some(&old), Some(&new))
+                .expect("plans"),
+        );
+        assert_eq!(
+            got,
+            [
+                "balance:user:u2",
+                "balance:user:u2:token:t1",
+                "balance:user:u1",
+                "balance:user:u1:token:t1"
+            ]
+        );
+    }
+
+    #[test]
+    fn null_key_columns_are_skipped_and_counted() {
+        let mut p = planner();
+        let new = row(&[Some("r1"), Some("u1"), None]);
+        let got = keys(p.plan_row(7, Op::Insert, None, Some(&new)).expect("plans"));
+        assert_eq!(got, ["balance:user:u1"]);
+        assert_eq!(p.stats().null_keys_skipped, 1);
+        let all_null = row(&[Some("r1"), None, None]);
+        assert_eq!(
+            p.plan_row(7, Op::Delete, Some(&all_null), None)
+                .expect("plans"),
+            None
+        );
+        assert_eq!(p.stats().null_keys_skipped, 4);
+    }
+
+    #[test]
+    fn unwatched_and_unknown_relations() {
+        let mut p = planner();
+        let new = row(&[Some("x")]);
+        assert_eq!(
+            p.plan_row(8, Op::Insert, None, Some(&new)).expect("ok"),
+            None
+        );
+        assert!(matches!(
+            p.plan_row(99, Op::Insert, None, Some(&new)),
+            Err(PlanError::UnknownRelation(99))
+        ));
+        assert_eq!(
+            p.plan_truncate(7).expect("ok"),
+            Some(CacheOp::Flush {
+                table: Arc::from("public.user_tokens"),
+                patterns: vec!["balance:user:*".into(), "balance:user:*:token:*".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn relation_without_a_key_column_is_an_error() {
+        let mut p = planner();
+        let rel = relation_message(7, "user_tokens", &[("id", true), ("user_id", false)]);
+        let Ok(Message::Relation(rel)) = decode(&rel) else {
+            panic!("relation")
+        };
+        assert!(matches!(
+            p.on_relation(&rel),
+            Err(PlanError::MissingColumn { ref column, .. }) if column == "token_id"
+        ));
+    }
+}

@@ -1,0 +1,177 @@
+//! Key templates: `profile:user:{id}`.
+//!
+//! Parsed once when the configuration loads into literal and column parts;
+//! bound to a table's column positions when its Relation message arrives;
+//! rendered per row by concatenation, with no parsing on the hot path.
+
+use std::fmt;
+
+/// One piece of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// Text copied as is.
+    Literal(String),
+    /// A `{column}` placeholder.
+    Column(String),
+}
+
+/// A parsed key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+/// Why a template text was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    /// The template is empty.
+    #[error("key template is empty")]
+    Empty,
+    /// `{` without `}`.
+    #[error("key template {0:?} has a '{{' without a closing '}}'")]
+    Unclosed(String),
+    /// `}` without `{`.
+    #[error("key template {0:?} has a '}}' without an opening '{{'")]
+    Unopened(String),
+    /// `{}`.
+    #[error("key template {0:?} has an empty placeholder '{{}}'")]
+    EmptyPlaceholder(String),
+    /// No placeholder at all: every row would hit the same key.
+    #[error("key template {0:?} has no {{column}} placeholder")]
+    NoPlaceholder(String),
+    /// Starts with a placeholder: TRUNCATE could only flush it with `*`.
+    #[error("key template {0:?} must start with a literal prefix such as \"profile:user:\" so TRUNCATE can flush it by pattern")]
+    NoLiteralPrefix(String),
+}
+
+impl KeyTemplate {
+    /// Parses `text`.
+    pub fn parse(text: &str) -> Result<KeyTemplate, TemplateError> {
+        if text.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let open = rest.find('{');
+            let close = rest.find('}');
+            match (open, close) {
+                (None, None) => {
+                    parts.push(Part::Literal(rest.to_string()));
+                    rest = "";
+                }
+                (None, Some(_)) => return Err(TemplateError::Unopened(text.to_string())),
+                (Some(o), Some(c)) if c < o => {
+                    return Err(TemplateError::Unopened(text.to_string()))
+                }
+                (Some(_), None) => return Err(TemplateError::Unclosed(text.to_string())),
+                (Some(o), Some(c)) => {
+                    if o > 0 {
+                        parts.push(Part::Literal(rest[..o].to_string()));
+                    }
+                    let name = &rest[o + 1..c];
+                    if name.is_empty() {
+                        return Err(TemplateError::EmptyPlaceholder(text.to_string()));
+                    }
+                    if name.contains('{') {
+                        return Err(TemplateError::Unclosed(text.to_string()));
+                    }
+                    parts.push(Part::Column(name.to_string()));
+                    rest = &rest[c + 1..];
+                }
+            }
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
+            return Err(TemplateError::NoPlaceholder(text.to_string()));
+        }
+        if !matches!(parts.first(), Some(Part::Literal(_))) {
+            return Err(TemplateError::NoLiteralPrefix(text.to_string()));
+        }
+        Ok(KeyTemplate {
+            source: text.to_string(),
+            parts,
+        })
+    }
+
+    /// The parts in order.
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
+    /// The column names the template uses, in order, possibly repeated.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Column(c) => Some(c.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// A Redis `SCAN MATCH` pattern for every key this template can
+    /// produce: literals glob-escaped, placeholders as `*`.
+    pub fn scan_pattern(&self) -> String {
+        let mut pattern = String::with_capacity(self.source.len());
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => {
+                    for ch in text.chars() {
+                        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                            pattern.push('\\');
+                        }
+                        pattern.push(ch);
+                    }
+                }
+                Part::Column(_) => pattern.push('*'),
+            }
+        }
+        pattern
+    }
+}
+
+impl fmt::Display for KeyTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_literals_and_columns() {
+        let t = KeyTemplate::parse("balance:user:{user_id}:token:{token_id}").expect("valid");
+        assert_eq!(
+            t.parts(),
+            &[
+                Part::Literal("balance:user:".into()),
+                Part::Column("user_id".into()),
+                Part::Literal(":token:".into()),
+                Part::Column("token_id".into()),
+            ]
+        );
+        assert_eq!(t.columns().collect::<Vec<_>>(), ["user_id", "token_id"]);
+        assert_eq!(t.scan_pattern(), "balance:user:*:token:*");
+    }
+
+    #[test]
+    fn escapes_glob_characters_in_patterns() {
+        let t = KeyTemplate::parse("a*[b]?\\:{id}").expect("valid");
+        assert_eq!(t.scan_pattern(), "a\\*\\[b\\]\\?\\\\:*");
+    }
+
+    #[test]
+    fn rejects_malformed_templates() {
+        for (text, want) in [
+            ("", TemplateError::Empty),
+            ("p:{id", TemplateError::Unclosed("p:{id".into())),
+            ("p:id}", TemplateError::Unopened("p:id}".into())),
+            ("p:{}", TemplateError::EmptyPlaceholder("p:{}".into())),
+            ("p:{a{b}", TemplateError::Unclosed("p:{a{b}".into())),
+            ("profile", TemplateError::NoPlaceholder("profile".into())),
+            ("{id}:x", TemplateError::NoLiteralPrefix("{id}:x".into())),
+        ] {
+            assert_eq!(KeyTemplate::parse(text), Err(want), "{text}");
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Sink: where cache operations are applied.
+//!
+//! The pipeline hands the sink [`Batch`]es in commit order; the sink
+//! applies each completely (retrying as long as it takes) before the
+//! batch's acknowledgement LSN may be confirmed to the source.
+
+pub mod redis;
+
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+use crate::plan::CacheOp;
+
+/// One cache operation with the transaction it came from.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// What to do.
+    pub op: CacheOp,
+    /// The transaction's commit LSN (named in events).
+    pub lsn: Lsn,
+    /// The transaction's commit time, RFC 3339.
+    pub commit_time: Arc<str>,
+}
+
+/// Operations to apply in order, and the LSN that may be confirmed once
+/// they (and every batch before) are applied.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Operations in commit order.
+    pub items: Vec<Item>,
+    /// End of the last transaction (or keepalive) wholly inside this and
+    /// earlier batches; `None` while a large transaction is still open.
+    pub ack: Option<Lsn>,
+}

@@ -1,0 +1,281 @@
+//! The Redis sink: pipelined UNLINKs and PUBLISHes. The only module that
+//! uses the `redis` crate.
+//!
+//! A batch becomes one `MULTI … EXEC` pipeline, so one round-trip carries
+//! many transactions and a connection lost mid-batch applies all of it or
+//! none. The connection manager reconnects in the background but does not
+//! retry the command that was in flight, so [`RedisSink::apply`] retries the
+//! whole batch itself until Redis acknowledges it: every operation is
+//! idempotent, so a repeat is harmless, and nothing is skipped. A TRUNCATE
+//! becomes SCAN + UNLINK by pattern in bounded steps.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::SecretUrl;
+use crate::plan::CacheOp;
+use crate::sink::{Batch, Item};
+
+/// Keys per SCAN step and per UNLINK when flushing by pattern: large enough
+/// to be quick, small enough not to block Redis for long.
+const SCAN_COUNT: usize = 1000;
+/// First retry delay after a failed batch.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay: Redis restarts take seconds.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A reply slower than this counts as a failure and the batch is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many attempts a batch gets once shutdown was requested.
+const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
+
+/// Why the sink stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The URL cannot be used.
+    #[error("redis.url {url}: {source}")]
+    BadUrl {
+        /// Redacted URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: RedisError,
+    },
+    /// Shutdown was requested while Redis kept failing; the batch was not
+    /// applied and will be replayed on the next start.
+    #[error(
+        "shutdown while redis was failing ({0}); unapplied changes will be replayed on restart"
+    )]
+    GaveUp(String),
+}
+
+/// The pub/sub event for one applied operation.
+#[derive(Debug, Serialize)]
+struct Event<'a> {
+    table: &'a str,
+    op: &'a str,
+    action: &'a str,
+    keys: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patterns: Option<&'a [String]>,
+    lsn: String,
+    commit_time: &'a str,
+}
+
+/// Counters of applied work, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkStats {
+    /// Operations applied.
+    pub operations: u64,
+    /// Keys unlinked (counted per command, not per existing key).
+    pub keys: u64,
+    /// Batches applied.
+    pub batches: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+}
+
+/// Applies batches to Redis.
+pub struct RedisSink {
+    conn: ConnectionManager,
+    /// Pub/sub channel; `None` when events are off.
+    channel: Option<String>,
+    shutdown: watch::Receiver<bool>,
+    stats: SinkStats,
+}
+
+impl RedisSink {
+    /// Connects, retrying until Redis answers or shutdown is requested.
+    pub async fn connect(
+        url: &SecretUrl,
+        channel: &str,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<RedisSink, SinkError> {
+        let client = redis::Client::open(url.expose()).map_err(|source| SinkError::BadUrl {
+            url: url.redacted(),
+            source,
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(RETRY_MAX);
+        let mut delay = RETRY_MIN;
+        let conn = loop {
+            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(conn) => break conn,
+                Err(error) => {
+                    if *shutdown.borrow() {
+                        return Err(SinkError::GaveUp(error.to_string()));
+                    }
+                    tracing::warn!(error = %error, url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        };
+        tracing::info!(url = %url.redacted(), "connected to redis");
+        Ok(RedisSink {
+            conn,
+            channel: (!channel.is_empty()).then(|| channel.to_string()),
+            shutdown,
+            stats: SinkStats::default(),
+        })
+    }
+
+    /// Work applied so far.
+    pub fn stats(&self) -> SinkStats {
+        self.stats
+    }
+
+    /// Applies `batch` completely, retrying on any error. Returns an error
+    /// only if shutdown was requested and Redis still fails.
+    pub async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.items.is_empty() {
+            return Ok(());
+        }
+        let mut delay = RETRY_MIN;
+        let mut attempts_after_shutdown = 0;
+        loop {
+            match self.try_apply(&batch.items).await {
+                Ok(keys) => {
+                    self.stats.batches += 1;
+                    self.stats.operations += batch.items.len() as u64;
+                    self.stats.keys += keys;
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.stats.retries += 1;
+                    if *self.shutdown.borrow() {
+                        attempts_after_shutdown += 1;
+                        if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
+                            return Err(SinkError::GaveUp(error.to_string()));
+                        }
+                    }
+                    tracing::warn!(error = %error, retry_in = ?delay, operations = batch.items.len(),
+                        "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// One attempt: consecutive invalidations go out as one atomic
+    /// pipeline; a flush runs between them in order. Returns keys unlinked.
+    async fn try_apply(&mut self, items: &[Item]) -> Result<u64, RedisError> {
+        let mut keys = 0u64;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut queued = 0usize;
+        for item in items {
+            match &item.op {
+                CacheOp::Invalidate { keys: k, .. } => {
+                    pipe.unlink(k.as_slice()).ignore();
+                    keys += k.len() as u64;
+                    if let Some(channel) = &self.channel {
+                        pipe.publish(channel, event_json(item)).ignore();
+                    }
+                    queued += 1;
+                }
+                CacheOp::Flush { table, patterns } => {
+                    if queued > 0 {
+                        pipe.query_async::<()>(&mut self.conn).await?;
+                        pipe.clear();
+                        queued = 0;
+                    }
+                    let removed = self.flush_patterns(patterns).await?;
+                    keys += removed;
+                    tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                        "table truncated; flushed every key of its rules");
+                    if let Some(channel) = &self.channel {
+                        let _: () = self.conn.publish(channel, event_json(item)).await?;
+                    }
+                }
+            }
+        }
+        if queued > 0 {
+            pipe.query_async::<()>(&mut self.conn).await?;
+        }
+        Ok(keys)
+    }
+
+    async fn flush_patterns(&mut self, patterns: &[String]) -> Result<u64, RedisError> {
+        let mut removed = 0u64;
+        for pattern in patterns {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut self.conn)
+                    .await?;
+                if !keys.is_empty() {
+                    let n: u64 = self.conn.unlink(&keys).await?;
+                    removed += n;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn event_json(item: &Item) -> String {
+    let (table, op, action, keys, patterns): (&str, &str, &str, &[String], _) = match &item.op {
+        CacheOp::Invalidate {
+            table,
+            op,
+            action,
+            keys,
+        } => (table, op.as_str(), action.as_str(), keys, None),
+        CacheOp::Flush { table, patterns } => {
+            (table, "truncate", "delete", &[], Some(patterns.as_slice()))
+        }
+    };
+    let event = Event {
+        table,
+        op,
+        action,
+        keys,
+        patterns,
+        lsn: item.lsn.to_string(),
+        commit_time: &item.commit_time,
+    };
+    serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::plan::Op;
+    use crate::rules::Action;
+    use std::sync::Arc;
+
+    #[test]
+    fn events_have_the_documented_shape() {
+        let item = Item {
+            op: CacheOp::Invalidate {
+                table: Arc::from("public.profiles"),
+                op: Op::Update,
+                action: Action::Delete,
+                keys: vec!["profile:user:1".into()],
+            },
+            lsn: Lsn(0x16B3748),
+            commit_time: Arc::from("2026-11-26T07:00:00.123456Z"),
+        };
+        assert_eq!(
+            event_json(&item),
+            r#"{"table":"public.profiles","op":"update","action":"delete","keys":["profile:user:1"],"lsn":"0/16B3748","commit_time":"2026-11-26T07:00:00.123456Z"}"#
+        );
+    }
+}
