@@ -1,0 +1,89 @@
+# Shared helpers for scripts/*.sh: install what is missing from Debian's
+# packages, and start a throw-away PostgreSQL and Redis on free loopback
+# ports in a temporary directory. Never touches services on standard ports.
+# shellcheck shell=bash
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+pg_bin_dir() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] && [ -x "$dir/initdb" ] && echo "$dir"
+}
+
+# Installs PostgreSQL and Redis from Debian's packages if they are missing.
+# A temporary policy-rc.d keeps the packages from starting their own
+# services on the standard ports.
+ensure_deps() {
+  local missing=()
+  pg_bin_dir >/dev/null || missing+=(postgresql)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v redis-cli >/dev/null || missing+=(redis-tools)
+  command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]} from Debian's packages"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  local policy=/usr/sbin/policy-rc.d created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+    created_policy=1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
+  pg_bin_dir >/dev/null || die "PostgreSQL binaries not found under /usr/lib/postgresql after install"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Runs a command as the postgres user when we are root (initdb and postgres
+# refuse to run as root).
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# start_postgres DIR PORT: a private cluster with wal_level=logical.
+start_postgres() {
+  local dir=$1 port=$2 bin
+  bin=$(pg_bin_dir)
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
+  as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -o "-p $port -c listen_addresses=127.0.0.1 \
+    -c unix_socket_directories=$dir -c wal_level=logical -c max_replication_slots=20 \
+    -c max_wal_senders=20 -c fsync=off" start >/dev/null \
+    || { cat "$dir/postgres.log" >&2; die "postgres failed to start"; }
+}
+
+stop_postgres() {
+  local dir=$1 bin
+  bin=$(pg_bin_dir)
+  [ -d "$dir/data" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+}
+
+# start_redis DIR PORT
+start_redis() {
+  local dir=$1 port=$2
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  for _ in $(seq 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "redis-server did not answer on port $port"
+}
+
+stop_redis() {
+  local port=$1
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+}

@@ -1,0 +1,135 @@
+//! The command line: setup is idempotent and prints the SQL a DBA can run;
+//! bad configuration fails with one line per problem naming it.
+
+use crate::support::TestEnv;
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `setup --print` on a fresh database prints the statements in
+/// sql/demo/setup.sql; `setup` runs them; a second `setup` has nothing to
+/// do; `check-config` and `status` then report a ready slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_prints_runs_and_is_idempotent() {
+    let env = TestEnv::start(1).await;
+    env.write_demo_config();
+    let out = env.cli(&["setup", "--print"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let printed: Vec<&str> = stdout.lines().skip(1).collect(); // line 1 names this run's URL
+    let golden = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/demo/setup.sql"
+    ))
+    .expect("sql/demo/setup.sql");
+    let (_, golden) = golden.split_once("\n\n").expect("header, blank line, statements");
+    assert_eq!(printed, golden.lines().collect::<Vec<_>>(), "sql/demo/setup.sql is stale");
+    env.write_config("");
+
+    let out = env.cli(&["setup"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("done:"), "{stdout}");
+    let out = env.cli(&["setup"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert_eq!(stdout.trim(), "nothing to do: the database is ready");
+
+    let out = env.cli(&["check-config"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("ok:"), "{stdout}");
+
+    let out = env.cli(&["status", "--json"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(status["plugin"], "pgoutput");
+    assert_eq!(status["active"], false);
+
+    let out = env.cli(&["teardown"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = env.cli(&["check-config"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("publication \"pg_cache_invalidator\" does not exist"), "{stderr}");
+    assert!(stderr.contains("replication slot \"pg_cache_invalidator\" does not exist"), "{stderr}");
+}
+
+/// Runs `args` on a config with `mutate` applied and returns (exit code,
+/// error lines).
+fn fails_with(env: &TestEnv, args: &[&str], mutate: impl Fn(String) -> String) -> (Option<i32>, Vec<String>) {
+    let original = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(&env.config, mutate(original.clone())).expect("write");
+    let out = env.cli(args);
+    std::fs::write(&env.config, original).expect("restore");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // `run` logs a start-up line before it checks the database; the
+    // problems are the lines starting with "error:".
+    let errors = stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect();
+    (out.status.code(), errors)
+}
+
+/// An unknown key, a malformed template, a column the table lacks, and a
+/// replica identity that cannot carry the key columns each fail with exit
+/// status 2 and one line that names the problem and the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configuration_fails_with_one_line_per_problem() {
+    let env = TestEnv::start(1).await;
+    env.setup();
+
+    let (code, lines) = fails_with(&env, &["run"], |c| c.replace("[redis]", "[redis]\nchanel = \"x\""));
+    assert_eq!(code, Some(2));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("unknown field `chanel`"), "{lines:?}");
+
+    let (code, lines) = fails_with(&env, &["run"], |c| c.replace("profile:user:{id}", "profile:user:{id"));
+    assert_eq!(code, Some(2));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("rules[0].keys[0]") && lines[0].contains("closing"), "{lines:?}");
+
+    let (code, lines) = fails_with(&env, &["check-config"], |c| c.replace("profile:user:{id}", "profile:user:{uid}"));
+    assert_eq!(code, Some(2));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("public.profiles has no column \"uid\""), "{lines:?}");
+
+    let (code, lines) = fails_with(&env, &["check-config"], |c| c.replace("[redis]", "[replication]\nslot = \"Bad Slot\"\n[redis]"));
+    assert_eq!(code, Some(2));
+    assert!(lines[0].contains("replication.slot"), "{lines:?}");
+
+    env.pg
+        .client()
+        .await
+        .batch_execute("alter table public.user_tokens replica identity default")
+        .await
+        .expect("alter");
+    let (code, lines) = fails_with(&env, &["run"], |c| c);
+    assert_eq!(code, Some(2), "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(
+            "run `ALTER TABLE \"public\".\"user_tokens\" REPLICA IDENTITY USING INDEX \"user_tokens_user_id_token_id_key\";`"
+        ),
+        "{lines:?}"
+    );
+    assert!(lines[0].contains("token_id, user_id"), "{lines:?}");
+
+    let missing = env.path("missing.toml");
+    let out = std::process::Command::new(crate::support::DAEMON)
+        .args(["check-config", "--config"])
+        .arg(&missing)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}

@@ -1,0 +1,198 @@
+//! Nothing is lost when the daemon is killed, the walsender is terminated,
+//! or Redis restarts; SIGTERM confirms what was applied and exits 0.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use crate::support::{preset, slot_active, surviving, wait_for, TestEnv};
+
+/// Every balance key of every user_tokens row.
+async fn balance_keys(env: &TestEnv) -> Vec<String> {
+    let rows = env
+        .pg
+        .client()
+        .await
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut keys: Vec<String> = Vec::with_capacity(rows.len() * 2);
+    for r in &rows {
+        let (user, token): (String, String) = (r.get(0), r.get(1));
+        keys.push(format!("balance:user:{user}:token:{token}"));
+        keys.push(format!("balance:user:{user}"));
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Updates every user_tokens row whose hash falls in `buckets` of 128, one
+/// transaction per bucket.
+async fn update_buckets(client: &tokio_postgres::Client, buckets: std::ops::Range<i32>) -> u64 {
+    let mut rows = 0;
+    for b in buckets {
+        rows += client
+            .execute(
+                "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 127) = $1",
+                &[&b],
+            )
+            .await
+            .expect("update bucket");
+    }
+    rows
+}
+
+async fn confirmed_lsn(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get(0)
+}
+
+/// kill -9 of the daemon while it drains a backlog of 100k row changes,
+/// then a restart: every key that should have been invalidated is gone,
+/// and every change was announced at least once.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_during_a_100k_backlog_loses_nothing() {
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+
+    // The backlog is written while no daemon runs.
+    let changes = update_buckets(&client, 0..128).await;
+    assert!(changes >= 100_000, "only {changes} changes");
+
+    let pubsub_client = redis::Client::open(env.redis.url()).expect("client");
+    let mut pubsub = pubsub_client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("cache-invalidation").await.expect("subscribe");
+    let counter = tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        let mut n = 0u64;
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_secs(15), messages.next()).await
+        {
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if payload.contains("\"public.user_tokens\"") {
+                n += 1;
+            }
+        }
+        n
+    });
+
+    let started = Instant::now();
+    let mut daemon = env.spawn_daemon();
+    let total = keys.len();
+    wait_for("some of the backlog to be applied", Duration::from_secs(120), || {
+        let mut redis = redis.clone();
+        let keys = &keys;
+        async move { surviving(&mut redis, &keys[..keys.len().min(20_000)]).await < 20_000.min(total) }
+    })
+    .await;
+    let lsn_at_kill = confirmed_lsn(&client).await;
+    daemon.kill9();
+    let left_at_kill = surviving(&mut redis, &keys).await;
+    eprintln!("killed after {:?}: {left_at_kill} of {total} keys left, slot confirmed at {lsn_at_kill}", started.elapsed());
+
+    let restarted = Instant::now();
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    let drain = restarted.elapsed();
+    let left = surviving(&mut redis, &keys).await;
+    assert_eq!(left, 0, "{left} of {total} keys survived the kill -9 and restart");
+    let events = counter.await.expect("counter");
+    eprintln!(
+        "backlog: {changes} changes; first run {:?} until kill; restart drained the rest in {drain:?}; \
+         {events} events, {} duplicates from the replay",
+        restarted - started,
+        events.saturating_sub(changes)
+    );
+    assert!(events >= changes, "only {events} events for {changes} changes");
+}
+
+/// The walsender is terminated mid-stream, and later Redis is killed while
+/// changes keep coming and restarted from its last snapshot: the daemon
+/// reconnects to both, retries, and every changed row's keys are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn walsender_termination_and_redis_restart_lose_nothing() {
+    let mut env = TestEnv::start(2_000).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+
+    update_buckets(&client, 0..32).await;
+    let terminated: bool = client
+        .query_one(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(terminated);
+    update_buckets(&client, 32..64).await;
+    env.sync().await;
+
+    // Snapshot Redis, kill it, write while it is down, restart it from the
+    // snapshot: the keys of rows changed during the outage are back and
+    // the daemon must remove them after it reconnects.
+    let _: () = redis::cmd("SAVE").query_async(&mut redis).await.expect("save");
+    env.redis.kill();
+    update_buckets(&client, 64..128).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.redis.restart().await;
+    let mut redis = env.redis.conn().await;
+    env.sync().await;
+
+    let left = surviving(&mut redis, &keys).await;
+    assert_eq!(left, 0, "{left} keys survived\n{}", daemon.log());
+    assert!(daemon.try_status().is_none(), "daemon exited: {}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("replication stream failed; reconnecting"), "{log}");
+    assert!(log.contains("redis batch failed; retrying"), "{log}");
+}
+
+/// SIGTERM right after a change was applied: the daemon exits 0 and the
+/// server has been told the change's LSN before the session closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_confirms_the_final_lsn_and_exits_zero() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    env.sync().await;
+    let before: String = client
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    env.sync().await;
+    let status = daemon.terminate().await;
+    assert!(status.success(), "exit status {status:?}: {}", daemon.log());
+    wait_for("slot to be released", Duration::from_secs(10), || async {
+        !slot_active(&client).await
+    })
+    .await;
+    let covered: bool = client
+        .query_one(
+            "select confirmed_flush_lsn > $1::text::pg_lsn from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[&before],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(covered, "confirmed LSN does not cover the last applied commit: {}", daemon.log());
+}

@@ -1,0 +1,354 @@
+//! Row changes on the demo schema invalidate exactly the keys the rules
+//! name, and each is announced on pub/sub.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::support::{preset, TestEnv};
+
+/// A seeded user with both token balances and journeys.
+struct User {
+    id: String,
+    tokens: Vec<String>,
+}
+
+async fn users(env: &TestEnv, n: i64) -> Vec<User> {
+    let client = env.pg.client().await;
+    let rows = client
+        .query(
+            "select p.id::text, array_agg(ut.token_id::text order by ut.token_id) \
+               from public.profiles p join public.user_tokens ut on ut.user_id = p.id \
+              group by p.id order by p.id limit $1",
+            &[&n],
+        )
+        .await
+        .expect("users");
+    rows.iter()
+        .map(|r| User {
+            id: r.get(0),
+            tokens: r.get(1),
+        })
+        .collect()
+}
+
+fn all_keys(u: &User) -> Vec<String> {
+    let mut keys = vec![
+        format!("profile:user:{}", u.id),
+        format!("balance:user:{}", u.id),
+        format!("journey:user:{}", u.id),
+    ];
+    keys.extend(
+        u.tokens
+            .iter()
+            .map(|t| format!("balance:user:{}:token:{t}", u.id)),
+    );
+    keys
+}
+
+/// Presets every key of `users`, runs `sql`, waits until the daemon caught
+/// up, and returns the keys that were removed.
+async fn removed_by(env: &TestEnv, users: &[User], extra: &[String], sql: &str) -> Vec<String> {
+    let mut redis = env.redis.conn().await;
+    let mut keys: Vec<String> = users.iter().flat_map(all_keys).collect();
+    keys.extend_from_slice(extra);
+    preset(&mut redis, &keys).await;
+    env.pg.client().await.batch_execute(sql).await.expect("write");
+    env.sync().await;
+    let mut removed = Vec::new();
+    for key in keys {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("exists");
+        if !exists {
+            removed.push(key);
+        }
+    }
+    removed.sort();
+    removed
+}
+
+fn sorted(mut keys: Vec<String>) -> Vec<String> {
+    keys.sort();
+    keys
+}
+
+/// INSERT, UPDATE and DELETE on profiles remove that user's profile key and
+/// nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn profile_changes_invalidate_only_the_profile_key() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 3).await;
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!("update public.profiles set full_name = 'New' where id = '{}'", u[0].id),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!("delete from public.profiles where id = '{}'", u[1].id),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[1].id)]);
+
+    let new_id = "00000000-0000-4000-8000-000000000001";
+    let removed = removed_by(
+        &env,
+        &u,
+        &[format!("profile:user:{new_id}")],
+        &format!(
+            "insert into auth.users (id, email) values ('{new_id}', 'new@example.com'); \
+             insert into public.profiles (id, username) values ('{new_id}', 'newbie')"
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{new_id}")]);
+}
+
+/// user_tokens has a surrogate `id`; after `setup` its DELETE still carries
+/// user_id and token_id, so both balance keys go. Updates and inserts
+/// remove the user's total and that one token's key, not the other token's.
+#[tokio::test(flavor = "multi_thread")]
+async fn balance_changes_invalidate_user_and_token_keys() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 3).await;
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.user_tokens set balance = balance + 1 where user_id = '{}' and token_id = '{}'",
+            u[0].id, u[0].tokens[0]
+        ),
+    )
+    .await;
+    assert_eq!(
+        removed,
+        sorted(vec![
+            format!("balance:user:{}", u[0].id),
+            format!("balance:user:{}:token:{}", u[0].id, u[0].tokens[0]),
+        ])
+    );
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "delete from public.user_tokens where id = (select id from public.user_tokens where user_id = '{}' and token_id = '{}')",
+            u[1].id, u[1].tokens[1]
+        ),
+    )
+    .await;
+    assert_eq!(
+        removed,
+        sorted(vec![
+            format!("balance:user:{}", u[1].id),
+            format!("balance:user:{}:token:{}", u[1].id, u[1].tokens[1]),
+        ])
+    );
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[format!("balance:user:{}:token:00000000-0000-4000-8000-0000000000aa", u[2].id)],
+        &format!(
+            "insert into public.tokens (id, symbol, name) values ('00000000-0000-4000-8000-0000000000aa', 'NEW', 'New'); \
+             insert into public.user_tokens (user_id, token_id, balance) values ('{}', '00000000-0000-4000-8000-0000000000aa', 5)",
+            u[2].id
+        ),
+    )
+    .await;
+    assert_eq!(
+        removed,
+        sorted(vec![
+            format!("balance:user:{}", u[2].id),
+            format!("balance:user:{}:token:00000000-0000-4000-8000-0000000000aa", u[2].id),
+        ])
+    );
+}
+
+/// Journey updates, deletes (REPLICA IDENTITY FULL after setup: no unique
+/// NOT NULL index covers user_id) and inserts remove the journey key.
+#[tokio::test(flavor = "multi_thread")]
+async fn journey_changes_invalidate_the_journey_key() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 3).await;
+    for (user, sql) in [
+        (0, "update public.user_journeys set progress = 42 where user_id = '{}'"),
+        (1, "delete from public.user_journeys where user_id = '{}'"),
+        (
+            2,
+            "insert into public.user_journeys (user_id, pillar_id, route_id) \
+             select '{}', id, gen_random_uuid() from public.pillars where slug = 'individual'",
+        ),
+    ] {
+        let removed = removed_by(&env, &u, &[], &sql.replace("{}", &u[user].id)).await;
+        assert_eq!(removed, [format!("journey:user:{}", u[user].id)], "{sql}");
+    }
+}
+
+/// transfer_tokens changes two rows in one transaction: both users' total
+/// and per-token keys go, their other token's keys stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn transfer_tokens_invalidates_both_users() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 3).await;
+    let token = &u[0].tokens[0];
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "select public.transfer_tokens('{}', '{}', '{token}', 0.01)",
+            u[0].id, u[1].id
+        ),
+    )
+    .await;
+    assert_eq!(
+        removed,
+        sorted(vec![
+            format!("balance:user:{}", u[0].id),
+            format!("balance:user:{}:token:{token}", u[0].id),
+            format!("balance:user:{}", u[1].id),
+            format!("balance:user:{}:token:{token}", u[1].id),
+        ])
+    );
+}
+
+/// Changing a primary key invalidates the key rendered from the old row and
+/// the one rendered from the new row.
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_key_change_invalidates_old_and_new_keys() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 2).await;
+    let moved_to = "00000000-0000-4000-8000-000000000002";
+    let removed = removed_by(
+        &env,
+        &u,
+        &[format!("profile:user:{moved_to}")],
+        &format!(
+            "insert into auth.users (id) values ('{moved_to}'); \
+             update public.profiles set id = '{moved_to}' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(
+        removed,
+        sorted(vec![
+            format!("profile:user:{}", u[0].id),
+            format!("profile:user:{moved_to}"),
+        ])
+    );
+}
+
+/// TRUNCATE of a watched table removes every key its rules can produce,
+/// and only those: other tables' keys and look-alike keys stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_flushes_only_the_tables_keys() {
+    let mut env = TestEnv::start(20).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let u = users(&env, 20).await;
+    let extra = vec![
+        "journeyman:1".to_string(),
+        "journey:users".to_string(),
+        "other:journey:user:1".to_string(),
+    ];
+    let removed = removed_by(&env, &u, &extra, "truncate public.user_journeys").await;
+    let expected: Vec<String> = sorted(u.iter().map(|u| format!("journey:user:{}", u.id)).collect());
+    assert_eq!(removed, expected);
+    assert!(daemon.log().contains("table truncated"), "{}", daemon.log());
+}
+
+/// Each change is announced once on the channel with the documented
+/// fields: table, op, action, keys, lsn, commit_time.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_published_with_documented_fields() {
+    let mut env = TestEnv::start(3).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 2).await;
+    let client = redis::Client::open(env.redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("cache-invalidation").await.expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+
+    let before = std::time::SystemTime::now();
+    env.pg
+        .client()
+        .await
+        .batch_execute(&format!(
+            "update public.profiles set bio = 'x' where id = '{0}'; \
+             delete from public.user_journeys where user_id = '{0}'",
+            u[0].id
+        ))
+        .await
+        .expect("write");
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
+            .await
+            .expect("event within 20 s")
+            .expect("stream open");
+        let payload: String = msg.get_payload().expect("text payload");
+        let event: serde_json::Value = serde_json::from_str(&payload).expect("json event");
+        events.push(event);
+    }
+    assert_eq!(events[0]["table"], "public.profiles");
+    assert_eq!(events[0]["op"], "update");
+    assert_eq!(events[0]["action"], "delete");
+    assert_eq!(events[0]["keys"], serde_json::json!([format!("profile:user:{}", u[0].id)]));
+    assert_eq!(events[1]["table"], "public.user_journeys");
+    assert_eq!(events[1]["op"], "delete");
+    assert_eq!(events[1]["keys"].as_array().map(Vec::len), Some(1));
+    for event in &events {
+        let lsn = event["lsn"].as_str().expect("lsn string");
+        let (hi, lo) = lsn.split_once('/').expect("X/Y");
+        assert!(u32::from_str_radix(hi, 16).is_ok() && u32::from_str_radix(lo, 16).is_ok(), "{lsn}");
+        let time = event["commit_time"].as_str().expect("commit_time string");
+        assert!(time.ends_with('Z') && time.len() == 27, "{time}");
+        let unix = unix_seconds(time);
+        let now = before
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        assert!((unix - now).abs() < 60, "commit_time {time} is not now");
+    }
+    assert_eq!(events[0]["lsn"], events[1]["lsn"], "one transaction, one commit LSN");
+}
+
+/// Seconds since 1970 of `YYYY-MM-DDTHH:MM:SS.ffffffZ` (days_from_civil).
+fn unix_seconds(t: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| t[r].parse::<i64>().expect("digits");
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}

@@ -1,0 +1,9 @@
+//! Integration tests against a real PostgreSQL and redis-server, both
+//! started by the harness in `support/` on free loopback ports.
+
+mod support;
+
+mod cli;
+mod faults;
+mod invalidation;
+mod wal;
