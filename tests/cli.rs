@@ -21,13 +21,17 @@ async fn setup_prints_runs_and_is_idempotent() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let printed: Vec<&str> = stdout.lines().skip(1).collect(); // line 1 names this run's URL
-    let golden = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/demo/setup.sql"
-    ))
-    .expect("sql/demo/setup.sql");
-    let (_, golden) = golden.split_once("\n\n").expect("header, blank line, statements");
-    assert_eq!(printed, golden.lines().collect::<Vec<_>>(), "sql/demo/setup.sql is stale");
+    let golden =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/demo/setup.sql"))
+            .expect("sql/demo/setup.sql");
+    let (_, golden) = golden
+        .split_once("\n\n")
+        .expect("header, blank line, statements");
+    assert_eq!(
+        printed,
+        golden.lines().collect::<Vec<_>>(),
+        "sql/demo/setup.sql is stale"
+    );
     env.write_config("");
 
     let out = env.cli(&["setup"]);
@@ -56,13 +60,23 @@ async fn setup_prints_runs_and_is_idempotent() {
     let out = env.cli(&["check-config"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("publication \"pg_cache_invalidator\" does not exist"), "{stderr}");
-    assert!(stderr.contains("replication slot \"pg_cache_invalidator\" does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("publication \"pg_cache_invalidator\" does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("replication slot \"pg_cache_invalidator\" does not exist"),
+        "{stderr}"
+    );
 }
 
 /// Runs `args` on a config with `mutate` applied and returns (exit code,
 /// error lines).
-fn fails_with(env: &TestEnv, args: &[&str], mutate: impl Fn(String) -> String) -> (Option<i32>, Vec<String>) {
+fn fails_with(
+    env: &TestEnv,
+    args: &[&str],
+    mutate: impl Fn(String) -> String,
+) -> (Option<i32>, Vec<String>) {
     let original = std::fs::read_to_string(&env.config).expect("config");
     std::fs::write(&env.config, mutate(original.clone())).expect("write");
     let out = env.cli(args);
@@ -86,22 +100,36 @@ async fn bad_configuration_fails_with_one_line_per_problem() {
     let env = TestEnv::start(1).await;
     env.setup();
 
-    let (code, lines) = fails_with(&env, &["run"], |c| c.replace("[redis]", "[redis]\nchanel = \"x\""));
+    let (code, lines) = fails_with(&env, &["run"], |c| {
+        c.replace("[redis]", "[redis]\nchanel = \"x\"")
+    });
     assert_eq!(code, Some(2));
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("unknown field `chanel`"), "{lines:?}");
 
-    let (code, lines) = fails_with(&env, &["run"], |c| c.replace("profile:user:{id}", "profile:user:{id"));
+    let (code, lines) = fails_with(&env, &["run"], |c| {
+        c.replace("profile:user:{id}", "profile:user:{id")
+    });
     assert_eq!(code, Some(2));
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("rules[0].keys[0]") && lines[0].contains("closing"), "{lines:?}");
+    assert!(
+        lines[0].contains("rules[0].keys[0]") && lines[0].contains("closing"),
+        "{lines:?}"
+    );
 
-    let (code, lines) = fails_with(&env, &["check-config"], |c| c.replace("profile:user:{id}", "profile:user:{uid}"));
+    let (code, lines) = fails_with(&env, &["check-config"], |c| {
+        c.replace("profile:user:{id}", "profile:user:{uid}")
+    });
     assert_eq!(code, Some(2));
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("public.profiles has no column \"uid\""), "{lines:?}");
+    assert!(
+        lines[0].contains("public.profiles has no column \"uid\""),
+        "{lines:?}"
+    );
 
-    let (code, lines) = fails_with(&env, &["check-config"], |c| c.replace("[redis]", "[replication]\nslot = \"Bad Slot\"\n[redis]"));
+    let (code, lines) = fails_with(&env, &["check-config"], |c| {
+        c.replace("[redis]", "[replication]\nslot = \"Bad Slot\"\n[redis]")
+    });
     assert_eq!(code, Some(2));
     assert!(lines[0].contains("replication.slot"), "{lines:?}");
 

@@ -75,7 +75,10 @@ async fn kill9_during_a_100k_backlog_loses_nothing() {
 
     let pubsub_client = redis::Client::open(env.redis.url()).expect("client");
     let mut pubsub = pubsub_client.get_async_pubsub().await.expect("pubsub");
-    pubsub.subscribe("cache-invalidation").await.expect("subscribe");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
     let counter = tokio::spawn(async move {
         let mut messages = pubsub.into_on_message();
         let mut n = 0u64;
@@ -93,23 +96,35 @@ async fn kill9_during_a_100k_backlog_loses_nothing() {
     let started = Instant::now();
     let mut daemon = env.spawn_daemon();
     let total = keys.len();
-    wait_for("some of the backlog to be applied", Duration::from_secs(120), || {
-        let mut redis = redis.clone();
-        let keys = &keys;
-        async move { surviving(&mut redis, &keys[..keys.len().min(20_000)]).await < 20_000.min(total) }
-    })
+    wait_for(
+        "some of the backlog to be applied",
+        Duration::from_secs(120),
+        || {
+            let mut redis = redis.clone();
+            let keys = &keys;
+            async move {
+                surviving(&mut redis, &keys[..keys.len().min(20_000)]).await < 20_000.min(total)
+            }
+        },
+    )
     .await;
     let lsn_at_kill = confirmed_lsn(&client).await;
     daemon.kill9();
     let left_at_kill = surviving(&mut redis, &keys).await;
-    eprintln!("killed after {:?}: {left_at_kill} of {total} keys left, slot confirmed at {lsn_at_kill}", started.elapsed());
+    eprintln!(
+        "killed after {:?}: {left_at_kill} of {total} keys left, slot confirmed at {lsn_at_kill}",
+        started.elapsed()
+    );
 
     let restarted = Instant::now();
     let _daemon = env.daemon().await;
     env.sync().await;
     let drain = restarted.elapsed();
     let left = surviving(&mut redis, &keys).await;
-    assert_eq!(left, 0, "{left} of {total} keys survived the kill -9 and restart");
+    assert_eq!(
+        left, 0,
+        "{left} of {total} keys survived the kill -9 and restart"
+    );
     let events = counter.await.expect("counter");
     eprintln!(
         "backlog: {changes} changes; first run {:?} until kill; restart drained the rest in {drain:?}; \
@@ -117,7 +132,10 @@ async fn kill9_during_a_100k_backlog_loses_nothing() {
         restarted - started,
         events.saturating_sub(changes)
     );
-    assert!(events >= changes, "only {events} events for {changes} changes");
+    assert!(
+        events >= changes,
+        "only {events} events for {changes} changes"
+    );
 }
 
 /// The walsender is terminated mid-stream, and later Redis is killed while
@@ -149,7 +167,10 @@ async fn walsender_termination_and_redis_restart_lose_nothing() {
     // Snapshot Redis, kill it, write while it is down, restart it from the
     // snapshot: the keys of rows changed during the outage are back and
     // the daemon must remove them after it reconnects.
-    let _: () = redis::cmd("SAVE").query_async(&mut redis).await.expect("save");
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut redis)
+        .await
+        .expect("save");
     env.redis.kill();
     update_buckets(&client, 64..128).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -159,9 +180,16 @@ async fn walsender_termination_and_redis_restart_lose_nothing() {
 
     let left = surviving(&mut redis, &keys).await;
     assert_eq!(left, 0, "{left} keys survived\n{}", daemon.log());
-    assert!(daemon.try_status().is_none(), "daemon exited: {}", daemon.log());
+    assert!(
+        daemon.try_status().is_none(),
+        "daemon exited: {}",
+        daemon.log()
+    );
     let log = daemon.log();
-    assert!(log.contains("replication stream failed; reconnecting"), "{log}");
+    assert!(
+        log.contains("replication stream failed; reconnecting"),
+        "{log}"
+    );
     assert!(log.contains("redis batch failed; retrying"), "{log}");
 }
 
@@ -194,5 +222,9 @@ async fn sigterm_confirms_the_final_lsn_and_exits_zero() {
         .await
         .expect("slot")
         .get(0);
-    assert!(covered, "confirmed LSN does not cover the last applied commit: {}", daemon.log());
+    assert!(
+        covered,
+        "confirmed LSN does not cover the last applied commit: {}",
+        daemon.log()
+    );
 }

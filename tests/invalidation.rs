@@ -53,7 +53,12 @@ async fn removed_by(env: &TestEnv, users: &[User], extra: &[String], sql: &str) 
     let mut keys: Vec<String> = users.iter().flat_map(all_keys).collect();
     keys.extend_from_slice(extra);
     preset(&mut redis, &keys).await;
-    env.pg.client().await.batch_execute(sql).await.expect("write");
+    env.pg
+        .client()
+        .await
+        .batch_execute(sql)
+        .await
+        .expect("write");
     env.sync().await;
     let mut removed = Vec::new();
     for key in keys {
@@ -88,7 +93,10 @@ async fn profile_changes_invalidate_only_the_profile_key() {
         &env,
         &u,
         &[],
-        &format!("update public.profiles set full_name = 'New' where id = '{}'", u[0].id),
+        &format!(
+            "update public.profiles set full_name = 'New' where id = '{}'",
+            u[0].id
+        ),
     )
     .await;
     assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
@@ -177,7 +185,10 @@ async fn balance_changes_invalidate_user_and_token_keys() {
         removed,
         sorted(vec![
             format!("balance:user:{}", u[2].id),
-            format!("balance:user:{}:token:00000000-0000-4000-8000-0000000000aa", u[2].id),
+            format!(
+                "balance:user:{}:token:00000000-0000-4000-8000-0000000000aa",
+                u[2].id
+            ),
         ])
     );
 }
@@ -191,7 +202,10 @@ async fn journey_changes_invalidate_the_journey_key() {
     let _daemon = env.daemon().await;
     let u = users(&env, 3).await;
     for (user, sql) in [
-        (0, "update public.user_journeys set progress = 42 where user_id = '{}'"),
+        (
+            0,
+            "update public.user_journeys set progress = 42 where user_id = '{}'",
+        ),
         (1, "delete from public.user_journeys where user_id = '{}'"),
         (
             2,
@@ -277,7 +291,8 @@ async fn truncate_flushes_only_the_tables_keys() {
         "other:journey:user:1".to_string(),
     ];
     let removed = removed_by(&env, &u, &extra, "truncate public.user_journeys").await;
-    let expected: Vec<String> = sorted(u.iter().map(|u| format!("journey:user:{}", u.id)).collect());
+    let expected: Vec<String> =
+        sorted(u.iter().map(|u| format!("journey:user:{}", u.id)).collect());
     assert_eq!(removed, expected);
     assert!(daemon.log().contains("table truncated"), "{}", daemon.log());
 }
@@ -292,7 +307,10 @@ async fn events_are_published_with_documented_fields() {
     let u = users(&env, 2).await;
     let client = redis::Client::open(env.redis.url()).expect("client");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-    pubsub.subscribe("cache-invalidation").await.expect("subscribe");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
     let mut messages = pubsub.into_on_message();
 
     let before = std::time::SystemTime::now();
@@ -319,14 +337,20 @@ async fn events_are_published_with_documented_fields() {
     assert_eq!(events[0]["table"], "public.profiles");
     assert_eq!(events[0]["op"], "update");
     assert_eq!(events[0]["action"], "delete");
-    assert_eq!(events[0]["keys"], serde_json::json!([format!("profile:user:{}", u[0].id)]));
+    assert_eq!(
+        events[0]["keys"],
+        serde_json::json!([format!("profile:user:{}", u[0].id)])
+    );
     assert_eq!(events[1]["table"], "public.user_journeys");
     assert_eq!(events[1]["op"], "delete");
     assert_eq!(events[1]["keys"].as_array().map(Vec::len), Some(1));
     for event in &events {
         let lsn = event["lsn"].as_str().expect("lsn string");
         let (hi, lo) = lsn.split_once('/').expect("X/Y");
-        assert!(u32::from_str_radix(hi, 16).is_ok() && u32::from_str_radix(lo, 16).is_ok(), "{lsn}");
+        assert!(
+            u32::from_str_radix(hi, 16).is_ok() && u32::from_str_radix(lo, 16).is_ok(),
+            "{lsn}"
+        );
         let time = event["commit_time"].as_str().expect("commit_time string");
         assert!(time.ends_with('Z') && time.len() == 27, "{time}");
         let unix = unix_seconds(time);
@@ -336,7 +360,10 @@ async fn events_are_published_with_documented_fields() {
             .as_secs() as i64;
         assert!((unix - now).abs() < 60, "commit_time {time} is not now");
     }
-    assert_eq!(events[0]["lsn"], events[1]["lsn"], "one transaction, one commit LSN");
+    assert_eq!(
+        events[0]["lsn"], events[1]["lsn"],
+        "one transaction, one commit LSN"
+    );
 }
 
 /// Seconds since 1970 of `YYYY-MM-DDTHH:MM:SS.ffffffZ` (days_from_civil).

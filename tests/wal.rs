@@ -49,7 +49,10 @@ async fn unwatched_writes_do_not_make_the_slot_retain_wal() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let written: i64 = client
-        .query_one("select (pg_current_wal_lsn() - $1::text::pg_lsn)::int8", &[&start_lsn])
+        .query_one(
+            "select (pg_current_wal_lsn() - $1::text::pg_lsn)::int8",
+            &[&start_lsn],
+        )
         .await
         .expect("written")
         .get(0);

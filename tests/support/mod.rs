@@ -111,17 +111,30 @@ fn template() -> PathBuf {
         .unwrap_or_default();
     let path = std::env::temp_dir().join(format!("pgci-template-pg{version}"));
     if !path.join("template.ok").exists() {
-        let build = std::env::temp_dir().join(format!("pgci-template-build-{}", std::process::id()));
+        let build =
+            std::env::temp_dir().join(format!("pgci-template-build-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&build);
         std::fs::create_dir_all(&build).expect("mkdir");
         chown_to_postgres(&build);
         let out = pg_command(&bin.join("initdb"))
             .arg("-D")
             .arg(build.join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::write(build.join("template.ok"), b"ok").expect("marker");
         let _ = std::fs::remove_dir_all(&path);
         if std::fs::rename(&build, &path).is_err() {
@@ -145,7 +158,10 @@ impl Postgres {
     /// Copies the template and starts a server on a free port.
     pub async fn start() -> Postgres {
         let template = template();
-        let dir = tempfile::Builder::new().prefix("pgci-pg-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-pg-")
+            .tempdir()
+            .expect("tempdir");
         let status = Command::new("cp")
             .arg("-a")
             .arg(template.join("data"))
@@ -176,7 +192,10 @@ impl Postgres {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "wal_level=logical"])
             .args(["-c", "max_replication_slots=20"])
             .args(["-c", "max_wal_senders=20"])
@@ -216,12 +235,18 @@ impl Postgres {
     }
 
     fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     /// The URL the daemon uses.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
     }
 
     /// A new client.
@@ -268,7 +293,10 @@ pub struct Redis {
 impl Redis {
     /// Starts a server on a free port; it saves nothing unless told to.
     pub async fn start() -> Redis {
-        let dir = tempfile::Builder::new().prefix("pgci-redis-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-redis-")
+            .tempdir()
+            .expect("tempdir");
         let mut redis = Redis {
             dir,
             port: free_port(),
@@ -301,7 +329,11 @@ impl Redis {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut conn) = self.try_conn().await {
-                if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
             }
@@ -373,14 +405,20 @@ impl Daemon {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon ignored SIGTERM: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon ignored SIGTERM: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Whether it has exited, and how.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Everything it logged.
@@ -420,11 +458,17 @@ impl TestEnv {
             .await
             .expect("seed");
         let sentinel: String = client
-            .query_one("insert into public.pillars (slug) values ('sentinel') returning id::text", &[])
+            .query_one(
+                "insert into public.pillars (slug) values ('sentinel') returning id::text",
+                &[],
+            )
             .await
             .expect("sentinel")
             .get(0);
-        let dir = tempfile::Builder::new().prefix("pgci-env-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-env-")
+            .tempdir()
+            .expect("tempdir");
         let config = dir.path().join("config.toml");
         let env = TestEnv {
             pg,
@@ -491,9 +535,11 @@ impl TestEnv {
     pub async fn daemon(&mut self) -> Daemon {
         let daemon = self.spawn_daemon();
         let client = self.pg.client().await;
-        wait_for("daemon to hold the slot", Duration::from_secs(30), || async {
-            slot_active(&client).await
-        })
+        wait_for(
+            "daemon to hold the slot",
+            Duration::from_secs(30),
+            || async { slot_active(&client).await },
+        )
         .await;
         daemon
     }
@@ -527,7 +573,12 @@ impl TestEnv {
     pub async fn sync(&self) {
         let key = format!("sentinel:pillar:{}", self.sentinel);
         let mut redis = self.redis.conn().await;
-        let _: () = redis::cmd("SET").arg(&key).arg("1").query_async(&mut redis).await.expect("set");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .query_async(&mut redis)
+            .await
+            .expect("set");
         self.pg
             .client()
             .await
