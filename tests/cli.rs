@@ -48,6 +48,35 @@ async fn setup_prints_runs_and_is_idempotent() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.starts_with("ok:"), "{stdout}");
 
+    // DATABASE_URL replaces the file's URL; PGCI__SECTION__KEY any other key.
+    let real = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        real.replace(&env.pg.url(), "postgres://nobody:secret@127.0.0.1:1/none"),
+    )
+    .expect("write");
+    let out = env.cli_env(&["check-config"], &[("DATABASE_URL", &env.pg.url())]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = env.cli_env(
+        &["check-config"],
+        &[("PGCI__REPLICATION__SLOT", "other_slot")],
+    );
+    let (_, stderr) = text(&out);
+    assert!(!stderr.contains("secret"), "password leaked: {stderr}");
+    let out = env.cli_env(
+        &["check-config"],
+        &[
+            ("DATABASE_URL", &env.pg.url()),
+            ("PGCI__REPLICATION__SLOT", "other_slot"),
+        ],
+    );
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("replication slot \"other_slot\" does not exist"),
+        "{stderr}"
+    );
+    std::fs::write(&env.config, real).expect("restore");
+
     let out = env.cli(&["status", "--json"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");

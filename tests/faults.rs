@@ -193,6 +193,47 @@ async fn walsender_termination_and_redis_restart_lose_nothing() {
     assert!(log.contains("redis batch failed; retrying"), "{log}");
 }
 
+/// PostgreSQL crashes (immediate shutdown) right after a large transaction
+/// committed, and comes back: the daemon reconnects, the slot replays what
+/// was not confirmed, and every changed row's keys are gone, including
+/// those of changes committed after the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restart_loses_nothing() {
+    let mut env = TestEnv::start(2_000).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 1) = 0",
+        )
+        .await
+        .expect("big transaction");
+    env.pg.restart().await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 1) = 1",
+        )
+        .await
+        .expect("after restart");
+    env.sync().await;
+    let left = surviving(&mut redis, &keys).await;
+    assert_eq!(left, 0, "{left} keys survived\n{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("replication stream failed; reconnecting"),
+        "{}",
+        daemon.log()
+    );
+}
+
 /// SIGTERM right after a change was applied: the daemon exits 0 and the
 /// server has been told the change's LSN before the session closed.
 #[tokio::test(flavor = "multi_thread")]

@@ -258,6 +258,14 @@ impl Postgres {
         client
     }
 
+    /// Crashes the server (SIGQUIT: immediate shutdown, crash recovery on
+    /// the next start) and starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -510,14 +518,21 @@ impl TestEnv {
 
     /// Runs the binary with `args` (the config flag is added) to completion.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(DAEMON)
-            .args(args)
+        self.cli_env(args, &[])
+    }
+
+    /// Like [`TestEnv::cli`] with extra environment variables.
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(DAEMON);
+        cmd.args(args)
             .arg("--config")
             .arg(&self.config)
             .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
-            .output()
-            .expect("run the binary")
+            .env_remove("REDIS_URL");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run the binary")
     }
 
     /// `setup`, which must succeed.
