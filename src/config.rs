@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::duration::HumanDuration;
 use crate::rules::{Action, RuleSet};
 
 /// Where the daemon looks for its file when `--config` is not given.
@@ -86,6 +87,9 @@ pub struct ReplicationConfig {
     /// The publication listing the watched tables.
     #[serde(default = "default_slot")]
     pub publication: String,
+    /// How often to write a heartbeat into the WAL; `0s` turns it off.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: HumanDuration,
 }
 
 impl Default for ReplicationConfig {
@@ -93,8 +97,17 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             slot: default_slot(),
             publication: default_slot(),
+            heartbeat_interval: default_heartbeat(),
         }
     }
+}
+
+/// Default heartbeat interval: frequent enough that an alert on heartbeat
+/// age fires within a minute, rare enough to add no measurable WAL.
+pub const DEFAULT_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(DEFAULT_HEARTBEAT_INTERVAL)
 }
 
 fn default_slot() -> String {

@@ -22,6 +22,8 @@
 pub mod config;
 pub mod db;
 pub mod decode;
+pub mod duration;
+pub mod heartbeat;
 pub mod lsn;
 pub mod pipeline;
 pub mod plan;

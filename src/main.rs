@@ -12,12 +12,14 @@ use tokio::sync::watch;
 use pg_cache_invalidator::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 use pg_cache_invalidator::db::catalog::{self, CheckScope};
 use pg_cache_invalidator::db::{setup, ConnInfo, Db};
-use pg_cache_invalidator::pipeline;
+use pg_cache_invalidator::heartbeat;
+use pg_cache_invalidator::pipeline::{self, SlotKeeper};
 use pg_cache_invalidator::plan::Planner;
 use pg_cache_invalidator::rules::RuleSet;
 use pg_cache_invalidator::sink::redis::RedisSink;
 use pg_cache_invalidator::source::replication::ReplicationSource;
 use pg_cache_invalidator::telemetry;
+use pg_cache_invalidator::telemetry::health::Health;
 
 /// Exit status for problems the user must fix (configuration, database).
 const EXIT_USAGE: u8 = 2;
@@ -178,6 +180,18 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(wait_for_signal(shutdown_tx));
+    let health = Arc::new(Health::default());
+    let metrics = telemetry::metrics::install().map_err(Failure::runtime)?;
+    let listener = telemetry::http::bind(&config.http.listen)
+        .await
+        .map_err(|e| Failure::usage(vec![e]))?;
+    tracing::info!(listen = %config.http.listen, "serving /metrics /healthz /readyz");
+    tokio::spawn(telemetry::http::serve(
+        listener,
+        metrics,
+        Arc::clone(&health),
+        shutdown_rx.clone(),
+    ));
 
     let db = connect_with_retry(&conn, shutdown_rx.clone()).await?;
     let problems = catalog::check(
@@ -186,6 +200,7 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
         CheckScope {
             publication: &config.replication.publication,
             slot: Some(&config.replication.slot),
+            tolerate_lost_slot: true,
         },
     )
     .await?;
@@ -198,16 +213,31 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
         &config.redis.url,
         &config.redis.channel,
         shutdown_rx.clone(),
+        Arc::clone(&health),
     )
     .await
     .map_err(Failure::runtime)?;
+    let heartbeat_every = config.replication.heartbeat_interval.0;
+    if !heartbeat_every.is_zero() {
+        tokio::spawn(heartbeat::run(
+            conn.clone(),
+            config.replication.slot.clone(),
+            heartbeat_every,
+            shutdown_rx.clone(),
+        ));
+    }
+    let keeper = SlotKeeper {
+        conn: conn.clone(),
+        slot: config.replication.slot.clone(),
+    };
     let source = ReplicationSource::new(
         conn,
         config.replication.slot.clone(),
         config.replication.publication.clone(),
+        Arc::clone(&health),
     );
     let planner = Planner::new(Arc::new(rules));
-    match pipeline::run(source, sink, planner, shutdown_rx).await {
+    match pipeline::run(source, sink, planner, keeper, health, shutdown_rx).await {
         Ok(()) => {
             tracing::info!("stopped");
             Ok(())
@@ -273,6 +303,7 @@ async fn check_config(loaded: Loaded) -> Result<(), Failure> {
         CheckScope {
             publication: &loaded.config.replication.publication,
             slot: Some(&loaded.config.replication.slot),
+            tolerate_lost_slot: false,
         },
     )
     .await?;

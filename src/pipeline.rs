@@ -21,9 +21,11 @@
 //! sends only committed transactions.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch};
 
+use crate::db::{setup, ConnInfo, Db};
 use crate::decode::pgoutput::{self, DecodeError, Message};
 use crate::decode::time::pg_micros_to_rfc3339;
 use crate::lsn::Lsn;
@@ -31,6 +33,9 @@ use crate::plan::{CacheOp, Op, PlanError, Planner};
 use crate::sink::redis::{RedisSink, SinkError};
 use crate::sink::{Batch, Item};
 use crate::source::replication::{FatalSourceError, ReplicationSource, SourceEvent};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics as m;
+use crate::telemetry::systemd;
 
 /// Most operations in one batch: bounds memory (a few hundred bytes each)
 /// and the size of one Redis pipeline, while being large enough that a
@@ -39,6 +44,9 @@ pub const MAX_BATCH_ITEMS: usize = 4096;
 /// Batches queued for the sink besides the one it applies: one is enough to
 /// keep Redis busy while the next fills.
 const QUEUED_BATCHES: usize = 1;
+/// How often the loop proves it is alive (liveness, systemd watchdog) and
+/// updates the lag gauge, even when the stream is idle.
+const TICK: Duration = Duration::from_secs(1);
 
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +72,37 @@ pub enum PipelineError {
 struct OpenTxn {
     lsn: Lsn,
     commit_time: Arc<str>,
+    commit_micros: i64,
+}
+
+/// What it takes to rebuild a lost slot.
+pub struct SlotKeeper {
+    /// Where the slot lives.
+    pub conn: ConnInfo,
+    /// Its name.
+    pub slot: String,
+}
+
+impl SlotKeeper {
+    /// Recreates the slot, retrying until it works or shutdown is asked.
+    async fn recreate(&self, shutdown: &watch::Receiver<bool>) -> bool {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let result = match Db::connect(&self.conn).await {
+                Ok(db) => setup::recreate_slot(&db, &self.slot).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => return true,
+                Err(error) if !*shutdown.borrow() => {
+                    tracing::warn!(error = %error, retry_in = ?delay, "cannot recreate the replication slot; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
 }
 
 /// Decoding state between events.
@@ -73,6 +112,10 @@ struct Stream {
     txn: Option<OpenTxn>,
     /// Highest ack already handed to the sink or pending.
     queued_ack: Lsn,
+    /// Bumped when the slot is recreated (see [`Batch::generation`]).
+    generation: u64,
+    /// Whether systemd was told we are ready.
+    announced_ready: bool,
 }
 
 impl Stream {
@@ -87,7 +130,9 @@ impl Stream {
     }
 
     fn take(&mut self) -> Batch {
-        std::mem::take(&mut self.pending)
+        let mut batch = std::mem::take(&mut self.pending);
+        batch.generation = self.generation;
+        batch
     }
 
     fn set_ack(&mut self, lsn: Lsn) {
@@ -98,20 +143,38 @@ impl Stream {
     }
 
     fn push(&mut self, op: CacheOp) {
-        let (lsn, commit_time) = match &self.txn {
-            Some(txn) => (txn.lsn, Arc::clone(&txn.commit_time)),
-            None => (Lsn::ZERO, Arc::from("")),
+        let (lsn, commit_time, commit_micros) = match &self.txn {
+            Some(txn) => (txn.lsn, Arc::clone(&txn.commit_time), txn.commit_micros),
+            None => (Lsn::ZERO, Arc::from(""), 0),
         };
         self.pending.items.push(Item {
             op,
             lsn,
             commit_time,
+            commit_micros,
         });
     }
 
-    fn handle(&mut self, event: SourceEvent) -> Result<(), PipelineError> {
+    /// Handles one event; returns the reason if the slot was lost.
+    fn handle(&mut self, event: SourceEvent) -> Result<Option<String>, PipelineError> {
         match event {
-            SourceEvent::Restarted => self.txn = None,
+            SourceEvent::Restarted => {
+                self.txn = None;
+                if !self.announced_ready {
+                    self.announced_ready = true;
+                    systemd::ready();
+                }
+            }
+            SourceEvent::SlotLost { reason } => return Ok(Some(reason)),
+            SourceEvent::Heartbeat { sent_unix_micros } => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                let rtt = (now - sent_unix_micros as f64 / 1e6).max(0.0);
+                metrics::gauge!(m::HEARTBEAT_RTT_SECONDS).set(rtt);
+                metrics::gauge!(m::LAST_HEARTBEAT_TIMESTAMP_SECONDS).set(now);
+            }
             SourceEvent::Begin {
                 commit_lsn,
                 commit_time_micros,
@@ -119,6 +182,7 @@ impl Stream {
                 self.txn = Some(OpenTxn {
                     lsn: commit_lsn,
                     commit_time: Arc::from(pg_micros_to_rfc3339(commit_time_micros)),
+                    commit_micros: commit_time_micros,
                 });
             }
             SourceEvent::Commit { end_lsn } => {
@@ -132,7 +196,18 @@ impl Stream {
             }
             SourceEvent::Change(data) => self.change(&pgoutput::decode(&data)?)?,
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// The slot was recreated: acks of the old slot must not be confirmed
+    /// to the new one, and every key is flushed (after everything already
+    /// read, which the sink applies first).
+    fn reset_after_slot_loss(&mut self) {
+        self.generation += 1;
+        self.queued_ack = Lsn::ZERO;
+        self.txn = None;
+        let flush = self.planner.plan_flush_all();
+        self.push(flush);
     }
 
     fn change(&mut self, message: &Message) -> Result<(), PipelineError> {
@@ -182,43 +257,74 @@ pub async fn run(
     mut source: ReplicationSource,
     sink: RedisSink,
     planner: Planner,
+    keeper: SlotKeeper,
+    health: Arc<Health>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+    let (ack_tx, mut ack_rx) = watch::channel((0u64, Lsn::ZERO));
     let sink_task = tokio::spawn(apply_batches(sink, batch_rx, ack_tx));
     let mut stream = Stream {
         planner,
         pending: Batch::default(),
         txn: None,
         queued_ack: Lsn::ZERO,
+        generation: 0,
+        announced_ready: false,
     };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    health.tick();
 
     let outcome = loop {
         tokio::select! {
             biased;
             // 1. Shutdown: stop reading; what was read is applied below.
             _ = shutdown.changed() => break Ok(()),
-            // 2. The sink applied a batch: confirm its LSN to the server.
+            // 2. The sink applied a batch: confirm its LSN to the server
+            //    (unless it belongs to a slot that has since been replaced).
             changed = ack_rx.changed() => {
                 if changed.is_err() {
                     break Err(PipelineError::SinkGone);
                 }
-                let applied = *ack_rx.borrow_and_update();
-                source.confirm(applied);
+                let (generation, applied) = *ack_rx.borrow_and_update();
+                if generation == stream.generation {
+                    source.confirm(applied);
+                    metrics::gauge!(m::CONFIRMED_LSN_BYTES).set(applied.0 as f64);
+                }
             }
             // 3. The sink has room and a batch is ready: hand it over.
             permit = batch_tx.reserve(), if stream.ready() => match permit {
                 Ok(permit) => permit.send(stream.take()),
                 Err(_) => break Err(PipelineError::SinkGone),
             },
-            // 4. New WAL or a keepalive, unless the pending batch is full.
-            event = source.next(), if !stream.full() => match event {
-                Ok(event) => {
-                    if let Err(error) = stream.handle(event) {
-                        break Err(error);
-                    }
+            // 4. Once a second: liveness, watchdog, lag.
+            _ = tick.tick() => {
+                health.tick();
+                systemd::watchdog();
+                if let Some(end) = source.server_wal_end() {
+                    let lag = end.0.saturating_sub(source.confirmed().0);
+                    metrics::gauge!(m::REPLICATION_LAG_BYTES).set(lag as f64);
                 }
+            }
+            // 5. New WAL or a keepalive, unless the pending batch is full.
+            event = source.next(), if !stream.full() => match event {
+                Ok(event) => match stream.handle(event) {
+                    Ok(None) => {}
+                    Ok(Some(reason)) => {
+                        // Recreate the slot first, then flush: a change
+                        // committed after the flush is then in the new slot.
+                        if !keeper.recreate(&shutdown).await {
+                            break Ok(());
+                        }
+                        source.reset_confirmed();
+                        stream.reset_after_slot_loss();
+                        metrics::counter!(m::SLOT_RESETS_TOTAL).increment(1);
+                        tracing::error!(reason = %reason,
+                            "replication slot recreated; flushing every key of every rule");
+                    }
+                    Err(error) => break Err(error),
+                },
                 Err(error) => break Err(error.into()),
             },
         }
@@ -226,13 +332,18 @@ pub async fn run(
 
     // Apply what was read (on a fatal error too: those changes are
     // committed and their invalidations are due), then confirm and stop.
+    systemd::stopping();
     if !stream.pending.items.is_empty() || stream.pending.ack.is_some() {
         let _ = batch_tx.send(stream.take()).await;
     }
     drop(batch_tx);
     let sink_result = sink_task.await.map_err(|_| PipelineError::SinkGone)?;
-    source.confirm(*ack_rx.borrow());
+    let (generation, applied) = *ack_rx.borrow();
+    if generation == stream.generation {
+        source.confirm(applied);
+    }
     source.shutdown().await;
+    health.set_streaming(false);
     outcome?;
     sink_result.map_err(PipelineError::from)
 }
@@ -242,14 +353,14 @@ pub async fn run(
 async fn apply_batches(
     mut sink: RedisSink,
     mut batches: mpsc::Receiver<Batch>,
-    ack: watch::Sender<Lsn>,
+    ack: watch::Sender<(u64, Lsn)>,
 ) -> Result<(), SinkError> {
     let mut last_report = tokio::time::Instant::now();
     let mut reported = sink.stats();
     while let Some(batch) = batches.recv().await {
         sink.apply(&batch).await?;
         if let Some(lsn) = batch.ack {
-            ack.send_replace(lsn);
+            ack.send_replace((batch.generation, lsn));
         }
         if last_report.elapsed() >= std::time::Duration::from_secs(10) {
             let now = sink.stats();
@@ -259,7 +370,7 @@ async fn apply_batches(
                     keys = now.keys - reported.keys,
                     batches = now.batches - reported.batches,
                     retries = now.retries - reported.retries,
-                    applied_lsn = %*ack.borrow(),
+                    applied_lsn = %ack.borrow().1,
                     "progress"
                 );
             }

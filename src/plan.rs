@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::decode::pgoutput::{Datum, Relation, Tuple};
 use crate::rules::{Action, Part, RuleSet};
+use crate::telemetry::metrics::KEYS_SKIPPED_TOTAL;
 
 /// The kind of row change, as named in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,13 +58,34 @@ pub enum CacheOp {
         /// The rendered keys, without duplicates.
         keys: Vec<String>,
     },
-    /// Remove every key matching these patterns (a TRUNCATE).
+    /// Remove every key matching these patterns.
     Flush {
-        /// `schema.table`.
+        /// `schema.table`, or `*` for every table.
         table: Arc<str>,
         /// `SCAN MATCH` patterns.
         patterns: Vec<String>,
+        /// Why.
+        reason: FlushReason,
     },
+}
+
+/// Why keys are flushed by pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReason {
+    /// The table was truncated.
+    Truncate,
+    /// The slot was lost or dropped: changes were missed, every key goes.
+    SlotReset,
+}
+
+impl FlushReason {
+    /// The op named in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Truncate => "truncate",
+            FlushReason::SlotReset => "flush",
+        }
+    }
 }
 
 /// A change the planner cannot handle safely: the daemon stops rather than
@@ -213,8 +235,15 @@ impl Planner {
                             keys.push(key);
                         }
                     }
-                    Rendered::Null => stats.null_keys_skipped += 1,
-                    Rendered::Unavailable => stats.unavailable_keys_skipped += 1,
+                    Rendered::Null => {
+                        stats.null_keys_skipped += 1;
+                        metrics::counter!(KEYS_SKIPPED_TOTAL, "reason" => "null").increment(1);
+                    }
+                    Rendered::Unavailable => {
+                        stats.unavailable_keys_skipped += 1;
+                        metrics::counter!(KEYS_SKIPPED_TOTAL, "reason" => "unavailable")
+                            .increment(1);
+                    }
                 }
             }
         }
@@ -233,7 +262,26 @@ impl Planner {
         Ok(self.table(oid)?.map(|table| CacheOp::Flush {
             table: Arc::clone(&table.name),
             patterns: table.patterns.clone(),
+            reason: FlushReason::Truncate,
         }))
+    }
+
+    /// Plans flushing every key any rule can produce.
+    pub fn plan_flush_all(&self) -> CacheOp {
+        let mut patterns: Vec<String> = Vec::new();
+        for (_, rules) in self.rules.tables() {
+            for template in rules.iter().flat_map(|r| r.keys.iter()) {
+                let pattern = template.scan_pattern();
+                if !patterns.contains(&pattern) {
+                    patterns.push(pattern);
+                }
+            }
+        }
+        CacheOp::Flush {
+            table: Arc::from("*"),
+            patterns,
+            reason: FlushReason::SlotReset,
+        }
     }
 }
 
@@ -380,6 +428,7 @@ mod tests {
             Some(CacheOp::Flush {
                 table: Arc::from("public.user_tokens"),
                 patterns: vec!["balance:user:*".into(), "balance:user:*:token:*".into()],
+                reason: FlushReason::Truncate,
             })
         );
     }

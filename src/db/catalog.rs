@@ -302,6 +302,9 @@ pub struct CheckScope<'a> {
     pub publication: &'a str,
     /// The slot name, or `None` to skip the slot (before `setup` made it).
     pub slot: Option<&'a str>,
+    /// Whether a missing or lost slot is acceptable (`run` rebuilds it and
+    /// flushes the keys; `check-config` reports it).
+    pub tolerate_lost_slot: bool,
 }
 
 /// Checks the rules against the live database: `wal_level`, tables,
@@ -384,6 +387,7 @@ pub async fn check(
     }
     if let Some(slot) = scope.slot {
         match inspect_slot(db, slot).await? {
+            None if scope.tolerate_lost_slot => {}
             None => problems.push(format!(
                 "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
             )),
@@ -400,7 +404,7 @@ pub async fn check(
                         info.database.unwrap_or_default()
                     ));
                 }
-                if info.wal_status.as_deref() == Some("lost") {
+                if info.wal_status.as_deref() == Some("lost") && !scope.tolerate_lost_slot {
                     problems.push(format!(
                         "replication slot {slot:?} is lost (its WAL was removed), so changes were missed: drop it, flush the cache keys, and run setup"
                     ));

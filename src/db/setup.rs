@@ -192,3 +192,64 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
     }
     Ok(plan)
 }
+
+/// Recreates the slot after it was lost or dropped: drops what is left of
+/// it (if no session holds it) and creates it anew at the current WAL
+/// position. Another instance doing the same at once is fine.
+pub async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
+    db.client()
+        .execute(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+              where slot_name = $1 and not active",
+            &[&slot],
+        )
+        .await
+        .map_err(DbError::query(format!(
+            "dropping lost replication slot {slot}"
+        )))?;
+    let created = db
+        .client()
+        .execute(
+            "select pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+            Ok(())
+        }
+        Err(error) => Err(DbError::query(format!("creating replication slot {slot}"))(
+            error,
+        )),
+    }
+}
+
+/// Writes a heartbeat into the WAL (no table needed) and reads how much
+/// WAL the slot retains and its `wal_status`.
+pub async fn heartbeat(
+    db: &Db,
+    prefix: &str,
+    slot: &str,
+    now_unix_micros: i64,
+) -> Result<Option<(i64, String)>, DbError> {
+    db.client()
+        .execute(
+            "select pg_logical_emit_message(false, $1, $2)",
+            &[&prefix, &now_unix_micros.to_string()],
+        )
+        .await
+        .map_err(DbError::query(
+            "writing a heartbeat with pg_logical_emit_message",
+        ))?;
+    let row = db
+        .client()
+        .query_opt(
+            "select (pg_current_wal_lsn() - restart_lsn)::int8, coalesce(wal_status, '') \
+               from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(DbError::query("reading the slot's retained WAL"))?;
+    Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
+}

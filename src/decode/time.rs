@@ -3,6 +3,11 @@
 /// Seconds from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 
+/// A PostgreSQL timestamp as Unix seconds.
+pub fn pg_micros_to_unix_seconds(micros: i64) -> f64 {
+    micros as f64 / 1e6 + PG_EPOCH_UNIX_SECONDS as f64
+}
+
 /// Formats a PostgreSQL timestamp as `2026-11-26T07:00:00.123456Z`.
 pub fn pg_micros_to_rfc3339(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000) + PG_EPOCH_UNIX_SECONDS;

@@ -20,6 +20,8 @@ pub struct Item {
     pub lsn: Lsn,
     /// The transaction's commit time, RFC 3339.
     pub commit_time: Arc<str>,
+    /// The same, in microseconds since 2000-01-01 UTC (for latency).
+    pub commit_micros: i64,
 }
 
 /// Operations to apply in order, and the LSN that may be confirmed once
@@ -31,4 +33,7 @@ pub struct Batch {
     /// End of the last transaction (or keepalive) wholly inside this and
     /// earlier batches; `None` while a large transaction is still open.
     pub ack: Option<Lsn>,
+    /// Which slot the ack belongs to: it changes when a lost slot is
+    /// recreated, so acks for the old slot are not confirmed to the new one.
+    pub generation: u64,
 }

@@ -16,9 +16,15 @@ use redis::{AsyncCommands, RedisError};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use crate::config::SecretUrl;
-use crate::plan::CacheOp;
+use crate::decode::time::pg_micros_to_unix_seconds;
+use crate::plan::{CacheOp, FlushReason};
 use crate::sink::{Batch, Item};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics as m;
 
 /// Keys per SCAN step and per UNLINK when flushing by pattern: large enough
 /// to be quick, small enough not to block Redis for long.
@@ -85,6 +91,7 @@ pub struct RedisSink {
     channel: Option<String>,
     shutdown: watch::Receiver<bool>,
     stats: SinkStats,
+    health: Arc<Health>,
 }
 
 impl RedisSink {
@@ -93,6 +100,7 @@ impl RedisSink {
         url: &SecretUrl,
         channel: &str,
         shutdown: watch::Receiver<bool>,
+        health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
         let client = redis::Client::open(url.expose()).map_err(|source| SinkError::BadUrl {
             url: url.redacted(),
@@ -110,6 +118,7 @@ impl RedisSink {
                     if *shutdown.borrow() {
                         return Err(SinkError::GaveUp(error.to_string()));
                     }
+                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
                     tracing::warn!(error = %error, url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);
@@ -117,11 +126,13 @@ impl RedisSink {
             }
         };
         tracing::info!(url = %url.redacted(), "connected to redis");
+        health.set_redis_ok(true);
         Ok(RedisSink {
             conn,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             shutdown,
             stats: SinkStats::default(),
+            health,
         })
     }
 
@@ -144,10 +155,14 @@ impl RedisSink {
                     self.stats.batches += 1;
                     self.stats.operations += batch.items.len() as u64;
                     self.stats.keys += keys;
+                    self.health.set_redis_ok(true);
+                    self.record(batch, keys);
                     return Ok(());
                 }
                 Err(error) => {
                     self.stats.retries += 1;
+                    self.health.set_redis_ok(false);
+                    metrics::counter!(m::REDIS_ERRORS_TOTAL).increment(1);
                     if *self.shutdown.borrow() {
                         attempts_after_shutdown += 1;
                         if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
@@ -180,7 +195,11 @@ impl RedisSink {
                     }
                     queued += 1;
                 }
-                CacheOp::Flush { table, patterns } => {
+                CacheOp::Flush {
+                    table,
+                    patterns,
+                    reason,
+                } => {
                     if queued > 0 {
                         pipe.query_async::<()>(&mut self.conn).await?;
                         pipe.clear();
@@ -188,8 +207,17 @@ impl RedisSink {
                     }
                     let removed = self.flush_patterns(patterns).await?;
                     keys += removed;
-                    tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
-                        "table truncated; flushed every key of its rules");
+                    match reason {
+                        FlushReason::Truncate => {
+                            metrics::counter!(m::TRUNCATE_FLUSHES_TOTAL).increment(1);
+                            tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                                "table truncated; flushed every key of its rules");
+                        }
+                        FlushReason::SlotReset => {
+                            tracing::error!(patterns = ?patterns, keys_removed = removed,
+                            "flushed every key of every rule because changes were missed")
+                        }
+                    }
                     if let Some(channel) = &self.channel {
                         let _: () = self.conn.publish(channel, event_json(item)).await?;
                     }
@@ -229,6 +257,45 @@ impl RedisSink {
     }
 }
 
+impl RedisSink {
+    /// Metrics for an applied batch, aggregated so labels are built once
+    /// per (table, op) rather than per row.
+    fn record(&self, batch: &Batch, keys: u64) {
+        let mut per_table: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut last_commit: Option<i64> = None;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        for item in &batch.items {
+            let (table, op) = match &item.op {
+                CacheOp::Invalidate { table, op, .. } => (&**table, op.as_str()),
+                CacheOp::Flush { table, reason, .. } => (&**table, reason.as_str()),
+            };
+            *per_table.entry((table, op)).or_default() += 1;
+            if item.commit_micros != 0 && last_commit != Some(item.commit_micros) {
+                last_commit = Some(item.commit_micros);
+                let committed = pg_micros_to_unix_seconds(item.commit_micros);
+                metrics::histogram!(m::APPLY_LATENCY_SECONDS).record((now - committed).max(0.0));
+            }
+        }
+        for ((table, op), n) in per_table {
+            metrics::counter!(m::CHANGES_TOTAL, "table" => table.to_string(), "op" => op)
+                .increment(n);
+        }
+        if let Some(micros) = last_commit {
+            metrics::gauge!(m::LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS)
+                .set(pg_micros_to_unix_seconds(micros));
+        }
+        metrics::counter!(m::KEYS_INVALIDATED_TOTAL).increment(keys);
+        if self.channel.is_some() {
+            metrics::counter!(m::EVENTS_PUBLISHED_TOTAL).increment(batch.items.len() as u64);
+        }
+        metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        metrics::histogram!(m::BATCH_OPERATIONS).record(batch.items.len() as f64);
+    }
+}
+
 fn event_json(item: &Item) -> String {
     let (table, op, action, keys, patterns): (&str, &str, &str, &[String], _) = match &item.op {
         CacheOp::Invalidate {
@@ -237,9 +304,17 @@ fn event_json(item: &Item) -> String {
             action,
             keys,
         } => (table, op.as_str(), action.as_str(), keys, None),
-        CacheOp::Flush { table, patterns } => {
-            (table, "truncate", "delete", &[], Some(patterns.as_slice()))
-        }
+        CacheOp::Flush {
+            table,
+            patterns,
+            reason,
+        } => (
+            table,
+            reason.as_str(),
+            "delete",
+            &[],
+            Some(patterns.as_slice()),
+        ),
     };
     let event = Event {
         table,
@@ -259,7 +334,6 @@ mod tests {
     use crate::lsn::Lsn;
     use crate::plan::Op;
     use crate::rules::Action;
-    use std::sync::Arc;
 
     #[test]
     fn events_have_the_documented_shape() {
@@ -272,6 +346,7 @@ mod tests {
             },
             lsn: Lsn(0x16B3748),
             commit_time: Arc::from("2026-11-26T07:00:00.123456Z"),
+            commit_micros: 1,
         };
         assert_eq!(
             event_json(&item),

@@ -25,8 +25,17 @@ use pgwire_replication::{
 };
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use crate::db::ConnInfo;
 use crate::lsn::Lsn;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics as m;
+
+/// Prefix of the heartbeat messages the daemon writes with
+/// `pg_logical_emit_message`; the content is the writer's Unix time in
+/// microseconds.
+pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 
 /// How often confirmed progress is reported to the server. Short, so that
 /// `pg_replication_slots` is current and a shutdown waits little for its
@@ -65,6 +74,17 @@ pub enum SourceEvent {
         /// Position the server has decoded up to.
         wal_end: Lsn,
     },
+    /// One of our heartbeat messages arrived.
+    Heartbeat {
+        /// When it was written, Unix microseconds.
+        sent_unix_micros: i64,
+    },
+    /// The slot is gone or was invalidated: changes were missed. The next
+    /// `next()` reconnects, so the slot must exist again by then.
+    SlotLost {
+        /// What the server said.
+        reason: String,
+    },
 }
 
 /// A failure that retrying will not fix.
@@ -91,11 +111,14 @@ pub struct ReplicationSource {
     /// reset only then, so a server that accepts and at once fails is not
     /// retried in a tight loop.
     session_healthy: bool,
+    health: Arc<Health>,
+    /// Set when the last failure was a lost slot, reported once by `next()`.
+    slot_lost: Option<String>,
 }
 
 impl ReplicationSource {
     /// A source for `slot` / `publication`; connects on the first `next()`.
-    pub fn new(info: ConnInfo, slot: String, publication: String) -> Self {
+    pub fn new(info: ConnInfo, slot: String, publication: String, health: Arc<Health>) -> Self {
         ReplicationSource {
             info,
             slot,
@@ -105,6 +128,8 @@ impl ReplicationSource {
             backoff: BACKOFF_MIN,
             retry_at: None,
             session_healthy: false,
+            health,
+            slot_lost: None,
         }
     }
 
@@ -112,6 +137,10 @@ impl ReplicationSource {
     /// one is returned. Cancel-safe: dropping the future loses no event.
     pub async fn next(&mut self) -> Result<SourceEvent, FatalSourceError> {
         loop {
+            if let Some(reason) = self.slot_lost.take() {
+                self.retry_at = None;
+                return Ok(SourceEvent::SlotLost { reason });
+            }
             let Some(client) = self.client.as_mut() else {
                 if let Some(at) = self.retry_at {
                     tokio::time::sleep_until(at).await;
@@ -121,6 +150,7 @@ impl ReplicationSource {
                         tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, "replication stream started");
                         self.client = Some(client);
                         self.session_healthy = false;
+                        self.health.set_streaming(true);
                         return Ok(SourceEvent::Restarted);
                     }
                     Err(error) => {
@@ -160,6 +190,17 @@ impl ReplicationSource {
                 ReplicationEvent::KeepAlive { wal_end, .. } => SourceEvent::KeepAlive {
                     wal_end: Lsn(wal_end.as_u64()),
                 },
+                ReplicationEvent::Message {
+                    prefix, content, ..
+                } if prefix == HEARTBEAT_PREFIX => {
+                    match std::str::from_utf8(&content)
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                    {
+                        Some(sent_unix_micros) => SourceEvent::Heartbeat { sent_unix_micros },
+                        None => continue,
+                    }
+                }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
             };
             return Ok(mapped);
@@ -180,6 +221,19 @@ impl ReplicationSource {
     /// The highest LSN confirmed.
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
+    }
+
+    /// Forgets confirmations made against a slot that was replaced: the
+    /// new slot starts where it was created.
+    pub fn reset_confirmed(&mut self) {
+        self.confirmed = Lsn::ZERO;
+    }
+
+    /// The newest server WAL position seen on the stream.
+    pub fn server_wal_end(&self) -> Option<Lsn> {
+        self.client
+            .as_ref()
+            .map(|c| Lsn(c.metrics().last_wal_end().as_u64()))
     }
 
     /// Waits (bounded) until the server has been told the last confirmed
@@ -238,7 +292,15 @@ impl ReplicationSource {
         if let Some(mut client) = self.client.take() {
             client.abort();
         }
+        self.health.set_streaming(false);
+        metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
         let text = error.to_string();
+        if slot_is_lost(&text) {
+            tracing::error!(slot = %self.slot, error = %text,
+                "replication slot is missing or invalidated: changes were missed");
+            self.slot_lost = Some(text);
+            return Ok(());
+        }
         if let Some(fatal) = classify(&error, &text) {
             return Err(fatal);
         }
@@ -279,6 +341,15 @@ fn classify(error: &PgWireError, text: &str) -> Option<FatalSourceError> {
     }
 }
 
+/// Whether the server says our slot no longer exists or can no longer be
+/// read (invalidated by `max_slot_wal_keep_size`).
+fn slot_is_lost(text: &str) -> bool {
+    (sqlstate(text) == Some("42704") && text.contains("replication slot"))
+        || text.contains("cannot read from logical replication slot")
+        || text.contains("can no longer get changes from replication slot")
+        || text.contains("has been invalidated")
+}
+
 fn sqlstate(text: &str) -> Option<&str> {
     let start = text.find("SQLSTATE ")? + "SQLSTATE ".len();
     text.get(start..start + 5)
@@ -303,5 +374,11 @@ mod tests {
         assert!(classify(&terminated, &terminated.to_string()).is_none());
         let io = PgWireError::Io(std::sync::Arc::new(std::io::Error::other("reset")));
         assert!(classify(&io, &io.to_string()).is_none());
+        assert!(slot_is_lost(&missing.to_string()));
+        let publication = "publication \"p\" does not exist (SQLSTATE 42704)";
+        assert!(!slot_is_lost(publication));
+        assert!(slot_is_lost(
+            "cannot read from logical replication slot \"x\" (SQLSTATE 55000)"
+        ));
     }
 }

@@ -453,6 +453,8 @@ pub struct TestEnv {
     daemons: usize,
     /// The pillar row whose key [`TestEnv::sync`] watches.
     sentinel: String,
+    /// Where the daemon serves /metrics, /healthz, /readyz.
+    pub http_port: u16,
 }
 
 impl TestEnv {
@@ -485,6 +487,7 @@ impl TestEnv {
             dir,
             daemons: 0,
             sentinel,
+            http_port: free_port(),
         };
         env.write_config("");
         env
@@ -493,8 +496,13 @@ impl TestEnv {
     /// Writes the config file: URLs, `extra` TOML, the demo rules and the
     /// sentinel rule.
     pub fn write_config(&self, extra: &str) {
+        let http = if extra.contains("[http]") {
+            String::new()
+        } else {
+            format!("[http]\nlisten = \"127.0.0.1:{}\"\n", self.http_port)
+        };
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
+            "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
             self.pg.url(),
             self.redis.url()
         );
@@ -616,6 +624,32 @@ impl TestEnv {
         })
         .await;
     }
+}
+
+/// GET `path` from the daemon's HTTP listener: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The value of a Prometheus sample line that starts with `series`
+/// (name plus labels as rendered), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Whether some session streams from the slot.

@@ -1,4 +1,6 @@
-//! Logging setup: human text on a terminal, JSON lines for collectors.
+//! Telemetry: logging (here), metrics, health, and their HTTP endpoints.
+//!
+//! Logging: human text on a terminal, JSON lines for collectors.
 //! Levels follow `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
@@ -20,3 +22,8 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod systemd;

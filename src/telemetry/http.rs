@@ -1,0 +1,85 @@
+//! `/metrics` (Prometheus text), `/healthz` (liveness), `/readyz`
+//! (readiness) on `[http] listen`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::telemetry::health::Health;
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Binds `listen`; the error names the address.
+pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("http.listen {listen}: cannot listen ({e}): choose a free address"))
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(error) = result {
+        tracing::warn!(error = %error, "http server stopped");
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.health.alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "apply loop stalled\n")
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else if !state.health.streaming() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not streaming from the replication slot\n",
+        )
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "redis is not answering\n")
+    }
+}

@@ -1,0 +1,125 @@
+//! Metric names, in one place, Prometheus style: `_total` counters, base
+//! units (`_seconds`, `_bytes`), and label values drawn from bounded sets
+//! (table names from the configuration, ops, targets, reasons).
+//!
+//! Recording goes through the `metrics` facade, which is a no-op until
+//! [`install`] puts the Prometheus recorder in place (only `run` does).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Row changes applied, by `table` and `op`.
+pub const CHANGES_TOTAL: &str = "pgci_changes_total";
+/// Keys removed (each key of each applied change).
+pub const KEYS_INVALIDATED_TOTAL: &str = "pgci_keys_invalidated_total";
+/// Keys not rendered, by `reason` (`null`: a key column was NULL;
+/// `unavailable`: its value did not travel in the stream).
+pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
+/// Events published on the pub/sub channel.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "pgci_events_published_total";
+/// Batches applied to Redis.
+pub const BATCHES_TOTAL: &str = "pgci_batches_total";
+/// Operations per applied batch (histogram).
+pub const BATCH_OPERATIONS: &str = "pgci_batch_operations";
+/// Failed Redis attempts (each is retried).
+pub const REDIS_ERRORS_TOTAL: &str = "pgci_redis_errors_total";
+/// Reconnections, by `target` (`postgres`, `redis`).
+pub const RECONNECTS_TOTAL: &str = "pgci_reconnects_total";
+/// Seconds from a transaction's commit to Redis acknowledging its
+/// invalidations (histogram).
+pub const APPLY_LATENCY_SECONDS: &str = "pgci_apply_latency_seconds";
+/// Server WAL end seen on the stream minus the confirmed LSN, in bytes.
+pub const REPLICATION_LAG_BYTES: &str = "pgci_replication_lag_bytes";
+/// WAL the slot keeps on the server (current LSN minus restart LSN).
+pub const SLOT_RETAINED_WAL_BYTES: &str = "pgci_slot_retained_wal_bytes";
+/// Unix time of the commit whose invalidations were applied last.
+pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
+    "pgci_last_applied_commit_timestamp_seconds";
+/// The confirmed LSN as a number (for rate() of progress).
+pub const CONFIRMED_LSN_BYTES: &str = "pgci_confirmed_lsn_bytes";
+/// Times the slot was found lost or missing and rebuilt (keys flushed).
+pub const SLOT_RESETS_TOTAL: &str = "pgci_slot_resets_total";
+/// TRUNCATEs that flushed a table's keys.
+pub const TRUNCATE_FLUSHES_TOTAL: &str = "pgci_truncate_flushes_total";
+/// Seconds from writing a heartbeat message to reading it on the stream.
+pub const HEARTBEAT_RTT_SECONDS: &str = "pgci_heartbeat_rtt_seconds";
+/// Unix time the last heartbeat arrived on the stream.
+pub const LAST_HEARTBEAT_TIMESTAMP_SECONDS: &str = "pgci_last_heartbeat_timestamp_seconds";
+/// 1 while the replication stream is open, else 0.
+pub const STREAMING: &str = "pgci_streaming";
+
+/// Installs the Prometheus recorder and describes every metric.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(APPLY_LATENCY_SECONDS.to_string()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(BATCH_OPERATIONS.to_string()),
+                &[
+                    1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0,
+                ],
+            )
+        })
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CHANGES_TOTAL, "Row changes applied, by table and op");
+    describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
+    describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
+    describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
+    describe_counter!(BATCHES_TOTAL, "Batches applied to Redis");
+    describe_histogram!(BATCH_OPERATIONS, "Operations per applied batch");
+    describe_counter!(REDIS_ERRORS_TOTAL, "Failed Redis attempts, each retried");
+    describe_counter!(RECONNECTS_TOTAL, "Reconnections by target");
+    describe_histogram!(
+        APPLY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Commit to Redis acknowledgement"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL end minus confirmed LSN"
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL retained by the slot"
+    );
+    describe_gauge!(
+        LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Commit time of the last applied transaction"
+    );
+    describe_gauge!(CONFIRMED_LSN_BYTES, Unit::Bytes, "Confirmed LSN");
+    describe_counter!(
+        SLOT_RESETS_TOTAL,
+        "Lost or missing slots rebuilt (keys flushed)"
+    );
+    describe_counter!(
+        TRUNCATE_FLUSHES_TOTAL,
+        "TRUNCATEs that flushed a table's keys"
+    );
+    describe_gauge!(
+        HEARTBEAT_RTT_SECONDS,
+        Unit::Seconds,
+        "Heartbeat write to arrival on the stream"
+    );
+    describe_gauge!(
+        LAST_HEARTBEAT_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Arrival time of the last heartbeat"
+    );
+    describe_gauge!(STREAMING, "1 while the replication stream is open");
+}

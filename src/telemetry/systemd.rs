@@ -1,0 +1,23 @@
+//! systemd integration (`Type=notify`): READY once the stream started,
+//! WATCHDOG pings from the apply loop, STOPPING at shutdown. Each call is a
+//! no-op when not run by systemd (`NOTIFY_SOCKET` unset).
+
+use sd_notify::NotifyState;
+
+/// The service is ready: the replication stream started.
+pub fn ready() {
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+}
+
+/// The apply loop is alive (sent only when `WatchdogSec=` is set).
+pub fn watchdog() {
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) {
+        let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+    }
+}
+
+/// Shutdown began.
+pub fn stopping() {
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+}
