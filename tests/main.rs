@@ -6,4 +6,5 @@ mod support;
 mod cli;
 mod faults;
 mod invalidation;
+mod operations;
 mod wal;

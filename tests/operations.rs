@@ -1,0 +1,372 @@
+//! Running it in production: metrics and health endpoints, heartbeats,
+//! recovery from a lost slot, and a standby that takes over.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{http_get, metric, preset, slot_active, surviving, wait_for, TestEnv};
+
+async fn scrape(env: &TestEnv) -> String {
+    let (status, body) = http_get(env.http_port, "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+async fn status_of(port: u16, path: &str) -> u16 {
+    http_get(port, path).await.map_or(0, |(status, _)| status)
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// After a workload, /metrics shows exactly the changes applied, keys,
+/// events, batches, latency, the last commit time, heartbeats and slot
+/// gauges; /healthz stays up through a Redis outage while /readyz reports
+/// it, and recovers with Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_health_follow_the_workload() {
+    let mut env = TestEnv::start(20).await;
+    env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
+    env.setup();
+    let _daemon = env.daemon().await;
+    wait_for("readyz", Duration::from_secs(10), || async {
+        status_of(env.http_port, "/readyz").await == 200
+    })
+    .await;
+    assert_eq!(status_of(env.http_port, "/healthz").await, 200);
+
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "update public.user_tokens set balance = balance + 1 \
+              where id in (select id from public.user_tokens order by id limit 10); \
+             update public.profiles set bio = 'a' where id in (select id from public.profiles order by id limit 3);",
+        )
+        .await
+        .expect("workload");
+    env.sync().await;
+    let text = scrape(&env).await;
+    let get = |series: &str| metric(&text, series);
+    assert_eq!(
+        get("pgci_changes_total{table=\"public.user_tokens\",op=\"update\"}"),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        get("pgci_changes_total{table=\"public.profiles\",op=\"update\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        get("pgci_changes_total{table=\"public.pillars\",op=\"update\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        get("pgci_keys_invalidated_total"),
+        Some(10.0 * 2.0 + 3.0 + 1.0),
+        "{text}"
+    );
+    assert_eq!(get("pgci_events_published_total"), Some(14.0), "{text}");
+    assert!(get("pgci_batches_total").unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(
+        get("pgci_apply_latency_seconds_count").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        get("pgci_apply_latency_seconds_bucket{le=\"1\"}").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    let last_commit = get("pgci_last_applied_commit_timestamp_seconds").expect("last commit gauge");
+    assert!((now_unix() - last_commit).abs() < 60.0, "{last_commit}");
+    assert_eq!(get("pgci_streaming"), Some(1.0));
+    assert!(
+        get("pgci_confirmed_lsn_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+
+    // Heartbeats arrive every second and report the slot's retained WAL.
+    wait_for("a heartbeat", Duration::from_secs(10), || async {
+        let text = scrape(&env).await;
+        metric(&text, "pgci_last_heartbeat_timestamp_seconds").is_some_and(|t| now_unix() - t < 5.0)
+            && metric(&text, "pgci_slot_retained_wal_bytes").is_some()
+    })
+    .await;
+    let text = scrape(&env).await;
+    let rtt = metric(&text, "pgci_heartbeat_rtt_seconds").expect("rtt");
+    assert!((0.0..5.0).contains(&rtt), "{rtt}");
+
+    // Redis down: liveness holds, readiness fails once a write is retried.
+    env.redis.kill();
+    client
+        .batch_execute("update public.profiles set bio = 'b' where id in (select id from public.profiles order by id limit 1)")
+        .await
+        .expect("write");
+    wait_for("readyz to fail", Duration::from_secs(20), || async {
+        status_of(env.http_port, "/readyz").await == 503
+    })
+    .await;
+    assert_eq!(status_of(env.http_port, "/healthz").await, 200);
+    let text = scrape(&env).await;
+    assert!(
+        metric(&text, "pgci_redis_errors_total").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    env.redis.restart().await;
+    wait_for("readyz to recover", Duration::from_secs(20), || async {
+        status_of(env.http_port, "/readyz").await == 200
+    })
+    .await;
+}
+
+/// Keys every rule can produce, plus one no rule matches.
+async fn preset_rule_keys(env: &TestEnv) -> Vec<String> {
+    let client = env.pg.client().await;
+    let rows = client
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut keys = Vec::new();
+    for r in &rows {
+        let (user, token): (String, String) = (r.get(0), r.get(1));
+        keys.push(format!("balance:user:{user}:token:{token}"));
+        keys.push(format!("balance:user:{user}"));
+        keys.push(format!("profile:user:{user}"));
+        keys.push(format!("journey:user:{user}"));
+    }
+    keys.sort();
+    keys.dedup();
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    preset(&mut redis, &["unrelated:key".to_string()]).await;
+    keys
+}
+
+async fn slot_resets(env: &TestEnv) -> f64 {
+    metric(&scrape(env).await, "pgci_slot_resets_total").unwrap_or(0.0)
+}
+
+/// Someone drops the slot under a running daemon: it logs an error,
+/// recreates the slot, flushes every key its rules can produce (and no
+/// other), counts the reset, and keeps invalidating new changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_slot_is_recreated_and_every_rule_key_flushed() {
+    let mut env = TestEnv::start(50).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let keys = preset_rule_keys(&env).await;
+    let client = env.pg.client().await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        client
+            .execute(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots \
+                  where slot_name = 'pg_cache_invalidator' and active",
+                &[],
+            )
+            .await
+            .expect("terminate");
+        if client
+            .execute(
+                "select pg_drop_replication_slot('pg_cache_invalidator')",
+                &[],
+            )
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "could not drop the slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut redis = env.redis.conn().await;
+    wait_for(
+        "every rule key to be flushed",
+        Duration::from_secs(30),
+        || {
+            let mut redis = redis.clone();
+            let keys = &keys;
+            async move { surviving(&mut redis, keys).await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        surviving(&mut redis, &["unrelated:key".to_string()]).await,
+        1
+    );
+    wait_for(
+        "the slot to be streamed again",
+        Duration::from_secs(20),
+        || async { slot_active(&client).await },
+    )
+    .await;
+    assert_eq!(slot_resets(&env).await, 1.0);
+    assert!(
+        daemon.log().contains("replication slot recreated"),
+        "{}",
+        daemon.log()
+    );
+
+    // The new slot carries new changes.
+    let user: String = client
+        .query_one("select id::text from public.profiles limit 1", &[])
+        .await
+        .expect("user")
+        .get(0);
+    let key = format!("profile:user:{user}");
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    client
+        .execute(
+            "update public.profiles set bio = 'after' where id = $1::text::uuid",
+            &[&user],
+        )
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &[key]).await, 0);
+}
+
+/// The slot is invalidated by max_slot_wal_keep_size while the daemon is
+/// stopped (wal_status = lost): on start it recreates the slot, flushes
+/// every rule key, and streams again.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidated_slot_is_recreated_and_every_rule_key_flushed() {
+    let mut env = TestEnv::start(50).await;
+    env.setup();
+    let client = env.pg.client().await;
+    for sql in [
+        "alter system set max_slot_wal_keep_size = '1MB'",
+        "select pg_reload_conf()",
+        "create table public.filler (id serial primary key, payload text)",
+    ] {
+        client.batch_execute(sql).await.expect("configure");
+    }
+    let keys = preset_rule_keys(&env).await;
+    // Changes the daemon will never see, then enough WAL to lose the slot.
+    client
+        .batch_execute("update public.profiles set bio = 'missed'")
+        .await
+        .expect("missed change");
+    let mut status = String::new();
+    for _ in 0..10 {
+        for sql in [
+            "insert into public.filler (payload) select repeat('x', 1000) from generate_series(1, 2000)",
+            "select pg_switch_wal()",
+            "checkpoint",
+        ] {
+            client.batch_execute(sql).await.expect("generate wal");
+        }
+        status = client
+            .query_one(
+                "select coalesce(wal_status, '') from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+                &[],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if status == "lost" {
+            break;
+        }
+    }
+    assert_eq!(status, "lost", "could not invalidate the slot");
+
+    let out = env.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is lost"));
+
+    let daemon = env.daemon().await;
+    let mut redis = env.redis.conn().await;
+    wait_for(
+        "every rule key to be flushed",
+        Duration::from_secs(30),
+        || {
+            let mut redis = redis.clone();
+            let keys = &keys;
+            async move { surviving(&mut redis, keys).await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        surviving(&mut redis, &["unrelated:key".to_string()]).await,
+        1
+    );
+    assert_eq!(slot_resets(&env).await, 1.0, "{}", daemon.log());
+    env.sync().await;
+}
+
+/// Two instances with the same config: one streams, the other waits
+/// (not ready); after kill -9 of the first, the second takes over within
+/// 10 s and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn standby_takes_over_within_ten_seconds() {
+    let mut env = TestEnv::start(50).await;
+    env.setup();
+    let mut first = env.daemon().await;
+    let client = env.pg.client().await;
+    let first_pid: i32 = client
+        .query_one(
+            "select active_pid from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("pid")
+        .get(0);
+
+    let first_port = env.http_port;
+    env.http_port = crate::support::free_port();
+    env.write_config("");
+    let second = env.spawn_daemon();
+    wait_for(
+        "the standby to wait for the slot",
+        Duration::from_secs(20),
+        || async { second.log().contains("in use by another session") },
+    )
+    .await;
+    assert_eq!(status_of(env.http_port, "/readyz").await, 503);
+    assert_eq!(status_of(first_port, "/readyz").await, 200);
+
+    let keys = preset_rule_keys(&env).await;
+    first.kill9();
+    let killed = Instant::now();
+    // Changes while nobody streams.
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1; update public.profiles set bio = 'x'")
+        .await
+        .expect("writes");
+    wait_for("the standby to take the slot", Duration::from_secs(15), || async {
+        client
+            .query_opt(
+                "select 1 from pg_replication_slots where slot_name = 'pg_cache_invalidator' and active and active_pid <> $1",
+                &[&first_pid],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("standby took over {took:?} after kill -9");
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    env.sync().await;
+    let mut redis = env.redis.conn().await;
+    let balance_and_profile: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !k.starts_with("journey:"))
+        .collect();
+    assert_eq!(surviving(&mut redis, &balance_and_profile).await, 0);
+    wait_for("standby ready", Duration::from_secs(10), || async {
+        status_of(env.http_port, "/readyz").await == 200
+    })
+    .await;
+}
