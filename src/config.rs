@@ -140,6 +140,9 @@ pub struct RedisConfig {
     /// Pub/sub channel for events; empty turns events off.
     #[serde(default = "default_channel")]
     pub channel: String,
+    /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 fn default_channel() -> String {
@@ -331,6 +334,16 @@ impl Config {
             &["redis", "rediss"],
             &mut problems,
         );
+        if let Some(path) = &self.redis.ca_cert {
+            if !path.is_file() {
+                problems.push(format!(
+                    "redis.ca_cert: {} is not a readable file",
+                    path.display()
+                ));
+            } else if !self.redis.url.expose().starts_with("rediss://") {
+                problems.push("redis.ca_cert: only used with a rediss:// URL: change the URL or remove the key".to_string());
+            }
+        }
         if self.postgres.source == SourceKind::Outbox {
             problems.push(
                 "postgres.source: \"outbox\" is not available in this version: use \"replication\""

@@ -97,13 +97,28 @@ impl From<pg_cache_invalidator::db::DbError> for Failure {
             pg_cache_invalidator::db::DbError::Query { context, source } => {
                 match source.as_db_error() {
                     Some(db) => format!("{context}: {}", db.message()),
-                    None => format!("{context}: {source}"),
+                    None => format!("{context}: {}", error_chain(source)),
                 }
             }
             other => other.to_string(),
         };
         Failure::usage(vec![text])
     }
+}
+
+/// An error and its causes on one line: "a: b: c".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let next = inner.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 fn main() -> ExitCode {
@@ -141,8 +156,11 @@ fn load(arg: &ConfigArg) -> Result<Loaded, Failure> {
         pg_cache_invalidator::config::ConfigError::Invalid(lines) => Failure::usage(lines),
         other => Failure::usage(vec![other.to_string()]),
     })?;
-    let conn =
-        ConnInfo::parse(&config.postgres.url).map_err(|e| Failure::usage(vec![e.to_string()]))?;
+    let conn = ConnInfo::parse(
+        &config.postgres.url,
+        config.postgres.ssl_root_cert.as_deref(),
+    )
+    .map_err(|e| Failure::usage(vec![e.to_string()]))?;
     Ok(Loaded {
         config,
         rules,
@@ -211,6 +229,7 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
 
     let sink = RedisSink::connect(
         &config.redis.url,
+        config.redis.ca_cert.as_deref(),
         &config.redis.channel,
         shutdown_rx.clone(),
         Arc::clone(&health),

@@ -7,4 +7,5 @@ mod cli;
 mod faults;
 mod invalidation;
 mod operations;
+mod tls;
 mod wal;

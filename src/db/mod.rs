@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod setup;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::config::SecretUrl;
@@ -17,7 +18,7 @@ use crate::config::SecretUrl;
 pub enum SslMode {
     /// Plain TCP.
     Disable,
-    /// TLS if the server offers it (treated as plain in this version).
+    /// TLS if the server offers it, unverified.
     Prefer,
     /// TLS without certificate checks.
     Require,
@@ -42,6 +43,8 @@ pub struct ConnInfo {
     pub dbname: String,
     /// TLS mode.
     pub sslmode: SslMode,
+    /// CA certificate file for verifying the server.
+    pub ssl_root_cert: Option<PathBuf>,
     /// The URL as given, to print redacted.
     url: SecretUrl,
 }
@@ -83,15 +86,25 @@ impl DbError {
 }
 
 impl ConnInfo {
-    /// Parses a `postgres://` URL. `sslmode` is taken out before the rest is
-    /// handed to the driver's parser, because the driver knows only
-    /// disable / prefer / require.
-    pub fn parse(url: &SecretUrl) -> Result<ConnInfo, DbError> {
+    /// Parses a `postgres://` URL. `sslmode` and `sslrootcert` are taken
+    /// out before the rest is handed to the driver's parser, because the
+    /// driver knows only disable / prefer / require. `ssl_root_cert` (the
+    /// config key) wins over `sslrootcert` in the URL.
+    pub fn parse(url: &SecretUrl, ssl_root_cert: Option<&Path>) -> Result<ConnInfo, DbError> {
         let bad = |reason: String| DbError::BadUrl {
             url: url.redacted(),
             reason,
         };
-        let (stripped, sslmode) = take_sslmode(url.expose()).map_err(bad)?;
+        let (stripped, sslmode, url_root_cert) = take_tls_params(url.expose()).map_err(bad)?;
+        let ssl_root_cert = ssl_root_cert.map(Path::to_path_buf).or(url_root_cert);
+        if let Some(path) = &ssl_root_cert {
+            if !path.is_file() {
+                return Err(bad(format!(
+                    "ssl_root_cert {} is not a readable file",
+                    path.display()
+                )));
+            }
+        }
         let config = tokio_postgres::Config::from_str(&stripped)
             .map_err(|e| bad(format!("cannot parse: {e}")))?;
         let host = match config.get_hosts() {
@@ -114,10 +127,17 @@ impl ConnInfo {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
-        if !matches!(sslmode, SslMode::Disable | SslMode::Prefer) {
+        if sslmode == SslMode::VerifyCa && ssl_root_cert.is_none() {
             return Err(bad(
-                "TLS (sslmode=require|verify-ca|verify-full) is not available in this version: use sslmode=disable on a trusted network".to_string(),
+                "sslmode=verify-ca needs the CA certificate: set postgres.ssl_root_cert"
+                    .to_string(),
             ));
+        }
+        if sslmode != SslMode::Disable && host.starts_with('/') {
+            return Err(bad(format!(
+                "sslmode={} over a Unix socket: use sslmode=disable for socket connections",
+                sslmode.as_str()
+            )));
         }
         Ok(ConnInfo {
             host,
@@ -126,6 +146,7 @@ impl ConnInfo {
             password,
             dbname,
             sslmode,
+            ssl_root_cert,
             url: url.clone(),
         })
     }
@@ -151,14 +172,31 @@ impl ConnInfo {
     }
 }
 
-fn take_sslmode(url: &str) -> Result<(String, SslMode), String> {
+impl SslMode {
+    /// libpq's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+type TlsParams = (String, SslMode, Option<PathBuf>);
+
+fn take_tls_params(url: &str) -> Result<TlsParams, String> {
     let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), SslMode::Prefer));
+        return Ok((url.to_string(), SslMode::Prefer, None));
     };
     let mut mode = SslMode::Prefer;
+    let mut root_cert = None;
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
+            Some(("sslrootcert", value)) => root_cert = Some(PathBuf::from(value)),
             Some(("sslmode", value)) => {
                 mode = match value {
                     "disable" => SslMode::Disable,
@@ -181,7 +219,7 @@ fn take_sslmode(url: &str) -> Result<(String, SslMode), String> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok((rest, mode))
+    Ok((rest, mode, root_cert))
 }
 
 /// A regular connection; the driver's connection task runs in the
@@ -191,21 +229,35 @@ pub struct Db {
 }
 
 impl Db {
-    /// Connects.
+    /// Connects, with TLS as `sslmode` asks.
     pub async fn connect(info: &ConnInfo) -> Result<Db, DbError> {
-        let (client, connection) = info
-            .driver_config()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(DbError::query(format!(
-                "cannot connect to {}",
-                info.redacted()
-            )))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "postgres connection closed");
-            }
-        });
+        let context = || format!("cannot connect to {}", info.redacted());
+        let mut config = info.driver_config();
+        let client = if info.sslmode == SslMode::Disable {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(DbError::query(context()))?;
+            spawn_connection(connection);
+            client
+        } else {
+            let tls = crate::tls::client_config(info.sslmode, info.ssl_root_cert.as_deref())
+                .map_err(|reason| DbError::BadUrl {
+                    url: info.redacted(),
+                    reason,
+                })?;
+            config.ssl_mode(if info.sslmode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let (client, connection) = config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+                .map_err(DbError::query(context()))?;
+            spawn_connection(connection);
+            client
+        };
         Ok(Db { client })
     }
 
@@ -223,6 +275,18 @@ impl Db {
     }
 }
 
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "postgres connection closed");
+        }
+    });
+}
+
 fn first_line(sql: &str) -> &str {
     sql.lines()
         .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
@@ -236,9 +300,12 @@ mod tests {
 
     #[test]
     fn parses_urls_and_sslmode() {
-        let info = ConnInfo::parse(&SecretUrl::new(
-            "postgres://app:p%40ss@db.local:6543/main?sslmode=disable&application_name=x",
-        ))
+        let info = ConnInfo::parse(
+            &SecretUrl::new(
+                "postgres://app:p%40ss@db.local:6543/main?sslmode=disable&application_name=x",
+            ),
+            None,
+        )
         .expect("valid");
         assert_eq!(info.host, "db.local");
         assert_eq!(info.port, 6543);
@@ -251,11 +318,25 @@ mod tests {
 
     #[test]
     fn rejects_unknown_sslmode_and_missing_user() {
-        let err = ConnInfo::parse(&SecretUrl::new("postgres://a:secret@h/d?sslmode=maybe"))
-            .unwrap_err()
-            .to_string();
+        let err = ConnInfo::parse(
+            &SecretUrl::new("postgres://a:secret@h/d?sslmode=maybe"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("sslmode=maybe"), "{err}");
         assert!(!err.contains("secret"), "{err}");
-        assert!(ConnInfo::parse(&SecretUrl::new("postgres://h/d")).is_err());
+        assert!(ConnInfo::parse(&SecretUrl::new("postgres://h/d"), None).is_err());
+        let err = ConnInfo::parse(&SecretUrl::new("postgres://a@h/d?sslmode=verify-ca"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ssl_root_cert"), "{err}");
+        let err = ConnInfo::parse(
+            &SecretUrl::new("postgres://a@h/d?sslmode=verify-full&sslrootcert=/no/such/file"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/no/such/file"), "{err}");
     }
 }

@@ -98,14 +98,34 @@ impl RedisSink {
     /// Connects, retrying until Redis answers or shutdown is requested.
     pub async fn connect(
         url: &SecretUrl,
+        ca_cert: Option<&std::path::Path>,
         channel: &str,
         shutdown: watch::Receiver<bool>,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
-        let client = redis::Client::open(url.expose()).map_err(|source| SinkError::BadUrl {
+        let bad_url = |source| SinkError::BadUrl {
             url: url.redacted(),
             source,
-        })?;
+        };
+        let client = match ca_cert {
+            None => redis::Client::open(url.expose()).map_err(bad_url)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    bad_url(RedisError::from(std::io::Error::new(
+                        e.kind(),
+                        format!("redis.ca_cert {}: {e}", path.display()),
+                    )))
+                })?;
+                redis::Client::build_with_tls(
+                    url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(bad_url)?
+            }
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))

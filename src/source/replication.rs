@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
-use crate::db::ConnInfo;
+use crate::db::{ConnInfo, SslMode};
 use crate::lsn::Lsn;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -257,6 +257,22 @@ impl ReplicationSource {
         let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
     }
 
+    /// The transport's TLS settings for our `sslmode`.
+    fn tls(&self) -> TlsConfig {
+        let root = self.info.ssl_root_cert.clone();
+        match self.info.sslmode {
+            SslMode::Disable => TlsConfig::disabled(),
+            SslMode::Prefer => TlsConfig {
+                mode: pgwire_replication::SslMode::Prefer,
+                ..TlsConfig::disabled()
+            },
+            SslMode::Require if root.is_some() => TlsConfig::verify_ca(root),
+            SslMode::Require => TlsConfig::require(),
+            SslMode::VerifyCa => TlsConfig::verify_ca(root),
+            SslMode::VerifyFull => TlsConfig::verify_full(root),
+        }
+    }
+
     async fn open(&self) -> Result<ReplicationClient, PgWireError> {
         let cfg = ReplicationConfig::new(
             self.info.host.clone(),
@@ -267,7 +283,7 @@ impl ReplicationSource {
             self.publication.clone(),
         )
         .with_port(self.info.port)
-        .with_tls(TlsConfig::disabled())
+        .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
         .with_application_name("pg-cache-invalidator");

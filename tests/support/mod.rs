@@ -146,17 +146,105 @@ fn template() -> PathBuf {
     path
 }
 
+/// A test certificate authority and a server certificate it signed for
+/// `DNS:localhost` (not for the IP address, so host-name checks can fail).
+pub struct Certs {
+    dir: TempDir,
+}
+
+impl Certs {
+    /// Generates a CA, a server key and certificate, and an unrelated CA.
+    pub fn generate() -> Certs {
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-certs-")
+            .tempdir()
+            .expect("tempdir");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-subj",
+                &format!("/CN=pgci test {ca}"),
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=DNS:localhost\n").expect("ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.pem",
+            "-extfile",
+            "san.ext",
+        ]);
+        Certs { dir }
+    }
+
+    /// A file of the set: `ca.pem`, `other-ca.pem`, `server.pem`, `server.key`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 /// A private PostgreSQL server.
 pub struct Postgres {
     dir: TempDir,
     /// Its TCP port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    /// Extra `-c` settings (TLS).
+    settings: Vec<String>,
 }
 
 impl Postgres {
     /// Copies the template and starts a server on a free port.
     pub async fn start() -> Postgres {
+        Postgres::start_with(None).await
+    }
+
+    /// Like [`Postgres::start`], serving TLS with `certs` when given.
+    pub async fn start_with(certs: Option<&Certs>) -> Postgres {
         let template = template();
         let dir = tempfile::Builder::new()
             .prefix("pgci-pg-")
@@ -169,11 +257,33 @@ impl Postgres {
             .status()
             .expect("cp");
         assert!(status.success(), "copying the template cluster failed");
+        let mut settings = Vec::new();
+        if let Some(certs) = certs {
+            for name in ["server.pem", "server.key"] {
+                std::fs::copy(certs.path(name), dir.path().join(name)).expect("copy cert");
+            }
+            let status = Command::new("chmod")
+                .arg("600")
+                .arg(dir.path().join("server.key"))
+                .status()
+                .expect("chmod");
+            assert!(status.success());
+            settings.push("ssl=on".to_string());
+            settings.push(format!(
+                "ssl_cert_file={}",
+                dir.path().join("server.pem").display()
+            ));
+            settings.push(format!(
+                "ssl_key_file={}",
+                dir.path().join("server.key").display()
+            ));
+        }
         chown_to_postgres(dir.path());
         let mut pg = Postgres {
             dir,
             port: free_port(),
             child: None,
+            settings,
         };
         pg.spawn();
         pg.wait_ready().await;
@@ -186,7 +296,11 @@ impl Postgres {
             .append(true)
             .open(self.dir.path().join("postgres.log"))
             .expect("log file");
-        let child = pg_command(&pg_bin().join("postgres"))
+        let mut command = pg_command(&pg_bin().join("postgres"));
+        for setting in &self.settings {
+            command.arg("-c").arg(setting);
+        }
+        let child = command
             .arg("-D")
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string()])
@@ -203,6 +317,7 @@ impl Postgres {
             .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=50"])
+            .args(["-c", "log_connections=on"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -296,11 +411,18 @@ pub struct Redis {
     /// Its port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    /// Serve TLS only, with these certificates.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Redis {
     /// Starts a server on a free port; it saves nothing unless told to.
     pub async fn start() -> Redis {
+        Redis::start_with(None).await
+    }
+
+    /// Like [`Redis::start`], serving only TLS with `certs` when given.
+    pub async fn start_with(certs: Option<&Certs>) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("pgci-redis-")
             .tempdir()
@@ -309,6 +431,7 @@ impl Redis {
             dir,
             port: free_port(),
             child: None,
+            tls: certs.map(|c| (c.path("server.pem"), c.path("server.key"), c.path("ca.pem"))),
         };
         redis.spawn().await;
         redis
@@ -320,8 +443,24 @@ impl Redis {
             .append(true)
             .open(self.dir.path().join("redis.log"))
             .expect("log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => {
+                command.args(["--port", &self.port.to_string()]);
+            }
+            Some((cert, key, ca)) => {
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
+        let child = command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -351,14 +490,23 @@ impl Redis {
     }
 
     async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
+        // Two TLS providers are compiled in; pick one, as the daemon does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = match &self.tls {
+            None => self.url(),
+            Some(_) => format!("rediss://localhost:{}/0#insecure", self.port),
+        };
+        redis::Client::open(url)?
             .get_multiplexed_async_connection()
             .await
     }
 
     /// The URL the daemon uses.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+        }
     }
 
     /// A new connection.
@@ -460,7 +608,12 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts both servers, loads the demo schema and seeds `users` users.
     pub async fn start(users: i32) -> TestEnv {
-        let (pg, redis) = tokio::join!(Postgres::start(), Redis::start());
+        TestEnv::start_with(users, None).await
+    }
+
+    /// Like [`TestEnv::start`], both servers speaking TLS with `certs`.
+    pub async fn start_with(users: i32, certs: Option<&Certs>) -> TestEnv {
+        let (pg, redis) = tokio::join!(Postgres::start_with(certs), Redis::start_with(certs));
         let client = pg.client().await;
         client.batch_execute(SCHEMA_SQL).await.expect("load schema");
         client
