@@ -114,6 +114,8 @@ pub struct ReplicationSource {
     health: Arc<Health>,
     /// Set when the last failure was a lost slot, reported once by `next()`.
     slot_lost: Option<String>,
+    /// A session being opened (see `next()`).
+    opening: Option<tokio::task::JoinHandle<Result<ReplicationClient, PgWireError>>>,
 }
 
 impl ReplicationSource {
@@ -130,6 +132,7 @@ impl ReplicationSource {
             session_healthy: false,
             health,
             slot_lost: None,
+            opening: None,
         }
     }
 
@@ -145,8 +148,24 @@ impl ReplicationSource {
                 if let Some(at) = self.retry_at {
                     tokio::time::sleep_until(at).await;
                 }
-                match self.open().await {
+                // Opening runs in its own task, kept across calls: if the
+                // pipeline's select! drops this future mid-handshake, the
+                // half-open session is not abandoned (it would hold the slot
+                // and make the next attempt fail with "slot is active").
+                let cfg = self.replication_config();
+                let opening = self.opening.get_or_insert_with(|| tokio::spawn(open(cfg)));
+                let opened = opening.await;
+                self.opening = None;
+                let opened = opened.unwrap_or_else(|e| {
+                    Err(PgWireError::Task(format!("opening the stream failed: {e}")))
+                });
+                match opened {
                     Ok(client) => {
+                        if self.confirmed > Lsn::ZERO {
+                            client.update_applied_lsn(pgwire_replication::Lsn::from_u64(
+                                self.confirmed.0,
+                            ));
+                        }
                         tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, "replication stream started");
                         self.client = Some(client);
                         self.session_healthy = false;
@@ -273,8 +292,8 @@ impl ReplicationSource {
         }
     }
 
-    async fn open(&self) -> Result<ReplicationClient, PgWireError> {
-        let cfg = ReplicationConfig::new(
+    fn replication_config(&self) -> ReplicationConfig {
+        ReplicationConfig::new(
             self.info.host.clone(),
             self.info.user.clone(),
             self.info.password.clone(),
@@ -286,20 +305,7 @@ impl ReplicationSource {
         .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
-        .with_application_name("pg-cache-invalidator");
-        let mut client = ReplicationClient::connect(cfg).await?;
-        match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(PgWireError::Task(format!(
-                    "START_REPLICATION not accepted within {OPEN_TIMEOUT:?}"
-                )))
-            }
-        }
-        if self.confirmed > Lsn::ZERO {
-            client.update_applied_lsn(pgwire_replication::Lsn::from_u64(self.confirmed.0));
-        }
-        Ok(client)
+        .with_application_name("pg-cache-invalidator")
     }
 
     /// Drops the session and schedules a retry, or returns the error if no
@@ -331,6 +337,20 @@ impl ReplicationSource {
         }
         Ok(())
     }
+}
+
+/// Connects and waits until the server accepted START_REPLICATION.
+async fn open(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> {
+    let mut client = ReplicationClient::connect(cfg).await?;
+    match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(PgWireError::Task(format!(
+                "START_REPLICATION not accepted within {OPEN_TIMEOUT:?}"
+            )))
+        }
+    }
+    Ok(client)
 }
 
 /// The one place that decides retry vs stop for the replication stream.

@@ -2,8 +2,9 @@
 //!
 //! Liveness is "the apply loop turned recently": it ticks at least once a
 //! second even when idle, and does not depend on Postgres or Redis being
-//! up (an outage is not fixed by restarting the daemon). Readiness is
-//! "streaming from the slot and Redis answering".
+//! up (an outage is not fixed by restarting the daemon). Before the loop
+//! starts (while start-up waits for Postgres or Redis) the process counts
+//! as alive. Readiness is "streaming from the slot and Redis answering".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
-    /// Milliseconds after `started` of the loop's last tick.
+    /// Milliseconds after `started` of the loop's last tick; 0 until the
+    /// loop's first tick.
     last_tick_ms: AtomicU64,
     streaming: AtomicBool,
     redis_ok: AtomicBool,
@@ -36,13 +38,19 @@ impl Health {
     /// The apply loop is alive.
     pub fn tick(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_tick_ms.store(ms, Ordering::Relaxed);
+        self.last_tick_ms.store(ms.max(1), Ordering::Relaxed);
     }
 
-    /// Whether the loop ticked within [`LIVENESS_TIMEOUT`].
+    /// Whether the loop ticked within [`LIVENESS_TIMEOUT`], or has not
+    /// started yet.
     pub fn alive(&self) -> bool {
-        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last) < LIVENESS_TIMEOUT
+        let last = self.last_tick_ms.load(Ordering::Relaxed);
+        last == 0
+            || self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last))
+                < LIVENESS_TIMEOUT
     }
 
     /// The replication stream opened or closed.
@@ -64,5 +72,25 @@ impl Health {
     /// Streaming and Redis answering.
     pub fn ready(&self) -> bool {
         self.streaming() && self.redis_ok.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alive_before_the_loop_and_ready_only_when_both_up() {
+        let health = Health::default();
+        assert!(health.alive(), "start-up counts as alive");
+        health.tick();
+        assert!(health.alive());
+        assert!(!health.ready());
+        health.set_streaming(true);
+        assert!(!health.ready(), "redis not confirmed yet");
+        health.set_redis_ok(true);
+        assert!(health.ready());
+        health.set_redis_ok(false);
+        assert!(!health.ready());
     }
 }

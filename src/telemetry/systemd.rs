@@ -9,10 +9,15 @@ pub fn ready() {
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
 }
 
-/// The apply loop is alive (sent only when `WatchdogSec=` is set).
+/// The apply loop is alive (sent only when `WatchdogSec=` is set; the
+/// environment is read once).
 pub fn watchdog() {
-    let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| {
+        let mut usec = 0;
+        sd_notify::watchdog_enabled(false, &mut usec)
+    });
+    if enabled {
         let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
     }
 }

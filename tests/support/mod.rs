@@ -722,16 +722,31 @@ impl TestEnv {
 
     /// Starts the daemon without waiting.
     pub fn spawn_daemon(&mut self) -> Daemon {
+        self.spawn_daemon_env(&[])
+    }
+
+    /// Starts the daemon with extra environment variables.
+    pub fn spawn_daemon_env(&mut self, env: &[(&str, &str)]) -> Daemon {
         self.daemons += 1;
         let log = self.path(&format!("daemon-{}.log", self.daemons));
         let file = std::fs::File::create(&log).expect("log");
-        let child = Command::new(DAEMON)
+        // systemd gives WATCHDOG_PID with WATCHDOG_USEC; a shell that execs
+        // the daemon knows the pid it will have.
+        let mut command = if env.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", DAEMON]);
+            sh
+        } else {
+            Command::new(DAEMON)
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
