@@ -198,56 +198,74 @@ impl RedisSink {
         }
     }
 
-    /// One attempt: consecutive invalidations go out as one atomic
-    /// pipeline; a flush runs between them in order. Returns keys unlinked.
+    /// One attempt. Consecutive invalidations go out as one atomic
+    /// pipeline: a single UNLINK of all their keys (deletions commute, so
+    /// one command does for many rows), then one PUBLISH per change. A
+    /// flush runs between such runs, in order. Returns keys unlinked.
     async fn try_apply(&mut self, items: &[Item]) -> Result<u64, RedisError> {
         let mut keys = 0u64;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut queued = 0usize;
-        for item in items {
-            match &item.op {
-                CacheOp::Invalidate { keys: k, .. } => {
-                    pipe.unlink(k.as_slice()).ignore();
-                    keys += k.len() as u64;
-                    if let Some(channel) = &self.channel {
-                        pipe.publish(channel, event_json(item)).ignore();
-                    }
-                    queued += 1;
-                }
-                CacheOp::Flush {
-                    table,
-                    patterns,
-                    reason,
-                } => {
-                    if queued > 0 {
-                        pipe.query_async::<()>(&mut self.conn).await?;
-                        pipe.clear();
-                        queued = 0;
-                    }
-                    let removed = self.flush_patterns(patterns).await?;
-                    keys += removed;
-                    match reason {
-                        FlushReason::Truncate => {
-                            metrics::counter!(m::TRUNCATE_FLUSHES_TOTAL).increment(1);
-                            tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
-                                "table truncated; flushed every key of its rules");
-                        }
-                        FlushReason::SlotReset => {
-                            tracing::error!(patterns = ?patterns, keys_removed = removed,
-                            "flushed every key of every rule because changes were missed")
-                        }
-                    }
-                    if let Some(channel) = &self.channel {
-                        let _: () = self.conn.publish(channel, event_json(item)).await?;
-                    }
-                }
+        let mut rest = items;
+        while !rest.is_empty() {
+            let run = rest
+                .iter()
+                .take_while(|i| matches!(i.op, CacheOp::Invalidate { .. }))
+                .count();
+            if run > 0 {
+                keys += self.apply_invalidations(&rest[..run]).await?;
+                rest = &rest[run..];
+                continue;
+            }
+            if let Some((item, tail)) = rest.split_first() {
+                keys += self.apply_flush(item).await?;
+                rest = tail;
             }
         }
-        if queued > 0 {
-            pipe.query_async::<()>(&mut self.conn).await?;
-        }
         Ok(keys)
+    }
+
+    async fn apply_invalidations(&mut self, items: &[Item]) -> Result<u64, RedisError> {
+        let mut unlink = redis::cmd("UNLINK");
+        let mut keys = 0u64;
+        for item in items {
+            if let CacheOp::Invalidate { keys: k, .. } = &item.op {
+                unlink.arg(k.as_slice());
+                keys += k.len() as u64;
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().add_command(unlink).ignore();
+        if let Some(channel) = &self.channel {
+            for item in items {
+                pipe.publish(channel, event_json(item)).ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.conn).await?;
+        Ok(keys)
+    }
+
+    async fn apply_flush(&mut self, item: &Item) -> Result<u64, RedisError> {
+        let CacheOp::Flush {
+            table,
+            patterns,
+            reason,
+        } = &item.op
+        else {
+            return Ok(0);
+        };
+        let removed = self.flush_patterns(patterns).await?;
+        match reason {
+            FlushReason::Truncate => {
+                metrics::counter!(m::TRUNCATE_FLUSHES_TOTAL).increment(1);
+                tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                    "table truncated; flushed every key of its rules");
+            }
+            FlushReason::SlotReset => tracing::error!(patterns = ?patterns, keys_removed = removed,
+                "flushed every key of every rule because changes were missed"),
+        }
+        if let Some(channel) = &self.channel {
+            let _: () = self.conn.publish(channel, event_json(item)).await?;
+        }
+        Ok(removed)
     }
 
     async fn flush_patterns(&mut self, patterns: &[String]) -> Result<u64, RedisError> {

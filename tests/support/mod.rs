@@ -570,6 +570,11 @@ impl Daemon {
         }
     }
 
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it has exited, and how.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         self.child

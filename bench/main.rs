@@ -1,0 +1,598 @@
+//! The benchmark behind `scripts/bench.sh`: drain throughput against
+//! `pg_recvlogical`, live latency, memory, and a naive one-DEL-per-row
+//! consumer as the baseline, all on a private PostgreSQL and Redis started
+//! like the test harness does. Prints a Markdown report and a one-line
+//! summary. Numbers are ratios against baselines measured in the same run,
+//! because this machine is shared and noisy.
+//!
+//! ```text
+//! cargo bench --bench pipeline -- [--changes N] [--runs R] [--memory-changes N]
+//!                                 [--rates 1000,5000,20000] [--seconds S]
+//! ```
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use pg_cache_invalidator::config::SecretUrl;
+use pg_cache_invalidator::db::ConnInfo;
+use pg_cache_invalidator::decode::pgoutput::{self, Message};
+use pg_cache_invalidator::plan::{CacheOp, Op, Planner};
+use pg_cache_invalidator::rules::RuleSet;
+use pg_cache_invalidator::source::replication::{ReplicationSource, SourceEvent};
+use pg_cache_invalidator::telemetry::health::Health;
+use support::{pg_bin, preset, Daemon, TestEnv};
+
+struct Args {
+    changes: u64,
+    runs: usize,
+    memory_changes: u64,
+    rates: Vec<u64>,
+    seconds: u64,
+    naive_seconds: u64,
+    /// Scenarios to run (all when empty): drain1000, drain1, live, memory.
+    only: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        changes: 500_000,
+        runs: 3,
+        memory_changes: 1_000_000,
+        rates: vec![1_000, 5_000, 20_000],
+        seconds: 5,
+        naive_seconds: 20,
+        only: Vec::new(),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let value = argv.get(i + 1).cloned().unwrap_or_default();
+        let number = || {
+            value
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{} needs a number", argv[i]))
+        };
+        match argv[i].as_str() {
+            "--changes" => args.changes = number(),
+            "--runs" => args.runs = number() as usize,
+            "--memory-changes" => args.memory_changes = number(),
+            "--seconds" => args.seconds = number(),
+            "--naive-seconds" => args.naive_seconds = number(),
+            "--only" => args.only = value.split(',').map(str::to_string).collect(),
+            "--rates" => {
+                args.rates = value.split(',').map(|r| r.parse().expect("rate")).collect();
+            }
+            "--bench" => {
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    args
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// A numbered view of user_tokens, so writers can address row k cheaply.
+async fn number_rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .batch_execute(
+            "create table if not exists bench_ids as \
+               select id, row_number() over (order by id) as rn from public.user_tokens; \
+             create index if not exists bench_ids_rn on bench_ids (rn);",
+        )
+        .await
+        .expect("number rows");
+    client
+        .query_one("select count(*) from bench_ids", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// Writes `changes` row updates in transactions of `per_txn` rows.
+async fn write_backlog(client: &tokio_postgres::Client, changes: u64, per_txn: u64, rows: i64) {
+    let txns = changes / per_txn;
+    let sql = format!(
+        "do $$ declare i bigint; lo bigint; begin \
+           for i in 0..{last} loop \
+             lo := (i * {per_txn}) % {rows}; \
+             update public.user_tokens set balance = balance + 1 \
+              where id in (select id from bench_ids where rn > lo and rn <= lo + {per_txn}); \
+             commit; \
+           end loop; end $$",
+        last = txns - 1,
+    );
+    client.batch_execute(&sql).await.expect("write backlog");
+}
+
+async fn create_slot(client: &tokio_postgres::Client, name: &str) {
+    client
+        .execute(
+            "select pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await
+        .expect("create slot");
+}
+
+/// Touches the harness's sentinel row; returns its key and the WAL
+/// position just past its commit.
+async fn touch_sentinel(env: &TestEnv) -> (String, String) {
+    let client = env.pg.client().await;
+    let id: String = client
+        .query_one(
+            "select id::text from public.pillars where slug = 'sentinel'",
+            &[],
+        )
+        .await
+        .expect("sentinel")
+        .get(0);
+    client
+        .execute(
+            "update public.pillars set slug = slug where id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("touch");
+    let end: String = client
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    (format!("sentinel:pillar:{id}"), end)
+}
+
+fn recvlogical(env: &TestEnv, slot: &str, endpos: &str) -> Duration {
+    let started = Instant::now();
+    let status = std::process::Command::new(pg_bin().join("pg_recvlogical"))
+        .arg("-d")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            env.pg.port
+        ))
+        .args(["--slot", slot, "--start", "-f", "/dev/null", "--no-loop"])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=pg_cache_invalidator",
+        ])
+        .args(["-E", endpos])
+        .status()
+        .expect("pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed");
+    started.elapsed()
+}
+
+async fn wait_gone(
+    redis: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    limit: Duration,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(redis)
+            .await
+            .expect("exists");
+        if !exists {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+/// Runs the daemon on `slot` until the sentinel key is gone.
+async fn daemon_drain(env: &mut TestEnv, slot: &str, sentinel: &str) -> (Duration, Daemon) {
+    env.write_config(&format!(
+        "[replication]\nslot = \"{slot}\"\nheartbeat_interval = \"0s\"\n"
+    ));
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &[sentinel.to_string()]).await;
+    let client = env.pg.client().await;
+    let started = Instant::now();
+    let daemon = env.spawn_daemon();
+    let slot_name = slot.to_string();
+    let streaming = tokio::spawn(async move {
+        loop {
+            let active: bool = client
+                .query_one(
+                    "select active from pg_replication_slots where slot_name = $1",
+                    &[&slot_name],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(false);
+            if active {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    assert!(
+        wait_gone(&mut redis, sentinel, Duration::from_secs(600)).await,
+        "daemon did not drain: {}",
+        daemon.log()
+    );
+    let took = started.elapsed();
+    if let Ok(Ok(startup)) = tokio::time::timeout(Duration::from_millis(10), streaming).await {
+        eprintln!("    daemon streaming {startup:?} after start");
+    }
+    (took, daemon)
+}
+
+/// The baseline: read the same stream, and await one DEL per key.
+async fn naive_drain(env: &TestEnv, slot: &str, changes: u64, limit: Duration) -> (u64, Duration) {
+    let toml = std::fs::read_to_string(&env.config).expect("config");
+    let config: pg_cache_invalidator::config::Config = {
+        let path = env.path("naive.toml");
+        std::fs::write(&path, &toml).expect("write");
+        pg_cache_invalidator::config::Config::load(&path).expect("config")
+    };
+    let rules = RuleSet::compile(&config.rules).expect("rules");
+    let conn = ConnInfo::parse(&SecretUrl::new(env.pg.url()), None).expect("conn");
+    let mut source = ReplicationSource::new(
+        conn,
+        slot.to_string(),
+        "pg_cache_invalidator".into(),
+        Arc::new(Health::default()),
+    );
+    let mut planner = Planner::new(Arc::new(rules));
+    let mut redis = env.redis.conn().await;
+    let started = Instant::now();
+    let mut rows = 0u64;
+    while started.elapsed() < limit && rows < changes {
+        let SourceEvent::Change(data) = source.next().await.expect("stream") else {
+            continue;
+        };
+        let message = pgoutput::decode(&data).expect("decode");
+        let planned = match &message {
+            Message::Relation(r) => {
+                planner.on_relation(r).expect("bind");
+                None
+            }
+            Message::Update { relation, old, new } => planner
+                .plan_row(
+                    *relation,
+                    Op::Update,
+                    old.as_ref().map(|(_, t)| t),
+                    Some(new),
+                )
+                .expect("plan"),
+            _ => None,
+        };
+        if let Some(CacheOp::Invalidate { keys, .. }) = planned {
+            rows += 1;
+            for key in keys {
+                let _: () = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("del");
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    source.shutdown().await;
+    (rows, elapsed)
+}
+
+struct DrainResult {
+    recv: Vec<f64>,
+    daemon: Vec<f64>,
+    naive: f64,
+}
+
+async fn drain(args: &Args, per_txn: u64) -> DrainResult {
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    for r in 0..args.runs {
+        create_slot(&client, &format!("recv_{r}")).await;
+        if r > 0 {
+            create_slot(&client, &format!("daemon_{r}")).await;
+        }
+    }
+    create_slot(&client, "naive").await;
+    let wrote = Instant::now();
+    write_backlog(&client, args.changes, per_txn, rows).await;
+    let (sentinel, endpos) = touch_sentinel(&env).await;
+    eprintln!(
+        "  wrote {} changes in {per_txn}-row transactions in {:?}",
+        args.changes,
+        wrote.elapsed()
+    );
+
+    let mut result = DrainResult {
+        recv: Vec::new(),
+        daemon: Vec::new(),
+        naive: 0.0,
+    };
+    for r in 0..args.runs {
+        let recv = recvlogical(&env, &format!("recv_{r}"), &endpos);
+        let slot = if r == 0 {
+            "pg_cache_invalidator".to_string()
+        } else {
+            format!("daemon_{r}")
+        };
+        let (took, mut daemon) = daemon_drain(&mut env, &slot, &sentinel).await;
+        let _ = daemon.terminate().await;
+        let (recv_rate, daemon_rate) = (
+            args.changes as f64 / recv.as_secs_f64(),
+            args.changes as f64 / took.as_secs_f64(),
+        );
+        eprintln!(
+            "  run {r}: pg_recvlogical {recv:?} ({recv_rate:.0} rows/s), daemon {took:?} ({daemon_rate:.0} rows/s)"
+        );
+        result.recv.push(recv_rate);
+        result.daemon.push(daemon_rate);
+    }
+    let (naive_rows, naive_time) = naive_drain(
+        &env,
+        "naive",
+        args.changes,
+        Duration::from_secs(args.naive_seconds),
+    )
+    .await;
+    result.naive = naive_rows as f64 / naive_time.as_secs_f64();
+    eprintln!(
+        "  naive: {naive_rows} rows in {naive_time:?} ({:.0} rows/s)",
+        result.naive
+    );
+    result
+}
+
+struct LatencyResult {
+    target: u64,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    missing: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+async fn live_latency(args: &Args) -> Vec<LatencyResult> {
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    let ids: Vec<(String, String)> = client
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens u join bench_ids b using (id) order by b.rn",
+            &[],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    env.write_config("[replication]\nheartbeat_interval = \"0s\"\n");
+    let _daemon = env.daemon().await;
+
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pubsub_client = redis::Client::open(env.redis.url()).expect("client");
+    let mut pubsub = pubsub_client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
+    let sink = Arc::clone(&arrivals);
+    tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let now = Instant::now();
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) {
+                if let Some(key) = event["keys"][1].as_str() {
+                    sink.lock()
+                        .expect("lock")
+                        .entry(key.to_string())
+                        .or_insert(now);
+                }
+            }
+        }
+    });
+
+    const WRITERS: u64 = 4;
+    let mut results = Vec::new();
+    let mut next_row = 0i64;
+    for &rate in &args.rates {
+        arrivals.lock().expect("lock").clear();
+        let total = (rate * args.seconds).min(rows as u64);
+        let first = next_row;
+        next_row = (next_row + total as i64) % rows;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let writer = env.pg.client().await;
+            let stmt = writer
+                .prepare("update public.user_tokens set balance = balance + 1 where id = (select id from bench_ids where rn = $1)")
+                .await
+                .expect("prepare");
+            let ids = ids.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut commits = Vec::new();
+                let per_writer = total / WRITERS;
+                let interval = Duration::from_secs_f64(WRITERS as f64 / rate as f64);
+                let begin = Instant::now();
+                for i in 0..per_writer {
+                    let due = begin + interval.mul_f64(i as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let row = (first + (i * WRITERS + w) as i64) % rows;
+                    writer.execute(&stmt, &[&(row + 1)]).await.expect("update");
+                    let (user, token) = &ids[row as usize];
+                    commits.push((format!("balance:user:{user}:token:{token}"), Instant::now()));
+                }
+                commits
+            }));
+        }
+        let mut commits = Vec::new();
+        for task in tasks {
+            commits.extend(task.await.expect("writer"));
+        }
+        let achieved = commits.len() as f64 / started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let arrived = arrivals.lock().expect("lock").clone();
+        let mut latencies: Vec<f64> = Vec::new();
+        let mut missing = 0;
+        for (key, committed) in &commits {
+            match arrived.get(key) {
+                Some(at) => {
+                    latencies.push(at.saturating_duration_since(*committed).as_secs_f64() * 1000.0)
+                }
+                None => missing += 1,
+            }
+        }
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let result = LatencyResult {
+            target: rate,
+            achieved,
+            p50_ms: percentile(&latencies, 0.5),
+            p99_ms: percentile(&latencies, 0.99),
+            max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+            missing,
+        };
+        eprintln!(
+            "  {rate}/s: achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, missing {missing}",
+            result.achieved, result.p50_ms, result.p99_ms, result.max_ms
+        );
+        results.push(result);
+    }
+    results
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn memory(args: &Args) -> (f64, f64, Duration) {
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    write_backlog(&client, args.memory_changes, 1000, rows).await;
+    let (sentinel, _) = touch_sentinel(&env).await;
+    let (took, mut daemon) = daemon_drain(&mut env, "pg_cache_invalidator", &sentinel).await;
+    let pid = daemon.pid().expect("pid");
+    let peak = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = rss_kb(pid, "VmRSS:") as f64 / 1024.0;
+    let _ = daemon.terminate().await;
+    eprintln!(
+        "  {} changes drained in {took:?}: peak RSS {peak:.1} MB, idle RSS {idle:.1} MB",
+        args.memory_changes
+    );
+    (peak, idle, took)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args = args();
+    let started = Instant::now();
+    let mut report = String::new();
+    let mut drains = Vec::new();
+    if args.wants("drain1000") {
+        eprintln!("drain, 1000-row transactions");
+        drains.push(("1000-row transactions", drain(&args, 1000).await));
+    }
+    if args.wants("drain1") {
+        eprintln!("drain, 1-row transactions");
+        drains.push(("1-row transactions", drain(&args, 1).await));
+    }
+    let live = if args.wants("live") {
+        eprintln!("live latency");
+        live_latency(&args).await
+    } else {
+        Vec::new()
+    };
+    let (peak, idle, mem_took) = if args.wants("memory") {
+        eprintln!("memory");
+        memory(&args).await
+    } else {
+        (f64::NAN, f64::NAN, Duration::ZERO)
+    };
+
+    let mut lines = vec![
+        format!("## Results ({} changes per drain, median of {} runs)", args.changes, args.runs),
+        String::new(),
+        "| drain | pg_recvlogical rows/s | daemon rows/s | daemon / pg_recvlogical | naive rows/s | daemon / naive |".into(),
+        "|---|---|---|---|---|---|".into(),
+    ];
+    let mut ratios = Vec::new();
+    for (name, mut r) in drains {
+        let recv = median(&mut r.recv);
+        let daemon = median(&mut r.daemon);
+        ratios.push(daemon / recv);
+        lines.push(format!(
+            "| {name} | {recv:.0} | {daemon:.0} | {:.2} | {:.0} | {:.1} |",
+            daemon / recv,
+            r.naive,
+            daemon / r.naive
+        ));
+    }
+    lines.push(String::new());
+    lines.push(
+        "| live rate (target) | achieved rows/s | p50 ms | p99 ms | max ms | events missing |"
+            .into(),
+    );
+    lines.push("|---|---|---|---|---|---|".into());
+    for l in &live {
+        lines.push(format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            l.target, l.achieved, l.p50_ms, l.p99_ms, l.max_ms, l.missing
+        ));
+    }
+    lines.push(String::new());
+    lines.push(format!(
+        "Memory: peak RSS {peak:.1} MB while draining {} changes (in {mem_took:.1?}), idle RSS {idle:.1} MB.",
+        args.memory_changes
+    ));
+    lines.push(format!("Total benchmark time {:.0?}.", started.elapsed()));
+    report.push_str(&lines.join("\n"));
+    println!("{report}\n");
+    let p99_5k = live
+        .iter()
+        .find(|l| l.target == 5_000)
+        .map_or(f64::NAN, |l| l.p99_ms);
+    let ratio = |i: usize| ratios.get(i).copied().unwrap_or(f64::NAN);
+    println!(
+        "drain_ratio_1000={:.2} drain_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0}",
+        ratio(0),
+        ratio(1)
+    );
+}
