@@ -500,9 +500,14 @@ fn rss_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn memory(args: &Args) -> (f64, f64, Duration) {
+async fn memory(args: &Args) -> (f64, f64, f64, Duration) {
     let mut env = TestEnv::start(50_000).await;
     env.setup();
+    env.write_config("");
+    let mut fresh = env.daemon().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fresh_idle = rss_kb(fresh.pid().expect("pid"), "VmRSS:") as f64 / 1024.0;
+    let _ = fresh.terminate().await;
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
     write_backlog(&client, args.memory_changes, 1000, rows).await;
@@ -514,10 +519,10 @@ async fn memory(args: &Args) -> (f64, f64, Duration) {
     let idle = rss_kb(pid, "VmRSS:") as f64 / 1024.0;
     let _ = daemon.terminate().await;
     eprintln!(
-        "  {} changes drained in {took:?}: peak RSS {peak:.1} MB, idle RSS {idle:.1} MB",
+        "  idle RSS after start {fresh_idle:.1} MB; {} changes drained in {took:?}: peak RSS {peak:.1} MB, idle RSS after the drain {idle:.1} MB",
         args.memory_changes
     );
-    (peak, idle, took)
+    (fresh_idle, peak, idle, took)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -540,11 +545,11 @@ async fn main() {
     } else {
         Vec::new()
     };
-    let (peak, idle, mem_took) = if args.wants("memory") {
+    let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
         memory(&args).await
     } else {
-        (f64::NAN, f64::NAN, Duration::ZERO)
+        (f64::NAN, f64::NAN, f64::NAN, Duration::ZERO)
     };
 
     let mut lines = vec![
@@ -579,7 +584,7 @@ async fn main() {
     }
     lines.push(String::new());
     lines.push(format!(
-        "Memory: peak RSS {peak:.1} MB while draining {} changes (in {mem_took:.1?}), idle RSS {idle:.1} MB.",
+        "Memory: idle RSS {idle:.1} MB after start; peak RSS {peak:.1} MB while draining {} changes (in {mem_took:.1?}); idle RSS {idle_after:.1} MB after the drain.",
         args.memory_changes
     ));
     lines.push(format!("Total benchmark time {:.0?}.", started.elapsed()));

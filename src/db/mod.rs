@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod setup;
+pub mod types;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
