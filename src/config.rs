@@ -201,6 +201,31 @@ pub struct RuleConfig {
     /// What to do with the keys.
     #[serde(default)]
     pub action: Action,
+    /// `refresh` only: how long the written value lives (`"1h"`, `"5m"`).
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+    /// `refresh` only: which columns the cached row holds.
+    #[serde(default)]
+    pub columns: Option<ColumnsConfig>,
+    /// `refresh` only: SQL whose single JSON value is cached instead of the
+    /// row; `$1`, `$2`… are `params`, passed as text.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Columns of the changed row passed to `query`, in order.
+    #[serde(default)]
+    pub params: Option<Vec<String>>,
+}
+
+/// `columns = { include = [...] }` or `{ exclude = [...] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnsConfig {
+    /// Only these columns are cached.
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    /// These columns are never cached.
+    #[serde(default)]
+    pub exclude: Option<Vec<String>>,
 }
 
 /// A connection URL whose password never reaches a log line: `Debug` and

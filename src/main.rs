@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use pg_cache_invalidator::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 use pg_cache_invalidator::db::catalog::{self, CheckScope};
+use pg_cache_invalidator::db::query::QueryRunner;
 use pg_cache_invalidator::db::{setup, ConnInfo, Db};
 use pg_cache_invalidator::heartbeat;
 use pg_cache_invalidator::pipeline::{self, SlotKeeper};
@@ -231,6 +232,7 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
         &config.redis.url,
         config.redis.ca_cert.as_deref(),
         &config.redis.channel,
+        QueryRunner::new(conn.clone()),
         shutdown_rx.clone(),
         Arc::clone(&health),
     )

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::db::{setup, ConnInfo, Db};
+use crate::db::{self, setup, ConnInfo, Db};
 use crate::decode::pgoutput::{self, DecodeError, Message};
 use crate::decode::time::pg_micros_to_rfc3339;
 use crate::lsn::Lsn;
@@ -73,6 +73,8 @@ struct OpenTxn {
     lsn: Lsn,
     commit_time: Arc<str>,
     commit_micros: i64,
+    /// Operations planned so far in this transaction (versions them).
+    seq: u32,
 }
 
 /// What it takes to rebuild a lost slot.
@@ -116,6 +118,12 @@ struct Stream {
     generation: u64,
     /// Whether systemd was told we are ready.
     announced_ready: bool,
+    /// Reused buffer for the operations one change plans.
+    scratch: Vec<CacheOp>,
+    /// Where column types are read from.
+    types_conn: ConnInfo,
+    /// A regular connection for type look-ups, opened when first needed.
+    types_db: Option<Db>,
 }
 
 impl Stream {
@@ -143,20 +151,29 @@ impl Stream {
     }
 
     fn push(&mut self, op: CacheOp) {
-        let (lsn, commit_time, commit_micros) = match &self.txn {
-            Some(txn) => (txn.lsn, Arc::clone(&txn.commit_time), txn.commit_micros),
-            None => (Lsn::ZERO, Arc::from(""), 0),
+        let (lsn, commit_time, commit_micros, seq) = match &mut self.txn {
+            Some(txn) => {
+                txn.seq += 1;
+                (
+                    txn.lsn,
+                    Arc::clone(&txn.commit_time),
+                    txn.commit_micros,
+                    txn.seq,
+                )
+            }
+            None => (Lsn::ZERO, Arc::from(""), 0, 0),
         };
         self.pending.items.push(Item {
             op,
             lsn,
             commit_time,
             commit_micros,
+            seq,
         });
     }
 
     /// Handles one event; returns the reason if the slot was lost.
-    fn handle(&mut self, event: SourceEvent) -> Result<Option<String>, PipelineError> {
+    async fn handle(&mut self, event: SourceEvent) -> Result<Option<String>, PipelineError> {
         match event {
             SourceEvent::Restarted => {
                 self.txn = None;
@@ -183,6 +200,7 @@ impl Stream {
                     lsn: commit_lsn,
                     commit_time: Arc::from(pg_micros_to_rfc3339(commit_time_micros)),
                     commit_micros: commit_time_micros,
+                    seq: 0,
                 });
             }
             SourceEvent::Commit { end_lsn } => {
@@ -194,7 +212,7 @@ impl Stream {
                     self.set_ack(wal_end);
                 }
             }
-            SourceEvent::Change(data) => self.change(&pgoutput::decode(&data)?)?,
+            SourceEvent::Change(data) => self.change(&pgoutput::decode(&data)?).await?,
         }
         Ok(None)
     }
@@ -210,44 +228,72 @@ impl Stream {
         self.push(flush);
     }
 
-    fn change(&mut self, message: &Message) -> Result<(), PipelineError> {
-        let planned = match message {
+    async fn change(&mut self, message: &Message) -> Result<(), PipelineError> {
+        let mut planned = std::mem::take(&mut self.scratch);
+        match message {
             Message::Relation(relation) => {
+                self.load_types(relation).await;
                 self.planner.on_relation(relation)?;
-                None
             }
             Message::Insert { relation, new } => {
                 self.planner
-                    .plan_row(*relation, Op::Insert, None, Some(new))?
+                    .plan_row(*relation, Op::Insert, None, Some(new), &mut planned)?;
             }
             Message::Update { relation, old, new } => self.planner.plan_row(
                 *relation,
                 Op::Update,
                 old.as_ref().map(|(_, tuple)| tuple),
                 Some(new),
+                &mut planned,
             )?,
             Message::Delete { relation, old } => {
                 self.planner
-                    .plan_row(*relation, Op::Delete, Some(&old.1), None)?
+                    .plan_row(*relation, Op::Delete, Some(&old.1), None, &mut planned)?;
             }
             Message::Truncate { relations, .. } => {
                 for oid in relations {
                     if let Some(op) = self.planner.plan_truncate(*oid)? {
-                        self.push(op);
+                        planned.push(op);
                     }
                 }
-                None
             }
             Message::Begin { .. }
             | Message::Commit { .. }
             | Message::Origin { .. }
             | Message::Type { .. }
-            | Message::LogicalMessage { .. } => None,
-        };
-        if let Some(op) = planned {
+            | Message::LogicalMessage { .. } => {}
+        }
+        for op in planned.drain(..) {
             self.push(op);
         }
+        self.scratch = planned;
         Ok(())
+    }
+
+    /// Loads the column types refresh rules need for `relation`. On
+    /// failure the rows of unknown types are deleted instead of written
+    /// (the encoder refuses them), which is safe; the next Relation
+    /// message retries.
+    async fn load_types(&mut self, relation: &pgoutput::Relation) {
+        let missing = self.planner.missing_types(relation);
+        if missing.is_empty() {
+            return;
+        }
+        if self.types_db.is_none() {
+            match Db::connect(&self.types_conn).await {
+                Ok(db) => self.types_db = Some(db),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
+                    return;
+                }
+            }
+        }
+        if let Some(db) = &self.types_db {
+            if let Err(error) = db::types::load_types(db, self.planner.types_mut(), missing).await {
+                tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
+                self.types_db = None;
+            }
+        }
     }
 }
 
@@ -271,6 +317,9 @@ pub async fn run(
         queued_ack: Lsn::ZERO,
         generation: 0,
         announced_ready: false,
+        scratch: Vec::new(),
+        types_conn: keeper.conn.clone(),
+        types_db: None,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -309,7 +358,7 @@ pub async fn run(
             }
             // 5. New WAL or a keepalive, unless the pending batch is full.
             event = source.next(), if !stream.full() => match event {
-                Ok(event) => match stream.handle(event) {
+                Ok(event) => match stream.handle(event).await {
                     Ok(None) => {}
                     Ok(Some(reason)) => {
                         // Recreate the slot first, then flush: a change

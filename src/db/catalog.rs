@@ -332,6 +332,31 @@ pub async fn check(
         };
         let needed = RuleSet::key_columns(table_rules);
         let mut columns_ok = true;
+        for col in RuleSet::named_columns(table_rules) {
+            if !info.columns.iter().any(|c| c.name == col) {
+                columns_ok = false;
+                problems.push(format!(
+                    "table {table} has no column {col:?} named in a rule's columns or params: fix the rule"
+                ));
+            }
+        }
+        for rule in table_rules {
+            if let Some(query) = &rule.query {
+                let types = vec![tokio_postgres::types::Type::TEXT; query.params.len()];
+                if let Err(error) = db
+                    .client()
+                    .prepare_typed(&query.wrapped_sql(), &types)
+                    .await
+                {
+                    let reason = error
+                        .as_db_error()
+                        .map_or_else(|| error.to_string(), |e| e.message().to_string());
+                    problems.push(format!(
+                        "table {table}: refresh query does not prepare ({reason}): parameters are text, cast them (e.g. $1::uuid)"
+                    ));
+                }
+            }
+        }
         for rule in table_rules {
             for template in &rule.keys {
                 for col in template.columns() {

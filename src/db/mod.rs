@@ -6,6 +6,7 @@
 //! reach the same server as the same user.
 
 pub mod catalog;
+pub mod query;
 pub mod setup;
 pub mod types;
 
@@ -13,6 +14,12 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::config::SecretUrl;
+
+/// Session settings for every connection, replication and regular: values
+/// are rendered as text in one known format (ISO dates, UTC), the one the
+/// JSON encoder converts and `to_jsonb` under PostgREST's defaults uses.
+pub const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1";
 
 /// TLS modes as libpq names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +172,7 @@ impl ConnInfo {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name("pg-cache-invalidator")
+            .options(SESSION_OPTIONS)
             .connect_timeout(std::time::Duration::from_secs(10));
         if !self.password.is_empty() {
             config.password(&self.password);

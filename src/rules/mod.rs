@@ -9,6 +9,7 @@ pub mod template;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -89,6 +90,60 @@ pub struct Rule {
     pub keys: Vec<KeyTemplate>,
     /// What to do with them.
     pub action: Action,
+    /// `refresh`: how long a written value lives.
+    pub ttl: Duration,
+    /// `refresh`: which columns of the row are cached.
+    pub columns: ColumnFilter,
+    /// `refresh`: cache a query's answer instead of the row.
+    pub query: Option<RuleQuery>,
+}
+
+/// Which columns a refreshed row carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnFilter {
+    /// Every column.
+    All,
+    /// Only these.
+    Include(Vec<String>),
+    /// All but these.
+    Exclude(Vec<String>),
+}
+
+impl ColumnFilter {
+    /// Whether `column` is cached.
+    pub fn keeps(&self, column: &str) -> bool {
+        match self {
+            ColumnFilter::All => true,
+            ColumnFilter::Include(cols) => cols.iter().any(|c| c == column),
+            ColumnFilter::Exclude(cols) => !cols.iter().any(|c| c == column),
+        }
+    }
+
+    /// The columns it names.
+    pub fn named(&self) -> &[String] {
+        match self {
+            ColumnFilter::All => &[],
+            ColumnFilter::Include(cols) | ColumnFilter::Exclude(cols) => cols,
+        }
+    }
+}
+
+/// An aggregate key's query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleQuery {
+    /// The user's SQL, returning at most one row of one JSON value.
+    pub sql: String,
+    /// Row columns bound to `$1`, `$2`, … as text.
+    pub params: Vec<String>,
+}
+
+impl RuleQuery {
+    /// The statement actually run: the user's query as a scalar subquery
+    /// cast to text, so any JSON-ish column type works and more than one
+    /// row is an error rather than a silent pick.
+    pub fn wrapped_sql(&self) -> String {
+        format!("select ({})::text", self.sql.trim().trim_end_matches(';'))
+    }
 }
 
 /// Every rule, grouped by table in the order tables first appear.
@@ -114,10 +169,64 @@ impl RuleSet {
                 ));
                 continue;
             };
-            if rc.action == Action::Refresh {
+            let refresh_only = |field: &str, problems: &mut Vec<String>| {
                 problems.push(format!(
-                    "rules[{i}].action: \"refresh\" is not available in this version: use \"delete\""
+                    "rules[{i}].{field}: only used with action = \"refresh\": remove it or set the action"
                 ));
+            };
+            let mut ttl = Duration::ZERO;
+            let mut columns = ColumnFilter::All;
+            let mut query = None;
+            if rc.action == Action::Delete {
+                for (field, set) in [
+                    ("ttl", rc.ttl.is_some()),
+                    ("columns", rc.columns.is_some()),
+                    ("query", rc.query.is_some()),
+                    ("params", rc.params.is_some()),
+                ] {
+                    if set {
+                        refresh_only(field, &mut problems);
+                    }
+                }
+            } else {
+                match rc.ttl {
+                    Some(t) if !t.0.is_zero() => ttl = t.0,
+                    _ => problems.push(format!(
+                        "rules[{i}].ttl: action = \"refresh\" needs a ttl such as \"1h\" or \"5m\""
+                    )),
+                }
+                if let Some(c) = &rc.columns {
+                    columns = match (&c.include, &c.exclude) {
+                        (Some(inc), None) if !inc.is_empty() => ColumnFilter::Include(inc.clone()),
+                        (None, Some(exc)) => ColumnFilter::Exclude(exc.clone()),
+                        _ => {
+                            problems.push(format!(
+                                "rules[{i}].columns: give either a non-empty include = [...] or exclude = [...]"
+                            ));
+                            ColumnFilter::All
+                        }
+                    };
+                }
+                match (&rc.query, &rc.params) {
+                    (Some(sql), params) => {
+                        if rc.columns.is_some() {
+                            problems.push(format!(
+                                "rules[{i}].columns: not used with query: select the columns in the query"
+                            ));
+                        }
+                        if sql.trim().is_empty() {
+                            problems.push(format!("rules[{i}].query: empty"));
+                        }
+                        query = Some(RuleQuery {
+                            sql: sql.clone(),
+                            params: params.clone().unwrap_or_default(),
+                        });
+                    }
+                    (None, Some(_)) => problems.push(format!(
+                        "rules[{i}].params: only used with query: add the query or remove params"
+                    )),
+                    (None, None) => {}
+                }
             }
             if rc.keys.is_empty() {
                 problems.push(format!(
@@ -135,6 +244,9 @@ impl RuleSet {
                 table: table.clone(),
                 keys,
                 action: rc.action,
+                ttl,
+                columns,
+                query,
             };
             match set.tables.iter_mut().find(|(t, _)| *t == table) {
                 Some((_, rules)) => rules.push(rule),
@@ -161,14 +273,34 @@ impl RuleSet {
             .map(|(t, r)| (t, r.as_slice()))
     }
 
-    /// Every column any key template of `table` uses.
+    /// Every column any key template or query parameter of `table` uses:
+    /// the old row must carry them all.
     pub fn key_columns(rules: &[Rule]) -> BTreeSet<String> {
-        rules
+        let mut columns: BTreeSet<String> = rules
             .iter()
             .flat_map(|r| r.keys.iter())
             .flat_map(|k| k.columns())
             .map(str::to_string)
-            .collect()
+            .collect();
+        for rule in rules {
+            if let Some(query) = &rule.query {
+                columns.extend(query.params.iter().cloned());
+            }
+        }
+        columns
+    }
+
+    /// Every column a rule of `table` names outside its key templates
+    /// (`columns` filters, query parameters), for the catalog check.
+    pub fn named_columns(rules: &[Rule]) -> BTreeSet<String> {
+        let mut columns = BTreeSet::new();
+        for rule in rules {
+            columns.extend(rule.columns.named().iter().cloned());
+            if let Some(query) = &rule.query {
+                columns.extend(query.params.iter().cloned());
+            }
+        }
+        columns
     }
 }
 
@@ -181,7 +313,56 @@ mod tests {
             table: table.to_string(),
             keys: keys.iter().map(|k| k.to_string()).collect(),
             action: Action::Delete,
+            ttl: None,
+            columns: None,
+            query: None,
+            params: None,
         }
+    }
+
+    #[test]
+    fn refresh_options_are_checked() {
+        use crate::config::ColumnsConfig;
+        use crate::duration::HumanDuration;
+        let refresh = |f: &dyn Fn(&mut RuleConfig)| {
+            let mut r = rule("public.t", &["t:{id}"]);
+            r.action = Action::Refresh;
+            r.ttl = Some(HumanDuration(Duration::from_secs(60)));
+            f(&mut r);
+            RuleSet::compile(&[r])
+        };
+        assert!(refresh(&|_| {}).is_ok());
+        let errs = refresh(&|r| r.ttl = None).unwrap_err();
+        assert!(errs[0].starts_with("rules[0].ttl"), "{errs:?}");
+        let errs = refresh(&|r| {
+            r.columns = Some(ColumnsConfig {
+                include: Some(vec!["a".into()]),
+                exclude: Some(vec!["b".into()]),
+            })
+        })
+        .unwrap_err();
+        assert!(errs[0].starts_with("rules[0].columns"), "{errs:?}");
+        let errs = refresh(&|r| r.params = Some(vec!["id".into()])).unwrap_err();
+        assert!(errs[0].starts_with("rules[0].params"), "{errs:?}");
+        let ok = refresh(&|r| {
+            r.query = Some("select 1".into());
+            r.params = Some(vec!["user_id".into()]);
+        })
+        .expect("valid");
+        let (_, rules) = ok.rules_for("public", "t").expect("rules");
+        assert!(RuleSet::key_columns(rules).contains("user_id"));
+        assert_eq!(
+            rules[0]
+                .query
+                .as_ref()
+                .map(RuleQuery::wrapped_sql)
+                .as_deref(),
+            Some("select (select 1)::text")
+        );
+        let mut delete_with_ttl = rule("public.t", &["t:{id}"]);
+        delete_with_ttl.ttl = Some(HumanDuration(Duration::from_secs(1)));
+        let errs = RuleSet::compile(&[delete_with_ttl]).unwrap_err();
+        assert!(errs[0].starts_with("rules[0].ttl"), "{errs:?}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct Item {
     pub commit_time: Arc<str>,
     /// The same, in microseconds since 2000-01-01 UTC (for latency).
     pub commit_micros: i64,
+    /// Position within the transaction: with `lsn`, the version that keeps
+    /// refreshed values from going backwards on a replay.
+    pub seq: u32,
 }
 
 /// Operations to apply in order, and the LSN that may be confirmed once

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::SecretUrl;
+use crate::db::query::{QueryJob, QueryRunner};
 use crate::decode::time::pg_micros_to_unix_seconds;
 use crate::plan::{CacheOp, FlushReason};
 use crate::sink::{Batch, Item};
@@ -92,6 +93,8 @@ pub struct RedisSink {
     shutdown: watch::Receiver<bool>,
     stats: SinkStats,
     health: Arc<Health>,
+    /// Runs the aggregate-key queries of refresh rules.
+    queries: QueryRunner,
 }
 
 impl RedisSink {
@@ -100,6 +103,7 @@ impl RedisSink {
         url: &SecretUrl,
         ca_cert: Option<&std::path::Path>,
         channel: &str,
+        queries: QueryRunner,
         shutdown: watch::Receiver<bool>,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
@@ -153,6 +157,7 @@ impl RedisSink {
             shutdown,
             stats: SinkStats::default(),
             health,
+            queries,
         })
     }
 
@@ -202,7 +207,7 @@ impl RedisSink {
     /// pipeline: a single UNLINK of all their keys (deletions commute, so
     /// one command does for many rows), then one PUBLISH per change. A
     /// flush runs between such runs, in order. Returns keys unlinked.
-    async fn try_apply(&mut self, items: &[Item]) -> Result<u64, RedisError> {
+    async fn try_apply(&mut self, items: &[Item]) -> Result<u64, AttemptError> {
         let mut keys = 0u64;
         let mut rest = items;
         while !rest.is_empty() {
@@ -223,17 +228,66 @@ impl RedisSink {
         Ok(keys)
     }
 
-    async fn apply_invalidations(&mut self, items: &[Item]) -> Result<u64, RedisError> {
+    /// Applies a run of row operations as one atomic pipeline, in order:
+    /// consecutive deletions share one UNLINK; refreshed keys are written
+    /// by the version-guarded script; events follow. Aggregate queries run
+    /// first (concurrently), so their answers land in commit order too.
+    async fn apply_invalidations(&mut self, items: &[Item]) -> Result<u64, AttemptError> {
+        let jobs: Vec<QueryJob<'_>> = items
+            .iter()
+            .filter_map(|item| match &item.op {
+                CacheOp::Query { sql, params, .. } => Some((sql, params.as_slice())),
+                _ => None,
+            })
+            .collect();
+        let mut answers = self.queries.run(&jobs).await?.into_iter();
+
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         let mut unlink = redis::cmd("UNLINK");
+        let mut unlinking = false;
         let mut keys = 0u64;
         for item in items {
-            if let CacheOp::Invalidate { keys: k, .. } = &item.op {
-                unlink.arg(k.as_slice());
-                keys += k.len() as u64;
+            let version = format!("{:016X}{:08X}", item.lsn.0, item.seq);
+            match &item.op {
+                CacheOp::Invalidate { keys: k, .. } => {
+                    unlink.arg(k.as_slice());
+                    unlinking = true;
+                    keys += k.len() as u64;
+                }
+                CacheOp::Refresh {
+                    set,
+                    del,
+                    value,
+                    ttl_secs,
+                    ..
+                } => {
+                    flush_unlink(&mut pipe, &mut unlink, &mut unlinking);
+                    for key in del {
+                        pipe.add_command(guarded(key, &version, None, *ttl_secs))
+                            .ignore();
+                    }
+                    for key in set {
+                        pipe.add_command(guarded(key, &version, value.as_deref(), *ttl_secs))
+                            .ignore();
+                    }
+                    keys += (set.len() + del.len()) as u64;
+                }
+                CacheOp::Query {
+                    keys: k, ttl_secs, ..
+                } => {
+                    flush_unlink(&mut pipe, &mut unlink, &mut unlinking);
+                    let answer = answers.next().flatten();
+                    for key in k {
+                        pipe.add_command(guarded(key, &version, answer.as_deref(), *ttl_secs))
+                            .ignore();
+                    }
+                    keys += k.len() as u64;
+                }
+                CacheOp::Flush { .. } => {}
             }
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic().add_command(unlink).ignore();
+        flush_unlink(&mut pipe, &mut unlink, &mut unlinking);
         if let Some(channel) = &self.channel {
             for item in items {
                 pipe.publish(channel, event_json(item)).ignore();
@@ -243,7 +297,7 @@ impl RedisSink {
         Ok(keys)
     }
 
-    async fn apply_flush(&mut self, item: &Item) -> Result<u64, RedisError> {
+    async fn apply_flush(&mut self, item: &Item) -> Result<u64, AttemptError> {
         let CacheOp::Flush {
             table,
             patterns,
@@ -307,7 +361,9 @@ impl RedisSink {
             .unwrap_or(0.0);
         for item in &batch.items {
             let (table, op) = match &item.op {
-                CacheOp::Invalidate { table, op, .. } => (&**table, op.as_str()),
+                CacheOp::Invalidate { table, op, .. }
+                | CacheOp::Refresh { table, op, .. }
+                | CacheOp::Query { table, op, .. } => (&**table, op.as_str()),
                 CacheOp::Flush { table, reason, .. } => (&**table, reason.as_str()),
             };
             *per_table.entry((table, op)).or_default() += 1;
@@ -334,8 +390,81 @@ impl RedisSink {
     }
 }
 
+/// Why one attempt at a batch failed; either way the batch is retried.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("postgres: {0}")]
+    Query(#[from] crate::db::DbError),
+}
+
+/// Moves the pending UNLINK (if it has keys) into the pipeline.
+fn flush_unlink(pipe: &mut redis::Pipeline, unlink: &mut redis::Cmd, unlinking: &mut bool) {
+    if *unlinking {
+        pipe.add_command(std::mem::replace(unlink, redis::cmd("UNLINK")))
+            .ignore();
+        *unlinking = false;
+    }
+}
+
+/// Writes (or, with `value` `None`, deletes) `key` unless a newer version
+/// was already applied. The version (commit LSN and position in the
+/// transaction, fixed-width hex so strings compare like numbers) lives in a
+/// companion key that shares the key's hash slot; a replay after a crash
+/// therefore never moves a cached value backwards, and a replayed write of
+/// a row that was later deleted does not resurrect it.
+const GUARDED_WRITE: &str = r#"
+local current = redis.call('GET', KEYS[2])
+if current and current >= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+else
+  redis.call('UNLINK', KEYS[1])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[5])
+return 1
+"#;
+
+/// How long a version outlives its value at least: longer than any replay
+/// window (a restart replays from the last confirmation, seconds back).
+const VERSION_TTL_MIN_SECS: u64 = 3600;
+
+/// The companion key holding `key`'s version.
+pub fn version_key(key: &str) -> String {
+    format!("{{{key}}}:pgci-version")
+}
+
+fn guarded(key: &str, version: &str, value: Option<&str>, ttl_secs: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(GUARDED_WRITE)
+        .arg(2)
+        .arg(key)
+        .arg(version_key(key))
+        .arg(version)
+        .arg(if value.is_some() { "1" } else { "0" })
+        .arg(value.unwrap_or(""))
+        .arg(ttl_secs)
+        .arg(ttl_secs.max(VERSION_TTL_MIN_SECS));
+    cmd
+}
+
 fn event_json(item: &Item) -> String {
+    let touched: Vec<String>;
     let (table, op, action, keys, patterns): (&str, &str, &str, &[String], _) = match &item.op {
+        CacheOp::Refresh {
+            table,
+            op,
+            set,
+            del,
+            ..
+        } => {
+            touched = set.iter().chain(del).cloned().collect();
+            (table, op.as_str(), "refresh", &touched, None)
+        }
+        CacheOp::Query {
+            table, op, keys, ..
+        } => (table, op.as_str(), "refresh", keys, None),
         CacheOp::Invalidate {
             table,
             op,
@@ -385,6 +514,7 @@ mod tests {
             lsn: Lsn(0x16B3748),
             commit_time: Arc::from("2026-11-26T07:00:00.123456Z"),
             commit_micros: 1,
+            seq: 1,
         };
         assert_eq!(
             event_json(&item),

@@ -306,6 +306,7 @@ impl ReplicationSource {
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
         .with_application_name("pg-cache-invalidator")
+        .with_options(crate::db::SESSION_OPTIONS)
     }
 
     /// Drops the session and schedules a retry, or returns the error if no

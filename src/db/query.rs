@@ -1,0 +1,77 @@
+//! Runs the aggregate-key queries of `refresh` rules on a small pool of
+//! regular connections, concurrently up to a bound; answers come back in
+//! the order asked, so the sink writes them in commit order.
+
+use std::sync::Arc;
+
+use futures_util::future::try_join_all;
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::db::{ConnInfo, Db, DbError};
+
+/// Connections in the pool: queries on one connection are pipelined by
+/// the driver, so a few suffice and the database sees a bounded load.
+const CONNECTIONS: usize = 4;
+/// Queries in flight at once across the pool.
+const IN_FLIGHT: usize = 16;
+
+/// One query to run: statement and text parameters.
+pub type QueryJob<'a> = (&'a Arc<str>, &'a [Option<String>]);
+
+/// A lazily connected pool.
+pub struct QueryRunner {
+    conn: ConnInfo,
+    clients: Vec<Arc<Db>>,
+}
+
+impl QueryRunner {
+    /// A pool for `conn`; connects on first use.
+    pub fn new(conn: ConnInfo) -> Self {
+        QueryRunner {
+            conn,
+            clients: Vec::new(),
+        }
+    }
+
+    /// Runs `jobs`, returning each one's single text answer (`None` for no
+    /// row or NULL) in order, at most [`IN_FLIGHT`] at a time. On any error
+    /// the pool is dropped, to be reconnected by the retry.
+    pub async fn run(&mut self, jobs: &[QueryJob<'_>]) -> Result<Vec<Option<String>>, DbError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        while self.clients.len() < CONNECTIONS {
+            self.clients.push(Arc::new(Db::connect(&self.conn).await?));
+        }
+        let mut answers = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(IN_FLIGHT) {
+            let running = chunk.iter().enumerate().map(|(i, (sql, params))| {
+                let db = Arc::clone(&self.clients[i % self.clients.len()]);
+                let sql = Arc::clone(sql);
+                let params = params.to_vec();
+                async move { run_one(&db, &sql, &params).await }
+            });
+            match try_join_all(running).await {
+                Ok(done) => answers.extend(done),
+                Err(error) => {
+                    self.clients.clear();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(answers)
+    }
+}
+
+async fn run_one(db: &Db, sql: &str, params: &[Option<String>]) -> Result<Option<String>, DbError> {
+    let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+        .iter()
+        .map(|p| (p as &(dyn ToSql + Sync), Type::TEXT))
+        .collect();
+    let rows = db
+        .client()
+        .query_typed(sql, &typed)
+        .await
+        .map_err(DbError::query(format!("running refresh query {sql}")))?;
+    Ok(rows.first().and_then(|r| r.get::<_, Option<String>>(0)))
+}
