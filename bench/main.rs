@@ -266,22 +266,21 @@ async fn naive_drain(env: &TestEnv, slot: &str, changes: u64, limit: Duration) -
             continue;
         };
         let message = pgoutput::decode(&data).expect("decode");
-        let planned = match &message {
-            Message::Relation(r) => {
-                planner.on_relation(r).expect("bind");
-                None
-            }
+        let mut planned = Vec::new();
+        match &message {
+            Message::Relation(r) => planner.on_relation(r).expect("bind"),
             Message::Update { relation, old, new } => planner
                 .plan_row(
                     *relation,
                     Op::Update,
                     old.as_ref().map(|(_, t)| t),
                     Some(new),
+                    &mut planned,
                 )
                 .expect("plan"),
-            _ => None,
-        };
-        if let Some(CacheOp::Invalidate { keys, .. }) = planned {
+            _ => {}
+        }
+        if let Some(CacheOp::Invalidate { keys, .. }) = planned.pop() {
             rows += 1;
             for key in keys {
                 let _: () = redis::cmd("DEL")
