@@ -25,7 +25,7 @@ use crate::decode::json::{write_string, write_value};
 use crate::decode::pgoutput::{Datum, Relation, Tuple};
 use crate::decode::types::TypeCatalog;
 use crate::rules::{Action, Part, Rule, RuleSet};
-use crate::telemetry::metrics::KEYS_SKIPPED_TOTAL;
+use crate::telemetry::metrics::{KEYS_SKIPPED_TOTAL, ROWS_NOT_CACHED_TOTAL};
 
 /// The kind of row change, as named in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,9 +321,12 @@ impl Planner {
                     let value = match new {
                         Some(new) if !set.is_empty() => {
                             match encode_row(new, columns, &self.types) {
-                                Some(json) => Some(Arc::from(json)),
-                                None => {
+                                Ok(json) => Some(Arc::from(json)),
+                                Err((column, reason)) => {
                                     stats.rows_not_cached += 1;
+                                    metrics::counter!(ROWS_NOT_CACHED_TOTAL).increment(1);
+                                    tracing::debug!(table = %table.name, column, reason = %reason,
+                                        "row not cached; deleting its keys instead");
                                     None
                                 }
                             }
@@ -517,13 +520,16 @@ fn render(template: &BoundTemplate, tuple: &Tuple) -> Rendered {
     Rendered::Key(key)
 }
 
-/// The row as a JSON object of the cached columns, or `None` if a value
-/// did not travel or cannot be encoded.
-fn encode_row(
+/// Why a row could not be cached: the column, and what went wrong.
+type NotCached<'a> = (&'a str, String);
+
+/// The row as a JSON object of the cached columns, or the first column
+/// whose value did not travel or cannot be encoded.
+fn encode_row<'a>(
     tuple: &Tuple,
-    columns: &[(usize, String, u32)],
+    columns: &'a [(usize, String, u32)],
     types: &TypeCatalog,
-) -> Option<String> {
+) -> Result<String, NotCached<'a>> {
     let mut json = String::with_capacity(256);
     json.push('{');
     for (n, (i, name, oid)) in columns.iter().enumerate() {
@@ -532,17 +538,27 @@ fn encode_row(
         }
         write_string(&mut json, name);
         json.push(':');
-        match tuple.get(*i)? {
-            Datum::Null => json.push_str("null"),
-            Datum::Text(bytes) => {
-                let text = std::str::from_utf8(bytes).ok()?;
-                write_value(&mut json, text, *oid, types).ok()?;
+        match tuple.get(*i) {
+            Some(Datum::Null) => json.push_str("null"),
+            Some(Datum::Text(bytes)) => {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| (name.as_str(), "not UTF-8".to_string()))?;
+                write_value(&mut json, text, *oid, types)
+                    .map_err(|e| (name.as_str(), format!("{e} (type oid {oid})")))?;
             }
-            Datum::UnchangedToast | Datum::Binary(_) => return None,
+            Some(Datum::UnchangedToast) => {
+                return Err((
+                    name.as_str(),
+                    "unchanged TOASTed value not in the stream".into(),
+                ))
+            }
+            Some(Datum::Binary(_)) | None => {
+                return Err((name.as_str(), "value not in the stream".into()))
+            }
         }
     }
     json.push('}');
-    Some(json)
+    Ok(json)
 }
 
 /// The query parameters from `tuple`, or `None` if one did not travel.

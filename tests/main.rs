@@ -8,5 +8,6 @@ mod deploy;
 mod faults;
 mod invalidation;
 mod operations;
+mod refresh;
 mod tls;
 mod wal;

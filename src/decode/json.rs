@@ -169,46 +169,40 @@ pub fn write_string(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// `2026-11-26` stays; `0044-03-15 BC` becomes `-0043-03-15` (ISO 8601
-/// astronomical years, as `to_jsonb` writes them); infinities stay.
+/// Dates are written as the ISO text output, `0044-03-15 BC` included;
+/// only a malformed value is refused.
 fn iso_date(text: &str) -> Result<String, EncodeError> {
-    if matches!(text, "infinity" | "-infinity") {
-        return Ok(text.to_string());
-    }
-    match text.strip_suffix(" BC") {
-        None => Ok(text.to_string()),
-        Some(date) => {
-            let (year, rest) = date.split_at(date.find('-').ok_or(malformed("date"))?);
-            let year: i64 = year.parse().map_err(|_| malformed("date"))?;
-            Ok(format!("-{:04}{rest}", year - 1))
-        }
+    let body = text.strip_suffix(" BC").unwrap_or(text);
+    let valid = matches!(text, "infinity" | "-infinity")
+        || (body.len() >= 10 && body.bytes().all(|b| b.is_ascii_digit() || b == b'-'));
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(malformed("date"))
     }
 }
 
-/// `2026-11-26 07:00:00.5+00` → `2026-11-26T07:00:00.5+00:00`.
+/// `2026-11-26 07:00:00.5+00` → `2026-11-26T07:00:00.5+00:00`; a ` BC`
+/// suffix stays at the end, as `to_jsonb` writes it.
 fn iso_timestamp(text: &str, with_zone: bool) -> Result<String, EncodeError> {
     if matches!(text, "infinity" | "-infinity") {
         return Ok(text.to_string());
     }
     let (body, bc) = match text.strip_suffix(" BC") {
-        Some(b) => (b, true),
-        None => (text, false),
+        Some(b) => (b, " BC"),
+        None => (text, ""),
     };
     let (date, time) = body.split_once(' ').ok_or(malformed("timestamp"))?;
-    let date = if bc {
-        iso_date(&format!("{date} BC"))?
-    } else {
-        date.to_string()
-    };
+    iso_date(date)?;
     let mut out = format!("{date}T{time}");
     if with_zone {
-        // The offset starts at the last '+' or '-' after the time's start.
+        // The offset starts at the last '+' or '-' of the time part.
         let sign = time.rfind(['+', '-']).ok_or(malformed("timestamptz"))?;
-        let offset = &time[sign + 1..];
-        if !offset.contains(':') {
+        if !time[sign + 1..].contains(':') {
             out.push_str(":00");
         }
     }
+    out.push_str(bc);
     Ok(out)
 }
 
@@ -438,7 +432,11 @@ mod tests {
         assert_eq!(json("2026-11-26", 1082).as_deref(), Ok("\"2026-11-26\""));
         assert_eq!(
             json("0044-03-15 BC", 1082).as_deref(),
-            Ok("\"-0043-03-15\"")
+            Ok("\"0044-03-15 BC\"")
+        );
+        assert_eq!(
+            json("0044-03-15 07:00:00+00 BC", 1184).as_deref(),
+            Ok("\"0044-03-15T07:00:00+00:00 BC\"")
         );
         assert_eq!(
             json("2026-11-26 07:00:00.123456", 1114).as_deref(),

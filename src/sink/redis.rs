@@ -213,7 +213,7 @@ impl RedisSink {
         while !rest.is_empty() {
             let run = rest
                 .iter()
-                .take_while(|i| matches!(i.op, CacheOp::Invalidate { .. }))
+                .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
                 .count();
             if run > 0 {
                 keys += self.apply_invalidations(&rest[..run]).await?;

@@ -14,6 +14,9 @@ pub const KEYS_INVALIDATED_TOTAL: &str = "pgci_keys_invalidated_total";
 /// Keys not rendered, by `reason` (`null`: a key column was NULL;
 /// `unavailable`: its value did not travel in the stream).
 pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
+/// Refreshed rows whose keys were deleted instead of written (a value not
+/// in the stream, such as an unchanged TOASTed column, or not encodable).
+pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
 /// Events published on the pub/sub channel.
 pub const EVENTS_PUBLISHED_TOTAL: &str = "pgci_events_published_total";
 /// Batches applied to Redis.
@@ -78,6 +81,10 @@ fn describe() {
     describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
+    describe_counter!(
+        ROWS_NOT_CACHED_TOTAL,
+        "Refreshed rows deleted instead of written"
+    );
     describe_counter!(BATCHES_TOTAL, "Batches applied to Redis");
     describe_histogram!(BATCH_OPERATIONS, "Operations per applied batch");
     describe_counter!(REDIS_ERRORS_TOTAL, "Failed Redis attempts, each retried");

@@ -748,7 +748,10 @@ impl TestEnv {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PGCI_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
             .envs(env.iter().copied())
