@@ -20,6 +20,7 @@ ensure_deps() {
   pg_bin_dir >/dev/null || missing+=(postgresql)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
+  [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
   command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing ${missing[*]} from Debian's packages"

@@ -118,17 +118,48 @@ fn default_slot() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
-    /// Schema for the outbox table and trigger function.
-    #[serde(default = "default_slot")]
+    /// Schema for the outbox table and trigger functions.
+    #[serde(default = "default_outbox_schema")]
     pub schema: String,
+    /// How often the outbox is drained without a wake-up: NOTIFY is lost
+    /// while nobody listens, so polling is the guarantee, NOTIFY the speed.
+    #[serde(default = "default_poll")]
+    pub poll_interval: HumanDuration,
+    /// Outbox rows applied per Redis round-trip and database transaction.
+    #[serde(default = "default_outbox_batch")]
+    pub batch_size: u32,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
-            schema: default_slot(),
+            schema: default_outbox_schema(),
+            poll_interval: default_poll(),
+            batch_size: default_outbox_batch(),
         }
     }
+}
+
+/// Default outbox poll: a lost wake-up delays invalidation by at most this.
+pub const DEFAULT_OUTBOX_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Default outbox batch: large enough for few round-trips, small enough
+/// that one transaction's row locks and one pipeline stay small.
+pub const DEFAULT_OUTBOX_BATCH: u32 = 1000;
+
+/// Default outbox schema. Not `pg_cache_invalidator` like the slot:
+/// PostgreSQL reserves schema names starting with `pg_`.
+pub const DEFAULT_OUTBOX_SCHEMA: &str = "cache_invalidator";
+
+fn default_outbox_schema() -> String {
+    DEFAULT_OUTBOX_SCHEMA.to_string()
+}
+
+fn default_poll() -> HumanDuration {
+    HumanDuration(DEFAULT_OUTBOX_POLL)
+}
+
+fn default_outbox_batch() -> u32 {
+    DEFAULT_OUTBOX_BATCH
 }
 
 /// `[redis]`
@@ -369,11 +400,17 @@ impl Config {
                 problems.push("redis.ca_cert: only used with a rediss:// URL: change the URL or remove the key".to_string());
             }
         }
-        if self.postgres.source == SourceKind::Outbox {
-            problems.push(
-                "postgres.source: \"outbox\" is not available in this version: use \"replication\""
-                    .to_string(),
-            );
+        if self.outbox.schema.starts_with("pg_") {
+            problems.push(format!(
+                "outbox.schema: {:?} starts with \"pg_\", which PostgreSQL reserves: choose another name such as \"cache_invalidator\"",
+                self.outbox.schema
+            ));
+        }
+        if self.outbox.poll_interval.0.is_zero() {
+            problems.push("outbox.poll_interval: must be more than 0s".to_string());
+        }
+        if !(1..=100_000).contains(&self.outbox.batch_size) {
+            problems.push("outbox.batch_size: must be between 1 and 100000".to_string());
         }
         check_identifier(
             "replication.slot",

@@ -9,16 +9,16 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
-use pg_cache_invalidator::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+use pg_cache_invalidator::config::{Config, LogFormat, SourceKind, DEFAULT_CONFIG_PATH};
 use pg_cache_invalidator::db::catalog::{self, CheckScope};
 use pg_cache_invalidator::db::query::QueryRunner;
-use pg_cache_invalidator::db::{setup, ConnInfo, Db};
+use pg_cache_invalidator::db::{outbox, setup, ConnInfo, Db};
 use pg_cache_invalidator::heartbeat;
 use pg_cache_invalidator::pipeline::{self, SlotKeeper};
 use pg_cache_invalidator::plan::Planner;
 use pg_cache_invalidator::rules::RuleSet;
 use pg_cache_invalidator::sink::redis::RedisSink;
-use pg_cache_invalidator::source::replication::ReplicationSource;
+use pg_cache_invalidator::source::{self, replication::ReplicationSource};
 use pg_cache_invalidator::telemetry;
 use pg_cache_invalidator::telemetry::health::Health;
 
@@ -213,16 +213,7 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
     ));
 
     let db = connect_with_retry(&conn, shutdown_rx.clone()).await?;
-    let problems = catalog::check(
-        &db,
-        &rules,
-        CheckScope {
-            publication: &config.replication.publication,
-            slot: Some(&config.replication.slot),
-            tolerate_lost_slot: true,
-        },
-    )
-    .await?;
+    let problems = check_source(&db, &config, &rules, true).await?;
     drop(db);
     if !problems.is_empty() {
         return Err(Failure::usage(problems));
@@ -238,6 +229,27 @@ async fn run(loaded: Loaded) -> Result<(), Failure> {
     )
     .await
     .map_err(Failure::runtime)?;
+    if config.postgres.source == SourceKind::Outbox {
+        let outcome = source::outbox::run(
+            conn,
+            config.outbox.clone(),
+            Arc::new(rules),
+            sink,
+            health,
+            shutdown_rx,
+        )
+        .await;
+        return match outcome {
+            Ok(()) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "stopped on error");
+                Err(Failure::runtime(error))
+            }
+        };
+    }
     let heartbeat_every = config.replication.heartbeat_interval.0;
     if !heartbeat_every.is_zero() {
         tokio::spawn(heartbeat::run(
@@ -316,26 +328,49 @@ async fn wait_for_signal(shutdown: watch::Sender<bool>) {
     let _ = shutdown.send(true);
 }
 
+/// The live checks of the configured source: one line per problem.
+async fn check_source(
+    db: &Db,
+    config: &Config,
+    rules: &RuleSet,
+    running: bool,
+) -> Result<Vec<String>, Failure> {
+    Ok(match config.postgres.source {
+        SourceKind::Replication => {
+            catalog::check(
+                db,
+                rules,
+                CheckScope {
+                    publication: &config.replication.publication,
+                    slot: Some(&config.replication.slot),
+                    tolerate_lost_slot: running,
+                },
+            )
+            .await?
+        }
+        SourceKind::Outbox => outbox::check(db, rules, &config.outbox).await?,
+    })
+}
+
 async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let problems = catalog::check(
-        &db,
-        &loaded.rules,
-        CheckScope {
-            publication: &loaded.config.replication.publication,
-            slot: Some(&loaded.config.replication.slot),
-            tolerate_lost_slot: false,
-        },
-    )
-    .await?;
+    let problems = check_source(&db, &loaded.config, &loaded.rules, false).await?;
     if !problems.is_empty() {
         return Err(Failure::usage(problems));
     }
+    let source = match loaded.config.postgres.source {
+        SourceKind::Replication => format!(
+            "publication {:?} and slot {:?} are ready",
+            loaded.config.replication.publication, loaded.config.replication.slot
+        ),
+        SourceKind::Outbox => format!(
+            "the outbox in schema {:?} and its triggers are installed",
+            loaded.config.outbox.schema
+        ),
+    };
     println!(
-        "ok: {} table(s), publication {:?} and slot {:?} are ready on {}",
+        "ok: {} table(s), {source} on {}",
         loaded.rules.tables().count(),
-        loaded.config.replication.publication,
-        loaded.config.replication.slot,
         loaded.conn.redacted()
     );
     Ok(())
@@ -343,7 +378,12 @@ async fn check_config(loaded: Loaded) -> Result<(), Failure> {
 
 async fn setup_command(loaded: Loaded, print: bool) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = setup::plan(&db, &loaded.rules, &loaded.config.replication).await?;
+    let plan = match loaded.config.postgres.source {
+        SourceKind::Replication => {
+            setup::plan(&db, &loaded.rules, &loaded.config.replication).await?
+        }
+        SourceKind::Outbox => outbox::plan(&db, &loaded.rules, &loaded.config.outbox).await?,
+    };
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }
@@ -370,6 +410,26 @@ async fn setup_command(loaded: Loaded, print: bool) -> Result<(), Failure> {
 
 async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
+    if loaded.config.postgres.source == SourceKind::Outbox {
+        let (rows, oldest) = outbox::backlog(&db, &loaded.config.outbox).await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"source": "outbox", "schema": loaded.config.outbox.schema,
+                    "backlog_rows": rows, "oldest_row_age_seconds": oldest})
+            );
+        } else {
+            println!("{:<15} outbox", "source");
+            println!("{:<15} {}", "schema", loaded.config.outbox.schema);
+            println!("{:<15} {rows}", "backlog_rows");
+            println!(
+                "{:<15} {}",
+                "oldest_row_age",
+                oldest.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"))
+            );
+        }
+        return Ok(());
+    }
     let slot = &loaded.config.replication.slot;
     let Some(info) = catalog::inspect_slot(&db, slot).await? else {
         return Err(Failure::usage(vec![format!(
@@ -409,7 +469,10 @@ async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
 
 async fn teardown(loaded: Loaded) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = setup::plan_teardown(&db, &loaded.config.replication).await?;
+    let plan = match loaded.config.postgres.source {
+        SourceKind::Replication => setup::plan_teardown(&db, &loaded.config.replication).await?,
+        SourceKind::Outbox => outbox::plan_teardown(&db, &loaded.config.outbox).await?,
+    };
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }

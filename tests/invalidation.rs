@@ -8,12 +8,12 @@ use futures_util::StreamExt;
 use crate::support::{preset, TestEnv};
 
 /// A seeded user with both token balances and journeys.
-struct User {
-    id: String,
-    tokens: Vec<String>,
+pub(crate) struct User {
+    pub(crate) id: String,
+    pub(crate) tokens: Vec<String>,
 }
 
-async fn users(env: &TestEnv, n: i64) -> Vec<User> {
+pub(crate) async fn users(env: &TestEnv, n: i64) -> Vec<User> {
     let client = env.pg.client().await;
     let rows = client
         .query(
@@ -48,7 +48,12 @@ fn all_keys(u: &User) -> Vec<String> {
 
 /// Presets every key of `users`, runs `sql`, waits until the daemon caught
 /// up, and returns the keys that were removed.
-async fn removed_by(env: &TestEnv, users: &[User], extra: &[String], sql: &str) -> Vec<String> {
+pub(crate) async fn removed_by(
+    env: &TestEnv,
+    users: &[User],
+    extra: &[String],
+    sql: &str,
+) -> Vec<String> {
     let mut redis = env.redis.conn().await;
     let mut keys: Vec<String> = users.iter().flat_map(all_keys).collect();
     keys.extend_from_slice(extra);

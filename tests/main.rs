@@ -8,6 +8,7 @@ mod deploy;
 mod faults;
 mod invalidation;
 mod operations;
+mod outbox;
 mod refresh;
 mod tls;
 mod wal;

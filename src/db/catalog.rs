@@ -20,6 +20,8 @@ pub struct ColumnInfo {
     pub name: String,
     /// Whether it is NOT NULL.
     pub not_null: bool,
+    /// Its type OID.
+    pub type_oid: u32,
 }
 
 /// An index of a table.
@@ -43,6 +45,8 @@ pub struct IndexInfo {
 pub struct TableInfo {
     /// The table.
     pub name: TableName,
+    /// Its OID.
+    pub oid: u32,
     /// `relreplident`: `d`, `n`, `f` or `i`.
     pub replica_identity: char,
     /// Its live columns.
@@ -126,7 +130,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
     let replica_identity = row.get::<_, String>(1).chars().next().unwrap_or('d');
     let columns = client
         .query(
-            "select attname::text, attnotnull from pg_attribute \
+            "select attname::text, attnotnull, atttypid from pg_attribute \
              where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
             &[&oid],
         )
@@ -136,6 +140,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
         .map(|r| ColumnInfo {
             name: r.get(0),
             not_null: r.get(1),
+            type_oid: r.get(2),
         })
         .collect();
     let indexes = client
@@ -164,6 +169,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
         .collect();
     Ok(Some(TableInfo {
         name: table.clone(),
+        oid,
         replica_identity,
         columns,
         indexes,
@@ -464,6 +470,7 @@ mod tests {
         let col = |name: &str, not_null: bool| ColumnInfo {
             name: name.into(),
             not_null,
+            type_oid: 25,
         };
         let idx = |name: &str, cols: &[&str], primary: bool| IndexInfo {
             name: name.into(),
@@ -474,6 +481,7 @@ mod tests {
         };
         TableInfo {
             name: TableName::parse("public.user_journeys").expect("valid"),
+            oid: 1,
             replica_identity: 'd',
             columns: vec![
                 col("id", true),

@@ -6,6 +6,7 @@
 //! reach the same server as the same user.
 
 pub mod catalog;
+pub mod outbox;
 pub mod query;
 pub mod setup;
 pub mod types;
@@ -18,8 +19,14 @@ use crate::config::SecretUrl;
 /// Session settings for every connection, replication and regular: values
 /// are rendered as text in one known format (ISO dates, UTC), the one the
 /// JSON encoder converts and `to_jsonb` under PostgREST's defaults uses.
+/// The replication session gets them as startup options; regular sessions
+/// run [`SESSION_SETTINGS`] after connecting, because poolers (PgBouncer,
+/// Supavisor) refuse or drop startup options.
 pub const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1";
+/// The same settings as statements.
+const SESSION_SETTINGS: &str = "SET datestyle = 'ISO, MDY'; SET timezone = 'UTC'; \
+     SET intervalstyle = 'postgres'; SET extra_float_digits = 1;";
 
 /// TLS modes as libpq names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +179,6 @@ impl ConnInfo {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name("pg-cache-invalidator")
-            .options(SESSION_OPTIONS)
             .connect_timeout(std::time::Duration::from_secs(10));
         if !self.password.is_empty() {
             config.password(&self.password);
@@ -267,7 +273,54 @@ impl Db {
             spawn_connection(connection);
             client
         };
+        client
+            .batch_execute(SESSION_SETTINGS)
+            .await
+            .map_err(DbError::query("pinning session settings"))?;
         Ok(Db { client })
+    }
+
+    /// Connects and runs `LISTEN channel`; each notification on it sends
+    /// `()` to the returned receiver (a wake-up, never the data itself).
+    /// The receiver closes when the connection ends.
+    pub async fn connect_listening(
+        info: &ConnInfo,
+        channel: &str,
+    ) -> Result<(Db, tokio::sync::mpsc::Receiver<()>), DbError> {
+        let context = || format!("cannot connect to {}", info.redacted());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let config = info.driver_config();
+        let client = if info.sslmode == SslMode::Disable {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(DbError::query(context()))?;
+            spawn_notifications(connection, tx);
+            client
+        } else {
+            let tls = crate::tls::client_config(info.sslmode, info.ssl_root_cert.as_deref())
+                .map_err(|reason| DbError::BadUrl {
+                    url: info.redacted(),
+                    reason,
+                })?;
+            let mut config = config;
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+                .map_err(DbError::query(context()))?;
+            spawn_notifications(connection, tx);
+            client
+        };
+        client
+            .batch_execute(SESSION_SETTINGS)
+            .await
+            .map_err(DbError::query("pinning session settings"))?;
+        client
+            .batch_execute(&format!("LISTEN {}", crate::rules::quote_ident(channel)))
+            .await
+            .map_err(DbError::query(format!("LISTEN {channel}")))?;
+        Ok((Db { client }, rx))
     }
 
     /// The driver's client, for the modules of `db`.
@@ -292,6 +345,25 @@ where
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(error = %error, "postgres connection closed");
+        }
+    });
+}
+
+/// Drives a listening connection, turning notifications into wake-ups.
+fn spawn_notifications<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    wake: tokio::sync::mpsc::Sender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                let _ = wake.try_send(());
+            }
         }
     });
 }

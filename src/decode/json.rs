@@ -329,7 +329,7 @@ fn write_array(
 
 /// Parses record output `(a,,"b c")`: fields separated by commas, an empty
 /// unquoted field is NULL.
-fn parse_record(text: &str) -> Result<Vec<Option<String>>, EncodeError> {
+pub fn parse_record(text: &str) -> Result<Vec<Option<String>>, EncodeError> {
     let b = text.as_bytes();
     if b.first() != Some(&b'(') || b.last() != Some(&b')') {
         return Err(malformed("composite"));

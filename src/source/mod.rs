@@ -1,6 +1,8 @@
 //! Source: where changes come from.
 //!
-//! Only `replication` (a logical slot with `pgoutput`) exists so far; the
-//! outbox source will sit beside it and feed the same pipeline.
+//! `replication` (a logical slot with `pgoutput`, the default) and
+//! `outbox` (trigger-fed rows, for databases without replication). Both
+//! feed the same planner and Redis sink.
 
+pub mod outbox;
 pub mod replication;

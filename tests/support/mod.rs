@@ -535,6 +535,88 @@ impl Drop for Redis {
     }
 }
 
+/// A private PgBouncer in session mode in front of a [`Postgres`].
+pub struct PgBouncer {
+    dir: TempDir,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer (session pooling, trust auth) for `pg`.
+    pub async fn start(pg: &Postgres) -> PgBouncer {
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-bouncer-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        std::fs::write(dir.path().join("userlist.txt"), "\"postgres\" \"\"\n").expect("userlist");
+        std::fs::write(
+            dir.path().join("pgbouncer.ini"),
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {}\npool_mode = session\n\
+                 ignore_startup_parameters = extra_float_digits\n",
+                pg.port,
+                dir.path().join("userlist.txt").display()
+            ),
+        )
+        .expect("ini");
+        chown_to_postgres(dir.path());
+        let log = std::fs::File::create(dir.path().join("pgbouncer.log")).expect("log");
+        let child = pg_command(Path::new("/usr/sbin/pgbouncer"))
+            .arg(dir.path().join("pgbouncer.ini"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start pgbouncer (is the pgbouncer package installed?)");
+        let bouncer = PgBouncer {
+            dir,
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        while tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not start: {}",
+                bouncer.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bouncer
+    }
+
+    /// The URL through the pooler.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A running daemon.
 pub struct Daemon {
     child: Option<Child>,
@@ -608,6 +690,10 @@ pub struct TestEnv {
     sentinel: String,
     /// Where the daemon serves /metrics, /healthz, /readyz.
     pub http_port: u16,
+    /// Extra lines for the `[postgres]` section (`source = "outbox"`).
+    pub postgres_extra: String,
+    /// The URL the daemon connects to, when not the server's own (a pooler).
+    pub url_override: Option<String>,
 }
 
 impl TestEnv {
@@ -646,6 +732,8 @@ impl TestEnv {
             daemons: 0,
             sentinel,
             http_port: free_port(),
+            postgres_extra: String::new(),
+            url_override: None,
         };
         env.write_config("");
         env
@@ -660,8 +748,9 @@ impl TestEnv {
             format!("[http]\nlisten = \"127.0.0.1:{}\"\n", self.http_port)
         };
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
-            self.pg.url(),
+            "[postgres]\nurl = \"{}\"\n{}\n\n[redis]\nurl = \"{}\"\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
+            self.url_override.clone().unwrap_or_else(|| self.pg.url()),
+            self.postgres_extra,
             self.redis.url()
         );
         std::fs::write(&self.config, text).expect("write config");
@@ -712,9 +801,24 @@ impl TestEnv {
         );
     }
 
-    /// Starts the daemon and waits until it holds the slot.
+    /// Starts the daemon and waits until it streams (holds the slot, or
+    /// for the outbox source, reports ready).
     pub async fn daemon(&mut self) -> Daemon {
         let daemon = self.spawn_daemon();
+        if self.postgres_extra.contains("outbox") {
+            let port = self.http_port;
+            wait_for(
+                "daemon to drain the outbox",
+                Duration::from_secs(30),
+                || async move {
+                    http_get(port, "/readyz")
+                        .await
+                        .is_some_and(|(s, _)| s == 200)
+                },
+            )
+            .await;
+            return daemon;
+        }
         let client = self.pg.client().await;
         wait_for(
             "daemon to hold the slot",

@@ -1,0 +1,412 @@
+//! The `outbox` source's database side: the SQL that `setup` installs
+//! (outbox table, one capture trigger function per watched table, row and
+//! TRUNCATE triggers) and the queries that drain it.
+//!
+//! A trigger writes one outbox row per changed row in the writer's own
+//! transaction, so a change and its invalidation commit or roll back
+//! together. Rows carry only what the rules need: the key (and query
+//! parameter) columns of the old and new row, or the whole row for tables
+//! with `refresh` rules, as PostgreSQL record text (`ROW(...)::text`),
+//! rendered under the same pinned settings as the replication stream
+//! (ISO dates, UTC) so the same decoder reads both. `pg_notify` only wakes
+//! the daemon: identical notifications in one transaction are folded into
+//! one, and the daemon polls anyway, so a lost wake-up delays, never loses.
+
+use std::collections::BTreeSet;
+
+use crate::config::OutboxConfig;
+use crate::db::catalog::{self, TableInfo};
+use crate::db::setup::{Plan, Step};
+use crate::db::{Db, DbError};
+use crate::rules::{quote_ident, quote_literal, Action, RuleSet, TableName};
+
+/// Trigger names (per table).
+const ROW_TRIGGER: &str = "pgci_capture";
+const TRUNCATE_TRIGGER: &str = "pgci_capture_truncate";
+
+/// The columns captured for `table`: every column if a rule refreshes whole
+/// rows, else the key and parameter columns, in table order.
+pub fn captured_columns(info: &TableInfo, rules: &[crate::rules::Rule]) -> Vec<String> {
+    let whole_row = rules
+        .iter()
+        .any(|r| r.action == Action::Refresh && r.query.is_none());
+    let needed: BTreeSet<String> = RuleSet::key_columns(rules);
+    info.columns
+        .iter()
+        .filter(|c| whole_row || needed.contains(&c.name))
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// The trigger function's name for `table`: readable, and never over the
+/// 63-byte identifier limit (long names get a hash suffix).
+pub fn function_name(table: &TableName) -> String {
+    let name = format!("capture_{}_{}", table.schema, table.name);
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut cut = 50;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{:08x}", &name[..cut], hash as u32)
+}
+
+fn row_expr(var: &str, columns: &[String], all: usize) -> String {
+    if columns.len() == all {
+        format!("{var}::text")
+    } else {
+        let fields: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{var}.{}", quote_ident(c)))
+            .collect();
+        format!("ROW({})::text", fields.join(", "))
+    }
+}
+
+/// Plans the outbox installation for `rules`. Every statement is
+/// idempotent, so the plan is the full installation; triggers of tables no
+/// rule watches any more are dropped.
+pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, DbError> {
+    let mut plan = Plan::default();
+    let schema = quote_ident(&cfg.schema);
+    plan.steps.push(Step {
+        why: format!(
+            "schema {} holds the outbox and its trigger functions",
+            cfg.schema
+        ),
+        sql: format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+    });
+    plan.steps.push(Step {
+        why: "one row per changed row, written in the writer's transaction".to_string(),
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.outbox (\n  id bigserial PRIMARY KEY,\n  lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn(),\n  created_at timestamptz NOT NULL DEFAULT now(),\n  relation text NOT NULL,\n  op text NOT NULL,\n  old_row text,\n  new_row text\n);"
+        ),
+    });
+    plan.steps.push(Step {
+        why: "which columns each table's trigger captures, in order".to_string(),
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.captures (relation text PRIMARY KEY, columns text[] NOT NULL);"
+        ),
+    });
+    let mut watched = Vec::new();
+    for (table, table_rules) in rules.tables() {
+        let Some(info) = catalog::inspect_table(db, table).await? else {
+            plan.problems.push(format!(
+                "table {table} does not exist: create it or fix the rule's table name"
+            ));
+            continue;
+        };
+        let missing: Vec<String> = RuleSet::key_columns(table_rules)
+            .into_iter()
+            .chain(RuleSet::named_columns(table_rules))
+            .filter(|c| !info.columns.iter().any(|col| &col.name == c))
+            .collect();
+        if !missing.is_empty() {
+            plan.problems.push(format!(
+                "table {table} has no column(s) {} used by its rules: fix the rules",
+                missing.join(", ")
+            ));
+            continue;
+        }
+        let columns = captured_columns(&info, table_rules);
+        let function = format!("{schema}.{}", quote_ident(&function_name(table)));
+        let relation = quote_literal(&table.to_string());
+        let old = row_expr("OLD", &columns, info.columns.len());
+        let new = row_expr("NEW", &columns, info.columns.len());
+        let notify = quote_literal(&cfg.schema);
+        plan.steps.push(Step {
+            why: format!("{table}: capture {} into the outbox", describe(&columns, info.columns.len())),
+            sql: format!(
+                "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
+                 LANGUAGE plpgsql SECURITY DEFINER\n\
+                 SET search_path = pg_catalog, pg_temp\n\
+                 SET datestyle = 'ISO, MDY' SET timezone = 'UTC' SET intervalstyle = 'postgres' SET extra_float_digits = 1\n\
+                 AS $fn$\n\
+                 BEGIN\n\
+                 \x20 IF TG_OP = 'TRUNCATE' THEN\n\
+                 \x20   INSERT INTO {schema}.outbox (relation, op) VALUES ({relation}, 'truncate');\n\
+                 \x20 ELSE\n\
+                 \x20   INSERT INTO {schema}.outbox (relation, op, old_row, new_row) VALUES ({relation}, lower(TG_OP),\n\
+                 \x20     CASE WHEN TG_OP <> 'INSERT' THEN {old} END,\n\
+                 \x20     CASE WHEN TG_OP <> 'DELETE' THEN {new} END);\n\
+                 \x20 END IF;\n\
+                 \x20 PERFORM pg_notify({notify}, '');\n\
+                 \x20 RETURN NULL;\n\
+                 END\n\
+                 $fn$;"
+            ),
+        });
+        plan.steps.push(Step {
+            why: format!("{table}: row and TRUNCATE triggers"),
+            sql: format!(
+                "CREATE OR REPLACE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {function}();\n\
+                 CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
+                table.quoted(),
+                table.quoted()
+            ),
+        });
+        let array: Vec<String> = columns.iter().map(|c| quote_literal(c)).collect();
+        plan.steps.push(Step {
+            why: format!("{table}: record the captured columns"),
+            sql: format!(
+                "INSERT INTO {schema}.captures VALUES ({relation}, ARRAY[{}]::text[]) ON CONFLICT (relation) DO UPDATE SET columns = excluded.columns;",
+                array.join(", ")
+            ),
+        });
+        watched.push(table.clone());
+    }
+    for stale in installed_tables(db).await? {
+        if watched.contains(&stale) {
+            continue;
+        }
+        plan.steps.push(Step {
+            why: format!("{stale}: no rule watches it any more"),
+            sql: format!(
+                "DROP TRIGGER IF EXISTS {ROW_TRIGGER} ON {table};\nDROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {table};\n\
+                 DROP FUNCTION IF EXISTS {schema}.{}();\nDELETE FROM {schema}.captures WHERE relation = {};",
+                quote_ident(&function_name(&stale)),
+                quote_literal(&stale.to_string()),
+                table = stale.quoted(),
+            ),
+        });
+    }
+    Ok(plan)
+}
+
+fn describe(columns: &[String], all: usize) -> String {
+    if columns.len() == all {
+        "whole rows (a refresh rule writes them)".to_string()
+    } else {
+        format!("columns {}", columns.join(", "))
+    }
+}
+
+/// Tables that carry our capture trigger.
+pub async fn installed_tables(db: &Db) -> Result<Vec<TableName>, DbError> {
+    Ok(db
+        .client()
+        .query(
+            "select n.nspname::text, c.relname::text from pg_trigger t \
+               join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace \
+              where t.tgname = $1 order by 1, 2",
+            &[&ROW_TRIGGER],
+        )
+        .await
+        .map_err(DbError::query("reading installed capture triggers"))?
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect())
+}
+
+/// Plans `teardown` for the outbox: triggers and their functions, then the
+/// schema with the outbox (and any rows still in it).
+pub async fn plan_teardown(db: &Db, cfg: &OutboxConfig) -> Result<Plan, DbError> {
+    let mut plan = Plan::default();
+    for table in installed_tables(db).await? {
+        plan.steps.push(Step {
+            why: format!("{table}: drop the capture triggers"),
+            sql: format!(
+                "DROP TRIGGER IF EXISTS {ROW_TRIGGER} ON {t};\nDROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {t};",
+                t = table.quoted()
+            ),
+        });
+    }
+    plan.steps.push(Step {
+        why: format!(
+            "drop schema {} with the outbox and trigger functions",
+            cfg.schema
+        ),
+        sql: format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE;",
+            quote_ident(&cfg.schema)
+        ),
+    });
+    Ok(plan)
+}
+
+/// Checks that the installed capture matches what the rules need: one line
+/// per problem.
+pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<String>, DbError> {
+    let mut problems = Vec::new();
+    let exists: bool = db
+        .client()
+        .query_one(
+            "select to_regclass($1) is not null and to_regclass($2) is not null",
+            &[
+                &format!("{}.outbox", quote_ident(&cfg.schema)),
+                &format!("{}.captures", quote_ident(&cfg.schema)),
+            ],
+        )
+        .await
+        .map_err(DbError::query("looking for the outbox"))?
+        .get(0);
+    if !exists {
+        problems.push(format!(
+            "the outbox is not installed in schema {:?}: run pg-cache-invalidator setup",
+            cfg.schema
+        ));
+        return Ok(problems);
+    }
+    let installed = installed_tables(db).await?;
+    for (table, table_rules) in rules.tables() {
+        let Some(info) = catalog::inspect_table(db, table).await? else {
+            problems.push(format!(
+                "table {table} does not exist: create it or fix the rule's table name"
+            ));
+            continue;
+        };
+        let expected = captured_columns(&info, table_rules);
+        let recorded = captured(db, cfg, table).await?;
+        if !installed.contains(table) || recorded.as_ref() != Some(&expected) {
+            problems.push(format!(
+                "table {table}: its capture trigger is missing or does not match the rules: run pg-cache-invalidator setup"
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// The columns recorded for `table` in the captures table.
+pub async fn captured(
+    db: &Db,
+    cfg: &OutboxConfig,
+    table: &TableName,
+) -> Result<Option<Vec<String>>, DbError> {
+    Ok(db
+        .client()
+        .query_opt(
+            &format!(
+                "select columns from {}.captures where relation = $1",
+                quote_ident(&cfg.schema)
+            ),
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(DbError::query("reading captured columns"))?
+        .map(|r| r.get(0)))
+}
+
+/// One outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Its id (order of writing).
+    pub id: i64,
+    /// WAL insert position when it was written (versions refreshed keys).
+    pub lsn: String,
+    /// Writer's transaction start, microseconds since 2000-01-01 UTC.
+    pub created_micros: i64,
+    /// `schema.table`.
+    pub relation: String,
+    /// insert, update, delete, truncate.
+    pub op: String,
+    /// Captured columns of the old row, record text.
+    pub old_row: Option<String>,
+    /// Captured columns of the new row, record text.
+    pub new_row: Option<String>,
+}
+
+/// Opens a transaction and locks up to `limit` rows, oldest first, that no
+/// other drainer holds. The caller applies them, then [`finish`]es.
+pub async fn claim(db: &mut Db, cfg: &OutboxConfig) -> Result<Vec<OutboxRow>, DbError> {
+    db.client()
+        .batch_execute("BEGIN")
+        .await
+        .map_err(DbError::query("starting an outbox transaction"))?;
+    let rows = db
+        .client()
+        .query(
+            &format!(
+                "select id, lsn::text, ((extract(epoch from created_at) - 946684800) * 1000000)::int8, \
+                        relation, op, old_row, new_row \
+                   from {}.outbox order by id limit $1 for update skip locked",
+                quote_ident(&cfg.schema)
+            ),
+            &[&i64::from(cfg.batch_size)],
+        )
+        .await
+        .map_err(DbError::query("reading the outbox"))?;
+    Ok(rows
+        .iter()
+        .map(|r| OutboxRow {
+            id: r.get(0),
+            lsn: r.get(1),
+            created_micros: r.get(2),
+            relation: r.get(3),
+            op: r.get(4),
+            old_row: r.get(5),
+            new_row: r.get(6),
+        })
+        .collect())
+}
+
+/// Deletes the applied rows and commits (Redis has acknowledged them).
+pub async fn finish(db: &mut Db, cfg: &OutboxConfig, ids: &[i64]) -> Result<(), DbError> {
+    db.client()
+        .execute(
+            &format!(
+                "delete from {}.outbox where id = any($1)",
+                quote_ident(&cfg.schema)
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(DbError::query("deleting applied outbox rows"))?;
+    db.client()
+        .batch_execute("COMMIT")
+        .await
+        .map_err(DbError::query("committing the outbox transaction"))
+}
+
+/// Rows waiting and the age of the oldest, for `status`.
+pub async fn backlog(db: &Db, cfg: &OutboxConfig) -> Result<(i64, Option<f64>), DbError> {
+    let row = db
+        .client()
+        .query_one(
+            &format!(
+                "select count(*), extract(epoch from now() - min(created_at))::float8 from {}.outbox",
+                quote_ident(&cfg.schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the outbox backlog"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_fit_the_identifier_limit() {
+        let short = TableName::parse("public.profiles").expect("valid");
+        assert_eq!(function_name(&short), "capture_public_profiles");
+        let long = TableName {
+            schema: "s".repeat(40),
+            name: "t".repeat(40),
+        };
+        let name = function_name(&long);
+        assert!(name.len() <= 63, "{name}");
+        let other = TableName {
+            schema: "s".repeat(40),
+            name: "u".repeat(40),
+        };
+        assert_ne!(function_name(&other), name);
+    }
+
+    #[test]
+    fn row_expressions_capture_only_what_is_needed() {
+        assert_eq!(
+            row_expr("NEW", &["user_id".into(), "token_id".into()], 8),
+            "ROW(NEW.\"user_id\", NEW.\"token_id\")::text"
+        );
+        assert_eq!(row_expr("OLD", &["a".into()], 1), "OLD::text");
+    }
+}

@@ -1,0 +1,410 @@
+//! `source = "outbox"`: trigger-fed capture for databases without
+//! replication. Same rules, same Redis state and events as replication;
+//! nothing lost when the daemon is down, killed, or doubled; works through
+//! PgBouncer in session mode.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::invalidation::{removed_by, users};
+use crate::support::{preset, surviving, wait_for, PgBouncer, TestEnv};
+
+async fn outbox_env(users: i32) -> TestEnv {
+    let mut env = TestEnv::start(users).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config("");
+    env.setup();
+    env
+}
+
+async fn outbox_rows(env: &TestEnv) -> i64 {
+    env.pg
+        .client()
+        .await
+        .query_one("select count(*) from cache_invalidator.outbox", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// Balance keys of every user_tokens row.
+async fn balance_keys(env: &TestEnv) -> Vec<String> {
+    let rows = env
+        .pg
+        .client()
+        .await
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut keys: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            let (u, t): (String, String) = (r.get(0), r.get(1));
+            [
+                format!("balance:user:{u}"),
+                format!("balance:user:{u}:token:{t}"),
+            ]
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The same writes as the replication tests (an update, transfer_tokens,
+/// a delete by surrogate key, a primary-key change, a truncate) remove the
+/// same keys through the outbox, each announced by the same event.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_invalidates_like_replication() {
+    let mut env = outbox_env(20).await;
+    let _daemon = env.daemon().await;
+    let u = users(&env, 3).await;
+    let client = redis::Client::open(env.redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.profiles set full_name = 'x' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+    let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("event")
+        .expect("open");
+    let event: serde_json::Value =
+        serde_json::from_str(&msg.get_payload::<String>().expect("text")).expect("json");
+    assert_eq!(event["table"], "public.profiles");
+    assert_eq!(event["op"], "update");
+    assert_eq!(event["action"], "delete");
+    assert_eq!(
+        event["keys"],
+        serde_json::json!([format!("profile:user:{}", u[0].id)])
+    );
+    assert!(event["lsn"].as_str().is_some_and(|l| l.contains('/')));
+    assert!(event["commit_time"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+
+    let token = &u[0].tokens[0];
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "select public.transfer_tokens('{}', '{}', '{token}', 0.01)",
+            u[0].id, u[1].id
+        ),
+    )
+    .await;
+    let mut expected = vec![
+        format!("balance:user:{}", u[0].id),
+        format!("balance:user:{}:token:{token}", u[0].id),
+        format!("balance:user:{}", u[1].id),
+        format!("balance:user:{}:token:{token}", u[1].id),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "delete from public.user_tokens where id = (select id from public.user_tokens where user_id = '{}' and token_id = '{}')",
+            u[2].id, u[2].tokens[1]
+        ),
+    )
+    .await;
+    let mut expected = vec![
+        format!("balance:user:{}", u[2].id),
+        format!("balance:user:{}:token:{}", u[2].id, u[2].tokens[1]),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
+
+    let moved = "00000000-0000-4000-8000-000000000009";
+    let removed = removed_by(
+        &env,
+        &u,
+        &[format!("profile:user:{moved}")],
+        &format!(
+            "insert into auth.users (id) values ('{moved}'); update public.profiles set id = '{moved}' where id = '{}'",
+            u[1].id
+        ),
+    )
+    .await;
+    let mut expected = vec![
+        format!("profile:user:{}", u[1].id),
+        format!("profile:user:{moved}"),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
+
+    let removed = removed_by(
+        &env,
+        &u,
+        &["journeyman:1".to_string()],
+        "truncate public.user_journeys",
+    )
+    .await;
+    let mut expected: Vec<String> = u.iter().map(|u| format!("journey:user:{}", u.id)).collect();
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert_eq!(outbox_rows(&env).await, 0, "applied rows are deleted");
+}
+
+/// 10 000 changes written while no daemon runs (NOTIFY goes nowhere) are
+/// all applied when it starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_written_while_down_are_applied_on_start() {
+    let mut env = outbox_env(5_000).await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    let changed = env
+        .pg
+        .client()
+        .await
+        .execute("update public.user_tokens set balance = balance + 1", &[])
+        .await
+        .expect("10k changes");
+    assert_eq!(changed, 10_000);
+    assert_eq!(outbox_rows(&env).await, 10_000);
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+    assert_eq!(outbox_rows(&env).await, 0);
+}
+
+/// kill -9 while draining a 30 000-row backlog (32 transactions), then a restart: the rows
+/// of the interrupted batch were not deleted, so nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_mid_backlog_loses_nothing() {
+    let mut env = outbox_env(15_000).await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    let client = env.pg.client().await;
+    for part in 0..32 {
+        client
+            .execute(
+                "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 31) = $1",
+                &[&part],
+            )
+            .await
+            .expect("backlog");
+    }
+    let mut daemon = env.spawn_daemon();
+    let total = keys.len();
+    wait_for("part of the backlog", Duration::from_secs(60), || {
+        let mut redis = redis.clone();
+        let keys = &keys;
+        async move { surviving(&mut redis, keys).await < total }
+    })
+    .await;
+    daemon.kill9();
+    let left = outbox_rows(&env).await;
+    eprintln!("killed with {left} outbox rows left");
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+    assert_eq!(outbox_rows(&env).await, 0);
+}
+
+/// A 100 kB value (far over NOTIFY's 8000-byte payload limit) refreshes
+/// through the outbox exactly as `to_jsonb` renders the row.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_values_pass_through_the_outbox() {
+    let mut env = TestEnv::start(1).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    let client = env.pg.client().await;
+    client
+        .batch_execute("create table public.docs (id int primary key, body text, at timestamptz)")
+        .await
+        .expect("docs");
+    env.write_config(
+        "[[rules]]\ntable = \"public.docs\"\nkeys = [\"doc:{id}\"]\naction = \"refresh\"\nttl = \"1h\"\n",
+    );
+    env.setup();
+    let _daemon = env.daemon().await;
+    client
+        .batch_execute(
+            "set timezone = 'America/New_York'; \
+             insert into public.docs select 1, string_agg(md5(g::text), ''), '2026-11-26 07:00:00.5+00' from generate_series(1, 3200) g",
+        )
+        .await
+        .expect("insert 100 kB");
+    env.sync().await;
+    let mut redis = env.redis.conn().await;
+    let cached: String = redis::cmd("GET")
+        .arg("doc:1")
+        .query_async(&mut redis)
+        .await
+        .expect("cached");
+    assert!(cached.len() > 100_000, "{}", cached.len());
+    client
+        .batch_execute("set timezone = 'UTC'")
+        .await
+        .expect("tz");
+    let same: bool = client
+        .query_one(
+            "select $1::text::jsonb = to_jsonb(d) from public.docs d where id = 1",
+            &[&cached],
+        )
+        .await
+        .expect("compare")
+        .get(0);
+    assert!(same, "cached row differs from to_jsonb");
+}
+
+/// Two daemons drain one outbox at once: SKIP LOCKED gives each its own
+/// rows, so every change is applied exactly once (one event each) and
+/// nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_share_one_outbox() {
+    let mut env = outbox_env(10_000).await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    let client = redis::Client::open(env.redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
+    let counter = tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        let mut n = 0;
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+        {
+            if msg
+                .get_payload::<String>()
+                .unwrap_or_default()
+                .contains("public.user_tokens")
+            {
+                n += 1;
+            }
+        }
+        n
+    });
+    let _first = env.daemon().await;
+    env.http_port = crate::support::free_port();
+    env.write_config("");
+    let _second = env.daemon().await;
+    let db = env.pg.client().await;
+    for part in 0..20 {
+        db.execute(
+            "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 15) = $1 % 16",
+            &[&part],
+        )
+        .await
+        .expect("writes");
+    }
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+    assert_eq!(outbox_rows(&env).await, 0);
+    let expected: i64 = db
+        .query_one(
+            "select sum(c)::int8 from (select count(*) as c from public.user_tokens, generate_series(0, 19) p \
+              where (hashtext(id::text) & 15) = p % 16 group by p) x",
+            &[],
+        )
+        .await
+        .expect("expected")
+        .get(0);
+    let events = counter.await.expect("counter");
+    assert_eq!(events, expected, "each change applied exactly once");
+}
+
+/// Through PgBouncer in session mode (as through Supabase's pooler): the
+/// LISTEN wake-up works (the poll interval is a minute, so only NOTIFY can
+/// make it fast), and changes are applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn works_through_pgbouncer_in_session_mode() {
+    let mut env = outbox_env(5).await;
+    let bouncer = PgBouncer::start(&env.pg).await;
+    env.url_override = Some(bouncer.url());
+    env.write_config("[outbox]\npoll_interval = \"60s\"\n");
+    let _daemon = env.daemon().await;
+    let u = users(&env, 2).await;
+    let started = std::time::Instant::now();
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.profiles set bio = 'pooled' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "woke only by polling: {}",
+        bouncer.log()
+    );
+}
+
+/// Setup is idempotent and follows the rules: dropping a rule and running
+/// setup again removes that table's triggers; check-config agrees.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_follows_rule_changes() {
+    let env = outbox_env(1).await;
+    let out = env.cli(&["setup"]);
+    assert!(out.status.success());
+    let triggers = |client: tokio_postgres::Client| async move {
+        client
+            .query_one(
+                "select count(*) from pg_trigger where tgname = 'pgci_capture' and tgrelid = 'public.user_journeys'::regclass",
+                &[],
+            )
+            .await
+            .expect("triggers")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(triggers(env.pg.client().await).await, 1);
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    let without = config.replace(
+        "[[rules]]\ntable  = \"public.user_journeys\"\nkeys   = [\"journey:user:{user_id}\"]\naction = \"delete\"",
+        "",
+    );
+    assert_ne!(config, without, "rule not found in the config");
+    std::fs::write(&env.config, &without).expect("write");
+    let out = env.cli(&["setup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(triggers(env.pg.client().await).await, 0);
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backlog_rows"));
+    let out = env.cli(&["teardown"]);
+    assert!(out.status.success());
+    let out = env.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not installed"));
+}
