@@ -35,7 +35,8 @@ struct Args {
     rates: Vec<u64>,
     seconds: u64,
     naive_seconds: u64,
-    /// Scenarios to run (all when empty): drain1000, drain1, live, memory.
+    /// Scenarios to run (all when empty): drain1000, drain1, live, capture,
+    /// memory.
     only: Vec<String>,
 }
 
@@ -489,6 +490,92 @@ async fn live_latency(args: &Args) -> Vec<LatencyResult> {
     results
 }
 
+/// TPS of `pgbench` running single-row updates on user_tokens.
+fn pgbench_tps(env: &TestEnv, script: &std::path::Path, seconds: u64) -> f64 {
+    let out = std::process::Command::new(pg_bin().join("pgbench"))
+        .args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.pg.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .expect("tps line")
+}
+
+/// What capture costs writers: the same pgbench update workload with no
+/// capture, with the outbox triggers (daemon draining), and with the
+/// replication slot (daemon streaming). Rounds alternate the modes.
+async fn capture_cost(args: &Args) -> Vec<(&'static str, f64)> {
+    let mut env = TestEnv::start(50_000).await;
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    let script = env.path("update.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set r random(1, {rows})\nupdate public.user_tokens set balance = balance + 1 where id = (select id from bench_ids where rn = :r);\n"
+        ),
+    )
+    .expect("script");
+    let mut results: Vec<(&'static str, Vec<f64>)> = vec![
+        ("no capture", Vec::new()),
+        ("outbox triggers, daemon draining", Vec::new()),
+        (
+            "outbox triggers, no daemon (trigger cost alone)",
+            Vec::new(),
+        ),
+        ("replication slot, daemon streaming", Vec::new()),
+    ];
+    for round in 0..args.runs {
+        // No capture.
+        results[0].1.push(pgbench_tps(&env, &script, args.seconds));
+        // Outbox: triggers installed, a daemon draining.
+        env.postgres_extra = "source = \"outbox\"\n".to_string();
+        env.write_config("[outbox]\npoll_interval = \"200ms\"\n");
+        env.setup();
+        let mut daemon = env.daemon().await;
+        results[1].1.push(pgbench_tps(&env, &script, args.seconds));
+        let _ = daemon.terminate().await;
+        results[2].1.push(pgbench_tps(&env, &script, args.seconds));
+        let out = env.cli(&["teardown"]);
+        assert!(out.status.success());
+        // Replication: slot and publication, a daemon streaming.
+        env.postgres_extra = String::new();
+        env.write_config("");
+        env.setup();
+        let mut daemon = env.daemon().await;
+        results[3].1.push(pgbench_tps(&env, &script, args.seconds));
+        let _ = daemon.terminate().await;
+        let out = env.cli(&["teardown"]);
+        assert!(out.status.success());
+        eprintln!(
+            "  round {round}: no capture {:.0} tps, outbox {:.0} tps (no daemon {:.0}), replication {:.0} tps",
+            results[0].1[round], results[1].1[round], results[2].1[round], results[3].1[round]
+        );
+    }
+    results
+        .into_iter()
+        .map(|(name, mut tps)| (name, median(&mut tps)))
+        .collect()
+}
+
 fn rss_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -544,6 +631,12 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let capture = if args.wants("capture") {
+        eprintln!("capture cost for writers");
+        capture_cost(&args).await
+    } else {
+        Vec::new()
+    };
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
         memory(&args).await
@@ -582,6 +675,18 @@ async fn main() {
         ));
     }
     lines.push(String::new());
+    if let Some((_, base)) = capture.first().copied() {
+        lines.push(String::new());
+        lines.push(
+            "| writers (pgbench, 4 clients, single-row updates) | tps | ratio to no capture |"
+                .into(),
+        );
+        lines.push("|---|---|---|".into());
+        for (name, tps) in &capture {
+            lines.push(format!("| {name} | {tps:.0} | {:.2} |", tps / base));
+        }
+        lines.push(String::new());
+    }
     lines.push(format!(
         "Memory: idle RSS {idle:.1} MB after start; peak RSS {peak:.1} MB while draining {} changes (in {mem_took:.1?}); idle RSS {idle_after:.1} MB after the drain.",
         args.memory_changes

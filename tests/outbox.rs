@@ -408,3 +408,61 @@ async fn setup_follows_rule_changes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not installed"));
 }
+
+/// `setup --print` for the demo rules is sql/outbox/setup.sql, and the
+/// daemon runs as the least-privilege role of sql/outbox/role.sql.
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_sql_matches_and_the_least_privilege_role_works() {
+    let mut env = TestEnv::start(3).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_demo_config();
+    let out = env.cli(&["setup", "--print"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let printed: Vec<&str> = stdout.lines().skip(1).collect();
+    let golden =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/outbox/setup.sql"))
+            .expect("sql/outbox/setup.sql");
+    let (_, golden) = golden
+        .split_once("\n\n")
+        .expect("header, blank line, statements");
+    assert_eq!(
+        printed,
+        golden.lines().collect::<Vec<_>>(),
+        "sql/outbox/setup.sql is stale"
+    );
+
+    env.write_config("");
+    env.setup();
+    let role = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/outbox/role.sql"))
+        .expect("sql/outbox/role.sql")
+        .replace(":password", "'not-used-with-trust'");
+    env.pg
+        .client()
+        .await
+        .batch_execute(&role)
+        .await
+        .expect("role.sql");
+    env.url_override = Some(format!(
+        "postgres://cache_invalidator@127.0.0.1:{}/postgres?sslmode=disable",
+        env.pg.port
+    ));
+    env.write_config("");
+    let _daemon = env.daemon().await;
+    let u = users(&env, 2).await;
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.profiles set bio = 'least' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+}

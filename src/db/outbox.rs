@@ -20,6 +20,13 @@ use crate::db::setup::{Plan, Step};
 use crate::db::{Db, DbError};
 use crate::rules::{quote_ident, quote_literal, Action, RuleSet, TableName};
 
+/// Types whose text output depends on session settings: date, time,
+/// timetz, timestamp, timestamptz, interval, float4, float8 (and their
+/// arrays).
+const FORMAT_SENSITIVE_TYPES: &[u32] = &[
+    1082, 1083, 1266, 1114, 1184, 1186, 700, 701, 1182, 1183, 1270, 1115, 1185, 1187, 1021, 1022,
+];
+
 /// Trigger names (per table).
 const ROW_TRIGGER: &str = "pgci_capture";
 const TRUNCATE_TRIGGER: &str = "pgci_capture_truncate";
@@ -118,13 +125,25 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
         let old = row_expr("OLD", &columns, info.columns.len());
         let new = row_expr("NEW", &columns, info.columns.len());
         let notify = quote_literal(&cfg.schema);
+        // Pinning the text format costs a settings save/restore per call,
+        // so it is done only where the captured text depends on it: whole
+        // rows, or key columns of date, time, interval or float types.
+        let whole_row = columns.len() == info.columns.len();
+        let format_sensitive = info
+            .columns
+            .iter()
+            .any(|c| columns.contains(&c.name) && FORMAT_SENSITIVE_TYPES.contains(&c.type_oid));
+        let settings = if whole_row || format_sensitive {
+            "\nSET datestyle = 'ISO, MDY' SET timezone = 'UTC' SET intervalstyle = 'postgres' SET extra_float_digits = 1"
+        } else {
+            ""
+        };
         plan.steps.push(Step {
             why: format!("{table}: capture {} into the outbox", describe(&columns, info.columns.len())),
             sql: format!(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
                  LANGUAGE plpgsql SECURITY DEFINER\n\
-                 SET search_path = pg_catalog, pg_temp\n\
-                 SET datestyle = 'ISO, MDY' SET timezone = 'UTC' SET intervalstyle = 'postgres' SET extra_float_digits = 1\n\
+                 SET search_path = pg_catalog, pg_temp{settings}\n\
                  AS $fn$\n\
                  BEGIN\n\
                  \x20 IF TG_OP = 'TRUNCATE' THEN\n\

@@ -759,8 +759,9 @@ impl TestEnv {
     /// Writes a config with the demo rules only (no sentinel rule).
     pub fn write_demo_config(&self) {
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{RULES_TOML}",
+            "[postgres]\nurl = \"{}\"\n{}\n[redis]\nurl = \"{}\"\n\n{RULES_TOML}",
             self.pg.url(),
+            self.postgres_extra,
             self.redis.url()
         );
         std::fs::write(&self.config, text).expect("write config");
