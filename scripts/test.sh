@@ -12,4 +12,4 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo test (unit and integration tests)"
-cargo test --locked --all-targets "$@"
+cargo test --locked --lib --bins --tests "$@"
