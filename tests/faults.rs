@@ -5,30 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::support::{preset, slot_active, surviving, wait_for, TestEnv};
-
-/// Every balance key of every user_tokens row.
-async fn balance_keys(env: &TestEnv) -> Vec<String> {
-    let rows = env
-        .pg
-        .client()
-        .await
-        .query(
-            "select user_id::text, token_id::text from public.user_tokens",
-            &[],
-        )
-        .await
-        .expect("rows");
-    let mut keys: Vec<String> = Vec::with_capacity(rows.len() * 2);
-    for r in &rows {
-        let (user, token): (String, String) = (r.get(0), r.get(1));
-        keys.push(format!("balance:user:{user}:token:{token}"));
-        keys.push(format!("balance:user:{user}"));
-    }
-    keys.sort();
-    keys.dedup();
-    keys
-}
+use crate::support::{balance_keys, preset, slot_active, surviving, wait_for, TestEnv};
 
 /// Updates every user_tokens row whose hash falls in `buckets` of 128, one
 /// transaction per bucket.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::invalidation::{removed_by, users};
-use crate::support::{preset, surviving, wait_for, PgBouncer, TestEnv};
+use crate::support::{balance_keys, preset, surviving, wait_for, PgBouncer, TestEnv};
 
 async fn outbox_env(users: i32) -> TestEnv {
     let mut env = TestEnv::start(users).await;
@@ -26,33 +26,6 @@ async fn outbox_rows(env: &TestEnv) -> i64 {
         .await
         .expect("count")
         .get(0)
-}
-
-/// Balance keys of every user_tokens row.
-async fn balance_keys(env: &TestEnv) -> Vec<String> {
-    let rows = env
-        .pg
-        .client()
-        .await
-        .query(
-            "select user_id::text, token_id::text from public.user_tokens",
-            &[],
-        )
-        .await
-        .expect("rows");
-    let mut keys: Vec<String> = rows
-        .iter()
-        .flat_map(|r| {
-            let (u, t): (String, String) = (r.get(0), r.get(1));
-            [
-                format!("balance:user:{u}"),
-                format!("balance:user:{u}:token:{t}"),
-            ]
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
 }
 
 /// The same writes as the replication tests (an update, transfer_tokens,

@@ -960,6 +960,30 @@ where
     }
 }
 
+/// Every balance key (per user and per user and token) of every
+/// user_tokens row, sorted.
+pub async fn balance_keys(env: &TestEnv) -> Vec<String> {
+    let rows = env
+        .pg
+        .client()
+        .await
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut keys: Vec<String> = Vec::with_capacity(rows.len() * 2);
+    for r in &rows {
+        let (user, token): (String, String) = (r.get(0), r.get(1));
+        keys.push(format!("balance:user:{user}:token:{token}"));
+        keys.push(format!("balance:user:{user}"));
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Sets every key to a placeholder value.
 pub async fn preset(redis: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
     for chunk in keys.chunks(5000) {
