@@ -452,6 +452,39 @@ async fn aggregate_keys_hold_the_query_answer() {
         0
     );
 
+    // A query that fails at run time for some values (here: division by a
+    // zero balance) deletes its keys and the stream goes on.
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config).expect("read").replace(
+            "'balance', balance)",
+            "'balance', balance / (balance - balance))",
+        ),
+    )
+    .expect("write");
+    drop(_daemon);
+    let _daemon = env.daemon().await;
+    let key = format!("balances:user:{}", users[1]);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("stale")
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    client
+        .execute(
+            "update public.user_tokens set balance = balance + 1 where user_id = $1::text::uuid",
+            &[&users[1]],
+        )
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, &[key]).await,
+        0,
+        "failing query must delete, not stall"
+    );
+
     // A query that does not prepare is refused at start with the reason.
     std::fs::write(
         &env.config,

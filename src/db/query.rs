@@ -1,6 +1,8 @@
 //! Runs the aggregate-key queries of `refresh` rules on a small pool of
 //! regular connections, concurrently up to a bound; answers come back in
-//! the order asked, so the sink writes them in commit order.
+//! the order asked, so the sink writes them in commit order. A lost
+//! connection fails the batch (the sink retries it); a query the server
+//! rejects answers "none", which deletes its keys.
 
 use std::sync::Arc;
 
@@ -68,10 +70,26 @@ async fn run_one(db: &Db, sql: &str, params: &[Option<String>]) -> Result<Option
         .iter()
         .map(|p| (p as &(dyn ToSql + Sync), Type::TEXT))
         .collect();
-    let rows = db
-        .client()
-        .query_typed(sql, &typed)
-        .await
-        .map_err(DbError::query(format!("running refresh query {sql}")))?;
+    let rows = match db.client().query_typed(sql, &typed).await {
+        Ok(rows) => rows,
+        // The server refused this query for these values (a data error, a
+        // dropped column...): retrying cannot help, and waiting would stall
+        // every later invalidation. Deleting the keys is always safe.
+        Err(error) if error.as_db_error().is_some() => {
+            let reason = error
+                .as_db_error()
+                .map(|e| e.message().to_string())
+                .unwrap_or_default();
+            metrics::counter!(crate::telemetry::metrics::ROWS_NOT_CACHED_TOTAL).increment(1);
+            tracing::error!(query = %sql, error = %reason,
+                "refresh query failed; deleting its keys instead");
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(DbError::query(format!("running refresh query {sql}"))(
+                error,
+            ))
+        }
+    };
     Ok(rows.first().and_then(|r| r.get::<_, Option<String>>(0)))
 }
