@@ -41,6 +41,18 @@ psql_ -c "select public.seed_demo_data(100)" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable"
 export REDIS_URL="redis://127.0.0.1:$RPORT/0"
 cp sql/demo/avolve_config.toml "$WORK/config.toml"
+# One refresh rule on top of the demo's delete rules: a user's whole
+# balance page, kept written (not just deleted) by the daemon.
+cat >>"$WORK/config.toml" <<'TOML'
+
+[[rules]]
+table  = "public.user_tokens"
+keys   = ["balances:user:{user_id}"]
+action = "refresh"
+ttl    = "5m"
+query  = "select json_agg(json_build_object('token_id', token_id, 'balance', balance) order by token_id) from public.user_tokens where user_id = $1::uuid"
+params = ["user_id"]
+TOML
 
 log "pg-cache-invalidator setup --print (the SQL a DBA could run instead)"
 "$BIN" setup --print --config "$WORK/config.toml"
@@ -87,6 +99,9 @@ for _ in $(seq 100); do
 done
 log "the cache after the daemon applied the changes"
 show_keys
+
+log "refreshed by the daemon: alice's balance page (balances:user:…), read straight from Redis"
+echo "  $(rcli get "balances:user:$ALICE")"
 
 log "events published on the cache-invalidation channel"
 sleep 0.3
