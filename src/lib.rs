@@ -1,13 +1,16 @@
 //! pg-cache-invalidator keeps Redis caches true to PostgreSQL.
 //!
-//! It reads the database's logical replication stream and, for every
-//! committed change to a watched table, removes exactly the Redis keys that
-//! depend on that row, then announces it on Redis pub/sub.
+//! It reads the database's change stream (a logical replication slot with
+//! `pgoutput`, or a trigger-fed outbox where replication is not available)
+//! and, for every committed change to a watched table, deletes or rewrites
+//! exactly the Redis keys that depend on that row, then announces it on
+//! Redis pub/sub.
 //!
 //! ```text
 //! Postgres ──▶ source ──▶ decode ──▶ plan ──▶ sink ──▶ ack
-//!  (pgoutput)  (source/)   (decode/)  (plan,    (sink/    (confirmed LSN
-//!                                      rules/)   redis)    back to the slot)
+//!  (pgoutput   (source/)   (decode/:  (plan,    (sink/    (confirmed LSN back
+//!   or outbox)             pgoutput,  rules/)   redis)    to the slot, or the
+//!                          to_jsonb)                      outbox rows deleted)
 //! ```
 //!
 //! # Delivery guarantee
