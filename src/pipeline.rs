@@ -70,6 +70,7 @@ pub enum PipelineError {
 
 /// The transaction being read.
 struct OpenTxn {
+    xid: u32,
     lsn: Lsn,
     commit_time: Arc<str>,
     commit_micros: i64,
@@ -151,7 +152,7 @@ impl Stream {
     }
 
     fn push(&mut self, op: CacheOp) {
-        let (lsn, commit_time, commit_micros, seq) = match &mut self.txn {
+        let (lsn, commit_time, commit_micros, seq, xid) = match &mut self.txn {
             Some(txn) => {
                 txn.seq += 1;
                 (
@@ -159,9 +160,10 @@ impl Stream {
                     Arc::clone(&txn.commit_time),
                     txn.commit_micros,
                     txn.seq,
+                    txn.xid,
                 )
             }
-            None => (Lsn::ZERO, Arc::from(""), 0, 0),
+            None => (Lsn::ZERO, Arc::from(""), 0, 0, 0),
         };
         self.pending.items.push(Item {
             op,
@@ -169,6 +171,7 @@ impl Stream {
             commit_time,
             commit_micros,
             seq,
+            xid,
         });
     }
 
@@ -193,10 +196,12 @@ impl Stream {
                 metrics::gauge!(m::LAST_HEARTBEAT_TIMESTAMP_SECONDS).set(now);
             }
             SourceEvent::Begin {
+                xid,
                 commit_lsn,
                 commit_time_micros,
             } => {
                 self.txn = Some(OpenTxn {
+                    xid,
                     lsn: commit_lsn,
                     commit_time: Arc::from(pg_micros_to_rfc3339(commit_time_micros)),
                     commit_micros: commit_time_micros,

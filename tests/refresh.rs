@@ -451,6 +451,11 @@ async fn aggregate_keys_hold_the_query_answer() {
         surviving(&mut redis, &[format!("balances:user:{}", users[0])]).await,
         0
     );
+    assert!(
+        !_daemon.log().contains("still not visible"),
+        "the visibility check never succeeded: {}",
+        _daemon.log()
+    );
 
     // A query that fails at run time for some values (here: division by a
     // zero balance) deletes its keys and the stream goes on.

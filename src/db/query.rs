@@ -5,6 +5,7 @@
 //! rejects answers "none", which deletes its keys.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::try_join_all;
 use tokio_postgres::types::{ToSql, Type};
@@ -36,14 +37,23 @@ impl QueryRunner {
     }
 
     /// Runs `jobs`, returning each one's single text answer (`None` for no
-    /// row or NULL) in order, at most [`IN_FLIGHT`] at a time. On any error
-    /// the pool is dropped, to be reconnected by the retry.
-    pub async fn run(&mut self, jobs: &[QueryJob<'_>]) -> Result<Vec<Option<String>>, DbError> {
+    /// row or NULL) in order, at most [`IN_FLIGHT`] at a time, once the
+    /// transactions `xids` are visible. On any error the pool is dropped,
+    /// to be reconnected by the retry.
+    pub async fn run(
+        &mut self,
+        jobs: &[QueryJob<'_>],
+        xids: &[u32],
+    ) -> Result<Vec<Option<String>>, DbError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         while self.clients.len() < CONNECTIONS {
             self.clients.push(Arc::new(Db::connect(&self.conn).await?));
+        }
+        if let Err(error) = wait_visible(&self.clients[0], xids).await {
+            self.clients.clear();
+            return Err(error);
         }
         let mut answers = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(IN_FLIGHT) {
@@ -62,6 +72,46 @@ impl QueryRunner {
             }
         }
         Ok(answers)
+    }
+}
+
+/// How long to wait for a decoded transaction to become visible before
+/// querying anyway: the window is normally microseconds.
+const VISIBILITY_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until every transaction in `xids` is visible to new snapshots.
+///
+/// The walsender may send a transaction's commit as soon as its commit
+/// record is flushed, a moment before the committing backend makes it
+/// visible to other sessions. A query run in that moment would not see the
+/// change it was triggered by and would cache the value from before it,
+/// stamped with the newer version. The 32-bit xid from the stream is
+/// widened to a full xid against the snapshot's xmax (a committed xid is
+/// less than 2^31 behind it).
+async fn wait_visible(db: &Db, xids: &[u32]) -> Result<(), DbError> {
+    if xids.is_empty() {
+        return Ok(());
+    }
+    let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
+    let deadline = tokio::time::Instant::now() + VISIBILITY_WAIT;
+    loop {
+        let visible: bool = db
+            .client()
+            .query_one(
+                "with snap as (select pg_current_snapshot() as s),                       bounds as (select s, pg_snapshot_xmax(s)::text::int8 as xmax from snap)                  select coalesce(bool_and(case                    when x < xmax % 4294967296 then                      pg_visible_in_snapshot(((xmax / 4294967296) * 4294967296 + x)::text::xid8, s)                    when x - xmax % 4294967296 < 2147483648 then false                    when xmax / 4294967296 = 0 then false                    else pg_visible_in_snapshot(((xmax / 4294967296 - 1) * 4294967296 + x)::text::xid8, s)                  end), true) from bounds, unnest($1::int8[]) as x",
+                &[&xids],
+            )
+            .await
+            .map_err(DbError::query("checking that decoded transactions are visible"))?
+            .get(0);
+        if visible {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(xids = ?xids, "decoded transactions still not visible; querying anyway");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Item {
     /// Position within the transaction: with `lsn`, the version that keeps
     /// refreshed values from going backwards on a replay.
     pub seq: u32,
+    /// The transaction id, when a query must wait until the transaction is
+    /// visible to other sessions (see `db::query`); 0 when it already is.
+    pub xid: u32,
 }
 
 /// Operations to apply in order, and the LSN that may be confirmed once

@@ -233,14 +233,20 @@ impl RedisSink {
     /// by the version-guarded script; events follow. Aggregate queries run
     /// first (concurrently), so their answers land in commit order too.
     async fn apply_invalidations(&mut self, items: &[Item]) -> Result<u64, AttemptError> {
+        let mut xids = Vec::new();
         let jobs: Vec<QueryJob<'_>> = items
             .iter()
             .filter_map(|item| match &item.op {
-                CacheOp::Query { sql, params, .. } => Some((sql, params.as_slice())),
+                CacheOp::Query { sql, params, .. } => {
+                    if item.xid != 0 && !xids.contains(&item.xid) {
+                        xids.push(item.xid);
+                    }
+                    Some((sql, params.as_slice()))
+                }
                 _ => None,
             })
             .collect();
-        let mut answers = self.queries.run(&jobs).await?.into_iter();
+        let mut answers = self.queries.run(&jobs, &xids).await?.into_iter();
 
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -515,6 +521,7 @@ mod tests {
             commit_time: Arc::from("2026-11-26T07:00:00.123456Z"),
             commit_micros: 1,
             seq: 1,
+            xid: 0,
         };
         assert_eq!(
             event_json(&item),

@@ -233,6 +233,9 @@ async fn drain_once(
                 commit_time: Arc::clone(&commit_time),
                 commit_micros: row.created_micros,
                 seq: row.id as u32,
+                // Rows read by the drain's snapshot are visible to any
+                // later one already.
+                xid: 0,
             });
         }
     }

@@ -56,6 +56,8 @@ pub enum SourceEvent {
     Restarted,
     /// A transaction begins.
     Begin {
+        /// Its transaction id (32 bits, as pgoutput sends it).
+        xid: u32,
         /// LSN of its commit record (events name changes by it).
         commit_lsn: Lsn,
         /// Commit time, microseconds since 2000-01-01 UTC.
@@ -197,8 +199,9 @@ impl ReplicationSource {
                 ReplicationEvent::Begin {
                     final_lsn,
                     commit_time_micros,
-                    ..
+                    xid,
                 } => SourceEvent::Begin {
+                    xid,
                     commit_lsn: Lsn(final_lsn.as_u64()),
                     commit_time_micros,
                 },
