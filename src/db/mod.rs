@@ -246,6 +246,32 @@ pub struct Db {
 impl Db {
     /// Connects, with TLS as `sslmode` asks.
     pub async fn connect(info: &ConnInfo) -> Result<Db, DbError> {
+        Db::open(info, None).await
+    }
+
+    /// Connects and runs `LISTEN channel`; each notification on it sends
+    /// `()` to the returned receiver (a wake-up, never the data itself).
+    /// The receiver closes when the connection ends.
+    pub async fn connect_listening(
+        info: &ConnInfo,
+        channel: &str,
+    ) -> Result<(Db, tokio::sync::mpsc::Receiver<()>), DbError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let db = Db::open(info, Some(tx)).await?;
+        db.client
+            .batch_execute(&format!("LISTEN {}", crate::rules::quote_ident(channel)))
+            .await
+            .map_err(DbError::query(format!("LISTEN {channel}")))?;
+        Ok((db, rx))
+    }
+
+    /// Connects (plain or TLS), drives the connection in the background
+    /// (forwarding notifications to `wake` if given), and pins the
+    /// session settings.
+    async fn open(
+        info: &ConnInfo,
+        wake: Option<tokio::sync::mpsc::Sender<()>>,
+    ) -> Result<Db, DbError> {
         let context = || format!("cannot connect to {}", info.redacted());
         let mut config = info.driver_config();
         let client = if info.sslmode == SslMode::Disable {
@@ -253,7 +279,7 @@ impl Db {
                 .connect(tokio_postgres::NoTls)
                 .await
                 .map_err(DbError::query(context()))?;
-            spawn_connection(connection);
+            drive(connection, wake);
             client
         } else {
             let tls = crate::tls::client_config(info.sslmode, info.ssl_root_cert.as_deref())
@@ -270,7 +296,7 @@ impl Db {
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                 .await
                 .map_err(DbError::query(context()))?;
-            spawn_connection(connection);
+            drive(connection, wake);
             client
         };
         client
@@ -278,49 +304,6 @@ impl Db {
             .await
             .map_err(DbError::query("pinning session settings"))?;
         Ok(Db { client })
-    }
-
-    /// Connects and runs `LISTEN channel`; each notification on it sends
-    /// `()` to the returned receiver (a wake-up, never the data itself).
-    /// The receiver closes when the connection ends.
-    pub async fn connect_listening(
-        info: &ConnInfo,
-        channel: &str,
-    ) -> Result<(Db, tokio::sync::mpsc::Receiver<()>), DbError> {
-        let context = || format!("cannot connect to {}", info.redacted());
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let config = info.driver_config();
-        let client = if info.sslmode == SslMode::Disable {
-            let (client, connection) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(DbError::query(context()))?;
-            spawn_notifications(connection, tx);
-            client
-        } else {
-            let tls = crate::tls::client_config(info.sslmode, info.ssl_root_cert.as_deref())
-                .map_err(|reason| DbError::BadUrl {
-                    url: info.redacted(),
-                    reason,
-                })?;
-            let mut config = config;
-            config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            let (client, connection) = config
-                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-                .await
-                .map_err(DbError::query(context()))?;
-            spawn_notifications(connection, tx);
-            client
-        };
-        client
-            .batch_execute(SESSION_SETTINGS)
-            .await
-            .map_err(DbError::query("pinning session settings"))?;
-        client
-            .batch_execute(&format!("LISTEN {}", crate::rules::quote_ident(channel)))
-            .await
-            .map_err(DbError::query(format!("LISTEN {channel}")))?;
-        Ok((Db { client }, rx))
     }
 
     /// The driver's client, for the modules of `db`.
@@ -337,22 +320,11 @@ impl Db {
     }
 }
 
-fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(error = %error, "postgres connection closed");
-        }
-    });
-}
-
-/// Drives a listening connection, turning notifications into wake-ups.
-fn spawn_notifications<S, T>(
+/// Runs a connection in the background until it ends, turning
+/// notifications into wake-ups when `wake` is given.
+fn drive<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
-    wake: tokio::sync::mpsc::Sender<()>,
+    wake: Option<tokio::sync::mpsc::Sender<()>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -360,9 +332,18 @@ fn spawn_notifications<S, T>(
     use futures_util::StreamExt;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     tokio::spawn(async move {
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                let _ = wake.try_send(());
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    if let Some(wake) = &wake {
+                        let _ = wake.try_send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(error = %error, "postgres connection closed");
+                    break;
+                }
             }
         }
     });

@@ -254,7 +254,8 @@ impl RedisSink {
         let mut unlinking = false;
         let mut keys = 0u64;
         for item in items {
-            let version = format!("{:016X}{:08X}", item.lsn.0, item.seq);
+            // Only refreshed keys are versioned; deletions need no string.
+            let version = || format!("{:016X}{:08X}", item.lsn.0, item.seq);
             match &item.op {
                 CacheOp::Invalidate { keys: k, .. } => {
                     unlink.arg(k.as_slice());
@@ -269,6 +270,7 @@ impl RedisSink {
                     ..
                 } => {
                     flush_unlink(&mut pipe, &mut unlink, &mut unlinking);
+                    let version = version();
                     for key in del {
                         pipe.add_command(guarded(key, &version, None, *ttl_secs))
                             .ignore();
@@ -283,6 +285,7 @@ impl RedisSink {
                     keys: k, ttl_secs, ..
                 } => {
                     flush_unlink(&mut pipe, &mut unlink, &mut unlinking);
+                    let version = version();
                     let answer = answers.next().flatten();
                     for key in k {
                         pipe.add_command(guarded(key, &version, answer.as_deref(), *ttl_secs))

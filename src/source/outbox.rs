@@ -33,7 +33,7 @@ use crate::decode::json::parse_record;
 use crate::decode::pgoutput::{Datum, Relation, RelationColumn, Tuple};
 use crate::decode::time::pg_micros_to_rfc3339;
 use crate::lsn::Lsn;
-use crate::plan::{CacheOp, FlushReason, Op, PlanError, Planner};
+use crate::plan::{CacheOp, Op, PlanError, Planner};
 use crate::rules::RuleSet;
 use crate::sink::redis::{RedisSink, SinkError};
 use crate::sink::{Batch, Item};
@@ -283,16 +283,7 @@ fn plan_row(
         (Some(None), _) | (_, Some(None)) => {
             tracing::error!(relation = %row.relation, id = row.id,
                 "outbox row does not match the captured columns; flushing the table's keys");
-            if let Some(CacheOp::Flush {
-                table, patterns, ..
-            }) = planner.plan_truncate(capture.oid)?
-            {
-                ops.push(CacheOp::Flush {
-                    table,
-                    patterns,
-                    reason: FlushReason::Truncate,
-                });
-            }
+            ops.extend(planner.plan_truncate(capture.oid)?);
             Ok(())
         }
         (old, new) => planner.plan_row(
