@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+use pg_cache_invalidator::change::{Change, RowOp};
 use pg_cache_invalidator::config::SecretUrl;
 use pg_cache_invalidator::db::ConnInfo;
-use pg_cache_invalidator::decode::pgoutput::{self, Message};
-use pg_cache_invalidator::plan::{CacheOp, Op, Planner};
-use pg_cache_invalidator::rules::RuleSet;
-use pg_cache_invalidator::source::replication::{ReplicationSource, SourceEvent};
+use pg_cache_invalidator::ops::CacheOp;
+use pg_cache_invalidator::plan::rules::RuleSet;
+use pg_cache_invalidator::plan::Planner;
+use pg_cache_invalidator::source::replication::ReplicationSource;
+use pg_cache_invalidator::source::Event;
 use pg_cache_invalidator::telemetry::health::Health;
 use support::{pg_bin, preset, Daemon, TestEnv};
 
@@ -263,23 +265,19 @@ async fn naive_drain(env: &TestEnv, slot: &str, changes: u64, limit: Duration) -
     let started = Instant::now();
     let mut rows = 0u64;
     while started.elapsed() < limit && rows < changes {
-        let SourceEvent::Change(data) = source.next().await.expect("stream") else {
+        let Event::Change(change) = source.next().await.expect("stream") else {
             continue;
         };
-        let message = pgoutput::decode(&data).expect("decode");
         let mut planned = Vec::new();
-        match &message {
-            Message::Relation(r) => planner.on_relation(r).expect("bind"),
-            Message::Update { relation, old, new } => planner
-                .plan_row(
-                    *relation,
-                    Op::Update,
-                    old.as_ref().map(|(_, t)| t),
-                    Some(new),
-                    &mut planned,
-                )
-                .expect("plan"),
-            _ => {}
+        if matches!(
+            change,
+            Change::Schema(_)
+                | Change::Row {
+                    op: RowOp::Update,
+                    ..
+                }
+        ) {
+            planner.plan(&change, &mut planned).expect("plan");
         }
         if let Some(CacheOp::Invalidate { keys, .. }) = planned.pop() {
             rows += 1;

@@ -4,16 +4,17 @@
 //! rather than a silently ignored setting. Loading and checking are split:
 //! [`Config::load`] reads and type-checks, [`Config::validate`] checks the
 //! values and returns every problem at once, each naming its dotted field,
-//! so an operator fixes a file in one pass. Key templates become typed
-//! values here ([`crate::rules::RuleSet`]) and are never re-parsed.
+//! so an operator fixes a file in one pass. The `[[rules]]` entries are
+//! compiled into typed values (key templates parsed once) by
+//! [`crate::plan::rules::compile`], which depends on this module and not
+//! the other way round.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::duration::HumanDuration;
-use crate::rules::{Action, RuleSet};
+pub use crate::secret::{redact_url, SecretUrl};
 
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pg-cache-invalidator/config.toml";
@@ -221,6 +222,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the daemon does with a rule's keys when a row changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Remove the keys; the app's next read repopulates them.
+    #[default]
+    Delete,
+    /// Write the new row into the keys.
+    Refresh,
+}
+
+impl Action {
+    /// The name used in events and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Delete => "delete",
+            Action::Refresh => "refresh",
+        }
+    }
+}
+
 /// One `[[rules]]` entry as written in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,70 +279,6 @@ pub struct ColumnsConfig {
     /// These columns are never cached.
     #[serde(default)]
     pub exclude: Option<Vec<String>>,
-}
-
-/// A connection URL whose password never reaches a log line: `Debug` and
-/// `Display` print it redacted; [`SecretUrl::expose`] gives the real text
-/// to the one place that connects.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    /// Wraps a URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        SecretUrl(url.into())
-    }
-
-    /// The URL with its password, for connecting only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretUrl({})", self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// Replaces the password of `scheme://user:password@host/...`, and any
-/// `password=` query or key/value parameter, with `***`.
-pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                let start = rest_start + colon + 1;
-                out.replace_range(start..rest_start + at, "***");
-            }
-        }
-    }
-    let lower = out.to_ascii_lowercase();
-    if let Some(pos) = lower.find("password=") {
-        let start = pos + "password=".len();
-        let end = out[start..]
-            .find(['&', ' '])
-            .map_or(out.len(), |i| start + i);
-        out.replace_range(start..end, "***");
-    }
-    out
 }
 
 /// A configuration file that could not be used. `Display` is one line per
@@ -375,8 +333,9 @@ impl Config {
         })
     }
 
-    /// Checks every value and compiles the rules; returns all problems.
-    pub fn validate(&self) -> Result<RuleSet, ConfigError> {
+    /// Checks every value outside the rules (see `plan::rules::compile`,
+    /// which also runs this); returns all problems.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         check_url(
             "postgres.url",
@@ -431,16 +390,10 @@ impl Config {
                 self.http.listen
             ));
         }
-        let rules = match RuleSet::compile(&self.rules) {
-            Ok(rules) => Some(rules),
-            Err(errors) => {
-                problems.extend(errors);
-                None
-            }
-        };
-        match rules {
-            Some(rules) if problems.is_empty() => Ok(rules),
-            _ => Err(ConfigError::Invalid(problems)),
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
         }
     }
 }
@@ -482,24 +435,6 @@ fn check_identifier(field: &str, value: &str, slot_rules: bool, problems: &mut V
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords_in_every_form() {
-        assert_eq!(
-            redact_url("postgres://app:s3cr3t@db:5432/postgres?sslmode=require"),
-            "postgres://app:***@db:5432/postgres?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("redis://:pw@127.0.0.1:6379/0"),
-            "redis://:***@127.0.0.1:6379/0"
-        );
-        assert_eq!(
-            redact_url("postgres://app@db/x?password=zz&sslmode=disable"),
-            "postgres://app@db/x?password=***&sslmode=disable"
-        );
-        assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
-        assert!(!format!("{:?}", SecretUrl::new("redis://u:hunter2@h")).contains("hunter2"));
-    }
 
     fn parse(toml: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -553,6 +488,5 @@ mod tests {
         let text = cfg.validate().unwrap_err().to_string();
         assert!(text.contains("postgres.url"), "{text}");
         assert!(text.contains("replication.slot"), "{text}");
-        assert!(text.contains("rules[0].keys[0]"), "{text}");
     }
 }

@@ -7,11 +7,16 @@
 //! Redis pub/sub.
 //!
 //! ```text
-//! Postgres ──▶ source ──▶ decode ──▶ plan ──▶ sink ──▶ ack
-//!  (pgoutput   (source/)   (decode/:  (plan,    (sink/    (confirmed LSN back
-//!   or outbox)             pgoutput,  rules/)   redis)    to the slot, or the
-//!                          to_jsonb)                      outbox rows deleted)
+//! Postgres ─▶ source ─▶ decode ─▶ change ─▶ plan ─▶ resolve ─▶ sink ─▶ ack
+//!  (pgoutput   (source/)  (decode/)  (change)  (plan/)  (resolve)  (sink/)  (source::confirm:
+//!   or outbox)                                  ─ ops: the sink's contract ─   LSN to the slot, or
+//!                                                                              outbox rows deleted)
 //! ```
+//!
+//! The apply loop that drives it is [`pipeline`]; [`app`] starts it and the
+//! tasks beside it; [`cli`] holds the commands. What to do about each
+//! failure (retry, stop with a hint, or rebuild a lost slot) is decided in
+//! one place, [`error`].
 //!
 //! # Delivery guarantee
 //!
@@ -22,16 +27,22 @@
 //! repeats some deletions and events (harmless: deletion is idempotent and
 //! subscribers must tolerate duplicates).
 
+pub mod app;
+pub mod change;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod decode;
 pub mod duration;
-pub mod heartbeat;
+pub mod error;
 pub mod lsn;
+pub mod ops;
 pub mod pipeline;
 pub mod plan;
-pub mod rules;
+pub mod resolve;
+pub mod secret;
 pub mod sink;
 pub mod source;
+pub mod sql;
 pub mod telemetry;
 pub mod tls;

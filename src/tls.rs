@@ -24,7 +24,33 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
 };
 
-use crate::db::SslMode;
+/// TLS modes as libpq names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, unverified.
+    Prefer,
+    /// TLS without certificate checks.
+    Require,
+    /// TLS with the chain checked against `ssl_root_cert`.
+    VerifyCa,
+    /// TLS with the chain and host name checked.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// libpq's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
 
 /// Builds the client configuration for `mode`.
 pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<ClientConfig, String> {

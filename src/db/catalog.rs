@@ -10,8 +10,10 @@
 
 use std::collections::BTreeSet;
 
+use crate::change::TableName;
 use crate::db::{Db, DbError};
-use crate::rules::{quote_ident, RuleSet, TableName};
+use crate::plan::rules::RuleSet;
+use crate::sql::quote_ident;
 
 /// A column of a table.
 #[derive(Debug, Clone, PartialEq, Eq)]

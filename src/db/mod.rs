@@ -6,15 +6,14 @@
 //! reach the same server as the same user.
 
 pub mod catalog;
-pub mod outbox;
 pub mod query;
-pub mod setup;
 pub mod types;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::config::SecretUrl;
+use crate::secret::SecretUrl;
+pub use crate::tls::SslMode;
 
 /// Session settings for every connection, replication and regular: values
 /// are rendered as text in one known format (ISO dates, UTC), the one the
@@ -27,21 +26,6 @@ pub const SESSION_OPTIONS: &str =
 /// The same settings as statements.
 const SESSION_SETTINGS: &str = "SET datestyle = 'ISO, MDY'; SET timezone = 'UTC'; \
      SET intervalstyle = 'postgres'; SET extra_float_digits = 1;";
-
-/// TLS modes as libpq names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plain TCP.
-    Disable,
-    /// TLS if the server offers it, unverified.
-    Prefer,
-    /// TLS without certificate checks.
-    Require,
-    /// TLS with the chain checked against `ssl_root_cert`.
-    VerifyCa,
-    /// TLS with the chain and host name checked.
-    VerifyFull,
-}
 
 /// Where and as whom to connect, parsed from `[postgres] url`.
 #[derive(Clone)]
@@ -81,6 +65,9 @@ pub enum DbError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// The connection ended.
+    #[error("the postgres connection closed")]
+    Closed,
     /// Connecting or a query failed.
     #[error("{context}: {source}")]
     Query {
@@ -98,6 +85,47 @@ impl DbError {
         let context = context.into();
         move |source| DbError::Query { context, source }
     }
+
+    /// What the error policy says about this error.
+    pub fn class(&self) -> crate::error::Class {
+        match self {
+            DbError::BadUrl { .. } => crate::error::Class::Definite {
+                hint: "fix postgres.url",
+                user_must_fix: true,
+            },
+            DbError::Closed => crate::error::Class::Transient,
+            DbError::Query { source, .. } => crate::error::postgres(source),
+        }
+    }
+}
+
+impl DbError {
+    /// The error on one line for the user, with the server's own words
+    /// when it answered.
+    pub fn one_line(&self) -> String {
+        match self {
+            DbError::Query { context, source } => match source.as_db_error() {
+                Some(db) => format!("{context}: {}", db.message()),
+                None => format!("{context}: {}", error_chain(source)),
+            },
+            other => other.to_string(),
+        }
+    }
+}
+
+/// An error and its causes on one line: "a: b: c".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let next = inner.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 impl ConnInfo {
@@ -187,19 +215,6 @@ impl ConnInfo {
     }
 }
 
-impl SslMode {
-    /// libpq's name for the mode.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
 type TlsParams = (String, SslMode, Option<PathBuf>);
 
 fn take_tls_params(url: &str) -> Result<TlsParams, String> {
@@ -259,7 +274,7 @@ impl Db {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let db = Db::open(info, Some(tx)).await?;
         db.client
-            .batch_execute(&format!("LISTEN {}", crate::rules::quote_ident(channel)))
+            .batch_execute(&format!("LISTEN {}", crate::sql::quote_ident(channel)))
             .await
             .map_err(DbError::query(format!("LISTEN {channel}")))?;
         Ok((db, rx))

@@ -1,45 +1,315 @@
-//! Sink: where cache operations are applied.
+//! Sink: applies cache operations to Redis. The only module that uses the
+//! `redis` crate; it depends on [`crate::ops`] (its contract), not on how
+//! changes are read or planned.
 //!
-//! The pipeline hands the sink [`Batch`]es in commit order; the sink
-//! applies each completely (retrying as long as it takes) before the
-//! batch's acknowledgement LSN may be confirmed to the source.
+//! - [`requests`]: a run of row operations as one atomic pipeline.
+//! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
+//! - [`events`]: the pub/sub event of each operation.
+//! - [`flush`]: SCAN + UNLINK by pattern (TRUNCATE, a lost slot).
+//!
+//! The pipeline hands the sink batches in commit order; the sink applies
+//! each completely before the batch's acknowledgement may be confirmed to
+//! the source. The connection manager reconnects in the background but
+//! does not retry the command that was in flight, so [`RedisSink::apply`]
+//! retries the whole batch itself until Redis acknowledges it (errors the
+//! policy calls transient; see [`crate::error::redis`]): every operation is
+//! idempotent or version-guarded, so a repeat is harmless, and nothing is
+//! skipped.
 
-pub mod redis;
+pub mod events;
+pub mod flush;
+pub mod requests;
+pub mod scripts;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::lsn::Lsn;
-use crate::plan::CacheOp;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError};
+use tokio_util::sync::CancellationToken;
 
-/// One cache operation with the transaction it came from.
-#[derive(Debug, Clone)]
-pub struct Item {
-    /// What to do.
-    pub op: CacheOp,
-    /// The transaction's commit LSN (named in events).
-    pub lsn: Lsn,
-    /// The transaction's commit time, RFC 3339.
-    pub commit_time: Arc<str>,
-    /// The same, in microseconds since 2000-01-01 UTC (for latency).
-    pub commit_micros: i64,
-    /// Position within the transaction: with `lsn`, the version that keeps
-    /// refreshed values from going backwards on a replay.
-    pub seq: u32,
-    /// The transaction id, when a query must wait until the transaction is
-    /// visible to other sessions (see `db::query`); 0 when it already is.
-    pub xid: u32,
+use crate::decode::time::pg_micros_to_unix_seconds;
+use crate::error::{self, Backoff, Fatal};
+use crate::ops::{CacheOp, FlushReason, Item};
+use crate::secret::SecretUrl;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics as m;
+
+/// First retry delay after a failed batch.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay: Redis restarts take seconds.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A reply slower than this counts as a failure and the batch is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many attempts a batch gets once shutdown was requested.
+const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
+
+/// Why the sink stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The URL cannot be used.
+    #[error("redis.url {url}: {source}")]
+    BadUrl {
+        /// Redacted URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: RedisError,
+    },
+    /// Redis refuses us in a way retrying cannot fix.
+    #[error("redis: {0}")]
+    Fatal(Fatal),
+    /// Shutdown was requested while Redis kept failing; the batch was not
+    /// applied and will be replayed on the next start.
+    #[error(
+        "shutdown while redis was failing ({0}); unapplied changes will be replayed on restart"
+    )]
+    GaveUp(String),
 }
 
-/// Operations to apply in order, and the LSN that may be confirmed once
-/// they (and every batch before) are applied.
-#[derive(Debug, Clone, Default)]
-pub struct Batch {
-    /// Operations in commit order.
-    pub items: Vec<Item>,
-    /// End of the last transaction (or keepalive) wholly inside this and
-    /// earlier batches; `None` while a large transaction is still open.
-    pub ack: Option<Lsn>,
-    /// Which slot the ack belongs to: it changes when a lost slot is
-    /// recreated, so acks for the old slot are not confirmed to the new one.
-    pub generation: u64,
+/// Counters of applied work, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkStats {
+    /// Operations applied.
+    pub operations: u64,
+    /// Keys touched (counted per command, not per existing key).
+    pub keys: u64,
+    /// Batches applied.
+    pub batches: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+}
+
+/// Keys an attempt touched, split as the metrics count them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Touched {
+    removed: u64,
+    written: u64,
+}
+
+/// Applies batches to Redis.
+pub struct RedisSink {
+    conn: ConnectionManager,
+    /// Pub/sub channel; `None` when events are off.
+    channel: Option<String>,
+    /// After shutdown is requested a failing batch gets only a few more
+    /// attempts.
+    cancel: CancellationToken,
+    stats: SinkStats,
+    health: Arc<Health>,
+}
+
+impl RedisSink {
+    /// Connects, retrying until Redis answers or shutdown is requested.
+    pub async fn connect(
+        url: &SecretUrl,
+        ca_cert: Option<&std::path::Path>,
+        channel: &str,
+        cancel: CancellationToken,
+        health: Arc<Health>,
+    ) -> Result<RedisSink, SinkError> {
+        let bad_url = |source| SinkError::BadUrl {
+            url: url.redacted(),
+            source,
+        };
+        let client = match ca_cert {
+            None => redis::Client::open(url.expose()).map_err(bad_url)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    bad_url(RedisError::from(std::io::Error::new(
+                        e.kind(),
+                        format!("redis.ca_cert {}: {e}", path.display()),
+                    )))
+                })?;
+                redis::Client::build_with_tls(
+                    url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(bad_url)?
+            }
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(RETRY_MAX);
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let conn = loop {
+            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(conn) => break conn,
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(
+                        format!("{}: {error}", url.redacted()),
+                        error::redis(&error),
+                    ) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(url = %url.redacted(), "connected to redis");
+        health.set_redis_ok(true);
+        Ok(RedisSink {
+            conn,
+            channel: (!channel.is_empty()).then(|| channel.to_string()),
+            cancel,
+            stats: SinkStats::default(),
+            health,
+        })
+    }
+
+    /// Work applied so far.
+    pub fn stats(&self) -> SinkStats {
+        self.stats
+    }
+
+    /// Applies `items` completely, retrying transient errors. Returns an
+    /// error if Redis refuses us for good, or if shutdown was requested and
+    /// Redis still fails.
+    pub async fn apply(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let mut attempts_after_shutdown = 0;
+        loop {
+            match self.try_apply(items).await {
+                Ok(touched) => {
+                    self.stats.batches += 1;
+                    self.stats.operations += items.len() as u64;
+                    self.stats.keys += touched.removed + touched.written;
+                    self.health.set_redis_ok(true);
+                    self.record(items, touched);
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.stats.retries += 1;
+                    self.health.set_redis_ok(false);
+                    metrics::counter!(m::REDIS_ERRORS_TOTAL).increment(1);
+                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    if self.cancel.is_cancelled() {
+                        attempts_after_shutdown += 1;
+                        if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
+                            return Err(SinkError::GaveUp(error.to_string()));
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, retry_in = ?delay, operations = items.len(),
+                        "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt: runs of row operations as atomic pipelines, a flush
+    /// between such runs, in order.
+    async fn try_apply(&mut self, items: &[Item]) -> Result<Touched, RedisError> {
+        let mut touched = Touched::default();
+        let mut rest = items;
+        while !rest.is_empty() {
+            let run = rest
+                .iter()
+                .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
+                .count();
+            if run > 0 {
+                let pipe = requests::row_pipeline(&rest[..run], self.channel.as_deref());
+                pipe.query_async::<()>(&mut self.conn).await?;
+                for item in &rest[..run] {
+                    match &item.op {
+                        CacheOp::Invalidate { keys, .. } => touched.removed += keys.len() as u64,
+                        CacheOp::Refresh {
+                            set, del, value, ..
+                        } => {
+                            touched.removed += del.len() as u64;
+                            match value {
+                                Some(_) => touched.written += set.len() as u64,
+                                None => touched.removed += set.len() as u64,
+                            }
+                        }
+                        CacheOp::Query { keys, .. } => touched.removed += keys.len() as u64,
+                        CacheOp::Flush { .. } => {}
+                    }
+                }
+                rest = &rest[run..];
+                continue;
+            }
+            if let Some((item, tail)) = rest.split_first() {
+                touched.removed += self.apply_flush(item).await?;
+                rest = tail;
+            }
+        }
+        Ok(touched)
+    }
+
+    async fn apply_flush(&mut self, item: &Item) -> Result<u64, RedisError> {
+        let CacheOp::Flush {
+            table,
+            patterns,
+            reason,
+        } = &item.op
+        else {
+            return Ok(0);
+        };
+        let removed = flush::flush_patterns(&mut self.conn, patterns).await?;
+        match reason {
+            FlushReason::Truncate => {
+                metrics::counter!(m::TRUNCATE_FLUSHES_TOTAL).increment(1);
+                tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                    "table truncated; flushed every key of its rules");
+            }
+            FlushReason::SlotReset => tracing::error!(patterns = ?patterns, keys_removed = removed,
+                "flushed every key of every rule because changes were missed"),
+        }
+        if let Some(channel) = &self.channel {
+            let _: () = self.conn.publish(channel, events::event_json(item)).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Metrics for an applied batch, aggregated so labels are built once
+    /// per (table, op) rather than per row.
+    fn record(&self, items: &[Item], touched: Touched) {
+        let mut per_table: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut last_commit: Option<i64> = None;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        for item in items {
+            *per_table.entry(item.op.names()).or_default() += 1;
+            if item.commit_micros != 0 && last_commit != Some(item.commit_micros) {
+                last_commit = Some(item.commit_micros);
+                let committed = pg_micros_to_unix_seconds(item.commit_micros);
+                metrics::histogram!(m::APPLY_LATENCY_SECONDS).record((now - committed).max(0.0));
+            }
+        }
+        for ((table, op), n) in per_table {
+            metrics::counter!(m::CHANGES_TOTAL, "table" => table.to_string(), "op" => op)
+                .increment(n);
+        }
+        if let Some(micros) = last_commit {
+            metrics::gauge!(m::LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS)
+                .set(pg_micros_to_unix_seconds(micros));
+        }
+        metrics::counter!(m::KEYS_INVALIDATED_TOTAL).increment(touched.removed);
+        metrics::counter!(m::KEYS_WRITTEN_TOTAL).increment(touched.written);
+        if self.channel.is_some() {
+            metrics::counter!(m::EVENTS_PUBLISHED_TOTAL).increment(items.len() as u64);
+        }
+        metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        metrics::histogram!(m::BATCH_OPERATIONS).record(items.len() as f64);
+    }
 }

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::health::Health;
 
@@ -26,19 +26,22 @@ pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
         .map_err(|e| format!("http.listen {listen}: cannot listen ({e}): choose a free address"))
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `cancel` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
-    mut shutdown: watch::Receiver<bool>,
+    cancel: CancellationToken,
 ) {
     let upkeep = metrics.clone();
-    tokio::spawn(async move {
+    let stop_upkeep = cancel.clone();
+    let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
-            every.tick().await;
-            upkeep.run_upkeep();
+            tokio::select! {
+                _ = stop_upkeep.cancelled() => return,
+                _ = every.tick() => upkeep.run_upkeep(),
+            }
         }
     });
     let app = Router::new()
@@ -47,13 +50,12 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, health });
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
     if let Err(error) = result {
         tracing::warn!(error = %error, "http server stopped");
     }
+    let _ = upkeep.await;
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

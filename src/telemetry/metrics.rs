@@ -9,8 +9,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Row changes applied, by `table` and `op`.
 pub const CHANGES_TOTAL: &str = "pgci_changes_total";
-/// Keys removed (each key of each applied change).
+/// Keys removed (each key of each applied change, and each key a flush
+/// removed).
 pub const KEYS_INVALIDATED_TOTAL: &str = "pgci_keys_invalidated_total";
+/// Keys written with a refreshed value.
+pub const KEYS_WRITTEN_TOTAL: &str = "pgci_keys_written_total";
 /// Keys not rendered, by `reason` (`null`: a key column was NULL;
 /// `unavailable`: its value did not travel in the stream).
 pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
@@ -81,6 +84,7 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(CHANGES_TOTAL, "Row changes applied, by table and op");
     describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
+    describe_counter!(KEYS_WRITTEN_TOTAL, "Keys written with a refreshed value");
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
     describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied and deleted");

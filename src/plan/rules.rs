@@ -1,84 +1,35 @@
 //! Rules: which Redis keys a change to which table touches.
 //!
 //! A [`RuleSet`] is the compiled form of the `[[rules]]` entries: table
-//! names split into schema and name, key templates parsed. It is checked
-//! against the live database at start-up (see [`crate::catalog`]) and bound
-//! to the stream's relations by [`crate::plan`].
-
-pub mod template;
+//! names split into schema and name, key templates parsed (see
+//! [`super::keys`]). It is checked against the live database at start-up
+//! (see [`crate::db::catalog`]) and bound to the source's table schemas by
+//! [`super::bind`].
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
+pub use crate::change::TableName;
+pub use crate::config::Action;
+use crate::config::{Config, ConfigError, RuleConfig};
+use crate::plan::keys::KeyTemplate;
 
-pub use template::{KeyTemplate, Part, TemplateError};
-
-use crate::config::RuleConfig;
-
-/// What the daemon does with a rule's keys when a row changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Remove the keys; the app's next read repopulates them.
-    #[default]
-    Delete,
-    /// Write the new row into the keys.
-    Refresh,
-}
-
-impl Action {
-    /// The name used in events and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Delete => "delete",
-            Action::Refresh => "refresh",
+/// Checks the whole configuration and compiles its rules: every problem
+/// of both at once, each naming its field.
+pub fn compile(config: &Config) -> Result<RuleSet, ConfigError> {
+    let mut problems = match config.validate() {
+        Ok(()) => Vec::new(),
+        Err(ConfigError::Invalid(lines)) => lines,
+        Err(other) => return Err(other),
+    };
+    match RuleSet::compile(&config.rules) {
+        Ok(rules) if problems.is_empty() => Ok(rules),
+        Ok(_) => Err(ConfigError::Invalid(problems)),
+        Err(errors) => {
+            problems.extend(errors);
+            Err(ConfigError::Invalid(problems))
         }
     }
-}
-
-/// A schema-qualified table name, compared case-sensitively as stored in
-/// the catalog.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TableName {
-    /// The schema (`public` when the rule omits it).
-    pub schema: String,
-    /// The table.
-    pub name: String,
-}
-
-impl TableName {
-    /// Parses `schema.table` or `table`.
-    pub fn parse(text: &str) -> Option<TableName> {
-        let (schema, name) = text.split_once('.').unwrap_or(("public", text));
-        let valid = |s: &str| !s.is_empty() && s.len() <= 63 && !s.contains(['.', '"']);
-        (valid(schema) && valid(name)).then(|| TableName {
-            schema: schema.to_string(),
-            name: name.to_string(),
-        })
-    }
-
-    /// The name as SQL, each part double-quoted: `"public"."profiles"`.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
-/// Quotes an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// One compiled rule.
@@ -408,6 +359,32 @@ mod tests {
         assert_eq!(t, None, "quotes inside names are refused");
         let t = TableName::parse("s.Mixed Case").expect("valid");
         assert_eq!(t.quoted(), "\"s\".\"Mixed Case\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(crate::sql::quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn config_and_rule_problems_are_reported_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [postgres]
+            url = "mysql://x"
+            [replication]
+            slot = "Bad-Slot"
+            [redis]
+            url = "redis://127.0.0.1"
+            [[rules]]
+            table = "public.profiles"
+            keys = ["{id}"]
+        "#,
+        )
+        .expect("write");
+        let config = Config::load(&path).expect("loads");
+        let text = compile(&config).unwrap_err().to_string();
+        assert!(text.contains("postgres.url"), "{text}");
+        assert!(text.contains("replication.slot"), "{text}");
+        assert!(text.contains("rules[0].keys[0]"), "{text}");
     }
 }

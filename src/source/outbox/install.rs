@@ -1,6 +1,6 @@
-//! The `outbox` source's database side: the SQL that `setup` installs
-//! (outbox table, one capture trigger function per watched table, row and
-//! TRUNCATE triggers) and the queries that drain it.
+//! `setup`, `teardown` and `check-config` for the `outbox` source: the
+//! outbox table, one capture trigger function per watched table, row and
+//! TRUNCATE triggers.
 //!
 //! A trigger writes one outbox row per changed row in the writer's own
 //! transaction, so a change and its invalidation commit or roll back
@@ -14,11 +14,13 @@
 
 use std::collections::BTreeSet;
 
+use crate::change::TableName;
 use crate::config::OutboxConfig;
 use crate::db::catalog::{self, TableInfo};
-use crate::db::setup::{Plan, Step};
 use crate::db::{Db, DbError};
-use crate::rules::{quote_ident, quote_literal, Action, RuleSet, TableName};
+use crate::plan::rules::{Action, Rule, RuleSet};
+use crate::source::install::{Plan, Step};
+use crate::sql::{quote_ident, quote_literal};
 
 /// Types whose text output depends on session settings: date, time,
 /// timetz, timestamp, timestamptz, interval, float4, float8 (and their
@@ -33,7 +35,7 @@ const TRUNCATE_TRIGGER: &str = "pgci_capture_truncate";
 
 /// The columns captured for `table`: every column if a rule refreshes whole
 /// rows, else the key and parameter columns, in table order.
-pub fn captured_columns(info: &TableInfo, rules: &[crate::rules::Rule]) -> Vec<String> {
+pub fn captured_columns(info: &TableInfo, rules: &[Rule]) -> Vec<String> {
     let whole_row = rules
         .iter()
         .any(|r| r.action == Action::Refresh && r.query.is_none());
@@ -310,93 +312,6 @@ pub async fn captured(
         .await
         .map_err(DbError::query("reading captured columns"))?
         .map(|r| r.get(0)))
-}
-
-/// One outbox row.
-#[derive(Debug, Clone)]
-pub struct OutboxRow {
-    /// Its id (order of writing).
-    pub id: i64,
-    /// WAL insert position when it was written (versions refreshed keys).
-    pub lsn: String,
-    /// Writer's transaction start, microseconds since 2000-01-01 UTC.
-    pub created_micros: i64,
-    /// `schema.table`.
-    pub relation: String,
-    /// insert, update, delete, truncate.
-    pub op: String,
-    /// Captured columns of the old row, record text.
-    pub old_row: Option<String>,
-    /// Captured columns of the new row, record text.
-    pub new_row: Option<String>,
-}
-
-/// Opens a transaction and locks up to `limit` rows, oldest first, that no
-/// other drainer holds. The caller applies them, then [`finish`]es.
-pub async fn claim(db: &mut Db, cfg: &OutboxConfig) -> Result<Vec<OutboxRow>, DbError> {
-    db.client()
-        .batch_execute("BEGIN")
-        .await
-        .map_err(DbError::query("starting an outbox transaction"))?;
-    let rows = db
-        .client()
-        .query(
-            &format!(
-                "select id, lsn::text, ((extract(epoch from created_at) - 946684800) * 1000000)::int8, \
-                        relation, op, old_row, new_row \
-                   from {}.outbox order by id limit $1 for update skip locked",
-                quote_ident(&cfg.schema)
-            ),
-            &[&i64::from(cfg.batch_size)],
-        )
-        .await
-        .map_err(DbError::query("reading the outbox"))?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxRow {
-            id: r.get(0),
-            lsn: r.get(1),
-            created_micros: r.get(2),
-            relation: r.get(3),
-            op: r.get(4),
-            old_row: r.get(5),
-            new_row: r.get(6),
-        })
-        .collect())
-}
-
-/// Deletes the applied rows and commits (Redis has acknowledged them).
-pub async fn finish(db: &mut Db, cfg: &OutboxConfig, ids: &[i64]) -> Result<(), DbError> {
-    db.client()
-        .execute(
-            &format!(
-                "delete from {}.outbox where id = any($1)",
-                quote_ident(&cfg.schema)
-            ),
-            &[&ids],
-        )
-        .await
-        .map_err(DbError::query("deleting applied outbox rows"))?;
-    db.client()
-        .batch_execute("COMMIT")
-        .await
-        .map_err(DbError::query("committing the outbox transaction"))
-}
-
-/// Rows waiting and the age of the oldest, for `status`.
-pub async fn backlog(db: &Db, cfg: &OutboxConfig) -> Result<(i64, Option<f64>), DbError> {
-    let row = db
-        .client()
-        .query_one(
-            &format!(
-                "select count(*), extract(epoch from now() - min(created_at))::float8 from {}.outbox",
-                quote_ident(&cfg.schema)
-            ),
-            &[],
-        )
-        .await
-        .map_err(DbError::query("reading the outbox backlog"))?;
-    Ok((row.get(0), row.get(1)))
 }
 
 #[cfg(test)]

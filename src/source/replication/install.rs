@@ -1,38 +1,13 @@
-//! `setup` and `teardown`: the SQL that prepares a database, planned from
-//! the rules and the live catalog, so re-running it does nothing more than
-//! what is missing. `--print` shows the same statements instead of running
-//! them; `sql/` holds them for a DBA who prefers to run them by hand.
-
-use std::fmt;
+//! `setup` and `teardown` for the `replication` source: replica
+//! identities, the publication and the slot, planned from the rules and the
+//! live catalog so that re-running does nothing more than what is missing.
 
 use crate::config::ReplicationConfig;
 use crate::db::catalog::{self, Identity};
 use crate::db::{Db, DbError};
-use crate::rules::{quote_ident, quote_literal, RuleSet};
-
-/// One statement and why it is needed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    /// A one-line reason, printed as an SQL comment.
-    pub why: String,
-    /// The statement.
-    pub sql: String,
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "-- {}\n{}\n", self.why, self.sql)
-    }
-}
-
-/// What setup would do, or why it cannot.
-#[derive(Debug, Default)]
-pub struct Plan {
-    /// Statements to run, in order.
-    pub steps: Vec<Step>,
-    /// Problems setup cannot fix (missing tables or columns, wal_level).
-    pub problems: Vec<String>,
-}
+use crate::plan::rules::RuleSet;
+use crate::source::install::{Plan, Step};
+use crate::sql::{quote_ident, quote_literal};
 
 /// Plans the statements that make the database ready for `rules`: replica
 /// identities first, then the publication, then the slot (a slot decodes
@@ -148,15 +123,6 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     Ok(plan)
 }
 
-/// Runs the planned steps in order, calling `done` after each.
-pub async fn apply(db: &Db, plan: &Plan, mut done: impl FnMut(&Step)) -> Result<(), DbError> {
-    for step in &plan.steps {
-        db.execute_batch(&step.sql).await?;
-        done(step);
-    }
-    Ok(())
-}
-
 /// Plans `teardown`: drop the slot, then the publication. Replica
 /// identities are left as they are: they are harmless and other consumers
 /// may rely on them.
@@ -191,65 +157,4 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
         });
     }
     Ok(plan)
-}
-
-/// Recreates the slot after it was lost or dropped: drops what is left of
-/// it (if no session holds it) and creates it anew at the current WAL
-/// position. Another instance doing the same at once is fine.
-pub async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
-    db.client()
-        .execute(
-            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
-              where slot_name = $1 and not active",
-            &[&slot],
-        )
-        .await
-        .map_err(DbError::query(format!(
-            "dropping lost replication slot {slot}"
-        )))?;
-    let created = db
-        .client()
-        .execute(
-            "select pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await;
-    match created {
-        Ok(_) => Ok(()),
-        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-            Ok(())
-        }
-        Err(error) => Err(DbError::query(format!("creating replication slot {slot}"))(
-            error,
-        )),
-    }
-}
-
-/// Writes a heartbeat into the WAL (no table needed) and reads how much
-/// WAL the slot retains and its `wal_status`.
-pub async fn heartbeat(
-    db: &Db,
-    prefix: &str,
-    slot: &str,
-    now_unix_micros: i64,
-) -> Result<Option<(i64, String)>, DbError> {
-    db.client()
-        .execute(
-            "select pg_logical_emit_message(false, $1, $2)",
-            &[&prefix, &now_unix_micros.to_string()],
-        )
-        .await
-        .map_err(DbError::query(
-            "writing a heartbeat with pg_logical_emit_message",
-        ))?;
-    let row = db
-        .client()
-        .query_opt(
-            "select (pg_current_wal_lsn() - restart_lsn)::int8, coalesce(wal_status, '') \
-               from pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(DbError::query("reading the slot's retained WAL"))?;
-    Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
 }

@@ -1,10 +1,17 @@
-//! Key templates: `profile:user:{id}`.
+//! Key templates: `profile:user:{id}`, parsed and rendered here.
 //!
 //! Parsed once when the configuration loads into literal and column parts;
-//! bound to a table's column positions when its Relation message arrives;
-//! rendered per row by concatenation, with no parsing on the hot path.
+//! bound to a table's column positions when the source describes the table
+//! ([`KeyTemplate::bind`]); rendered per row by concatenation
+//! ([`BoundKey::render`]), with no parsing on the hot path. A placeholder
+//! whose column is NULL, or whose value did not travel, yields no key: it
+//! is counted, never rendered as "null".
 
 use std::fmt;
+
+use crate::change::{Row, Value};
+use crate::plan::PlanStats;
+use crate::telemetry::metrics::KEYS_SKIPPED_TOTAL;
 
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +141,92 @@ impl fmt::Display for KeyTemplate {
     }
 }
 
+/// A template bound to a table's column positions, ready to render.
+#[derive(Debug)]
+pub struct BoundKey {
+    parts: Vec<BoundPart>,
+}
+
+#[derive(Debug)]
+enum BoundPart {
+    Literal(String),
+    Column(usize),
+}
+
+/// The outcome of rendering one template for one row.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rendered {
+    /// The key.
+    Key(String),
+    /// A placeholder's column is NULL.
+    Null,
+    /// A placeholder's value did not travel.
+    Unavailable,
+}
+
+impl KeyTemplate {
+    /// Binds the template to column positions; `position` finds a column
+    /// by name. The error is the first column it does not find.
+    pub fn bind(&self, position: impl Fn(&str) -> Option<usize>) -> Result<BoundKey, String> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(text) => Ok(BoundPart::Literal(text.clone())),
+                Part::Column(col) => position(col)
+                    .map(BoundPart::Column)
+                    .ok_or_else(|| col.clone()),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BoundKey { parts })
+    }
+}
+
+impl BoundKey {
+    /// Renders the key for `row`.
+    pub fn render(&self, row: &Row) -> Rendered {
+        let mut key = String::with_capacity(64);
+        for part in &self.parts {
+            match part {
+                BoundPart::Literal(text) => key.push_str(text),
+                BoundPart::Column(i) => match row.get(*i) {
+                    Some(Value::Text(bytes)) => key.push_str(&String::from_utf8_lossy(bytes)),
+                    Some(Value::Null) => return Rendered::Null,
+                    Some(Value::Unchanged) | None => return Rendered::Unavailable,
+                },
+            }
+        }
+        Rendered::Key(key)
+    }
+}
+
+/// Renders every template for `row` into `keys` (without duplicates),
+/// counting the keys that could not be rendered.
+pub fn render_all(
+    templates: &[BoundKey],
+    row: &Row,
+    keys: &mut Vec<String>,
+    stats: &mut PlanStats,
+) {
+    for template in templates {
+        match template.render(row) {
+            Rendered::Key(key) => {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+            Rendered::Null => {
+                stats.null_keys_skipped += 1;
+                metrics::counter!(KEYS_SKIPPED_TOTAL, "reason" => "null").increment(1);
+            }
+            Rendered::Unavailable => {
+                stats.unavailable_keys_skipped += 1;
+                metrics::counter!(KEYS_SKIPPED_TOTAL, "reason" => "unavailable").increment(1);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +245,26 @@ mod tests {
         );
         assert_eq!(t.columns().collect::<Vec<_>>(), ["user_id", "token_id"]);
         assert_eq!(t.scan_pattern(), "balance:user:*:token:*");
+    }
+
+    #[test]
+    fn binds_and_renders() {
+        use bytes::Bytes;
+        let t = KeyTemplate::parse("b:{user_id}:t:{token_id}").expect("valid");
+        let columns = ["id", "user_id", "token_id"];
+        let bound = t
+            .bind(|c| columns.iter().position(|n| *n == c))
+            .expect("binds");
+        let text = |s: &str| Value::Text(Bytes::copy_from_slice(s.as_bytes()));
+        let row = vec![text("1"), text("u"), text("t")];
+        assert_eq!(bound.render(&row), Rendered::Key("b:u:t:t".into()));
+        let row = vec![text("1"), Value::Null, text("t")];
+        assert_eq!(bound.render(&row), Rendered::Null);
+        let row = vec![text("1"), text("u"), Value::Unchanged];
+        assert_eq!(bound.render(&row), Rendered::Unavailable);
+        assert_eq!(bound.render(&vec![text("1")]), Rendered::Unavailable);
+        let missing = t.bind(|c| (c == "user_id").then_some(0)).unwrap_err();
+        assert_eq!(missing, "token_id");
     }
 
     #[test]

@@ -14,21 +14,32 @@
 //! out. A lost connection or a terminated walsender is transient: the session
 //! is reopened with capped exponential backoff and the server resumes from
 //! the slot's confirmed LSN, re-sending any transaction that was not
-//! confirmed. Errors that retrying cannot fix (no slot, bad password) stop
-//! the daemon with a hint.
+//! confirmed. Errors that retrying cannot fix (bad password, no
+//! publication) stop the daemon with a hint; a slot that the catalog says
+//! is gone or invalidated is reported as [`Event::PositionLost`] (see
+//! [`crate::error::replication`]).
+//!
+//! pgoutput messages are decoded here ([`crate::decode::pgoutput`]) and
+//! handed on as the neutral [`Change`] model.
 
+pub mod install;
+pub mod slot;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pgwire_replication::{
     PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
-
+use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
 use crate::db::{ConnInfo, SslMode};
+use crate::decode::pgoutput::{self, Datum, Message, Tuple};
+use crate::error::{self, Backoff, Class, Fatal, SlotHealth};
 use crate::lsn::Lsn;
+use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 
@@ -41,61 +52,8 @@ pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 /// `pg_replication_slots` is current and a shutdown waits little for its
 /// final report; each report is one 34-byte message.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// First reconnect delay.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest reconnect delay: long enough not to hammer a server that is
-/// restarting, short enough that a standby takes over quickly.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What the stream delivers, in order.
-#[derive(Debug)]
-pub enum SourceEvent {
-    /// A new session started. A transaction that was open is re-sent whole.
-    Restarted,
-    /// A transaction begins.
-    Begin {
-        /// Its transaction id (32 bits, as pgoutput sends it).
-        xid: u32,
-        /// LSN of its commit record (events name changes by it).
-        commit_lsn: Lsn,
-        /// Commit time, microseconds since 2000-01-01 UTC.
-        commit_time_micros: i64,
-    },
-    /// One raw pgoutput message (Relation, Insert, Update, Delete, …).
-    Change(Bytes),
-    /// The transaction ends; `end_lsn` is what to confirm once it is applied.
-    Commit {
-        /// LSN just past the commit record.
-        end_lsn: Lsn,
-    },
-    /// The server's position while nothing is being sent: safe to confirm
-    /// when no transaction is open and everything before it is applied.
-    KeepAlive {
-        /// Position the server has decoded up to.
-        wal_end: Lsn,
-    },
-    /// One of our heartbeat messages arrived.
-    Heartbeat {
-        /// When it was written, Unix microseconds.
-        sent_unix_micros: i64,
-    },
-    /// The slot is gone or was invalidated: changes were missed. The next
-    /// `next()` reconnects, so the slot must exist again by then.
-    SlotLost {
-        /// What the server said.
-        reason: String,
-    },
-}
-
-/// A failure that retrying will not fix.
-#[derive(Debug, thiserror::Error)]
-#[error("replication: {message}: {hint}")]
-pub struct FatalSourceError {
-    message: String,
-    hint: &'static str,
-}
 
 /// A replication session that reopens itself.
 pub struct ReplicationSource {
@@ -105,7 +63,9 @@ pub struct ReplicationSource {
     client: Option<ReplicationClient>,
     /// Highest LSN confirmed so far; handed to every new session.
     confirmed: Lsn,
-    backoff: Duration,
+    /// Reconnect waits: long enough not to hammer a server that is
+    /// restarting, short enough that a standby takes over quickly.
+    backoff: Backoff,
     /// When the next connection attempt may start (survives cancellation
     /// of `next()` by the pipeline's `select!`).
     retry_at: Option<Instant>,
@@ -129,7 +89,7 @@ impl ReplicationSource {
             publication,
             client: None,
             confirmed: Lsn::ZERO,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::default(),
             retry_at: None,
             session_healthy: false,
             health,
@@ -140,11 +100,11 @@ impl ReplicationSource {
 
     /// The next event. Transient failures are retried inside; only a fatal
     /// one is returned. Cancel-safe: dropping the future loses no event.
-    pub async fn next(&mut self) -> Result<SourceEvent, FatalSourceError> {
+    pub async fn next(&mut self) -> Result<Event<Lsn>, Fatal> {
         loop {
             if let Some(reason) = self.slot_lost.take() {
                 self.retry_at = None;
-                return Ok(SourceEvent::SlotLost { reason });
+                return Ok(Event::PositionLost { reason });
             }
             let Some(client) = self.client.as_mut() else {
                 if let Some(at) = self.retry_at {
@@ -172,10 +132,10 @@ impl ReplicationSource {
                         self.client = Some(client);
                         self.session_healthy = false;
                         self.health.set_streaming(true);
-                        return Ok(SourceEvent::Restarted);
+                        return Ok(Event::Restarted);
                     }
                     Err(error) => {
-                        self.fail(error)?;
+                        self.fail(error).await?;
                         continue;
                     }
                 }
@@ -183,35 +143,48 @@ impl ReplicationSource {
             let event = match client.recv().await {
                 Ok(Some(event)) => event,
                 Ok(None) => {
-                    self.fail(PgWireError::Task("replication stream ended".into()))?;
+                    self.fail(PgWireError::Task("replication stream ended".into()))
+                        .await?;
                     continue;
                 }
                 Err(error) => {
-                    self.fail(error)?;
+                    self.fail(error).await?;
                     continue;
                 }
             };
             if !self.session_healthy {
                 self.session_healthy = true;
-                self.backoff = BACKOFF_MIN;
+                self.backoff.reset();
             }
             let mapped = match event {
                 ReplicationEvent::Begin {
                     final_lsn,
                     commit_time_micros,
                     xid,
-                } => SourceEvent::Begin {
+                } => Event::Begin(Txn {
                     xid,
-                    commit_lsn: Lsn(final_lsn.as_u64()),
+                    lsn: Lsn(final_lsn.as_u64()),
                     commit_time_micros,
+                    fixed_seq: None,
+                }),
+                ReplicationEvent::XLogData { data, .. } => {
+                    let message = pgoutput::decode(&data).map_err(|error| Fatal {
+                        what: format!("cannot decode the change stream: {error}"),
+                        hint:
+                            "this is a bug or a protocol change: report it with the server version",
+                        user_must_fix: false,
+                    })?;
+                    match change_of(message) {
+                        Some(change) => Event::Change(change),
+                        None => continue,
+                    }
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => Event::Commit {
+                    ack: Some(Lsn(end_lsn.as_u64())),
                 },
-                ReplicationEvent::XLogData { data, .. } => SourceEvent::Change(data),
-                ReplicationEvent::Commit { end_lsn, .. } => SourceEvent::Commit {
-                    end_lsn: Lsn(end_lsn.as_u64()),
-                },
-                ReplicationEvent::KeepAlive { wal_end, .. } => SourceEvent::KeepAlive {
-                    wal_end: Lsn(wal_end.as_u64()),
-                },
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    Event::Position(Lsn(wal_end.as_u64()))
+                }
                 ReplicationEvent::Message {
                     prefix, content, ..
                 } if prefix == HEARTBEAT_PREFIX => {
@@ -219,7 +192,7 @@ impl ReplicationSource {
                         .ok()
                         .and_then(|t| t.parse().ok())
                     {
-                        Some(sent_unix_micros) => SourceEvent::Heartbeat { sent_unix_micros },
+                        Some(sent_unix_micros) => Event::Heartbeat { sent_unix_micros },
                         None => continue,
                     }
                 }
@@ -234,6 +207,7 @@ impl ReplicationSource {
     pub fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.confirmed {
             self.confirmed = lsn;
+            metrics::gauge!(m::CONFIRMED_LSN_BYTES).set(lsn.0 as f64);
             if let Some(client) = &self.client {
                 client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
             }
@@ -313,27 +287,36 @@ impl ReplicationSource {
     }
 
     /// Drops the session and schedules a retry, or returns the error if no
-    /// retry can fix it.
-    fn fail(&mut self, error: PgWireError) -> Result<(), FatalSourceError> {
+    /// retry can fix it. A lost slot is remembered for `next()` to report.
+    async fn fail(&mut self, error: PgWireError) -> Result<(), Fatal> {
         if let Some(mut client) = self.client.take() {
             client.abort();
         }
         self.health.set_streaming(false);
         metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
+        let slot = if error::may_mean_slot_lost(&error) {
+            slot::health(&self.info, &self.slot).await
+        } else {
+            SlotHealth::Usable
+        };
         let text = error.to_string();
-        if slot_is_lost(&text) {
-            tracing::error!(slot = %self.slot, error = %text,
-                "replication slot is missing or invalidated: changes were missed");
-            self.slot_lost = Some(text);
-            return Ok(());
+        match error::replication(&error, slot) {
+            Class::PositionLost => {
+                tracing::error!(slot = %self.slot, error = %text,
+                    "replication slot is missing or invalidated: changes were missed");
+                self.slot_lost = Some(text);
+                return Ok(());
+            }
+            class @ Class::Definite { .. } => {
+                if let Some(fatal) = Fatal::from_class(format!("replication: {text}"), class) {
+                    return Err(fatal);
+                }
+            }
+            Class::Transient => {}
         }
-        if let Some(fatal) = classify(&error, &text) {
-            return Err(fatal);
-        }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let delay = self.backoff.next_delay();
         self.retry_at = Some(Instant::now() + delay);
-        if sqlstate(&text) == Some("55006") {
+        if error::replication_sqlstate(&error) == Some("55006") {
             tracing::info!(slot = %self.slot, retry_in = ?delay,
                 "replication slot is in use by another session; waiting to take over");
         } else {
@@ -341,6 +324,100 @@ impl ReplicationSource {
         }
         Ok(())
     }
+}
+
+impl Source for ReplicationSource {
+    type Ack = Lsn;
+
+    async fn next(&mut self) -> Result<Event<Lsn>, Fatal> {
+        ReplicationSource::next(self).await
+    }
+
+    fn confirm(&mut self, ack: Lsn) {
+        ReplicationSource::confirm(self, ack);
+    }
+
+    /// Recreates the slot first, then forgets old confirmations: a change
+    /// committed after the flush the loop plans next is in the new slot.
+    async fn recover(&mut self, cancel: &CancellationToken) -> bool {
+        if !slot::recreate(&self.info, &self.slot, cancel).await {
+            return false;
+        }
+        self.reset_confirmed();
+        true
+    }
+
+    fn tick(&self) {
+        if let Some(end) = self.server_wal_end() {
+            let lag = end.0.saturating_sub(self.confirmed.0);
+            metrics::gauge!(m::REPLICATION_LAG_BYTES).set(lag as f64);
+        }
+    }
+
+    async fn shutdown(self) {
+        ReplicationSource::shutdown(self).await;
+    }
+}
+
+/// The neutral change a pgoutput message carries, if any (Begin and
+/// Commit arrive decoded by the transport; Type, Origin and messages
+/// inside transactions carry nothing to plan).
+fn change_of(message: Message) -> Option<Change> {
+    Some(match message {
+        Message::Relation(relation) => Change::Schema(TableSchema {
+            id: relation.oid,
+            name: TableName {
+                schema: relation.namespace,
+                name: relation.name,
+            },
+            columns: relation
+                .columns
+                .into_iter()
+                .map(|c| Column {
+                    name: c.name,
+                    type_oid: c.type_oid,
+                })
+                .collect(),
+        }),
+        Message::Insert { relation, new } => Change::Row {
+            table: relation,
+            op: RowOp::Insert,
+            old: None,
+            new: Some(row_of(new)),
+        },
+        Message::Update { relation, old, new } => Change::Row {
+            table: relation,
+            op: RowOp::Update,
+            old: old.map(|(_, tuple)| row_of(tuple)),
+            new: Some(row_of(new)),
+        },
+        Message::Delete { relation, old } => Change::Row {
+            table: relation,
+            op: RowOp::Delete,
+            old: Some(row_of(old.1)),
+            new: None,
+        },
+        Message::Truncate { relations, .. } => Change::Truncate { tables: relations },
+        Message::Begin { .. }
+        | Message::Commit { .. }
+        | Message::Origin { .. }
+        | Message::Type { .. }
+        | Message::LogicalMessage { .. } => return None,
+    })
+}
+
+/// A pgoutput tuple as a row. Binary values never come (the binary option
+/// is off); were one to, it counts as a value that did not travel, which
+/// only ever makes the planner delete instead of write.
+fn row_of(tuple: Tuple) -> Row {
+    tuple
+        .into_iter()
+        .map(|datum| match datum {
+            Datum::Null => Value::Null,
+            Datum::Text(bytes) => Value::Text(bytes),
+            Datum::UnchangedToast | Datum::Binary(_) => Value::Unchanged,
+        })
+        .collect()
 }
 
 /// Connects and waits until the server accepted START_REPLICATION.
@@ -357,68 +434,55 @@ async fn open(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> 
     Ok(client)
 }
 
-/// The one place that decides retry vs stop for the replication stream.
-fn classify(error: &PgWireError, text: &str) -> Option<FatalSourceError> {
-    let fatal = |hint| {
-        Some(FatalSourceError {
-            message: text.to_string(),
-            hint,
-        })
-    };
-    if matches!(error, PgWireError::Auth(_)) {
-        return fatal("check the user and password in postgres.url");
-    }
-    if matches!(error, PgWireError::Tls(_)) {
-        return fatal("check sslmode and ssl_root_cert");
-    }
-    match sqlstate(text) {
-        Some("42704") => fatal("the replication slot or publication does not exist: run pg-cache-invalidator setup"),
-        Some("28P01" | "28000") => fatal("check the user and password in postgres.url, and that pg_hba.conf allows replication connections"),
-        Some("42501") => fatal("the role needs the REPLICATION attribute (ALTER ROLE ... WITH REPLICATION)"),
-        Some("3D000") => fatal("the database in postgres.url does not exist"),
-        Some("55000") if text.contains("wal_level") => fatal("set wal_level = logical and restart PostgreSQL"),
-        _ => None,
-    }
-}
-
-/// Whether the server says our slot no longer exists or can no longer be
-/// read (invalidated by `max_slot_wal_keep_size`).
-fn slot_is_lost(text: &str) -> bool {
-    (sqlstate(text) == Some("42704") && text.contains("replication slot"))
-        || text.contains("cannot read from logical replication slot")
-        || text.contains("can no longer get changes from replication slot")
-        || text.contains("has been invalidated")
-}
-
-fn sqlstate(text: &str) -> Option<&str> {
-    let start = text.find("SQLSTATE ")? + "SQLSTATE ".len();
-    text.get(start..start + 5)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::pgoutput::{OldTupleKind, Relation, RelationColumn};
+    use bytes::Bytes;
 
     #[test]
-    fn classifies_errors() {
-        let missing =
-            PgWireError::Server("replication slot \"x\" does not exist (SQLSTATE 42704)".into());
-        assert!(classify(&missing, &missing.to_string()).is_some());
-        let busy = PgWireError::Server(
-            "replication slot \"x\" is active for PID 12 (SQLSTATE 55006)".into(),
+    fn pgoutput_messages_become_neutral_changes() {
+        let relation = Relation {
+            oid: 7,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![RelationColumn {
+                is_identity: true,
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            }],
+        };
+        let Some(Change::Schema(schema)) = change_of(Message::Relation(relation)) else {
+            panic!("schema")
+        };
+        assert_eq!(schema.name.to_string(), "public.t");
+        assert_eq!(schema.columns[0].type_oid, 23);
+        let old = vec![Datum::Text(Bytes::from_static(b"1")), Datum::UnchangedToast];
+        let change = change_of(Message::Delete {
+            relation: 7,
+            old: (OldTupleKind::Key, old),
+        });
+        assert_eq!(
+            change,
+            Some(Change::Row {
+                table: 7,
+                op: RowOp::Delete,
+                old: Some(vec![
+                    Value::Text(Bytes::from_static(b"1")),
+                    Value::Unchanged
+                ]),
+                new: None,
+            })
         );
-        assert!(classify(&busy, &busy.to_string()).is_none());
-        let terminated = PgWireError::Server(
-            "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+        assert_eq!(
+            change_of(Message::Type {
+                oid: 1,
+                namespace: "s".into(),
+                name: "n".into()
+            }),
+            None
         );
-        assert!(classify(&terminated, &terminated.to_string()).is_none());
-        let io = PgWireError::Io(std::sync::Arc::new(std::io::Error::other("reset")));
-        assert!(classify(&io, &io.to_string()).is_none());
-        assert!(slot_is_lost(&missing.to_string()));
-        let publication = "publication \"p\" does not exist (SQLSTATE 42704)";
-        assert!(!slot_is_lost(publication));
-        assert!(slot_is_lost(
-            "cannot read from logical replication slot \"x\" (SQLSTATE 55000)"
-        ));
     }
 }

@@ -1,0 +1,215 @@
+//! The daemon's tasks, started under one cancellation token and joined
+//! at shutdown (mini-redis's `Shutdown` is the model).
+//!
+//! ```text
+//!  signals ──cancel──▶ every task
+//!  http (/metrics /healthz /readyz)        heartbeats (replication)
+//!  source ─▶ pipeline::run (plan ─▶ resolve ─▶ sink) ─▶ confirm
+//! ```
+//!
+//! SIGTERM (or Ctrl-C) cancels the token: the apply loop stops reading,
+//! applies and confirms what it read, and every other task ends; `run`
+//! returns once all of them have. A fatal error in the loop cancels the
+//! token the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, SourceKind};
+use crate::db::{ConnInfo, Db, DbError};
+use crate::error::{Backoff, Class, Fatal};
+use crate::pipeline::{self, PipelineError, Stages};
+use crate::plan::rules::RuleSet;
+use crate::plan::Planner;
+use crate::resolve::Resolver;
+use crate::sink::{RedisSink, SinkError};
+use crate::source::outbox::OutboxSource;
+use crate::source::replication::{slot, ReplicationSource};
+use crate::source::{install, Source};
+use crate::telemetry;
+use crate::telemetry::health::Health;
+
+/// How long the other tasks get to finish once the loop has stopped.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the daemon stopped.
+#[derive(Debug)]
+pub enum Stopped {
+    /// The configuration or the database does not fit: one line each.
+    Problems(Vec<String>),
+    /// The database could not be reached for good.
+    Database(DbError),
+    /// Retrying cannot fix what happened.
+    Fatal(Fatal),
+    /// Something else broke.
+    Failed(String),
+}
+
+/// Runs the daemon until SIGTERM or a fatal error.
+pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), Stopped> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        postgres = %conn.redacted(),
+        redis = %config.redis.url.redacted(),
+        slot = %config.replication.slot,
+        tables = rules.tables().count(),
+        "starting"
+    );
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(wait_for_signal(cancel.clone()));
+    let outcome = start_and_run(&config, rules, conn, &cancel, &tasks).await;
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(JOIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+    match &outcome {
+        Ok(()) => tracing::info!("stopped"),
+        Err(Stopped::Fatal(fatal)) => tracing::error!(error = %fatal, "stopped on error"),
+        Err(Stopped::Failed(text)) => tracing::error!(error = %text, "stopped on error"),
+        Err(_) => {}
+    }
+    outcome
+}
+
+async fn start_and_run(
+    config: &Config,
+    rules: RuleSet,
+    conn: ConnInfo,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), Stopped> {
+    let health = Arc::new(Health::default());
+    let metrics = telemetry::metrics::install().map_err(Stopped::Failed)?;
+    let listener = telemetry::http::bind(&config.http.listen)
+        .await
+        .map_err(|e| Stopped::Problems(vec![e]))?;
+    tracing::info!(listen = %config.http.listen, "serving /metrics /healthz /readyz");
+    tasks.spawn(telemetry::http::serve(
+        listener,
+        metrics,
+        Arc::clone(&health),
+        cancel.clone(),
+    ));
+
+    let db = connect_with_retry(&conn, cancel).await?;
+    let problems = install::check(&db, config, &rules, true)
+        .await
+        .map_err(Stopped::Database)?;
+    drop(db);
+    if !problems.is_empty() {
+        return Err(Stopped::Problems(problems));
+    }
+
+    let sink = RedisSink::connect(
+        &config.redis.url,
+        config.redis.ca_cert.as_deref(),
+        &config.redis.channel,
+        cancel.clone(),
+        Arc::clone(&health),
+    )
+    .await
+    .map_err(|error| match error {
+        SinkError::Fatal(fatal) => Stopped::Fatal(fatal),
+        SinkError::BadUrl { .. } => Stopped::Problems(vec![error.to_string()]),
+        SinkError::GaveUp(_) => Stopped::Failed(error.to_string()),
+    })?;
+    let rules = Arc::new(rules);
+    let stages = Stages {
+        planner: Planner::new(Arc::clone(&rules)),
+        resolver: Resolver::new(conn.clone(), cancel.clone()),
+        sink,
+        conn: conn.clone(),
+    };
+    match config.postgres.source {
+        SourceKind::Outbox => {
+            let source =
+                OutboxSource::start(conn, config.outbox.clone(), rules, Arc::clone(&health));
+            drive(source, stages, health, cancel).await
+        }
+        SourceKind::Replication => {
+            let every = config.replication.heartbeat_interval.0;
+            if !every.is_zero() {
+                tasks.spawn(slot::heartbeats(
+                    conn.clone(),
+                    config.replication.slot.clone(),
+                    every,
+                    cancel.clone(),
+                ));
+            }
+            let source = ReplicationSource::new(
+                conn,
+                config.replication.slot.clone(),
+                config.replication.publication.clone(),
+                Arc::clone(&health),
+            );
+            drive(source, stages, health, cancel).await
+        }
+    }
+}
+
+async fn drive<S: Source>(
+    source: S,
+    stages: Stages,
+    health: Arc<Health>,
+    cancel: &CancellationToken,
+) -> Result<(), Stopped> {
+    pipeline::run(source, stages, health, cancel.clone())
+        .await
+        .map_err(|error| match error {
+            PipelineError::Source(fatal)
+            | PipelineError::Sink(SinkError::Fatal(fatal))
+            | PipelineError::Resolve(crate::resolve::ResolveError::Fatal(fatal)) => {
+                Stopped::Fatal(fatal)
+            }
+            other => Stopped::Failed(other.to_string()),
+        })
+}
+
+/// The database may still be starting when the daemon starts (systemd
+/// ordering, a failover): keep trying while the error policy says it is
+/// transient.
+async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Result<Db, Stopped> {
+    let mut backoff = Backoff::default();
+    loop {
+        match Db::connect(conn).await {
+            Ok(db) => return Ok(db),
+            Err(error) => {
+                if error.class() != Class::Transient || cancel.is_cancelled() {
+                    return Err(Stopped::Database(error));
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %error.one_line(), retry_in = ?delay, "cannot reach postgres; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(Stopped::Database(error)),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Cancels `cancel` on SIGTERM or Ctrl-C; ends when it is cancelled.
+async fn wait_for_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested; applying what was read, then confirming");
+    cancel.cancel();
+}

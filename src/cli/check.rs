@@ -1,0 +1,31 @@
+//! `check-config`: the file, then the live database against it.
+
+use crate::cli::{Failure, Loaded};
+use crate::config::SourceKind;
+use crate::db::Db;
+use crate::source::install;
+
+/// Checks and prints `ok: …`, or one line per problem.
+pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
+    let db = Db::connect(&loaded.conn).await?;
+    let problems = install::check(&db, &loaded.config, &loaded.rules, false).await?;
+    if !problems.is_empty() {
+        return Err(Failure::usage(problems));
+    }
+    let source = match loaded.config.postgres.source {
+        SourceKind::Replication => format!(
+            "publication {:?} and slot {:?} are ready",
+            loaded.config.replication.publication, loaded.config.replication.slot
+        ),
+        SourceKind::Outbox => format!(
+            "the outbox in schema {:?} and its triggers are installed",
+            loaded.config.outbox.schema
+        ),
+    };
+    println!(
+        "ok: {} table(s), {source} on {}",
+        loaded.rules.tables().count(),
+        loaded.conn.redacted()
+    );
+    Ok(())
+}

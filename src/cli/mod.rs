@@ -1,0 +1,178 @@
+//! The command line: what each command does, and how failures reach the
+//! user — one `error:` line each, exit status 2 when the configuration or
+//! the database setup must change, 1 when something broke.
+//!
+//! - `run` ([`mod@run`]): the daemon (see [`crate::app`]).
+//! - `setup [--print]` and `teardown` ([`setup`]).
+//! - `check-config` ([`check`]).
+//! - `status [--json]` ([`status`]).
+
+pub mod check;
+pub mod run;
+pub mod setup;
+pub mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, LogFormat, DEFAULT_CONFIG_PATH};
+use crate::db::{ConnInfo, DbError};
+use crate::error::Fatal;
+use crate::plan::rules::{self, RuleSet};
+
+/// Exit status for problems the user must fix (configuration, database).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status for runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// The command line.
+#[derive(Parser)]
+#[command(version, about = "Keeps Redis caches true to PostgreSQL")]
+pub struct Cli {
+    /// Log format (overrides [log] format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The TOML configuration file.
+    #[arg(long, short, env = "PGCI_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run(ConfigArg),
+    /// Create the publication, replica identities and slot the rules need.
+    Setup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Check the file and the live database against it.
+    CheckConfig(ConfigArg),
+    /// Show the replication slot's state.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot and the publication.
+    Teardown(ConfigArg),
+}
+
+/// A failure already reduced to lines for the user.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    lines: Vec<String>,
+}
+
+impl Failure {
+    /// Problems the user must fix.
+    pub fn usage(lines: Vec<String>) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            lines,
+        }
+    }
+
+    /// Something broke.
+    pub fn runtime(error: impl std::fmt::Display) -> Self {
+        Failure {
+            code: EXIT_FAILURE,
+            lines: vec![error.to_string()],
+        }
+    }
+}
+
+impl From<Fatal> for Failure {
+    fn from(fatal: Fatal) -> Self {
+        let code = if fatal.user_must_fix {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        };
+        Failure {
+            code,
+            lines: vec![fatal.to_string()],
+        }
+    }
+}
+
+impl From<DbError> for Failure {
+    fn from(error: DbError) -> Self {
+        Failure::usage(vec![error.one_line()])
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Self {
+        match error {
+            ConfigError::Invalid(lines) => Failure::usage(lines),
+            other => Failure::usage(vec![other.to_string()]),
+        }
+    }
+}
+
+/// A configuration file loaded, checked, and its rules compiled.
+pub struct Loaded {
+    /// The file.
+    pub config: Config,
+    /// Its rules.
+    pub rules: RuleSet,
+    /// The database connection it names.
+    pub conn: ConnInfo,
+}
+
+fn load(arg: &ConfigArg) -> Result<Loaded, Failure> {
+    let config = Config::load(&arg.config)?;
+    let rules = rules::compile(&config)?;
+    let conn = ConnInfo::parse(
+        &config.postgres.url,
+        config.postgres.ssl_root_cert.as_deref(),
+    )
+    .map_err(|e| Failure::usage(vec![e.to_string()]))?;
+    Ok(Loaded {
+        config,
+        rules,
+        conn,
+    })
+}
+
+/// Runs the command; prints each failure line as `error: …`.
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            for line in &failure.lines {
+                eprintln!("error: {line}");
+            }
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run(arg) => {
+            let loaded = load(&arg)?;
+            crate::telemetry::init_logging(cli.log_format.unwrap_or(loaded.config.log.format));
+            run::run(loaded).await
+        }
+        Command::Setup { config, print } => setup::setup(load(&config)?, print).await,
+        Command::CheckConfig(arg) => check::check_config(load(&arg)?).await,
+        Command::Status { config, json } => status::status(load(&config)?, json).await,
+        Command::Teardown(arg) => setup::teardown(load(&arg)?).await,
+    }
+}

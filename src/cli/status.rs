@@ -1,0 +1,70 @@
+//! `status [--json]`: the slot (or the outbox backlog) as a table or JSON.
+
+use crate::cli::{Failure, Loaded};
+use crate::config::SourceKind;
+use crate::db::{catalog, Db};
+use crate::source::outbox::drain;
+
+/// Prints the source's state.
+pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
+    let db = Db::connect(&loaded.conn).await?;
+    if loaded.config.postgres.source == SourceKind::Outbox {
+        let (rows, oldest) = drain::backlog(&db, &loaded.config.outbox).await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"source": "outbox", "schema": loaded.config.outbox.schema,
+                    "backlog_rows": rows, "oldest_row_age_seconds": oldest})
+            );
+        } else {
+            print_rows(&[
+                ("source", "outbox".to_string()),
+                ("schema", loaded.config.outbox.schema.clone()),
+                ("backlog_rows", rows.to_string()),
+                (
+                    "oldest_row_age",
+                    oldest.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s")),
+                ),
+            ]);
+        }
+        return Ok(());
+    }
+    let slot = &loaded.config.replication.slot;
+    let Some(info) = catalog::inspect_slot(&db, slot).await? else {
+        return Err(Failure::usage(vec![format!(
+            "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
+        )]));
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&info).map_err(Failure::runtime)?;
+        println!("{text}");
+        return Ok(());
+    }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    print_rows(&[
+        ("slot", info.slot.clone()),
+        ("plugin", opt(info.plugin.clone())),
+        ("database", opt(info.database.clone())),
+        (
+            "active",
+            match info.active_pid {
+                Some(pid) if info.active => format!("yes (pid {pid})"),
+                _ => "no".to_string(),
+            },
+        ),
+        ("confirmed_lsn", opt(info.confirmed_flush_lsn.clone())),
+        ("lag_bytes", opt(info.lag_bytes.map(|b| b.to_string()))),
+        (
+            "retained_bytes",
+            opt(info.retained_bytes.map(|b| b.to_string())),
+        ),
+        ("wal_status", opt(info.wal_status.clone())),
+    ]);
+    Ok(())
+}
+
+fn print_rows(rows: &[(&str, String)]) {
+    for (name, value) in rows {
+        println!("{name:<15} {value}");
+    }
+}

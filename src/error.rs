@@ -1,0 +1,467 @@
+//! The error policy: every failure the daemon meets is classified here,
+//! once, into what to do about it.
+//!
+//! | class          | what the caller does                                      |
+//! |----------------|-----------------------------------------------------------|
+//! | `Transient`    | retry with [`Backoff`]; progress is held meanwhile         |
+//! | `Definite`     | stop with a one-line hint (exit 2 when the user must fix) |
+//! | `PositionLost` | recreate the slot, then flush every key of every rule      |
+//!
+//! Classification reads codes, never message text: the SQLSTATE of a
+//! PostgreSQL error (`tokio_postgres::Error::code()`, or the one the
+//! replication transport puts in its message, read by [`replication_sqlstate`]
+//! alone), the I/O error kind under it, and `RedisError::kind()`. Whether a
+//! replication error means the slot is gone is decided from
+//! `pg_replication_slots` (the caller passes what it says), because the
+//! server words it differently in every major (and PostgreSQL 18 puts the
+//! reason only in the DETAIL the transport leaves out).
+
+use std::time::Duration;
+
+use pgwire_replication::PgWireError;
+use redis::{ErrorKind as RedisKind, RedisError, ServerErrorKind};
+use tokio_util::sync::CancellationToken;
+
+/// What to do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Retrying can fix it (a restart, a dropped connection, a failover).
+    Transient,
+    /// Retrying cannot fix it.
+    Definite {
+        /// What the operator should do, one line.
+        hint: &'static str,
+        /// Whether the configuration or the database setup must change
+        /// (exit status 2) rather than something having broken (1).
+        user_must_fix: bool,
+    },
+    /// The stream's position is gone (the slot was dropped or
+    /// invalidated): changes were missed.
+    PositionLost,
+}
+
+impl Class {
+    const fn fix(hint: &'static str) -> Class {
+        Class::Definite {
+            hint,
+            user_must_fix: true,
+        }
+    }
+
+    const fn broken(hint: &'static str) -> Class {
+        Class::Definite {
+            hint,
+            user_must_fix: false,
+        }
+    }
+}
+
+/// A failure that retrying will not fix: what happened and what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}: {hint}")]
+pub struct Fatal {
+    /// What failed, with the server's or client's words.
+    pub what: String,
+    /// What the operator should do.
+    pub hint: &'static str,
+    /// Whether the configuration or database setup must change (exit 2).
+    pub user_must_fix: bool,
+}
+
+impl Fatal {
+    /// The fatal error for `what` if `class` is definite.
+    pub fn from_class(what: impl std::fmt::Display, class: Class) -> Option<Fatal> {
+        match class {
+            Class::Definite {
+                hint,
+                user_must_fix,
+            } => Some(Fatal {
+                what: what.to_string(),
+                hint,
+                user_must_fix,
+            }),
+            Class::Transient | Class::PositionLost => None,
+        }
+    }
+}
+
+/// What `pg_replication_slots` says about our slot, for telling a lost
+/// slot from other "object not found / not ready" errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotHealth {
+    /// The slot exists and can be read.
+    Usable,
+    /// The slot does not exist.
+    Missing,
+    /// The slot exists but its WAL was removed (`wal_status = 'lost'`, or an
+    /// `invalidation_reason` from PostgreSQL 17 on).
+    Invalidated,
+    /// The catalog could not be asked (the connection failed too).
+    Unknown,
+}
+
+/// SQLSTATEs and what they mean for us, in one table. Classes not listed
+/// (`08` connection exceptions, `57P0x` shutdowns, `53` resources, `40`
+/// serialization) are transient.
+const SQLSTATES: &[(&str, Class)] = &[
+    (
+        "28P01",
+        Class::fix("check the user and password in postgres.url"),
+    ),
+    (
+        "28000",
+        Class::fix("check the user and password in postgres.url, and that pg_hba.conf allows this connection (and replication connections)"),
+    ),
+    (
+        "3D000",
+        Class::fix("the database in postgres.url does not exist: fix the URL"),
+    ),
+    (
+        "42501",
+        Class::fix("the role lacks a privilege: grant it (the replication source needs ALTER ROLE ... WITH REPLICATION; see sql/)"),
+    ),
+    (
+        "42704",
+        Class::fix("the replication slot or publication does not exist: run pg-cache-invalidator setup"),
+    ),
+    (
+        "55000",
+        Class::fix("the server cannot stream: set wal_level = logical and restart PostgreSQL, then check the slot with pg-cache-invalidator status"),
+    ),
+];
+
+/// SQLSTATE classes (first two characters) that retrying can fix.
+const TRANSIENT_SQLSTATE_CLASSES: &[&str] = &["08", "53", "57", "40", "58"];
+
+/// The class of a PostgreSQL SQLSTATE we know; `None` for the others,
+/// whose meaning depends on the connection (see [`postgres`] and
+/// [`replication`]).
+pub fn sqlstate(code: &str) -> Option<Class> {
+    if let Some((_, class)) = SQLSTATES.iter().find(|(c, _)| *c == code) {
+        return Some(*class);
+    }
+    // 55006: the slot is held by another session (a standby waits its turn).
+    (code == "55006"
+        || TRANSIENT_SQLSTATE_CLASSES
+            .iter()
+            .any(|c| code.starts_with(c)))
+    .then_some(Class::Transient)
+}
+
+/// Classifies an error of a regular PostgreSQL connection. Server errors
+/// whose SQLSTATE is not in the table stop: a refused statement would be
+/// refused again.
+pub fn postgres(error: &tokio_postgres::Error) -> Class {
+    if let Some(code) = error.code() {
+        // A statement the server refuses for another reason would be
+        // refused again.
+        return sqlstate(code.code()).unwrap_or(Class::broken(
+            "the server refused a statement: see the message",
+        ));
+    }
+    if error.is_closed() {
+        return Class::Transient;
+    }
+    match io_source(error) {
+        Some(io) => io_class(io),
+        // No code and no I/O underneath: a protocol or configuration
+        // error of the driver, which a retry would meet again.
+        None => Class::broken("the postgres driver failed: see the message"),
+    }
+}
+
+/// Classifies a replication transport error. `slot` is what the catalog
+/// says about the slot; it is asked only when [`may_mean_slot_lost`].
+pub fn replication(error: &PgWireError, slot: SlotHealth) -> Class {
+    match error {
+        PgWireError::Auth(_) => return Class::fix("check the user and password in postgres.url"),
+        PgWireError::Tls(_) => return Class::fix("check sslmode and ssl_root_cert"),
+        PgWireError::Io(io) => return io_class(io),
+        _ => {}
+    }
+    let Some(code) = replication_sqlstate(error) else {
+        // Protocol, task and internal errors: the session is reopened.
+        return Class::Transient;
+    };
+    if may_mean_slot_lost(error) {
+        match slot {
+            SlotHealth::Missing | SlotHealth::Invalidated => return Class::PositionLost,
+            SlotHealth::Unknown => return Class::Transient,
+            SlotHealth::Usable => {}
+        }
+    }
+    // Other server errors end the session; the stream resumes from the
+    // slot on the next one.
+    sqlstate(code).unwrap_or(Class::Transient)
+}
+
+/// Whether `error` could mean the slot is gone, so that the catalog should
+/// be asked before classifying it: "undefined object" (42704) and "object
+/// not in prerequisite state" (55000, an invalidated slot on 15 to 18).
+pub fn may_mean_slot_lost(error: &PgWireError) -> bool {
+    matches!(replication_sqlstate(error), Some("42704" | "55000"))
+}
+
+/// The SQLSTATE of a server error reported by the replication transport,
+/// which puts it into its message as `(SQLSTATE xxxxx)`. The only place
+/// that reads it.
+pub fn replication_sqlstate(error: &PgWireError) -> Option<&str> {
+    let PgWireError::Server(text) = error else {
+        return None;
+    };
+    let start = text.find("SQLSTATE ")? + "SQLSTATE ".len();
+    let code = text.get(start..start + 5)?;
+    code.bytes()
+        .all(|b| b.is_ascii_alphanumeric())
+        .then_some(code)
+}
+
+/// Classifies a Redis error.
+pub fn redis(error: &RedisError) -> Class {
+    match error.kind() {
+        RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => {
+            Class::fix("check the user and password in redis.url and the user's ACL (it needs UNLINK, SET, GET, EVALSHA, SCAN and PUBLISH)")
+        }
+        RedisKind::InvalidClientConfig => Class::fix("check redis.url"),
+        // Everything else, including scripts refused under memory pressure,
+        // is retried: the batch is held until Redis takes it.
+        _ => Class::Transient,
+    }
+}
+
+fn io_source<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cause = current.source();
+    }
+    None
+}
+
+fn io_class(io: &std::io::Error) -> Class {
+    use std::io::ErrorKind as K;
+    let tls = io
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    if tls || io.kind() == K::InvalidData {
+        return Class::fix("the TLS handshake failed: check sslmode and the CA certificate");
+    }
+    match io.kind() {
+        K::NotFound | K::PermissionDenied | K::AddrNotAvailable | K::InvalidInput => Class::fix(
+            "cannot reach the server at that address: check the host and port in the URL",
+        ),
+        _ => Class::Transient,
+    }
+}
+
+/// Capped exponential backoff: 200 ms doubling to 5 s unless told
+/// otherwise. Short first waits make a blip cheap; the cap keeps a long
+/// outage from being hammered while still noticing recovery quickly.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+/// First wait of the default backoff.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest wait of the default backoff.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(BACKOFF_MIN, BACKOFF_MAX)
+    }
+}
+
+impl Backoff {
+    /// Waits from `min` doubling up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The next wait; the one after is twice as long (up to the cap).
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// Sleeps the next wait; returns `false` at once if `cancel` fires.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let delay = self.next_delay();
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(text: &str) -> PgWireError {
+        PgWireError::Server(text.to_string())
+    }
+
+    fn kind(class: Class) -> &'static str {
+        match class {
+            Class::Transient => "transient",
+            Class::Definite {
+                user_must_fix: true,
+                ..
+            } => "fix",
+            Class::Definite { .. } => "broken",
+            Class::PositionLost => "lost",
+        }
+    }
+
+    #[test]
+    fn replication_errors_by_code_and_slot_state() {
+        use SlotHealth::*;
+        let io = PgWireError::Io(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        let cases: &[(PgWireError, SlotHealth, &str)] = &[
+            (
+                server("replication slot \"x\" does not exist (SQLSTATE 42704)"),
+                Missing,
+                "lost",
+            ),
+            (
+                server("publication \"p\" does not exist (SQLSTATE 42704)"),
+                Usable,
+                "fix",
+            ),
+            (
+                server("cannot read from logical replication slot \"x\" (SQLSTATE 55000)"),
+                Invalidated,
+                "lost",
+            ),
+            (
+                server("can no longer access replication slot \"x\" (SQLSTATE 55000)"),
+                Invalidated,
+                "lost",
+            ),
+            (
+                server("logical decoding requires wal_level >= logical (SQLSTATE 55000)"),
+                Usable,
+                "fix",
+            ),
+            (server("whatever (SQLSTATE 55000)"), Unknown, "transient"),
+            (
+                server("replication slot \"x\" is active for PID 12 (SQLSTATE 55006)"),
+                Usable,
+                "transient",
+            ),
+            (
+                server("terminating connection due to administrator command (SQLSTATE 57P01)"),
+                Usable,
+                "transient",
+            ),
+            (
+                server("the database system is starting up (SQLSTATE 57P03)"),
+                Usable,
+                "transient",
+            ),
+            (
+                server("password authentication failed (SQLSTATE 28P01)"),
+                Usable,
+                "fix",
+            ),
+            (
+                server("permission denied to start WAL sender (SQLSTATE 42501)"),
+                Usable,
+                "fix",
+            ),
+            (
+                server("database \"nope\" does not exist (SQLSTATE 3D000)"),
+                Usable,
+                "fix",
+            ),
+            (server("no code at all"), Usable, "transient"),
+            (PgWireError::Auth("bad".into()), Usable, "fix"),
+            (PgWireError::Tls("bad cert".into()), Usable, "fix"),
+            (
+                PgWireError::Task("replication stream ended".into()),
+                Usable,
+                "transient",
+            ),
+            (io, Usable, "transient"),
+        ];
+        for (error, slot, want) in cases {
+            assert_eq!(
+                kind(replication(error, *slot)),
+                *want,
+                "{error} with {slot:?}"
+            );
+        }
+        assert!(may_mean_slot_lost(&server("x (SQLSTATE 42704)")));
+        assert!(!may_mean_slot_lost(&server("x (SQLSTATE 57P01)")));
+        assert_eq!(replication_sqlstate(&server("x (SQLSTATE 5")), None);
+    }
+
+    #[test]
+    fn sqlstates_and_io_kinds() {
+        for (code, want) in [
+            ("57P01", "transient"),
+            ("08006", "transient"),
+            ("53300", "transient"),
+            ("40001", "transient"),
+            ("28P01", "fix"),
+            ("3D000", "fix"),
+        ] {
+            assert_eq!(sqlstate(code).map(kind), Some(want), "{code}");
+        }
+        use std::io::{Error, ErrorKind as K};
+        for (io, want) in [
+            (Error::from(K::ConnectionRefused), "transient"),
+            (Error::from(K::TimedOut), "transient"),
+            (Error::from(K::UnexpectedEof), "transient"),
+            (Error::from(K::InvalidData), "fix"),
+            (
+                Error::other(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "fix",
+            ),
+        ] {
+            assert_eq!(kind(io_class(&io)), want, "{io:?}");
+        }
+    }
+
+    #[test]
+    fn redis_errors_by_kind() {
+        let io: RedisError = std::io::Error::from(std::io::ErrorKind::BrokenPipe).into();
+        assert_eq!(kind(redis(&io)), "transient");
+        let auth: RedisError = (RedisKind::AuthenticationFailed, "denied").into();
+        assert_eq!(kind(redis(&auth)), "fix");
+        let loading: RedisError =
+            (RedisKind::Server(ServerErrorKind::BusyLoading), "loading").into();
+        assert_eq!(kind(redis(&loading)), "transient");
+        let readonly: RedisError = (RedisKind::Server(ServerErrorKind::ReadOnly), "ro").into();
+        assert_eq!(kind(redis(&readonly)), "transient");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..7).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next_delay(), BACKOFF_MIN);
+    }
+}

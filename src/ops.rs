@@ -1,0 +1,146 @@
+//! The sink's contract: the cache operations the planner produces and the
+//! sink applies, each with the transaction it came from.
+//!
+//! This module depends on nothing but [`crate::lsn`], so the sink can be
+//! read (and replaced) without knowing how changes are decoded or planned.
+
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+
+/// The kind of change, as named in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// INSERT
+    Insert,
+    /// UPDATE
+    Update,
+    /// DELETE
+    Delete,
+}
+
+impl Op {
+    /// The lowercase name used in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// Work for the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheOp {
+    /// Remove these keys (one row change).
+    Invalidate {
+        /// `schema.table`.
+        table: Arc<str>,
+        /// The change.
+        op: Op,
+        /// The rendered keys, without duplicates.
+        keys: Vec<String>,
+    },
+    /// Write a row's JSON to `set` (when it could be encoded) and delete
+    /// `del` (keys the row moved away from, or could not be written).
+    Refresh {
+        /// `schema.table`.
+        table: Arc<str>,
+        /// The change.
+        op: Op,
+        /// Keys to set to `value`.
+        set: Vec<String>,
+        /// Keys to delete.
+        del: Vec<String>,
+        /// The row as JSON; `None` means delete `set` too.
+        value: Option<Arc<str>>,
+        /// Seconds the value lives.
+        ttl_secs: u64,
+    },
+    /// Run a query and set `keys` to its answer (a NULL answer deletes).
+    /// Resolved into a [`CacheOp::Refresh`] by [`crate::resolve`] before
+    /// the sink sees it.
+    Query {
+        /// `schema.table`.
+        table: Arc<str>,
+        /// The change.
+        op: Op,
+        /// Keys rendered from the row the parameters came from.
+        keys: Vec<String>,
+        /// The statement (wrapped, see [`crate::plan::rules::RuleQuery`]).
+        sql: Arc<str>,
+        /// Text parameters, `None` for NULL.
+        params: Vec<Option<String>>,
+        /// Seconds the value lives.
+        ttl_secs: u64,
+    },
+    /// Remove every key matching these patterns.
+    Flush {
+        /// `schema.table`, or `*` for every table.
+        table: Arc<str>,
+        /// `SCAN MATCH` patterns.
+        patterns: Vec<String>,
+        /// Why.
+        reason: FlushReason,
+    },
+}
+
+impl CacheOp {
+    /// The table and the op named in events and metrics.
+    pub fn names(&self) -> (&str, &'static str) {
+        match self {
+            CacheOp::Invalidate { table, op, .. }
+            | CacheOp::Refresh { table, op, .. }
+            | CacheOp::Query { table, op, .. } => (table, op.as_str()),
+            CacheOp::Flush { table, reason, .. } => (table, reason.as_str()),
+        }
+    }
+}
+
+/// Why keys are flushed by pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReason {
+    /// The table was truncated.
+    Truncate,
+    /// The slot was lost or dropped: changes were missed, every key goes.
+    SlotReset,
+}
+
+impl FlushReason {
+    /// The op named in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Truncate => "truncate",
+            FlushReason::SlotReset => "flush",
+        }
+    }
+}
+
+/// One cache operation with the transaction it came from.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// What to do.
+    pub op: CacheOp,
+    /// The transaction's commit LSN (named in events).
+    pub lsn: Lsn,
+    /// The transaction's commit time, RFC 3339.
+    pub commit_time: Arc<str>,
+    /// The same, in microseconds since 2000-01-01 UTC (for latency).
+    pub commit_micros: i64,
+    /// Position within the transaction: with `lsn`, the version that keeps
+    /// refreshed values from going backwards on a replay.
+    pub seq: u32,
+    /// The transaction id, when a query must wait until the transaction is
+    /// visible to other sessions (see [`crate::resolve`]); 0 when it
+    /// already is.
+    pub xid: u32,
+}
+
+impl Item {
+    /// The version refreshed keys are guarded by: commit LSN and position,
+    /// fixed-width hex so that strings compare like numbers.
+    pub fn version(&self) -> String {
+        format!("{:016X}{:08X}", self.lsn.0, self.seq)
+    }
+}

@@ -1,0 +1,121 @@
+//! Resolve: the stage between plan and sink that answers the aggregate-key
+//! queries of `refresh` rules, so the sink only ever talks to Redis.
+//!
+//! ```text
+//!  plan ─▶ [Item…, Query{sql, params}, …] ─▶ resolve ─▶ [Item…, Refresh{value}, …] ─▶ sink
+//! ```
+//!
+//! Queries of one batch run concurrently (bounded, see [`crate::db::query`])
+//! and their answers are put back in place, so they land in commit order.
+//! A batch is resolved after every earlier batch was applied, so a query
+//! sees at least the database as of its own transaction. A lost connection
+//! is retried (confirmations are held meanwhile); a query the server
+//! rejects answers "none", which deletes its keys.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::db::query::{QueryJob, QueryRunner};
+use crate::db::ConnInfo;
+use crate::error::{Backoff, Fatal};
+use crate::ops::{CacheOp, Item};
+use crate::telemetry::metrics as m;
+
+/// How many attempts a batch's queries get once shutdown was requested.
+const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
+
+/// Why resolving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Retrying cannot help.
+    #[error("refresh queries: {0}")]
+    Fatal(Fatal),
+    /// Shutdown was requested while the queries kept failing.
+    #[error("shutdown while refresh queries were failing ({0}); unapplied changes will be replayed on restart")]
+    GaveUp(String),
+}
+
+/// Answers refresh queries on a small pool of regular connections.
+pub struct Resolver {
+    queries: QueryRunner,
+    cancel: CancellationToken,
+}
+
+impl Resolver {
+    /// A resolver querying `conn`; connects when a query first comes.
+    pub fn new(conn: ConnInfo, cancel: CancellationToken) -> Self {
+        Resolver {
+            queries: QueryRunner::new(conn),
+            cancel,
+        }
+    }
+
+    /// Replaces every [`CacheOp::Query`] in `items` by the
+    /// [`CacheOp::Refresh`] that writes its answer.
+    pub async fn resolve(&mut self, items: &mut [Item]) -> Result<(), ResolveError> {
+        if !items.iter().any(|i| matches!(i.op, CacheOp::Query { .. })) {
+            return Ok(());
+        }
+        let mut backoff = Backoff::default();
+        let mut attempts_after_shutdown = 0;
+        let answers = loop {
+            match self.run(items).await {
+                Ok(answers) => break answers,
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(&error, error.class()) {
+                        return Err(ResolveError::Fatal(fatal));
+                    }
+                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
+                    if self.cancel.is_cancelled() {
+                        attempts_after_shutdown += 1;
+                        if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
+                            return Err(ResolveError::GaveUp(error.to_string()));
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, retry_in = ?delay,
+                        "refresh queries failed; retrying them (confirmations are held meanwhile)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        let mut answers = answers.into_iter();
+        for item in items.iter_mut() {
+            if let CacheOp::Query {
+                table,
+                op,
+                keys,
+                ttl_secs,
+                ..
+            } = &mut item.op
+            {
+                let value = answers.next().flatten().map(std::sync::Arc::from);
+                item.op = CacheOp::Refresh {
+                    table: std::sync::Arc::clone(table),
+                    op: *op,
+                    set: std::mem::take(keys),
+                    del: Vec::new(),
+                    value,
+                    ttl_secs: *ttl_secs,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, items: &[Item]) -> Result<Vec<Option<String>>, crate::db::DbError> {
+        let mut xids = Vec::new();
+        let jobs: Vec<QueryJob<'_>> = items
+            .iter()
+            .filter_map(|item| match &item.op {
+                CacheOp::Query { sql, params, .. } => {
+                    if item.xid != 0 && !xids.contains(&item.xid) {
+                        xids.push(item.xid);
+                    }
+                    Some((sql, params.as_slice()))
+                }
+                _ => None,
+            })
+            .collect();
+        self.queries.run(&jobs, &xids).await
+    }
+}

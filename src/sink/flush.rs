@@ -1,0 +1,39 @@
+//! Flushing by pattern (TRUNCATE, a lost slot): SCAN + UNLINK in bounded
+//! steps, so a large keyspace never blocks Redis for long.
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, RedisError};
+
+/// Keys per SCAN step and per UNLINK: large enough to be quick, small
+/// enough not to block Redis for long.
+const SCAN_COUNT: usize = 1000;
+
+/// Unlinks every key matching any of `patterns`; returns how many went.
+pub async fn flush_patterns(
+    conn: &mut ConnectionManager,
+    patterns: &[String],
+) -> Result<u64, RedisError> {
+    let mut removed = 0u64;
+    for pattern in patterns {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(conn)
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = conn.unlink(&keys).await?;
+                removed += n;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(removed)
+}

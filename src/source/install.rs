@@ -1,0 +1,71 @@
+//! What `setup` and `teardown` run: statements planned from the rules and
+//! the live catalog (by each source's `install` module), each with the
+//! reason it is needed. `--print` shows the same statements instead of
+//! running them; `sql/` holds them for a DBA who prefers to run them by hand.
+
+use std::fmt;
+
+use crate::config::{Config, SourceKind};
+use crate::db::catalog::{self, CheckScope};
+use crate::db::{Db, DbError};
+use crate::plan::rules::RuleSet;
+use crate::source::outbox;
+
+/// One statement and why it is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// A one-line reason, printed as an SQL comment.
+    pub why: String,
+    /// The statement.
+    pub sql: String,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "-- {}\n{}\n", self.why, self.sql)
+    }
+}
+
+/// What setup would do, or why it cannot.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Statements to run, in order.
+    pub steps: Vec<Step>,
+    /// Problems setup cannot fix (missing tables or columns, wal_level).
+    pub problems: Vec<String>,
+}
+
+/// Runs the planned steps in order, calling `done` after each.
+pub async fn apply(db: &Db, plan: &Plan, mut done: impl FnMut(&Step)) -> Result<(), DbError> {
+    for step in &plan.steps {
+        db.execute_batch(&step.sql).await?;
+        done(step);
+    }
+    Ok(())
+}
+
+/// The live checks of the configured source: one line per problem, each
+/// saying what to do. `running` tolerates a lost or missing slot (`run`
+/// rebuilds it and flushes the keys; `check-config` reports it).
+pub async fn check(
+    db: &Db,
+    config: &Config,
+    rules: &RuleSet,
+    running: bool,
+) -> Result<Vec<String>, DbError> {
+    match config.postgres.source {
+        SourceKind::Replication => {
+            catalog::check(
+                db,
+                rules,
+                CheckScope {
+                    publication: &config.replication.publication,
+                    slot: Some(&config.replication.slot),
+                    tolerate_lost_slot: running,
+                },
+            )
+            .await
+        }
+        SourceKind::Outbox => outbox::install::check(db, rules, &config.outbox).await,
+    }
+}

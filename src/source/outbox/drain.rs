@@ -1,0 +1,281 @@
+//! Draining the outbox: claim the oldest rows no other drainer holds, turn
+//! them into neutral changes, and delete them once Redis has applied them,
+//! in the transaction that locked them.
+//!
+//! Rows carry record text (`ROW(...)::text`) of the captured columns,
+//! rendered under pinned settings (ISO dates, UTC); [`Captures`] knows,
+//! per table, where each captured field goes in a full-width row.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::change::{Change, Column, Row, RowOp, TableId, TableSchema, Value};
+use crate::config::OutboxConfig;
+use crate::db::{catalog, Db, DbError};
+use crate::decode::json::parse_record;
+use crate::plan::rules::RuleSet;
+use crate::source::outbox::install::captured;
+use crate::sql::quote_ident;
+
+/// A watched table as its outbox rows describe it.
+struct Capture {
+    id: TableId,
+    /// Columns in the table.
+    width: usize,
+    /// Position in the table of each captured column, in record order.
+    positions: Vec<usize>,
+}
+
+/// The watched tables' schemas and captured columns, read when a session
+/// opens.
+pub struct Captures {
+    by_relation: HashMap<String, Capture>,
+}
+
+impl Captures {
+    /// Reads each watched table's columns and what its trigger captures;
+    /// returns the schemas to describe to the planner too.
+    pub async fn read(
+        db: &Db,
+        cfg: &OutboxConfig,
+        rules: &RuleSet,
+    ) -> Result<(Captures, Vec<TableSchema>), DbError> {
+        let mut by_relation = HashMap::new();
+        let mut schemas = Vec::new();
+        for (table, _) in rules.tables() {
+            let Some(info) = catalog::inspect_table(db, table).await? else {
+                continue;
+            };
+            let columns = captured(db, cfg, table).await?.unwrap_or_default();
+            let positions = columns
+                .iter()
+                .filter_map(|c| info.columns.iter().position(|col| &col.name == c))
+                .collect::<Vec<_>>();
+            if positions.len() != columns.len() {
+                tracing::error!(table = %table, "captured columns no longer match the table: run setup");
+            }
+            by_relation.insert(
+                table.to_string(),
+                Capture {
+                    id: info.oid,
+                    width: info.columns.len(),
+                    positions,
+                },
+            );
+            schemas.push(TableSchema {
+                id: info.oid,
+                name: table.clone(),
+                columns: info
+                    .columns
+                    .iter()
+                    .map(|c| Column {
+                        name: c.name.clone(),
+                        type_oid: c.type_oid,
+                    })
+                    .collect(),
+            });
+        }
+        Ok((Captures { by_relation }, schemas))
+    }
+
+    /// The change one outbox row carries. A row that cannot be read (its
+    /// table's capture no longer matches) flushes every key of that
+    /// table's rules instead: an invalidation is never skipped. `None` for
+    /// a table no rule watches.
+    pub fn change(&self, row: &OutboxRow) -> Option<Change> {
+        let Some(capture) = self.by_relation.get(&row.relation) else {
+            tracing::warn!(relation = %row.relation, "outbox row for a table no rule watches; dropped");
+            return None;
+        };
+        let op = match row.op.as_str() {
+            "insert" => RowOp::Insert,
+            "update" => RowOp::Update,
+            "delete" => RowOp::Delete,
+            _ => {
+                return Some(Change::Truncate {
+                    tables: vec![capture.id],
+                })
+            }
+        };
+        let old = row.old_row.as_deref().map(|r| capture.row(r));
+        let new = row.new_row.as_deref().map(|r| capture.row(r));
+        match (old, new) {
+            (Some(None), _) | (_, Some(None)) => {
+                tracing::error!(relation = %row.relation, id = row.id,
+                    "outbox row does not match the captured columns; flushing the table's keys");
+                Some(Change::Truncate {
+                    tables: vec![capture.id],
+                })
+            }
+            (old, new) => Some(Change::Row {
+                table: capture.id,
+                op,
+                old: old.flatten(),
+                new: new.flatten(),
+            }),
+        }
+    }
+}
+
+impl Capture {
+    /// A captured record as a full-width row (uncaptured columns NULL), or
+    /// `None` if it does not parse or has the wrong number of fields.
+    fn row(&self, record: &str) -> Option<Row> {
+        let fields = parse_record(record).ok()?;
+        if fields.len() != self.positions.len() {
+            return None;
+        }
+        let mut row = vec![Value::Null; self.width];
+        for (field, &position) in fields.into_iter().zip(&self.positions) {
+            if let Some(text) = field {
+                row[position] = Value::Text(Bytes::from(text));
+            }
+        }
+        Some(row)
+    }
+}
+
+/// One outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Its id (order of writing).
+    pub id: i64,
+    /// WAL insert position when it was written (versions refreshed keys).
+    pub lsn: String,
+    /// Writer's transaction start, microseconds since 2000-01-01 UTC.
+    pub created_micros: i64,
+    /// `schema.table`.
+    pub relation: String,
+    /// insert, update, delete, truncate.
+    pub op: String,
+    /// Captured columns of the old row, record text.
+    pub old_row: Option<String>,
+    /// Captured columns of the new row, record text.
+    pub new_row: Option<String>,
+}
+
+/// Opens a transaction and locks up to `batch_size` rows, oldest first, that no
+/// other drainer holds. The caller applies them, then [`finish`]es.
+pub async fn claim(db: &mut Db, cfg: &OutboxConfig) -> Result<Vec<OutboxRow>, DbError> {
+    db.client()
+        .batch_execute("BEGIN")
+        .await
+        .map_err(DbError::query("starting an outbox transaction"))?;
+    let rows = db
+        .client()
+        .query(
+            &format!(
+                "select id, lsn::text, ((extract(epoch from created_at) - 946684800) * 1000000)::int8, \
+                        relation, op, old_row, new_row \
+                   from {}.outbox order by id limit $1 for update skip locked",
+                quote_ident(&cfg.schema)
+            ),
+            &[&i64::from(cfg.batch_size)],
+        )
+        .await
+        .map_err(DbError::query("reading the outbox"))?;
+    Ok(rows
+        .iter()
+        .map(|r| OutboxRow {
+            id: r.get(0),
+            lsn: r.get(1),
+            created_micros: r.get(2),
+            relation: r.get(3),
+            op: r.get(4),
+            old_row: r.get(5),
+            new_row: r.get(6),
+        })
+        .collect())
+}
+
+/// Deletes the applied rows and commits (Redis has acknowledged them).
+pub async fn finish(db: &mut Db, cfg: &OutboxConfig, ids: &[i64]) -> Result<(), DbError> {
+    db.client()
+        .execute(
+            &format!(
+                "delete from {}.outbox where id = any($1)",
+                quote_ident(&cfg.schema)
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(DbError::query("deleting applied outbox rows"))?;
+    db.client()
+        .batch_execute("COMMIT")
+        .await
+        .map_err(DbError::query("committing the outbox transaction"))
+}
+
+/// Rows waiting and the age of the oldest, for `status`.
+pub async fn backlog(db: &Db, cfg: &OutboxConfig) -> Result<(i64, Option<f64>), DbError> {
+    let row = db
+        .client()
+        .query_one(
+            &format!(
+                "select count(*), extract(epoch from now() - min(created_at))::float8 from {}.outbox",
+                quote_ident(&cfg.schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the outbox backlog"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captures() -> Captures {
+        let mut by_relation = HashMap::new();
+        by_relation.insert(
+            "public.user_tokens".to_string(),
+            Capture {
+                id: 9,
+                width: 4,
+                positions: vec![1, 3],
+            },
+        );
+        Captures { by_relation }
+    }
+
+    fn row(op: &str, old: Option<&str>, new: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            lsn: "0/1".into(),
+            created_micros: 0,
+            relation: "public.user_tokens".into(),
+            op: op.into(),
+            old_row: old.map(str::to_string),
+            new_row: new.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn rows_become_full_width_changes_or_flushes() {
+        let c = captures();
+        let text = |s: &'static str| Value::Text(Bytes::from_static(s.as_bytes()));
+        assert_eq!(
+            c.change(&row("update", Some("(u1,t1)"), Some("(u2,)"))),
+            Some(Change::Row {
+                table: 9,
+                op: RowOp::Update,
+                old: Some(vec![Value::Null, text("u1"), Value::Null, text("t1")]),
+                new: Some(vec![Value::Null, text("u2"), Value::Null, Value::Null]),
+            })
+        );
+        assert_eq!(
+            c.change(&row("insert", None, Some("(only-one)"))),
+            Some(Change::Truncate { tables: vec![9] }),
+            "a record of the wrong width flushes the table"
+        );
+        assert_eq!(
+            c.change(&row("truncate", None, None)),
+            Some(Change::Truncate { tables: vec![9] })
+        );
+        let mut other = row("insert", None, Some("(a,b)"));
+        other.relation = "public.other".into();
+        assert_eq!(c.change(&other), None);
+    }
+}

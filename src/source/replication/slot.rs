@@ -1,0 +1,163 @@
+//! The slot's upkeep beside the stream: recreating it when it was lost,
+//! asking the catalog whether it is, and heartbeats.
+//!
+//! Heartbeats: on an interval, write a logical decoding message (no table
+//! needed) through a regular connection and read the slot's retained WAL.
+//! The message travels the same path as a change, so its arrival on the
+//! stream proves the pipeline alive end to end (its round-trip is a metric),
+//! and it gives an idle database WAL to decode, so keepalive confirmations
+//! keep the slot from retaining WAL while the watched tables are quiet.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{ConnInfo, Db, DbError};
+use crate::error::{Backoff, SlotHealth};
+use crate::source::replication::HEARTBEAT_PREFIX;
+use crate::telemetry::metrics as m;
+
+/// Writes heartbeats every `every` until `cancel` fires.
+pub async fn heartbeats(conn: ConnInfo, slot: String, every: Duration, cancel: CancellationToken) {
+    let mut db: Option<Db> = None;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if db.is_none() {
+            db = Db::connect(&conn).await.ok();
+        }
+        let Some(connection) = &db else { continue };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        match heartbeat(connection, HEARTBEAT_PREFIX, &slot, now).await {
+            Ok(Some((retained, wal_status))) => {
+                failing = false;
+                metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
+                if wal_status == "lost" {
+                    tracing::error!(slot = %slot, "replication slot is lost; the stream will rebuild it");
+                }
+            }
+            Ok(None) => failing = false,
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(error = %error, "heartbeat failed; retrying every interval");
+                }
+                failing = true;
+                db = None;
+            }
+        }
+    }
+}
+
+/// What the catalog says about `slot`: missing, invalidated (`wal_status
+/// = 'lost'`, or an `invalidation_reason`, a column PostgreSQL 17 added and
+/// read through `to_jsonb` so older servers need no other query), or usable.
+pub async fn health(conn: &ConnInfo, slot: &str) -> SlotHealth {
+    let Ok(db) = Db::connect(conn).await else {
+        return SlotHealth::Unknown;
+    };
+    let row = db
+        .client()
+        .query_opt(
+            "select coalesce(s.wal_status = 'lost', false) \
+                    or (to_jsonb(s) ->> 'invalidation_reason') is not null \
+               from pg_replication_slots s where s.slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    match row {
+        Ok(None) => SlotHealth::Missing,
+        Ok(Some(row)) if row.get::<_, bool>(0) => SlotHealth::Invalidated,
+        Ok(Some(_)) => SlotHealth::Usable,
+        Err(_) => SlotHealth::Unknown,
+    }
+}
+
+/// Recreates the slot, retrying until it works; `false` if `cancel` fired
+/// first.
+pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> bool {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = match Db::connect(conn).await {
+            Ok(db) => recreate_slot(&db, slot).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(()) => return true,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot recreate the replication slot; retrying");
+                if !backoff.wait(cancel).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Drops what is left of a lost slot (if no session holds it) and creates
+/// it anew at the current WAL position. Another instance doing the same at
+/// once is fine.
+async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
+    db.client()
+        .execute(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+              where slot_name = $1 and not active",
+            &[&slot],
+        )
+        .await
+        .map_err(DbError::query(format!(
+            "dropping lost replication slot {slot}"
+        )))?;
+    let created = db
+        .client()
+        .execute(
+            "select pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+            Ok(())
+        }
+        Err(error) => Err(DbError::query(format!("creating replication slot {slot}"))(
+            error,
+        )),
+    }
+}
+
+/// Writes a heartbeat into the WAL (no table needed) and reads how much
+/// WAL the slot retains and its `wal_status`.
+async fn heartbeat(
+    db: &Db,
+    prefix: &str,
+    slot: &str,
+    now_unix_micros: i64,
+) -> Result<Option<(i64, String)>, DbError> {
+    db.client()
+        .execute(
+            "select pg_logical_emit_message(false, $1, $2)",
+            &[&prefix, &now_unix_micros.to_string()],
+        )
+        .await
+        .map_err(DbError::query(
+            "writing a heartbeat with pg_logical_emit_message",
+        ))?;
+    let row = db
+        .client()
+        .query_opt(
+            "select (pg_current_wal_lsn() - restart_lsn)::int8, coalesce(wal_status, '') \
+               from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(DbError::query("reading the slot's retained WAL"))?;
+    Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
+}
