@@ -37,8 +37,20 @@ impl HumanDuration {
 }
 
 impl fmt::Display for HumanDuration {
+    /// The largest unit that divides the duration exactly, so that what is
+    /// printed parses back to the same value: 1500 ms is `1500ms`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
+        let ms = self.0.as_millis();
+        let (n, unit) = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1000, "s"),
+        ]
+        .into_iter()
+        .find(|(size, _)| ms > 0 && ms.is_multiple_of(*size))
+        .map_or((ms, "ms"), |(size, unit)| (ms / size, unit));
+        write!(f, "{n}{unit}")
     }
 }
 
@@ -84,6 +96,23 @@ mod tests {
             "18446744073709551615d",
         ] {
             assert!(HumanDuration::parse(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn displays_what_it_parses() {
+        for (ms, text) in [
+            (1500, "1500ms"),
+            (0, "0ms"),
+            (30_000, "30s"),
+            (90_000, "90s"),
+            (300_000, "5m"),
+            (3_600_000, "1h"),
+            (172_800_000, "2d"),
+        ] {
+            let d = HumanDuration(Duration::from_millis(ms));
+            assert_eq!(d.to_string(), text);
+            assert_eq!(HumanDuration::parse(text), Ok(d));
         }
     }
 }

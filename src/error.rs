@@ -309,6 +309,43 @@ impl Backoff {
     }
 }
 
+/// Retries of one unit of work (a batch) that must not be given up while
+/// the daemon runs, but only for a few more attempts once shutdown was
+/// asked: what is not applied then is replayed on the next start.
+#[derive(Debug)]
+pub struct Retry {
+    backoff: Backoff,
+    cancel: CancellationToken,
+    attempts_after_cancel: u32,
+}
+
+/// Attempts a failing batch gets once shutdown was requested.
+pub const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
+
+impl Retry {
+    /// Retries waiting as `backoff` says until `cancel` fires, then a few
+    /// more times.
+    pub fn new(backoff: Backoff, cancel: &CancellationToken) -> Self {
+        Retry {
+            backoff,
+            cancel: cancel.clone(),
+            attempts_after_cancel: 0,
+        }
+    }
+
+    /// After a failed attempt: how long to wait before the next one, or
+    /// `None` to give up.
+    pub fn after_failure(&mut self) -> Option<Duration> {
+        if self.cancel.is_cancelled() {
+            self.attempts_after_cancel += 1;
+            if self.attempts_after_cancel >= ATTEMPTS_AFTER_SHUTDOWN {
+                return None;
+            }
+        }
+        Some(self.backoff.next_delay())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +491,19 @@ mod tests {
         assert_eq!(kind(redis(&loading)), "transient");
         let readonly: RedisError = (RedisKind::Server(ServerErrorKind::ReadOnly), "ro").into();
         assert_eq!(kind(redis(&readonly)), "transient");
+    }
+
+    #[test]
+    fn retries_end_a_few_attempts_after_shutdown() {
+        let cancel = CancellationToken::new();
+        let mut retry = Retry::new(Backoff::default(), &cancel);
+        for _ in 0..10 {
+            assert!(retry.after_failure().is_some());
+        }
+        cancel.cancel();
+        assert!(retry.after_failure().is_some());
+        assert!(retry.after_failure().is_some());
+        assert_eq!(retry.after_failure(), None);
     }
 
     #[test]

@@ -16,12 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::query::{QueryJob, QueryRunner};
 use crate::db::ConnInfo;
-use crate::error::{Backoff, Fatal};
+use crate::error::{Backoff, Fatal, Retry};
 use crate::ops::{CacheOp, Item};
 use crate::telemetry::metrics as m;
-
-/// How many attempts a batch's queries get once shutdown was requested.
-const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
 
 /// Why resolving stopped.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +52,7 @@ impl Resolver {
         if !items.iter().any(|i| matches!(i.op, CacheOp::Query { .. })) {
             return Ok(());
         }
-        let mut backoff = Backoff::default();
-        let mut attempts_after_shutdown = 0;
+        let mut retry = Retry::new(Backoff::default(), &self.cancel);
         let answers = loop {
             match self.run(items).await {
                 Ok(answers) => break answers,
@@ -65,13 +61,9 @@ impl Resolver {
                         return Err(ResolveError::Fatal(fatal));
                     }
                     metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
-                    if self.cancel.is_cancelled() {
-                        attempts_after_shutdown += 1;
-                        if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
-                            return Err(ResolveError::GaveUp(error.to_string()));
-                        }
-                    }
-                    let delay = backoff.next_delay();
+                    let Some(delay) = retry.after_failure() else {
+                        return Err(ResolveError::GaveUp(error.to_string()));
+                    };
                     tracing::warn!(error = %error, retry_in = ?delay,
                         "refresh queries failed; retrying them (confirmations are held meanwhile)");
                     tokio::time::sleep(delay).await;

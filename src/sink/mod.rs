@@ -30,7 +30,7 @@ use redis::{AsyncCommands, RedisError};
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::time::pg_micros_to_unix_seconds;
-use crate::error::{self, Backoff, Fatal};
+use crate::error::{self, Backoff, Fatal, Retry};
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::secret::SecretUrl;
 use crate::telemetry::health::Health;
@@ -42,8 +42,6 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// A reply slower than this counts as a failure and the batch is retried.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How many attempts a batch gets once shutdown was requested.
-const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
 
 /// Why the sink stopped.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +92,7 @@ pub struct RedisSink {
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// After shutdown is requested a failing batch gets only a few more
-    /// attempts.
+    /// attempts (see [`Retry`]).
     cancel: CancellationToken,
     stats: SinkStats,
     health: Arc<Health>,
@@ -180,8 +178,7 @@ impl RedisSink {
         if items.is_empty() {
             return Ok(());
         }
-        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-        let mut attempts_after_shutdown = 0;
+        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
             match self.try_apply(items).await {
                 Ok(touched) => {
@@ -199,13 +196,9 @@ impl RedisSink {
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
                     }
-                    if self.cancel.is_cancelled() {
-                        attempts_after_shutdown += 1;
-                        if attempts_after_shutdown >= ATTEMPTS_AFTER_SHUTDOWN {
-                            return Err(SinkError::GaveUp(error.to_string()));
-                        }
-                    }
-                    let delay = backoff.next_delay();
+                    let Some(delay) = retry.after_failure() else {
+                        return Err(SinkError::GaveUp(error.to_string()));
+                    };
                     tracing::warn!(error = %error, retry_in = ?delay, operations = items.len(),
                         "redis batch failed; retrying it (confirmations are held meanwhile)");
                     tokio::time::sleep(delay).await;
