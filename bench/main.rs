@@ -10,9 +10,6 @@
 //!                                 [--rates 1000,5000,20000] [--seconds S]
 //! ```
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +25,7 @@ use pg_cache_invalidator::plan::Planner;
 use pg_cache_invalidator::source::replication::ReplicationSource;
 use pg_cache_invalidator::source::Event;
 use pg_cache_invalidator::telemetry::health::Health;
-use support::{pg_bin, preset, Daemon, TestEnv};
+use pgci_test_support::{pg_bin, preset, Daemon, TestEnv};
 
 struct Args {
     changes: u64,

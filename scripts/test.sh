@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ensure_deps
 log "cargo fmt --check"
 cargo fmt --all -- --check
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test (unit and integration tests)"
 cargo test --locked --lib --bins --tests "$@"

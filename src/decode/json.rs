@@ -104,7 +104,12 @@ fn write_scalar(out: &mut String, text: &str, kind: JsonKind) -> Result<(), Enco
             "f" => out.push_str("false"),
             _ => return Err(malformed("boolean")),
         },
-        JsonKind::Json => out.push_str(text),
+        // The server validated it on input; checking again (without
+        // building anything) keeps a cached value from ever being invalid.
+        JsonKind::Json => {
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| malformed("json"))?;
+            out.push_str(text);
+        }
         JsonKind::Date => write_string(out, &iso_date(text)?),
         JsonKind::Timestamp => write_string(out, &iso_timestamp(text, false)?),
         JsonKind::TimestampTz => write_string(out, &iso_timestamp(text, true)?),

@@ -1,0 +1,95 @@
+//! Test harness shared by the integration tests and the benchmark: a
+//! private PostgreSQL (wal_level=logical) and redis-server per test, on
+//! free loopback ports in temporary directories, started from the
+//! machine's binaries and stopped on Drop (PgBouncer and certificates when
+//! a test needs them); and the daemon binary run as a child process, so
+//! tests can SIGTERM or kill -9 it.
+//!
+//! One module per service: [`postgres`], [`redis_server`], [`pgbouncer`],
+//! [`certs`], [`daemon`], and [`env`] ([`TestEnv`]) which puts them
+//! together with the demo schema and a config file.
+
+pub mod certs;
+pub mod daemon;
+pub mod env;
+pub mod pgbouncer;
+pub mod postgres;
+pub mod redis_server;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use certs::Certs;
+pub use daemon::Daemon;
+pub use env::{balance_keys, TestEnv};
+pub use pgbouncer::PgBouncer;
+pub use postgres::{pg_bin, slot_active, Postgres};
+pub use redis_server::{preset, surviving, Redis};
+
+/// The demo schema the tests write to.
+pub const SCHEMA_SQL: &str = include_str!("../../sql/demo/avolve_schema.sql");
+/// The demo rules.
+pub const RULES_TOML: &str = include_str!("../../sql/demo/avolve_config.toml");
+
+/// The daemon binary: `PGCI_DAEMON_BIN` when set, else the one cargo built
+/// beside the running test or benchmark (`target/<profile>/`, the parent
+/// of its `deps/`).
+pub fn daemon_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PGCI_DAEMON_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a test binary lives in target/<profile>/deps");
+    profile_dir.join("pg-cache-invalidator")
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// GET `path` from the daemon's HTTP listener: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The value of a Prometheus sample line that starts with `series`
+/// (name plus labels as rendered), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Polls `condition` until it holds; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

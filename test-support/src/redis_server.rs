@@ -1,0 +1,168 @@
+//! A private redis-server per test on a free loopback port (TLS-only when
+//! given certificates), killed on Drop; and helpers to preset and count
+//! keys.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use crate::certs::Certs;
+use crate::free_port;
+
+/// A private redis-server.
+pub struct Redis {
+    dir: TempDir,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    /// Serve TLS only, with these certificates.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+impl Redis {
+    /// Starts a server on a free port; it saves nothing unless told to.
+    pub async fn start() -> Redis {
+        Redis::start_with(None).await
+    }
+
+    /// Like [`Redis::start`], serving only TLS with `certs` when given.
+    pub async fn start_with(certs: Option<&Certs>) -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-redis-")
+            .tempdir()
+            .expect("tempdir");
+        let mut redis = Redis {
+            dir,
+            port: free_port(),
+            child: None,
+            tls: certs.map(|c| (c.path("server.pem"), c.path("server.key"), c.path("ca.pem"))),
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("log");
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => {
+                command.args(["--port", &self.port.to_string()]);
+            }
+            Some((cert, key, ca)) => {
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server (is the redis-server package installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut conn) = self.try_conn().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        // Two TLS providers are compiled in; pick one, as the daemon does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = match &self.tls {
+            None => self.url(),
+            Some(_) => format!("rediss://localhost:{}/0#insecure", self.port),
+        };
+        redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// The URL the daemon uses.
+    pub fn url(&self) -> String {
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+        }
+    }
+
+    /// A new connection.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.try_conn().await.expect("connect to test redis")
+    }
+
+    /// Kills the server (SIGKILL): clients see their connections drop.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port; it loads `dump.rdb` if a SAVE made one.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sets every key to a placeholder value.
+pub async fn preset(redis: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    for chunk in keys.chunks(5000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.set(key, "cached").ignore();
+        }
+        let _: () = pipe.query_async(redis).await.expect("preset keys");
+    }
+}
+
+/// How many of `keys` still exist.
+pub async fn surviving(redis: &mut redis::aio::MultiplexedConnection, keys: &[String]) -> usize {
+    let mut total = 0;
+    for chunk in keys.chunks(5000) {
+        let n: usize = redis::cmd("EXISTS")
+            .arg(chunk)
+            .query_async(redis)
+            .await
+            .expect("exists");
+        total += n;
+    }
+    total
+}
