@@ -339,13 +339,13 @@ impl Config {
         let mut problems = Vec::new();
         check_url(
             "postgres.url",
-            self.postgres.url.expose(),
+            &self.postgres.url,
             &["postgres", "postgresql"],
             &mut problems,
         );
         check_url(
             "redis.url",
-            self.redis.url.expose(),
+            &self.redis.url,
             &["redis", "rediss"],
             &mut problems,
         );
@@ -402,15 +402,20 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn check_url(field: &str, url: &str, schemes: &[&str], problems: &mut Vec<String>) {
-    let scheme = url.split_once("://").map(|(s, _)| s);
+fn check_url(field: &str, url: &SecretUrl, schemes: &[&str], problems: &mut Vec<String>) {
+    let scheme = url.expose().split_once("://").map(|(s, _)| s);
     match scheme {
         Some(s) if schemes.contains(&s) => {}
         _ => problems.push(format!(
             "{field}: {} is not a {}:// URL",
-            redact_url(url),
+            url.redacted(),
             schemes[0]
         )),
+    }
+    if url.password_needs_encoding() {
+        problems.push(format!(
+            "{field}: the password holds / ? # or @, which a URL must percent-encode: write / as %2F, ? as %3F, # as %23, @ as %40"
+        ));
     }
 }
 

@@ -190,3 +190,65 @@ async fn bad_configuration_fails_with_one_line_per_problem() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
 }
+
+/// Passwords full of URL metacharacters (`/ ? # @ :`, raw or
+/// percent-encoded) never appear in any output: not in `check-config`,
+/// `setup --print`, `status`, `teardown`, nor in the daemon's log while it
+/// retries a connection, whether the URL parses, the server accepts it or
+/// nobody listens.
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_never_appear_in_output() {
+    let mut env = TestEnv::start(1).await;
+    let closed = crate::support::free_port();
+    let passwords = ["p/ss?w@rd", "a:b@c#d/e", "x?y/z@q", "p%2Fss%40rd%3Fx"];
+    for password in passwords {
+        let decoded = password
+            .replace("%2F", "/")
+            .replace("%40", "@")
+            .replace("%3F", "?");
+        let forms = [password.to_string(), decoded];
+        for (pg_port, redis_port) in [(env.pg.port, env.redis.port), (closed, closed)] {
+            std::fs::write(
+                &env.config,
+                format!(
+                    "[postgres]\nurl = \"postgres://postgres:{password}@127.0.0.1:{pg_port}/postgres?sslmode=disable\"\n\n\
+                     [redis]\nurl = \"redis://:{password}@127.0.0.1:{redis_port}/0\"\n\n\
+                     [http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+                    env.http_port,
+                    crate::support::RULES_TOML
+                ),
+            )
+            .expect("write config");
+            for args in [
+                &["check-config"][..],
+                &["setup", "--print"],
+                &["status"],
+                &["status", "--json"],
+                &["teardown"],
+            ] {
+                let out = env.cli(args);
+                let (stdout, stderr) = text(&out);
+                if password.contains(['/', '?', '@']) {
+                    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+                    assert!(stderr.contains("percent-encode"), "{args:?}: {stderr}");
+                }
+                for form in &forms {
+                    assert!(
+                        !stdout.contains(form.as_str()) && !stderr.contains(form.as_str()),
+                        "{args:?} printed the password {form:?}: {stdout}{stderr}"
+                    );
+                }
+            }
+            let mut daemon = env.spawn_daemon();
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            daemon.kill9();
+            let log = daemon.log();
+            for form in &forms {
+                assert!(
+                    !log.contains(form.as_str()),
+                    "the log shows {form:?}: {log}"
+                );
+            }
+        }
+    }
+}

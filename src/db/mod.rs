@@ -136,7 +136,7 @@ impl ConnInfo {
     pub fn parse(url: &SecretUrl, ssl_root_cert: Option<&Path>) -> Result<ConnInfo, DbError> {
         let bad = |reason: String| DbError::BadUrl {
             url: url.redacted(),
-            reason,
+            reason: url.scrub(&reason),
         };
         let (stripped, sslmode, url_root_cert) = take_tls_params(url.expose()).map_err(bad)?;
         let ssl_root_cert = ssl_root_cert.map(Path::to_path_buf).or(url_root_cert);

@@ -47,13 +47,12 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The URL cannot be used.
-    #[error("redis.url {url}: {source}")]
+    #[error("redis.url {url}: {reason}")]
     BadUrl {
         /// Redacted URL.
         url: String,
-        /// The client's error.
-        #[source]
-        source: RedisError,
+        /// The client's error, with any form of the password removed.
+        reason: String,
     },
     /// Redis refuses us in a way retrying cannot fix.
     #[error("redis: {0}")]
@@ -107,9 +106,9 @@ impl RedisSink {
         cancel: CancellationToken,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
-        let bad_url = |source| SinkError::BadUrl {
+        let bad_url = |source: RedisError| SinkError::BadUrl {
             url: url.redacted(),
-            source,
+            reason: url.scrub(&source.to_string()),
         };
         let client = match ca_cert {
             None => redis::Client::open(url.expose()).map_err(bad_url)?,
@@ -147,7 +146,7 @@ impl RedisSink {
                     }
                     metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %error, url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
                         _ = tokio::time::sleep(delay) => {}
