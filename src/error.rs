@@ -175,7 +175,11 @@ pub fn postgres(error: &tokio_postgres::Error) -> Class {
 pub fn replication(error: &PgWireError, slot: SlotHealth) -> Class {
     match error {
         PgWireError::Auth(_) => return Class::fix("check the user and password in postgres.url"),
-        PgWireError::Tls(_) => return Class::fix("check sslmode and ssl_root_cert"),
+        // The transport reports handshake failures as text only. The
+        // regular connection, which `run` opens first with the same TLS
+        // settings, has already passed certificate verification, so a
+        // handshake failing here is a reset or timeout: retry.
+        PgWireError::Tls(_) => return Class::Transient,
         PgWireError::Io(io) => return io_class(io),
         _ => {}
     }
@@ -216,9 +220,25 @@ pub fn replication_sqlstate(error: &PgWireError) -> Option<&str> {
         .then_some(code)
 }
 
+/// The kind and code of the error that matters: for a transaction Redis
+/// aborted (EXECABORT), the first command it refused while queueing.
+fn redis_cause(error: &RedisError) -> (RedisKind, Option<String>) {
+    if error.kind() == RedisKind::Server(ServerErrorKind::ExecAbort) {
+        if let Some(first) = error
+            .clone()
+            .into_server_errors()
+            .and_then(|errors| errors.first().map(|(_, e)| e.clone()))
+        {
+            let kind = first.kind().map_or(RedisKind::Extension, RedisKind::Server);
+            return (kind, Some(first.code().to_string()));
+        }
+    }
+    (error.kind(), error.code().map(str::to_string))
+}
+
 /// Classifies a Redis error.
 pub fn redis(error: &RedisError) -> Class {
-    match error.kind() {
+    match redis_cause(error).0 {
         RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => {
             Class::fix("check the user and password in redis.url and the user's ACL (it needs UNLINK, SET, GET, EVALSHA, SCAN and PUBLISH)")
         }
@@ -226,6 +246,42 @@ pub fn redis(error: &RedisError) -> Class {
         // Everything else, including scripts refused under memory pressure,
         // is retried: the batch is held until Redis takes it.
         _ => Class::Transient,
+    }
+}
+
+/// A bounded label for a Redis error, for metrics and logs.
+pub fn redis_kind(error: &RedisError) -> &'static str {
+    if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+        return "io";
+    }
+    let (kind, code) = redis_cause(error);
+    match kind {
+        RedisKind::Server(ServerErrorKind::ReadOnly) => "readonly",
+        RedisKind::Server(ServerErrorKind::BusyLoading) => "loading",
+        RedisKind::Server(ServerErrorKind::NoScript) => "noscript",
+        RedisKind::Server(ServerErrorKind::ExecAbort) => "execabort",
+        RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => "auth",
+        RedisKind::Parse | RedisKind::UnexpectedReturnType => "reply",
+        _ => match code.as_deref() {
+            Some("OOM") => "oom",
+            Some("WRONGTYPE") => "wrongtype",
+            Some("MISCONF") => "misconf",
+            _ => "other",
+        },
+    }
+}
+
+/// What an operator can do about a Redis error of `kind`.
+pub fn redis_hint(kind: &str) -> &'static str {
+    match kind {
+        "io" => "redis is down or unreachable; the batch is retried until it answers",
+        "readonly" => "the node became a replica (a failover): reconnecting; point redis.url at the primary endpoint",
+        "loading" => "redis is loading its dataset; it answers once loaded",
+        "noscript" => "the script cache was flushed; the next attempt loads the script again",
+        "oom" => "redis is out of memory under a noeviction policy: set maxmemory-policy allkeys-lru (or volatile-lru) or raise maxmemory",
+        "wrongtype" => "a key the rules write holds another type (a hash, a list): delete that key or change the key template",
+        "misconf" => "redis cannot save its snapshot and refuses writes: fix its disk or persistence settings",
+        _ => "see the error; the batch is retried",
     }
 }
 
@@ -240,21 +296,43 @@ fn io_source<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std
     None
 }
 
+/// Only a certificate the client refuses is definite; resets, timeouts,
+/// refused connections, DNS failures and unreachable networks during
+/// connect or the TLS handshake are retried (a restart, a proxy blip, a
+/// network still coming up at boot).
 fn io_class(io: &std::io::Error) -> Class {
-    use std::io::ErrorKind as K;
-    let tls = io
+    let certificate = io
         .get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
-    if tls || io.kind() == K::InvalidData {
-        return Class::fix("the TLS handshake failed: check sslmode and the CA certificate");
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+            )
+        });
+    if certificate {
+        return Class::fix(
+            "the server's certificate was refused: check sslmode and the CA certificate (ssl_root_cert)",
+        );
     }
-    match io.kind() {
-        K::NotFound | K::PermissionDenied | K::AddrNotAvailable | K::InvalidInput => Class::fix(
-            "cannot reach the server at that address: check the host and port in the URL",
-        ),
-        _ => Class::Transient,
-    }
+    Class::Transient
 }
+
+/// Whether `error` says the network or host cannot be reached (no route).
+pub fn is_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
+    io_source(error).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable
+        )
+    })
+}
+
+/// What to say when a host that has only IPv6 addresses cannot be reached
+/// (Supabase's direct connection from a network without IPv6).
+pub const IPV6_ONLY_HINT: &str = "the host has only IPv6 addresses and this network cannot reach them: use an IPv4 address (Supabase's IPv4 add-on), or source = \"outbox\" through the IPv4 pooler";
 
 /// Capped exponential backoff: 200 ms doubling to 5 s unless told
 /// otherwise. Short first waits make a blip cheap; the cap keeps a long
@@ -431,7 +509,11 @@ mod tests {
             ),
             (server("no code at all"), Usable, "transient"),
             (PgWireError::Auth("bad".into()), Usable, "fix"),
-            (PgWireError::Tls("bad cert".into()), Usable, "fix"),
+            (
+                PgWireError::Tls("TLS handshake failed: connection reset".into()),
+                Usable,
+                "transient",
+            ),
             (
                 PgWireError::Task("replication stream ended".into()),
                 Usable,
@@ -468,16 +550,43 @@ mod tests {
             (Error::from(K::ConnectionRefused), "transient"),
             (Error::from(K::TimedOut), "transient"),
             (Error::from(K::UnexpectedEof), "transient"),
-            (Error::from(K::InvalidData), "fix"),
+            (Error::from(K::InvalidData), "transient"),
+            (Error::from(K::NetworkUnreachable), "transient"),
+            (Error::from(K::ConnectionReset), "transient"),
+            (
+                Error::other("failed to lookup address information"),
+                "transient",
+            ),
             (
                 Error::other(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::UnknownIssuer,
                 )),
                 "fix",
             ),
+            (
+                Error::other(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName,
+                )),
+                "fix",
+            ),
+            (
+                Error::other(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::HandshakeFailure,
+                )),
+                "transient",
+            ),
         ] {
             assert_eq!(kind(io_class(&io)), want, "{io:?}");
         }
+    }
+
+    #[test]
+    fn redis_error_labels() {
+        let io: RedisError = std::io::Error::from(std::io::ErrorKind::BrokenPipe).into();
+        assert_eq!(redis_kind(&io), "io");
+        let readonly: RedisError = (RedisKind::Server(ServerErrorKind::ReadOnly), "ro").into();
+        assert_eq!(redis_kind(&readonly), "readonly");
+        assert!(redis_hint("oom").contains("maxmemory-policy"));
     }
 
     #[test]

@@ -395,7 +395,21 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
 ) -> Result<(), PipelineError> {
     let mut last_report = tokio::time::Instant::now();
     let mut reported = sink.stats();
-    while let Some(mut batch) = batches.recv().await {
+    // While no batch comes, Redis is pinged so readiness notices an outage.
+    let mut idle = tokio::time::interval(TICK);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut batch = tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+            _ = idle.tick() => {
+                sink.check().await;
+                continue;
+            }
+        };
+        idle.reset();
         resolver.resolve(&mut batch.items).await?;
         sink.apply(&batch.items).await?;
         if let Some(applied) = batch.ack {

@@ -252,3 +252,70 @@ async fn passwords_never_appear_in_output() {
         }
     }
 }
+
+/// `setup` waits at most `setup.lock_timeout` for a table another
+/// transaction is using, then stops with exit status 2 and says to retry at
+/// a quieter time, instead of queueing its ALTER TABLE (and every later
+/// query on the table behind it) for as long as the transaction lasts.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_gives_up_on_a_busy_table_after_lock_timeout() {
+    let env = TestEnv::start(1).await;
+    env.write_config("[setup]\nlock_timeout = \"1s\"\n");
+    let holder = env.pg.client().await;
+    holder
+        .batch_execute("begin; select count(*) from public.user_tokens")
+        .await
+        .expect("hold a lock");
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new(crate::support::DAEMON)
+        .args(["setup", "--config"])
+        .arg(&env.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run setup");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("setup queued behind the open transaction for 20 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let out = child.wait_with_output().expect("output");
+    let (_, stderr) = text(&out);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("quieter time"), "{stderr}");
+    assert!(stderr.contains("public.user_tokens"), "{stderr}");
+    holder.batch_execute("rollback").await.expect("release");
+    env.setup();
+}
+
+/// A rule that names a view is reported as a view, with what to do, not as
+/// a missing table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_in_a_rule_is_named_as_a_view() {
+    let env = TestEnv::start(1).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            "create view public.profile_names as select id, full_name from public.profiles",
+        )
+        .await
+        .expect("view");
+    for args in [&["check-config"][..], &["setup", "--print"]] {
+        let (code, lines) = fails_with(&env, args, |c| {
+            format!("{c}\n[[rules]]\ntable = \"public.profile_names\"\nkeys = [\"name:{{id}}\"]\n")
+        });
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("public.profile_names is a view")),
+            "{args:?}: {lines:?}"
+        );
+    }
+}

@@ -246,3 +246,167 @@ async fn sigterm_confirms_the_final_lsn_and_exits_zero() {
         daemon.log()
     );
 }
+
+/// `INFO replication` of `conn` says the link to its master is up.
+async fn replica_synced(conn: &mut redis::aio::MultiplexedConnection) -> bool {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.contains("master_link_status:up")
+}
+
+/// A Redis failover mid-stream: the replica is promoted (`REPLICAOF NO
+/// ONE`), the old master becomes its replica, and the address the daemon
+/// uses (a forwarder standing in for a DNS name or a cloud primary
+/// endpoint) moves to the new master. Writes to the old master now fail
+/// with READONLY; the daemon opens a new connection, which reaches the new
+/// master, and applies the held changes there. It counts the errors by
+/// kind and logs the kind once.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_failover_readonly_reconnects_to_the_new_master() {
+    let mut env = TestEnv::start(20).await;
+    let replica = crate::support::Redis::start().await;
+    let mut b = replica.conn().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(env.redis.port)
+        .query_async(&mut b)
+        .await
+        .expect("replicaof");
+    wait_for("the replica to sync", Duration::from_secs(20), || {
+        let mut b = b.clone();
+        async move { replica_synced(&mut b).await }
+    })
+    .await;
+    let proxy = crate::support::Proxy::start(env.redis.port).await;
+    env.redis_url_override = Some(format!("redis://127.0.0.1:{}/0", proxy.port));
+    env.write_config("");
+    env.setup();
+    let daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let keys = balance_keys(&env).await;
+    let mut a = env.redis.conn().await;
+    preset(&mut a, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut a, &keys).await,
+        0,
+        "applied before the failover"
+    );
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut b)
+        .await
+        .expect("promote");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(replica.port)
+        .query_async(&mut a)
+        .await
+        .expect("demote");
+    proxy.switch(replica.port);
+    wait_for("the old master to follow", Duration::from_secs(20), || {
+        let mut a = a.clone();
+        async move { replica_synced(&mut a).await }
+    })
+    .await;
+    preset(&mut b, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while surviving(&mut b, &keys).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not apply on the new master: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = daemon.log();
+    assert!(
+        log.matches("kind=\"readonly\"").count() + log.matches("kind=readonly").count() <= 1,
+        "one line for the kind: {log}"
+    );
+    let (_, metrics) = crate::support::http_get(env.http_port, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        crate::support::metric(&metrics, "pgci_redis_errors_total{kind=\"readonly\"}")
+            .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+}
+
+/// A key that is not UTF-8 (written by another client) and matches a
+/// TRUNCATE pattern is flushed like any other, and the daemon goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_flushes_keys_that_are_not_utf8() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let mut redis = env.redis.conn().await;
+    let odd: &[u8] = b"journey:user:\xff\xfe-not-utf8";
+    let _: () = redis::cmd("SET")
+        .arg(odd)
+        .arg("cached")
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    env.pg
+        .client()
+        .await
+        .batch_execute("truncate public.user_journeys")
+        .await
+        .expect("truncate");
+    env.sync().await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(odd)
+        .query_async(&mut redis)
+        .await
+        .expect("exists");
+    assert!(!exists, "the non-UTF-8 key survived the flush");
+}
+
+/// Failures a restart or a blip causes are retried, not fatal: a host name
+/// that does not resolve (yet), and a server that drops the connection
+/// during the TLS handshake. `run` keeps trying and says so; `check-config`
+/// reports the same problem at once and exits 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_failures_and_handshake_resets_are_retried() {
+    let mut env = TestEnv::start(1).await;
+    let dropper = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dropper_port = dropper.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in dropper.incoming() {
+            drop(stream);
+        }
+    });
+    for url in [
+        "postgres://postgres@no-such-host.invalid:5432/postgres?sslmode=disable".to_string(),
+        format!("postgres://postgres@127.0.0.1:{dropper_port}/postgres?sslmode=require"),
+    ] {
+        env.url_override = Some(url.clone());
+        env.write_config("");
+        let mut daemon = env.spawn_daemon();
+        wait_for("a retry", Duration::from_secs(20), || {
+            let log = daemon.log();
+            async move { log.contains("cannot reach postgres; retrying") }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(daemon.try_status(), None, "{url}: exited: {}", daemon.log());
+        daemon.kill9();
+        let out = env.cli(&["check-config"]);
+        assert_eq!(out.status.code(), Some(2), "{url}");
+    }
+}

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{http_get, metric, preset, slot_active, surviving, wait_for, TestEnv};
+use crate::support::{
+    http_get, metric, metric_sum, preset, slot_active, surviving, wait_for, TestEnv,
+};
 
 async fn scrape(env: &TestEnv) -> String {
     let (status, body) = http_get(env.http_port, "/metrics")
@@ -114,7 +116,7 @@ async fn metrics_and_health_follow_the_workload() {
     assert_eq!(status_of(env.http_port, "/healthz").await, 200);
     let text = scrape(&env).await;
     assert!(
-        metric(&text, "pgci_redis_errors_total").unwrap_or(0.0) >= 1.0,
+        metric_sum(&text, "pgci_redis_errors_total").unwrap_or(0.0) >= 1.0,
         "{text}"
     );
     env.redis.restart().await;
@@ -367,6 +369,34 @@ async fn standby_takes_over_within_ten_seconds() {
     assert_eq!(surviving(&mut redis, &balance_and_profile).await, 0);
     wait_for("standby ready", Duration::from_secs(10), || async {
         status_of(env.http_port, "/readyz").await == 200
+    })
+    .await;
+}
+
+/// With no traffic at all, `/readyz` still notices that Redis went away
+/// (the sink pings it while idle) and recovers when it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_redis_while_idle() {
+    let mut env = TestEnv::start(1).await;
+    env.write_config("[replication]\nheartbeat_interval = \"0s\"\n");
+    env.setup();
+    let _daemon = env.daemon().await;
+    let port = env.http_port;
+    wait_for("ready", Duration::from_secs(20), || async move {
+        status_of(port, "/readyz").await == 200
+    })
+    .await;
+    env.redis.kill();
+    wait_for(
+        "not ready without redis",
+        Duration::from_secs(10),
+        || async move { status_of(port, "/readyz").await == 503 },
+    )
+    .await;
+    assert_eq!(status_of(port, "/healthz").await, 200, "still alive");
+    env.redis.restart().await;
+    wait_for("ready again", Duration::from_secs(20), || async move {
+        status_of(port, "/readyz").await == 200
     })
     .await;
 }

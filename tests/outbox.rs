@@ -439,3 +439,49 @@ async fn shipped_sql_matches_and_the_least_privilege_role_works() {
     .await;
     assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
 }
+
+/// Two tables whose schema and name join to the same text
+/// (`app.user_tokens` and `app_user.tokens`) get trigger functions of their
+/// own, so each table's changes invalidate its own keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_whose_names_join_alike_keep_their_own_triggers() {
+    let mut env = TestEnv::start(1).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            "create schema app; create schema app_user; \
+             create table app.user_tokens (id int primary key, v int); \
+             create table app_user.tokens (id int primary key, v int); \
+             insert into app.user_tokens values (1, 0); insert into app_user.tokens values (1, 0);",
+        )
+        .await
+        .expect("tables");
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config(
+        "[[rules]]\ntable = \"app.user_tokens\"\nkeys = [\"a:{id}\"]\n\n\
+         [[rules]]\ntable = \"app_user.tokens\"\nkeys = [\"b:{id}\"]\n",
+    );
+    env.setup();
+    let _daemon = env.daemon().await;
+    let mut redis = env.redis.conn().await;
+    let keys = vec!["a:1".to_string(), "b:1".to_string()];
+    preset(&mut redis, &keys).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("update app_user.tokens set v = 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys[..1]).await, 1, "a:1 must stay");
+    assert_eq!(surviving(&mut redis, &keys[1..]).await, 0, "b:1 must go");
+    env.pg
+        .client()
+        .await
+        .batch_execute("update app.user_tokens set v = 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+}

@@ -38,7 +38,10 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         println!("nothing to do: the database is ready");
         return Ok(());
     }
-    install::apply(&db, &plan, |step| println!("done: {}", step.why)).await?;
+    install::apply(&db, &plan, loaded.config.setup.lock_timeout.0, |step| {
+        println!("done: {}", step.why)
+    })
+    .await?;
     Ok(())
 }
 
@@ -58,7 +61,10 @@ pub async fn teardown(loaded: Loaded) -> Result<(), Failure> {
         println!("nothing to do: no slot or publication left");
         return Ok(());
     }
-    install::apply(&db, &plan, |step| println!("done: {}", step.why)).await?;
+    install::apply(&db, &plan, loaded.config.setup.lock_timeout.0, |step| {
+        println!("done: {}", step.why)
+    })
+    .await?;
     println!("note: replica identities were left as they are");
     Ok(())
 }

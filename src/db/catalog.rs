@@ -283,6 +283,33 @@ pub async fn inspect_slot(db: &Db, slot: &str) -> Result<Option<SlotInfo>, DbErr
     }))
 }
 
+/// Why a rule's table was not found, for the problem line: a view or a
+/// foreign table is named as such (the stream carries only tables' rows).
+pub async fn missing_table(db: &Db, table: &TableName) -> Result<String, DbError> {
+    let kind: Option<String> = db
+        .client()
+        .query_opt(
+            "select c.relkind::text from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+              where n.nspname = $1 and c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(DbError::query(format!("looking up {table}")))?
+        .map(|r| r.get(0));
+    Ok(match kind.as_deref() {
+        Some("v") => format!(
+            "{table} is a view, not a table: its rows never change by themselves; name the tables it reads from in the rules"
+        ),
+        Some("m") => format!(
+            "{table} is a materialized view: REFRESH does not send row changes; name the tables it reads from in the rules"
+        ),
+        Some("f") => format!(
+            "{table} is a foreign table: its changes happen on another server; watch that server's table instead"
+        ),
+        _ => format!("table {table} does not exist: create it or fix the rule's table name"),
+    })
+}
+
 /// The server's `wal_level`.
 pub async fn wal_level(db: &Db) -> Result<String, DbError> {
     let row = db
@@ -333,9 +360,7 @@ pub async fn check(
     let mut existing = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = inspect_table(db, table).await? else {
-            problems.push(format!(
-                "table {table} does not exist: create it or fix the rule's table name"
-            ));
+            problems.push(missing_table(db, table).await?);
             continue;
         };
         let needed = RuleSet::key_columns(table_rules);

@@ -1,8 +1,10 @@
 //! Flushing by pattern (TRUNCATE, a lost slot): SCAN + UNLINK in bounded
-//! steps, so a large keyspace never blocks Redis for long.
+//! steps, so a large keyspace never blocks Redis for long. Keys are handled
+//! as bytes: a key that is not UTF-8 (written by some other client) is
+//! flushed like any other.
 
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, RedisError};
+use redis::RedisError;
 
 /// Keys per SCAN step and per UNLINK: large enough to be quick, small
 /// enough not to block Redis for long.
@@ -17,7 +19,7 @@ pub async fn flush_patterns(
     for pattern in patterns {
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(pattern)
@@ -26,7 +28,7 @@ pub async fn flush_patterns(
                 .query_async(conn)
                 .await?;
             if !keys.is_empty() {
-                let n: u64 = conn.unlink(&keys).await?;
+                let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
                 removed += n;
             }
             if next == 0 {

@@ -42,6 +42,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// A reply slower than this counts as a failure and the batch is retried.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle readiness check waits for PONG.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the sink stopped.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,12 @@ struct Touched {
 /// Applies batches to Redis.
 pub struct RedisSink {
     conn: ConnectionManager,
+    /// To open a new connection when the node turned replica (READONLY):
+    /// the connection manager keeps a connection that answers.
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Error kinds already logged in the current run of failures.
+    logged: Vec<&'static str>,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// After shutdown is requested a failing batch gets only a few more
@@ -158,6 +166,9 @@ impl RedisSink {
         health.set_redis_ok(true);
         Ok(RedisSink {
             conn,
+            client,
+            config,
+            logged: Vec::new(),
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             cancel,
             stats: SinkStats::default(),
@@ -181,6 +192,7 @@ impl RedisSink {
         loop {
             match self.try_apply(items).await {
                 Ok(touched) => {
+                    self.logged.clear();
                     self.stats.batches += 1;
                     self.stats.operations += items.len() as u64;
                     self.stats.keys += touched.removed + touched.written;
@@ -191,19 +203,55 @@ impl RedisSink {
                 Err(error) => {
                     self.stats.retries += 1;
                     self.health.set_redis_ok(false);
-                    metrics::counter!(m::REDIS_ERRORS_TOTAL).increment(1);
+                    let kind = error::redis_kind(&error);
+                    metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
                     }
                     let Some(delay) = retry.after_failure() else {
                         return Err(SinkError::GaveUp(error.to_string()));
                     };
-                    tracing::warn!(error = %error, retry_in = ?delay, operations = items.len(),
-                        "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    // One line per kind of failure while they last; every
+                    // attempt is counted in the metric.
+                    if !self.logged.contains(&kind) {
+                        self.logged.push(kind);
+                        tracing::warn!(error = %error, kind, hint = error::redis_hint(kind), retry_in = ?delay,
+                            operations = items.len(),
+                            "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    } else {
+                        tracing::debug!(error = %error, kind, retry_in = ?delay, "redis batch failed again");
+                    }
+                    if kind == "readonly" {
+                        self.reconnect().await;
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
         }
+    }
+
+    /// Opens a new connection in place of the current one (which still
+    /// answers, but from a node that is no longer the primary).
+    async fn reconnect(&mut self) {
+        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
+            Ok(conn) => {
+                metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                tracing::info!("reconnected to redis after a READONLY reply");
+                self.conn = conn;
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),
+        }
+    }
+
+    /// Asks Redis whether it answers, for readiness while no batch flows.
+    pub async fn check(&mut self) {
+        let answered = tokio::time::timeout(
+            PING_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut self.conn),
+        )
+        .await;
+        self.health
+            .set_redis_ok(matches!(answered, Ok(Ok(ref pong)) if pong == "PONG"));
     }
 
     /// One attempt: runs of row operations as atomic pipelines, a flush

@@ -4,10 +4,14 @@
 //! running them; `sql/` holds them for a DBA who prefers to run them by hand.
 
 use std::fmt;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
 
 use crate::config::{Config, SourceKind};
 use crate::db::catalog::{self, CheckScope};
 use crate::db::{Db, DbError};
+use crate::duration::HumanDuration;
 use crate::plan::rules::RuleSet;
 use crate::source::outbox;
 
@@ -35,10 +39,37 @@ pub struct Plan {
     pub problems: Vec<String>,
 }
 
-/// Runs the planned steps in order, calling `done` after each.
-pub async fn apply(db: &Db, plan: &Plan, mut done: impl FnMut(&Step)) -> Result<(), DbError> {
+/// Runs the planned steps in order, calling `done` after each. Each waits
+/// at most `lock_timeout` for its table locks: an ALTER TABLE queued behind
+/// a long transaction would make every later query on the table queue
+/// behind it.
+pub async fn apply(
+    db: &Db,
+    plan: &Plan,
+    lock_timeout: Duration,
+    mut done: impl FnMut(&Step),
+) -> Result<(), DbError> {
+    db.execute_batch(&format!(
+        "SET lock_timeout = '{}ms'",
+        lock_timeout.as_millis().max(1)
+    ))
+    .await?;
     for step in &plan.steps {
-        db.execute_batch(&step.sql).await?;
+        if let Err(error) = db.execute_batch(&step.sql).await {
+            return Err(match error {
+                DbError::Query { source, .. } if source.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    DbError::Query {
+                        context: format!(
+                            "{}: the table is in use and its lock was not granted within {}: run setup again at a quieter time, or raise setup.lock_timeout",
+                            step.why,
+                            HumanDuration(lock_timeout)
+                        ),
+                        source,
+                    }
+                }
+                other => other,
+            });
+        }
         done(step);
     }
     Ok(())

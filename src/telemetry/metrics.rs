@@ -28,7 +28,8 @@ pub const EVENTS_PUBLISHED_TOTAL: &str = "pgci_events_published_total";
 pub const BATCHES_TOTAL: &str = "pgci_batches_total";
 /// Operations per applied batch (histogram).
 pub const BATCH_OPERATIONS: &str = "pgci_batch_operations";
-/// Failed Redis attempts (each is retried).
+/// Failed Redis attempts (each is retried), by `kind` (see
+/// `error::redis_kind`: io, readonly, oom, wrongtype, …).
 pub const REDIS_ERRORS_TOTAL: &str = "pgci_redis_errors_total";
 /// Reconnections, by `target` (`postgres`, `redis`).
 pub const RECONNECTS_TOTAL: &str = "pgci_reconnects_total";

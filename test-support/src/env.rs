@@ -39,6 +39,8 @@ pub struct TestEnv {
     pub postgres_extra: String,
     /// The URL the daemon connects to, when not the server's own (a pooler).
     pub url_override: Option<String>,
+    /// The Redis URL the daemon uses, when not the server's own (a proxy).
+    pub redis_url_override: Option<String>,
 }
 
 impl TestEnv {
@@ -79,6 +81,7 @@ impl TestEnv {
             http_port: free_port(),
             postgres_extra: String::new(),
             url_override: None,
+            redis_url_override: None,
         };
         env.write_config("");
         env
@@ -96,7 +99,9 @@ impl TestEnv {
             "[postgres]\nurl = \"{}\"\n{}\n\n[redis]\nurl = \"{}\"\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
             self.url_override.clone().unwrap_or_else(|| self.pg.url()),
             self.postgres_extra,
-            self.redis.url()
+            self.redis_url_override
+                .clone()
+                .unwrap_or_else(|| self.redis.url())
         );
         std::fs::write(&self.config, text).expect("write config");
     }

@@ -6,14 +6,16 @@
 //! tests can SIGTERM or kill -9 it.
 //!
 //! One module per service: [`postgres`], [`redis_server`], [`pgbouncer`],
-//! [`certs`], [`daemon`], and [`env`] ([`TestEnv`]) which puts them
-//! together with the demo schema and a config file.
+//! [`certs`], [`daemon`], [`proxy`] (a switchable TCP forwarder, for
+//! failovers), and [`env`] ([`TestEnv`]) which puts them together with the
+//! demo schema and a config file.
 
 pub mod certs;
 pub mod daemon;
 pub mod env;
 pub mod pgbouncer;
 pub mod postgres;
+pub mod proxy;
 pub mod redis_server;
 
 use std::future::Future;
@@ -27,6 +29,7 @@ pub use daemon::Daemon;
 pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
 pub use postgres::{pg_bin, slot_active, Postgres};
+pub use proxy::Proxy;
 pub use redis_server::{preset, surviving, Redis};
 
 /// The demo schema the tests write to.
@@ -79,6 +82,20 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         let (name, value) = l.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// The sum of every series of metric `name` (all label values), if any.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split_once('{').map_or(series, |(n, _)| n);
+            (base == name).then(|| value.parse().ok()).flatten()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Polls `condition` until it holds; panics with `what` after `timeout`.

@@ -51,13 +51,20 @@ pub fn captured_columns(info: &TableInfo, rules: &[Rule]) -> Vec<String> {
 /// 63-byte identifier limit (long names get a hash suffix).
 pub fn function_name(table: &TableName) -> String {
     let name = format!("capture_{}_{}", table.schema, table.name);
-    if name.len() <= 63 {
+    // With an underscore in the schema the joined name is ambiguous
+    // (`app.user_tokens` and `app_user.tokens`): a hash of the exact pair
+    // tells them apart.
+    let ambiguous = table.schema.contains('_');
+    if name.len() <= 63 && !ambiguous {
         return name;
     }
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut cut = 50;
+    let hash = [table.schema.as_bytes(), b".", table.name.as_bytes()]
+        .concat()
+        .into_iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let mut cut = name.len().min(50);
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -104,9 +111,7 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
     let mut watched = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
-            plan.problems.push(format!(
-                "table {table} does not exist: create it or fix the rule's table name"
-            ));
+            plan.problems.push(catalog::missing_table(db, table).await?);
             continue;
         };
         let missing: Vec<String> = RuleSet::key_columns(table_rules)
@@ -278,9 +283,7 @@ pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<S
     let installed = installed_tables(db).await?;
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
-            problems.push(format!(
-                "table {table} does not exist: create it or fix the rule's table name"
-            ));
+            problems.push(catalog::missing_table(db, table).await?);
             continue;
         };
         let expected = captured_columns(&info, table_rules);
@@ -333,6 +336,11 @@ mod tests {
             name: "u".repeat(40),
         };
         assert_ne!(function_name(&other), name);
+        let a = TableName::parse("app.user_tokens").expect("valid");
+        let b = TableName::parse("app_user.tokens").expect("valid");
+        assert_ne!(function_name(&a), function_name(&b));
+        assert_eq!(function_name(&a), "capture_app_user_tokens");
+        assert!(function_name(&b).starts_with("capture_app_user_tokens_"));
     }
 
     #[test]

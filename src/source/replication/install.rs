@@ -24,9 +24,7 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     let mut tables = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
-            plan.problems.push(format!(
-                "table {table} does not exist: create it or fix the rule's table name"
-            ));
+            plan.problems.push(catalog::missing_table(db, table).await?);
             continue;
         };
         let needed = RuleSet::key_columns(table_rules);
