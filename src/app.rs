@@ -19,13 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SourceKind};
-use crate::db::{ConnInfo, Db, DbError};
+use crate::db::{catalog, ConnInfo, Db, DbError};
 use crate::error::{self, Backoff, Class, Fatal};
+use crate::lsn::Lsn;
+use crate::ops::Item;
 use crate::pipeline::{self, PipelineError, Stages};
 use crate::plan::rules::RuleSet;
 use crate::plan::Planner;
 use crate::resolve::Resolver;
-use crate::sink::{RedisSink, SinkError};
+use crate::sink::{position, RedisSink, SinkError};
 use crate::source::outbox::OutboxSource;
 use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
@@ -108,7 +110,7 @@ async fn start_and_run(
         return Err(Stopped::Problems(problems));
     }
 
-    let sink = RedisSink::connect(
+    let mut sink = RedisSink::connect(
         &config.redis.url,
         config.redis.ca_cert.as_deref(),
         &config.redis.channel,
@@ -116,14 +118,16 @@ async fn start_and_run(
         Arc::clone(&health),
     )
     .await
-    .map_err(|error| match error {
-        SinkError::Fatal(fatal) => Stopped::Fatal(fatal),
-        SinkError::BadUrl { .. } => Stopped::Problems(vec![error.to_string()]),
-        SinkError::GaveUp(_) => Stopped::Failed(error.to_string()),
-    })?;
+    .map_err(sink_stopped)?;
     let rules = Arc::new(rules);
+    let planner = Planner::new(Arc::clone(&rules));
+    if config.postgres.source == SourceKind::Replication {
+        let slot = &config.replication.slot;
+        sink.record_position_of(slot);
+        flush_if_changes_were_missed(&mut sink, &planner, &conn, slot).await?;
+    }
     let stages = Stages {
-        planner: Planner::new(Arc::clone(&rules)),
+        planner,
         resolver: Resolver::new(conn.clone(), cancel.clone()),
         sink,
         conn: conn.clone(),
@@ -171,6 +175,63 @@ async fn drive<S: Source>(
             }
             other => Stopped::Failed(other.to_string()),
         })
+}
+
+/// Flushes every rule key before anything is applied when Redis holds no
+/// proof that the cache has seen every change the slot has skipped: no
+/// recorded position, or one behind the slot's confirmed position (the
+/// slot was dropped and created again while the daemon was stopped, or
+/// Redis came back from an older snapshot). A slot that is missing or lost
+/// is left to the stream, which recreates it and flushes.
+async fn flush_if_changes_were_missed(
+    sink: &mut RedisSink,
+    planner: &Planner,
+    conn: &ConnInfo,
+    slot: &str,
+) -> Result<(), Stopped> {
+    let db = Db::connect(conn).await.map_err(Stopped::Database)?;
+    let confirmed = catalog::inspect_slot(&db, slot)
+        .await
+        .map_err(Stopped::Database)?
+        .and_then(|info| info.confirmed_flush_lsn)
+        .and_then(|text| text.parse::<Lsn>().ok());
+    drop(db);
+    let Some(confirmed) = confirmed else {
+        return Ok(());
+    };
+    let recorded = sink.recorded_position(slot).await.map_err(sink_stopped)?;
+    if position::covers(recorded, confirmed) {
+        return Ok(());
+    }
+    match recorded {
+        None => tracing::warn!(slot, confirmed_lsn = %confirmed,
+            "redis holds no record of the applied position (a new or emptied redis, or setup --print run by hand): flushing every key of every rule once before streaming"),
+        Some(recorded) => {
+            tracing::error!(slot, recorded_lsn = %recorded, confirmed_lsn = %confirmed,
+            "redis's applied position is behind the slot (a slot created anew, or redis restored from an older snapshot): changes may have been missed; flushing every key of every rule before streaming")
+        }
+    }
+    let flush = Item {
+        op: planner.plan_flush_all(),
+        lsn: confirmed,
+        commit_time: Arc::from(""),
+        commit_micros: 0,
+        seq: 0,
+        xid: 0,
+    };
+    sink.apply(&[flush], Some(confirmed))
+        .await
+        .map_err(sink_stopped)?;
+    metrics::counter!(crate::telemetry::metrics::STARTUP_FLUSHES_TOTAL).increment(1);
+    Ok(())
+}
+
+fn sink_stopped(error: SinkError) -> Stopped {
+    match error {
+        SinkError::Fatal(fatal) => Stopped::Fatal(fatal),
+        SinkError::BadUrl { .. } => Stopped::Problems(vec![error.to_string()]),
+        SinkError::GaveUp(_) => Stopped::Failed(error.to_string()),
+    }
 }
 
 /// The database may still be starting when the daemon starts (systemd

@@ -302,7 +302,7 @@ pub async fn run<S: Source>(
     } = stages;
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
-    let sink_task = tokio::spawn(apply_batches(resolver, sink, batch_rx, ack_tx));
+    let sink_task = tokio::spawn(apply_batches(resolver, sink, batch_rx, ack_tx, S::recorded));
     let mut stream = Stream {
         planner,
         pending: Batch::default(),
@@ -392,6 +392,7 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
     mut sink: RedisSink,
     mut batches: mpsc::Receiver<Batch<A>>,
     ack: watch::Sender<(u64, A)>,
+    recorded: fn(A) -> Option<Lsn>,
 ) -> Result<(), PipelineError> {
     let mut last_report = tokio::time::Instant::now();
     let mut reported = sink.stats();
@@ -411,7 +412,8 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         };
         idle.reset();
         resolver.resolve(&mut batch.items).await?;
-        sink.apply(&batch.items).await?;
+        sink.apply(&batch.items, batch.ack.and_then(recorded))
+            .await?;
         if let Some(applied) = batch.ack {
             ack.send_replace((batch.generation, applied));
         }

@@ -400,3 +400,75 @@ async fn readiness_follows_redis_while_idle() {
     })
     .await;
 }
+
+/// The slot is dropped while the daemon is stopped (an operator stopping
+/// WAL growth) and `setup` creates a fresh one: the change made in between
+/// is in neither slot. Redis's record of the applied position is behind the
+/// new slot, so the next `run` flushes every rule key before streaming, and
+/// the stale key is gone. A plain restart, whose record covers the slot,
+/// flushes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_missed_through_a_recreated_slot_are_flushed_at_start() {
+    let mut env = TestEnv::start(20).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let user: String = client
+        .query_one("select id::text from public.profiles limit 1", &[])
+        .await
+        .expect("user")
+        .get(0);
+    let key = format!("profile:user:{user}");
+    let mut redis = env.redis.conn().await;
+    client
+        .execute(
+            "update public.profiles set bio = 'applied' where id = $1::text::uuid",
+            &[&user],
+        )
+        .await
+        .expect("update");
+    env.sync().await;
+    assert!(daemon.terminate().await.success(), "{}", daemon.log());
+
+    // A plain restart: nothing was missed, nothing is flushed.
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    let mut daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, std::slice::from_ref(&key)).await, 1);
+    assert!(
+        !daemon.log().contains("flushing every key"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.terminate().await.success());
+
+    // The app caches the row, it changes while the daemon is stopped, and
+    // the slot that held the change is dropped and made anew by setup.
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    client
+        .execute(
+            "update public.profiles set bio = 'missed' where id = $1::text::uuid",
+            &[&user],
+        )
+        .await
+        .expect("update");
+    client
+        .execute(
+            "select pg_drop_replication_slot('pg_cache_invalidator')",
+            &[],
+        )
+        .await
+        .expect("drop slot");
+    let out = env.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    env.setup();
+    let daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&key)).await,
+        0,
+        "the key the missed change made stale survived: {}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("behind the slot"), "{}", daemon.log());
+}

@@ -4,7 +4,9 @@
 
 use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
-use crate::db::Db;
+use crate::db::{catalog, Db};
+use crate::lsn::Lsn;
+use crate::sink::position;
 use crate::source::{install, outbox, replication};
 
 /// `setup`: prints (`--print`) or runs what the database is missing.
@@ -42,7 +44,34 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         println!("done: {}", step.why)
     })
     .await?;
+    if plan.creates_slot {
+        record_slot_start(&db, &loaded).await;
+    }
     Ok(())
+}
+
+/// Tells Redis where the new slot starts, so that the first `run` does not
+/// flush the cache (see `sink::position`). Without it the first `run`
+/// flushes every rule key once, which is safe; so a failure is a note.
+async fn record_slot_start(db: &Db, loaded: &Loaded) {
+    let slot = &loaded.config.replication.slot;
+    let start = catalog::inspect_slot(db, slot)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|info| info.confirmed_flush_lsn)
+        .and_then(|text| text.parse::<Lsn>().ok());
+    let Some(start) = start else { return };
+    let redis = &loaded.config.redis;
+    match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), slot, start).await {
+        Ok(true) => println!("done: redis records that the cache starts at the slot's position {start}"),
+        Ok(false) => println!(
+            "note: redis already records an older position for slot {slot}: the next run flushes every rule key once, because changes before the new slot may have been missed"
+        ),
+        Err(error) => eprintln!(
+            "note: cannot record the slot's start in redis ({error}): the first run will flush every rule key once"
+        ),
+    }
 }
 
 /// `teardown`: drops the slot and publication, or the outbox.

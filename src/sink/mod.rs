@@ -6,6 +6,7 @@
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
 //! - [`events`]: the pub/sub event of each operation.
 //! - [`flush`]: SCAN + UNLINK by pattern (TRUNCATE, a lost slot).
+//! - [`position`]: the applied position recorded beside the cache.
 //!
 //! The pipeline hands the sink batches in commit order; the sink applies
 //! each completely before the batch's acknowledgement may be confirmed to
@@ -18,6 +19,7 @@
 
 pub mod events;
 pub mod flush;
+pub mod position;
 pub mod requests;
 pub mod scripts;
 
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::decode::time::pg_micros_to_unix_seconds;
 use crate::error::{self, Backoff, Fatal, Retry};
+use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::secret::SecretUrl;
 use crate::telemetry::health::Health;
@@ -87,6 +90,37 @@ struct Touched {
     written: u64,
 }
 
+/// A client for `url`, trusting `ca_cert` for `rediss://` when given.
+pub fn client(
+    url: &SecretUrl,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<redis::Client, SinkError> {
+    let bad_url = |source: RedisError| SinkError::BadUrl {
+        url: url.redacted(),
+        reason: url.scrub(&source.to_string()),
+    };
+    let client = match ca_cert {
+        None => redis::Client::open(url.expose()).map_err(bad_url)?,
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                bad_url(RedisError::from(std::io::Error::new(
+                    e.kind(),
+                    format!("redis.ca_cert {}: {e}", path.display()),
+                )))
+            })?;
+            redis::Client::build_with_tls(
+                url.expose(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+            .map_err(bad_url)?
+        }
+    };
+    Ok(client)
+}
+
 /// Applies batches to Redis.
 pub struct RedisSink {
     conn: ConnectionManager,
@@ -96,6 +130,8 @@ pub struct RedisSink {
     config: ConnectionManagerConfig,
     /// Error kinds already logged in the current run of failures.
     logged: Vec<&'static str>,
+    /// Where the applied position is recorded (replication source only).
+    position_key: Option<String>,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// After shutdown is requested a failing batch gets only a few more
@@ -114,29 +150,7 @@ impl RedisSink {
         cancel: CancellationToken,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
-        let bad_url = |source: RedisError| SinkError::BadUrl {
-            url: url.redacted(),
-            reason: url.scrub(&source.to_string()),
-        };
-        let client = match ca_cert {
-            None => redis::Client::open(url.expose()).map_err(bad_url)?,
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    bad_url(RedisError::from(std::io::Error::new(
-                        e.kind(),
-                        format!("redis.ca_cert {}: {e}", path.display()),
-                    )))
-                })?;
-                redis::Client::build_with_tls(
-                    url.expose(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-                .map_err(bad_url)?
-            }
-        };
+        let client = client(url, ca_cert)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -169,6 +183,7 @@ impl RedisSink {
             client,
             config,
             logged: Vec::new(),
+            position_key: None,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             cancel,
             stats: SinkStats::default(),
@@ -176,28 +191,62 @@ impl RedisSink {
         })
     }
 
+    /// Records the applied position of `slot` with every acknowledged
+    /// batch (see [`position`]).
+    pub fn record_position_of(&mut self, slot: &str) {
+        self.position_key = Some(position::key(slot));
+    }
+
+    /// The position recorded for `slot`, retried like a batch.
+    pub async fn recorded_position(&mut self, slot: &str) -> Result<Option<Lsn>, SinkError> {
+        let key = position::key(slot);
+        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
+        loop {
+            match position::read(&mut self.conn, &key).await {
+                Ok(lsn) => return Ok(lsn),
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    let Some(delay) = retry.after_failure() else {
+                        return Err(SinkError::GaveUp(error.to_string()));
+                    };
+                    tracing::warn!(error = %error, retry_in = ?delay, "cannot read the recorded position from redis; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// Work applied so far.
     pub fn stats(&self) -> SinkStats {
         self.stats
     }
 
-    /// Applies `items` completely, retrying transient errors. Returns an
-    /// error if Redis refuses us for good, or if shutdown was requested and
-    /// Redis still fails.
-    pub async fn apply(&mut self, items: &[Item]) -> Result<(), SinkError> {
-        if items.is_empty() {
+    /// Applies `items` completely, retrying transient errors, and records
+    /// `applied` as the position everything up to which is now in Redis.
+    /// Returns an error if Redis refuses us for good, or if shutdown was
+    /// requested and Redis still fails.
+    pub async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
+        let record = match (&self.position_key, applied) {
+            (Some(key), Some(lsn)) => Some(position::record(key, lsn)),
+            _ => None,
+        };
+        if items.is_empty() && record.is_none() {
             return Ok(());
         }
         let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
-            match self.try_apply(items).await {
+            match self.try_apply(items, record.as_ref()).await {
                 Ok(touched) => {
                     self.logged.clear();
-                    self.stats.batches += 1;
-                    self.stats.operations += items.len() as u64;
-                    self.stats.keys += touched.removed + touched.written;
                     self.health.set_redis_ok(true);
-                    self.record(items, touched);
+                    if !items.is_empty() {
+                        self.stats.batches += 1;
+                        self.stats.operations += items.len() as u64;
+                        self.stats.keys += touched.removed + touched.written;
+                        self.record(items, touched);
+                    }
                     return Ok(());
                 }
                 Err(error) => {
@@ -256,16 +305,27 @@ impl RedisSink {
 
     /// One attempt: runs of row operations as atomic pipelines, a flush
     /// between such runs, in order.
-    async fn try_apply(&mut self, items: &[Item]) -> Result<Touched, RedisError> {
+    /// `record`, the position record, goes in the last pipeline (or alone,
+    /// when the batch ends with a flush or is empty).
+    async fn try_apply(
+        &mut self,
+        items: &[Item],
+        record: Option<&redis::Cmd>,
+    ) -> Result<Touched, RedisError> {
         let mut touched = Touched::default();
         let mut rest = items;
+        let mut recorded = false;
         while !rest.is_empty() {
             let run = rest
                 .iter()
                 .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
                 .count();
             if run > 0 {
-                let pipe = requests::row_pipeline(&rest[..run], self.channel.as_deref());
+                let mut pipe = requests::row_pipeline(&rest[..run], self.channel.as_deref());
+                if let (Some(record), true) = (record, run == rest.len()) {
+                    pipe.add_command(record.clone()).ignore();
+                    recorded = true;
+                }
                 pipe.query_async::<()>(&mut self.conn).await?;
                 for item in &rest[..run] {
                     match &item.op {
@@ -290,6 +350,9 @@ impl RedisSink {
                 touched.removed += self.apply_flush(item).await?;
                 rest = tail;
             }
+        }
+        if let (Some(record), false) = (record, recorded) {
+            record.query_async::<()>(&mut self.conn).await?;
         }
         Ok(touched)
     }

@@ -37,6 +37,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Problems setup cannot fix (missing tables or columns, wal_level).
     pub problems: Vec<String>,
+    /// Whether a step creates the replication slot.
+    pub creates_slot: bool,
 }
 
 /// Runs the planned steps in order, calling `done` after each. Each waits

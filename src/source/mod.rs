@@ -88,6 +88,13 @@ pub trait Source {
     /// Once a second: update gauges such as the lag.
     fn tick(&self) {}
 
+    /// The LSN an acknowledgement stands for, recorded in Redis beside the
+    /// cache (see [`crate::sink::position`]); `None` for sources whose
+    /// position is not a stream position.
+    fn recorded(_ack: Self::Ack) -> Option<Lsn> {
+        None
+    }
+
     /// Reports the last confirmation (bounded wait) and ends the session.
     fn shutdown(self) -> impl Future<Output = ()> + Send;
 }

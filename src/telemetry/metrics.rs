@@ -47,6 +47,9 @@ pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
 pub const CONFIRMED_LSN_BYTES: &str = "pgci_confirmed_lsn_bytes";
 /// Times the slot was found lost or missing and rebuilt (keys flushed).
 pub const SLOT_RESETS_TOTAL: &str = "pgci_slot_resets_total";
+/// Start-ups that flushed every rule key because Redis could not show it
+/// had seen every change the slot skipped.
+pub const STARTUP_FLUSHES_TOTAL: &str = "pgci_startup_flushes_total";
 /// TRUNCATEs that flushed a table's keys.
 pub const TRUNCATE_FLUSHES_TOTAL: &str = "pgci_truncate_flushes_total";
 /// Seconds from writing a heartbeat message to reading it on the stream.
@@ -121,6 +124,10 @@ fn describe() {
     describe_counter!(
         SLOT_RESETS_TOTAL,
         "Lost or missing slots rebuilt (keys flushed)"
+    );
+    describe_counter!(
+        STARTUP_FLUSHES_TOTAL,
+        "Start-ups that flushed every rule key (no proof nothing was missed)"
     );
     describe_counter!(
         TRUNCATE_FLUSHES_TOTAL,

@@ -105,13 +105,16 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
 
     let slot = &cfg.slot;
     match catalog::inspect_slot(db, slot).await? {
-        None => plan.steps.push(Step {
+        None => {
+            plan.creates_slot = true;
+            plan.steps.push(Step {
             why: format!("replication slot {slot} keeps the changes the daemon has not confirmed"),
             sql: format!(
                 "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
                 quote_literal(slot)
             ),
-        }),
+        })
+        }
         Some(info) if info.plugin.as_deref() != Some("pgoutput") => plan.problems.push(format!(
             "replication slot {slot:?} exists with plugin {:?}: drop it or choose another [replication] slot",
             info.plugin.unwrap_or_default()

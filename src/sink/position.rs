@@ -1,0 +1,88 @@
+//! The applied position, kept in Redis beside the cache it describes.
+//!
+//! With every acknowledged batch the sink records the LSN it applied up to
+//! (`pgci:position:<slot>`, written in the same `MULTI` as the batch's last
+//! operations). At start the daemon compares it with the slot's confirmed
+//! position: a record behind the slot (a slot dropped and created again by
+//! `setup`, a Redis restored from an older snapshot or failed over to a
+//! replica that missed writes) or no record at all (a Redis emptied) means
+//! the daemon cannot show that it applied every change the slot has
+//! skipped, so it flushes every rule key before applying anything.
+
+use std::path::Path;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::RedisError;
+
+use crate::lsn::Lsn;
+use crate::secret::SecretUrl;
+
+/// The key holding `slot`'s applied position.
+pub fn key(slot: &str) -> String {
+    format!("pgci:position:{slot}")
+}
+
+/// `SET key lsn` (no expiry: it must outlive any outage).
+pub fn record(key: &str, lsn: Lsn) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(lsn.to_string());
+    cmd
+}
+
+/// The recorded position, if any (an unreadable value counts as none).
+pub async fn read(conn: &mut ConnectionManager, key: &str) -> Result<Option<Lsn>, RedisError> {
+    let text: Option<String> = redis::cmd("GET").arg(key).query_async(conn).await?;
+    Ok(text.and_then(|t| t.parse().ok()))
+}
+
+/// Records `lsn` for `slot` unless a record exists (`SET … NX`): `setup`
+/// does this when it creates the slot, so that the first `run` knows the
+/// stream starts where the cache does. An existing record is kept: it is
+/// older than a slot created now, which tells `run` to flush.
+pub async fn record_if_absent(
+    url: &SecretUrl,
+    ca_cert: Option<&Path>,
+    slot: &str,
+    lsn: Lsn,
+) -> Result<bool, String> {
+    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "no answer within 10s".to_string())?
+    .map_err(|e| url.scrub(&e.to_string()))?;
+    let set: Option<String> = redis::cmd("SET")
+        .arg(key(slot))
+        .arg(lsn.to_string())
+        .arg("NX")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    Ok(set.is_some())
+}
+
+/// Whether a record `recorded` proves that nothing before the slot's
+/// `confirmed` position was missed.
+pub fn covers(recorded: Option<Lsn>, confirmed: Lsn) -> bool {
+    recorded.is_some_and(|r| r >= confirmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_record_at_or_past_the_slot_covers_it() {
+        assert!(covers(Some(Lsn(10)), Lsn(10)));
+        assert!(covers(Some(Lsn(11)), Lsn(10)));
+        assert!(!covers(Some(Lsn(9)), Lsn(10)));
+        assert!(!covers(None, Lsn(10)));
+        assert_eq!(
+            key("pg_cache_invalidator"),
+            "pgci:position:pg_cache_invalidator"
+        );
+    }
+}
