@@ -138,6 +138,30 @@ pub struct Item {
 }
 
 impl Item {
+    /// Roughly the bytes it holds (keys, value, patterns), for bounding
+    /// batches by memory as well as by count.
+    pub fn weight(&self) -> usize {
+        let strings = |v: &[String]| v.iter().map(|s| s.len() + 24).sum::<usize>();
+        let op = match &self.op {
+            CacheOp::Invalidate { keys, .. } => strings(keys),
+            CacheOp::Refresh {
+                set, del, value, ..
+            } => strings(set) + strings(del) + value.as_ref().map_or(0, |v| v.len()),
+            CacheOp::Query {
+                keys, sql, params, ..
+            } => {
+                strings(keys)
+                    + sql.len()
+                    + params
+                        .iter()
+                        .map(|p| p.as_ref().map_or(8, |p| p.len() + 24))
+                        .sum::<usize>()
+            }
+            CacheOp::Flush { patterns, .. } => strings(patterns),
+        };
+        op + std::mem::size_of::<Item>()
+    }
+
     /// The version refreshed keys are guarded by: commit LSN and position,
     /// fixed-width hex so that strings compare like numbers.
     pub fn version(&self) -> String {

@@ -41,10 +41,15 @@ use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 use crate::telemetry::systemd;
 
-/// Most operations in one batch: bounds memory (a few hundred bytes each)
-/// and the size of one Redis pipeline, while being large enough that a
-/// backlog drains in few round-trips.
+/// Most operations in one batch: bounds the size of one Redis pipeline,
+/// while being large enough that a backlog of small changes drains in few
+/// round-trips.
 pub const MAX_BATCH_ITEMS: usize = 4096;
+/// Most bytes (keys and refreshed values) in one batch: refreshed rows can
+/// be large (a 100 kB profile), and at most three batches are alive at once
+/// (pending, queued, applying) plus the Redis request built from one, so
+/// this keeps the daemon's memory in tens of MB whatever the rows hold.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Batches queued for the sink besides the one it applies: one is enough to
 /// keep Redis busy while the next fills.
 const QUEUED_BATCHES: usize = 1;
@@ -80,6 +85,8 @@ pub enum PipelineError {
 pub struct Batch<A> {
     /// Operations in commit order.
     pub items: Vec<Item>,
+    /// Their size in bytes (see [`Item::weight`]).
+    pub bytes: usize,
     /// End of the last transaction (or position) wholly inside this and
     /// earlier batches; `None` while a large transaction is still open.
     pub ack: Option<A>,
@@ -92,6 +99,7 @@ impl<A> Default for Batch<A> {
     fn default() -> Self {
         Batch {
             items: Vec::new(),
+            bytes: 0,
             ack: None,
             generation: 0,
         }
@@ -126,12 +134,12 @@ struct Stream<A> {
 impl<A: Copy + Default + PartialOrd> Stream<A> {
     /// The pending batch should go to the sink now.
     fn ready(&self) -> bool {
-        self.pending.ack.is_some() || self.pending.items.len() >= MAX_BATCH_ITEMS
+        self.pending.ack.is_some() || self.full()
     }
 
     /// Reading must pause until the sink takes the pending batch.
     fn full(&self) -> bool {
-        self.pending.items.len() >= MAX_BATCH_ITEMS
+        self.pending.items.len() >= MAX_BATCH_ITEMS || self.pending.bytes >= MAX_BATCH_BYTES
     }
 
     fn take(&mut self) -> Batch<A> {
@@ -169,6 +177,7 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
                 xid: 0,
             },
         };
+        self.pending.bytes += item.weight();
         self.pending.items.push(item);
     }
 

@@ -52,6 +52,11 @@ pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 /// `pg_replication_slots` is current and a shutdown waits little for its
 /// final report; each report is one 34-byte message.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Messages the transport buffers ahead of the loop. Its buffer counts
+/// messages, not bytes, and a message is a whole row: 256 rows of 100 kB
+/// are 25 MB, while 256 small rows still keep the loop fed through one
+/// Redis round-trip.
+const TRANSPORT_BUFFER: usize = 256;
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -282,6 +287,7 @@ impl ReplicationSource {
         .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
+        .with_buffer_size(TRANSPORT_BUFFER)
         .with_application_name("pg-cache-invalidator")
         .with_options(crate::db::SESSION_OPTIONS)
     }
