@@ -48,8 +48,9 @@ pub const MAX_BATCH_ITEMS: usize = 4096;
 /// Most bytes (keys and refreshed values) in one batch: refreshed rows can
 /// be large (a 100 kB profile), and at most three batches are alive at once
 /// (pending, queued, applying) plus the Redis request built from one, so
-/// this keeps the daemon's memory in tens of MB whatever the rows hold.
-pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// this keeps the daemon's memory in tens of MB whatever the rows hold,
+/// while 2 MiB is still far more than one round-trip needs to be efficient.
+pub const MAX_BATCH_BYTES: usize = 2 << 20;
 /// Batches queued for the sink besides the one it applies: one is enough to
 /// keep Redis busy while the next fills.
 const QUEUED_BATCHES: usize = 1;

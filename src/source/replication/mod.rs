@@ -53,10 +53,10 @@ pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 /// final report; each report is one 34-byte message.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Messages the transport buffers ahead of the loop. Its buffer counts
-/// messages, not bytes, and a message is a whole row: 256 rows of 100 kB
-/// are 25 MB, while 256 small rows still keep the loop fed through one
-/// Redis round-trip.
-const TRANSPORT_BUFFER: usize = 256;
+/// messages, not bytes, and a message is a whole row: 64 rows of 100 kB
+/// are 6 MB, while the loop, which plans thousands of small rows per Redis
+/// round-trip, still never waits on it (see BENCHMARKS.md).
+const TRANSPORT_BUFFER: usize = 64;
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
