@@ -123,14 +123,24 @@ async fn write_backlog(client: &tokio_postgres::Client, changes: u64, per_txn: u
     client.batch_execute(&sql).await.expect("write backlog");
 }
 
-async fn create_slot(client: &tokio_postgres::Client, name: &str) {
-    client
-        .execute(
-            "select pg_create_logical_replication_slot($1, 'pgoutput')",
+/// Creates a slot and records its start in Redis, as `setup` does, so the
+/// daemon does not flush every key on its first start from it.
+async fn create_slot(env: &TestEnv, client: &tokio_postgres::Client, name: &str) {
+    let start: String = client
+        .query_one(
+            "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&name],
         )
         .await
-        .expect("create slot");
+        .expect("create slot")
+        .get(0);
+    let mut redis = env.redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("pgci:position:{name}"))
+        .arg(start)
+        .query_async(&mut redis)
+        .await
+        .expect("record the slot's start");
 }
 
 /// Touches the harness's sentinel row; returns its key and the WAL
@@ -304,12 +314,12 @@ async fn drain(args: &Args, per_txn: u64) -> DrainResult {
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
     for r in 0..args.runs {
-        create_slot(&client, &format!("recv_{r}")).await;
+        create_slot(&env, &client, &format!("recv_{r}")).await;
         if r > 0 {
-            create_slot(&client, &format!("daemon_{r}")).await;
+            create_slot(&env, &client, &format!("daemon_{r}")).await;
         }
     }
-    create_slot(&client, "naive").await;
+    create_slot(&env, &client, "naive").await;
     let wrote = Instant::now();
     write_backlog(&client, args.changes, per_txn, rows).await;
     let (sentinel, endpos) = touch_sentinel(&env).await;

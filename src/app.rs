@@ -105,6 +105,12 @@ async fn start_and_run(
     let problems = install::check(&db, config, &rules, true)
         .await
         .map_err(Stopped::Database)?;
+    for warning in catalog::warnings(&db, &rules)
+        .await
+        .map_err(Stopped::Database)?
+    {
+        tracing::warn!(warning = %warning, "check the rules");
+    }
     drop(db);
     if !problems.is_empty() {
         return Err(Stopped::Problems(problems));

@@ -495,7 +495,7 @@ async fn aggregate_keys_hold_the_query_answer() {
         &env.config,
         std::fs::read_to_string(&env.config)
             .expect("read")
-            .replace("$1::uuid", "$1"),
+            .replace("$1::uuid", "$1::uuid and no_such_column = 1"),
     )
     .expect("write");
     let out = env.cli(&["check-config"]);
@@ -658,4 +658,152 @@ async fn a_bulk_update_of_large_refreshed_rows_stays_under_128_mib() {
         peak >> 20
     );
     eprintln!("peak RSS {:.1} MiB", peak as f64 / 1048576.0);
+}
+
+/// The form users write first, `where user_id = $1` without a cast, works:
+/// the server infers the parameter's type and the value is sent as text.
+#[tokio::test(flavor = "multi_thread")]
+async fn aggregate_queries_need_no_casts() {
+    let mut env = TestEnv::start(3).await;
+    let uncast = BALANCE_QUERY.replace("$1::uuid", "$1");
+    env.write_config(&refresh_rule(
+        "public.user_tokens",
+        "\"balances:user:{user_id}\"",
+        &format!("query = \"{uncast}\"\nparams = [\"user_id\"]"),
+    ));
+    env.setup();
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let user: String = client
+        .query_one("select user_id::text from public.user_tokens limit 1", &[])
+        .await
+        .expect("user")
+        .get(0);
+    client
+        .execute(
+            "update public.user_tokens set balance = balance + 1 where user_id = $1::text::uuid",
+            &[&user],
+        )
+        .await
+        .expect("update");
+    env.sync().await;
+    let mut redis = env.redis.conn().await;
+    let cached: String = redis::cmd("GET")
+        .arg(format!("balances:user:{user}"))
+        .query_async(&mut redis)
+        .await
+        .expect("the balance page is cached");
+    let expected: String = client
+        .query_one(
+            &format!(
+                "select ({})::text",
+                BALANCE_QUERY.replace("$1::uuid", "$1::text::uuid")
+            ),
+            &[&user],
+        )
+        .await
+        .expect("expected")
+        .get(0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&cached).expect("json"),
+        serde_json::from_str::<serde_json::Value>(&expected).expect("json")
+    );
+}
+
+/// A refresh query over a table with row-level security, run by a role
+/// that does not bypass it, sees no rows: `check-config` warns (naming the
+/// table and the role to use) without failing, and the empty answers that
+/// delete keys are counted in `pgci_refresh_null_answers_total`.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_is_warned_about_and_empty_answers_counted() {
+    let mut env = TestEnv::start(3).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            "create role cache_reader login replication; \
+             grant select on all tables in schema public to cache_reader; \
+             alter table public.user_tokens enable row level security; \
+             create policy only_own on public.user_tokens using (user_id::text = current_user);",
+        )
+        .await
+        .expect("rls");
+    env.write_config(&refresh_rule(
+        "public.user_tokens",
+        "\"balances:user:{user_id}\"",
+        &format!("query = \"{BALANCE_QUERY}\"\nparams = [\"user_id\"]"),
+    ));
+    env.setup();
+    let port = env.pg.port;
+    env.url_override = Some(format!(
+        "postgres://cache_reader@127.0.0.1:{port}/postgres?sslmode=disable"
+    ));
+    env.write_config(&refresh_rule(
+        "public.user_tokens",
+        "\"balances:user:{user_id}\"",
+        &format!("query = \"{BALANCE_QUERY}\"\nparams = [\"user_id\"]"),
+    ));
+    let out = env.cli(&["check-config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("public.user_tokens, which has row-level security")
+            && stderr.contains("cache_reader")
+            && stderr.contains("BYPASSRLS"),
+        "{stderr}"
+    );
+    let _daemon = env.daemon().await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    let (_, metrics) = crate::support::http_get(env.http_port, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        crate::support::metric(&metrics, "pgci_refresh_null_answers_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+}
+
+/// A refresh query waits until the transaction that triggered it is
+/// visible; if it does not become visible in time, the batch fails (and is
+/// retried) instead of caching an answer from before the change under the
+/// change's version.
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_queries_never_run_before_their_transaction_is_visible() {
+    use pg_cache_invalidator::config::SecretUrl;
+    use pg_cache_invalidator::db::query::QueryRunner;
+    use pg_cache_invalidator::db::ConnInfo;
+    let env = TestEnv::start(1).await;
+    let open = env.pg.client().await;
+    open.batch_execute("begin").await.expect("begin");
+    let xid: i64 = open
+        .query_one("select txid_current() % 4294967296", &[])
+        .await
+        .expect("xid")
+        .get(0);
+    let conn = ConnInfo::parse(&SecretUrl::new(env.pg.url()), None).expect("conn");
+    let mut runner = QueryRunner::new(conn);
+    let sql: std::sync::Arc<str> = std::sync::Arc::from("select (select 'answer')::text");
+    let jobs = [(&sql, &[][..])];
+    let started = std::time::Instant::now();
+    let result = runner.run(&jobs, &[xid as u32]).await;
+    assert!(
+        result.is_err(),
+        "queried while the transaction was invisible: {result:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    open.batch_execute("commit").await.expect("commit");
+    let answers = runner.run(&jobs, &[xid as u32]).await.expect("visible now");
+    assert_eq!(answers, [Some("answer".to_string())]);
 }

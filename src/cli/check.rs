@@ -2,7 +2,7 @@
 
 use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
-use crate::db::Db;
+use crate::db::{catalog, Db};
 use crate::source::install;
 
 /// Checks and prints `ok: …`, or one line per problem.
@@ -11,6 +11,9 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     let problems = install::check(&db, &loaded.config, &loaded.rules, false).await?;
     if !problems.is_empty() {
         return Err(Failure::usage(problems));
+    }
+    for warning in catalog::warnings(&db, &loaded.rules).await? {
+        eprintln!("warning: {warning}");
     }
     let source = match loaded.config.postgres.source {
         SourceKind::Replication => format!(

@@ -68,6 +68,14 @@ pub enum DbError {
     /// The connection ended.
     #[error("the postgres connection closed")]
     Closed,
+    /// Decoded transactions did not become visible to new snapshots.
+    #[error("{xids} decoded transaction(s) still not visible to new snapshots after {waited:?}")]
+    NotVisible {
+        /// How many.
+        xids: usize,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
     /// Connecting or a query failed.
     #[error("{context}: {source}")]
     Query {
@@ -93,7 +101,7 @@ impl DbError {
                 hint: "fix postgres.url",
                 user_must_fix: true,
             },
-            DbError::Closed => crate::error::Class::Transient,
+            DbError::Closed | DbError::NotVisible { .. } => crate::error::Class::Transient,
             DbError::Query { source, .. } => crate::error::postgres(source),
         }
     }

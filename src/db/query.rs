@@ -1,16 +1,92 @@
 //! Runs the aggregate-key queries of `refresh` rules on a small pool of
 //! regular connections, concurrently up to a bound; answers come back in
 //! the order asked, so the sink writes them in commit order. A lost
-//! connection fails the batch (the sink retries it); a query the server
-//! rejects answers "none", which deletes its keys.
+//! connection fails the batch (the resolver retries it); a query the
+//! server rejects answers "none", which deletes its keys.
+//!
+//! Each statement is prepared once per connection with its parameter types
+//! left to the server to infer (`where user_id = $1` makes `$1` a uuid), and
+//! the row values are sent in text format, which the server parses as that
+//! type: so a rule's query needs no casts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::future::try_join_all;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
+use tokio_postgres::Statement;
 
 use crate::db::{ConnInfo, Db, DbError};
+use crate::telemetry::metrics as m;
+
+/// A parameter value in PostgreSQL's text format, for a parameter of any
+/// type: the server parses it as the type it inferred.
+#[derive(Debug)]
+struct TextParam<'a>(Option<&'a str>);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            None => Ok(IsNull::Yes),
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// One connection of the pool and the statements prepared on it.
+struct Conn {
+    db: Db,
+    statements: Mutex<HashMap<Arc<str>, Statement>>,
+}
+
+impl Conn {
+    /// `sql` prepared on this connection (once).
+    async fn statement(&self, sql: &Arc<str>) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.db.client().prepare(sql).await?;
+        self.statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::clone(sql), statement.clone());
+        Ok(statement)
+    }
+
+    /// Drops `sql`'s statement (after the server refused it: a schema
+    /// change may have invalidated it), so the next call prepares anew.
+    fn forget(&self, sql: &str) {
+        self.statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sql);
+    }
+}
 
 /// Connections in the pool: queries on one connection are pipelined by
 /// the driver, so a few suffice and the database sees a bounded load.
@@ -24,7 +100,7 @@ pub type QueryJob<'a> = (&'a Arc<str>, &'a [Option<String>]);
 /// A lazily connected pool.
 pub struct QueryRunner {
     conn: ConnInfo,
-    clients: Vec<Arc<Db>>,
+    clients: Vec<Arc<Conn>>,
 }
 
 impl QueryRunner {
@@ -49,9 +125,12 @@ impl QueryRunner {
             return Ok(Vec::new());
         }
         while self.clients.len() < CONNECTIONS {
-            self.clients.push(Arc::new(Db::connect(&self.conn).await?));
+            self.clients.push(Arc::new(Conn {
+                db: Db::connect(&self.conn).await?,
+                statements: Mutex::new(HashMap::new()),
+            }));
         }
-        if let Err(error) = wait_visible(&self.clients[0], xids).await {
+        if let Err(error) = wait_visible(&self.clients[0].db, xids).await {
             self.clients.clear();
             return Err(error);
         }
@@ -107,30 +186,41 @@ async fn wait_visible(db: &Db, xids: &[u32]) -> Result<(), DbError> {
         if visible {
             return Ok(());
         }
+        // Querying now could cache the answer from before the change
+        // under the change's version: fail, and the resolver retries.
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(xids = ?xids, "decoded transactions still not visible; querying anyway");
-            return Ok(());
+            return Err(DbError::NotVisible {
+                xids: xids.len(),
+                waited: VISIBILITY_WAIT,
+            });
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
-async fn run_one(db: &Db, sql: &str, params: &[Option<String>]) -> Result<Option<String>, DbError> {
-    let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-        .iter()
-        .map(|p| (p as &(dyn ToSql + Sync), Type::TEXT))
-        .collect();
-    let rows = match db.client().query_typed(sql, &typed).await {
+async fn run_one(
+    conn: &Conn,
+    sql: &Arc<str>,
+    params: &[Option<String>],
+) -> Result<Option<String>, DbError> {
+    let values: Vec<TextParam<'_>> = params.iter().map(|p| TextParam(p.as_deref())).collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let result = match conn.statement(sql).await {
+        Ok(statement) => conn.db.client().query(&statement, &refs).await,
+        Err(error) => Err(error),
+    };
+    let rows = match result {
         Ok(rows) => rows,
         // The server refused this query for these values (a data error, a
         // dropped column...): retrying cannot help, and waiting would stall
         // every later invalidation. Deleting the keys is always safe.
         Err(error) if error.as_db_error().is_some() => {
+            conn.forget(sql);
             let reason = error
                 .as_db_error()
                 .map(|e| e.message().to_string())
                 .unwrap_or_default();
-            metrics::counter!(crate::telemetry::metrics::ROWS_NOT_CACHED_TOTAL).increment(1);
+            metrics::counter!(m::ROWS_NOT_CACHED_TOTAL).increment(1);
             tracing::error!(query = %sql, error = %reason,
                 "refresh query failed; deleting its keys instead");
             return Ok(None);
@@ -141,5 +231,12 @@ async fn run_one(db: &Db, sql: &str, params: &[Option<String>]) -> Result<Option
             ))
         }
     };
-    Ok(rows.first().and_then(|r| r.get::<_, Option<String>>(0)))
+    let answer = rows.first().and_then(|r| r.get::<_, Option<String>>(0));
+    if answer.is_none() {
+        // A NULL answer deletes the keys: right for a user with no rows
+        // left, silent data loss for a role that row-level security hides
+        // the rows from; the count tells them apart.
+        metrics::counter!(m::REFRESH_NULL_ANSWERS_TOTAL).increment(1);
+    }
+    Ok(answer)
 }

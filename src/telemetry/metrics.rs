@@ -20,6 +20,8 @@ pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
 /// Refreshed rows whose keys were deleted instead of written (a value not
 /// in the stream, such as an unchanged TOASTed column, or not encodable).
 pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
+/// Refresh queries that answered NULL or no row (their keys are deleted).
+pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
 /// Outbox rows applied and deleted (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
 /// Events published on the pub/sub channel.
@@ -92,6 +94,10 @@ fn describe() {
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
     describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied and deleted");
+    describe_counter!(
+        REFRESH_NULL_ANSWERS_TOTAL,
+        "Refresh queries that answered NULL (keys deleted)"
+    );
     describe_counter!(
         ROWS_NOT_CACHED_TOTAL,
         "Refreshed rows deleted instead of written"
