@@ -807,3 +807,76 @@ async fn refresh_queries_never_run_before_their_transaction_is_visible() {
     let answers = runner.run(&jobs, &[xid as u32]).await.expect("visible now");
     assert_eq!(answers, [Some("answer".to_string())]);
 }
+
+/// Generated columns: PostgreSQL 18 sends stored ones when the publication
+/// asks, so `setup` asks and refreshed rows hold them exactly as `to_jsonb`
+/// does. Before 18 the stream never carries them: a rule that needs one (a
+/// whole-row refresh, a key template) is refused at start with exit status
+/// 2 and the ways out, instead of caching rows without it or stopping at
+/// the first change; excluding the column makes the rule work.
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_columns_are_cached_on_18_and_refused_before() {
+    let mut env = TestEnv::start(1).await;
+    let client = env.pg.client().await;
+    let major: i32 = client
+        .query_one(
+            "select current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    client
+        .batch_execute(
+            "create table public.people (id int primary key, first text, last text, \
+               full_name text generated always as (first || ' ' || last) stored); \
+             insert into public.people (id, first, last) select g, 'a' || g, 'b' || g from generate_series(1, 20) g;",
+        )
+        .await
+        .expect("people");
+    let whole_row = refresh_rule("public.people", "\"person:{id}\"", "");
+    env.write_config(&whole_row);
+    if major < 18 {
+        for args in [&["setup"][..], &["check-config"]] {
+            let out = env.cli(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("\"full_name\" is a generated column")
+                    && stderr.contains("exclude"),
+                "{args:?}: {stderr}"
+            );
+        }
+        env.write_config(&refresh_rule("public.people", "\"person:{full_name}\"", ""));
+        let out = env.cli(&["check-config"]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a key template on a generated column"
+        );
+        env.write_config(&refresh_rule(
+            "public.people",
+            "\"person:{id}\"",
+            "columns = { exclude = [\"full_name\"] }",
+        ));
+    }
+    env.setup();
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _daemon = env.daemon().await;
+    client
+        .batch_execute("update public.people set last = last || '!'")
+        .await
+        .expect("update");
+    env.sync().await;
+    let minus = if major < 18 { " - 'full_name'" } else { "" };
+    assert_eq!(
+        mismatches(&env, "public.people", "person:", minus).await,
+        (0, 0),
+        "PostgreSQL {major}"
+    );
+}

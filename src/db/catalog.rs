@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use crate::change::TableName;
 use crate::db::{Db, DbError};
-use crate::plan::rules::RuleSet;
+use crate::plan::rules::{Action, Rule, RuleSet};
 use crate::sql::quote_ident;
 
 /// A column of a table.
@@ -24,6 +24,9 @@ pub struct ColumnInfo {
     pub not_null: bool,
     /// Its type OID.
     pub type_oid: u32,
+    /// `attgenerated`: `s` stored or `v` virtual generated column, else
+    /// `None`.
+    pub generated: Option<char>,
 }
 
 /// An index of a table.
@@ -132,7 +135,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
     let replica_identity = row.get::<_, String>(1).chars().next().unwrap_or('d');
     let columns = client
         .query(
-            "select attname::text, attnotnull, atttypid from pg_attribute \
+            "select attname::text, attnotnull, atttypid, attgenerated::text from pg_attribute \
              where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
             &[&oid],
         )
@@ -143,6 +146,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
             name: r.get(0),
             not_null: r.get(1),
             type_oid: r.get(2),
+            generated: r.get::<_, String>(3).chars().next(),
         })
         .collect();
     let indexes = client
@@ -187,6 +191,9 @@ pub struct PublicationInfo {
     pub missing_operations: Vec<&'static str>,
     /// The tables it lists.
     pub tables: BTreeSet<TableName>,
+    /// Whether it publishes stored generated columns (PostgreSQL 18's
+    /// `publish_generated_columns = stored`).
+    pub generated_columns: bool,
 }
 
 /// Reads a publication; `None` if it does not exist.
@@ -194,8 +201,9 @@ pub async fn inspect_publication(db: &Db, name: &str) -> Result<Option<Publicati
     let client = db.client();
     let row = client
         .query_opt(
-            "select puballtables, pubinsert, pubupdate, pubdelete, pubtruncate \
-             from pg_publication where pubname = $1",
+            "select puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, \
+                    coalesce(to_jsonb(p) ->> 'pubgencols', 'n') in ('s', 'true') \
+             from pg_publication p where pubname = $1",
             &[&name],
         )
         .await
@@ -224,6 +232,7 @@ pub async fn inspect_publication(db: &Db, name: &str) -> Result<Option<Publicati
         })
         .collect();
     Ok(Some(PublicationInfo {
+        generated_columns: row.get(5),
         all_tables: row.get(0),
         missing_operations,
         tables,
@@ -418,6 +427,70 @@ fn collect_relations(node: &serde_json::Value, out: &mut Vec<(String, String)>) 
     }
 }
 
+/// The server's major version (15, 18, ...).
+pub async fn server_major(db: &Db) -> Result<i32, DbError> {
+    let row = db
+        .client()
+        .query_one(
+            "select current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the server version"))?;
+    Ok(row.get(0))
+}
+
+/// The generated columns of `info` that `rules` need from the change
+/// stream: named in a key template, a query parameter or `columns`, or
+/// part of a whole row a `refresh` rule caches.
+pub fn needed_generated_columns<'a>(info: &'a TableInfo, rules: &[Rule]) -> Vec<&'a ColumnInfo> {
+    let named = RuleSet::key_columns(rules);
+    info.columns
+        .iter()
+        .filter(|c| c.generated.is_some())
+        .filter(|c| {
+            named.contains(&c.name)
+                || rules.iter().any(|r| {
+                    r.action == Action::Refresh && r.query.is_none() && r.columns.keeps(&c.name)
+                })
+        })
+        .collect()
+}
+
+/// Problems with generated columns `rules` need: the stream carries them
+/// only from PostgreSQL 18, stored ones only, and only when the
+/// publication asks (`publish_generated_columns = stored`, which `setup`
+/// sets). `publication` is `None` when setup is about to create or alter it.
+pub fn generated_column_problems(
+    info: &TableInfo,
+    rules: &[Rule],
+    major: i32,
+    publication: Option<&PublicationInfo>,
+) -> Vec<String> {
+    let table = &info.name;
+    let mut problems = Vec::new();
+    for column in needed_generated_columns(info, rules) {
+        let name = &column.name;
+        let ways_out = format!(
+            "keep it out of key templates and params, exclude it from refreshed rows (columns = {{ exclude = [\"{name}\"] }}), or cache a query's answer instead (query = \"select to_jsonb(t) from {table} t where ...\")"
+        );
+        if column.generated == Some('v') {
+            problems.push(format!(
+                "table {table}: column {name:?} is a virtual generated column, which logical replication never sends: {ways_out}"
+            ));
+        } else if major < 18 {
+            problems.push(format!(
+                "table {table}: column {name:?} is a generated column, which PostgreSQL {major} does not send in the change stream (18 does): {ways_out}, or upgrade to PostgreSQL 18"
+            ));
+        } else if publication.is_some_and(|p| !p.generated_columns) {
+            problems.push(format!(
+                "table {table}: column {name:?} is a generated column and the publication does not send them: run pg-cache-invalidator setup (it sets publish_generated_columns = stored)"
+            ));
+        }
+    }
+    problems
+}
+
 /// The server's `wal_level`.
 pub async fn wal_level(db: &Db) -> Result<String, DbError> {
     let row = db
@@ -466,6 +539,7 @@ pub async fn check(
         ));
     }
     let mut existing = Vec::new();
+    let mut generated = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = inspect_table(db, table).await? else {
             problems.push(missing_table(db, table).await?);
@@ -519,8 +593,23 @@ pub async fn check(
             }
         }
         existing.push(table.clone());
+        if info.columns.iter().any(|c| c.generated.is_some()) {
+            generated.push((info, table_rules));
+        }
     }
-    match inspect_publication(db, scope.publication).await? {
+    let publication = inspect_publication(db, scope.publication).await?;
+    if !generated.is_empty() {
+        let major = server_major(db).await?;
+        for (info, table_rules) in &generated {
+            problems.extend(generated_column_problems(
+                info,
+                table_rules,
+                major,
+                publication.as_ref(),
+            ));
+        }
+    }
+    match publication {
         None => problems.push(format!(
             "publication {:?} does not exist: run pg-cache-invalidator setup",
             scope.publication
@@ -601,6 +690,7 @@ mod tests {
             name: name.into(),
             not_null,
             type_oid: 25,
+            generated: None,
         };
         let idx = |name: &str, cols: &[&str], primary: bool| IndexInfo {
             name: name.into(),

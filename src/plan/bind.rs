@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::change::TableSchema;
 use crate::plan::keys::BoundKey;
-use crate::plan::rules::{Action, Rule};
+use crate::plan::rules::{Action, ColumnFilter, Rule};
 use crate::plan::PlanError;
 
 /// What a bound rule does.
@@ -107,8 +107,12 @@ fn bind_rule(rule: &Rule, schema: &TableSchema, table: &Arc<str>) -> Result<Boun
             ttl_secs,
         },
         (Action::Refresh, None) => {
-            for named in rule.columns.named() {
-                position(named, "columns".to_string())?;
+            // Included columns must travel; an excluded one may be absent
+            // (a generated column before PostgreSQL 18 never does).
+            if let ColumnFilter::Include(included) = &rule.columns {
+                for named in included {
+                    position(named, "columns".to_string())?;
+                }
             }
             BoundKind::RefreshRow {
                 columns: schema

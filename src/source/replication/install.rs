@@ -22,11 +22,25 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
         ));
     }
     let mut tables = Vec::new();
+    let mut major = None;
+    let mut wants_generated = false;
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
             plan.problems.push(catalog::missing_table(db, table).await?);
             continue;
         };
+        if !catalog::needed_generated_columns(&info, table_rules).is_empty() {
+            let major = match major {
+                Some(m) => m,
+                None => *major.insert(catalog::server_major(db).await?),
+            };
+            let problems = catalog::generated_column_problems(&info, table_rules, major, None);
+            wants_generated |= problems.is_empty();
+            if !problems.is_empty() {
+                plan.problems.extend(problems);
+                continue;
+            }
+        }
         let needed = RuleSet::key_columns(table_rules);
         let unknown: Vec<_> = needed
             .iter()
@@ -61,11 +75,18 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
 
     let publication = &cfg.publication;
     let all_ops = "insert, update, delete, truncate";
+    // PostgreSQL 18 sends stored generated columns when asked; rules that
+    // need them ask.
+    let gencols = if wants_generated {
+        ", publish_generated_columns = stored"
+    } else {
+        ""
+    };
     match catalog::inspect_publication(db, publication).await? {
         None if !tables.is_empty() => plan.steps.push(Step {
             why: format!("publication {publication} lists the watched tables"),
             sql: format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{all_ops}');",
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{all_ops}'{gencols});",
                 quote_ident(publication),
                 tables
                     .iter()
@@ -76,6 +97,17 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
         }),
         None => {}
         Some(existing) => {
+            if wants_generated && !existing.generated_columns {
+                plan.steps.push(Step {
+                    why: format!(
+                        "publication {publication} must send the stored generated columns the rules need"
+                    ),
+                    sql: format!(
+                        "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+                        quote_ident(publication)
+                    ),
+                });
+            }
             if !existing.missing_operations.is_empty() {
                 plan.steps.push(Step {
                     why: format!(
