@@ -8,11 +8,6 @@ use clap::Parser;
 
 use pg_cache_invalidator::cli::{self, Cli};
 
-/// mimalloc gives freed memory back to the OS soon after a burst (glibc's
-/// malloc kept ~30 MB after draining a large backlog).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Both TLS stacks in the dependency tree are compiled in, so rustls
