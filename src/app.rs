@@ -132,11 +132,15 @@ async fn start_and_run(
         sink.record_position_of(slot);
         flush_if_changes_were_missed(&mut sink, &planner, &conn, slot).await?;
     }
+    let (drift_tx, drift_rx) = tokio::sync::watch::channel(Vec::new());
     let stages = Stages {
         planner,
         resolver: Resolver::new(conn.clone(), cancel.clone()),
         sink,
         conn: conn.clone(),
+        drift: (config.postgres.source == SourceKind::Replication
+            && !config.replication.heartbeat_interval.0.is_zero())
+        .then_some(drift_rx),
     };
     match config.postgres.source {
         SourceKind::Outbox => {
@@ -151,6 +155,11 @@ async fn start_and_run(
                     conn.clone(),
                     config.replication.slot.clone(),
                     every,
+                    slot::DriftCheck {
+                        rules: Arc::clone(&rules),
+                        publication: config.replication.publication.clone(),
+                        report: drift_tx,
+                    },
                     cancel.clone(),
                 ));
             }
@@ -159,7 +168,8 @@ async fn start_and_run(
                 config.replication.slot.clone(),
                 config.replication.publication.clone(),
                 Arc::clone(&health),
-            );
+            )
+            .with_buffer(config.replication.buffer_messages);
             drive(source, stages, health, cancel).await
         }
     }

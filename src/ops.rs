@@ -105,6 +105,9 @@ pub enum FlushReason {
     Truncate,
     /// The slot was lost or dropped: changes were missed, every key goes.
     SlotReset,
+    /// The catalog changed under the stream (a table left the publication,
+    /// its replica identity changed): the table's changes may be missed.
+    Drift,
 }
 
 impl FlushReason {
@@ -112,7 +115,7 @@ impl FlushReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FlushReason::Truncate => "truncate",
-            FlushReason::SlotReset => "flush",
+            FlushReason::SlotReset | FlushReason::Drift => "flush",
         }
     }
 }

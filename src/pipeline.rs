@@ -27,15 +27,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::change::TableName;
 use crate::change::{Change, TableSchema};
 use crate::db::{self, ConnInfo, Db};
 use crate::decode::time::pg_micros_to_rfc3339;
 use crate::error::Fatal;
 use crate::lsn::Lsn;
-use crate::ops::{CacheOp, Item};
+use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
 use crate::resolve::{ResolveError, Resolver};
 use crate::sink::{RedisSink, SinkError};
+use crate::source::replication::drift::Drifted;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -225,6 +227,41 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         Ok(None)
     }
 
+    /// Flushes the keys of tables that drifted since `before` (their changes
+    /// may not be streamed) and of tables that recovered (changes made
+    /// while they drifted were missed).
+    fn on_drift(&mut self, before: &[Drifted], now: &[Drifted]) {
+        for d in now
+            .iter()
+            .filter(|d| !before.iter().any(|b| b.table == d.table))
+        {
+            tracing::error!(table = %d.table, problem = %d.reason,
+                "a watched table's changes may be missed; flushing its keys, not ready until fixed");
+        }
+        for b in before
+            .iter()
+            .filter(|b| !now.iter().any(|d| d.table == b.table))
+        {
+            tracing::warn!(table = %b.table,
+                "the watched table is covered again; flushing its keys (changes in between were missed)");
+        }
+        let changed: Vec<&TableName> = now
+            .iter()
+            .filter(|d| !before.iter().any(|b| b.table == d.table))
+            .chain(
+                before
+                    .iter()
+                    .filter(|b| !now.iter().any(|d| d.table == b.table)),
+            )
+            .map(|d| &d.table)
+            .collect();
+        for table in changed {
+            if let Some(flush) = self.planner.plan_flush_table(table, FlushReason::Drift) {
+                self.push(flush);
+            }
+        }
+    }
+
     /// The position was rebuilt: acks of the old one must not be confirmed
     /// to the new one, and every key is flushed (after everything already
     /// read, which the sink applies first).
@@ -294,6 +331,9 @@ pub struct Stages {
     pub sink: RedisSink,
     /// Where column types are read from.
     pub conn: ConnInfo,
+    /// Reports of watched tables the catalog no longer lets the stream
+    /// cover (replication, from the heartbeat task).
+    pub drift: Option<watch::Receiver<Vec<Drifted>>>,
 }
 
 /// Runs until `cancel` fires or a fatal error; then applies what was read,
@@ -309,7 +349,9 @@ pub async fn run<S: Source>(
         resolver,
         sink,
         conn,
+        mut drift,
     } = stages;
+    let mut drifted: Vec<Drifted> = Vec::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
     let sink_task = tokio::spawn(apply_batches(resolver, sink, batch_rx, ack_tx, S::recorded));
@@ -355,7 +397,22 @@ pub async fn run<S: Source>(
                 systemd::watchdog();
                 source.tick();
             }
-            // 5. New changes or a keepalive, unless the pending batch is full.
+            // 5. The catalog changed under the stream: flush what may be
+            //    missed, and stay not ready until it is right again.
+            report = async {
+                match drift.as_mut() {
+                    Some(rx) => rx.changed().await.map(|()| rx.borrow_and_update().clone()),
+                    None => std::future::pending().await,
+                }
+            } => match report {
+                Ok(now) => {
+                    stream.on_drift(&drifted, &now);
+                    health.set_drifted(!now.is_empty());
+                    drifted = now;
+                }
+                Err(_) => drift = None,
+            },
+            // 6. New changes or a keepalive, unless the pending batch is full.
             event = source.next(), if !stream.full() => match event {
                 Ok(event) => match stream.handle(event).await {
                     Ok(None) => {}

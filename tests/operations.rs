@@ -472,3 +472,80 @@ async fn changes_missed_through_a_recreated_slot_are_flushed_at_start() {
     );
     assert!(daemon.log().contains("behind the slot"), "{}", daemon.log());
 }
+
+/// Drift while running: a migration drops a watched table from the
+/// publication, or resets a table's replica identity so deletes no longer
+/// carry its key columns. Within a heartbeat the daemon flushes that
+/// table's keys, logs an error naming the table and the fix, and reports
+/// not ready; once the catalog is right again it flushes once more (changes
+/// in between were missed) and is ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_while_running_is_flushed_logged_and_not_ready() {
+    let mut env = TestEnv::start(10).await;
+    env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    wait_for("ready", Duration::from_secs(20), || async move {
+        status_of(port, "/readyz").await == 200
+    })
+    .await;
+    let client = env.pg.client().await;
+    let profiles: Vec<String> = client
+        .query("select 'profile:user:' || id from public.profiles", &[])
+        .await
+        .expect("profiles")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut redis = env.redis.conn().await;
+
+    for (break_it, fix_it, names) in [
+        (
+            "alter publication pg_cache_invalidator drop table public.profiles",
+            "alter publication pg_cache_invalidator add table public.profiles",
+            "ALTER PUBLICATION",
+        ),
+        (
+            "alter table public.profiles replica identity nothing",
+            "alter table public.profiles replica identity default",
+            "REPLICA IDENTITY",
+        ),
+    ] {
+        preset(&mut redis, &profiles).await;
+        client.batch_execute(break_it).await.expect("drift");
+        wait_for(
+            "not ready after drift",
+            Duration::from_secs(15),
+            || async move { status_of(port, "/readyz").await == 503 },
+        )
+        .await;
+        wait_for(
+            "the table's keys to be flushed",
+            Duration::from_secs(15),
+            || {
+                let mut redis = redis.clone();
+                let profiles = profiles.clone();
+                async move { surviving(&mut redis, &profiles).await == 0 }
+            },
+        )
+        .await;
+        let log = daemon.log();
+        assert!(
+            log.contains("public.profiles") && log.contains(names),
+            "the error names the table and the fix: {log}"
+        );
+        preset(&mut redis, &profiles).await;
+        client.batch_execute(fix_it).await.expect("fix");
+        wait_for("ready again", Duration::from_secs(15), || async move {
+            status_of(port, "/readyz").await == 200
+        })
+        .await;
+        wait_for("a flush on recovery", Duration::from_secs(15), || {
+            let mut redis = redis.clone();
+            let profiles = profiles.clone();
+            async move { surviving(&mut redis, &profiles).await == 0 }
+        })
+        .await;
+    }
+}

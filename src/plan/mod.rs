@@ -280,6 +280,28 @@ impl Planner {
         }))
     }
 
+    /// Plans flushing every key the rules of `table` can produce (`None`
+    /// when no rule watches it).
+    pub fn plan_flush_table(
+        &self,
+        table: &crate::change::TableName,
+        reason: FlushReason,
+    ) -> Option<CacheOp> {
+        let (_, rules) = self.rules.rules_for(&table.schema, &table.name)?;
+        let mut patterns: Vec<String> = Vec::new();
+        for template in rules.iter().flat_map(|r| r.keys.iter()) {
+            let pattern = template.scan_pattern();
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+        Some(CacheOp::Flush {
+            table: Arc::from(table.to_string()),
+            patterns,
+            reason,
+        })
+    }
+
     /// Plans flushing every key any rule can produce.
     pub fn plan_flush_all(&self) -> CacheOp {
         let mut patterns: Vec<String> = Vec::new();

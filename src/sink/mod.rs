@@ -375,6 +375,10 @@ impl RedisSink {
             }
             FlushReason::SlotReset => tracing::error!(patterns = ?patterns, keys_removed = removed,
                 "flushed every key of every rule because changes were missed"),
+            FlushReason::Drift => {
+                tracing::error!(table = %table, patterns = ?patterns, keys_removed = removed,
+                "flushed every key of the table's rules because its changes may not have been streamed")
+            }
         }
         if let Some(channel) = &self.channel {
             let _: () = self.conn.publish(channel, events::event_json(item)).await?;

@@ -21,6 +21,9 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     streaming: AtomicBool,
     redis_ok: AtomicBool,
+    /// Some watched table's changes may be missed (see
+    /// `source::replication::drift`).
+    drifted: AtomicBool,
 }
 
 impl Default for Health {
@@ -30,6 +33,7 @@ impl Default for Health {
             last_tick_ms: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
             redis_ok: AtomicBool::new(false),
+            drifted: AtomicBool::new(false),
         }
     }
 }
@@ -69,9 +73,19 @@ impl Health {
         self.redis_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Streaming and Redis answering.
+    /// Whether the catalog has drifted from what the rules need.
+    pub fn set_drifted(&self, drifted: bool) {
+        self.drifted.store(drifted, Ordering::Relaxed);
+    }
+
+    /// Whether it has.
+    pub fn drifted(&self) -> bool {
+        self.drifted.load(Ordering::Relaxed)
+    }
+
+    /// Streaming, Redis answering, and every watched table covered.
     pub fn ready(&self) -> bool {
-        self.streaming() && self.redis_ok.load(Ordering::Relaxed)
+        self.streaming() && self.redis_ok.load(Ordering::Relaxed) && !self.drifted()
     }
 }
 

@@ -76,6 +76,11 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.health.ready() {
         (StatusCode::OK, "ready\n")
+    } else if state.health.drifted() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a watched table is no longer covered by the publication or its replica identity (see the log)\n",
+        )
     } else if !state.health.streaming() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -22,6 +22,7 @@
 //! pgoutput messages are decoded here ([`crate::decode::pgoutput`]) and
 //! handed on as the neutral [`Change`] model.
 
+pub mod drift;
 pub mod install;
 pub mod slot;
 
@@ -52,11 +53,6 @@ pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 /// `pg_replication_slots` is current and a shutdown waits little for its
 /// final report; each report is one 34-byte message.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// Messages the transport buffers ahead of the loop. Its buffer counts
-/// messages, not bytes, and a message is a whole row: 64 rows of 100 kB
-/// are 6 MB, while the loop, which plans thousands of small rows per Redis
-/// round-trip, still never waits on it (see BENCHMARKS.md).
-const TRANSPORT_BUFFER: usize = 64;
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,6 +77,9 @@ pub struct ReplicationSource {
     health: Arc<Health>,
     /// Set when the last failure was a lost slot, reported once by `next()`.
     slot_lost: Option<String>,
+    /// Messages the transport buffers (its buffer counts messages, not
+    /// bytes; each is a whole row).
+    buffer_messages: usize,
     /// A session being opened (see `next()`).
     opening: Option<tokio::task::JoinHandle<Result<ReplicationClient, PgWireError>>>,
 }
@@ -89,6 +88,7 @@ impl ReplicationSource {
     /// A source for `slot` / `publication`; connects on the first `next()`.
     pub fn new(info: ConnInfo, slot: String, publication: String, health: Arc<Health>) -> Self {
         ReplicationSource {
+            buffer_messages: crate::config::DEFAULT_BUFFER_MESSAGES,
             info,
             slot,
             publication,
@@ -101,6 +101,13 @@ impl ReplicationSource {
             slot_lost: None,
             opening: None,
         }
+    }
+
+    /// Buffers `messages` rows in the transport (see
+    /// `replication.buffer_messages`).
+    pub fn with_buffer(mut self, messages: usize) -> Self {
+        self.buffer_messages = messages;
+        self
     }
 
     /// The next event. Transient failures are retried inside; only a fatal
@@ -287,7 +294,7 @@ impl ReplicationSource {
         .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
-        .with_buffer_size(TRANSPORT_BUFFER)
+        .with_buffer_size(self.buffer_messages)
         .with_application_name("pg-cache-invalidator")
         .with_options(crate::db::SESSION_OPTIONS)
     }

@@ -10,15 +10,38 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{ConnInfo, Db, DbError};
 use crate::error::{Backoff, SlotHealth};
+use crate::plan::rules::RuleSet;
+use crate::source::replication::drift::{drifted_tables, Drifted};
 use crate::source::replication::HEARTBEAT_PREFIX;
 use crate::telemetry::metrics as m;
 
-/// Writes heartbeats every `every` until `cancel` fires.
-pub async fn heartbeats(conn: ConnInfo, slot: String, every: Duration, cancel: CancellationToken) {
+/// What the heartbeat also checks: whether the catalog still lets the
+/// stream cover every watched table (see [`super::drift`]).
+pub struct DriftCheck {
+    /// The rules.
+    pub rules: Arc<RuleSet>,
+    /// The publication.
+    pub publication: String,
+    /// Where the drifted tables are reported (the apply loop).
+    pub report: watch::Sender<Vec<Drifted>>,
+}
+
+/// Writes heartbeats every `every` until `cancel` fires; checks for drift
+/// with each.
+pub async fn heartbeats(
+    conn: ConnInfo,
+    slot: String,
+    every: Duration,
+    drift: DriftCheck,
+    cancel: CancellationToken,
+) {
     let mut db: Option<Db> = None;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -36,6 +59,16 @@ pub async fn heartbeats(conn: ConnInfo, slot: String, every: Duration, cancel: C
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             .unwrap_or(0);
+        match drifted_tables(connection, &drift.rules, &drift.publication).await {
+            Ok(drifted) => {
+                drift.report.send_if_modified(|current| {
+                    let changed = *current != drifted;
+                    *current = drifted;
+                    changed
+                });
+            }
+            Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
+        }
         match heartbeat(connection, HEARTBEAT_PREFIX, &slot, now).await {
             Ok(Some((retained, wal_status))) => {
                 failing = false;
