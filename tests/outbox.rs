@@ -485,3 +485,50 @@ async fn tables_whose_names_join_alike_keep_their_own_triggers() {
     env.sync().await;
     assert_eq!(surviving(&mut redis, &keys).await, 0);
 }
+
+/// SIGTERM while a large backlog drains is honoured at once: the daemon
+/// applies and deletes the claim it holds, exits 0 within seconds, and
+/// leaves the rest of the backlog for the next start, which drains it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_a_backlog_drains_stops_promptly() {
+    let mut env = TestEnv::start(15_000).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config("[outbox]\nbatch_size = 50\n");
+    env.setup();
+    let client = env.pg.client().await;
+    for part in 0..8 {
+        client
+            .execute(
+                "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 7) = $1",
+                &[&part],
+            )
+            .await
+            .expect("backlog");
+    }
+    let backlog = outbox_rows(&env).await;
+    let mut daemon = env.spawn_daemon();
+    wait_for("draining to start", Duration::from_secs(30), || async {
+        outbox_rows(&env).await < backlog
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let status = daemon.terminate().await;
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", daemon.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM took {took:?} to be honoured"
+    );
+    let left = outbox_rows(&env).await;
+    assert!(left > 0, "the whole backlog was drained before stopping");
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    let _daemon = env.daemon().await;
+    wait_for(
+        "the rest of the backlog",
+        Duration::from_secs(120),
+        || async { outbox_rows(&env).await == 0 },
+    )
+    .await;
+}

@@ -272,6 +272,9 @@ impl Worker {
                     return Ended::Reconnect(error);
                 }
                 metrics::counter!(m::OUTBOX_ROWS_TOTAL).increment(rows.len() as u64);
+                if self.control.borrow().stopping {
+                    return Ended::Stop;
+                }
                 if rows.len() == self.cfg.batch_size as usize {
                     continue;
                 }
