@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::change::Change;
 use crate::config::OutboxConfig;
 use crate::db::{ConnInfo, Db, DbError};
 use crate::error::{Backoff, Fatal};
@@ -41,7 +42,7 @@ use crate::plan::rules::RuleSet;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
-use drain::Captures;
+use drain::{Captures, Read};
 
 /// Events queued from the worker to the apply loop: enough to keep the
 /// loop busy while the worker reads on; the worker waits when it is full.
@@ -173,7 +174,7 @@ impl Worker {
                 let (captures, schemas) = Captures::read(&db, &self.cfg, &self.rules).await?;
                 Ok::<_, DbError>((db, wake, captures, schemas))
             };
-            let (mut db, mut wake, captures, schemas) = match session.await {
+            let (mut db, mut wake, mut captures, schemas) = match session.await {
                 Ok(session) => session,
                 Err(error) => {
                     if let Some(fatal) = Fatal::from_class(&error, error.class()) {
@@ -198,15 +199,12 @@ impl Worker {
                 return;
             }
             for schema in schemas {
-                if !self
-                    .send(Ok(Event::Change(crate::change::Change::Schema(schema))))
-                    .await
-                {
+                if !self.send(Ok(Event::Change(Change::Schema(schema)))).await {
                     return;
                 }
             }
             self.health.set_streaming(true);
-            let ended = self.drain(&mut db, &mut wake, &captures).await;
+            let ended = self.drain(&mut db, &mut wake, &mut captures).await;
             self.health.set_streaming(false);
             match ended {
                 Ended::Stop => return,
@@ -223,7 +221,7 @@ impl Worker {
         &mut self,
         db: &mut Db,
         wake: &mut mpsc::Receiver<()>,
-        captures: &Captures,
+        captures: &mut Captures,
     ) -> Ended {
         loop {
             let rows = match drain::claim(db, &self.cfg).await {
@@ -234,7 +232,24 @@ impl Worker {
                 self.claims += 1;
                 let claim = self.claims;
                 for row in &rows {
-                    let Some(change) = captures.change(row) else {
+                    let mut read = captures.decode(row, false);
+                    if read == Read::Stale {
+                        // ADD or DROP COLUMN on a whole-row table: read it
+                        // again, describe it again, and read the row anew.
+                        match Captures::read(db, &self.cfg, &self.rules).await {
+                            Ok((fresh, schemas)) => {
+                                *captures = fresh;
+                                for schema in schemas {
+                                    if !self.send(Ok(Event::Change(Change::Schema(schema)))).await {
+                                        return Ended::Stop;
+                                    }
+                                }
+                            }
+                            Err(error) => return Ended::Reconnect(error),
+                        }
+                        read = captures.decode(row, true);
+                    }
+                    let Read::Change(change) = read else {
                         continue;
                     };
                     let txn = Txn {
