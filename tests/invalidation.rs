@@ -384,3 +384,66 @@ fn unix_seconds(t: &str) -> i64 {
     let days = era * 146_097 + doe - 719_468;
     days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
 }
+
+/// A partitioned table named in a rule: `setup` publishes partitions'
+/// changes under the partitioned table's name (`publish_via_partition_root`)
+/// and gives each partition a replica identity that carries the key
+/// columns, so inserts and deletes landing in any partition invalidate the
+/// rule's keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_tables_are_watched_through_their_root() {
+    let mut env = TestEnv::start(1).await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "create table public.visits (id int, region text, user_id int, primary key (id, region)) \
+               partition by list (region); \
+             create table public.visits_eu partition of public.visits for values in ('eu'); \
+             create table public.visits_us partition of public.visits for values in ('us'); \
+             insert into public.visits values (1, 'eu', 7), (2, 'us', 8);",
+        )
+        .await
+        .expect("partitioned table");
+    env.write_config("[[rules]]\ntable = \"public.visits\"\nkeys = [\"visits:user:{user_id}\"]\n");
+    env.setup();
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _daemon = env.daemon().await;
+    let mut redis = env.redis.conn().await;
+    let keys = vec![
+        "visits:user:7".to_string(),
+        "visits:user:8".to_string(),
+        "visits:user:9".to_string(),
+    ];
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute(
+            "insert into public.visits values (3, 'us', 9); delete from public.visits where id = 1",
+        )
+        .await
+        .expect("writes");
+    env.sync().await;
+    let left: Vec<String> = {
+        let mut left = Vec::new();
+        for key in &keys {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut redis)
+                .await
+                .expect("exists");
+            if exists {
+                left.push(key.clone());
+            }
+        }
+        left
+    };
+    assert_eq!(
+        left,
+        ["visits:user:8"],
+        "the insert and the delete invalidate, the untouched row stays"
+    );
+}

@@ -117,6 +117,7 @@ pub async fn check(
     }
     let mut existing = Vec::new();
     let mut generated = Vec::new();
+    let mut partitioned: Vec<TableName> = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = inspect_table(db, table).await? else {
             problems.push(missing_table(db, table).await?);
@@ -158,23 +159,39 @@ pub async fn check(
             }
         }
         if columns_ok {
-            let identity = info.identity_columns();
-            let missing: Vec<_> = needed.difference(&identity).cloned().collect();
-            if !missing.is_empty() {
-                let fix = info.cheapest_identity(&needed).alter_sql(table);
+            for (part, missing) in info.identity_gaps(&needed) {
+                let fix = part.cheapest_identity(&needed).alter_sql(&part.name);
+                let which = if part.name == *table {
+                    format!("table {table}")
+                } else {
+                    format!("table {table} (partition {})", part.name)
+                };
                 problems.push(format!(
-                    "table {table}: a DELETE would not carry column(s) {} needed by its key templates (replica identity {}): run `{fix}` or pg-cache-invalidator setup",
+                    "{which}: a DELETE would not carry column(s) {} needed by its key templates (replica identity {}): run `{fix}` or pg-cache-invalidator setup",
                     missing.join(", "),
-                    describe_identity(&info),
+                    describe_identity(part),
                 ));
             }
         }
         existing.push(table.clone());
+        if info.is_partitioned() {
+            partitioned.push(table.clone());
+        }
         if info.columns.iter().any(|c| c.generated.is_some()) {
             generated.push((info, table_rules));
         }
     }
     let publication = inspect_publication(db, scope.publication).await?;
+    if let Some(p) = &publication {
+        if !p.via_root && !partitioned.is_empty() {
+            problems.push(format!(
+                "publication {:?} reports partitions' changes under the partitions' names, which no rule watches ({}): run ALTER PUBLICATION {} SET (publish_via_partition_root = true); or pg-cache-invalidator setup",
+                scope.publication,
+                partitioned.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                quote_ident(scope.publication)
+            ));
+        }
+    }
     if !generated.is_empty() {
         let major = server_major(db).await?;
         for (info, table_rules) in &generated {

@@ -69,6 +69,9 @@ pub struct TableInfo {
     pub columns: Vec<ColumnInfo>,
     /// Its indexes.
     pub indexes: Vec<IndexInfo>,
+    /// For a partitioned table, its leaf partitions: their replica
+    /// identities (not the parent's) decide what a DELETE carries.
+    pub partitions: Vec<TableInfo>,
 }
 
 /// A replica identity setting.
@@ -95,6 +98,30 @@ impl Identity {
 }
 
 impl TableInfo {
+    /// The tables whose replica identity lacks some of `needed`, with the
+    /// missing columns: the table itself, or for a partitioned table each
+    /// leaf partition that lacks them.
+    pub fn identity_gaps(&self, needed: &BTreeSet<String>) -> Vec<(&TableInfo, Vec<String>)> {
+        let tables: Vec<&TableInfo> = if self.partitions.is_empty() {
+            vec![self]
+        } else {
+            self.partitions.iter().collect()
+        };
+        tables
+            .into_iter()
+            .filter_map(|t| {
+                let missing: Vec<String> =
+                    needed.difference(&t.identity_columns()).cloned().collect();
+                (!missing.is_empty()).then_some((t, missing))
+            })
+            .collect()
+    }
+
+    /// Whether it is a partitioned table.
+    pub fn is_partitioned(&self) -> bool {
+        !self.partitions.is_empty()
+    }
+
     /// The columns a DELETE carries under the current replica identity.
     pub fn identity_columns(&self) -> BTreeSet<String> {
         let from_index = |pick: &dyn Fn(&IndexInfo) -> bool| {
@@ -134,7 +161,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
     let client = db.client();
     let row = client
         .query_opt(
-            "select c.oid, c.relreplident::text from pg_class c \
+            "select c.oid, c.relreplident::text, c.relkind = 'p' from pg_class c \
              join pg_namespace n on n.oid = c.relnamespace \
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
             &[&table.schema, &table.name],
@@ -144,6 +171,7 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
     let Some(row) = row else { return Ok(None) };
     let oid: u32 = row.get(0);
     let replica_identity = row.get::<_, String>(1).chars().next().unwrap_or('d');
+    let partitioned: bool = row.get(2);
     let columns = client
         .query(
             "select attname::text, attnotnull, atttypid, attgenerated::text from pg_attribute \
@@ -184,12 +212,34 @@ pub async fn inspect_table(db: &Db, table: &TableName) -> Result<Option<TableInf
             columns: r.get(4),
         })
         .collect();
+    let mut partitions = Vec::new();
+    if partitioned {
+        let leaves = client
+            .query(
+                "select n.nspname::text, c.relname::text from pg_partition_tree($1::oid::regclass) t \
+                   join pg_class c on c.oid = t.relid join pg_namespace n on n.oid = c.relnamespace \
+                  where t.isleaf order by 1, 2",
+                &[&oid],
+            )
+            .await
+            .map_err(DbError::query(format!("reading partitions of {table}")))?;
+        for leaf in &leaves {
+            let name = TableName {
+                schema: leaf.get(0),
+                name: leaf.get(1),
+            };
+            if let Some(info) = Box::pin(inspect_table(db, &name)).await? {
+                partitions.push(info);
+            }
+        }
+    }
     Ok(Some(TableInfo {
         name: table.clone(),
         oid,
         replica_identity,
         columns,
         indexes,
+        partitions,
     }))
 }
 
@@ -205,6 +255,10 @@ pub struct PublicationInfo {
     /// Whether it publishes stored generated columns (PostgreSQL 18's
     /// `publish_generated_columns = stored`).
     pub generated_columns: bool,
+    /// Whether partitions' changes are published as their root table's
+    /// (`publish_via_partition_root`), which rules naming the partitioned
+    /// table need.
+    pub via_root: bool,
 }
 
 /// Reads a publication; `None` if it does not exist.
@@ -213,7 +267,7 @@ pub async fn inspect_publication(db: &Db, name: &str) -> Result<Option<Publicati
     let row = client
         .query_opt(
             "select puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, \
-                    coalesce(to_jsonb(p) ->> 'pubgencols', 'n') in ('s', 'true') \
+                    coalesce(to_jsonb(p) ->> 'pubgencols', 'n') in ('s', 'true'), pubviaroot \
              from pg_publication p where pubname = $1",
             &[&name],
         )
@@ -244,6 +298,7 @@ pub async fn inspect_publication(db: &Db, name: &str) -> Result<Option<Publicati
         .collect();
     Ok(Some(PublicationInfo {
         generated_columns: row.get(5),
+        via_root: row.get(6),
         all_tables: row.get(0),
         missing_operations,
         tables,
@@ -371,6 +426,7 @@ mod tests {
                 idx("narrow", &["user_id", "pillar_id"], false),
                 idx("nullable", &["user_id", "route_id"], false),
             ],
+            partitions: Vec::new(),
         }
     }
 

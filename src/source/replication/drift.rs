@@ -58,15 +58,12 @@ pub async fn drifted_tables(
             Some(_) => {}
         }
         let needed = RuleSet::key_columns(table_rules);
-        let missing: Vec<String> = needed
-            .difference(&info.identity_columns())
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
+        for (part, missing) in info.identity_gaps(&needed) {
             push(format!(
-                "table {table}: its replica identity no longer carries column(s) {}, so deletes and key changes cannot be invalidated: run `{}` or pg-cache-invalidator setup",
+                "table {}: its replica identity no longer carries column(s) {}, so deletes and key changes cannot be invalidated: run `{}` or pg-cache-invalidator setup",
+                part.name,
                 missing.join(", "),
-                info.cheapest_identity(&needed).alter_sql(table)
+                part.cheapest_identity(&needed).alter_sql(&part.name)
             ));
         }
     }

@@ -24,6 +24,7 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     let mut tables = Vec::new();
     let mut major = None;
     let mut wants_generated = false;
+    let mut wants_via_root = false;
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
             plan.problems.push(catalog::missing_table(db, table).await?);
@@ -54,22 +55,25 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
             ));
             continue;
         }
-        if !needed.is_subset(&info.identity_columns()) {
-            let identity = info.cheapest_identity(&needed);
+        // A partitioned table's partitions each have their own identity.
+        for (part, _) in info.identity_gaps(&needed) {
+            let name = &part.name;
+            let identity = part.cheapest_identity(&needed);
             let why = match &identity {
-                Identity::Default => format!("{table}: the primary key carries the key columns"),
-                Identity::Index(name) => format!(
-                    "{table}: unique index {name} over NOT NULL columns carries the key columns"
+                Identity::Default => format!("{name}: the primary key carries the key columns"),
+                Identity::Index(index) => format!(
+                    "{name}: unique index {index} over NOT NULL columns carries the key columns"
                 ),
                 Identity::Full => format!(
-                    "{table}: no primary key or unique NOT NULL index covers the key columns, so DELETEs must log the whole row"
+                    "{name}: no primary key or unique NOT NULL index covers the key columns, so DELETEs must log the whole row"
                 ),
             };
             plan.steps.push(Step {
                 why,
-                sql: identity.alter_sql(table),
+                sql: identity.alter_sql(name),
             });
         }
+        wants_via_root |= info.is_partitioned();
         tables.push(table.clone());
     }
 
@@ -77,11 +81,15 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     let all_ops = "insert, update, delete, truncate";
     // PostgreSQL 18 sends stored generated columns when asked; rules that
     // need them ask.
-    let gencols = if wants_generated {
-        ", publish_generated_columns = stored"
-    } else {
-        ""
-    };
+    let mut gencols = String::new();
+    if wants_generated {
+        gencols.push_str(", publish_generated_columns = stored");
+    }
+    // Changes of a partition are published under the partitioned table's
+    // name, the one the rules watch.
+    if wants_via_root {
+        gencols.push_str(", publish_via_partition_root = true");
+    }
     match catalog::inspect_publication(db, publication).await? {
         None if !tables.is_empty() => plan.steps.push(Step {
             why: format!("publication {publication} lists the watched tables"),
@@ -97,6 +105,17 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
         }),
         None => {}
         Some(existing) => {
+            if wants_via_root && !existing.via_root {
+                plan.steps.push(Step {
+                    why: format!(
+                        "publication {publication} must publish partitions' changes as their partitioned table's"
+                    ),
+                    sql: format!(
+                        "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+                        quote_ident(publication)
+                    ),
+                });
+            }
             if wants_generated && !existing.generated_columns {
                 plan.steps.push(Step {
                     why: format!(
