@@ -220,20 +220,20 @@ pub fn replication_sqlstate(error: &PgWireError) -> Option<&str> {
         .then_some(code)
 }
 
-/// The kind and code of the error that matters: for a transaction Redis
-/// aborted (EXECABORT), the first command it refused while queueing.
+/// The kind and code of the error that matters: for a pipeline or a
+/// transaction (EXECABORT), the first command the server refused.
 fn redis_cause(error: &RedisError) -> (RedisKind, Option<String>) {
-    if error.kind() == RedisKind::Server(ServerErrorKind::ExecAbort) {
-        if let Some(first) = error
-            .clone()
-            .into_server_errors()
-            .and_then(|errors| errors.first().map(|(_, e)| e.clone()))
-        {
-            let kind = first.kind().map_or(RedisKind::Extension, RedisKind::Server);
-            return (kind, Some(first.code().to_string()));
-        }
+    let first = error
+        .clone()
+        .into_server_errors()
+        .and_then(|errors| errors.first().map(|(_, e)| e.clone()));
+    match first {
+        Some(first) => (
+            first.kind().map_or(RedisKind::Extension, RedisKind::Server),
+            Some(first.code().to_string()),
+        ),
+        None => (error.kind(), error.code().map(str::to_string)),
     }
-    (error.kind(), error.code().map(str::to_string))
 }
 
 /// Classifies a Redis error.

@@ -410,3 +410,79 @@ async fn dns_failures_and_handshake_resets_are_retried() {
         assert_eq!(out.status.code(), Some(2), "{url}");
     }
 }
+
+/// A Redis error that retrying alone does not fix — here WRONGTYPE, a
+/// refreshed key's version key that another client turned into a hash —
+/// shows in `pgci_redis_errors_total{kind="wrongtype"}`, in readiness, and
+/// in one WARN line with what to do; once the key is removed the held batch
+/// goes through and readiness returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_errors_that_need_a_fix_are_counted_logged_once_and_not_ready() {
+    let mut env = TestEnv::start(1).await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute("create table public.cards (id int primary key, v int); insert into public.cards values (1, 0)")
+        .await
+        .expect("cards");
+    env.write_config(
+        "[[rules]]\ntable = \"public.cards\"\nkeys = [\"card:{id}\"]\naction = \"refresh\"\nttl = \"1h\"\n",
+    );
+    env.setup();
+    let daemon = env.daemon().await;
+    let mut redis = env.redis.conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg("{card:1}:pgci-version")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut redis)
+        .await
+        .expect("hset");
+    for n in 1..=3 {
+        client
+            .execute("update public.cards set v = $1 where id = 1", &[&n])
+            .await
+            .expect("update");
+    }
+    let port = env.http_port;
+    wait_for(
+        "not ready while redis refuses",
+        Duration::from_secs(15),
+        || async move {
+            crate::support::http_get(port, "/readyz")
+                .await
+                .is_some_and(|(s, _)| s == 503)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, metrics) = crate::support::http_get(port, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        crate::support::metric(&metrics, "pgci_redis_errors_total{kind=\"wrongtype\"}")
+            .is_some_and(|n| n >= 2.0),
+        "{metrics}"
+    );
+    let log = daemon.log();
+    let lines = log.lines().filter(|l| l.contains("wrongtype")).count();
+    assert_eq!(lines, 1, "one line for the kind: {log}");
+    assert!(log.contains("delete that key"), "{log}");
+    let _: () = redis::cmd("DEL")
+        .arg("{card:1}:pgci-version")
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    env.sync().await;
+    let cached: String = redis::cmd("GET")
+        .arg("card:1")
+        .query_async(&mut redis)
+        .await
+        .expect("card:1 written once the key was fixed");
+    assert!(cached.contains("\"v\":3"), "{cached}");
+    wait_for("ready again", Duration::from_secs(15), || async move {
+        crate::support::http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+}
