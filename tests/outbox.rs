@@ -584,3 +584,55 @@ async fn add_column_on_a_whole_row_table_is_read_without_setup() {
         .get(0);
     assert!(same, "{cached}");
 }
+
+/// A table that no longer binds (a key column dropped while rows for it
+/// wait in the outbox) stops the daemon with an error instead of deleting
+/// those rows unapplied: they are still there for after the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_of_a_table_that_no_longer_binds_are_kept() {
+    let mut env = TestEnv::start(1).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    let client = env.pg.client().await;
+    client
+        .batch_execute("create table public.tags (id int primary key, owner int); insert into public.tags values (1, 1)")
+        .await
+        .expect("tags");
+    env.write_config("[[rules]]\ntable = \"public.tags\"\nkeys = [\"tags:owner:{owner}\"]\n");
+    env.setup();
+    let mut daemon = env.daemon().await;
+    // Redis goes away: the claim is applied but never confirmed, so the
+    // rows stay in the outbox.
+    env.redis.kill();
+    client
+        .batch_execute("update public.tags set owner = 2")
+        .await
+        .expect("update");
+    wait_for("the row to be claimed", Duration::from_secs(10), || async {
+        daemon.log().contains("redis batch failed")
+    })
+    .await;
+    client
+        .batch_execute("alter table public.tags drop column owner cascade")
+        .await
+        .expect("drop the key column");
+    // The outbox session is cut; the new one cannot bind the rule.
+    client
+        .batch_execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+              where application_name = 'pg-cache-invalidator' and pid <> pg_backend_pid()",
+        )
+        .await
+        .expect("terminate");
+    env.redis.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = daemon.try_status() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running: {}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{}", daemon.log());
+    assert!(daemon.log().contains("no longer has column"), "{}", daemon.log());
+    assert!(outbox_rows(&env).await > 0, "the rows were deleted unapplied");
+}
