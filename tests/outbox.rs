@@ -629,10 +629,21 @@ async fn rows_of_a_table_that_no_longer_binds_are_kept() {
         if let Some(status) = daemon.try_status() {
             break status;
         }
-        assert!(std::time::Instant::now() < deadline, "still running: {}", daemon.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {}",
+            daemon.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!status.success(), "{}", daemon.log());
-    assert!(daemon.log().contains("no longer has column"), "{}", daemon.log());
-    assert!(outbox_rows(&env).await > 0, "the rows were deleted unapplied");
+    assert!(
+        daemon.log().contains("no longer has column"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        outbox_rows(&env).await > 0,
+        "the rows were deleted unapplied"
+    );
 }
