@@ -462,6 +462,16 @@ async fn changes_missed_through_a_recreated_slot_are_flushed_at_start() {
     let out = env.cli(&["check-config"]);
     assert_eq!(out.status.code(), Some(2));
     env.setup();
+    let covers = |env: &TestEnv| {
+        let out = env.cli(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+        status["recorded_covers_slot"].clone()
+    };
+    assert_eq!(
+        covers(&env),
+        serde_json::json!(false),
+        "status shows the gap"
+    );
     let daemon = env.daemon().await;
     env.sync().await;
     assert_eq!(
@@ -471,6 +481,11 @@ async fn changes_missed_through_a_recreated_slot_are_flushed_at_start() {
         daemon.log()
     );
     assert!(daemon.log().contains("behind the slot"), "{}", daemon.log());
+    assert_eq!(
+        covers(&env),
+        serde_json::json!(true),
+        "and that it is closed"
+    );
 }
 
 /// Drift while running: a migration drops a watched table from the

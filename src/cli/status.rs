@@ -3,6 +3,8 @@
 use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
+use crate::lsn::Lsn;
+use crate::sink::position;
 use crate::source::outbox::drain;
 
 /// Prints the source's state.
@@ -35,8 +37,35 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
             "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
         )]));
     };
+    // What Redis records as applied: behind the slot means the next start
+    // flushes every rule key (see `sink::position`).
+    let redis = &loaded.config.redis;
+    let recorded = position::read_once(&redis.url, redis.ca_cert.as_deref(), slot).await;
+    let covers = match (
+        &recorded,
+        info.confirmed_flush_lsn
+            .as_deref()
+            .and_then(|t| t.parse::<Lsn>().ok()),
+    ) {
+        (Ok(r), Some(confirmed)) => Some(position::covers(*r, confirmed)),
+        _ => None,
+    };
     if json {
-        let text = serde_json::to_string_pretty(&info).map_err(Failure::runtime)?;
+        let mut value = serde_json::to_value(&info).map_err(Failure::runtime)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert(
+                "recorded_lsn".to_string(),
+                match &recorded {
+                    Ok(Some(lsn)) => serde_json::Value::String(lsn.to_string()),
+                    _ => serde_json::Value::Null,
+                },
+            );
+            map.insert(
+                "recorded_covers_slot".to_string(),
+                serde_json::json!(covers),
+            );
+        }
+        let text = serde_json::to_string_pretty(&value).map_err(Failure::runtime)?;
         println!("{text}");
         return Ok(());
     }
@@ -59,6 +88,17 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
             opt(info.retained_bytes.map(|b| b.to_string())),
         ),
         ("wal_status", opt(info.wal_status.clone())),
+        (
+            "recorded_lsn",
+            match (&recorded, covers) {
+                (Ok(Some(lsn)), Some(true)) => format!("{lsn} (redis has applied up to the slot)"),
+                (Ok(Some(lsn)), _) => {
+                    format!("{lsn} (behind the slot: the next start flushes every rule key)")
+                }
+                (Ok(None), _) => "- (none: the next start flushes every rule key)".to_string(),
+                (Err(error), _) => format!("- (cannot ask redis: {error})"),
+            },
+        ),
     ]);
     Ok(())
 }

@@ -36,6 +36,36 @@ pub async fn read(conn: &mut ConnectionManager, key: &str) -> Result<Option<Lsn>
     Ok(text.and_then(|t| t.parse().ok()))
 }
 
+/// The recorded position of `slot`, read over a connection of its own (for
+/// `status`).
+pub async fn read_once(
+    url: &SecretUrl,
+    ca_cert: Option<&Path>,
+    slot: &str,
+) -> Result<Option<Lsn>, String> {
+    let mut conn = connect_once(url, ca_cert).await?;
+    let text: Option<String> = redis::cmd("GET")
+        .arg(key(slot))
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    Ok(text.and_then(|t| t.parse().ok()))
+}
+
+async fn connect_once(
+    url: &SecretUrl,
+    ca_cert: Option<&Path>,
+) -> Result<redis::aio::MultiplexedConnection, String> {
+    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "no answer within 10s".to_string())?
+    .map_err(|e| url.scrub(&e.to_string()))
+}
+
 /// Records `lsn` for `slot` unless a record exists (`SET … NX`): `setup`
 /// does this when it creates the slot, so that the first `run` knows the
 /// stream starts where the cache does. An existing record is kept: it is
@@ -46,14 +76,7 @@ pub async fn record_if_absent(
     slot: &str,
     lsn: Lsn,
 ) -> Result<bool, String> {
-    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| "no answer within 10s".to_string())?
-    .map_err(|e| url.scrub(&e.to_string()))?;
+    let mut conn = connect_once(url, ca_cert).await?;
     let set: Option<String> = redis::cmd("SET")
         .arg(key(slot))
         .arg(lsn.to_string())
