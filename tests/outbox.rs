@@ -647,3 +647,54 @@ async fn rows_of_a_table_that_no_longer_binds_are_kept() {
         "the rows were deleted unapplied"
     );
 }
+
+/// Writers NOTIFY only while a drainer waits for a wake-up, at most once per
+/// transaction: with no daemon waiting, a burst of writes sends no
+/// notification at all (NOTIFY's commit-time lock would serialise them);
+/// once the daemon waits, a write wakes it and is applied at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn writers_notify_only_while_a_drainer_waits() {
+    use pg_cache_invalidator::config::SecretUrl;
+    use pg_cache_invalidator::db::{ConnInfo, Db};
+    let mut env = outbox_env(5).await;
+    let conn = ConnInfo::parse(&SecretUrl::new(env.pg.url()), None).expect("conn");
+    let (_listener, mut wakes) = Db::connect_listening(&conn, "cache_invalidator")
+        .await
+        .expect("listen");
+    let client = env.pg.client().await;
+    for _ in 0..20 {
+        client
+            .batch_execute("update public.profiles set bio = 'burst'")
+            .await
+            .expect("write");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        wakes.try_recv().is_err(),
+        "a write sent NOTIFY with nobody waiting"
+    );
+
+    let _daemon = env.daemon().await;
+    wait_for(
+        "the daemon to wait for a wake-up",
+        Duration::from_secs(20),
+        || async {
+            client
+                .query_one("select count(*) from cache_invalidator.waiting", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert_eq!(outbox_rows(&env).await, 0, "the burst was drained on start");
+    client
+        .batch_execute("update public.profiles set bio = 'wake'")
+        .await
+        .expect("write");
+    tokio::time::timeout(Duration::from_secs(5), wakes.recv())
+        .await
+        .expect("a write NOTIFYs while the daemon waits")
+        .expect("listening");
+    env.sync().await;
+}

@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS "cache_invalidator".outbox (
 -- which columns each table's trigger captures, in order
 CREATE TABLE IF NOT EXISTS "cache_invalidator".captures (relation text PRIMARY KEY, columns text[] NOT NULL);
 
+-- drainers waiting for a wake-up: writers NOTIFY only while one waits
+CREATE TABLE IF NOT EXISTS "cache_invalidator".waiting (pid int PRIMARY KEY, since timestamptz NOT NULL DEFAULT now());
+
 -- public.profiles: capture columns id into the outbox
 CREATE OR REPLACE FUNCTION "cache_invalidator"."capture_public_profiles"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -35,7 +38,14 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."id")::text END);
   END IF;
-  PERFORM pg_notify('cache_invalidator', '');
+  -- Wake a drainer once per transaction, and only if one waits:
+  -- NOTIFY takes a cluster-wide lock at commit.
+  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
+    PERFORM set_config('pgci.woken', 'on', true);
+    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+      PERFORM pg_notify('cache_invalidator', '');
+    END IF;
+  END IF;
   RETURN NULL;
 END
 $fn$;
@@ -60,7 +70,14 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id", OLD."token_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id", NEW."token_id")::text END);
   END IF;
-  PERFORM pg_notify('cache_invalidator', '');
+  -- Wake a drainer once per transaction, and only if one waits:
+  -- NOTIFY takes a cluster-wide lock at commit.
+  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
+    PERFORM set_config('pgci.woken', 'on', true);
+    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+      PERFORM pg_notify('cache_invalidator', '');
+    END IF;
+  END IF;
   RETURN NULL;
 END
 $fn$;
@@ -85,7 +102,14 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id")::text END);
   END IF;
-  PERFORM pg_notify('cache_invalidator', '');
+  -- Wake a drainer once per transaction, and only if one waits:
+  -- NOTIFY takes a cluster-wide lock at commit.
+  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
+    PERFORM set_config('pgci.woken', 'on', true);
+    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+      PERFORM pg_notify('cache_invalidator', '');
+    END IF;
+  END IF;
   RETURN NULL;
 END
 $fn$;

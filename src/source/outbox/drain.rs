@@ -247,6 +247,29 @@ pub async fn finish(db: &mut Db, cfg: &OutboxConfig, ids: &[i64]) -> Result<(), 
         .map_err(DbError::query("committing the outbox transaction"))
 }
 
+/// Says whether this session waits for a wake-up: capture triggers NOTIFY
+/// only while some drainer waits (NOTIFY's commit-time lock would
+/// otherwise serialise every writing transaction).
+pub async fn set_waiting(db: &Db, cfg: &OutboxConfig, waiting: bool) -> Result<(), DbError> {
+    let schema = quote_ident(&cfg.schema);
+    db.execute_batch(&if waiting {
+        format!("insert into {schema}.waiting (pid) values (pg_backend_pid()) on conflict (pid) do nothing")
+    } else {
+        format!("delete from {schema}.waiting where pid = pg_backend_pid()")
+    })
+    .await
+}
+
+/// Forgets waiters whose sessions are gone (a drainer killed while it
+/// waited would make writers NOTIFY for nobody).
+pub async fn forget_gone_waiters(db: &Db, cfg: &OutboxConfig) -> Result<(), DbError> {
+    db.execute_batch(&format!(
+        "delete from {}.waiting where pid not in (select pid from pg_stat_activity where pid is not null)",
+        quote_ident(&cfg.schema)
+    ))
+    .await
+}
+
 /// Rows waiting and the age of the oldest, for `status`.
 pub async fn backlog(db: &Db, cfg: &OutboxConfig) -> Result<(i64, Option<f64>), DbError> {
     let row = db

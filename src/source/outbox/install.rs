@@ -108,6 +108,12 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
             "CREATE TABLE IF NOT EXISTS {schema}.captures (relation text PRIMARY KEY, columns text[] NOT NULL);"
         ),
     });
+    plan.steps.push(Step {
+        why: "drainers waiting for a wake-up: writers NOTIFY only while one waits".to_string(),
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.waiting (pid int PRIMARY KEY, since timestamptz NOT NULL DEFAULT now());"
+        ),
+    });
     let mut watched = Vec::new();
     for (table, table_rules) in rules.tables() {
         let Some(info) = catalog::inspect_table(db, table).await? else {
@@ -160,7 +166,14 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
                  \x20     CASE WHEN TG_OP <> 'INSERT' THEN {old} END,\n\
                  \x20     CASE WHEN TG_OP <> 'DELETE' THEN {new} END);\n\
                  \x20 END IF;\n\
-                 \x20 PERFORM pg_notify({notify}, '');\n\
+                 \x20 -- Wake a drainer once per transaction, and only if one waits:\n\
+                 \x20 -- NOTIFY takes a cluster-wide lock at commit.\n\
+                 \x20 IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN\n\
+                 \x20   PERFORM set_config('pgci.woken', 'on', true);\n\
+                 \x20   IF EXISTS (SELECT 1 FROM {schema}.waiting) THEN\n\
+                 \x20     PERFORM pg_notify({notify}, '');\n\
+                 \x20   END IF;\n\
+                 \x20 END IF;\n\
                  \x20 RETURN NULL;\n\
                  END\n\
                  $fn$;"
@@ -264,10 +277,11 @@ pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<S
     let exists: bool = db
         .client()
         .query_one(
-            "select to_regclass($1) is not null and to_regclass($2) is not null",
+            "select to_regclass($1) is not null and to_regclass($2) is not null and to_regclass($3) is not null",
             &[
                 &format!("{}.outbox", quote_ident(&cfg.schema)),
                 &format!("{}.captures", quote_ident(&cfg.schema)),
+                &format!("{}.waiting", quote_ident(&cfg.schema)),
             ],
         )
         .await

@@ -171,6 +171,7 @@ impl Worker {
             }
             let session = async {
                 let (db, wake) = Db::connect_listening(&self.conn, &self.cfg.schema).await?;
+                drain::forget_gone_waiters(&db, &self.cfg).await?;
                 let (captures, schemas) = Captures::read(&db, &self.cfg, &self.rules).await?;
                 Ok::<_, DbError>((db, wake, captures, schemas))
             };
@@ -223,11 +224,21 @@ impl Worker {
         wake: &mut mpsc::Receiver<()>,
         captures: &mut Captures,
     ) -> Ended {
+        // Whether this session is marked as waiting for a wake-up.
+        let mut waiting = false;
         loop {
             let rows = match drain::claim(db, &self.cfg).await {
                 Ok(rows) => rows,
                 Err(error) => return Ended::Reconnect(error),
             };
+            if !rows.is_empty() && waiting {
+                // Busy again: writers need not wake us (this commits with
+                // the claim).
+                if let Err(error) = drain::set_waiting(db, &self.cfg, false).await {
+                    return Ended::Reconnect(error);
+                }
+                waiting = false;
+            }
             if !rows.is_empty() {
                 self.claims += 1;
                 let claim = self.claims;
@@ -298,6 +309,16 @@ impl Worker {
             }
             if self.control.borrow().stopping {
                 return Ended::Stop;
+            }
+            if !waiting {
+                // About to wait: ask writers for a wake-up, then look once
+                // more, since a row committed before they could see the
+                // request did not NOTIFY.
+                if let Err(error) = drain::set_waiting(db, &self.cfg, true).await {
+                    return Ended::Reconnect(error);
+                }
+                waiting = true;
+                continue;
             }
             let mut control = self.control.clone();
             tokio::select! {
