@@ -38,13 +38,10 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."id")::text END);
   END IF;
-  -- Wake a drainer once per transaction, and only if one waits:
-  -- NOTIFY takes a cluster-wide lock at commit.
-  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
-    PERFORM set_config('pgci.woken', 'on', true);
-    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
-      PERFORM pg_notify('cache_invalidator', '');
-    END IF;
+  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- cluster-wide lock at commit (PostgreSQL folds repeats).
+  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+    PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;
 END
@@ -70,13 +67,10 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id", OLD."token_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id", NEW."token_id")::text END);
   END IF;
-  -- Wake a drainer once per transaction, and only if one waits:
-  -- NOTIFY takes a cluster-wide lock at commit.
-  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
-    PERFORM set_config('pgci.woken', 'on', true);
-    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
-      PERFORM pg_notify('cache_invalidator', '');
-    END IF;
+  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- cluster-wide lock at commit (PostgreSQL folds repeats).
+  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+    PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;
 END
@@ -102,13 +96,10 @@ BEGIN
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id")::text END);
   END IF;
-  -- Wake a drainer once per transaction, and only if one waits:
-  -- NOTIFY takes a cluster-wide lock at commit.
-  IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN
-    PERFORM set_config('pgci.woken', 'on', true);
-    IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
-      PERFORM pg_notify('cache_invalidator', '');
-    END IF;
+  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- cluster-wide lock at commit (PostgreSQL folds repeats).
+  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+    PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;
 END

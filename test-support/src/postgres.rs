@@ -222,8 +222,11 @@ impl Postgres {
             .args(["-c", "max_replication_slots=20"])
             .args(["-c", "max_wal_senders=20"])
             .args(["-c", "wal_sender_timeout=10s"])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off"])
+            .args(["-c", durability(&["fsync=off", "fsync=on"])])
+            .args([
+                "-c",
+                durability(&["full_page_writes=off", "full_page_writes=on"]),
+            ])
             .args(["-c", "max_connections=50"])
             .args(["-c", "log_connections=on"])
             .stdin(Stdio::null())
@@ -304,6 +307,17 @@ impl Postgres {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Tests run with `fsync = off` for speed; `PGCI_TEST_PG_DURABLE=1` (for
+/// benchmarks of what writers pay, where commit costs matter) keeps the
+/// server's durable defaults. Picks `choices[1]` when durable.
+fn durability<'a>(choices: &[&'a str; 2]) -> &'a str {
+    if std::env::var_os("PGCI_TEST_PG_DURABLE").is_some_and(|v| v == "1") {
+        choices[1]
+    } else {
+        choices[0]
     }
 }
 

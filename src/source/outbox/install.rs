@@ -166,13 +166,10 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
                  \x20     CASE WHEN TG_OP <> 'INSERT' THEN {old} END,\n\
                  \x20     CASE WHEN TG_OP <> 'DELETE' THEN {new} END);\n\
                  \x20 END IF;\n\
-                 \x20 -- Wake a drainer once per transaction, and only if one waits:\n\
-                 \x20 -- NOTIFY takes a cluster-wide lock at commit.\n\
-                 \x20 IF current_setting('pgci.woken', true) IS DISTINCT FROM 'on' THEN\n\
-                 \x20   PERFORM set_config('pgci.woken', 'on', true);\n\
-                 \x20   IF EXISTS (SELECT 1 FROM {schema}.waiting) THEN\n\
-                 \x20     PERFORM pg_notify({notify}, '');\n\
-                 \x20   END IF;\n\
+                 \x20 -- Wake a drainer only if one waits: NOTIFY takes a\n\
+                 \x20 -- cluster-wide lock at commit (PostgreSQL folds repeats).\n\
+                 \x20 IF EXISTS (SELECT 1 FROM {schema}.waiting) THEN\n\
+                 \x20   PERFORM pg_notify({notify}, '');\n\
                  \x20 END IF;\n\
                  \x20 RETURN NULL;\n\
                  END\n\
