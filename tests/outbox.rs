@@ -674,7 +674,7 @@ async fn writers_notify_only_while_a_drainer_waits() {
         "a write sent NOTIFY with nobody waiting"
     );
 
-    let _daemon = env.daemon().await;
+    let mut daemon = env.daemon().await;
     wait_for(
         "the daemon to wait for a wake-up",
         Duration::from_secs(20),
@@ -697,4 +697,12 @@ async fn writers_notify_only_while_a_drainer_waits() {
         .expect("a write NOTIFYs while the daemon waits")
         .expect("listening");
     env.sync().await;
+    // A daemon that stops says it no longer waits.
+    assert!(daemon.terminate().await.success());
+    let waiting: i64 = client
+        .query_one("select count(*) from cache_invalidator.waiting", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(waiting, 0, "a stopped daemon left its wake-up request");
 }

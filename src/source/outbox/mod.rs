@@ -307,8 +307,9 @@ impl Worker {
             } else if let Err(error) = db.execute_batch("COMMIT").await {
                 return Ended::Reconnect(error);
             }
-            if self.control.borrow().stopping {
-                return Ended::Stop;
+            let stopping = self.control.borrow().stopping;
+            if stopping {
+                return self.stop_waiting(db, waiting).await;
             }
             if !waiting {
                 // About to wait: ask writers for a wake-up, then look once
@@ -321,16 +322,30 @@ impl Worker {
                 continue;
             }
             let mut control = self.control.clone();
-            tokio::select! {
-                _ = control.wait_for(|c| c.stopping) => return Ended::Stop,
+            let stop = tokio::select! {
+                _ = async { let _ = control.wait_for(|c| c.stopping).await; } => true,
                 woke = wake.recv() => {
                     if woke.is_none() {
                         return Ended::Reconnect(DbError::Closed);
                     }
+                    false
                 }
-                _ = tokio::time::sleep(self.cfg.poll_interval.0) => {}
+                _ = tokio::time::sleep(self.cfg.poll_interval.0) => false,
+            };
+            if stop {
+                return self.stop_waiting(db, waiting).await;
             }
         }
+    }
+
+    /// Stops; a mark that this session waits is removed first, so writers
+    /// do not NOTIFY for a drainer that is gone (no transaction is open
+    /// while the session waits).
+    async fn stop_waiting(&self, db: &Db, waiting: bool) -> Ended {
+        if waiting {
+            let _ = drain::set_waiting(db, &self.cfg, false).await;
+        }
+        Ended::Stop
     }
 
     /// Hands `message` to the loop; `false` if the loop is gone or has
