@@ -111,7 +111,6 @@ async fn start_and_run(
     {
         tracing::warn!(warning = %warning, "check the rules");
     }
-    drop(db);
     if !problems.is_empty() {
         return Err(Stopped::Problems(problems));
     }
@@ -130,8 +129,9 @@ async fn start_and_run(
     if config.postgres.source == SourceKind::Replication {
         let slot = &config.replication.slot;
         sink.record_position_of(slot);
-        flush_if_changes_were_missed(&mut sink, &planner, &conn, slot).await?;
+        flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
     }
+    drop(db);
     let (drift_tx, drift_rx) = tokio::sync::watch::channel(Vec::new());
     let stages = Stages {
         planner,
@@ -202,16 +202,14 @@ async fn drive<S: Source>(
 async fn flush_if_changes_were_missed(
     sink: &mut RedisSink,
     planner: &Planner,
-    conn: &ConnInfo,
+    db: &Db,
     slot: &str,
 ) -> Result<(), Stopped> {
-    let db = Db::connect(conn).await.map_err(Stopped::Database)?;
-    let confirmed = catalog::inspect_slot(&db, slot)
+    let confirmed = catalog::inspect_slot(db, slot)
         .await
         .map_err(Stopped::Database)?
         .and_then(|info| info.confirmed_flush_lsn)
         .and_then(|text| text.parse::<Lsn>().ok());
-    drop(db);
     let Some(confirmed) = confirmed else {
         return Ok(());
     };

@@ -479,10 +479,5 @@ async fn redis_errors_that_need_a_fix_are_counted_logged_once_and_not_ready() {
         .await
         .expect("card:1 written once the key was fixed");
     assert!(cached.contains("\"v\":3"), "{cached}");
-    wait_for("ready again", Duration::from_secs(15), || async move {
-        crate::support::http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(15)).await;
 }

@@ -382,10 +382,7 @@ async fn readiness_follows_redis_while_idle() {
     env.setup();
     let _daemon = env.daemon().await;
     let port = env.http_port;
-    wait_for("ready", Duration::from_secs(20), || async move {
-        status_of(port, "/readyz").await == 200
-    })
-    .await;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
     env.redis.kill();
     wait_for(
         "not ready without redis",
@@ -395,10 +392,7 @@ async fn readiness_follows_redis_while_idle() {
     .await;
     assert_eq!(status_of(port, "/healthz").await, 200, "still alive");
     env.redis.restart().await;
-    wait_for("ready again", Duration::from_secs(20), || async move {
-        status_of(port, "/readyz").await == 200
-    })
-    .await;
+    crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(20)).await;
 }
 
 /// The slot is dropped while the daemon is stopped (an operator stopping
@@ -501,10 +495,7 @@ async fn drift_while_running_is_flushed_logged_and_not_ready() {
     env.setup();
     let daemon = env.daemon().await;
     let port = env.http_port;
-    wait_for("ready", Duration::from_secs(20), || async move {
-        status_of(port, "/readyz").await == 200
-    })
-    .await;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
     let client = env.pg.client().await;
     let profiles: Vec<String> = client
         .query("select 'profile:user:' || id from public.profiles", &[])
@@ -552,10 +543,8 @@ async fn drift_while_running_is_flushed_logged_and_not_ready() {
         );
         preset(&mut redis, &profiles).await;
         client.batch_execute(fix_it).await.expect("fix");
-        wait_for("ready again", Duration::from_secs(15), || async move {
-            status_of(port, "/readyz").await == 200
-        })
-        .await;
+        crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(15))
+            .await;
         wait_for("a flush on recovery", Duration::from_secs(15), || {
             let mut redis = redis.clone();
             let profiles = profiles.clone();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::change::TableSchema;
 use crate::plan::keys::BoundKey;
-use crate::plan::rules::{Action, ColumnFilter, Rule};
+use crate::plan::rules::{scan_patterns, Action, ColumnFilter, Rule};
 use crate::plan::PlanError;
 
 /// What a bound rule does.
@@ -59,21 +59,14 @@ pub struct BoundTable {
 /// Binds `rules` (all of one table) to `schema`.
 pub fn bind_table(schema: &TableSchema, rules: &[Rule]) -> Result<BoundTable, PlanError> {
     let name: Arc<str> = Arc::from(schema.name.to_string());
-    let mut bound = Vec::with_capacity(rules.len());
-    let mut patterns = Vec::new();
-    for rule in rules {
-        bound.push(bind_rule(rule, schema, &name)?);
-        for template in &rule.keys {
-            let pattern = template.scan_pattern();
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
-            }
-        }
-    }
+    let bound = rules
+        .iter()
+        .map(|rule| bind_rule(rule, schema, &name))
+        .collect::<Result<_, _>>()?;
     Ok(BoundTable {
         name,
         rules: bound,
-        patterns,
+        patterns: scan_patterns(rules),
     })
 }
 

@@ -288,34 +288,18 @@ impl Planner {
         reason: FlushReason,
     ) -> Option<CacheOp> {
         let (_, rules) = self.rules.rules_for(&table.schema, &table.name)?;
-        let mut patterns: Vec<String> = Vec::new();
-        for template in rules.iter().flat_map(|r| r.keys.iter()) {
-            let pattern = template.scan_pattern();
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
-            }
-        }
         Some(CacheOp::Flush {
             table: Arc::from(table.to_string()),
-            patterns,
+            patterns: rules::scan_patterns(rules),
             reason,
         })
     }
 
     /// Plans flushing every key any rule can produce.
     pub fn plan_flush_all(&self) -> CacheOp {
-        let mut patterns: Vec<String> = Vec::new();
-        for (_, rules) in self.rules.tables() {
-            for template in rules.iter().flat_map(|r| r.keys.iter()) {
-                let pattern = template.scan_pattern();
-                if !patterns.contains(&pattern) {
-                    patterns.push(pattern);
-                }
-            }
-        }
         CacheOp::Flush {
             table: Arc::from("*"),
-            patterns,
+            patterns: rules::scan_patterns(self.rules.tables().flat_map(|(_, r)| r)),
             reason: FlushReason::SlotReset,
         }
     }

@@ -255,6 +255,19 @@ impl RuleSet {
     }
 }
 
+/// The `SCAN MATCH` patterns of every key `rules` can produce, each once,
+/// in rule order (for TRUNCATE, drift and lost-slot flushes).
+pub fn scan_patterns<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Vec<String> {
+    let mut patterns: Vec<String> = Vec::new();
+    for template in rules.into_iter().flat_map(|r| r.keys.iter()) {
+        let pattern = template.scan_pattern();
+        if !patterns.contains(&pattern) {
+            patterns.push(pattern);
+        }
+    }
+    patterns
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,15 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Waits until GET `path` on the daemon's listener answers `status`;
+/// panics with `what` after `timeout`.
+pub async fn wait_status(what: &str, port: u16, path: &str, status: u16, timeout: Duration) {
+    wait_for(what, timeout, || async move {
+        http_get(port, path).await.is_some_and(|(s, _)| s == status)
+    })
+    .await;
+}
+
 /// The sum of every series of metric `name` (all label values), if any.
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = text
