@@ -485,9 +485,18 @@ async fn aggregate_keys_hold_the_query_answer() {
         .expect("update");
     env.sync().await;
     assert_eq!(
-        surviving(&mut redis, &[key]).await,
+        surviving(&mut redis, std::slice::from_ref(&key)).await,
         0,
-        "failing query must delete, not stall"
+        "failing query must delete, not stall; {key} = {:?}, version {:?}; log: {}",
+        redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<String>>(&mut redis)
+            .await,
+        redis::cmd("GET")
+            .arg(format!("{{{key}}}:pgci-version"))
+            .query_async::<Option<String>>(&mut redis)
+            .await,
+        _daemon.log()
     );
 
     // A query that does not prepare is refused at start with the reason.
