@@ -65,7 +65,7 @@ async fn metrics_and_health_follow_the_workload() {
         "{text}"
     );
     assert_eq!(
-        get("pgci_changes_total{table=\"public.pillars\",op=\"update\"}"),
+        get("pgci_changes_total{table=\"public.pillars\",op=\"insert\"}"),
         Some(1.0),
         "{text}"
     );

@@ -13,7 +13,11 @@ use crate::postgres::{slot_active, Postgres};
 use crate::redis_server::Redis;
 use crate::{daemon_bin, free_port, http_get, wait_for, RULES_TOML, SCHEMA_SQL};
 
-/// An extra rule the harness watches to know when the daemon has caught up.
+/// An extra rule the harness watches to know when the daemon has caught up:
+/// [`TestEnv::sync`] inserts a fresh pillar row per call, so a replay of an
+/// earlier sync (after a restart the daemon resumes from its last
+/// confirmation, up to a status interval back) renders another key and
+/// cannot end a later wait early.
 const SENTINEL_RULE: &str = r#"
 [[rules]]
 table  = "public.pillars"
@@ -31,8 +35,6 @@ pub struct TestEnv {
     pub config: PathBuf,
     dir: TempDir,
     daemons: usize,
-    /// The pillar row whose key [`TestEnv::sync`] watches.
-    sentinel: String,
     /// Where the daemon serves /metrics, /healthz, /readyz.
     pub http_port: u16,
     /// Extra lines for the `[postgres]` section (`source = "outbox"`).
@@ -58,14 +60,6 @@ impl TestEnv {
             .execute("select public.seed_demo_data($1)", &[&users])
             .await
             .expect("seed");
-        let sentinel: String = client
-            .query_one(
-                "insert into public.pillars (slug) values ('sentinel') returning id::text",
-                &[],
-            )
-            .await
-            .expect("sentinel")
-            .get(0);
         let dir = tempfile::Builder::new()
             .prefix("pgci-env-")
             .tempdir()
@@ -77,7 +71,6 @@ impl TestEnv {
             config,
             dir,
             daemons: 0,
-            sentinel,
             http_port: free_port(),
             postgres_extra: String::new(),
             url_override: None,
@@ -226,7 +219,13 @@ impl TestEnv {
     /// applies in commit order, so once a change committed now has been
     /// applied, so has every earlier one.
     pub async fn sync(&self) {
-        let key = format!("sentinel:pillar:{}", self.sentinel);
+        let client = self.pg.client().await;
+        let id: String = client
+            .query_one("select gen_random_uuid()::text", &[])
+            .await
+            .expect("sentinel id")
+            .get(0);
+        let key = format!("sentinel:pillar:{id}");
         let mut redis = self.redis.conn().await;
         let _: () = redis::cmd("SET")
             .arg(&key)
@@ -234,15 +233,13 @@ impl TestEnv {
             .query_async(&mut redis)
             .await
             .expect("set");
-        self.pg
-            .client()
-            .await
+        client
             .execute(
-                "update public.pillars set slug = slug where id = $1::text::uuid",
-                &[&self.sentinel],
+                "insert into public.pillars (id, slug) values ($1::text::uuid, 'sentinel-' || $1)",
+                &[&id],
             )
             .await
-            .expect("touch sentinel");
+            .expect("insert sentinel");
         wait_for("daemon to catch up", Duration::from_secs(120), || {
             let mut redis = redis.clone();
             let key = key.clone();
