@@ -131,6 +131,15 @@ async fn start_and_run(
         sink.record_position_of(slot);
         flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
     }
+    let mut partitioned = Vec::new();
+    for (table, _) in rules.tables() {
+        let info = catalog::inspect_table(&db, table)
+            .await
+            .map_err(Stopped::Database)?;
+        if info.is_some_and(|i| i.is_partitioned()) {
+            partitioned.push(table.clone());
+        }
+    }
     drop(db);
     let (drift_tx, drift_rx) = tokio::sync::watch::channel(Vec::new());
     let stages = Stages {
@@ -141,6 +150,7 @@ async fn start_and_run(
         drift: (config.postgres.source == SourceKind::Replication
             && !config.replication.heartbeat_interval.0.is_zero())
         .then_some(drift_rx),
+        partitioned,
     };
     match config.postgres.source {
         SourceKind::Outbox => {

@@ -65,6 +65,10 @@ pub struct TableSchema {
     pub name: TableName,
     /// Its columns, in order.
     pub columns: Vec<Column>,
+    /// The columns the source says an old row carries (the replica
+    /// identity, from each pgoutput Relation message); `None` when the
+    /// source does not say (the outbox captures what the rules need).
+    pub identity: Option<Vec<String>>,
 }
 
 /// One column value of a row.

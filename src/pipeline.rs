@@ -132,6 +132,40 @@ struct Stream<A> {
     scratch: Vec<CacheOp>,
     /// Column types for refresh rules, loaded when a table is described.
     types: TypeLoader,
+    /// Watched tables whose changes may be missed, as the catalog check
+    /// and the stream's own table descriptions report them.
+    drift: DriftState,
+    /// Readiness reflects drift.
+    health: Arc<Health>,
+}
+
+/// Where drift reports come from. The catalog check (with each heartbeat)
+/// sees everything but only once a heartbeat; a Relation message shows a
+/// changed replica identity before the first change made under it, so that
+/// change's lost old keys are flushed in the same batch.
+#[derive(Default)]
+struct DriftState {
+    /// The last catalog report.
+    catalog: Vec<Drifted>,
+    /// Tables whose last description lacked key columns in its identity.
+    described: Vec<Drifted>,
+    /// Partitioned tables: their descriptions carry the partitioned table's
+    /// own identity, not the partitions' that decide what old rows hold, so
+    /// only the catalog check judges them.
+    partitioned: Vec<TableName>,
+}
+
+impl DriftState {
+    /// Every drifted table, once.
+    fn all(&self) -> Vec<Drifted> {
+        let mut all = self.catalog.clone();
+        for d in &self.described {
+            if !all.iter().any(|a| a.table == d.table) {
+                all.push(d.clone());
+            }
+        }
+        all
+    }
 }
 
 impl<A: Copy + Default + PartialOrd> Stream<A> {
@@ -227,6 +261,44 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         Ok(None)
     }
 
+    /// Takes a catalog drift report.
+    fn on_catalog_drift(&mut self, report: Vec<Drifted>) {
+        let before = self.drift.all();
+        self.drift.catalog = report;
+        let now = self.drift.all();
+        self.on_drift(&before, &now);
+    }
+
+    /// Compares a table's new description with what its rules need.
+    fn on_described(&mut self, schema: &TableSchema) {
+        if self.drift.partitioned.contains(&schema.name) {
+            return;
+        }
+        let gaps = self.planner.identity_gaps(schema);
+        let known = self
+            .drift
+            .described
+            .iter()
+            .position(|d| d.table == schema.name);
+        let before = self.drift.all();
+        match (gaps.is_empty(), known) {
+            (false, None) => self.drift.described.push(Drifted {
+                table: schema.name.clone(),
+                reason: format!(
+                    "the stream describes table {} with a replica identity that does not carry column(s) {}, so deletes and key changes cannot be invalidated: run pg-cache-invalidator check-config for the ALTER TABLE … REPLICA IDENTITY to run, or pg-cache-invalidator setup",
+                    schema.name,
+                    gaps.join(", ")
+                ),
+            }),
+            (true, Some(i)) => {
+                self.drift.described.remove(i);
+            }
+            _ => return,
+        }
+        let now = self.drift.all();
+        self.on_drift(&before, &now);
+    }
+
     /// Flushes the keys of tables that drifted since `before` (their changes
     /// may not be streamed) and of tables that recovered (changes made
     /// while they drifted were missed).
@@ -260,6 +332,7 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
                 self.push(flush);
             }
         }
+        self.health.set_drifted(!now.is_empty());
     }
 
     /// The position was rebuilt: acks of the old one must not be confirmed
@@ -276,6 +349,7 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
     async fn change(&mut self, change: &Change) -> Result<(), PipelineError> {
         if let Change::Schema(schema) = change {
             self.types.load(&mut self.planner, schema).await;
+            self.on_described(schema);
         }
         let mut planned = std::mem::take(&mut self.scratch);
         self.planner.plan(change, &mut planned)?;
@@ -334,6 +408,8 @@ pub struct Stages {
     /// Reports of watched tables the catalog no longer lets the stream
     /// cover (replication, from the heartbeat task).
     pub drift: Option<watch::Receiver<Vec<Drifted>>>,
+    /// Watched tables that are partitioned (see [`DriftState`]).
+    pub partitioned: Vec<TableName>,
 }
 
 /// Runs until `cancel` fires or a fatal error; then applies what was read,
@@ -350,8 +426,8 @@ pub async fn run<S: Source>(
         sink,
         conn,
         mut drift,
+        partitioned,
     } = stages;
-    let mut drifted: Vec<Drifted> = Vec::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
     let sink_task = tokio::spawn(apply_batches(resolver, sink, batch_rx, ack_tx, S::recorded));
@@ -364,6 +440,11 @@ pub async fn run<S: Source>(
         announced_ready: false,
         scratch: Vec::new(),
         types: TypeLoader { conn, db: None },
+        drift: DriftState {
+            partitioned,
+            ..DriftState::default()
+        },
+        health: Arc::clone(&health),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -405,11 +486,7 @@ pub async fn run<S: Source>(
                     None => std::future::pending().await,
                 }
             } => match report {
-                Ok(now) => {
-                    stream.on_drift(&drifted, &now);
-                    health.set_drifted(!now.is_empty());
-                    drifted = now;
-                }
+                Ok(report) => stream.on_catalog_drift(report),
                 Err(_) => drift = None,
             },
             // 6. New changes or a keepalive, unless the pending batch is full.

@@ -553,3 +553,74 @@ async fn drift_while_running_is_flushed_logged_and_not_ready() {
         .await;
     }
 }
+
+/// A replica identity reset by a migration is seen in the stream itself,
+/// before the first change made under it: with heartbeats (and so the
+/// catalog check) off, a rule keyed on `username` loses the old username
+/// of the next key change, yet that key is flushed, the log names the fix
+/// and /readyz fails; once the identity is right again and the table's
+/// next change shows it, the daemon is ready and flushes once more.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_drift_is_read_from_the_stream() {
+    let mut env = TestEnv::start(5).await;
+    env.write_config(
+        "[replication]\nheartbeat_interval = \"0s\"\n\n\
+         [[rules]]\ntable = \"public.profiles\"\nkeys = [\"profile:username:{username}\"]\naction = \"delete\"\n",
+    );
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
+    let client = env.pg.client().await;
+    let row = client
+        .query_one(
+            "select id::text, username from public.profiles where username is not null order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("a profile");
+    let (id, username): (String, String) = (row.get(0), row.get(1));
+    let old_key = format!("profile:username:{username}");
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, std::slice::from_ref(&old_key)).await;
+
+    client
+        .batch_execute("alter table public.profiles replica identity default")
+        .await
+        .expect("reset the identity");
+    client
+        .execute(
+            "update public.profiles set username = username || '-renamed' where id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("rename");
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&old_key)).await,
+        0,
+        "the old username's key must be flushed: {}",
+        daemon.log()
+    );
+    assert_eq!(status_of(port, "/readyz").await, 503);
+    let log = daemon.log();
+    assert!(
+        log.contains("public.profiles") && log.contains("REPLICA IDENTITY"),
+        "the error names the table and the fix: {log}"
+    );
+
+    preset(&mut redis, std::slice::from_ref(&old_key)).await;
+    client
+        .batch_execute(
+            "alter table public.profiles replica identity full; \
+             update public.profiles set bio = 'back' where id = (select id from public.profiles order by id limit 1)",
+        )
+        .await
+        .expect("fix");
+    crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(15)).await;
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&old_key)).await,
+        0
+    );
+}

@@ -122,6 +122,23 @@ impl Planner {
             .missing(schema.columns.iter().map(|c| c.type_oid))
     }
 
+    /// The key columns `schema`'s rules need in an old row that its
+    /// described replica identity does not carry: a DELETE or a key change
+    /// of such a table cannot be invalidated exactly. Empty when the source
+    /// does not describe identities, or no rule watches the table.
+    pub fn identity_gaps(&self, schema: &TableSchema) -> Vec<String> {
+        let (Some(identity), Some((_, rules))) = (
+            &schema.identity,
+            self.rules.rules_for(&schema.name.schema, &schema.name.name),
+        ) else {
+            return Vec::new();
+        };
+        RuleSet::key_columns(rules)
+            .into_iter()
+            .filter(|c| !identity.contains(c))
+            .collect()
+    }
+
     /// The type catalog, to load missing types into.
     pub fn types_mut(&mut self) -> &mut TypeCatalog {
         &mut self.types
@@ -316,6 +333,7 @@ mod tests {
         TableSchema {
             id,
             name: TableName::parse(name).expect("valid"),
+            identity: None,
             columns: columns
                 .iter()
                 .map(|c| Column {
@@ -376,6 +394,23 @@ mod tests {
             .on_schema(&schema(8, "unwatched", &["id"]))
             .expect("binds");
         planner
+    }
+
+    /// A described identity is compared with the key columns of the
+    /// table's rules; unwatched tables and undescribed identities never
+    /// report gaps.
+    #[test]
+    fn identity_gaps_name_the_key_columns_an_old_row_lacks() {
+        let p = planner();
+        let mut tokens = schema(7, "user_tokens", &["id", "user_id", "token_id"]);
+        assert!(p.identity_gaps(&tokens).is_empty(), "undescribed");
+        tokens.identity = Some(vec!["id".into()]);
+        assert_eq!(p.identity_gaps(&tokens), vec!["token_id", "user_id"]);
+        tokens.identity = Some(vec!["id".into(), "user_id".into(), "token_id".into()]);
+        assert!(p.identity_gaps(&tokens).is_empty());
+        let mut other = schema(8, "unwatched", &["id"]);
+        other.identity = Some(Vec::new());
+        assert!(p.identity_gaps(&other).is_empty());
     }
 
     fn row(values: &[Option<&str>]) -> Row {

@@ -91,6 +91,7 @@ impl Captures {
             schemas.push(TableSchema {
                 id: info.oid,
                 name: table.clone(),
+                identity: None,
                 columns: info
                     .columns
                     .iter()

@@ -387,6 +387,14 @@ fn change_of(message: Message) -> Option<Change> {
                 schema: relation.namespace,
                 name: relation.name,
             },
+            identity: Some(
+                relation
+                    .columns
+                    .iter()
+                    .filter(|c| c.is_identity)
+                    .map(|c| c.name.clone())
+                    .collect(),
+            ),
             columns: relation
                 .columns
                 .into_iter()
