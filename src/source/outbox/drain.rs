@@ -196,38 +196,81 @@ pub struct OutboxRow {
     pub new_row: Option<String>,
 }
 
-/// Opens a transaction and locks up to `batch_size` rows, oldest first, that no
-/// other drainer holds. The caller applies them, then [`finish`]es.
-pub async fn claim(db: &mut Db, cfg: &OutboxConfig) -> Result<Vec<OutboxRow>, DbError> {
+/// Most bytes of captured rows one claim holds: whole-row captures of a
+/// refresh table can be large (a 100 kB document), and a claim's rows are
+/// alive until Redis acknowledged them, alongside the pipeline's batches.
+/// 2 MiB, like a pipeline batch, keeps a claim in the low MBs whatever the
+/// rows hold while still amortising a round-trip over many rows.
+pub const CLAIM_MAX_BYTES: usize = 2 << 20;
+/// Rows fetched per round-trip while a claim fills.
+const FETCH_ROWS: usize = 128;
+
+/// Rows claimed by one outbox transaction.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The rows, oldest first.
+    pub rows: Vec<OutboxRow>,
+    /// The claim stopped at a bound (rows or bytes): more may be waiting.
+    pub full: bool,
+}
+
+/// Opens a transaction and locks rows, oldest first, that no other drainer
+/// holds: up to `batch_size` rows and about [`CLAIM_MAX_BYTES`]. The rows
+/// are read through a cursor, which locks a row only when it is fetched,
+/// so rows past the byte bound stay free for the next claim (or another
+/// drainer). The caller applies them, then [`finish`]es.
+pub async fn claim(db: &mut Db, cfg: &OutboxConfig) -> Result<Claim, DbError> {
+    // The row limit is a validated integer (config), so it can be part of
+    // the statement text: DECLARE takes no bind parameters.
     db.client()
-        .batch_execute("BEGIN")
-        .await
-        .map_err(DbError::query("starting an outbox transaction"))?;
-    let rows = db
-        .client()
-        .query(
-            &format!(
-                "select id, lsn::text, ((extract(epoch from created_at) - 946684800) * 1000000)::int8, \
-                        relation, op, old_row, new_row \
-                   from {}.outbox order by id limit $1 for update skip locked",
-                quote_ident(&cfg.schema)
-            ),
-            &[&i64::from(cfg.batch_size)],
-        )
+        .batch_execute(&format!(
+            "BEGIN; DECLARE pgci_claim NO SCROLL CURSOR FOR \
+               select id, lsn::text, ((extract(epoch from created_at) - 946684800) * 1000000)::int8, \
+                      relation, op, old_row, new_row \
+                 from {}.outbox order by id limit {} for update skip locked",
+            quote_ident(&cfg.schema),
+            cfg.batch_size
+        ))
         .await
         .map_err(DbError::query("reading the outbox"))?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxRow {
-            id: r.get(0),
-            lsn: r.get(1),
-            created_micros: r.get(2),
-            relation: r.get(3),
-            op: r.get(4),
-            old_row: r.get(5),
-            new_row: r.get(6),
-        })
-        .collect())
+    let limit = cfg.batch_size as usize;
+    let mut claim = Claim::default();
+    let mut bytes = 0;
+    loop {
+        let want = FETCH_ROWS.min(limit - claim.rows.len());
+        let fetched = db
+            .client()
+            .query(&format!("FETCH {want} FROM pgci_claim"), &[])
+            .await
+            .map_err(DbError::query("reading the outbox"))?;
+        let got = fetched.len();
+        for r in &fetched {
+            let row = OutboxRow {
+                id: r.get(0),
+                lsn: r.get(1),
+                created_micros: r.get(2),
+                relation: r.get(3),
+                op: r.get(4),
+                old_row: r.get(5),
+                new_row: r.get(6),
+            };
+            bytes += row.old_row.as_ref().map_or(0, String::len)
+                + row.new_row.as_ref().map_or(0, String::len);
+            claim.rows.push(row);
+        }
+        if got < want {
+            break;
+        }
+        if claim.rows.len() >= limit || bytes >= CLAIM_MAX_BYTES {
+            claim.full = true;
+            break;
+        }
+    }
+    db.client()
+        .batch_execute("CLOSE pgci_claim")
+        .await
+        .map_err(DbError::query("reading the outbox"))?;
+    Ok(claim)
 }
 
 /// Deletes the applied rows and commits (Redis has acknowledged them).

@@ -227,8 +227,8 @@ impl Worker {
         // Whether this session is marked as waiting for a wake-up.
         let mut waiting = false;
         loop {
-            let rows = match drain::claim(db, &self.cfg).await {
-                Ok(rows) => rows,
+            let drain::Claim { rows, full } = match drain::claim(db, &self.cfg).await {
+                Ok(claim) => claim,
                 Err(error) => return Ended::Reconnect(error),
             };
             if !rows.is_empty() && waiting {
@@ -301,7 +301,7 @@ impl Worker {
                 if self.control.borrow().stopping {
                     return Ended::Stop;
                 }
-                if rows.len() == self.cfg.batch_size as usize {
+                if full {
                     continue;
                 }
             } else if let Err(error) = db.execute_batch("COMMIT").await {
