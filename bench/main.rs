@@ -143,25 +143,18 @@ async fn create_slot(env: &TestEnv, client: &tokio_postgres::Client, name: &str)
         .expect("record the slot's start");
 }
 
-/// Touches the harness's sentinel row; returns its key and the WAL
+/// Inserts a sentinel row (the harness's sentinel rule watches pillars); returns its key and the WAL
 /// position just past its commit.
 async fn touch_sentinel(env: &TestEnv) -> (String, String) {
     let client = env.pg.client().await;
     let id: String = client
         .query_one(
-            "select id::text from public.pillars where slug = 'sentinel'",
+            "insert into public.pillars (slug) values ('sentinel-' || gen_random_uuid()) returning id::text",
             &[],
         )
         .await
         .expect("sentinel")
         .get(0);
-    client
-        .execute(
-            "update public.pillars set slug = slug where id = $1::text::uuid",
-            &[&id],
-        )
-        .await
-        .expect("touch");
     let end: String = client
         .query_one("select pg_current_wal_insert_lsn()::text", &[])
         .await

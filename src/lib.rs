@@ -30,12 +30,15 @@
 pub mod app;
 pub mod change;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod decode;
 pub mod duration;
 pub mod error;
+pub mod lease;
 pub mod lsn;
+pub mod memory;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;

@@ -543,6 +543,7 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
     // While no batch comes, Redis is pinged so readiness notices an outage.
     let mut idle = tokio::time::interval(TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = crate::memory::Trimmer::default();
     loop {
         let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
@@ -551,10 +552,12 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
             },
             _ = idle.tick() => {
                 sink.check().await;
+                trimmer.idle();
                 continue;
             }
         };
         idle.reset();
+        trimmer.moved(batch.bytes);
         resolver.resolve(&mut batch.items).await?;
         sink.apply(&batch.items, batch.ack.and_then(recorded))
             .await?;
