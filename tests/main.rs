@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod consistency;
 mod deploy;
 mod faults;
 mod invalidation;

@@ -6,7 +6,7 @@ use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::lsn::Lsn;
-use crate::sink::position;
+use crate::sink::{leases, position};
 use crate::source::{install, outbox, replication};
 
 /// `setup`: prints (`--print`) or runs what the database is missing.
@@ -36,6 +36,7 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    load_leases(&loaded).await;
     if plan.steps.is_empty() {
         println!("nothing to do: the database is ready");
         return Ok(());
@@ -48,6 +49,18 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         record_slot_start(&db, &loaded).await;
     }
     Ok(())
+}
+
+/// Loads the lease functions app readers call (the daemon loads them at
+/// start too; readers load them when missing), so a failure is a note.
+async fn load_leases(loaded: &Loaded) {
+    let redis = &loaded.config.redis;
+    match leases::load_once(&redis.url, redis.ca_cert.as_deref()).await {
+        Ok(how) => println!("done: lease functions for app readers loaded into redis ({how:?})"),
+        Err(error) => eprintln!(
+            "note: cannot load the lease functions into redis ({error}): the daemon loads them at start"
+        ),
+    }
 }
 
 /// Tells Redis where the new slot starts, so that the first `run` does not

@@ -19,6 +19,7 @@
 
 pub mod events;
 pub mod flush;
+pub mod leases;
 pub mod position;
 pub mod requests;
 pub mod scripts;
@@ -177,6 +178,14 @@ impl RedisSink {
             }
         };
         tracing::info!(url = %url.redacted(), "connected to redis");
+        let mut conn = conn;
+        match leases::load(&mut conn).await {
+            Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
+            // Readers load them themselves when missing; the daemon's own
+            // work does not need them.
+            Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),
+                "cannot load the lease functions; readers using leases will load them themselves"),
+        }
         health.set_redis_ok(true);
         Ok(RedisSink {
             conn,

@@ -52,7 +52,7 @@ pub async fn read_once(
     Ok(text.and_then(|t| t.parse().ok()))
 }
 
-async fn connect_once(
+pub(crate) async fn connect_once(
     url: &SecretUrl,
     ca_cert: Option<&Path>,
 ) -> Result<redis::aio::MultiplexedConnection, String> {

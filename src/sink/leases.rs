@@ -1,0 +1,60 @@
+//! Loads the lease functions ([`crate::lease`]) into Redis, so app readers
+//! find them: as a function library where Redis has Functions (7.0 and
+//! later), else as scripts by SHA. Clients fall back to sending the script
+//! themselves, so a Redis restarted without persistence (which forgets
+//! both) only costs them one round-trip.
+
+use redis::aio::ConnectionLike;
+use redis::RedisError;
+
+use crate::lease;
+
+/// How the functions were loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// `FUNCTION LOAD REPLACE` of library `pgci`.
+    Functions,
+    /// `SCRIPT LOAD` of each body (Redis without Functions).
+    Scripts,
+}
+
+/// Loads (or replaces) the lease functions.
+pub async fn load<C: ConnectionLike>(conn: &mut C) -> Result<Loaded, RedisError> {
+    let loaded: Result<String, RedisError> = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(lease::library())
+        .query_async(conn)
+        .await;
+    match loaded {
+        Ok(_) => Ok(Loaded::Functions),
+        Err(error) if is_unknown_command(&error) => {
+            for (_, body) in lease::FUNCTIONS {
+                let _: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(body)
+                    .query_async(conn)
+                    .await?;
+            }
+            Ok(Loaded::Scripts)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Redis before 7.0 answers `ERR unknown command 'FUNCTION'`.
+fn is_unknown_command(error: &RedisError) -> bool {
+    error
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("unknown command")
+}
+
+/// Loads the functions over a connection of its own (for `setup`).
+pub async fn load_once(
+    url: &crate::secret::SecretUrl,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<Loaded, String> {
+    let mut conn = super::position::connect_once(url, ca_cert).await?;
+    load(&mut conn).await.map_err(|e| url.scrub(&e.to_string()))
+}

@@ -1,0 +1,445 @@
+//! Zero stale reads from the app's side: cache-aside readers racing writers
+//! while the daemon invalidates. Naive readers (GET, read the row, SET)
+//! show both races — stale entries left after quiescence and reads right
+//! after the reader's own write that return the old row — which proves the
+//! test can see them; readers using leases and write tokens
+//! ([`pg_cache_invalidator::client`]) show neither, in delete and refresh
+//! mode, with the daemon killed -9 and restarted in some runs.
+//!
+//! `PGCI_RACE_RUNS` sets the randomized runs per lease scenario (default
+//! 20); each run prints a line, and a summary line per scenario goes to
+//! BENCHMARKS.md.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_cache_invalidator::client::{write_token, AfterPolicy, Cache, CacheOptions, Source};
+
+use crate::support::TestEnv;
+
+/// Hot keys the readers and writers share.
+const HOT: usize = 20;
+/// Concurrent readers.
+const READERS: usize = 8;
+/// Writers (each owns every second hot key, so a read after its own write
+/// must show exactly that write).
+const WRITERS: usize = 2;
+/// Updates per second per writer.
+const WRITES_PER_SEC: u64 = 100;
+/// How long writers write in one run.
+const RUN: Duration = Duration::from_millis(1500);
+/// The longest pause of a "slow request" between its database read and
+/// its fill.
+const MAX_FILL_DELAY_MS: u64 = 5;
+
+const ROW_SQL: &str = "select to_jsonb(p)::text from public.profiles p where id = $1::text::uuid";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Readers {
+    /// GET; on a miss read the row, pause, SET.
+    Naive,
+    /// `get_or_load` with leases, and write tokens after the own write.
+    Leases,
+}
+
+/// What one scenario saw over its runs.
+#[derive(Debug, Default)]
+struct Tally {
+    runs: u64,
+    stale_keys: u64,
+    own_reads: u64,
+    stale_own_reads: u64,
+    refused_fills: u64,
+    bypassed: u64,
+}
+
+/// A small xorshift generator: runs are randomized but need no crate.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn seed(salt: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    (nanos ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+}
+
+fn bio_of(json: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()?
+        .get("bio")?
+        .as_str()
+        .map(str::to_string)
+}
+
+async fn load_row(pg: &tokio_postgres::Client, id: &str) -> Option<String> {
+    pg.query_opt(ROW_SQL, &[&id])
+        .await
+        .expect("read the row")
+        .map(|r| r.get(0))
+}
+
+/// One reader until `stop`.
+async fn reader(
+    env_pg: tokio_postgres::Client,
+    redis: redis::aio::MultiplexedConnection,
+    ids: Arc<Vec<String>>,
+    readers: Readers,
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    salt: u64,
+) {
+    let mut rng = Rng(seed(salt));
+    let pg = Arc::new(env_pg);
+    let mut cache = Cache::new(redis.clone(), CacheOptions::default());
+    let mut redis = redis;
+    while !stop.load(Ordering::Relaxed) {
+        let id = ids[rng.below(ids.len() as u64) as usize].clone();
+        let key = format!("profile:user:{id}");
+        let delay = Duration::from_micros(rng.below(MAX_FILL_DELAY_MS * 1000 + 1));
+        match readers {
+            Readers::Naive => {
+                let cached: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("get");
+                if cached.is_none() {
+                    if let Some(row) = load_row(&pg, &id).await {
+                        tokio::time::sleep(delay).await;
+                        let _: () = redis::cmd("SET")
+                            .arg(&key)
+                            .arg(row)
+                            .arg("EX")
+                            .arg(3600)
+                            .query_async(&mut redis)
+                            .await
+                            .expect("set");
+                    }
+                }
+            }
+            Readers::Leases => {
+                let pg = Arc::clone(&pg);
+                let (_, source) = cache
+                    .get_or_load(
+                        &key,
+                        3600,
+                        || async move {
+                            let row = load_row(&pg, &id).await;
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::io::Error>(row)
+                        },
+                        None,
+                    )
+                    .await
+                    .expect("get_or_load");
+                if source == Source::Refused {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// One writer until `stop`: updates one of its keys' rows, then reads the
+/// key as the app would right after its own write; returns (reads, stale
+/// reads, bypassed reads).
+async fn writer(
+    pg: tokio_postgres::Client,
+    redis: redis::aio::MultiplexedConnection,
+    ids: Arc<Vec<String>>,
+    n: usize,
+    readers: Readers,
+    after: AfterPolicy,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64, u64) {
+    let mine: Vec<String> = ids.iter().skip(n).step_by(WRITERS).cloned().collect();
+    let mut rng = Rng(seed(1000 + n as u64));
+    let pg = Arc::new(pg);
+    let options = CacheOptions {
+        after,
+        ..CacheOptions::default()
+    };
+    let mut cache = Cache::new(redis.clone(), options);
+    let mut redis = redis;
+    let (mut reads, mut stale, mut bypassed) = (0, 0, 0);
+    let mut version = 0u64;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let id = mine[rng.below(mine.len() as u64) as usize].clone();
+        let key = format!("profile:user:{id}");
+        version += 1;
+        let bio = format!("w{n}-{version}");
+        pg.execute(
+            "update public.profiles set bio = $2 where id = $1::text::uuid",
+            &[&id, &bio],
+        )
+        .await
+        .expect("update");
+        let seen = match readers {
+            Readers::Naive => {
+                let cached: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("get");
+                match cached {
+                    Some(value) => Some(value),
+                    None => load_row(&pg, &id).await,
+                }
+            }
+            Readers::Leases => {
+                let token = Some(write_token(&pg).await.expect("token"));
+                let loader_pg = Arc::clone(&pg);
+                let loader_id = id.clone();
+                let (value, source) = cache
+                    .get_or_load(
+                        &key,
+                        3600,
+                        || async move {
+                            Ok::<_, std::io::Error>(load_row(&loader_pg, &loader_id).await)
+                        },
+                        token,
+                    )
+                    .await
+                    .expect("get_or_load");
+                if source == Source::Bypassed {
+                    bypassed += 1;
+                }
+                value
+            }
+        };
+        reads += 1;
+        if seen.as_deref().and_then(bio_of).as_deref() != Some(bio.as_str()) {
+            stale += 1;
+        }
+        next += Duration::from_micros(1_000_000 / WRITES_PER_SEC);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    (reads, stale, bypassed)
+}
+
+/// Runs `runs` randomized runs of one scenario on one environment.
+async fn scenario(
+    name: &str,
+    refresh: bool,
+    readers: Readers,
+    after: AfterPolicy,
+    runs: u64,
+    kill_every: Option<u64>,
+) -> Tally {
+    let mut env = TestEnv::start(HOT as i32 + 5).await;
+    if refresh {
+        env.write_config(
+            "[[rules]]\ntable = \"public.profiles\"\nkeys = [\"profile:user:{id}\"]\naction = \"refresh\"\nttl = \"1h\"\n",
+        );
+        let text = std::fs::read_to_string(&env.config).expect("read config");
+        // The demo's delete rule for profiles gives way to the refresh rule.
+        let text = text.replacen(
+            "[[rules]]\ntable  = \"public.profiles\"\nkeys   = [\"profile:user:{id}\"]\naction = \"delete\"\n",
+            "",
+            1,
+        );
+        std::fs::write(&env.config, text).expect("write config");
+    }
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let pg = env.pg.client().await;
+    let ids: Arc<Vec<String>> = Arc::new(
+        pg.query(
+            &format!("select id::text from public.profiles order by id limit {HOT}"),
+            &[],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect(),
+    );
+    let mut redis = env.redis.conn().await;
+    let mut tally = Tally::default();
+    for run in 0..runs {
+        let keys: Vec<String> = ids.iter().map(|id| format!("profile:user:{id}")).collect();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .expect("clear");
+        let stop_readers = Arc::new(AtomicBool::new(false));
+        let stop_writers = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let mut reader_tasks = Vec::new();
+        for r in 0..READERS {
+            reader_tasks.push(tokio::spawn(reader(
+                env.pg.client().await,
+                env.redis.conn().await,
+                Arc::clone(&ids),
+                readers,
+                Arc::clone(&stop_readers),
+                Arc::clone(&refused),
+                run * 100 + r as u64,
+            )));
+        }
+        let mut writer_tasks = Vec::new();
+        for w in 0..WRITERS {
+            writer_tasks.push(tokio::spawn(writer(
+                env.pg.client().await,
+                env.redis.conn().await,
+                Arc::clone(&ids),
+                w,
+                readers,
+                after,
+                Arc::clone(&stop_writers),
+            )));
+        }
+        let killed = kill_every.is_some_and(|k| run % k == k - 1);
+        if killed {
+            tokio::time::sleep(RUN / 2).await;
+            daemon.kill9();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            daemon = env.daemon().await;
+            tokio::time::sleep(RUN / 2).await;
+        } else {
+            tokio::time::sleep(RUN).await;
+        }
+        stop_writers.store(true, Ordering::Relaxed);
+        let mut run_reads = 0;
+        let mut run_stale_reads = 0;
+        for task in writer_tasks {
+            let (reads, stale, bypassed) = task.await.expect("writer");
+            run_reads += reads;
+            run_stale_reads += stale;
+            tally.bypassed += bypassed;
+        }
+        env.sync().await;
+        stop_readers.store(true, Ordering::Relaxed);
+        for task in reader_tasks {
+            task.await.expect("reader");
+        }
+        // Quiescence: every entry left must equal its row.
+        let mut stale_keys = 0;
+        for id in ids.iter() {
+            let cached: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(format!("profile:user:{id}"))
+                .query_async(&mut redis)
+                .await
+                .expect("get");
+            let Some(cached) = cached else { continue };
+            if pg_cache_invalidator::lease::is_marker(&cached) {
+                continue;
+            }
+            let row = load_row(&pg, id).await;
+            let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).ok();
+            if row.as_deref().and_then(parse) != parse(&String::from_utf8_lossy(&cached)) {
+                stale_keys += 1;
+            }
+        }
+        eprintln!(
+            "race {name} run {run}{}: stale keys {stale_keys}/{HOT}, stale own reads {run_stale_reads}/{run_reads}, refused fills {}",
+            if killed { " (daemon killed -9 and restarted)" } else { "" },
+            refused.load(Ordering::Relaxed)
+        );
+        tally.runs += 1;
+        tally.stale_keys += stale_keys;
+        tally.own_reads += run_reads;
+        tally.stale_own_reads += run_stale_reads;
+        tally.refused_fills += refused.load(Ordering::Relaxed);
+    }
+    eprintln!(
+        "race summary {name}: runs={} stale_keys={} stale_own_reads={}/{} refused_fills={} bypassed_own_reads={}",
+        tally.runs, tally.stale_keys, tally.stale_own_reads, tally.own_reads, tally.refused_fills, tally.bypassed
+    );
+    tally
+}
+
+fn lease_runs() -> u64 {
+    std::env::var("PGCI_RACE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Naive cache-aside readers with the daemon in delete mode: reads right
+/// after the reader's own write return the old row (the daemon's DEL lands
+/// after the commit returned). This proves the race tests can see stale
+/// data; stale entries after quiescence are counted and reported (they
+/// need a fill to lose a sub-millisecond race, so a run may see none).
+#[tokio::test(flavor = "multi_thread")]
+async fn races_naive_readers_see_stale_data() {
+    let tally = scenario(
+        "naive-delete",
+        false,
+        Readers::Naive,
+        AfterPolicy::Bypass,
+        5,
+        None,
+    )
+    .await;
+    assert!(
+        tally.stale_own_reads > 0,
+        "naive readers never read their own write stale: {tally:?}"
+    );
+}
+
+/// Lease readers and token reads with the daemon in delete mode, some runs
+/// with the daemon killed -9 and restarted mid-run: no stale entry after
+/// quiescence, no stale read after the reader's own write.
+#[tokio::test(flavor = "multi_thread")]
+async fn races_leases_and_tokens_leave_nothing_stale_in_delete_mode() {
+    let tally = scenario(
+        "leases-delete",
+        false,
+        Readers::Leases,
+        AfterPolicy::Bypass,
+        lease_runs(),
+        Some(4),
+    )
+    .await;
+    assert_eq!(tally.stale_keys, 0, "{tally:?}");
+    assert_eq!(tally.stale_own_reads, 0, "{tally:?}");
+}
+
+/// The same with the daemon in refresh mode (its SET replaces leases too).
+#[tokio::test(flavor = "multi_thread")]
+async fn races_leases_and_tokens_leave_nothing_stale_in_refresh_mode() {
+    let tally = scenario(
+        "leases-refresh",
+        true,
+        Readers::Leases,
+        AfterPolicy::Bypass,
+        lease_runs(),
+        Some(4),
+    )
+    .await;
+    assert_eq!(tally.stale_keys, 0, "{tally:?}");
+    assert_eq!(tally.stale_own_reads, 0, "{tally:?}");
+}
+
+/// Token reads that wait (up to 50 ms) for the daemon instead of bypassing
+/// the cache: still nothing stale, and far fewer database reads after the
+/// own write (the summary line counts those that gave up waiting).
+#[tokio::test(flavor = "multi_thread")]
+async fn races_token_reads_that_wait_for_the_daemon() {
+    let tally = scenario(
+        "leases-delete-wait50ms",
+        false,
+        Readers::Leases,
+        AfterPolicy::Wait(Duration::from_millis(50)),
+        (lease_runs() / 2).max(1),
+        Some(4),
+    )
+    .await;
+    assert_eq!(tally.stale_keys, 0, "{tally:?}");
+    assert_eq!(tally.stale_own_reads, 0, "{tally:?}");
+}
