@@ -443,3 +443,160 @@ async fn races_token_reads_that_wait_for_the_daemon() {
     assert_eq!(tally.stale_keys, 0, "{tally:?}");
     assert_eq!(tally.stale_own_reads, 0, "{tally:?}");
 }
+
+/// The protocol step by step against the running daemon: `setup` and the
+/// daemon load library `pgci`; a miss takes the lease and a second reader
+/// is told to wait; the daemon's DEL for a committed change voids the
+/// lease, so the first reader's fill (of the row it read before) is
+/// refused and nothing is cached; after a FUNCTION FLUSH the client loads
+/// the library itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_raced_an_invalidation_is_refused() {
+    let mut env = TestEnv::start(3).await;
+    env.setup();
+    let mut redis = env.redis.conn().await;
+    let libs: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("pgci")
+        .query_async(&mut redis)
+        .await
+        .expect("function list");
+    assert!(
+        matches!(&libs, redis::Value::Array(a) if !a.is_empty()),
+        "setup loads the library: {libs:?}"
+    );
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await
+        .expect("flush functions");
+    let _daemon = env.daemon().await;
+    let libs: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("pgci")
+        .query_async(&mut redis)
+        .await
+        .expect("function list");
+    assert!(
+        matches!(&libs, redis::Value::Array(a) if !a.is_empty()),
+        "the daemon loads the library at start: {libs:?}"
+    );
+
+    let pg = env.pg.client().await;
+    let id: String = pg
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut first = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let mut second = Cache::new(
+        env.redis.conn().await,
+        CacheOptions {
+            lease_wait: Duration::from_millis(50),
+            ..CacheOptions::default()
+        },
+    );
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader_pg = env.pg.client().await;
+    let reader_id = id.clone();
+    let reader_key = key.clone();
+    let first_read = tokio::spawn(async move {
+        first
+            .get_or_load(
+                &reader_key,
+                3600,
+                || async move {
+                    let row = load_row(&reader_pg, &reader_id).await;
+                    let _ = loaded_tx.send(());
+                    let _ = go_rx.await;
+                    Ok::<_, std::io::Error>(row)
+                },
+                None,
+            )
+            .await
+            .expect("first read")
+    });
+    loaded_rx
+        .await
+        .expect("the first reader loaded the old row");
+    // A second reader meanwhile waits for the lease, then reads the
+    // database without filling.
+    let (_, source) = second
+        .get_or_load(
+            &key,
+            3600,
+            || async { Ok::<_, std::io::Error>(Some("{}".to_string())) },
+            None,
+        )
+        .await
+        .expect("second read");
+    assert_eq!(source, Source::Bypassed);
+    pg.execute(
+        "update public.profiles set bio = 'changed' where id = $1::text::uuid",
+        &[&id],
+    )
+    .await
+    .expect("update");
+    env.sync().await;
+    go_tx.send(()).expect("let the first reader fill");
+    let (value, source) = first_read.await.expect("first reader");
+    assert_eq!(source, Source::Refused, "the invalidation voided the lease");
+    assert_ne!(
+        value.as_deref().and_then(bio_of).as_deref(),
+        Some("changed")
+    );
+    let cached: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("get");
+    assert_eq!(cached, None, "nothing old was cached");
+
+    // A later reader fills the new row.
+    let mut third = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let (value, source) = third
+        .get_or_load(
+            &key,
+            3600,
+            || async { Ok::<_, std::io::Error>(load_row(&pg, &id).await) },
+            None,
+        )
+        .await
+        .expect("third read");
+    assert_eq!(source, Source::Filled);
+    assert_eq!(
+        value.as_deref().and_then(bio_of).as_deref(),
+        Some("changed")
+    );
+    assert_eq!(
+        third.get_cached_data(&key).await.expect("get"),
+        value,
+        "the plain read sees the filled value"
+    );
+
+    // Redis forgot the functions (a restart without persistence): a
+    // reader loads the library itself.
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await
+        .expect("flush functions");
+    third.invalidate_cache(&key).await.expect("del");
+    let (_, source) = third
+        .get_or_load(
+            &key,
+            3600,
+            || async { Ok::<_, std::io::Error>(load_row(&pg, &id).await) },
+            None,
+        )
+        .await
+        .expect("read after FUNCTION FLUSH");
+    assert_eq!(source, Source::Filled);
+}

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod clients;
 mod consistency;
 mod deploy;
 mod faults;

@@ -1,0 +1,241 @@
+// @pg-cache-invalidator/client: cache-aside reads for a Next.js (or any
+// Node) app whose Redis cache pg-cache-invalidator keeps in step with
+// PostgreSQL.
+//
+// Two races make plain cache-aside return old data even though the daemon
+// invalidates every change:
+//  1. a request reads a row, the row changes and the daemon deletes the
+//     key, then the request stores its old copy for the whole TTL
+//     -> getOrLoad fills through a lease that the daemon's delete voids;
+//  2. the daemon's delete lands just after the writer's commit returned,
+//     so the writer's next read still hits the old entry
+//     -> take writeToken(pg) after the commit and pass it as { after }: while
+//     the daemon has not applied that position the cache is not trusted.
+
+import type Redis from "ioredis";
+import type { Cluster } from "ioredis";
+import { createHash, randomBytes } from "crypto";
+import {
+  FILL,
+  FUNCTIONS,
+  GET,
+  RELEASE,
+  isMarker,
+  library,
+  parseLsn,
+} from "./protocol";
+
+export * from "./protocol";
+
+/** What a read given a write token does while the daemon is behind it. */
+export type AfterPolicy = "bypass" | { waitMs: number };
+
+export interface CacheOptions {
+  /** An ioredis client (or Cluster). */
+  redis: Redis | Cluster;
+  /** The daemon's replication slot (names the position key). Default "pg_cache_invalidator". */
+  slot?: string;
+  /** How long a lease lasts, ms: longer than a slow load. Default 10000. */
+  leaseMs?: number;
+  /** How long to wait for another reader's fill before loading without filling, ms. Default 500. */
+  leaseWaitMs?: number;
+  /** Reads with { after } while the daemon is behind: "bypass" (default: read the database, do not fill) or { waitMs } (wait up to that long first). */
+  after?: AfterPolicy;
+  /** Default TTL of setCachedData, seconds. Default 3600. */
+  defaultTtlSeconds?: number;
+}
+
+/** Where getOrLoad's value came from (see getOrLoadWithSource). */
+export type Source = "hit" | "filled" | "refused" | "bypassed";
+
+/** Anything with a `query` method like pg's Client or Pool. */
+export interface Queryable {
+  query(text: string): Promise<{ rows: Array<Record<string, unknown>> }>;
+}
+
+/**
+ * Takes a read-your-writes token after a commit: the WAL insert position now,
+ * which is at or past that commit. Run it on the connection that committed
+ * (or any connection, after the commit returned).
+ */
+export async function writeToken(pg: Queryable): Promise<string> {
+  const res = await pg.query("select pg_current_wal_insert_lsn()::text as lsn");
+  const lsn = res.rows[0]?.lsn;
+  if (typeof lsn !== "string") {
+    throw new Error("writeToken: pg_current_wal_insert_lsn() returned no value");
+  }
+  return lsn;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function isError(e: unknown, text: string): boolean {
+  return e instanceof Error && e.message.toLowerCase().includes(text);
+}
+
+export class Cache {
+  private readonly redis: Redis | Cluster;
+  private readonly positionKey: string;
+  private readonly leaseMs: number;
+  private readonly leaseWaitMs: number;
+  private readonly after: AfterPolicy;
+  private readonly defaultTtl: number;
+  /** Whether FCALL works here; undefined until tried. */
+  private functions: boolean | undefined;
+
+  constructor(options: CacheOptions) {
+    this.redis = options.redis;
+    this.positionKey = `pgci:position:${options.slot ?? "pg_cache_invalidator"}`;
+    this.leaseMs = options.leaseMs ?? 10_000;
+    this.leaseWaitMs = options.leaseWaitMs ?? 500;
+    this.after = options.after ?? "bypass";
+    this.defaultTtl = options.defaultTtlSeconds ?? 3600;
+  }
+
+  /**
+   * The value of `key`; on a miss, `loader()` (a JSON-serializable value, or
+   * null for "no such row", which is not cached) fills it through a lease.
+   * With `{ after: token }`, never a value older than that write.
+   */
+  async getOrLoad<T>(
+    key: string,
+    ttlSeconds: number,
+    loader: () => Promise<T | null>,
+    options: { after?: string } = {},
+  ): Promise<T | null> {
+    return (await this.getOrLoadWithSource(key, ttlSeconds, loader, options)).value;
+  }
+
+  /** getOrLoad, also saying where the value came from. */
+  async getOrLoadWithSource<T>(
+    key: string,
+    ttlSeconds: number,
+    loader: () => Promise<T | null>,
+    options: { after?: string } = {},
+  ): Promise<{ value: T | null; source: Source }> {
+    if (options.after !== undefined && !(await this.caughtUp(options.after))) {
+      return { value: await loader(), source: "bypassed" };
+    }
+    const token = randomBytes(12).toString("hex");
+    const deadline = Date.now() + this.leaseWaitMs;
+    for (;;) {
+      const reply = (await this.call(GET, key, [token, String(this.leaseMs)])) as [string, string];
+      const [kind, payload] = reply;
+      if (kind === "hit") {
+        return { value: JSON.parse(payload) as T, source: "hit" };
+      }
+      if (kind === "lease") {
+        break;
+      }
+      if (kind !== "wait") {
+        throw new Error(`${GET}: unexpected reply for key ${key}`);
+      }
+      const now = Date.now();
+      if (now >= deadline) {
+        return { value: await loader(), source: "bypassed" };
+      }
+      const left = Math.max(1, Math.min(5, Number(payload) || 1));
+      await sleep(Math.min(left, deadline - now));
+    }
+    let value: T | null;
+    try {
+      value = await loader();
+    } catch (e) {
+      await this.call(RELEASE, key, [token]).catch(() => undefined);
+      throw e;
+    }
+    if (value === null || value === undefined) {
+      await this.call(RELEASE, key, [token]);
+      return { value: null, source: "bypassed" };
+    }
+    const stored = await this.call(FILL, key, [token, JSON.stringify(value), String(ttlSeconds)]);
+    return { value, source: Number(stored) === 1 ? "filled" : "refused" };
+  }
+
+  /** The plan's plain read: the cached value, or null (a lease marker reads as a miss). */
+  async getCachedData<T>(key: string): Promise<T | null> {
+    const raw = await this.redis.get(key);
+    if (raw === null || isMarker(raw)) {
+      return null;
+    }
+    return JSON.parse(raw) as T;
+  }
+
+  /**
+   * The plan's plain write (SET … EX, no lease): only for values computed
+   * from a write the caller just made, never for values read earlier.
+   */
+  async setCachedData(key: string, data: unknown, ttlSeconds?: number): Promise<void> {
+    await this.redis.set(key, JSON.stringify(data), "EX", ttlSeconds ?? this.defaultTtl);
+  }
+
+  /** Deletes `key` (and any lease on it). */
+  async invalidateCache(key: string): Promise<void> {
+    await this.redis.del(key);
+  }
+
+  /** writeToken, for convenience. */
+  writeToken(pg: Queryable): Promise<string> {
+    return writeToken(pg);
+  }
+
+  /** The position the daemon has applied (pg_lsn text), or null. */
+  async appliedPosition(): Promise<string | null> {
+    return this.redis.get(this.positionKey);
+  }
+
+  private async caughtUp(token: string): Promise<boolean> {
+    const wanted = parseLsn(token);
+    const deadline = typeof this.after === "object" ? Date.now() + this.after.waitMs : 0;
+    for (;;) {
+      const applied = await this.redis.get(this.positionKey);
+      if (applied !== null && parseLsn(applied) >= wanted) {
+        return true;
+      }
+      if (Date.now() >= deadline) {
+        return false;
+      }
+      await sleep(1);
+    }
+  }
+
+  /** FCALL where Redis has the library (loading it once when missing), else the body by SHA. */
+  private async call(fn: string, key: string, args: string[]): Promise<unknown> {
+    if (this.functions !== false) {
+      try {
+        const out = await this.redis.call("FCALL", fn, 1, key, ...args);
+        this.functions = true;
+        return out;
+      } catch (e) {
+        if (isError(e, "function not found")) {
+          await this.redis.call("FUNCTION", "LOAD", "REPLACE", library());
+          return this.redis.call("FCALL", fn, 1, key, ...args);
+        }
+        if (!isError(e, "unknown command")) {
+          throw e;
+        }
+        this.functions = false;
+      }
+    }
+    const body = FUNCTIONS.find(([name]) => name === fn)?.[1];
+    if (body === undefined) {
+      throw new Error(`unknown lease function ${fn}`);
+    }
+    const sha = createHash("sha1").update(body).digest("hex");
+    try {
+      return await this.redis.evalsha(sha, 1, key, ...args);
+    } catch (e) {
+      if (!isError(e, "noscript")) {
+        throw e;
+      }
+      return this.redis.eval(body, 1, key, ...args);
+    }
+  }
+}
+
+/** createCache({ redis, ...options }): the package's entry point. */
+export function createCache(options: CacheOptions): Cache {
+  return new Cache(options);
+}

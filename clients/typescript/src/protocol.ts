@@ -1,0 +1,78 @@
+// The lease protocol of pg-cache-invalidator (the Rust source of truth is
+// src/lease.rs in the daemon's repository; a test there checks that these
+// bodies are the same, byte for byte).
+//
+// Library `pgci`, one key per call (so it works in Redis Cluster):
+//   pgci_lease_get(key; token, leaseMs)        -> ["hit", value] | ["lease", token] | ["wait", msLeft]
+//   pgci_lease_fill(key; token, value, ttlS)   -> 1 stored | 0 refused
+//   pgci_lease_release(key; token)             -> 1 | 0
+// A lease marker is "\0pgci-lease:" + token: it starts with NUL, so no JSON
+// reader takes it for data.
+
+/** What a lease marker starts with. */
+export const MARKER_PREFIX = "\u0000pgci-lease:";
+/** The function library's name. */
+export const LIBRARY = "pgci";
+/** The function names, a contract shared with the daemon and other clients. */
+export const GET = "pgci_lease_get";
+export const FILL = "pgci_lease_fill";
+export const RELEASE = "pgci_lease_release";
+
+export const GET_BODY = `
+local v = redis.call('GET', KEYS[1])
+local prefix = '\\0pgci-lease:'
+if not v then
+  redis.call('SET', KEYS[1], prefix .. ARGV[1], 'PX', ARGV[2])
+  return {'lease', ARGV[1]}
+end
+if string.sub(v, 1, #prefix) == prefix then
+  return {'wait', tostring(redis.call('PTTL', KEYS[1]))}
+end
+return {'hit', v}
+`;
+
+export const FILL_BODY = `
+if redis.call('GET', KEYS[1]) == '\\0pgci-lease:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+`;
+
+export const RELEASE_BODY = `
+if redis.call('GET', KEYS[1]) == '\\0pgci-lease:' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+`;
+
+/** Each function's name and body. */
+export const FUNCTIONS: ReadonlyArray<readonly [string, string]> = [
+  [GET, GET_BODY],
+  [FILL, FILL_BODY],
+  [RELEASE, RELEASE_BODY],
+];
+
+/** The library text FUNCTION LOAD REPLACE takes (the same the daemon loads). */
+export function library(): string {
+  let text = `#!lua name=${LIBRARY}\n`;
+  for (const [name, body] of FUNCTIONS) {
+    text += `redis.register_function('${name}', function(KEYS, ARGV)\n${body}\nend)\n`;
+  }
+  return text;
+}
+
+/** Whether a stored value is a lease marker rather than data. */
+export function isMarker(value: string | null | undefined): boolean {
+  return typeof value === "string" && value.startsWith(MARKER_PREFIX);
+}
+
+/** Parses a pg_lsn text ("16/B374D848") into a number that orders like it. */
+export function parseLsn(text: string): bigint {
+  const m = /^([0-9A-Fa-f]{1,8})\/([0-9A-Fa-f]{1,8})$/.exec(text.trim());
+  if (!m) {
+    throw new Error(`not a pg_lsn: ${JSON.stringify(text)}`);
+  }
+  return (BigInt(`0x${m[1]}`) << 32n) | BigInt(`0x${m[2]}`);
+}

@@ -1,0 +1,207 @@
+// Tests of @pg-cache-invalidator/client against a real Redis, a real
+// PostgreSQL and the daemon running on them with the demo rules
+// (profile:user:{id} deleted on every change of public.profiles).
+// The daemon's repository runs them from `cargo test --test main
+// clients::typescript`, which starts all three and sets
+// PGCI_TEST_REDIS_URL and PGCI_TEST_DATABASE_URL.
+"use strict";
+
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const Redis = require("ioredis");
+const { Client } = require("pg");
+const { createCache, writeToken, library, isMarker, MARKER_PREFIX } = require("../dist");
+
+const redisUrl = process.env.PGCI_TEST_REDIS_URL;
+const databaseUrl = process.env.PGCI_TEST_DATABASE_URL;
+if (!redisUrl || !databaseUrl) {
+  throw new Error(
+    "set PGCI_TEST_REDIS_URL and PGCI_TEST_DATABASE_URL to a Redis and a PostgreSQL the daemon runs on, or run `cargo test --test main clients::typescript` in the repository",
+  );
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(what, ms, condition) {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
+
+let redis;
+let pg;
+let ids;
+
+test.before(async () => {
+  redis = new Redis(redisUrl);
+  pg = new Client({ connectionString: databaseUrl });
+  await pg.connect();
+  const res = await pg.query("select id::text as id from public.profiles order by id limit 10");
+  ids = res.rows.map((r) => r.id);
+});
+
+test.after(async () => {
+  await pg.end();
+  redis.disconnect();
+});
+
+const rowOf = async (client, id) =>
+  (await client.query("select to_jsonb(p) as row from public.profiles p where id = $1::uuid", [id])).rows[0]?.row ?? null;
+
+test("the library is the one the daemon loaded", async () => {
+  const listed = await redis.call("FUNCTION", "LIST", "LIBRARYNAME", "pgci", "WITHCODE");
+  const flat = JSON.stringify(listed);
+  assert.ok(flat.includes("pgci_lease_get"), flat);
+  const entry = listed[0];
+  const code = entry[entry.indexOf("library_code") + 1];
+  assert.equal(code, library());
+});
+
+test("a miss fills through a lease, then hits; a lease reads as a miss", async () => {
+  const cache = createCache({ redis });
+  const key = `profile:user:${ids[0]}`;
+  await cache.invalidateCache(key);
+  let loads = 0;
+  const loader = async () => {
+    loads += 1;
+    return rowOf(pg, ids[0]);
+  };
+  const first = await cache.getOrLoadWithSource(key, 3600, loader);
+  assert.equal(first.source, "filled");
+  const second = await cache.getOrLoadWithSource(key, 3600, loader);
+  assert.equal(second.source, "hit");
+  assert.deepEqual(second.value, first.value);
+  assert.equal(loads, 1);
+  assert.deepEqual(await cache.getCachedData(key), first.value);
+  await redis.set(key, `${MARKER_PREFIX}someone`, "PX", 10000);
+  assert.ok(isMarker(await redis.get(key)));
+  assert.equal(await cache.getCachedData(key), null);
+  await cache.invalidateCache(key);
+});
+
+test("a fill that raced the daemon's invalidation is refused", async () => {
+  const cache = createCache({ redis });
+  const id = ids[1];
+  const key = `profile:user:${id}`;
+  await cache.invalidateCache(key);
+  let resume;
+  const paused = new Promise((r) => (resume = r));
+  let loaded;
+  const wasLoaded = new Promise((r) => (loaded = r));
+  const read = cache.getOrLoadWithSource(key, 3600, async () => {
+    const row = await rowOf(pg, id);
+    loaded();
+    await paused;
+    return row;
+  });
+  await wasLoaded;
+  // Another reader waits for the lease, then loads without filling.
+  const other = createCache({ redis, leaseWaitMs: 30 });
+  const second = await other.getOrLoadWithSource(key, 3600, async () => ({ other: true }));
+  assert.equal(second.source, "bypassed");
+  await pg.query("update public.profiles set bio = 'raced' where id = $1::uuid", [id]);
+  await waitFor("the daemon to delete the key", 10000, async () => (await redis.get(key)) === null);
+  resume();
+  const { value, source } = await read;
+  assert.equal(source, "refused");
+  assert.notEqual(value.bio, "raced");
+  assert.equal(await redis.get(key), null, "nothing old was cached");
+});
+
+test("a read given a write token never returns an entry older than the write", async () => {
+  const cache = createCache({ redis });
+  const id = ids[2];
+  const key = `profile:user:${id}`;
+  await cache.setCachedData(key, { bio: "old" }, 60);
+  // A token far ahead of the daemon: the cache is not trusted.
+  const ahead = await cache.getOrLoadWithSource(key, 60, async () => ({ bio: "db" }), { after: "FFFFFFFF/0" });
+  assert.deepEqual(ahead, { value: { bio: "db" }, source: "bypassed" });
+  assert.deepEqual(await cache.getCachedData(key), { bio: "old" }, "a bypass does not fill");
+  // A token the daemon has passed: the cache is used.
+  const behind = await cache.getOrLoadWithSource(key, 60, async () => ({ bio: "db" }), { after: "0/0" });
+  assert.deepEqual(behind, { value: { bio: "old" }, source: "hit" });
+  // A real write, then the writer's own read.
+  await pg.query("update public.profiles set bio = 'mine' where id = $1::uuid", [id]);
+  const token = await writeToken(pg);
+  const own = await cache.getOrLoad(key, 60, () => rowOf(pg, id), { after: token });
+  assert.equal(own.bio, "mine");
+  const waiting = createCache({ redis, after: { waitMs: 2000 } });
+  const waited = await waiting.getOrLoadWithSource(key, 60, () => rowOf(pg, id), { after: token });
+  assert.equal(waited.value.bio, "mine");
+  assert.notEqual(waited.source, "bypassed", "the daemon applied the write within 2 s");
+});
+
+test("racing readers and a writer: nothing stale after quiescence, no stale own read", async () => {
+  const hot = ids.slice(3, 10);
+  const keys = hot.map((id) => `profile:user:${id}`);
+  await redis.del(...keys);
+  const clients = await Promise.all(
+    Array.from({ length: 4 }, async () => {
+      const c = new Client({ connectionString: databaseUrl });
+      await c.connect();
+      return c;
+    }),
+  );
+  let stop = false;
+  let refused = 0;
+  const readers = clients.slice(1).flatMap((client) =>
+    [0, 1].map(async () => {
+      const cache = createCache({ redis });
+      while (!stop) {
+        const i = Math.floor(Math.random() * hot.length);
+        const { source } = await cache.getOrLoadWithSource(keys[i], 3600, async () => {
+          const row = await rowOf(client, hot[i]);
+          await sleep(Math.random() * 5);
+          return row;
+        });
+        if (source === "refused") refused += 1;
+        await sleep(1);
+      }
+    }),
+  );
+  const writerCache = createCache({ redis });
+  const writer = clients[0];
+  let ownReads = 0;
+  let staleOwnReads = 0;
+  let lastToken = "0/0";
+  const until = Date.now() + 1500;
+  for (let n = 0; Date.now() < until; n++) {
+    const i = n % hot.length;
+    const bio = `ts-${n}`;
+    await writer.query("update public.profiles set bio = $2 where id = $1::uuid", [hot[i], bio]);
+    lastToken = await writeToken(writer);
+    const seen = await writerCache.getOrLoad(keys[i], 3600, () => rowOf(writer, hot[i]), { after: lastToken });
+    ownReads += 1;
+    if (seen?.bio !== bio) staleOwnReads += 1;
+    await sleep(10);
+  }
+  await waitFor("the daemon to apply the last write", 10000, async () => {
+    const applied = await writerCache.appliedPosition();
+    return applied !== null && require("../dist").parseLsn(applied) >= require("../dist").parseLsn(lastToken);
+  });
+  stop = true;
+  await Promise.all(readers);
+  let staleKeys = 0;
+  for (let i = 0; i < hot.length; i++) {
+    const cached = await redis.get(keys[i]);
+    if (cached === null || isMarker(cached)) continue;
+    const row = await rowOf(writer, hot[i]);
+    if (JSON.stringify(JSON.parse(cached)) !== JSON.stringify(row)) staleKeys += 1;
+  }
+  await Promise.all(clients.map((c) => c.end()));
+  console.log(`typescript race: stale keys ${staleKeys}/${hot.length}, stale own reads ${staleOwnReads}/${ownReads}, refused fills ${refused}`);
+  assert.equal(staleOwnReads, 0);
+  assert.equal(staleKeys, 0);
+  assert.ok(ownReads > 50, `${ownReads}`);
+});
+
+test("a Redis that forgot the functions gets them from the client", async () => {
+  await redis.call("FUNCTION", "FLUSH");
+  const cache = createCache({ redis });
+  const key = `profile:user:${ids[0]}`;
+  await cache.invalidateCache(key);
+  const { source } = await cache.getOrLoadWithSource(key, 60, () => rowOf(pg, ids[0]));
+  assert.equal(source, "filled");
+});
