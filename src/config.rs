@@ -268,6 +268,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the app caches under a `delete` rule's keys, so `verify` can
+/// compare them with the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Holds {
+    /// The row's JSON as `select *` returns it through Supabase/PostgREST
+    /// (`to_jsonb` of the row).
+    Row,
+}
+
 /// What the daemon does with a rule's keys when a row changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -313,6 +323,10 @@ pub struct RuleConfig {
     /// Columns of the changed row passed to `query`, in order.
     #[serde(default)]
     pub params: Option<Vec<String>>,
+    /// `delete` only: what the app caches under the keys (`"row"`), so
+    /// `verify` can check them; refresh rules say it themselves.
+    #[serde(default)]
+    pub holds: Option<Holds>,
 }
 
 /// `columns = { include = [...] }` or `{ exclude = [...] }`.

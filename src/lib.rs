@@ -49,3 +49,4 @@ pub mod source;
 pub mod sql;
 pub mod telemetry;
 pub mod tls;
+pub mod verify;

@@ -13,4 +13,5 @@ mod operations;
 mod outbox;
 mod refresh;
 mod tls;
+mod verify;
 mod wal;

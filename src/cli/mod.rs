@@ -6,11 +6,13 @@
 //! - `setup [--print]` and `teardown` ([`setup`]).
 //! - `check-config` ([`check`]).
 //! - `status [--json]` ([`status`]).
+//! - `verify [--sample N] [--rate K] [--json] [--repair]` ([`mod@verify`]).
 
 pub mod check;
 pub mod run;
 pub mod setup;
 pub mod status;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +71,23 @@ enum Command {
     },
     /// Drop the slot and the publication.
     Teardown(ConfigArg),
+    /// Compare cached keys with the database; exit 1 when any is stale.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check at most this many keys.
+        #[arg(long, value_name = "N")]
+        sample: Option<u64>,
+        /// Keys per second at most, so a production cache is not loaded (0: no limit).
+        #[arg(long, value_name = "KEYS_PER_S", default_value_t = verify::DEFAULT_RATE)]
+        rate: u32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Delete the stale keys found.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// A failure already reduced to lines for the user.
@@ -174,5 +193,20 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::CheckConfig(arg) => check::check_config(load(&arg)?).await,
         Command::Status { config, json } => status::status(load(&config)?, json).await,
         Command::Teardown(arg) => setup::teardown(load(&arg)?).await,
+        Command::Verify {
+            config,
+            sample,
+            rate,
+            json,
+            repair,
+        } => {
+            let options = verify::Args {
+                sample,
+                rate,
+                json,
+                repair,
+            };
+            verify::verify(load(&config)?, options).await
+        }
     }
 }

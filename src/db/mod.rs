@@ -6,6 +6,7 @@
 //! reach the same server as the same user.
 
 pub mod catalog;
+pub mod compare;
 pub mod query;
 pub mod types;
 

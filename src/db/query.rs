@@ -24,7 +24,7 @@ use crate::telemetry::metrics as m;
 /// A parameter value in PostgreSQL's text format, for a parameter of any
 /// type: the server parses it as the type it inferred.
 #[derive(Debug)]
-struct TextParam<'a>(Option<&'a str>);
+pub(crate) struct TextParam<'a>(pub(crate) Option<&'a str>);
 
 impl ToSql for TextParam<'_> {
     fn to_sql(

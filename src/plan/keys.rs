@@ -135,6 +135,59 @@ impl KeyTemplate {
     }
 }
 
+impl KeyTemplate {
+    /// Reads a key back into the column values it was rendered from, or
+    /// `None` when the template cannot have produced it. A placeholder
+    /// takes the shortest text up to the next literal (the last one takes
+    /// the rest); a column used twice must have the same value both times.
+    pub fn match_key(&self, key: &str) -> Option<Vec<(&str, String)>> {
+        let mut values: Vec<(&str, String)> = Vec::new();
+        let mut rest = key;
+        let mut parts = self.parts.iter().peekable();
+        while let Some(part) = parts.next() {
+            match part {
+                Part::Literal(text) => rest = rest.strip_prefix(text.as_str())?,
+                Part::Column(column) => {
+                    let value = match parts.peek() {
+                        Some(Part::Literal(next)) => {
+                            let end = rest.find(next.as_str())?;
+                            let value = &rest[..end];
+                            rest = &rest[end..];
+                            value
+                        }
+                        // Two adjacent placeholders cannot be told apart.
+                        Some(Part::Column(_)) => return None,
+                        None => std::mem::take(&mut rest),
+                    };
+                    if value.is_empty() {
+                        return None;
+                    }
+                    match values.iter().find(|(c, _)| c == column) {
+                        Some((_, seen)) if seen != value => return None,
+                        Some(_) => {}
+                        None => values.push((column.as_str(), value.to_string())),
+                    }
+                }
+            }
+        }
+        rest.is_empty().then_some(values)
+    }
+
+    /// How many literal characters the template has: when several
+    /// templates match a key, the one with more literal text is the one
+    /// that rendered it (`balance:user:{u}:token:{t}` over
+    /// `balance:user:{u}`).
+    pub fn literal_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(t) => t.len(),
+                Part::Column(_) => 0,
+            })
+            .sum()
+    }
+}
+
 impl fmt::Display for KeyTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
@@ -230,6 +283,40 @@ pub fn render_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys read back into the values that rendered them; keys another
+    /// template rendered, or that no row could render, do not match.
+    #[test]
+    fn keys_match_back_to_their_values() {
+        let t = KeyTemplate::parse("balance:user:{user_id}:token:{token_id}").expect("valid");
+        assert_eq!(
+            t.match_key("balance:user:u1:token:t9"),
+            Some(vec![
+                ("user_id", "u1".to_string()),
+                ("token_id", "t9".to_string())
+            ])
+        );
+        assert_eq!(t.match_key("balance:user:u1"), None);
+        assert_eq!(t.match_key("balance:user::token:t9"), None);
+        let short = KeyTemplate::parse("balance:user:{user_id}").expect("valid");
+        assert_eq!(
+            short.match_key("balance:user:u1:token:t9"),
+            Some(vec![("user_id", "u1:token:t9".to_string())])
+        );
+        assert!(t.literal_len() > short.literal_len());
+        let twice = KeyTemplate::parse("p:{id}:{id}x").expect("valid");
+        assert_eq!(
+            twice.match_key("p:a:ax"),
+            Some(vec![("id", "a".to_string())])
+        );
+        assert_eq!(twice.match_key("p:a:bx"), None);
+        assert_eq!(
+            KeyTemplate::parse("p:{a}{b}")
+                .expect("valid")
+                .match_key("p:xy"),
+            None
+        );
+    }
 
     #[test]
     fn parses_literals_and_columns() {

@@ -371,6 +371,7 @@ mod tests {
                 columns: None,
                 query: None,
                 params: None,
+                holds: None,
             },
             RuleConfig {
                 table: "public.user_tokens".into(),
@@ -380,6 +381,7 @@ mod tests {
                 columns: None,
                 query: None,
                 params: None,
+                holds: None,
             },
         ])
         .expect("valid");

@@ -47,6 +47,10 @@ pub struct Rule {
     pub columns: ColumnFilter,
     /// `refresh`: cache a query's answer instead of the row.
     pub query: Option<RuleQuery>,
+    /// The keys hold the row's JSON (filtered by `columns`): a whole-row
+    /// refresh rule, or a delete rule with `holds = "row"`. `verify` checks
+    /// these (and query rules).
+    pub holds_row: bool,
 }
 
 /// Which columns a refreshed row carries.
@@ -191,6 +195,15 @@ impl RuleSet {
                     Err(e) => problems.push(format!("rules[{i}].keys[{j}]: {e}")),
                 }
             }
+            if rc.holds.is_some() && query.is_some() {
+                problems.push(format!(
+                    "rules[{i}].holds: a query rule's keys hold the query's answer: remove holds"
+                ));
+            }
+            let holds_row = match rc.action {
+                Action::Refresh => query.is_none(),
+                Action::Delete => rc.holds == Some(crate::config::Holds::Row),
+            };
             let rule = Rule {
                 table: table.clone(),
                 keys,
@@ -198,6 +211,7 @@ impl RuleSet {
                 ttl,
                 columns,
                 query,
+                holds_row,
             };
             match set.tables.iter_mut().find(|(t, _)| *t == table) {
                 Some((_, rules)) => rules.push(rule),
@@ -281,6 +295,7 @@ mod tests {
             columns: None,
             query: None,
             params: None,
+            holds: None,
         }
     }
 

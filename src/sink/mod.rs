@@ -19,6 +19,7 @@
 
 pub mod events;
 pub mod flush;
+pub mod inspect;
 pub mod leases;
 pub mod position;
 pub mod requests;
