@@ -327,7 +327,8 @@ impl<C: ConnectionLike + Send> Cache<C> {
                     // Redis restarted without persistence, or nobody loaded
                     // the library yet: load it and call again.
                     match crate::sink::leases::load(&mut self.conn).await? {
-                        crate::sink::leases::Loaded::Functions => {
+                        crate::sink::leases::Loaded::Functions
+                        | crate::sink::leases::Loaded::Current => {
                             return Ok(redis::cmd("FCALL")
                                 .arg(function)
                                 .arg(1)

@@ -11,6 +11,15 @@
 //! sees at least the database as of its own transaction. A lost connection
 //! is retried (confirmations are held meanwhile); a query the server
 //! rejects answers "none", which deletes its keys.
+//!
+//! Every batch of row changes also waits here until its transactions are
+//! visible to new snapshots. The walsender sends a commit once its record
+//! is flushed, a moment before the committing session makes it visible
+//! (much longer when the commit waits for a synchronous standby): a DEL
+//! applied in that moment could be followed by a reader that still reads
+//! the old row and fills the key with it, lease and all. After the wait,
+//! any reader that fills a value read earlier took its lease before the
+//! DEL, which voids it.
 
 use tokio_util::sync::CancellationToken;
 
@@ -49,12 +58,19 @@ impl Resolver {
     /// Replaces every [`CacheOp::Query`] in `items` by the
     /// [`CacheOp::Refresh`] that writes its answer.
     pub async fn resolve(&mut self, items: &mut [Item]) -> Result<(), ResolveError> {
-        if !items.iter().any(|i| matches!(i.op, CacheOp::Query { .. })) {
+        let queries = items.iter().any(|i| matches!(i.op, CacheOp::Query { .. }));
+        let xids = xids_of(items);
+        if xids.is_empty() && !queries {
             return Ok(());
         }
         let mut retry = Retry::new(Backoff::default(), &self.cancel);
         let answers = loop {
-            match self.run(items).await {
+            let attempt = if queries {
+                self.run(items, &xids).await
+            } else {
+                self.queries.wait_visible(&xids).await.map(|()| Vec::new())
+            };
+            match attempt {
                 Ok(answers) => break answers,
                 Err(error) => {
                     if let Some(fatal) = Fatal::from_class(&error, error.class()) {
@@ -65,11 +81,14 @@ impl Resolver {
                         return Err(ResolveError::GaveUp(error.to_string()));
                     };
                     tracing::warn!(error = %error, retry_in = ?delay,
-                        "refresh queries failed; retrying them (confirmations are held meanwhile)");
+                        "refresh queries or the visibility check failed; retrying (confirmations are held meanwhile)");
                     tokio::time::sleep(delay).await;
                 }
             }
         };
+        if !queries {
+            return Ok(());
+        }
         let mut answers = answers.into_iter();
         for item in items.iter_mut() {
             if let CacheOp::Query {
@@ -94,20 +113,35 @@ impl Resolver {
         Ok(())
     }
 
-    async fn run(&mut self, items: &[Item]) -> Result<Vec<Option<String>>, crate::db::DbError> {
-        let mut xids = Vec::new();
+    async fn run(
+        &mut self,
+        items: &[Item],
+        xids: &[u32],
+    ) -> Result<Vec<Option<String>>, crate::db::DbError> {
         let jobs: Vec<QueryJob<'_>> = items
             .iter()
             .filter_map(|item| match &item.op {
-                CacheOp::Query { sql, params, .. } => {
-                    if item.xid != 0 && !xids.contains(&item.xid) {
-                        xids.push(item.xid);
-                    }
-                    Some((sql, params.as_slice()))
-                }
+                CacheOp::Query { sql, params, .. } => Some((sql, params.as_slice())),
                 _ => None,
             })
             .collect();
-        self.queries.run(&jobs, &xids).await
+        self.queries.run(&jobs, xids).await
     }
+}
+
+/// The transactions whose row changes `items` invalidate (flushes and
+/// keepalive positions carry none).
+fn xids_of(items: &[Item]) -> Vec<u32> {
+    let mut xids: Vec<u32> = Vec::new();
+    for item in items {
+        if item.xid != 0
+            && !matches!(item.op, CacheOp::Flush { .. })
+            && xids.last() != Some(&item.xid)
+        {
+            xids.push(item.xid);
+        }
+    }
+    xids.sort_unstable();
+    xids.dedup();
+    xids
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pg_cache_invalidator::client::{write_token, AfterPolicy, Cache, CacheOptions, Source};
 
-use crate::support::TestEnv;
+use crate::support::{wait_for, TestEnv};
 
 /// Hot keys the readers and writers share.
 const HOT: usize = 20;
@@ -599,4 +599,128 @@ async fn a_fill_that_raced_an_invalidation_is_refused() {
         .await
         .expect("read after FUNCTION FLUSH");
     assert_eq!(source, Source::Filled);
+}
+
+/// The walsender sends a commit as soon as its record is flushed, before
+/// the committing session makes it visible — for as long as a synchronous
+/// standby holds the commit back. The daemon applies a batch's DEL only
+/// once its transactions are visible: a reader that read the old row while
+/// the commit was invisible, and filled the key through a lease, has that
+/// entry removed when the commit shows, instead of keeping it for a TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidations_wait_until_their_commit_is_visible() {
+    let mut env = TestEnv::start(3).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    let id: String = admin
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("{\"bio\":\"cached before the write\"}")
+        .query_async(&mut redis)
+        .await
+        .expect("preset");
+    // Only the writer's commit waits for a standby that never comes.
+    for sql in [
+        "alter system set synchronous_standby_names = 'nobody'",
+        "alter system set synchronous_commit = 'local'",
+        "select pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("configure");
+    }
+    let writer = env.pg.client().await;
+    writer
+        .batch_execute("set synchronous_commit = on")
+        .await
+        .expect("writer waits for the standby");
+    let writer_pid: i32 = writer
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let held_id = id.clone();
+    let held = tokio::spawn(async move {
+        writer
+            .execute(
+                "update public.profiles set bio = 'invisible for now' where id = $1::text::uuid",
+                &[&held_id],
+            )
+            .await
+    });
+    // The commit is flushed and streamed while it is still invisible.
+    wait_for("the held commit to be streamed", Duration::from_secs(10), || async {
+        admin
+            .query_one(
+                "select coalesce(bool_and(sent_lsn >= pg_current_wal_flush_lsn()), false) from pg_stat_replication",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await;
+    // Give a daemon that would not wait time to delete the key now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still_old: Option<String> = admin
+        .query_one(
+            "select bio from public.profiles where id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("read")
+        .get(0);
+    assert_ne!(
+        still_old.as_deref(),
+        Some("invisible for now"),
+        "the commit is still invisible"
+    );
+    let reader_pg = env.pg.client().await;
+    let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let (value, source) = cache
+        .get_or_load(
+            &key,
+            3600,
+            || async { Ok::<_, std::io::Error>(load_row(&reader_pg, &id).await) },
+            None,
+        )
+        .await
+        .expect("read while the commit is invisible");
+    assert_ne!(
+        value.as_deref().and_then(bio_of).as_deref(),
+        Some("invisible for now")
+    );
+    eprintln!("reader during the invisible window: {source:?}");
+
+    admin
+        .query_one("select pg_cancel_backend($1)", &[&writer_pid])
+        .await
+        .expect("release the held commit");
+    let _ = held.await.expect("writer task");
+    for sql in [
+        "alter system reset synchronous_standby_names",
+        "alter system reset synchronous_commit",
+        "select pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("restore");
+    }
+    env.sync().await;
+    let cached: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("get");
+    assert!(
+        cached.as_deref().and_then(bio_of).as_deref() == Some("invisible for now")
+            || cached.is_none(),
+        "nothing read before the commit showed may stay cached: {cached:?}"
+    );
 }

@@ -56,6 +56,7 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
 async fn load_leases(loaded: &Loaded) {
     let redis = &loaded.config.redis;
     match leases::load_once(&redis.url, redis.ca_cert.as_deref()).await {
+        Ok(leases::Loaded::Current) => {}
         Ok(how) => println!("done: lease functions for app readers loaded into redis ({how:?})"),
         Err(error) => eprintln!(
             "note: cannot load the lease functions into redis ({error}): the daemon loads them at start"

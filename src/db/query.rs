@@ -112,6 +112,26 @@ impl QueryRunner {
         }
     }
 
+    /// Waits until the transactions `xids` are visible to new snapshots
+    /// (see [`wait_visible`]). On any error the pool is dropped, to be
+    /// reconnected by the retry.
+    pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), DbError> {
+        if xids.is_empty() {
+            return Ok(());
+        }
+        if self.clients.is_empty() {
+            self.clients.push(Arc::new(Conn {
+                db: Db::connect(&self.conn).await?,
+                statements: Mutex::new(HashMap::new()),
+            }));
+        }
+        let result = wait_visible(&self.clients[0].db, xids).await;
+        if result.is_err() {
+            self.clients.clear();
+        }
+        result
+    }
+
     /// Runs `jobs`, returning each one's single text answer (`None` for no
     /// row or NULL) in order, at most [`IN_FLIGHT`] at a time, once the
     /// transactions `xids` are visible. On any error the pool is dropped,

@@ -12,6 +12,8 @@ use crate::lease;
 /// How the functions were loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loaded {
+    /// Library `pgci` was already loaded with this code.
+    Current,
     /// `FUNCTION LOAD REPLACE` of library `pgci`.
     Functions,
     /// `SCRIPT LOAD` of each body (Redis without Functions).
@@ -20,10 +22,23 @@ pub enum Loaded {
 
 /// Loads (or replaces) the lease functions.
 pub async fn load<C: ConnectionLike>(conn: &mut C) -> Result<Loaded, RedisError> {
+    let library = lease::library();
+    let listed: Result<redis::Value, RedisError> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(lease::LIBRARY)
+        .arg("WITHCODE")
+        .query_async(conn)
+        .await;
+    if let Ok(listed) = listed {
+        if holds_code(&listed, &library) {
+            return Ok(Loaded::Current);
+        }
+    }
     let loaded: Result<String, RedisError> = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(lease::library())
+        .arg(&library)
         .query_async(conn)
         .await;
     match loaded {
@@ -39,6 +54,20 @@ pub async fn load<C: ConnectionLike>(conn: &mut C) -> Result<Loaded, RedisError>
             Ok(Loaded::Scripts)
         }
         Err(error) => Err(error),
+    }
+}
+
+/// Whether a `FUNCTION LIST … WITHCODE` reply holds exactly `code`.
+fn holds_code(listed: &redis::Value, code: &str) -> bool {
+    match listed {
+        redis::Value::BulkString(bytes) => bytes == code.as_bytes(),
+        redis::Value::SimpleString(text) => text == code,
+        redis::Value::VerbatimString { text, .. } => text == code,
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().any(|v| holds_code(v, code))
+        }
+        redis::Value::Map(pairs) => pairs.iter().any(|(_, v)| holds_code(v, code)),
+        _ => false,
     }
 }
 
