@@ -35,7 +35,7 @@ use crate::error::Fatal;
 use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
-use crate::resolve::{ResolveError, Resolver};
+use crate::resolve::{ResolveError, Resolver, Visibility};
 use crate::sink::{RedisSink, SinkError};
 use crate::source::replication::drift::Drifted;
 use crate::source::{Event, Source, Txn};
@@ -544,6 +544,9 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
     let mut idle = tokio::time::interval(TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmer = crate::memory::Trimmer::default();
+    // Operations applied while their commits were held invisible by a
+    // synchronous standby wait, to delete again once they show.
+    let mut held: Vec<Item> = Vec::new();
     loop {
         let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
@@ -558,11 +561,23 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         };
         idle.reset();
         trimmer.moved(batch.bytes);
-        resolver.resolve(&mut batch.items).await?;
+        let visibility = resolver.resolve(&mut batch.items).await?;
         sink.apply(&batch.items, batch.ack.and_then(recorded))
             .await?;
         if let Some(applied) = batch.ack {
             ack.send_replace((batch.generation, applied));
+        }
+        if visibility == Visibility::HeldForStandby {
+            held.extend(batch.items.iter().cloned());
+        }
+        if batch.ack.is_some() && !held.is_empty() {
+            // Confirming released this daemon's part of the standby wait
+            // (a transaction split over several batches is confirmed by
+            // the last one); once the commits show, readers that filled
+            // the old rows in between lose them.
+            resolver.wait_visible(&held).await?;
+            sink.delete_again(&held).await?;
+            held.clear();
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
             let now = sink.stats();

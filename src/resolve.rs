@@ -23,8 +23,10 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::db::query::{QueryJob, QueryRunner};
+pub use crate::db::query::Visibility;
+use crate::db::query::{Hold, QueryJob, QueryRunner};
 use crate::db::ConnInfo;
+use crate::db::DbError;
 use crate::error::{Backoff, Fatal, Retry};
 use crate::ops::{CacheOp, Item};
 use crate::telemetry::metrics as m;
@@ -56,38 +58,34 @@ impl Resolver {
     }
 
     /// Replaces every [`CacheOp::Query`] in `items` by the
-    /// [`CacheOp::Refresh`] that writes its answer.
-    pub async fn resolve(&mut self, items: &mut [Item]) -> Result<(), ResolveError> {
+    /// [`CacheOp::Refresh`] that writes its answer, once the batch's
+    /// transactions are visible — or held back by a synchronous standby
+    /// wait, which [`Visibility::HeldForStandby`] reports: then the batch
+    /// must be applied (and confirmed, which may be what releases them) and
+    /// its keys deleted once more after [`Resolver::wait_visible`].
+    pub async fn resolve(&mut self, items: &mut [Item]) -> Result<Visibility, ResolveError> {
         let queries = items.iter().any(|i| matches!(i.op, CacheOp::Query { .. }));
         let xids = xids_of(items);
         if xids.is_empty() && !queries {
-            return Ok(());
+            return Ok(Visibility::Visible);
         }
         let mut retry = Retry::new(Backoff::default(), &self.cancel);
-        let answers = loop {
+        let (answers, visibility) = loop {
             let attempt = if queries {
                 self.run(items, &xids).await
             } else {
-                self.queries.wait_visible(&xids).await.map(|()| Vec::new())
+                self.queries
+                    .wait_visible(&xids, Hold::Allowed)
+                    .await
+                    .map(|v| (Vec::new(), v))
             };
             match attempt {
-                Ok(answers) => break answers,
-                Err(error) => {
-                    if let Some(fatal) = Fatal::from_class(&error, error.class()) {
-                        return Err(ResolveError::Fatal(fatal));
-                    }
-                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
-                    let Some(delay) = retry.after_failure() else {
-                        return Err(ResolveError::GaveUp(error.to_string()));
-                    };
-                    tracing::warn!(error = %error, retry_in = ?delay,
-                        "refresh queries or the visibility check failed; retrying (confirmations are held meanwhile)");
-                    tokio::time::sleep(delay).await;
-                }
+                Ok(done) => break done,
+                Err(error) => wait_to_retry(&mut retry, error).await?,
             }
         };
         if !queries {
-            return Ok(());
+            return Ok(visibility);
         }
         let mut answers = answers.into_iter();
         for item in items.iter_mut() {
@@ -110,14 +108,28 @@ impl Resolver {
                 };
             }
         }
-        Ok(())
+        Ok(visibility)
+    }
+
+    /// Waits until the transactions of `items` are visible, with no
+    /// exception for synchronous standby waits: called after the batch was
+    /// applied and confirmed, which released this daemon's part of them.
+    pub async fn wait_visible(&mut self, items: &[Item]) -> Result<(), ResolveError> {
+        let xids = xids_of(items);
+        let mut retry = Retry::new(Backoff::default(), &self.cancel);
+        loop {
+            match self.queries.wait_visible(&xids, Hold::Visible).await {
+                Ok(_) => return Ok(()),
+                Err(error) => wait_to_retry(&mut retry, error).await?,
+            }
+        }
     }
 
     async fn run(
         &mut self,
         items: &[Item],
         xids: &[u32],
-    ) -> Result<Vec<Option<String>>, crate::db::DbError> {
+    ) -> Result<(Vec<Option<String>>, Visibility), crate::db::DbError> {
         let jobs: Vec<QueryJob<'_>> = items
             .iter()
             .filter_map(|item| match &item.op {
@@ -127,6 +139,21 @@ impl Resolver {
             .collect();
         self.queries.run(&jobs, xids).await
     }
+}
+
+/// Waits before the next attempt after `error`, or says why not to retry.
+async fn wait_to_retry(retry: &mut Retry, error: DbError) -> Result<(), ResolveError> {
+    if let Some(fatal) = Fatal::from_class(&error, error.class()) {
+        return Err(ResolveError::Fatal(fatal));
+    }
+    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
+    let Some(delay) = retry.after_failure() else {
+        return Err(ResolveError::GaveUp(error.to_string()));
+    };
+    tracing::warn!(error = %error, retry_in = ?delay,
+        "refresh queries or the visibility check failed; retrying (confirmations are held meanwhile)");
+    tokio::time::sleep(delay).await;
+    Ok(())
 }
 
 /// The transactions whose row changes `items` invalidate (flushes and

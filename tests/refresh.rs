@@ -825,8 +825,12 @@ async fn refresh_queries_never_run_before_their_transaction_is_visible() {
     );
     assert!(started.elapsed() >= Duration::from_secs(4));
     open.batch_execute("commit").await.expect("commit");
-    let answers = runner.run(&jobs, &[xid as u32]).await.expect("visible now");
+    let (answers, visibility) = runner.run(&jobs, &[xid as u32]).await.expect("visible now");
     assert_eq!(answers, [Some("answer".to_string())]);
+    assert_eq!(
+        visibility,
+        pg_cache_invalidator::db::query::Visibility::Visible
+    );
 }
 
 /// Generated columns: PostgreSQL 18 sends stored ones when the publication

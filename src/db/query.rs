@@ -112,12 +112,12 @@ impl QueryRunner {
         }
     }
 
-    /// Waits until the transactions `xids` are visible to new snapshots
-    /// (see [`wait_visible`]). On any error the pool is dropped, to be
-    /// reconnected by the retry.
-    pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), DbError> {
+    /// Waits until the transactions `xids` are visible to new snapshots,
+    /// or held back by a synchronous standby wait (see [`wait_visible`]).
+    /// On any error the pool is dropped, to be reconnected by the retry.
+    pub async fn wait_visible(&mut self, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
         if xids.is_empty() {
-            return Ok(());
+            return Ok(Visibility::Visible);
         }
         if self.clients.is_empty() {
             self.clients.push(Arc::new(Conn {
@@ -125,7 +125,7 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        let result = wait_visible(&self.clients[0].db, xids).await;
+        let result = wait_visible(&self.clients[0].db, xids, hold).await;
         if result.is_err() {
             self.clients.clear();
         }
@@ -134,15 +134,16 @@ impl QueryRunner {
 
     /// Runs `jobs`, returning each one's single text answer (`None` for no
     /// row or NULL) in order, at most [`IN_FLIGHT`] at a time, once the
-    /// transactions `xids` are visible. On any error the pool is dropped,
-    /// to be reconnected by the retry.
+    /// transactions `xids` are visible (or held by a synchronous standby
+    /// wait: then the answers may predate them, which the caller repairs).
+    /// On any error the pool is dropped, to be reconnected by the retry.
     pub async fn run(
         &mut self,
         jobs: &[QueryJob<'_>],
         xids: &[u32],
-    ) -> Result<Vec<Option<String>>, DbError> {
+    ) -> Result<(Vec<Option<String>>, Visibility), DbError> {
         if jobs.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Visibility::Visible));
         }
         while self.clients.len() < CONNECTIONS {
             self.clients.push(Arc::new(Conn {
@@ -150,10 +151,13 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        if let Err(error) = wait_visible(&self.clients[0].db, xids).await {
-            self.clients.clear();
-            return Err(error);
-        }
+        let visibility = match wait_visible(&self.clients[0].db, xids, Hold::Allowed).await {
+            Ok(v) => v,
+            Err(error) => {
+                self.clients.clear();
+                return Err(error);
+            }
+        };
         let mut answers = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(IN_FLIGHT) {
             let running = chunk.iter().enumerate().map(|(i, (sql, params))| {
@@ -170,41 +174,83 @@ impl QueryRunner {
                 }
             }
         }
-        Ok(answers)
+        Ok((answers, visibility))
     }
+}
+
+/// Whether decoded transactions can be seen by readers yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Every one is visible to new snapshots.
+    Visible,
+    /// Some are committed locally but wait for a synchronous standby (it
+    /// may be this daemon: it must confirm them before they show).
+    HeldForStandby,
+}
+
+/// Whether a synchronous standby wait ends the wait for visibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Yes: the caller applies now, and again once they are visible.
+    Allowed,
+    /// No: wait until they are visible (after this daemon confirmed them).
+    Visible,
 }
 
 /// How long to wait for a decoded transaction to become visible before
 /// querying anyway: the window is normally microseconds.
 const VISIBILITY_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits until every transaction in `xids` is visible to new snapshots.
+/// Waits until every transaction in `xids` is visible to new snapshots,
+/// or (with [`Hold::Allowed`]) until those that are not all wait for a
+/// synchronous standby.
 ///
 /// The walsender may send a transaction's commit as soon as its commit
 /// record is flushed, a moment before the committing backend makes it
 /// visible to other sessions. A query run in that moment would not see the
 /// change it was triggered by and would cache the value from before it,
-/// stamped with the newer version. The 32-bit xid from the stream is
-/// widened to a full xid against the snapshot's xmax (a committed xid is
-/// less than 2^31 behind it).
-async fn wait_visible(db: &Db, xids: &[u32]) -> Result<(), DbError> {
+/// stamped with the newer version; a DEL applied in that moment could be
+/// followed by a reader that fills the old row. When the commit waits for a
+/// synchronous standby (`wait_event = 'SyncRep'`), the moment lasts until
+/// the standby confirms — and if this daemon is that standby, waiting here
+/// would never end. The 32-bit xid from the stream is widened to a full
+/// xid against the snapshot's xmax (a committed xid is less than 2^31
+/// behind it).
+async fn wait_visible(db: &Db, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
     if xids.is_empty() {
-        return Ok(());
+        return Ok(Visibility::Visible);
     }
     let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
     let deadline = tokio::time::Instant::now() + VISIBILITY_WAIT;
+    let mut attempts = 0u32;
     loop {
-        let visible: bool = db
+        let row = db
             .client()
             .query_one(
-                "with snap as (select pg_current_snapshot() as s),                       bounds as (select s, pg_snapshot_xmax(s)::text::int8 as xmax from snap)                  select coalesce(bool_and(case                    when x < xmax % 4294967296 then                      pg_visible_in_snapshot(((xmax / 4294967296) * 4294967296 + x)::text::xid8, s)                    when x - xmax % 4294967296 < 2147483648 then false                    when xmax / 4294967296 = 0 then false                    else pg_visible_in_snapshot(((xmax / 4294967296 - 1) * 4294967296 + x)::text::xid8, s)                  end), true) from bounds, unnest($1::int8[]) as x",
+                "with snap as (select pg_current_snapshot() as s), \
+                      bounds as (select s, pg_snapshot_xmax(s)::text::int8 as xmax from snap), \
+                      each as (select x, case \
+                        when x < xmax % 4294967296 then \
+                          pg_visible_in_snapshot(((xmax / 4294967296) * 4294967296 + x)::text::xid8, s) \
+                        when x - xmax % 4294967296 < 2147483648 then false \
+                        when xmax / 4294967296 = 0 then false \
+                        else pg_visible_in_snapshot(((xmax / 4294967296 - 1) * 4294967296 + x)::text::xid8, s) \
+                      end as visible from bounds, unnest($1::int8[]) as x) \
+                 select coalesce(bool_and(visible), true), \
+                        coalesce(bool_and(visible or x in ( \
+                          select backend_xid::text::int8 from pg_stat_activity \
+                           where wait_event = 'SyncRep' and backend_xid is not null)), true) \
+                   from each",
                 &[&xids],
             )
             .await
-            .map_err(DbError::query("checking that decoded transactions are visible"))?
-            .get(0);
+            .map_err(DbError::query("checking that decoded transactions are visible"))?;
+        let (visible, visible_or_held): (bool, bool) = (row.get(0), row.get(1));
         if visible {
-            return Ok(());
+            return Ok(Visibility::Visible);
+        }
+        if visible_or_held && hold == Hold::Allowed {
+            return Ok(Visibility::HeldForStandby);
         }
         // Querying now could cache the answer from before the change
         // under the change's version: fail, and the resolver retries.
@@ -214,9 +260,19 @@ async fn wait_visible(db: &Db, xids: &[u32]) -> Result<(), DbError> {
                 waited: VISIBILITY_WAIT,
             });
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The window is usually tens of microseconds: ask again at once a
+        // few times (each ask is a round-trip), then every millisecond.
+        attempts += 1;
+        if attempts > SPIN_ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
     }
 }
+
+/// Immediate re-checks before the visibility wait sleeps between checks.
+const SPIN_ATTEMPTS: u32 = 8;
 
 async fn run_one(
     conn: &Conn,

@@ -238,6 +238,54 @@ impl RedisSink {
     /// Returns an error if Redis refuses us for good, or if shutdown was
     /// requested and Redis still fails.
     pub async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
+        self.apply_counted(items, applied, true).await
+    }
+
+    /// Deletes every key `items` wrote or deleted once more, without events
+    /// or counting: for a batch that had to be applied while its commits
+    /// were still invisible (held by a synchronous standby wait, see
+    /// [`crate::resolve`]). A reader that took a lease in between read the
+    /// old rows; this voids its lease or removes what it filled.
+    pub async fn delete_again(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        let again: Vec<Item> = items
+            .iter()
+            .filter_map(|item| {
+                let (table, op, keys) = match &item.op {
+                    CacheOp::Invalidate { table, op, keys } => (table, op, keys.clone()),
+                    CacheOp::Refresh {
+                        table,
+                        op,
+                        set,
+                        del,
+                        ..
+                    } => (table, op, set.iter().chain(del).cloned().collect()),
+                    CacheOp::Query {
+                        table, op, keys, ..
+                    } => (table, op, keys.clone()),
+                    CacheOp::Flush { .. } => return None,
+                };
+                Some(Item {
+                    op: CacheOp::Invalidate {
+                        table: Arc::clone(table),
+                        op: *op,
+                        keys,
+                    },
+                    ..item.clone()
+                })
+            })
+            .collect();
+        let channel = self.channel.take();
+        let result = self.apply_counted(&again, None, false).await;
+        self.channel = channel;
+        result
+    }
+
+    async fn apply_counted(
+        &mut self,
+        items: &[Item],
+        applied: Option<Lsn>,
+        counted: bool,
+    ) -> Result<(), SinkError> {
         let record = match (&self.position_key, applied) {
             (Some(key), Some(lsn)) => Some(position::record(key, lsn)),
             _ => None,
@@ -251,7 +299,7 @@ impl RedisSink {
                 Ok(touched) => {
                     self.logged.clear();
                     self.health.set_redis_ok(true);
-                    if !items.is_empty() {
+                    if counted && !items.is_empty() {
                         self.stats.batches += 1;
                         self.stats.operations += items.len() as u64;
                         self.stats.keys += touched.removed + touched.written;
