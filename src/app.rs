@@ -179,7 +179,8 @@ async fn start_and_run(
                 config.replication.publication.clone(),
                 Arc::clone(&health),
             )
-            .with_buffer(config.replication.buffer_messages);
+            .with_buffer(config.replication.buffer_messages)
+            .with_application_name(&config.replication.application_name);
             drive(source, stages, health, cancel).await
         }
     }

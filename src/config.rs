@@ -99,6 +99,10 @@ pub struct ReplicationConfig {
     /// memory when rows are large (each message is one whole row).
     #[serde(default = "default_buffer_messages")]
     pub buffer_messages: usize,
+    /// The replication connection's `application_name`: the name to list
+    /// in `synchronous_standby_names` for synchronous invalidation.
+    #[serde(default = "default_application_name")]
+    pub application_name: String,
 }
 
 impl Default for ReplicationConfig {
@@ -108,8 +112,18 @@ impl Default for ReplicationConfig {
             publication: default_slot(),
             heartbeat_interval: default_heartbeat(),
             buffer_messages: default_buffer_messages(),
+            application_name: default_application_name(),
         }
     }
+}
+
+/// Default `application_name` of the replication connection (what
+/// `pg_stat_replication` shows; quote it in `synchronous_standby_names`:
+/// `ANY 1 ("pg-cache-invalidator")`).
+pub const DEFAULT_APPLICATION_NAME: &str = "pg-cache-invalidator";
+
+fn default_application_name() -> String {
+    DEFAULT_APPLICATION_NAME.to_string()
 }
 
 /// Default heartbeat interval: frequent enough that an alert on heartbeat
@@ -452,6 +466,12 @@ impl Config {
             &mut problems,
         );
         check_identifier("outbox.schema", &self.outbox.schema, false, &mut problems);
+        check_identifier(
+            "replication.application_name",
+            &self.replication.application_name,
+            false,
+            &mut problems,
+        );
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             problems.push(format!(
                 "http.listen: {:?} is not an address like 127.0.0.1:9187",

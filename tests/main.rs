@@ -12,6 +12,7 @@ mod invalidation;
 mod operations;
 mod outbox;
 mod refresh;
+mod sync;
 mod tls;
 mod verify;
 mod wal;

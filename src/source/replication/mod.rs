@@ -8,8 +8,10 @@
 //!          └──── standby status (confirmed LSN) ◀──── confirm(lsn) ◀─────┘
 //! ```
 //!
-//! The transport reports the confirmed LSN to the server at most once per
-//! [`STATUS_INTERVAL`] and never on its own at shutdown, so
+//! The transport reports the confirmed LSN to the server within
+//! [`STATUS_INTERVAL`] of each confirmation (coalesced: never more often),
+//! which is what releases a commit waiting for this daemon as a
+//! synchronous standby, and never on its own at shutdown, so
 //! [`ReplicationSource::shutdown`] waits until the last confirmation has gone
 //! out. A lost connection or a terminated walsender is transient: the session
 //! is reopened with capped exponential backoff and the server resumes from
@@ -49,10 +51,15 @@ use crate::telemetry::metrics as m;
 /// microseconds.
 pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 
-/// How often confirmed progress is reported to the server. Short, so that
-/// `pg_replication_slots` is current and a shutdown waits little for its
-/// final report; each report is one 34-byte message.
-pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest a confirmation waits before it is reported to the server,
+/// and the shortest time between two reports. A confirmation arriving
+/// after a quiet spell goes out at once; under load, reports coalesce to
+/// one per interval (200/s of 34-byte messages). A commit waiting for this
+/// daemon as a synchronous standby is released that much after Redis
+/// acknowledged its invalidation, at most.
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(1);
+/// How long a shutdown waits for the final confirmation to be reported.
+const FINAL_REPORT_WAIT: Duration = Duration::from_secs(3);
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -80,6 +87,8 @@ pub struct ReplicationSource {
     /// Messages the transport buffers (its buffer counts messages, not
     /// bytes; each is a whole row).
     buffer_messages: usize,
+    /// The connection's `application_name` (`replication.application_name`).
+    application_name: String,
     /// A session being opened (see `next()`).
     opening: Option<tokio::task::JoinHandle<Result<ReplicationClient, PgWireError>>>,
 }
@@ -99,8 +108,15 @@ impl ReplicationSource {
             session_healthy: false,
             health,
             slot_lost: None,
+            application_name: crate::config::DEFAULT_APPLICATION_NAME.to_string(),
             opening: None,
         }
+    }
+
+    /// Names the connection `name` (see `replication.application_name`).
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.application_name = name.to_string();
+        self
     }
 
     /// Buffers `messages` rows in the transport (see
@@ -251,7 +267,7 @@ impl ReplicationSource {
             return;
         };
         let metrics = client.metrics();
-        let deadline = Instant::now() + STATUS_INTERVAL * 3;
+        let deadline = Instant::now() + FINAL_REPORT_WAIT;
         while metrics.last_applied_lsn().as_u64() < self.confirmed.0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -295,7 +311,7 @@ impl ReplicationSource {
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
         .with_buffer_size(self.buffer_messages)
-        .with_application_name("pg-cache-invalidator")
+        .with_application_name(self.application_name.clone())
         .with_options(crate::db::SESSION_OPTIONS)
     }
 

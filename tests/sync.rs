@@ -1,0 +1,264 @@
+//! Synchronous invalidation: the daemon as a synchronous standby, so a
+//! transaction that commits with `synchronous_commit = remote_apply`
+//! returns only after Redis acknowledged its invalidation.
+//!
+//! `PGCI_SYNC_CYCLES` sets the transfer+read cycles per mode (default
+//! 10,000; the README's test command runs fewer on the other majors).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_cache_invalidator::client::{Cache, CacheOptions};
+
+use crate::support::{wait_for, TestEnv};
+
+fn cycles() -> usize {
+    std::env::var("PGCI_SYNC_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Lists the daemon in `synchronous_standby_names` and waits until it is
+/// a synchronous standby.
+async fn make_daemon_synchronous(admin: &tokio_postgres::Client) {
+    for sql in [
+        "alter system set synchronous_standby_names = 'ANY 1 (\"pg-cache-invalidator\")'",
+        "select pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("configure");
+    }
+    wait_for("the daemon to be a synchronous standby", Duration::from_secs(15), || async {
+        admin
+            .query_one(
+                "select count(*) from pg_stat_replication where application_name = 'pg-cache-invalidator' and sync_state in ('sync', 'quorum')",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+const BALANCE_SQL: &str =
+    "select coalesce(sum(balance), 0)::text from public.user_tokens where user_id = $1::text::uuid";
+
+async fn balance(pg: &tokio_postgres::Client, user: &str) -> String {
+    pg.query_one(BALANCE_SQL, &[&user])
+        .await
+        .expect("balance")
+        .get(0)
+}
+
+/// What one mode saw.
+#[derive(Debug, Default)]
+struct Tally {
+    reads: u64,
+    stale: u64,
+    commit_micros: Vec<u64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// `cycles` transfers between two users, each followed by cache-aside
+/// reads (leases) of both users' balances, while other sessions write
+/// unrelated rows; counts reads that returned a balance other than the
+/// database's.
+async fn transfer_and_read(env: &TestEnv, synchronous_commit: &str, cycles: usize) -> Tally {
+    let writer = env.pg.client().await;
+    writer
+        .batch_execute(&format!("set synchronous_commit = {synchronous_commit}"))
+        .await
+        .expect("set synchronous_commit");
+    let users: Vec<String> = writer
+        .query(
+            "select user_id::text from public.user_tokens t join public.tokens k on k.id = t.token_id \
+              where k.symbol = 'GEN' order by user_id limit 2",
+            &[],
+        )
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let token: String = writer
+        .query_one(
+            "select id::text from public.tokens where symbol = 'GEN'",
+            &[],
+        )
+        .await
+        .expect("token")
+        .get(0);
+    // Unrelated load: profile edits by another session (not waiting).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let pg = env.pg.client().await;
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            pg.batch_execute("set synchronous_commit = local")
+                .await
+                .expect("local");
+            while !stop.load(Ordering::Relaxed) {
+                pg.batch_execute(
+                    "update public.profiles set bio = md5(random()::text) where id = (select id from public.profiles order by random() limit 1)",
+                )
+                .await
+                .expect("load");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let reader = env.pg.client().await;
+    let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let mut tally = Tally::default();
+    for n in 0..cycles {
+        let (from, to) = if n % 2 == 0 {
+            (&users[0], &users[1])
+        } else {
+            (&users[1], &users[0])
+        };
+        // The cache holds both balances before the transfer.
+        for user in [from, to] {
+            let reader = &reader;
+            cache
+                .get_or_load(
+                    &format!("balance:user:{user}"),
+                    300,
+                    || async move { Ok::<_, std::io::Error>(Some(balance(reader, user).await)) },
+                    None,
+                )
+                .await
+                .expect("fill");
+        }
+        let started = Instant::now();
+        writer
+            .execute(
+                "select public.transfer_tokens($1::text::uuid, $2::text::uuid, $3::text::uuid, 0.01)",
+                &[from, to, &token],
+            )
+            .await
+            .expect("transfer");
+        tally
+            .commit_micros
+            .push(started.elapsed().as_micros() as u64);
+        for user in [from, to] {
+            let reader = &reader;
+            let (seen, _) = cache
+                .get_or_load(
+                    &format!("balance:user:{user}"),
+                    300,
+                    || async move { Ok::<_, std::io::Error>(Some(balance(reader, user).await)) },
+                    None,
+                )
+                .await
+                .expect("read");
+            tally.reads += 1;
+            if seen.as_deref() != Some(balance(&reader, user).await.as_str()) {
+                tally.stale += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load task");
+    tally.commit_micros.sort_unstable();
+    tally
+}
+
+/// With the daemon as a synchronous standby and `remote_apply` on the
+/// writer, no read right after a transfer returns an old balance; with
+/// `synchronous_commit = local` the same cycles do (the daemon's DEL lands
+/// after the commit returned). Commit latency of both is printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn synchronous_invalidation_leaves_no_stale_balance() {
+    let mut env = TestEnv::start(4).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    make_daemon_synchronous(&admin).await;
+    let n = cycles();
+    let on = transfer_and_read(&env, "remote_apply", n).await;
+    let off = transfer_and_read(&env, "local", n).await;
+    eprintln!(
+        "synchronous invalidation: remote_apply stale reads {}/{}, commit p50 {:.2} ms p99 {:.2} ms; local stale reads {}/{}, commit p50 {:.2} ms p99 {:.2} ms",
+        on.stale,
+        on.reads,
+        percentile(&on.commit_micros, 0.5),
+        percentile(&on.commit_micros, 0.99),
+        off.stale,
+        off.reads,
+        percentile(&off.commit_micros, 0.5),
+        percentile(&off.commit_micros, 0.99),
+    );
+    assert_eq!(on.stale, 0, "{on:?}");
+    assert!(
+        off.stale > 0,
+        "the test must be able to see stale reads: {off:?}"
+    );
+}
+
+/// A synchronous writer waits while the daemon is down (killed -9) and is
+/// released once the restarted daemon has applied its invalidation;
+/// nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synchronous_writer_waits_for_a_restarted_daemon() {
+    let mut env = TestEnv::start(4).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    make_daemon_synchronous(&admin).await;
+    let id: String = admin
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    daemon.kill9();
+    let writer = env.pg.client().await;
+    writer
+        .batch_execute("set synchronous_commit = remote_apply")
+        .await
+        .expect("remote_apply");
+    let update_id = id.clone();
+    let write = tokio::spawn(async move {
+        writer
+            .execute(
+                "update public.profiles set bio = 'synchronous' where id = $1::text::uuid",
+                &[&update_id],
+            )
+            .await
+            .expect("update")
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !write.is_finished(),
+        "the writer waits while no standby applies"
+    );
+    let started = Instant::now();
+    let _daemon = env.daemon().await;
+    tokio::time::timeout(Duration::from_secs(20), write)
+        .await
+        .expect("the writer is released")
+        .expect("writer task");
+    eprintln!(
+        "writer released {:?} after the daemon restarted",
+        started.elapsed()
+    );
+    assert_eq!(
+        crate::support::surviving(&mut redis, std::slice::from_ref(&key)).await,
+        0,
+        "released only after the invalidation was applied"
+    );
+}
