@@ -797,13 +797,14 @@ async fn row_level_security_is_warned_about_and_empty_answers_counted() {
 }
 
 /// A refresh query waits until the transaction that triggered it is
-/// visible; if it does not become visible in time, the batch fails (and is
-/// retried) instead of caching an answer from before the change under the
-/// change's version.
+/// visible. One that stays invisible (here: still open; in production, a
+/// commit held by a synchronous standby wait) is reported as held, so the
+/// daemon applies the batch and deletes its keys again once it shows; the
+/// strict wait for visibility fails (and is retried) instead of passing.
 #[tokio::test(flavor = "multi_thread")]
 async fn refresh_queries_never_run_before_their_transaction_is_visible() {
     use pg_cache_invalidator::config::SecretUrl;
-    use pg_cache_invalidator::db::query::QueryRunner;
+    use pg_cache_invalidator::db::query::{Hold, QueryRunner, Visibility};
     use pg_cache_invalidator::db::ConnInfo;
     let env = TestEnv::start(1).await;
     let open = env.pg.client().await;
@@ -817,20 +818,22 @@ async fn refresh_queries_never_run_before_their_transaction_is_visible() {
     let mut runner = QueryRunner::new(conn);
     let sql: std::sync::Arc<str> = std::sync::Arc::from("select (select 'answer')::text");
     let jobs = [(&sql, &[][..])];
+    let (_, visibility) = runner
+        .run(&jobs, &[xid as u32])
+        .await
+        .expect("answers, marked as possibly early");
+    assert_eq!(visibility, Visibility::HeldForStandby);
     let started = std::time::Instant::now();
-    let result = runner.run(&jobs, &[xid as u32]).await;
+    let strict = runner.wait_visible(&[xid as u32], Hold::Visible).await;
     assert!(
-        result.is_err(),
-        "queried while the transaction was invisible: {result:?}"
+        strict.is_err(),
+        "waited for an invisible transaction: {strict:?}"
     );
     assert!(started.elapsed() >= Duration::from_secs(4));
     open.batch_execute("commit").await.expect("commit");
     let (answers, visibility) = runner.run(&jobs, &[xid as u32]).await.expect("visible now");
     assert_eq!(answers, [Some("answer".to_string())]);
-    assert_eq!(
-        visibility,
-        pg_cache_invalidator::db::query::Visibility::Visible
-    );
+    assert_eq!(visibility, Visibility::Visible);
 }
 
 /// Generated columns: PostgreSQL 18 sends stored ones when the publication

@@ -161,7 +161,7 @@ async fn transfer_and_read(env: &TestEnv, synchronous_commit: &str, cycles: usiz
                 .await
                 .expect("read");
             tally.reads += 1;
-            if seen.as_deref() != Some(balance(&reader, user).await.as_str()) {
+            if seen.as_deref() != Some(balance(reader, user).await.as_str()) {
                 tally.stale += 1;
             }
         }

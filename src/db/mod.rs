@@ -24,9 +24,12 @@ pub use crate::tls::SslMode;
 /// Supavisor) refuse or drop startup options.
 pub const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1";
-/// The same settings as statements.
+/// The same settings as statements, and `synchronous_commit = local`: the
+/// daemon's own writes (heartbeats, outbox deletions) never wait for a
+/// synchronous standby, which may be this daemon.
 const SESSION_SETTINGS: &str = "SET datestyle = 'ISO, MDY'; SET timezone = 'UTC'; \
-     SET intervalstyle = 'postgres'; SET extra_float_digits = 1;";
+     SET intervalstyle = 'postgres'; SET extra_float_digits = 1; \
+     SET synchronous_commit = 'local';";
 
 /// Where and as whom to connect, parsed from `[postgres] url`.
 #[derive(Clone)]
