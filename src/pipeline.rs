@@ -570,14 +570,19 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         if visibility == Visibility::HeldForStandby {
             held.extend(batch.items.iter().cloned());
         }
-        if batch.ack.is_some() && !held.is_empty() {
+        if let Some(confirmed) = batch.ack.and_then(recorded) {
             // Confirming released this daemon's part of the standby wait
-            // (a transaction split over several batches is confirmed by
-            // the last one); once the commits show, readers that filled
-            // the old rows in between lose them.
-            resolver.wait_visible(&held).await?;
-            sink.delete_again(&held).await?;
-            held.clear();
+            // for the transactions the ack covers (a batch may end with the
+            // start of one whose commit a later batch confirms); once their
+            // commits show, readers that filled the old rows in between
+            // lose them.
+            let (due, later): (Vec<Item>, Vec<Item>) =
+                held.drain(..).partition(|item| item.lsn < confirmed);
+            held = later;
+            if !due.is_empty() {
+                resolver.wait_visible(&due).await?;
+                sink.delete_again(&due).await?;
+            }
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
             let now = sink.stats();

@@ -72,10 +72,12 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// reads (leases) of both users' balances, while other sessions write
 /// unrelated rows; counts reads that returned a balance other than the
 /// database's.
-async fn transfer_and_read(env: &TestEnv, synchronous_commit: &str, cycles: usize) -> Tally {
+async fn transfer_and_read(env: &TestEnv, function: &str, cycles: usize) -> Tally {
     let writer = env.pg.client().await;
+    // Unrelated writes of this session never wait: only the function
+    // that opts in does.
     writer
-        .batch_execute(&format!("set synchronous_commit = {synchronous_commit}"))
+        .batch_execute("set synchronous_commit = local")
         .await
         .expect("set synchronous_commit");
     let users: Vec<String> = writer
@@ -141,7 +143,7 @@ async fn transfer_and_read(env: &TestEnv, synchronous_commit: &str, cycles: usiz
         let started = Instant::now();
         writer
             .execute(
-                "select public.transfer_tokens($1::text::uuid, $2::text::uuid, $3::text::uuid, 0.01)",
+                &format!("select public.{function}($1::text::uuid, $2::text::uuid, $3::text::uuid, 0.01)"),
                 &[from, to, &token],
             )
             .await
@@ -172,20 +174,47 @@ async fn transfer_and_read(env: &TestEnv, synchronous_commit: &str, cycles: usiz
     tally
 }
 
-/// With the daemon as a synchronous standby and `remote_apply` on the
-/// writer, no read right after a transfer returns an old balance; with
-/// `synchronous_commit = local` the same cycles do (the daemon's DEL lands
-/// after the commit returned). Commit latency of both is printed.
+/// With the daemon as a synchronous standby and a transfer function that
+/// opts its transaction in (`set_config('synchronous_commit',
+/// 'remote_apply', true)`), no read right after a transfer returns an old
+/// balance; with the plain function (the session commits `local`) the
+/// same cycles do (the daemon's DEL lands
+/// after the commit returned). Commit latency of both is printed; the
+/// daemon reports itself as a synchronous standby in `pgci_sync_standby`.
 #[tokio::test(flavor = "multi_thread")]
 async fn synchronous_invalidation_leaves_no_stale_balance() {
     let mut env = TestEnv::start(4).await;
+    env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
     env.setup();
     let _daemon = env.daemon().await;
     let admin = env.pg.client().await;
     make_daemon_synchronous(&admin).await;
+    let port = env.http_port;
+    wait_for(
+        "the sync-standby gauge",
+        Duration::from_secs(10),
+        || async move {
+            let (_, text) = crate::support::http_get(port, "/metrics")
+                .await
+                .unwrap_or((0, String::new()));
+            crate::support::metric(&text, "pgci_sync_standby") == Some(1.0)
+        },
+    )
+    .await;
+    // The README's recipe: the money path opts in per transaction.
+    admin
+        .batch_execute(
+            "create function public.transfer_tokens_synchronously(p_from uuid, p_to uuid, p_token uuid, p_amount numeric) \
+             returns void language plpgsql as $$ begin \
+               perform set_config('synchronous_commit', 'remote_apply', true); \
+               perform public.transfer_tokens(p_from, p_to, p_token, p_amount); \
+             end $$",
+        )
+        .await
+        .expect("create the synchronous transfer");
     let n = cycles();
-    let on = transfer_and_read(&env, "remote_apply", n).await;
-    let off = transfer_and_read(&env, "local", n).await;
+    let on = transfer_and_read(&env, "transfer_tokens_synchronously", n).await;
+    let off = transfer_and_read(&env, "transfer_tokens", n).await;
     eprintln!(
         "synchronous invalidation: remote_apply stale reads {}/{}, commit p50 {:.2} ms p99 {:.2} ms; local stale reads {}/{}, commit p50 {:.2} ms p99 {:.2} ms",
         on.stale,

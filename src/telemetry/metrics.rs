@@ -42,6 +42,12 @@ pub const APPLY_LATENCY_SECONDS: &str = "pgci_apply_latency_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "pgci_replication_lag_bytes";
 /// WAL the slot keeps on the server (current LSN minus restart LSN).
 pub const SLOT_RETAINED_WAL_BYTES: &str = "pgci_slot_retained_wal_bytes";
+/// Sessions waiting for a synchronous standby (`wait_event = 'SyncRep'`);
+/// complete only when the daemon's role may read all statistics.
+pub const SYNC_WAITERS: &str = "pgci_sync_waiters";
+/// 1 while the slot's walsender is a synchronous standby (`sync_state`
+/// `sync` or `quorum`), else 0.
+pub const SYNC_STANDBY: &str = "pgci_sync_standby";
 /// Unix time of the commit whose invalidations were applied last.
 pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
     "pgci_last_applied_commit_timestamp_seconds";
@@ -115,6 +121,14 @@ fn describe() {
         REPLICATION_LAG_BYTES,
         Unit::Bytes,
         "Server WAL end minus confirmed LSN"
+    );
+    describe_gauge!(
+        SYNC_WAITERS,
+        "Sessions waiting for a synchronous standby (SyncRep)"
+    );
+    describe_gauge!(
+        SYNC_STANDBY,
+        "1 while the daemon's walsender is a synchronous standby"
     );
     describe_gauge!(
         SLOT_RETAINED_WAL_BYTES,

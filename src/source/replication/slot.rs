@@ -186,11 +186,18 @@ async fn heartbeat(
     let row = db
         .client()
         .query_opt(
-            "select (pg_current_wal_lsn() - restart_lsn)::int8, coalesce(wal_status, '') \
-               from pg_replication_slots where slot_name = $1",
+            "select (pg_current_wal_lsn() - s.restart_lsn)::int8, coalesce(s.wal_status, ''), \
+                    (select count(*) from pg_stat_activity where wait_event = 'SyncRep'), \
+                    coalesce((select r.sync_state in ('sync', 'quorum') from pg_stat_replication r \
+                               where r.pid = s.active_pid), false) \
+               from pg_replication_slots s where s.slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(DbError::query("reading the slot's retained WAL"))?;
-    Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
+    Ok(row.map(|r| {
+        metrics::gauge!(m::SYNC_WAITERS).set(r.get::<_, i64>(2) as f64);
+        metrics::gauge!(m::SYNC_STANDBY).set(if r.get::<_, bool>(3) { 1.0 } else { 0.0 });
+        (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))
+    }))
 }
