@@ -205,8 +205,15 @@ async fn wait_gone(
     false
 }
 
-/// Runs the daemon on `slot` until the sentinel key is gone.
-async fn daemon_drain(env: &mut TestEnv, slot: &str, sentinel: &str) -> (Duration, Daemon) {
+/// Runs the daemon on `slot` until the sentinel key is gone; also returns
+/// when the slot's confirmed position reached `endpos` (what a synchronous
+/// waiter and `pg_replication_slots` see), if it did within 30 s.
+async fn daemon_drain(
+    env: &mut TestEnv,
+    slot: &str,
+    sentinel: &str,
+    endpos: &str,
+) -> (Duration, Option<Duration>, Daemon) {
     env.write_config(&format!(
         "[replication]\nslot = \"{slot}\"\nheartbeat_interval = \"0s\"\n"
     ));
@@ -241,7 +248,24 @@ async fn daemon_drain(env: &mut TestEnv, slot: &str, sentinel: &str) -> (Duratio
     if let Ok(Ok(startup)) = tokio::time::timeout(Duration::from_millis(10), streaming).await {
         eprintln!("    daemon streaming {startup:?} after start");
     }
-    (took, daemon)
+    let client = env.pg.client().await;
+    let mut confirmed = None;
+    while started.elapsed() < took + Duration::from_secs(30) {
+        let done: bool = client
+            .query_one(
+                "select coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) from pg_replication_slots where slot_name = $1",
+                &[&slot, &endpos],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+        if done {
+            confirmed = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (took, confirmed, daemon)
 }
 
 /// The baseline: read the same stream, and await one DEL per key.
@@ -298,6 +322,9 @@ async fn naive_drain(env: &TestEnv, slot: &str, changes: u64, limit: Duration) -
 struct DrainResult {
     recv: Vec<f64>,
     daemon: Vec<f64>,
+    /// Rows/s counted until the slot's confirmed position covered the
+    /// backlog.
+    confirmed: Vec<f64>,
     naive: f64,
 }
 
@@ -325,6 +352,7 @@ async fn drain(args: &Args, per_txn: u64) -> DrainResult {
     let mut result = DrainResult {
         recv: Vec::new(),
         daemon: Vec::new(),
+        confirmed: Vec::new(),
         naive: 0.0,
     };
     for r in 0..args.runs {
@@ -334,8 +362,11 @@ async fn drain(args: &Args, per_txn: u64) -> DrainResult {
         } else {
             format!("daemon_{r}")
         };
-        let (took, mut daemon) = daemon_drain(&mut env, &slot, &sentinel).await;
+        let (took, confirmed, mut daemon) = daemon_drain(&mut env, &slot, &sentinel, &endpos).await;
         let _ = daemon.terminate().await;
+        let confirmed_rate = confirmed.map_or(f64::NAN, |c| args.changes as f64 / c.as_secs_f64());
+        result.confirmed.push(confirmed_rate);
+        eprintln!("    confirmed to the server after {confirmed:?}");
         let (recv_rate, daemon_rate) = (
             args.changes as f64 / recv.as_secs_f64(),
             args.changes as f64 / took.as_secs_f64(),
@@ -595,8 +626,9 @@ async fn memory(args: &Args) -> (f64, f64, f64, Duration) {
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
     write_backlog(&client, args.memory_changes, 1000, rows).await;
-    let (sentinel, _) = touch_sentinel(&env).await;
-    let (took, mut daemon) = daemon_drain(&mut env, "pg_cache_invalidator", &sentinel).await;
+    let (sentinel, endpos) = touch_sentinel(&env).await;
+    let (took, _, mut daemon) =
+        daemon_drain(&mut env, "pg_cache_invalidator", &sentinel, &endpos).await;
     let pid = daemon.pid().expect("pid");
     let peak = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -651,17 +683,19 @@ async fn main() {
     let mut lines = vec![
         format!("## Results ({} changes per drain, median of {} runs)", args.changes, args.runs),
         String::new(),
-        "| drain | pg_recvlogical rows/s | daemon rows/s | daemon / pg_recvlogical | naive rows/s | daemon / naive |".into(),
-        "|---|---|---|---|---|---|".into(),
+        "| drain | pg_recvlogical rows/s | daemon rows/s | daemon / pg_recvlogical | confirmed by the slot / pg_recvlogical | naive rows/s | daemon / naive |".into(),
+        "|---|---|---|---|---|---|---|".into(),
     ];
     let mut ratios = Vec::new();
     for (name, mut r) in drains {
         let recv = median(&mut r.recv);
         let daemon = median(&mut r.daemon);
+        let confirmed = median(&mut r.confirmed);
         ratios.push(daemon / recv);
         lines.push(format!(
-            "| {name} | {recv:.0} | {daemon:.0} | {:.2} | {:.0} | {:.1} |",
+            "| {name} | {recv:.0} | {daemon:.0} | {:.2} | {:.2} | {:.0} | {:.1} |",
             daemon / recv,
+            confirmed / recv,
             r.naive,
             daemon / r.naive
         ));
