@@ -36,7 +36,7 @@ use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
 use crate::resolve::{ResolveError, Resolver, Visibility};
-use crate::sink::{RedisSink, SinkError};
+use crate::sink::{Again, RedisSink, SinkError};
 use crate::source::replication::drift::Drifted;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
@@ -561,27 +561,46 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         };
         idle.reset();
         trimmer.moved(batch.bytes);
-        let visibility = resolver.resolve(&mut batch.items).await?;
-        sink.apply(&batch.items, batch.ack.and_then(recorded))
+        // Queries wait until their transactions are visible; plain
+        // invalidations are applied at once (readers see them sooner) and
+        // their keys deleted a second time once the commits show, before
+        // the position is recorded and confirmed.
+        let queried = resolver.resolve(&mut batch.items).await?;
+        let ack_lsn = batch.ack.and_then(recorded);
+        let second_pass =
+            crate::resolve::has_rows(&batch.items) && queried != Some(Visibility::Visible);
+        let record_now = !second_pass && held.is_empty();
+        sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
             .await?;
+        if second_pass {
+            let visibility = match queried {
+                Some(v) => v,
+                None => resolver.check_visible(&batch.items).await?,
+            };
+            if visibility == Visibility::Visible {
+                let record = ack_lsn.filter(|_| held.is_empty());
+                sink.delete_again(&batch.items, Again::Deleted, record)
+                    .await?;
+            } else {
+                held.extend(batch.items.iter().cloned());
+            }
+        }
         if let Some(applied) = batch.ack {
             ack.send_replace((batch.generation, applied));
         }
-        if visibility == Visibility::HeldForStandby {
-            held.extend(batch.items.iter().cloned());
-        }
-        if let Some(confirmed) = batch.ack.and_then(recorded) {
+        if let Some(confirmed) = ack_lsn.filter(|_| !held.is_empty()) {
             // Confirming released this daemon's part of the standby wait
             // for the transactions the ack covers (a batch may end with the
             // start of one whose commit a later batch confirms); once their
             // commits show, readers that filled the old rows in between
-            // lose them.
+            // lose them, and the position is recorded.
             let (due, later): (Vec<Item>, Vec<Item>) =
                 held.drain(..).partition(|item| item.lsn < confirmed);
             held = later;
             if !due.is_empty() {
                 resolver.wait_visible(&due).await?;
-                sink.delete_again(&due).await?;
+                let record = Some(confirmed).filter(|_| held.is_empty());
+                sink.delete_again(&due, Again::All, record).await?;
             }
         }
         if last_report.elapsed() >= PROGRESS_EVERY {

@@ -12,14 +12,13 @@
 //! is retried (confirmations are held meanwhile); a query the server
 //! rejects answers "none", which deletes its keys.
 //!
-//! Every batch of row changes also waits here until its transactions are
-//! visible to new snapshots. The walsender sends a commit once its record
-//! is flushed, a moment before the committing session makes it visible
-//! (much longer when the commit waits for a synchronous standby): a DEL
-//! applied in that moment could be followed by a reader that still reads
-//! the old row and fills the key with it, lease and all. After the wait,
-//! any reader that fills a value read earlier took its lease before the
-//! DEL, which voids it.
+//! The walsender sends a commit once its record is flushed, a moment
+//! before the committing session makes it visible (much longer when the
+//! commit waits for a synchronous standby). Queries wait here until their
+//! transactions are visible; invalidations do not wait — the pipeline
+//! applies them at once and deletes their keys a second time once
+//! [`Resolver::check_visible`] says the commits show, since a reader that
+//! took a lease after the first DEL may still have read the old row.
 
 use tokio_util::sync::CancellationToken;
 
@@ -60,33 +59,24 @@ impl Resolver {
     /// Replaces every [`CacheOp::Query`] in `items` by the
     /// [`CacheOp::Refresh`] that writes its answer, once the batch's
     /// transactions are visible — or held back by a synchronous standby
-    /// wait, which [`Visibility::HeldForStandby`] reports: then the batch
-    /// must be applied (and confirmed, which may be what releases them) and
-    /// its keys deleted once more after [`Resolver::wait_visible`].
-    pub async fn resolve(&mut self, items: &mut [Item]) -> Result<Visibility, ResolveError> {
-        let queries = items.iter().any(|i| matches!(i.op, CacheOp::Query { .. }));
-        let xids = xids_of(items);
-        if xids.is_empty() && !queries {
-            return Ok(Visibility::Visible);
+    /// wait, which [`Visibility::HeldForStandby`] reports (the answers may
+    /// then predate them). `None` when the batch has no queries (nothing
+    /// was checked).
+    pub async fn resolve(
+        &mut self,
+        items: &mut [Item],
+    ) -> Result<Option<Visibility>, ResolveError> {
+        if !items.iter().any(|i| matches!(i.op, CacheOp::Query { .. })) {
+            return Ok(None);
         }
+        let xids = xids_of(items);
         let mut retry = Retry::new(Backoff::default(), &self.cancel);
         let (answers, visibility) = loop {
-            let attempt = if queries {
-                self.run(items, &xids).await
-            } else {
-                self.queries
-                    .wait_visible(&xids, Hold::Allowed)
-                    .await
-                    .map(|v| (Vec::new(), v))
-            };
-            match attempt {
+            match self.run(items, &xids).await {
                 Ok(done) => break done,
                 Err(error) => wait_to_retry(&mut retry, error).await?,
             }
         };
-        if !queries {
-            return Ok(visibility);
-        }
         let mut answers = answers.into_iter();
         for item in items.iter_mut() {
             if let CacheOp::Query {
@@ -108,7 +98,21 @@ impl Resolver {
                 };
             }
         }
-        Ok(visibility)
+        Ok(Some(visibility))
+    }
+
+    /// Waits until the transactions of `items` are visible, or held back by
+    /// a synchronous standby wait (this daemon may be the standby: it must
+    /// confirm them first).
+    pub async fn check_visible(&mut self, items: &[Item]) -> Result<Visibility, ResolveError> {
+        let xids = xids_of(items);
+        let mut retry = Retry::new(Backoff::default(), &self.cancel);
+        loop {
+            match self.queries.wait_visible(&xids, Hold::Allowed).await {
+                Ok(visibility) => return Ok(visibility),
+                Err(error) => wait_to_retry(&mut retry, error).await?,
+            }
+        }
     }
 
     /// Waits until the transactions of `items` are visible, with no
@@ -154,6 +158,14 @@ async fn wait_to_retry(retry: &mut Retry, error: DbError) -> Result<(), ResolveE
         "refresh queries or the visibility check failed; retrying (confirmations are held meanwhile)");
     tokio::time::sleep(delay).await;
     Ok(())
+}
+
+/// Whether `items` hold row changes of some transaction (flushes and
+/// keepalive positions do not).
+pub fn has_rows(items: &[Item]) -> bool {
+    items
+        .iter()
+        .any(|i| i.xid != 0 && !matches!(i.op, CacheOp::Flush { .. }))
 }
 
 /// The transactions whose row changes `items` invalidate (flushes and

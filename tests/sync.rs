@@ -233,6 +233,15 @@ async fn synchronous_invalidation_leaves_no_stale_balance() {
         percentile(&off.commit_micros, 0.99),
     );
     assert_eq!(on.stale, 0, "{on:?}");
+    // Confirmations go out right after Redis acknowledged (they used to
+    // wait for a 1 s report interval, which every synchronous commit
+    // would wait too): a functional check with a wide margin, not a
+    // speed target.
+    assert!(
+        percentile(&on.commit_micros, 0.5) < 200.0,
+        "synchronous commits wait for a report interval: {:?} ms p50",
+        percentile(&on.commit_micros, 0.5)
+    );
     assert!(
         off.stale > 0,
         "the test must be able to see stale reads: {off:?}"
@@ -296,4 +305,96 @@ async fn a_synchronous_writer_waits_for_a_restarted_daemon() {
         0,
         "released only after the invalidation was applied"
     );
+}
+
+/// The ways out when the daemon is gone while synchronous commits wait:
+/// a second daemon on the same slot takes over after a `kill -9` and
+/// releases the waiter; and with no daemon at all, the runbook (empty
+/// `synchronous_standby_names`, reload) releases it at once, and its
+/// invalidation is applied when a daemon streams again — nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiters_are_released_by_a_standby_daemon_or_the_runbook() {
+    let mut env = TestEnv::start(4).await;
+    env.setup();
+    let mut first = env.daemon().await;
+    env.http_port = crate::support::free_port();
+    env.write_config("");
+    let mut second = env.spawn_daemon();
+    let admin = env.pg.client().await;
+    make_daemon_synchronous(&admin).await;
+    let ids: Vec<String> = admin
+        .query(
+            "select id::text from public.profiles order by id limit 2",
+            &[],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let keys: Vec<String> = ids.iter().map(|id| format!("profile:user:{id}")).collect();
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, &keys).await;
+
+    // The standby daemon takes over.
+    first.kill9();
+    let write = synchronous_update(env.pg.client().await, ids[0].clone()).await;
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the standby daemon releases the writer")
+        .expect("writer task");
+    assert_eq!(
+        crate::support::surviving(&mut redis, std::slice::from_ref(&keys[0])).await,
+        0
+    );
+
+    // No daemon at all: the runbook.
+    second.kill9();
+    let write = synchronous_update(env.pg.client().await, ids[1].clone()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !write.is_finished(),
+        "the writer waits while no daemon runs"
+    );
+    for sql in [
+        "alter system set synchronous_standby_names = ''",
+        "select pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("runbook");
+    }
+    tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("the runbook releases the writer")
+        .expect("writer task");
+    assert_eq!(
+        crate::support::surviving(&mut redis, std::slice::from_ref(&keys[1])).await,
+        1,
+        "no daemon has applied it yet"
+    );
+    let _back = env.daemon().await;
+    env.sync().await;
+    assert_eq!(
+        crate::support::surviving(&mut redis, std::slice::from_ref(&keys[1])).await,
+        0,
+        "applied once a daemon streams again"
+    );
+}
+
+/// Starts a `remote_apply` update of profile `id` on `pg`; the task ends
+/// when the commit returns.
+async fn synchronous_update(
+    pg: tokio_postgres::Client,
+    id: String,
+) -> tokio::task::JoinHandle<u64> {
+    pg.batch_execute("set synchronous_commit = remote_apply")
+        .await
+        .expect("remote_apply");
+    tokio::spawn(async move {
+        pg.execute(
+            "update public.profiles set bio = 'synchronous' where id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("update")
+    })
 }

@@ -125,7 +125,7 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        let result = wait_visible(&self.clients[0].db, xids, hold).await;
+        let result = wait_visible(&self.clients[0], xids, hold).await;
         if result.is_err() {
             self.clients.clear();
         }
@@ -151,7 +151,7 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        let visibility = match wait_visible(&self.clients[0].db, xids, Hold::Allowed).await {
+        let visibility = match wait_visible(&self.clients[0], xids, Hold::Allowed).await {
             Ok(v) => v,
             Err(error) => {
                 self.clients.clear();
@@ -216,10 +216,16 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(5);
 /// would never end. The 32-bit xid from the stream is widened to a full
 /// xid against the snapshot's xmax (a committed xid is less than 2^31
 /// behind it).
-async fn wait_visible(db: &Db, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
+async fn wait_visible(conn: &Conn, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
     if xids.is_empty() {
         return Ok(Visibility::Visible);
     }
+    let db = &conn.db;
+    // Prepared once per connection: one round-trip per check.
+    let statement = conn
+        .statement(&Arc::from(VISIBILITY_SQL))
+        .await
+        .map_err(DbError::query("preparing the visibility check"))?;
     let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
     let deadline = tokio::time::Instant::now() + VISIBILITY_WAIT;
     let held_after = tokio::time::Instant::now() + ASSUME_HELD_AFTER;
@@ -227,25 +233,11 @@ async fn wait_visible(db: &Db, xids: &[u32], hold: Hold) -> Result<Visibility, D
     loop {
         let row = db
             .client()
-            .query_one(
-                "with snap as (select pg_current_snapshot() as s), \
-                      bounds as (select s, pg_snapshot_xmax(s)::text::int8 as xmax from snap), \
-                      each as (select x, case \
-                        when x < xmax % 4294967296 then \
-                          pg_visible_in_snapshot(((xmax / 4294967296) * 4294967296 + x)::text::xid8, s) \
-                        when x - xmax % 4294967296 < 2147483648 then false \
-                        when xmax / 4294967296 = 0 then false \
-                        else pg_visible_in_snapshot(((xmax / 4294967296 - 1) * 4294967296 + x)::text::xid8, s) \
-                      end as visible from bounds, unnest($1::int8[]) as x) \
-                 select coalesce(bool_and(visible), true), \
-                        coalesce(bool_and(visible or x in ( \
-                          select backend_xid::text::int8 from pg_stat_activity \
-                           where wait_event = 'SyncRep' and backend_xid is not null)), true) \
-                   from each",
-                &[&xids],
-            )
+            .query_one(&statement, &[&xids])
             .await
-            .map_err(DbError::query("checking that decoded transactions are visible"))?;
+            .map_err(DbError::query(
+                "checking that decoded transactions are visible",
+            ))?;
         let (visible, visible_or_held): (bool, bool) = (row.get(0), row.get(1));
         if visible {
             return Ok(Visibility::Visible);
@@ -275,6 +267,24 @@ async fn wait_visible(db: &Db, xids: &[u32], hold: Hold) -> Result<Visibility, D
         }
     }
 }
+
+/// The visibility check (see [`wait_visible`]): per xid, visible to a new
+/// snapshot, or waiting in a session held by a synchronous standby wait.
+const VISIBILITY_SQL: &str =
+                "with snap as (select pg_current_snapshot() as s), \
+                      bounds as (select s, pg_snapshot_xmax(s)::text::int8 as xmax from snap), \
+                      each as (select x, case \
+                        when x < xmax % 4294967296 then \
+                          pg_visible_in_snapshot(((xmax / 4294967296) * 4294967296 + x)::text::xid8, s) \
+                        when x - xmax % 4294967296 < 2147483648 then false \
+                        when xmax / 4294967296 = 0 then false \
+                        else pg_visible_in_snapshot(((xmax / 4294967296 - 1) * 4294967296 + x)::text::xid8, s) \
+                      end as visible from bounds, unnest($1::int8[]) as x) \
+                 select coalesce(bool_and(visible), true), \
+                        coalesce(bool_and(visible or x in ( \
+                          select backend_xid::text::int8 from pg_stat_activity \
+                           where wait_event = 'SyncRep' and backend_xid is not null)), true) \
+                   from each";
 
 /// How long a commit may stay invisible before it is treated as held by a
 /// synchronous standby wait even when that wait cannot be seen: commits

@@ -92,6 +92,15 @@ struct Touched {
     written: u64,
 }
 
+/// Which keys [`RedisSink::delete_again`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// Only the keys the batch deleted.
+    Deleted,
+    /// Every key the batch touched.
+    All,
+}
+
 /// A client for `url`, trusting `ca_cert` for `rediss://` when given.
 pub fn client(
     url: &SecretUrl,
@@ -241,12 +250,20 @@ impl RedisSink {
         self.apply_counted(items, applied, true).await
     }
 
-    /// Deletes every key `items` wrote or deleted once more, without events
-    /// or counting: for a batch that had to be applied while its commits
-    /// were still invisible (held by a synchronous standby wait, see
-    /// [`crate::resolve`]). A reader that took a lease in between read the
-    /// old rows; this voids its lease or removes what it filled.
-    pub async fn delete_again(&mut self, items: &[Item]) -> Result<(), SinkError> {
+    /// Deletes keys of `items` once more, without events or counting, and
+    /// records `applied`: for a batch applied before its commits were
+    /// visible (see [`crate::resolve`]). A reader that took a lease in
+    /// between may have read the old rows; this voids its lease or removes
+    /// what it filled. [`Again::Deleted`]: the keys the batch deleted (a
+    /// key that holds a refreshed value cannot be leased); [`Again::All`]:
+    /// refreshed keys too (their values may come from queries answered
+    /// before the commits showed).
+    pub async fn delete_again(
+        &mut self,
+        items: &[Item],
+        scope: Again,
+        applied: Option<Lsn>,
+    ) -> Result<(), SinkError> {
         let again: Vec<Item> = items
             .iter()
             .filter_map(|item| {
@@ -257,13 +274,25 @@ impl RedisSink {
                         op,
                         set,
                         del,
+                        value,
                         ..
-                    } => (table, op, set.iter().chain(del).cloned().collect()),
+                    } => {
+                        let set_too = scope == Again::All || value.is_none();
+                        let keys = del
+                            .iter()
+                            .chain(set.iter().filter(|_| set_too))
+                            .cloned()
+                            .collect();
+                        (table, op, keys)
+                    }
                     CacheOp::Query {
                         table, op, keys, ..
                     } => (table, op, keys.clone()),
                     CacheOp::Flush { .. } => return None,
                 };
+                if keys.is_empty() {
+                    return None;
+                }
                 Some(Item {
                     op: CacheOp::Invalidate {
                         table: Arc::clone(table),
@@ -275,7 +304,7 @@ impl RedisSink {
             })
             .collect();
         let channel = self.channel.take();
-        let result = self.apply_counted(&again, None, false).await;
+        let result = self.apply_counted(&again, applied, false).await;
         self.channel = channel;
         result
     }
