@@ -273,11 +273,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
 
     /// The position the daemon has applied, as recorded in Redis.
     pub async fn applied(&mut self) -> Result<Option<Lsn>, ClientError> {
-        let text: Option<String> = redis::cmd("GET")
-            .arg(&self.position_key)
-            .query_async(&mut self.conn)
-            .await?;
-        Ok(text.and_then(|t| t.parse().ok()))
+        Ok(crate::sink::position::read(&mut self.conn, &self.position_key).await?)
     }
 
     /// Whether the daemon has applied `token`, waiting per the policy.
@@ -323,7 +319,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
                     self.functions = Some(true);
                     return Ok(value);
                 }
-                Err(error) if missing_function(&error) => {
+                Err(error) if crate::sink::leases::is_missing_function(&error) => {
                     // Redis restarted without persistence, or nobody loaded
                     // the library yet: load it and call again.
                     match crate::sink::leases::load(&mut self.conn).await? {
@@ -340,7 +336,9 @@ impl<C: ConnectionLike + Send> Cache<C> {
                         crate::sink::leases::Loaded::Scripts => self.functions = Some(false),
                     }
                 }
-                Err(error) if unknown_command(&error) => self.functions = Some(false),
+                Err(error) if crate::sink::leases::is_unknown_command(&error) => {
+                    self.functions = Some(false)
+                }
                 Err(error) => return Err(error.into()),
             }
         }
@@ -355,20 +353,6 @@ impl<C: ConnectionLike + Send> Cache<C> {
         }
         Ok(invocation.invoke_async(&mut self.conn).await?)
     }
-}
-
-fn missing_function(error: &RedisError) -> bool {
-    error
-        .to_string()
-        .to_ascii_lowercase()
-        .contains("function not found")
-}
-
-fn unknown_command(error: &RedisError) -> bool {
-    error
-        .to_string()
-        .to_ascii_lowercase()
-        .contains("unknown command")
 }
 
 #[cfg(test)]

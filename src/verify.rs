@@ -22,7 +22,6 @@ use redis::aio::ConnectionLike;
 use crate::db::compare::{Compared, Comparer, Expected};
 use crate::db::DbError;
 use crate::lease;
-use crate::lsn::Lsn;
 use crate::plan::keys::KeyTemplate;
 use crate::plan::rules::{Rule, RuleSet};
 use crate::sink::inspect;
@@ -204,7 +203,8 @@ pub async fn verify<C: ConnectionLike + Send>(
         let pattern = target.template.scan_pattern();
         let mut cursor = 0;
         loop {
-            let (next, keys) = inspect::scan_step(redis, cursor, &pattern).await?;
+            let (next, keys) =
+                inspect::scan_step(redis, cursor, &pattern, inspect::SCAN_COUNT).await?;
             for raw in keys {
                 if options.sample.is_some_and(|n| report.checked >= n) {
                     break 'targets;
@@ -350,12 +350,8 @@ async fn wait_for_daemon<C: ConnectionLike + Send>(
     };
     let deadline = Instant::now() + CATCH_UP;
     while Instant::now() < deadline {
-        let applied: Option<String> = redis::cmd("GET")
-            .arg(position_key)
-            .query_async(redis)
-            .await?;
-        if applied
-            .and_then(|a| a.parse::<Lsn>().ok())
+        if crate::sink::position::read(redis, position_key)
+            .await?
             .is_some_and(|a| a >= now)
         {
             return Ok(true);

@@ -222,8 +222,10 @@ async fn wait_visible(conn: &Conn, xids: &[u32], hold: Hold) -> Result<Visibilit
     }
     let db = &conn.db;
     // Prepared once per connection: one round-trip per check.
+    static SQL: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(VISIBILITY_SQL));
     let statement = conn
-        .statement(&Arc::from(VISIBILITY_SQL))
+        .statement(&SQL)
         .await
         .map_err(DbError::query("preparing the visibility check"))?;
     let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();

@@ -19,14 +19,7 @@ pub async fn flush_patterns(
     for pattern in patterns {
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(conn)
-                .await?;
+            let (next, keys) = super::inspect::scan_step(conn, cursor, pattern, SCAN_COUNT).await?;
             if !keys.is_empty() {
                 let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
                 removed += n;

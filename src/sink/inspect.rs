@@ -5,7 +5,8 @@
 use redis::aio::ConnectionLike;
 use redis::RedisError;
 
-/// Keys per SCAN step: quick for Redis, few round-trips for us.
+/// Keys per SCAN step for `verify`: each key found costs a GET and a query,
+/// so steps stay small.
 pub const SCAN_COUNT: usize = 500;
 
 /// Deletes `KEYS[1]` only while it still holds `ARGV[1]`.
@@ -16,19 +17,20 @@ end
 return 0
 "#;
 
-/// One SCAN step over `pattern` from `cursor`: the next cursor (0 at the
-/// end) and the keys found.
+/// One SCAN step over `pattern` from `cursor` looking at about `count`
+/// keys: the next cursor (0 at the end) and the keys found (as bytes).
 pub async fn scan_step<C: ConnectionLike>(
     conn: &mut C,
     cursor: u64,
     pattern: &str,
+    count: usize,
 ) -> Result<(u64, Vec<Vec<u8>>), RedisError> {
     redis::cmd("SCAN")
         .arg(cursor)
         .arg("MATCH")
         .arg(pattern)
         .arg("COUNT")
-        .arg(SCAN_COUNT)
+        .arg(count)
         .query_async(conn)
         .await
 }

@@ -72,11 +72,19 @@ fn holds_code(listed: &redis::Value, code: &str) -> bool {
 }
 
 /// Redis before 7.0 answers `ERR unknown command 'FUNCTION'`.
-fn is_unknown_command(error: &RedisError) -> bool {
+pub(crate) fn is_unknown_command(error: &RedisError) -> bool {
     error
         .to_string()
         .to_ascii_lowercase()
         .contains("unknown command")
+}
+
+/// `FCALL` of a function no library registered (a Redis that forgot them).
+pub(crate) fn is_missing_function(error: &RedisError) -> bool {
+    error
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("function not found")
 }
 
 /// Loads the functions over a connection of its own (for `setup`).

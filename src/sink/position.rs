@@ -12,7 +12,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::RedisError;
 
 use crate::lsn::Lsn;
@@ -31,7 +30,10 @@ pub fn record(key: &str, lsn: Lsn) -> redis::Cmd {
 }
 
 /// The recorded position, if any (an unreadable value counts as none).
-pub async fn read(conn: &mut ConnectionManager, key: &str) -> Result<Option<Lsn>, RedisError> {
+pub async fn read<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+) -> Result<Option<Lsn>, RedisError> {
     let text: Option<String> = redis::cmd("GET").arg(key).query_async(conn).await?;
     Ok(text.and_then(|t| t.parse().ok()))
 }
