@@ -34,8 +34,8 @@ struct Args {
     rates: Vec<u64>,
     seconds: u64,
     naive_seconds: u64,
-    /// Scenarios to run (all when empty): drain1000, drain1, live, capture,
-    /// memory.
+    /// Scenarios to run (all when empty): drain1000, drain1, live,
+    /// outbox-live, capture, memory.
     only: Vec<String>,
 }
 
@@ -409,8 +409,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index]
 }
 
-async fn live_latency(args: &Args) -> Vec<LatencyResult> {
+/// Where live changes are captured.
+#[derive(Clone, Copy, PartialEq)]
+enum Capture {
+    Replication,
+    /// The outbox, woken by NOTIFY (polling every second otherwise).
+    Outbox,
+}
+
+async fn live_latency(args: &Args, capture: Capture, rates: &[u64]) -> Vec<LatencyResult> {
     let mut env = TestEnv::start(50_000).await;
+    if capture == Capture::Outbox {
+        env.postgres_extra = "source = \"outbox\"\n".to_string();
+        env.write_config("");
+    }
     env.setup();
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
@@ -426,6 +438,10 @@ async fn live_latency(args: &Args) -> Vec<LatencyResult> {
         .collect();
     env.write_config("[replication]\nheartbeat_interval = \"0s\"\n");
     let _daemon = env.daemon().await;
+    if capture == Capture::Outbox {
+        // Let the drainer go idle and ask for wake-ups.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let pubsub_client = redis::Client::open(env.redis.url()).expect("client");
@@ -454,7 +470,7 @@ async fn live_latency(args: &Args) -> Vec<LatencyResult> {
     const WRITERS: u64 = 4;
     let mut results = Vec::new();
     let mut next_row = 0i64;
-    for &rate in &args.rates {
+    for &rate in rates {
         arrivals.lock().expect("lock").clear();
         let total = (rate * args.seconds).min(rows as u64);
         let first = next_row;
@@ -551,7 +567,31 @@ fn pgbench_tps(env: &TestEnv, script: &std::path::Path, seconds: u64) -> f64 {
 /// What capture costs writers: the same pgbench update workload with no
 /// capture, with the outbox triggers (daemon draining), and with the
 /// replication slot (daemon streaming). Rounds alternate the modes.
-async fn capture_cost(args: &Args) -> Vec<(&'static str, f64)> {
+/// The outbox's size on disk (tables and indexes, every partition) in MB,
+/// and its dead tuples, a moment after a run (statistics are flushed
+/// lazily).
+async fn outbox_footprint(client: &tokio_postgres::Client) -> (f64, i64) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = client
+        .query_one(
+            "select (select sum(pg_total_relation_size(relid)) from pg_partition_tree('cache_invalidator.outbox'))::float8 / 1e6, \
+                    (select coalesce(sum(n_dead_tup), 0)::int8 from pg_stat_user_tables \
+                      where relid in (select relid from pg_partition_tree('cache_invalidator.outbox')))",
+            &[],
+        )
+        .await
+        .expect("outbox footprint");
+    (row.get(0), row.get(1))
+}
+
+/// Writer throughput per capture mode, and the outbox's footprint after
+/// each drained run.
+struct CaptureCost {
+    tps: Vec<(&'static str, f64)>,
+    outbox_after: Vec<(f64, i64)>,
+}
+
+async fn capture_cost(args: &Args) -> CaptureCost {
     let mut env = TestEnv::start(50_000).await;
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
@@ -572,6 +612,7 @@ async fn capture_cost(args: &Args) -> Vec<(&'static str, f64)> {
         ),
         ("replication slot, daemon streaming", Vec::new()),
     ];
+    let mut outbox_after = Vec::new();
     for round in 0..args.runs {
         // No capture.
         results[0].1.push(pgbench_tps(&env, &script, args.seconds));
@@ -581,6 +622,7 @@ async fn capture_cost(args: &Args) -> Vec<(&'static str, f64)> {
         env.setup();
         let mut daemon = env.daemon().await;
         results[1].1.push(pgbench_tps(&env, &script, args.seconds));
+        outbox_after.push(outbox_footprint(&client).await);
         let _ = daemon.terminate().await;
         results[2].1.push(pgbench_tps(&env, &script, args.seconds));
         let out = env.cli(&["teardown"]);
@@ -599,10 +641,13 @@ async fn capture_cost(args: &Args) -> Vec<(&'static str, f64)> {
             results[0].1[round], results[1].1[round], results[2].1[round], results[3].1[round]
         );
     }
-    results
-        .into_iter()
-        .map(|(name, mut tps)| (name, median(&mut tps)))
-        .collect()
+    CaptureCost {
+        tps: results
+            .into_iter()
+            .map(|(name, mut tps)| (name, median(&mut tps)))
+            .collect(),
+        outbox_after,
+    }
 }
 
 fn rss_kb(pid: u32, field: &str) -> u64 {
@@ -663,7 +708,13 @@ async fn main() {
     }
     let live = if args.wants("live") {
         eprintln!("live latency");
-        live_latency(&args).await
+        live_latency(&args, Capture::Replication, &args.rates).await
+    } else {
+        Vec::new()
+    };
+    let outbox_live = if args.wants("outbox-live") {
+        eprintln!("live latency through the outbox");
+        live_latency(&args, Capture::Outbox, &[1_000]).await
     } else {
         Vec::new()
     };
@@ -671,7 +722,10 @@ async fn main() {
         eprintln!("capture cost for writers");
         capture_cost(&args).await
     } else {
-        Vec::new()
+        CaptureCost {
+            tps: Vec::new(),
+            outbox_after: Vec::new(),
+        }
     };
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
@@ -706,22 +760,30 @@ async fn main() {
             .into(),
     );
     lines.push("|---|---|---|---|---|---|".into());
-    for l in &live {
-        lines.push(format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
-            l.target, l.achieved, l.p50_ms, l.p99_ms, l.max_ms, l.missing
-        ));
+    for (capture, results) in [("", &live), (" (outbox)", &outbox_live)] {
+        for l in results {
+            lines.push(format!(
+                "| {}{capture} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+                l.target, l.achieved, l.p50_ms, l.p99_ms, l.max_ms, l.missing
+            ));
+        }
     }
     lines.push(String::new());
-    if let Some((_, base)) = capture.first().copied() {
+    if let Some((_, base)) = capture.tps.first().copied() {
         lines.push(String::new());
         lines.push(
             "| writers (pgbench, 4 clients, single-row updates) | tps | ratio to no capture |"
                 .into(),
         );
         lines.push("|---|---|---|".into());
-        for (name, tps) in &capture {
+        for (name, tps) in &capture.tps {
             lines.push(format!("| {name} | {tps:.0} | {:.2} |", tps / base));
+        }
+        lines.push(String::new());
+        for (round, (mb, dead)) in capture.outbox_after.iter().enumerate() {
+            lines.push(format!(
+                "Outbox after round {round} with the daemon draining: {mb:.1} MB on disk, {dead} dead tuples."
+            ));
         }
         lines.push(String::new());
     }

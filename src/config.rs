@@ -189,6 +189,10 @@ pub struct OutboxConfig {
     /// Outbox rows applied per Redis round-trip and database transaction.
     #[serde(default = "default_outbox_batch")]
     pub batch_size: u32,
+    /// How long writers fill one outbox partition before they switch to
+    /// the other, so the drained one can be emptied with TRUNCATE.
+    #[serde(default = "default_rotate")]
+    pub rotate_interval: HumanDuration,
 }
 
 impl Default for OutboxConfig {
@@ -197,6 +201,7 @@ impl Default for OutboxConfig {
             schema: default_outbox_schema(),
             poll_interval: default_poll(),
             batch_size: default_outbox_batch(),
+            rotate_interval: default_rotate(),
         }
     }
 }
@@ -206,6 +211,11 @@ pub const DEFAULT_OUTBOX_POLL: std::time::Duration = std::time::Duration::from_s
 /// Default outbox batch: large enough for few round-trips, small enough
 /// that one transaction's row locks and one pipeline stay small.
 pub const DEFAULT_OUTBOX_BATCH: u32 = 1000;
+
+/// Default outbox rotation: often enough that a partition holds seconds of
+/// writes (TRUNCATE then frees little), rarely enough that the switch and
+/// the TRUNCATE's lock are rare events.
+pub const DEFAULT_OUTBOX_ROTATE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Default outbox schema. Not `pg_cache_invalidator` like the slot:
 /// PostgreSQL reserves schema names starting with `pg_`.
@@ -217,6 +227,10 @@ fn default_outbox_schema() -> String {
 
 fn default_poll() -> HumanDuration {
     HumanDuration(DEFAULT_OUTBOX_POLL)
+}
+
+fn default_rotate() -> HumanDuration {
+    HumanDuration(DEFAULT_OUTBOX_ROTATE)
 }
 
 fn default_outbox_batch() -> u32 {
@@ -449,6 +463,9 @@ impl Config {
         }
         if self.outbox.poll_interval.0.is_zero() {
             problems.push("outbox.poll_interval: must be more than 0s".to_string());
+        }
+        if self.outbox.rotate_interval.0.is_zero() {
+            problems.push("outbox.rotate_interval: must be more than 0s".to_string());
         }
         if !(1..=100_000).contains(&self.outbox.batch_size) {
             problems.push("outbox.batch_size: must be between 1 and 100000".to_string());

@@ -18,14 +18,18 @@ async fn outbox_env(users: i32) -> TestEnv {
     env
 }
 
+/// Outbox rows not drained yet, as `status` counts them (rows stay until
+/// their partition is emptied; the recorded position says which are
+/// applied).
 async fn outbox_rows(env: &TestEnv) -> i64 {
-    env.pg
-        .client()
+    use pg_cache_invalidator::config::{OutboxConfig, SecretUrl};
+    use pg_cache_invalidator::db::{ConnInfo, Db};
+    let conn = ConnInfo::parse(&SecretUrl::new(env.pg.url()), None).expect("conn");
+    let db = Db::connect(&conn).await.expect("connect");
+    pg_cache_invalidator::source::outbox::drain::backlog(&db, &OutboxConfig::default())
         .await
-        .query_one("select count(*) from cache_invalidator.outbox", &[])
-        .await
-        .expect("count")
-        .get(0)
+        .expect("backlog")
+        .0
 }
 
 /// The same writes as the replication tests (an update, transfer_tokens,
@@ -245,11 +249,12 @@ async fn large_values_pass_through_the_outbox() {
     assert!(same, "cached row differs from to_jsonb");
 }
 
-/// Two daemons drain one outbox at once: SKIP LOCKED gives each its own
-/// rows, so every change is applied exactly once (one event each) and
-/// nothing is lost.
+/// Two daemons on one outbox: one drains, the other stands by (the drain
+/// lock); every change is applied once (one event each). Killed with -9,
+/// the first one's lock goes with its session and the second takes over
+/// from the recorded position: nothing is lost.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_daemons_share_one_outbox() {
+async fn one_of_two_daemons_drains_and_the_other_takes_over() {
     let mut env = outbox_env(10_000).await;
     let keys = balance_keys(&env).await;
     let mut redis = env.redis.conn().await;
@@ -276,12 +281,18 @@ async fn two_daemons_share_one_outbox() {
         }
         n
     });
-    let _first = env.daemon().await;
+    let mut first = env.daemon().await;
     env.http_port = crate::support::free_port();
     env.write_config("");
-    let _second = env.daemon().await;
+    let second = env.spawn_daemon();
+    wait_for(
+        "the second daemon to stand by",
+        Duration::from_secs(20),
+        || async { second.log().contains("standing by") },
+    )
+    .await;
     let db = env.pg.client().await;
-    for part in 0..20 {
+    for part in 0..10 {
         db.execute(
             "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 15) = $1 % 16",
             &[&part],
@@ -290,13 +301,32 @@ async fn two_daemons_share_one_outbox() {
         .expect("writes");
     }
     env.sync().await;
-    assert_eq!(surviving(&mut redis, &keys).await, 0);
-    // The sentinel shows that everything before it reached Redis; with two
-    // drainers the other one may still be deleting its last claim (rows go
-    // only after the loop confirmed them), so the outbox empties a moment
-    // later.
     wait_for(
-        "the outbox to be empty",
+        "the position to be recorded",
+        Duration::from_secs(10),
+        || async { outbox_rows(&env).await == 0 },
+    )
+    .await;
+    // The first one is killed: the second takes over the lock and drains
+    // the rest, from where the first recorded its position.
+    first.kill9();
+    for part in 10..20 {
+        db.execute(
+            "update public.user_tokens set balance = balance + 1 where (hashtext(id::text) & 15) = $1 % 16",
+            &[&part],
+        )
+        .await
+        .expect("writes");
+    }
+    env.sync().await;
+    assert!(
+        second.log().contains("draining the outbox"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+    wait_for(
+        "the outbox to be drained",
         Duration::from_secs(10),
         || async { outbox_rows(&env).await == 0 },
     )
@@ -311,7 +341,10 @@ async fn two_daemons_share_one_outbox() {
         .expect("expected")
         .get(0);
     let events = counter.await.expect("counter");
-    assert_eq!(events, expected, "each change applied exactly once");
+    assert_eq!(
+        events, expected,
+        "each change applied once (the second daemon stood by until the first was killed)"
+    );
 }
 
 /// Through PgBouncer in session mode (as through Supabase's pooler): the
@@ -680,10 +713,9 @@ async fn writers_notify_only_while_a_drainer_waits() {
         Duration::from_secs(20),
         || async {
             client
-                .query_one("select count(*) from cache_invalidator.waiting", &[])
+                .query_one("select wake from cache_invalidator.state", &[])
                 .await
-                .map(|r| r.get::<_, i64>(0) == 1)
-                .unwrap_or(false)
+                .is_ok_and(|r| r.get::<_, bool>(0))
         },
     )
     .await;
@@ -699,10 +731,137 @@ async fn writers_notify_only_while_a_drainer_waits() {
     env.sync().await;
     // A daemon that stops says it no longer waits.
     assert!(daemon.terminate().await.success());
-    let waiting: i64 = client
-        .query_one("select count(*) from cache_invalidator.waiting", &[])
+    let waiting: bool = client
+        .query_one("select wake from cache_invalidator.state", &[])
         .await
-        .expect("count")
+        .expect("state")
         .get(0);
-    assert_eq!(waiting, 0, "a stopped daemon left its wake-up request");
+    assert!(!waiting, "a stopped daemon left its wake-up request");
+}
+
+/// Writers switch partitions every `rotate_interval` and the drained one is
+/// emptied with TRUNCATE — but not while a transaction that began writing
+/// into it before the switch is still open: its row is applied when it
+/// commits, after rows of later transactions, and only then does the
+/// partition go. Batches of 7 rows make the drain continue batches across
+/// claims.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_open_across_a_partition_switch_is_applied() {
+    let mut env = TestEnv::start(40).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config("[outbox]\nrotate_interval = \"300ms\"\nbatch_size = 7\n");
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 40).await;
+    let client = env.pg.client().await;
+    async fn current(client: &tokio_postgres::Client) -> i16 {
+        client
+            .query_one("select current from cache_invalidator.state", &[])
+            .await
+            .expect("state")
+            .get(0)
+    }
+    let first = current(&client).await;
+    let mut long = env.pg.client().await;
+    let long_txn = long.transaction().await.expect("begin");
+    long_txn
+        .execute(
+            "update public.profiles set bio = 'long' where id = $1::text::uuid",
+            &[&u[0].id],
+        )
+        .await
+        .expect("write in the long transaction");
+    // Later transactions, applied while the long one stays open; the
+    // writers switch partitions meanwhile.
+    for user in &u[1..] {
+        client
+            .execute(
+                "update public.profiles set bio = 'short' where id = $1::text::uuid",
+                &[&user.id],
+            )
+            .await
+            .expect("write");
+    }
+    env.sync().await;
+    wait_for(
+        "writers to switch partitions",
+        Duration::from_secs(20),
+        || async { current(&client).await != first },
+    )
+    .await;
+    // The daemon tries to empty the partition the long transaction writes
+    // to meanwhile (nothing here may read that partition: it would queue
+    // behind the daemon's lock).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let key = format!("profile:user:{}", u[0].id);
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    long_txn
+        .commit()
+        .await
+        .expect("commit the long transaction");
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&key)).await,
+        0,
+        "the long transaction's change was not applied"
+    );
+    wait_for(
+        "the partition it wrote to to be emptied",
+        Duration::from_secs(20),
+        || async {
+            client
+                .query_one(
+                    &format!("select count(*) from cache_invalidator.outbox_{first}"),
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 0)
+        },
+    )
+    .await;
+    drop(long);
+}
+
+/// `setup` over the outbox of earlier versions (a plain table drained with
+/// row locks and deletes): refused while it holds rows, with what to do;
+/// replaced once it is empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_replaces_the_earlier_outbox_only_when_it_is_empty() {
+    let mut env = TestEnv::start(1).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config("");
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "create schema cache_invalidator; \
+             create table cache_invalidator.outbox (id bigserial primary key, relation text not null, op text not null, old_row text, new_row text); \
+             create table cache_invalidator.waiting (pid int primary key); \
+             insert into cache_invalidator.outbox (relation, op) values ('public.profiles', 'truncate')",
+        )
+        .await
+        .expect("the earlier layout");
+    let out = env.cli(&["setup"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("still holds 1 row(s) in the layout of earlier versions"),
+        "{stderr}"
+    );
+    client
+        .batch_execute("delete from cache_invalidator.outbox")
+        .await
+        .expect("drained");
+    env.setup();
+    let kind: i8 = client
+        .query_one(
+            "select relkind from pg_class where oid = 'cache_invalidator.outbox'::regclass",
+            &[],
+        )
+        .await
+        .expect("relkind")
+        .get(0);
+    assert_eq!(kind as u8, b'p', "the outbox is partitioned now");
+    let _daemon = env.daemon().await;
+    env.sync().await;
 }

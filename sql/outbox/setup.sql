@@ -8,39 +8,64 @@
 -- schema cache_invalidator holds the outbox and its trigger functions
 CREATE SCHEMA IF NOT EXISTS "cache_invalidator";
 
--- one row per changed row, written in the writer's transaction
+-- one row per changed row, written in the writer's transaction into the partition writers currently fill; the drain reads rows by the writer's transaction id, and empties a drained partition with TRUNCATE
 CREATE TABLE IF NOT EXISTS "cache_invalidator".outbox (
-  id bigserial PRIMARY KEY,
+  part smallint NOT NULL,
+  xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+  id bigserial,
   lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn(),
   created_at timestamptz NOT NULL DEFAULT now(),
   relation text NOT NULL,
   op text NOT NULL,
   old_row text,
   new_row text
-);
+) PARTITION BY LIST (part);
+CREATE TABLE IF NOT EXISTS "cache_invalidator".outbox_0 PARTITION OF "cache_invalidator".outbox FOR VALUES IN (0);
+CREATE TABLE IF NOT EXISTS "cache_invalidator".outbox_1 PARTITION OF "cache_invalidator".outbox FOR VALUES IN (1);
+CREATE INDEX IF NOT EXISTS outbox_xid_id ON "cache_invalidator".outbox (xid, id);
 
 -- which columns each table's trigger captures, in order
 CREATE TABLE IF NOT EXISTS "cache_invalidator".captures (relation text PRIMARY KEY, columns text[] NOT NULL);
 
--- drainers waiting for a wake-up: writers NOTIFY only while one waits
-CREATE TABLE IF NOT EXISTS "cache_invalidator".waiting (pid int PRIMARY KEY, since timestamptz NOT NULL DEFAULT now());
+-- what writers read: the partition they fill, and whether the drainer waits for a wake-up (writers NOTIFY only then)
+CREATE TABLE IF NOT EXISTS "cache_invalidator".state (
+  one boolean PRIMARY KEY DEFAULT true CHECK (one),
+  current smallint NOT NULL DEFAULT 0 CHECK (current IN (0, 1)),
+  wake boolean NOT NULL DEFAULT false,
+  rotated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO "cache_invalidator".state DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+-- how far the drain got: every row of a transaction visible in `snapshot` is applied (taken before any trigger exists, so no row predates it)
+CREATE TABLE IF NOT EXISTS "cache_invalidator".drained (
+  one boolean PRIMARY KEY DEFAULT true CHECK (one),
+  snapshot pg_snapshot NOT NULL,
+  batch pg_snapshot,
+  after_xid xid8,
+  after_id int8,
+  at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO "cache_invalidator".drained (snapshot) VALUES (pg_current_snapshot()) ON CONFLICT DO NOTHING;
 
 -- public.profiles: capture columns id into the outbox
 CREATE OR REPLACE FUNCTION "cache_invalidator"."capture_public_profiles"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+  s record;
 BEGIN
+  SELECT current, wake INTO s FROM "cache_invalidator".state;
   IF TG_OP = 'TRUNCATE' THEN
-    INSERT INTO "cache_invalidator".outbox (relation, op) VALUES ('public.profiles', 'truncate');
+    INSERT INTO "cache_invalidator".outbox (part, relation, op) VALUES (coalesce(s.current, 0), 'public.profiles', 'truncate');
   ELSE
-    INSERT INTO "cache_invalidator".outbox (relation, op, old_row, new_row) VALUES ('public.profiles', lower(TG_OP),
+    INSERT INTO "cache_invalidator".outbox (part, relation, op, old_row, new_row) VALUES (coalesce(s.current, 0), 'public.profiles', lower(TG_OP),
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."id")::text END);
   END IF;
-  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- Wake the drainer only while it waits: NOTIFY takes a
   -- cluster-wide lock at commit (PostgreSQL folds repeats).
-  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+  IF s.wake THEN
     PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;
@@ -59,17 +84,20 @@ CREATE OR REPLACE FUNCTION "cache_invalidator"."capture_public_user_tokens"() RE
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+  s record;
 BEGIN
+  SELECT current, wake INTO s FROM "cache_invalidator".state;
   IF TG_OP = 'TRUNCATE' THEN
-    INSERT INTO "cache_invalidator".outbox (relation, op) VALUES ('public.user_tokens', 'truncate');
+    INSERT INTO "cache_invalidator".outbox (part, relation, op) VALUES (coalesce(s.current, 0), 'public.user_tokens', 'truncate');
   ELSE
-    INSERT INTO "cache_invalidator".outbox (relation, op, old_row, new_row) VALUES ('public.user_tokens', lower(TG_OP),
+    INSERT INTO "cache_invalidator".outbox (part, relation, op, old_row, new_row) VALUES (coalesce(s.current, 0), 'public.user_tokens', lower(TG_OP),
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id", OLD."token_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id", NEW."token_id")::text END);
   END IF;
-  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- Wake the drainer only while it waits: NOTIFY takes a
   -- cluster-wide lock at commit (PostgreSQL folds repeats).
-  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+  IF s.wake THEN
     PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;
@@ -88,17 +116,20 @@ CREATE OR REPLACE FUNCTION "cache_invalidator"."capture_public_user_journeys"() 
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+  s record;
 BEGIN
+  SELECT current, wake INTO s FROM "cache_invalidator".state;
   IF TG_OP = 'TRUNCATE' THEN
-    INSERT INTO "cache_invalidator".outbox (relation, op) VALUES ('public.user_journeys', 'truncate');
+    INSERT INTO "cache_invalidator".outbox (part, relation, op) VALUES (coalesce(s.current, 0), 'public.user_journeys', 'truncate');
   ELSE
-    INSERT INTO "cache_invalidator".outbox (relation, op, old_row, new_row) VALUES ('public.user_journeys', lower(TG_OP),
+    INSERT INTO "cache_invalidator".outbox (part, relation, op, old_row, new_row) VALUES (coalesce(s.current, 0), 'public.user_journeys', lower(TG_OP),
       CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD."user_id")::text END,
       CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW."user_id")::text END);
   END IF;
-  -- Wake a drainer only if one waits: NOTIFY takes a
+  -- Wake the drainer only while it waits: NOTIFY takes a
   -- cluster-wide lock at commit (PostgreSQL folds repeats).
-  IF EXISTS (SELECT 1 FROM "cache_invalidator".waiting) THEN
+  IF s.wake THEN
     PERFORM pg_notify('cache_invalidator', '');
   END IF;
   RETURN NULL;

@@ -112,6 +112,14 @@ impl DbError {
 }
 
 impl DbError {
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::Query { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
     /// The error on one line for the user, with the server's own words
     /// when it answered.
     pub fn one_line(&self) -> String {

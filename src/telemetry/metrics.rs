@@ -24,6 +24,8 @@ pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
 pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
 /// Outbox rows applied and deleted (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
+/// Outbox partitions emptied with TRUNCATE after they were drained.
+pub const OUTBOX_TRUNCATES_TOTAL: &str = "pgci_outbox_truncates_total";
 /// Events published on the pub/sub channel.
 pub const EVENTS_PUBLISHED_TOTAL: &str = "pgci_events_published_total";
 /// Batches applied to Redis.
@@ -99,7 +101,11 @@ fn describe() {
     describe_counter!(KEYS_WRITTEN_TOTAL, "Keys written with a refreshed value");
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
-    describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied and deleted");
+    describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied");
+    describe_counter!(
+        OUTBOX_TRUNCATES_TOTAL,
+        "Outbox partitions emptied with TRUNCATE once drained"
+    );
     describe_counter!(
         REFRESH_NULL_ANSWERS_TOTAL,
         "Refresh queries that answered NULL (keys deleted)"

@@ -11,6 +11,13 @@
 //! (ISO dates, UTC) so the same decoder reads both. `pg_notify` only wakes
 //! the daemon: identical notifications in one transaction are folded into
 //! one, and the daemon polls anyway, so a lost wake-up delays, never loses.
+//!
+//! The outbox is partitioned in two. Writers fill the partition `state`
+//! names; the drain reads rows by their writer's transaction id, never
+//! locks or deletes them, and empties a partition with TRUNCATE once it is
+//! drained and writers fill the other one (see [`super::drain`]). Writers
+//! read `state` once per row: it also says whether the drainer waits for a
+//! wake-up.
 
 use std::collections::BTreeSet;
 
@@ -96,10 +103,25 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
         ),
         sql: format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
     });
+    match layout(db, cfg).await? {
+        Layout::Missing | Layout::Partitioned => {}
+        Layout::RowLocking { rows: 0 } => plan.steps.push(Step {
+            why: "the outbox of earlier versions (row locks and deletes) is empty: replace it"
+                .to_string(),
+            sql: format!("DROP TABLE IF EXISTS {schema}.outbox, {schema}.waiting;"),
+        }),
+        Layout::RowLocking { rows } => plan.problems.push(format!(
+            "{}.outbox still holds {rows} row(s) in the layout of earlier versions: let the earlier daemon drain it (status shows the backlog), then run setup again",
+            cfg.schema
+        )),
+    }
     plan.steps.push(Step {
-        why: "one row per changed row, written in the writer's transaction".to_string(),
+        why: "one row per changed row, written in the writer's transaction into the partition writers currently fill; the drain reads rows by the writer's transaction id, and empties a drained partition with TRUNCATE".to_string(),
         sql: format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.outbox (\n  id bigserial PRIMARY KEY,\n  lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn(),\n  created_at timestamptz NOT NULL DEFAULT now(),\n  relation text NOT NULL,\n  op text NOT NULL,\n  old_row text,\n  new_row text\n);"
+            "CREATE TABLE IF NOT EXISTS {schema}.outbox (\n  part smallint NOT NULL,\n  xid xid8 NOT NULL DEFAULT pg_current_xact_id(),\n  id bigserial,\n  lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn(),\n  created_at timestamptz NOT NULL DEFAULT now(),\n  relation text NOT NULL,\n  op text NOT NULL,\n  old_row text,\n  new_row text\n) PARTITION BY LIST (part);\n\
+             CREATE TABLE IF NOT EXISTS {schema}.outbox_0 PARTITION OF {schema}.outbox FOR VALUES IN (0);\n\
+             CREATE TABLE IF NOT EXISTS {schema}.outbox_1 PARTITION OF {schema}.outbox FOR VALUES IN (1);\n\
+             CREATE INDEX IF NOT EXISTS outbox_xid_id ON {schema}.outbox (xid, id);"
         ),
     });
     plan.steps.push(Step {
@@ -109,9 +131,17 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
         ),
     });
     plan.steps.push(Step {
-        why: "drainers waiting for a wake-up: writers NOTIFY only while one waits".to_string(),
+        why: "what writers read: the partition they fill, and whether the drainer waits for a wake-up (writers NOTIFY only then)".to_string(),
         sql: format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.waiting (pid int PRIMARY KEY, since timestamptz NOT NULL DEFAULT now());"
+            "CREATE TABLE IF NOT EXISTS {schema}.state (\n  one boolean PRIMARY KEY DEFAULT true CHECK (one),\n  current smallint NOT NULL DEFAULT 0 CHECK (current IN (0, 1)),\n  wake boolean NOT NULL DEFAULT false,\n  rotated_at timestamptz NOT NULL DEFAULT now()\n);\n\
+             INSERT INTO {schema}.state DEFAULT VALUES ON CONFLICT DO NOTHING;"
+        ),
+    });
+    plan.steps.push(Step {
+        why: "how far the drain got: every row of a transaction visible in `snapshot` is applied (taken before any trigger exists, so no row predates it)".to_string(),
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.drained (\n  one boolean PRIMARY KEY DEFAULT true CHECK (one),\n  snapshot pg_snapshot NOT NULL,\n  batch pg_snapshot,\n  after_xid xid8,\n  after_id int8,\n  at timestamptz NOT NULL DEFAULT now()\n);\n\
+             INSERT INTO {schema}.drained (snapshot) VALUES (pg_current_snapshot()) ON CONFLICT DO NOTHING;"
         ),
     });
     let mut watched = Vec::new();
@@ -158,17 +188,20 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
                  LANGUAGE plpgsql SECURITY DEFINER\n\
                  SET search_path = pg_catalog, pg_temp{settings}\n\
                  AS $fn$\n\
+                 DECLARE\n\
+                 \x20 s record;\n\
                  BEGIN\n\
+                 \x20 SELECT current, wake INTO s FROM {schema}.state;\n\
                  \x20 IF TG_OP = 'TRUNCATE' THEN\n\
-                 \x20   INSERT INTO {schema}.outbox (relation, op) VALUES ({relation}, 'truncate');\n\
+                 \x20   INSERT INTO {schema}.outbox (part, relation, op) VALUES (coalesce(s.current, 0), {relation}, 'truncate');\n\
                  \x20 ELSE\n\
-                 \x20   INSERT INTO {schema}.outbox (relation, op, old_row, new_row) VALUES ({relation}, lower(TG_OP),\n\
+                 \x20   INSERT INTO {schema}.outbox (part, relation, op, old_row, new_row) VALUES (coalesce(s.current, 0), {relation}, lower(TG_OP),\n\
                  \x20     CASE WHEN TG_OP <> 'INSERT' THEN {old} END,\n\
                  \x20     CASE WHEN TG_OP <> 'DELETE' THEN {new} END);\n\
                  \x20 END IF;\n\
-                 \x20 -- Wake a drainer only if one waits: NOTIFY takes a\n\
+                 \x20 -- Wake the drainer only while it waits: NOTIFY takes a\n\
                  \x20 -- cluster-wide lock at commit (PostgreSQL folds repeats).\n\
-                 \x20 IF EXISTS (SELECT 1 FROM {schema}.waiting) THEN\n\
+                 \x20 IF s.wake THEN\n\
                  \x20   PERFORM pg_notify({notify}, '');\n\
                  \x20 END IF;\n\
                  \x20 RETURN NULL;\n\
@@ -211,6 +244,43 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
         });
     }
     Ok(plan)
+}
+
+/// The outbox table as installed.
+enum Layout {
+    /// Not installed yet.
+    Missing,
+    /// Partitioned, drained by snapshots and emptied by TRUNCATE.
+    Partitioned,
+    /// The plain table of earlier versions, drained by row locks and
+    /// deletes, with its rows still waiting.
+    RowLocking { rows: i64 },
+}
+
+async fn layout(db: &Db, cfg: &OutboxConfig) -> Result<Layout, DbError> {
+    let name = format!("{}.outbox", quote_ident(&cfg.schema));
+    let kind: Option<i8> = db
+        .client()
+        .query_one(
+            "select (select relkind from pg_class where oid = to_regclass($1))",
+            &[&name],
+        )
+        .await
+        .map_err(DbError::query("looking for the outbox"))?
+        .get(0);
+    Ok(match kind.map(|k| k as u8) {
+        None => Layout::Missing,
+        Some(b'p') => Layout::Partitioned,
+        Some(_) => {
+            let rows: i64 = db
+                .client()
+                .query_one(&format!("select count(*) from {name}"), &[])
+                .await
+                .map_err(DbError::query("counting rows of the earlier outbox"))?
+                .get(0);
+            Layout::RowLocking { rows }
+        }
+    })
 }
 
 fn describe(columns: &[String], all: usize) -> String {
@@ -274,11 +344,13 @@ pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<S
     let exists: bool = db
         .client()
         .query_one(
-            "select to_regclass($1) is not null and to_regclass($2) is not null and to_regclass($3) is not null",
+            "select (select relkind = 'p' from pg_class where oid = to_regclass($1)) is true \
+                and to_regclass($2) is not null and to_regclass($3) is not null and to_regclass($4) is not null",
             &[
                 &format!("{}.outbox", quote_ident(&cfg.schema)),
                 &format!("{}.captures", quote_ident(&cfg.schema)),
-                &format!("{}.waiting", quote_ident(&cfg.schema)),
+                &format!("{}.state", quote_ident(&cfg.schema)),
+                &format!("{}.drained", quote_ident(&cfg.schema)),
             ],
         )
         .await
@@ -286,7 +358,7 @@ pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<S
         .get(0);
     if !exists {
         problems.push(format!(
-            "the outbox is not installed in schema {:?}: run pg-cache-invalidator setup",
+            "the outbox is not installed in schema {:?} (or in the layout of an earlier version): run pg-cache-invalidator setup",
             cfg.schema
         ));
         return Ok(problems);

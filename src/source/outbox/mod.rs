@@ -5,20 +5,21 @@
 //! them (see [`drain`]).
 //!
 //! ```text
-//!  wake-up (NOTIFY) or poll ─▶ BEGIN; SELECT … FOR UPDATE SKIP LOCKED (oldest first)
+//!  wake-up (NOTIFY) or poll ─▶ rows of transactions committed since the recorded snapshot
 //!      ─▶ events (one transaction per row) ─▶ apply loop ─▶ Redis (retried until acknowledged)
-//!      ─▶ confirm(claim) ─▶ DELETE the rows; COMMIT
+//!      ─▶ confirm(claim) ─▶ record the new snapshot
+//!  every rotate_interval: writers switch partitions; the drained one is TRUNCATEd
 //! ```
 //!
-//! The rows are deleted in the same transaction that locked them, and only
-//! after the apply loop confirmed their claim (Redis acknowledged every
-//! operation): a crash, kill -9, or lost connection rolls the transaction
-//! back and the rows are drained again (at least once). NOTIFY is only a
-//! wake-up; the worker polls every `poll_interval` and drains on start, so
-//! rows written while nobody listened are applied too. Several daemons may
-//! drain one outbox: SKIP LOCKED gives each its own rows, and refreshed
-//! keys are version-guarded by the WAL position at which each row was
-//! written.
+//! The position is recorded only after the apply loop confirmed the claim
+//! (Redis acknowledged every operation): after a crash, kill -9, or a lost
+//! connection, rows since the last recorded position are applied again (at
+//! least once; refreshed keys are version-guarded by the WAL position at
+//! which each row was written). NOTIFY is only a wake-up; the worker polls
+//! every `poll_interval` and drains on start, so rows written while nobody
+//! listened are applied too. One daemon drains an outbox at a time (a
+//! session advisory lock); a second one stands by and takes over when the
+//! first one's session ends.
 //!
 //! The worker is a task of its own so that [`OutboxSource::next`] is a
 //! channel receive, which the apply loop's `select!` may cancel freely; a
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod install;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -47,9 +49,12 @@ use drain::{Captures, Read};
 /// Events queued from the worker to the apply loop: enough to keep the
 /// loop busy while the worker reads on; the worker waits when it is full.
 const QUEUED_EVENTS: usize = 4096;
-/// How long shutdown waits for the worker to delete the last confirmed
+/// How long shutdown waits for the worker to record the last confirmed
 /// claim.
-const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How soon an outbox partition that could not be emptied is tried again
+/// (and how long after a switch it is first tried).
+const TRUNCATE_RETRY: Duration = Duration::from_millis(500);
 
 /// Claim numbers, counted per process: the acknowledgement of this source.
 pub type ClaimId = u64;
@@ -153,6 +158,93 @@ struct Worker {
     claims: ClaimId,
 }
 
+/// One drain session: the connection holding the drain lock, where the
+/// drain stands, and the partition rotation.
+struct Drain<'a> {
+    db: &'a Db,
+    session: &'a drain::Session,
+    position: drain::Position,
+    rotation: Rotation,
+    /// Whether writers are asked to wake us.
+    waking: bool,
+}
+
+impl Drain<'_> {
+    /// Keeps the outbox small: empties the partition writers left once it
+    /// is drained, and switches writers to the other one every
+    /// `rotate_interval` (when they wrote anything).
+    async fn keep_small(&mut self, cfg: &OutboxConfig) -> Result<(), DbError> {
+        let now = Instant::now();
+        if let Some(part) = self.rotation.leaving {
+            if now < self.rotation.next_try {
+                return Ok(());
+            }
+            match self.session.truncate(self.db, part, &self.position).await? {
+                drain::Emptied::Yes => {
+                    self.rotation.leaving = None;
+                    self.rotation.tries = 0;
+                    metrics::counter!(m::OUTBOX_TRUNCATES_TOTAL).increment(1);
+                }
+                busy => {
+                    self.rotation.tries += 1;
+                    self.rotation.next_try = now + TRUNCATE_RETRY;
+                    if self.rotation.tries.is_multiple_of(50) {
+                        tracing::warn!(partition = part, state = ?busy, tries = self.rotation.tries,
+                            "an outbox partition cannot be emptied yet: a long transaction still writes to it, or its rows are not applied");
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if self.rotation.rows > 0 && now >= self.rotation.since + cfg.rotate_interval.0 {
+            let left = self.session.rotate(self.db).await?;
+            self.rotation = Rotation {
+                leaving: Some(left),
+                since: now,
+                // Give transactions that read `state` before the switch a
+                // moment to finish before the TRUNCATE's lock asks.
+                next_try: now + TRUNCATE_RETRY,
+                rows: 0,
+                tries: 0,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// When writers switch partitions and when the one they left is emptied.
+struct Rotation {
+    /// The partition writers left, not emptied yet.
+    leaving: Option<i16>,
+    /// When writers switched to the partition they fill.
+    since: Instant,
+    /// When to try emptying `leaving` again.
+    next_try: Instant,
+    /// Rows drained since the switch.
+    rows: usize,
+    /// Failed tries to empty `leaving`.
+    tries: u32,
+}
+
+impl Rotation {
+    fn new(writers: drain::Writers) -> Self {
+        let now = Instant::now();
+        let filling_for = Duration::from_secs_f64(writers.filling_for.max(0.0));
+        Rotation {
+            // The other partition may hold rows from before a crash.
+            leaving: Some(1 - writers.current),
+            since: now.checked_sub(filling_for).unwrap_or(now),
+            next_try: now,
+            rows: 0,
+            tries: 0,
+        }
+    }
+
+    fn drained(&mut self, rows: usize) {
+        self.rows += rows;
+    }
+}
+
 /// How a drain session ended.
 enum Ended {
     /// Stop the worker (shutdown, or the loop is gone).
@@ -165,18 +257,40 @@ impl Worker {
     async fn run(mut self) {
         let mut backoff = Backoff::default();
         let mut announced = false;
+        let mut standing_by = false;
         loop {
             if self.control.borrow().stopping {
                 return;
             }
             let session = async {
                 let (db, wake) = Db::connect_listening(&self.conn, &self.cfg.schema).await?;
-                drain::forget_gone_waiters(&db, &self.cfg).await?;
+                if !drain::try_lock(&db, &self.cfg).await? {
+                    return Ok(None);
+                }
+                let (session, position, writers) = drain::Session::open(&db, &self.cfg).await?;
+                // A drainer killed while it waited left the flag set.
+                session.set_wake(&db, false).await?;
                 let (captures, schemas) = Captures::read(&db, &self.cfg, &self.rules).await?;
-                Ok::<_, DbError>((db, wake, captures, schemas))
+                Ok::<_, DbError>(Some((
+                    db, wake, session, position, writers, captures, schemas,
+                )))
             };
-            let (mut db, mut wake, mut captures, schemas) = match session.await {
-                Ok(session) => session,
+            let opened = match session.await {
+                Ok(Some(opened)) => opened,
+                Ok(None) => {
+                    // Another daemon drains this outbox: stand by, and
+                    // take over when its session ends.
+                    backoff.reset();
+                    if !standing_by {
+                        standing_by = true;
+                        tracing::info!(schema = %self.cfg.schema,
+                            "another daemon drains this outbox; standing by to take over");
+                    }
+                    if !self.sleep(self.cfg.poll_interval.0).await {
+                        return;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     if let Some(fatal) = Fatal::from_class(&error, error.class()) {
                         let _ = self.tx.send(Err(fatal)).await;
@@ -191,9 +305,11 @@ impl Worker {
                     continue;
                 }
             };
+            let (db, mut wake, session, position, writers, mut captures, schemas) = opened;
             backoff.reset();
-            if !announced {
+            if !announced || standing_by {
                 announced = true;
+                standing_by = false;
                 tracing::info!(schema = %self.cfg.schema, "draining the outbox");
             }
             if !self.send(Ok(Event::Restarted)).await {
@@ -205,7 +321,14 @@ impl Worker {
                 }
             }
             self.health.set_streaming(true);
-            let ended = self.drain(&mut db, &mut wake, &mut captures).await;
+            let mut drain = Drain {
+                db: &db,
+                session: &session,
+                position,
+                rotation: Rotation::new(writers),
+                waking: false,
+            };
+            let ended = self.drain(&mut drain, &mut wake, &mut captures).await;
             self.health.set_streaming(false);
             match ended {
                 Ended::Stop => return,
@@ -220,71 +343,36 @@ impl Worker {
     /// Drains until the connection fails or the worker must stop.
     async fn drain(
         &mut self,
-        db: &mut Db,
+        drain: &mut Drain<'_>,
         wake: &mut mpsc::Receiver<()>,
         captures: &mut Captures,
     ) -> Ended {
-        // Whether this session is marked as waiting for a wake-up.
-        let mut waiting = false;
         loop {
-            let drain::Claim { rows, full } = match drain::claim(db, &self.cfg).await {
+            let drain::Claim { rows, full, next } = match drain
+                .session
+                .claim(drain.db, &self.cfg, &drain.position)
+                .await
+            {
                 Ok(claim) => claim,
                 Err(error) => return Ended::Reconnect(error),
             };
-            if !rows.is_empty() && waiting {
-                // Busy again: writers need not wake us (this commits with
-                // the claim).
-                if let Err(error) = drain::set_waiting(db, &self.cfg, false).await {
-                    return Ended::Reconnect(error);
-                }
-                waiting = false;
-            }
             if !rows.is_empty() {
+                if drain.waking {
+                    // Busy again: writers need not wake us.
+                    if let Err(error) = drain.session.set_wake(drain.db, false).await {
+                        return Ended::Reconnect(error);
+                    }
+                    drain.waking = false;
+                }
                 self.claims += 1;
                 let claim = self.claims;
-                for row in &rows {
-                    let mut read = captures.decode(row, false);
-                    if read == Read::Stale {
-                        // ADD or DROP COLUMN on a whole-row table: read it
-                        // again, describe it again, and read the row anew.
-                        match Captures::read(db, &self.cfg, &self.rules).await {
-                            Ok((fresh, schemas)) => {
-                                *captures = fresh;
-                                for schema in schemas {
-                                    if !self.send(Ok(Event::Change(Change::Schema(schema)))).await {
-                                        return Ended::Stop;
-                                    }
-                                }
-                            }
-                            Err(error) => return Ended::Reconnect(error),
-                        }
-                        read = captures.decode(row, true);
-                    }
-                    let Read::Change(change) = read else {
-                        continue;
-                    };
-                    let txn = Txn {
-                        // Rows read by the drain's snapshot are visible to
-                        // any later one already.
-                        xid: 0,
-                        lsn: row.lsn.parse().unwrap_or(Lsn::ZERO),
-                        commit_time_micros: row.created_micros,
-                        fixed_seq: Some(row.id as u32),
-                    };
-                    for event in [
-                        Event::Begin(txn),
-                        Event::Change(change),
-                        Event::Commit { ack: None },
-                    ] {
-                        if !self.send(Ok(event)).await {
-                            return Ended::Stop;
-                        }
-                    }
+                if let Err(ended) = self.hand_over(drain.db, &rows, captures).await {
+                    return ended;
                 }
                 if !self.send(Ok(Event::Position(claim))).await {
                     return Ended::Stop;
                 }
-                // Hold the rows' locks until Redis has applied them.
+                // Record the position only once Redis has applied the rows.
                 let confirmed = self
                     .control
                     .wait_for(|c| c.confirmed >= claim || c.stopping)
@@ -293,32 +381,32 @@ impl Worker {
                 if !matches!(confirmed, Ok(true)) {
                     return Ended::Stop;
                 }
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                if let Err(error) = drain::finish(db, &self.cfg, &ids).await {
+                if let Err(error) = drain.session.record(drain.db, &next).await {
                     return Ended::Reconnect(error);
                 }
                 metrics::counter!(m::OUTBOX_ROWS_TOTAL).increment(rows.len() as u64);
-                if self.control.borrow().stopping {
-                    return Ended::Stop;
-                }
-                if full {
-                    continue;
-                }
-            } else if let Err(error) = db.execute_batch("COMMIT").await {
+                drain.rotation.drained(rows.len());
+            }
+            // A batch with no rows moves the position in memory only: no
+            // row lies between the two snapshots, so either is as good.
+            drain.position = next;
+            if let Err(error) = drain.keep_small(&self.cfg).await {
                 return Ended::Reconnect(error);
             }
-            let stopping = self.control.borrow().stopping;
-            if stopping {
-                return self.stop_waiting(db, waiting).await;
+            if self.control.borrow().stopping {
+                return self.stop_waiting(drain).await;
             }
-            if !waiting {
+            if full {
+                continue;
+            }
+            if !drain.waking {
                 // About to wait: ask writers for a wake-up, then look once
                 // more, since a row committed before they could see the
                 // request did not NOTIFY.
-                if let Err(error) = drain::set_waiting(db, &self.cfg, true).await {
+                if let Err(error) = drain.session.set_wake(drain.db, true).await {
                     return Ended::Reconnect(error);
                 }
-                waiting = true;
+                drain.waking = true;
                 continue;
             }
             let mut control = self.control.clone();
@@ -330,20 +418,75 @@ impl Worker {
                     }
                     false
                 }
-                _ = tokio::time::sleep(self.cfg.poll_interval.0) => false,
+                _ = tokio::time::sleep(self.wait_for_rows(drain)) => false,
             };
             if stop {
-                return self.stop_waiting(db, waiting).await;
+                return self.stop_waiting(drain).await;
             }
         }
     }
 
-    /// Stops; a mark that this session waits is removed first, so writers
-    /// do not NOTIFY for a drainer that is gone (no transaction is open
-    /// while the session waits).
-    async fn stop_waiting(&self, db: &Db, waiting: bool) -> Ended {
-        if waiting {
-            let _ = drain::set_waiting(db, &self.cfg, false).await;
+    /// How long an idle drainer sleeps without a wake-up: the poll
+    /// interval, or less when a partition is due to be emptied.
+    fn wait_for_rows(&self, drain: &Drain<'_>) -> std::time::Duration {
+        match drain.rotation.leaving {
+            Some(_) => self.cfg.poll_interval.0.min(TRUNCATE_RETRY),
+            None => self.cfg.poll_interval.0,
+        }
+    }
+
+    /// Hands the claimed rows to the loop, one transaction per row.
+    async fn hand_over(
+        &self,
+        db: &Db,
+        rows: &[drain::OutboxRow],
+        captures: &mut Captures,
+    ) -> Result<(), Ended> {
+        for row in rows {
+            let mut read = captures.decode(row, false);
+            if read == Read::Stale {
+                // ADD or DROP COLUMN on a whole-row table: read it again,
+                // describe it again, and read the row anew.
+                let (fresh, schemas) = Captures::read(db, &self.cfg, &self.rules)
+                    .await
+                    .map_err(Ended::Reconnect)?;
+                *captures = fresh;
+                for schema in schemas {
+                    if !self.send(Ok(Event::Change(Change::Schema(schema)))).await {
+                        return Err(Ended::Stop);
+                    }
+                }
+                read = captures.decode(row, true);
+            }
+            let Read::Change(change) = read else {
+                continue;
+            };
+            let txn = Txn {
+                // Rows the drain reads are visible to any later snapshot
+                // already.
+                xid: 0,
+                lsn: row.lsn.parse().unwrap_or(Lsn::ZERO),
+                commit_time_micros: row.created_micros,
+                fixed_seq: Some(row.id as u32),
+            };
+            for event in [
+                Event::Begin(txn),
+                Event::Change(change),
+                Event::Commit { ack: None },
+            ] {
+                if !self.send(Ok(event)).await {
+                    return Err(Ended::Stop);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops; the wake-up request is withdrawn first, so writers do not
+    /// NOTIFY for a drainer that is gone.
+    async fn stop_waiting(&self, drain: &Drain<'_>) -> Ended {
+        if drain.waking {
+            let _ = drain.session.set_wake(drain.db, false).await;
         }
         Ended::Stop
     }
