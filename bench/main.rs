@@ -574,9 +574,10 @@ async fn outbox_footprint(client: &tokio_postgres::Client) -> (f64, i64) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let row = client
         .query_one(
-            "select (select sum(pg_total_relation_size(relid)) from pg_partition_tree('cache_invalidator.outbox'))::float8 / 1e6, \
-                    (select coalesce(sum(n_dead_tup), 0)::int8 from pg_stat_user_tables \
-                      where relid in (select relid from pg_partition_tree('cache_invalidator.outbox')))",
+            "with t as (select 'cache_invalidator.outbox'::regclass as relid \
+                        union select relid from pg_partition_tree('cache_invalidator.outbox')) \
+             select coalesce((select sum(pg_total_relation_size(relid)) from t), 0)::float8 / 1e6::float8, \
+                    (select coalesce(sum(n_dead_tup), 0)::int8 from pg_stat_user_tables where relid in (select relid from t))",
             &[],
         )
         .await

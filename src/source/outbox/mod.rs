@@ -52,6 +52,10 @@ const QUEUED_EVENTS: usize = 4096;
 /// How long shutdown waits for the worker to record the last confirmed
 /// claim.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How long a busy drainer waits before it looks for more rows: a few
+/// milliseconds of rows per claim instead of a claim (and a wake-up
+/// request) per row while writers keep writing.
+const LINGER: Duration = Duration::from_millis(3);
 /// How soon an outbox partition that could not be emptied is tried again
 /// (and how long after a switch it is first tried).
 const TRUNCATE_RETRY: Duration = Duration::from_millis(500);
@@ -356,7 +360,8 @@ impl Worker {
                 Ok(claim) => claim,
                 Err(error) => return Ended::Reconnect(error),
             };
-            if !rows.is_empty() {
+            let had_rows = !rows.is_empty();
+            if had_rows {
                 if drain.waking {
                     // Busy again: writers need not wake us.
                     if let Err(error) = drain.session.set_wake(drain.db, false).await {
@@ -397,6 +402,16 @@ impl Worker {
                 return self.stop_waiting(drain).await;
             }
             if full {
+                continue;
+            }
+            if had_rows {
+                // Busy: look again in a moment rather than asking writers
+                // for wake-ups (each ask and withdrawal is a write that the
+                // next rows would undo at once, and an asked writer pays a
+                // NOTIFY).
+                if !self.sleep(LINGER).await {
+                    return self.stop_waiting(drain).await;
+                }
                 continue;
             }
             if !drain.waking {
