@@ -4,6 +4,7 @@
 //! ```text
 //!  signals ──cancel──▶ every task
 //!  http (/metrics /healthz /readyz)        heartbeats (replication)
+//!  redis INFO → pgci_redis_… metrics
 //!  source ─▶ pipeline::run (plan ─▶ resolve ─▶ sink) ─▶ confirm
 //! ```
 //!
@@ -27,7 +28,7 @@ use crate::pipeline::{self, PipelineError, Stages};
 use crate::plan::rules::RuleSet;
 use crate::plan::Planner;
 use crate::resolve::Resolver;
-use crate::sink::{position, RedisSink, SinkError};
+use crate::sink::{position, server, RedisSink, SinkError};
 use crate::source::outbox::OutboxSource;
 use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
@@ -124,6 +125,15 @@ async fn start_and_run(
     )
     .await
     .map_err(sink_stopped)?;
+    let info_every = config.redis.info_interval.0;
+    if !info_every.is_zero() {
+        tasks.spawn(server::watch(
+            config.redis.url.clone(),
+            config.redis.ca_cert.clone(),
+            info_every,
+            cancel.clone(),
+        ));
+    }
     let rules = Arc::new(rules);
     let planner = Planner::new(Arc::clone(&rules));
     if config.postgres.source == SourceKind::Replication {

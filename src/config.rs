@@ -249,6 +249,17 @@ pub struct RedisConfig {
     /// CA certificate (PEM) for `rediss://` servers signed by a private CA.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// How often the daemon reads the server's `INFO` into `pgci_redis_…`
+    /// metrics; 0 turns that off.
+    #[serde(default = "default_info_interval")]
+    pub info_interval: HumanDuration,
+}
+
+/// Default `INFO` interval: a usual Prometheus scrape interval.
+pub const DEFAULT_REDIS_INFO_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn default_info_interval() -> HumanDuration {
+    HumanDuration(DEFAULT_REDIS_INFO_INTERVAL)
 }
 
 fn default_channel() -> String {

@@ -27,6 +27,16 @@ impl SecretUrl {
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
     }
+
+    /// `host:port` (or the socket path) of the URL, with no user,
+    /// password, path or query: for metric labels.
+    pub fn host_port(&self) -> String {
+        let url = &self.0;
+        let rest = url.find("://").map_or(url.as_str(), |i| &url[i + 3..]);
+        let rest = rest.rfind('@').map_or(rest, |i| &rest[i + 1..]);
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        rest[..end].to_string()
+    }
 }
 
 impl fmt::Debug for SecretUrl {
@@ -129,6 +139,18 @@ fn percent_decode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_has_no_credentials() {
+        assert_eq!(
+            SecretUrl::new("redis://app:p@ss/w?rd@cache.internal:6380/2").host_port(),
+            "cache.internal:6380"
+        );
+        assert_eq!(
+            SecretUrl::new("redis://127.0.0.1:6379").host_port(),
+            "127.0.0.1:6379"
+        );
+    }
 
     #[test]
     fn redacts_passwords_in_every_form() {

@@ -11,6 +11,7 @@ mod faults;
 mod invalidation;
 mod operations;
 mod outbox;
+mod redis_health;
 mod refresh;
 mod sync;
 mod tls;

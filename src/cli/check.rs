@@ -3,6 +3,7 @@
 use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
+use crate::sink::server;
 use crate::source::install;
 
 /// Checks and prints `ok: …`, or one line per problem.
@@ -14,6 +15,18 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     }
     for warning in catalog::warnings(&db, &loaded.rules).await? {
         eprintln!("warning: {warning}");
+    }
+    let redis = &loaded.config.redis;
+    match server::read_once(&redis.url, redis.ca_cert.as_deref()).await {
+        Ok(info) => {
+            for warning in info.warnings() {
+                eprintln!("warning: {warning}");
+            }
+        }
+        Err(error) => eprintln!(
+            "warning: cannot read redis INFO at {} ({error}): its settings are not checked",
+            redis.url.redacted()
+        ),
     }
     let source = match loaded.config.postgres.source {
         SourceKind::Replication => format!(

@@ -5,18 +5,21 @@ use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::lsn::Lsn;
 use crate::sink::position;
+use crate::sink::server::{self, ServerInfo};
 use crate::source::outbox::drain;
 
 /// Prints the source's state.
 pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
+    let redis = &loaded.config.redis;
+    let server = server::read_once(&redis.url, redis.ca_cert.as_deref()).await;
     if loaded.config.postgres.source == SourceKind::Outbox {
         let (rows, oldest) = drain::backlog(&db, &loaded.config.outbox).await?;
         if json {
             println!(
                 "{}",
                 serde_json::json!({"source": "outbox", "schema": loaded.config.outbox.schema,
-                    "backlog_rows": rows, "oldest_row_age_seconds": oldest})
+                    "backlog_rows": rows, "oldest_row_age_seconds": oldest, "redis": redis_json(&server)})
             );
         } else {
             print_rows(&[
@@ -28,6 +31,7 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
                     oldest.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s")),
                 ),
             ]);
+            print_redis(&server);
         }
         return Ok(());
     }
@@ -64,6 +68,7 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
                 "recorded_covers_slot".to_string(),
                 serde_json::json!(covers),
             );
+            map.insert("redis".to_string(), redis_json(&server));
         }
         let text = serde_json::to_string_pretty(&value).map_err(Failure::runtime)?;
         println!("{text}");
@@ -100,7 +105,85 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
             },
         ),
     ]);
+    print_redis(&server);
     Ok(())
+}
+
+/// The Redis server's state and the caching plan's warnings, as JSON.
+fn redis_json(server: &Result<ServerInfo, String>) -> serde_json::Value {
+    match server {
+        Ok(info) => {
+            let mut value = serde_json::to_value(info).unwrap_or_default();
+            if let Some(map) = value.as_object_mut() {
+                map.insert("hit_ratio".to_string(), serde_json::json!(info.hit_ratio()));
+                map.insert("warnings".to_string(), serde_json::json!(info.warnings()));
+            }
+            value
+        }
+        Err(error) => serde_json::json!({ "error": error }),
+    }
+}
+
+/// The Redis server's state, then one `warning:` line per setting the
+/// caching plan asks for and the server lacks.
+fn print_redis(server: &Result<ServerInfo, String>) {
+    let info = match server {
+        Ok(info) => info,
+        Err(error) => {
+            print_rows(&[("redis", format!("- (cannot read INFO: {error})"))]);
+            return;
+        }
+    };
+    let mb =
+        |b: Option<u64>| b.map_or_else(|| "-".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6));
+    print_rows(&[
+        (
+            "redis_version",
+            info.version.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "redis_memory",
+            format!(
+                "{} used, {} peak, limit {}",
+                mb(info.used_memory),
+                mb(info.used_memory_peak),
+                match info.maxmemory {
+                    Some(0) => "none".to_string(),
+                    other => mb(other),
+                }
+            ),
+        ),
+        (
+            "redis_policy",
+            info.maxmemory_policy.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "redis_hit_ratio",
+            match info.hit_ratio() {
+                Some(r) => format!("{:.1} % since its restart", r * 100.0),
+                None => "- (too few lookups yet)".to_string(),
+            },
+        ),
+        (
+            "redis_persist",
+            format!(
+                "rdb save {}, aof {}",
+                match info.save_schedule.as_deref() {
+                    Some("") => "off".to_string(),
+                    Some(s) => format!("\"{s}\""),
+                    None => "unknown (CONFIG GET refused)".to_string(),
+                },
+                if info.aof_enabled == Some(true) {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        ),
+    ]);
+    for warning in info.warnings() {
+        println!("warning: {warning}");
+    }
 }
 
 fn print_rows(rows: &[(&str, String)]) {

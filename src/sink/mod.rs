@@ -7,6 +7,8 @@
 //! - [`events`]: the pub/sub event of each operation.
 //! - [`flush`]: SCAN + UNLINK by pattern (TRUNCATE, a lost slot).
 //! - [`position`]: the applied position recorded beside the cache.
+//! - [`server`]: what the server says about itself (`INFO` metrics, the
+//!   caching plan's checks).
 //!
 //! The pipeline hands the sink batches in commit order; the sink applies
 //! each completely before the batch's acknowledgement may be confirmed to
@@ -24,6 +26,7 @@ pub mod leases;
 pub mod position;
 pub mod requests;
 pub mod scripts;
+pub mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -24,6 +24,32 @@ pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
 pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
 /// Outbox rows applied and deleted (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
+/// Redis `INFO` (see `sink::server`), labelled by `target` (host:port):
+/// keyspace hits and misses since the server's restart (the hit ratio),
+pub const REDIS_KEYSPACE_HITS_TOTAL: &str = "pgci_redis_keyspace_hits_total";
+/// …misses,
+pub const REDIS_KEYSPACE_MISSES_TOTAL: &str = "pgci_redis_keyspace_misses_total";
+/// …keys evicted under maxmemory,
+pub const REDIS_EVICTED_KEYS_TOTAL: &str = "pgci_redis_evicted_keys_total";
+/// …keys expired,
+pub const REDIS_EXPIRED_KEYS_TOTAL: &str = "pgci_redis_expired_keys_total";
+/// …memory used, its peak, and the limit (0: none), bytes,
+pub const REDIS_MEMORY_USED_BYTES: &str = "pgci_redis_memory_used_bytes";
+/// …
+pub const REDIS_MEMORY_PEAK_BYTES: &str = "pgci_redis_memory_peak_bytes";
+/// …
+pub const REDIS_MEMORY_MAX_BYTES: &str = "pgci_redis_memory_max_bytes";
+/// …1 with the eviction policy as the `policy` label,
+pub const REDIS_MAXMEMORY_POLICY: &str = "pgci_redis_maxmemory_policy";
+/// …connected clients,
+pub const REDIS_CONNECTED_CLIENTS: &str = "pgci_redis_connected_clients";
+/// …the last successful RDB snapshot (Unix seconds), whether the last one
+/// succeeded, and whether AOF is on.
+pub const REDIS_RDB_LAST_SAVE_TIMESTAMP: &str = "pgci_redis_rdb_last_save_timestamp_seconds";
+/// …
+pub const REDIS_RDB_LAST_BGSAVE_OK: &str = "pgci_redis_rdb_last_bgsave_ok";
+/// …
+pub const REDIS_AOF_ENABLED: &str = "pgci_redis_aof_enabled";
 /// Outbox partitions emptied with TRUNCATE after they were drained.
 pub const OUTBOX_TRUNCATES_TOTAL: &str = "pgci_outbox_truncates_total";
 /// Events published on the pub/sub channel.
@@ -102,6 +128,42 @@ fn describe() {
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
     describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied");
+    describe_counter!(
+        REDIS_KEYSPACE_HITS_TOTAL,
+        "Redis keyspace hits since its restart (INFO)"
+    );
+    describe_counter!(
+        REDIS_KEYSPACE_MISSES_TOTAL,
+        "Redis keyspace misses since its restart (INFO)"
+    );
+    describe_counter!(REDIS_EVICTED_KEYS_TOTAL, "Keys Redis evicted (INFO)");
+    describe_counter!(REDIS_EXPIRED_KEYS_TOTAL, "Keys Redis expired (INFO)");
+    describe_gauge!(REDIS_MEMORY_USED_BYTES, Unit::Bytes, "Redis used_memory");
+    describe_gauge!(
+        REDIS_MEMORY_PEAK_BYTES,
+        Unit::Bytes,
+        "Redis used_memory_peak"
+    );
+    describe_gauge!(
+        REDIS_MEMORY_MAX_BYTES,
+        Unit::Bytes,
+        "Redis maxmemory (0: no limit)"
+    );
+    describe_gauge!(
+        REDIS_MAXMEMORY_POLICY,
+        "1, with Redis's maxmemory-policy as the policy label"
+    );
+    describe_gauge!(REDIS_CONNECTED_CLIENTS, "Redis connected_clients");
+    describe_gauge!(
+        REDIS_RDB_LAST_SAVE_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of Redis's last successful RDB snapshot"
+    );
+    describe_gauge!(
+        REDIS_RDB_LAST_BGSAVE_OK,
+        "1 if Redis's last RDB snapshot succeeded"
+    );
+    describe_gauge!(REDIS_AOF_ENABLED, "1 while Redis appends to an AOF");
     describe_counter!(
         OUTBOX_TRUNCATES_TOTAL,
         "Outbox partitions emptied with TRUNCATE once drained"
