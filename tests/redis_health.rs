@@ -183,3 +183,195 @@ async fn the_plan_s_redis_settings_are_checked() {
         warnings(&out)
     );
 }
+
+/// The daemon runs under exactly the user `redis-acl` prints for its rules
+/// (on a real redis-server started with `--aclfile`): an update invalidates
+/// and announces, a refresh rule writes values and versions, a TRUNCATE
+/// flushes by SCAN, and it restarts and loads the lease functions — all
+/// without a refused command; what the list leaves out is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_runs_under_its_least_privilege_user() {
+    use crate::invalidation::{removed_by, users};
+    use pgci_test_support::redis_server::Redis;
+    let mut env = TestEnv::start(20).await;
+    let refresh = "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"pillar:{slug}\"]\naction = \"refresh\"\nttl = \"1h\"\n";
+    let url = |port: u16| format!("redis://pgci:s3cr%40t@127.0.0.1:{port}/0");
+    env.redis_url_override = Some(url(env.redis.port));
+    env.write_config(refresh);
+    let out = env.cli(&["redis-acl"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(line.starts_with("user pgci on #"), "{line}");
+    assert!(!line.contains("s3cr"), "the password is printed: {line}");
+    env.redis = Redis::start_with_acl(&line).await;
+    env.redis_url_override = Some(url(env.redis.port));
+    env.write_config(refresh);
+    env.setup();
+    let mut daemon = env.daemon().await;
+
+    let u = users(&env, 3).await;
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.profiles set bio = 'acl' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+    let client = env.pg.client().await;
+    client
+        .batch_execute("update public.pillars set slug = slug where slug = 'individual'")
+        .await
+        .expect("refresh");
+    env.sync().await;
+    let mut admin = env.redis.conn().await;
+    let cached: Option<String> = redis::cmd("GET")
+        .arg("pillar:individual")
+        .query_async(&mut admin)
+        .await
+        .expect("get");
+    assert!(
+        cached.is_some_and(|v| v.contains("individual")),
+        "refreshed value missing"
+    );
+    let keys = vec![format!("journey:user:{}", u[1].id)];
+    crate::support::preset(&mut admin, &keys).await;
+    client
+        .batch_execute("truncate public.user_journeys")
+        .await
+        .expect("truncate");
+    env.sync().await;
+    assert_eq!(
+        crate::support::surviving(&mut admin, &keys).await,
+        0,
+        "truncate flush"
+    );
+    // A restart: position record, lease functions, INFO.
+    assert!(daemon.terminate().await.success());
+    let mut daemon = env.daemon().await;
+    env.sync().await;
+    assert!(daemon.terminate().await.success());
+    let log = daemon.log();
+    assert!(
+        !log.contains("NOPERM") && !log.contains("redis batch failed"),
+        "{log}"
+    );
+
+    // What the user may not do.
+    let restricted = redis::Client::open(url(env.redis.port)).expect("client");
+    let mut conn = restricted
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect as pgci");
+    for refused in [
+        redis::cmd("FLUSHALL"),
+        redis::cmd("CONFIG").arg("GET").arg("requirepass").clone(),
+        redis::cmd("GET").arg("session:other-app").clone(),
+        redis::cmd("KEYS").arg("*").clone(),
+    ] {
+        let answer: redis::RedisResult<redis::Value> = refused.query_async(&mut conn).await;
+        let error = answer.expect_err("refused");
+        assert!(
+            error.to_string().to_lowercase().contains("no permissions"),
+            "{error}"
+        );
+    }
+}
+
+/// `deploy/redis/users.acl` holds what `redis-acl` prints for the demo
+/// rules (password `change-me`), and an `app` user under which the client
+/// library's lease reads, fills and write-token reads work (it loads the
+/// lease functions itself on a fresh server) while the daemon runs under
+/// its own user; the app user may not write the daemon's bookkeeping.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
+    use pg_cache_invalidator::client::{write_token, Cache, CacheOptions, Source};
+    use pgci_test_support::redis_server::Redis;
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/redis/users.acl"
+    ))
+    .expect("deploy/redis/users.acl");
+    let mut env = TestEnv::start(5).await;
+    env.redis_url_override = Some(format!(
+        "redis://cache-invalidator:change-me@127.0.0.1:{}/0",
+        env.redis.port
+    ));
+    env.write_demo_config();
+    let out = env.cli(&["redis-acl"]);
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        shipped.lines().next(),
+        Some(printed.as_str()),
+        "deploy/redis/users.acl is stale: regenerate its first line with redis-acl"
+    );
+
+    env.redis = Redis::start_with_acl(&shipped).await;
+    env.redis_url_override = Some(format!(
+        "redis://cache-invalidator:change-me@127.0.0.1:{}/0",
+        env.redis.port
+    ));
+    env.write_demo_config();
+    env.setup();
+    let _daemon = env.daemon().await;
+
+    let app = redis::Client::open(format!(
+        "redis://app:change-me-too@127.0.0.1:{}/0",
+        env.redis.port
+    ))
+    .expect("client");
+    let conn = app
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect as app");
+    let mut cache = Cache::new(conn.clone(), CacheOptions::default());
+    let u = crate::invalidation::users(&env, 1).await;
+    let key = format!("profile:user:{}", u[0].id);
+    let load = || async { Ok::<_, std::io::Error>(Some("{\"bio\":\"v1\"}".to_string())) };
+    let (_, first) = cache
+        .get_or_load(&key, 3600, load, None)
+        .await
+        .expect("fill as app");
+    assert_eq!(first, Source::Filled);
+    let (value, second) = cache
+        .get_or_load(&key, 3600, load, None)
+        .await
+        .expect("hit as app");
+    assert_eq!(
+        (value.as_deref(), second),
+        (Some("{\"bio\":\"v1\"}"), Source::Hit)
+    );
+    // The app's write: a token, then a read after it once the daemon
+    // applied the change.
+    let db = env.pg.client().await;
+    db.batch_execute(&format!(
+        "update public.profiles set bio = 'v2' where id = '{}'",
+        u[0].id
+    ))
+    .await
+    .expect("write");
+    let token = write_token(&db).await.expect("write token");
+    let fresh = || async { Ok::<_, std::io::Error>(Some("{\"bio\":\"v2\"}".to_string())) };
+    let (value, _) = cache
+        .get_or_load(&key, 3600, fresh, Some(token))
+        .await
+        .expect("read after the write as app");
+    assert_eq!(value.as_deref(), Some("{\"bio\":\"v2\"}"));
+    let mut conn = conn;
+    let refused: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("pgci:position:pg_cache_invalidator")
+        .arg("0/0")
+        .query_async(&mut conn)
+        .await;
+    assert!(
+        refused.is_err(),
+        "the app may overwrite the daemon's position"
+    );
+}

@@ -7,6 +7,8 @@
 //! - `check-config` ([`check`]).
 //! - `status [--json]` ([`status`]).
 //! - `verify [--sample N] [--rate K] [--json] [--repair]` ([`mod@verify`]).
+//! - `redis-acl`: the daemon's least-privilege Redis user
+//!   ([`crate::sink::acl`]).
 
 pub mod check;
 pub mod run;
@@ -71,6 +73,9 @@ enum Command {
     },
     /// Drop the slot and the publication.
     Teardown(ConfigArg),
+    /// Print the ACL file line of a Redis user that may do only what the
+    /// daemon does (its user and password are taken from redis.url).
+    RedisAcl(ConfigArg),
     /// Compare cached keys with the database; exit 1 when any is stale.
     Verify {
         #[command(flatten)]
@@ -193,6 +198,20 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::CheckConfig(arg) => check::check_config(load(&arg)?).await,
         Command::Status { config, json } => status::status(load(&config)?, json).await,
         Command::Teardown(arg) => setup::teardown(load(&arg)?).await,
+        Command::RedisAcl(arg) => {
+            let loaded = load(&arg)?;
+            let all: Vec<&rules::Rule> =
+                loaded.rules.tables().flat_map(|(_, r)| r.iter()).collect();
+            let line = crate::sink::acl::daemon_user(
+                &loaded.config.redis.url,
+                &rules::scan_patterns(all),
+                &loaded.config.redis.channel,
+                &loaded.config.replication.slot,
+            )
+            .map_err(|e| Failure::usage(vec![e]))?;
+            println!("{line}");
+            Ok(())
+        }
         Command::Verify {
             config,
             sample,

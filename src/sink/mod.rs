@@ -2,6 +2,7 @@
 //! `redis` crate; it depends on [`crate::ops`] (its contract), not on how
 //! changes are read or planned.
 //!
+//! - [`acl`]: the least-privilege ACL user of the daemon.
 //! - [`requests`]: a run of row operations as one atomic pipeline.
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
 //! - [`events`]: the pub/sub event of each operation.
@@ -19,6 +20,7 @@
 //! idempotent or version-guarded, so a repeat is harmless, and nothing is
 //! skipped.
 
+pub mod acl;
 pub mod events;
 pub mod flush;
 pub mod inspect;

@@ -105,7 +105,9 @@ impl TestEnv {
             "[postgres]\nurl = \"{}\"\n{}\n[redis]\nurl = \"{}\"\n\n{RULES_TOML}",
             self.pg.url(),
             self.postgres_extra,
-            self.redis.url()
+            self.redis_url_override
+                .clone()
+                .unwrap_or_else(|| self.redis.url())
         );
         std::fs::write(&self.config, text).expect("write config");
     }

@@ -20,6 +20,8 @@ pub struct Redis {
     child: Option<Child>,
     /// Serve TLS only, with these certificates.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Users loaded from this ACL file (`--aclfile`).
+    aclfile: Option<PathBuf>,
 }
 
 impl Redis {
@@ -39,6 +41,31 @@ impl Redis {
             port: free_port(),
             child: None,
             tls: certs.map(|c| (c.path("server.pem"), c.path("server.key"), c.path("ca.pem"))),
+            aclfile: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// Starts a server whose users are those of the ACL file text `users`
+    /// plus an unrestricted `default` user for the test itself (`--aclfile`).
+    pub async fn start_with_acl(users: &str) -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-redis-")
+            .tempdir()
+            .expect("tempdir");
+        let aclfile = dir.path().join("users.acl");
+        std::fs::write(
+            &aclfile,
+            format!("user default on nopass ~* &* +@all\n{}\n", users.trim()),
+        )
+        .expect("aclfile");
+        let mut redis = Redis {
+            dir,
+            port: free_port(),
+            child: None,
+            tls: None,
+            aclfile: Some(aclfile),
         };
         redis.spawn().await;
         redis
@@ -66,6 +93,9 @@ impl Redis {
                     .arg(ca)
                     .args(["--tls-auth-clients", "no"]);
             }
+        }
+        if let Some(aclfile) = &self.aclfile {
+            command.arg("--aclfile").arg(aclfile);
         }
         let child = command
             .args(["--bind", "127.0.0.1"])

@@ -1,0 +1,117 @@
+//! The least-privilege Redis user for the daemon, as an ACL file line
+//! (`redis-acl`): only the commands the daemon sends, only the keys its
+//! rules render (with the version keys of refreshed ones and its own
+//! position record), and only its events channel.
+//!
+//! The password is the one in `redis.url`, written as its SHA-256 (`#…`),
+//! so the line can be kept in version control and never shows the secret.
+//! `CONFIG` is left out on purpose: `CONFIG GET` can read other users'
+//! passwords (`requirepass`, `masterauth`); without it the daemon reports
+//! the RDB save schedule as unknown, as on managed services.
+
+use sha2::{Digest, Sha256};
+
+use crate::secret::SecretUrl;
+use crate::sink::position;
+
+/// What the daemon sends: the apply path (GET/SET/UNLINK/DEL inside the
+/// version-guarded script, PUBLISH, MULTI/EXEC), flushes (SCAN), the
+/// lease functions it loads for readers (FUNCTION LOAD and LIST, SCRIPT
+/// LOAD and EVALSHA where functions are missing), health (PING, INFO), and
+/// what the client library sends on connect (HELLO, SELECT). `CLIENT
+/// SETINFO`, which it also sends, is left out: Redis 7.0 does not know it
+/// (an ACL file naming it does not load there), and the client library
+/// ignores its refusal.
+pub const DAEMON_COMMANDS: &[&str] = &[
+    "get",
+    "set",
+    "unlink",
+    "del",
+    "publish",
+    "multi",
+    "exec",
+    "scan",
+    "evalsha",
+    "eval",
+    "script|load",
+    "function|load",
+    "function|list",
+    "ping",
+    "info",
+    "hello",
+    "select",
+];
+
+/// The ACL line of the daemon's user for `url`'s user and password, the
+/// rules' key patterns and `channel` (empty: events off).
+pub fn daemon_user(
+    url: &SecretUrl,
+    key_patterns: &[String],
+    channel: &str,
+    slot: &str,
+) -> Result<String, String> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url.expose()).map_err(|e| {
+        format!(
+            "redis.url {}: {}",
+            url.redacted(),
+            url.scrub(&e.to_string())
+        )
+    })?;
+    let settings = info.redis_settings();
+    let Some(password) = settings.password() else {
+        return Err(format!(
+            "redis.url {} has no password: put the daemon's user and password in it (redis://USER:PASSWORD@host:port) and run again",
+            url.redacted()
+        ));
+    };
+    let user = settings.username().unwrap_or("default");
+    let mut parts = vec![format!("user {user} on #{}", sha256_hex(password))];
+    for pattern in key_patterns {
+        parts.push(format!("~{pattern}"));
+        // The version key of a refreshed key: `{key}:pgci-version`.
+        parts.push(format!("~{{{pattern}}}:pgci-version"));
+    }
+    parts.push(format!("~{}", position::key(slot)));
+    parts.push("resetchannels".to_string());
+    if !channel.is_empty() {
+        parts.push(format!("&{channel}"));
+    }
+    parts.push("-@all".to_string());
+    parts.extend(DAEMON_COMMANDS.iter().map(|c| format!("+{c}")));
+    Ok(parts.join(" "))
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_names_only_what_the_daemon_needs_and_hides_the_password() {
+        let url = SecretUrl::new("redis://pgci:s3cret@127.0.0.1:6379/0");
+        let line = daemon_user(
+            &url,
+            &["profile:user:*".into()],
+            "cache-invalidation",
+            "pg_cache_invalidator",
+        )
+        .expect("line");
+        assert!(line.starts_with("user pgci on #"), "{line}");
+        assert!(!line.contains("s3cret"));
+        assert!(line.contains(&sha256_hex("s3cret")));
+        assert!(line.contains(" ~profile:user:* ~{profile:user:*}:pgci-version ~pgci:position:pg_cache_invalidator "), "{line}");
+        assert!(
+            line.contains(" resetchannels &cache-invalidation -@all +get "),
+            "{line}"
+        );
+        assert!(!line.contains("config"), "{line}");
+        let err = daemon_user(&SecretUrl::new("redis://127.0.0.1:6379"), &[], "", "s").unwrap_err();
+        assert!(err.contains("has no password"), "{err}");
+    }
+}
