@@ -55,6 +55,7 @@ pub enum Stopped {
 pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), Stopped> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = crate::telemetry::metrics::COMMIT,
         postgres = %conn.redacted(),
         redis = %config.redis.url.redacted(),
         slot = %config.replication.slot,

@@ -624,3 +624,59 @@ async fn identity_drift_is_read_from_the_stream() {
         0
     );
 }
+
+/// What Prometheus users expect of any exporter: `pgci_build_info` with
+/// the version and the commit `--version` prints, and process metrics
+/// (resident memory, CPU seconds, open file descriptors).
+#[tokio::test(flavor = "multi_thread")]
+async fn build_info_and_process_metrics_are_exported() {
+    let mut env = TestEnv::start(1).await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let version = std::process::Command::new(crate::support::daemon_bin())
+        .arg("--version")
+        .output()
+        .expect("--version");
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    // "pg-cache-invalidator 0.1.0 (0123456789ab)"
+    let commit = version
+        .rsplit_once(" (")
+        .and_then(|(_, c)| c.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no commit in {version:?}"))
+        .to_string();
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if let Some(git) = git {
+        assert_eq!(commit, git, "--version names another commit than HEAD");
+    }
+    let text = scrape(&env).await;
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "pgci_build_info{{version=\"{}\",commit=\"{commit}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "process_resident_memory_bytes").is_some_and(|v| v > 1e6),
+        "{text}"
+    );
+    assert!(
+        // Whole seconds (the metrics crate's counters are integers).
+        metric(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "process_open_fds").is_some_and(|v| v >= 3.0),
+        "{text}"
+    );
+}

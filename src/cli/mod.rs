@@ -33,7 +33,7 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// The command line.
 #[derive(Parser)]
-#[command(version, about = "Keeps Redis caches true to PostgreSQL")]
+#[command(version = crate::telemetry::metrics::VERSION, about = "Keeps Redis caches true to PostgreSQL")]
 pub struct Cli {
     /// Log format (overrides [log] format).
     #[arg(long, global = true, value_enum)]

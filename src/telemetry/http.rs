@@ -17,6 +17,7 @@ use crate::telemetry::health::Health;
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    process: Arc<metrics_process::Collector>,
 }
 
 /// Binds `listen`; the error names the address.
@@ -44,11 +45,17 @@ pub async fn serve(
             }
         }
     });
+    let process = metrics_process::Collector::default();
+    process.describe();
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState {
+            metrics,
+            health,
+            process: Arc::new(process),
+        });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
@@ -59,6 +66,9 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // process_cpu_seconds_total, process_resident_memory_bytes,
+    // process_open_fds, … as of this scrape.
+    state.process.collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -94,6 +94,18 @@ pub const HEARTBEAT_RTT_SECONDS: &str = "pgci_heartbeat_rtt_seconds";
 pub const LAST_HEARTBEAT_TIMESTAMP_SECONDS: &str = "pgci_last_heartbeat_timestamp_seconds";
 /// 1 while the replication stream is open, else 0.
 pub const STREAMING: &str = "pgci_streaming";
+/// 1, labelled with the version and the git commit of the build.
+pub const BUILD_INFO: &str = "pgci_build_info";
+
+/// The git commit the binary was built from ("unknown" outside git).
+pub const COMMIT: &str = env!("PGCI_GIT_COMMIT");
+/// `--version`: the version and the commit.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("PGCI_GIT_COMMIT"),
+    ")"
+);
 
 /// Installs the Prometheus recorder and describes every metric.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -117,11 +129,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT)
+        .set(1.0);
     Ok(handle)
 }
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        BUILD_INFO,
+        "1, with the version and git commit of the build"
+    );
     describe_counter!(CHANGES_TOTAL, "Row changes applied, by table and op");
     describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
     describe_counter!(KEYS_WRITTEN_TOTAL, "Keys written with a refreshed value");
