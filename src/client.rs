@@ -136,6 +136,70 @@ pub struct Cache<C> {
     position_key: String,
     /// Whether `FCALL` works here; `None` until first tried.
     functions: Option<bool>,
+    stats: Stats,
+}
+
+/// Counts of one key prefix (see [`Cache::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Lookups answered by the cache.
+    pub hits: u64,
+    /// Lookups that went to the loader (filled, refused or bypassed).
+    pub misses: u64,
+    /// Lookups that waited for another reader's lease.
+    pub lease_waits: u64,
+    /// Lookups that filled the key.
+    pub fills: u64,
+}
+
+/// The prefix a key is counted under: its `:`-separated segments up to the
+/// first that holds a digit (an id), so `balance:user:<uuid>:token:<id>`
+/// counts as `balance:user`; a key with no such segment counts without its
+/// last segment (`config:site:theme` as `config:site`).
+pub fn key_prefix(key: &str) -> &str {
+    let mut end = 0;
+    for (i, segment) in key.split(':').enumerate() {
+        if segment.bytes().any(|b| b.is_ascii_digit()) {
+            return if i == 0 { key } else { &key[..end - 1] };
+        }
+        end += segment.len() + 1;
+    }
+    match key.rfind(':') {
+        Some(cut) => &key[..cut],
+        None => key,
+    }
+}
+
+#[derive(Default)]
+struct Stats(std::sync::Mutex<std::collections::BTreeMap<String, PrefixStats>>);
+
+impl Stats {
+    fn record(&self, key: &str, source: Source, waited: bool) {
+        let prefix = key_prefix(key);
+        let hit = source == Source::Hit;
+        let filled = source == Source::Filled;
+        let outcome = if hit { "hit" } else { "miss" };
+        metrics::counter!("pgci_client_lookups_total", "prefix" => prefix.to_string(), "outcome" => outcome)
+            .increment(1);
+        if waited {
+            metrics::counter!("pgci_client_lease_waits_total", "prefix" => prefix.to_string())
+                .increment(1);
+        }
+        if filled {
+            metrics::counter!("pgci_client_fills_total", "prefix" => prefix.to_string())
+                .increment(1);
+        }
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = map.entry(prefix.to_string()).or_default();
+        counts.hits += u64::from(hit);
+        counts.misses += u64::from(!hit);
+        counts.lease_waits += u64::from(waited);
+        counts.fills += u64::from(filled);
+    }
+
+    fn snapshot(&self) -> std::collections::BTreeMap<String, PrefixStats> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(0);
@@ -164,6 +228,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
             options,
             position_key,
             functions: None,
+            stats: Stats::default(),
         }
     }
 
@@ -176,6 +241,36 @@ impl<C: ConnectionLike + Send> Cache<C> {
         ttl_secs: u64,
         loader: F,
         after: Option<WriteToken>,
+    ) -> Result<(Option<String>, Source), ClientError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<String>, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut waited = false;
+        let result = self.lookup(key, ttl_secs, loader, after, &mut waited).await;
+        if let Ok((_, source)) = &result {
+            self.stats.record(key, *source, waited);
+        }
+        result
+    }
+
+    /// Lookups, lease waits and fills so far, per key prefix
+    /// ([`key_prefix`]); each is also counted in the `metrics` facade as
+    /// `pgci_client_lookups_total{prefix,outcome}` (`outcome`: hit or miss),
+    /// `pgci_client_lease_waits_total{prefix}` and
+    /// `pgci_client_fills_total{prefix}`.
+    pub fn stats(&self) -> std::collections::BTreeMap<String, PrefixStats> {
+        self.stats.snapshot()
+    }
+
+    async fn lookup<F, Fut, E>(
+        &mut self,
+        key: &str,
+        ttl_secs: u64,
+        loader: F,
+        after: Option<WriteToken>,
+        waited: &mut bool,
     ) -> Result<(Option<String>, Source), ClientError>
     where
         F: FnOnce() -> Fut,
@@ -200,6 +295,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
                 Got::Hit(value) => return Ok((Some(value), Source::Hit)),
                 Got::Lease => break,
                 Got::Wait(left_ms) => {
+                    *waited = true;
                     let now = Instant::now();
                     if now >= deadline {
                         let value = loader().await.map_err(|e| ClientError::Loader(e.into()))?;
@@ -358,6 +454,18 @@ impl<C: ConnectionLike + Send> Cache<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_count_under_their_prefix_without_ids() {
+        assert_eq!(key_prefix("profile:user:3f2a-11"), "profile:user");
+        assert_eq!(
+            key_prefix("balance:user:0b7e4c1a-9d1f-4a3e-8c2b-5e6f7a8b9c0d:token:t1"),
+            "balance:user"
+        );
+        assert_eq!(key_prefix("config:site:theme"), "config:site");
+        assert_eq!(key_prefix("user42"), "user42");
+        assert_eq!(key_prefix("plain"), "plain");
+    }
 
     /// Tokens never repeat within a process.
     #[test]

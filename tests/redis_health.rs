@@ -348,6 +348,14 @@ async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
         (value.as_deref(), second),
         (Some("{\"bio\":\"v1\"}"), Source::Hit)
     );
+    // Client-side hit/miss per key prefix (the plan's per-endpoint ratio).
+    let stats = cache.stats();
+    let profile = stats.get("profile:user").copied().unwrap_or_default();
+    assert_eq!(
+        (profile.hits, profile.misses, profile.fills),
+        (1, 1, 1),
+        "{stats:?}"
+    );
     // The app's write: a token, then a read after it once the daemon
     // applied the change.
     let db = env.pg.client().await;

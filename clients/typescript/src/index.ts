@@ -43,7 +43,66 @@ export interface CacheOptions {
   after?: AfterPolicy;
   /** Default TTL of setCachedData, seconds. Default 3600. */
   defaultTtlSeconds?: number;
+  /** The prefix a key's lookups are counted under. Default: keyPrefix. */
+  keyPrefix?: (key: string) => string;
+  /** Called after every getOrLoad, for your own metrics. */
+  onLookup?: (lookup: Lookup) => void;
+  /**
+   * The prom-client module, when the app uses it: getOrLoad then counts
+   * pgci_client_lookups_total{prefix,outcome}, pgci_client_lease_waits_total{prefix}
+   * and pgci_client_fills_total{prefix} in its default registry (or in `promRegisters`).
+   */
+  promClient?: PromClient;
+  /** Registries for the prom-client counters. Default: prom-client's default registry. */
+  promRegisters?: unknown[];
 }
+
+/** One getOrLoad, as counted per key prefix. */
+export interface Lookup {
+  key: string;
+  prefix: string;
+  source: Source;
+  /** Another reader held the key's lease and this one waited for it. */
+  waitedForLease: boolean;
+}
+
+/** Counts of one key prefix (see Cache.stats). */
+export interface PrefixStats {
+  hits: number;
+  misses: number;
+  leaseWaits: number;
+  fills: number;
+}
+
+/** The part of prom-client used here. */
+export interface PromClient {
+  Counter: new (config: {
+    name: string;
+    help: string;
+    labelNames: string[];
+    registers?: unknown[];
+  }) => { inc(labels: Record<string, string>, value?: number): void };
+}
+
+/**
+ * The prefix a key is counted under: its `:`-separated segments up to the
+ * first that holds a digit (an id), so `balance:user:<uuid>:token:<id>`
+ * counts as `balance:user`; a key with no such segment counts without its
+ * last segment. The same rule as the Rust client's `key_prefix`.
+ */
+export function keyPrefix(key: string): string {
+  const segments = key.split(":");
+  const id = segments.findIndex((s) => /[0-9]/.test(s));
+  if (id === 0) return key;
+  if (id > 0) return segments.slice(0, id).join(":");
+  return segments.length > 1 ? segments.slice(0, -1).join(":") : key;
+}
+
+type Counters = {
+  lookups: { inc(labels: Record<string, string>, value?: number): void };
+  leaseWaits: { inc(labels: Record<string, string>, value?: number): void };
+  fills: { inc(labels: Record<string, string>, value?: number): void };
+};
 
 /** Where getOrLoad's value came from (see getOrLoadWithSource). */
 export type Source = "hit" | "filled" | "refused" | "bypassed";
@@ -84,6 +143,10 @@ export class Cache {
   private readonly defaultTtl: number;
   /** Whether FCALL works here; undefined until tried. */
   private functions: boolean | undefined;
+  private readonly prefixOf: (key: string) => string;
+  private readonly onLookup: ((lookup: Lookup) => void) | undefined;
+  private readonly counters: Counters | undefined;
+  private readonly counts = new Map<string, PrefixStats>();
 
   constructor(options: CacheOptions) {
     this.redis = options.redis;
@@ -92,6 +155,52 @@ export class Cache {
     this.leaseWaitMs = options.leaseWaitMs ?? 500;
     this.after = options.after ?? "bypass";
     this.defaultTtl = options.defaultTtlSeconds ?? 3600;
+    this.prefixOf = options.keyPrefix ?? keyPrefix;
+    this.onLookup = options.onLookup;
+    const prom = options.promClient;
+    const registers = options.promRegisters;
+    this.counters = prom && {
+      lookups: new prom.Counter({
+        name: "pgci_client_lookups_total",
+        help: "Cache lookups by key prefix and outcome (hit, miss)",
+        labelNames: ["prefix", "outcome"],
+        registers,
+      }),
+      leaseWaits: new prom.Counter({
+        name: "pgci_client_lease_waits_total",
+        help: "Lookups that waited for another reader's lease, by key prefix",
+        labelNames: ["prefix"],
+        registers,
+      }),
+      fills: new prom.Counter({
+        name: "pgci_client_fills_total",
+        help: "Lookups that filled their key, by key prefix",
+        labelNames: ["prefix"],
+        registers,
+      }),
+    };
+  }
+
+  /** Lookups, lease waits and fills so far, per key prefix. */
+  stats(): Record<string, PrefixStats> {
+    return Object.fromEntries([...this.counts].map(([prefix, c]) => [prefix, { ...c }]));
+  }
+
+  private record(key: string, source: Source, waitedForLease: boolean): void {
+    const prefix = this.prefixOf(key);
+    const hit = source === "hit";
+    const c = this.counts.get(prefix) ?? { hits: 0, misses: 0, leaseWaits: 0, fills: 0 };
+    c.hits += hit ? 1 : 0;
+    c.misses += hit ? 0 : 1;
+    c.leaseWaits += waitedForLease ? 1 : 0;
+    c.fills += source === "filled" ? 1 : 0;
+    this.counts.set(prefix, c);
+    if (this.counters) {
+      this.counters.lookups.inc({ prefix, outcome: hit ? "hit" : "miss" });
+      if (waitedForLease) this.counters.leaseWaits.inc({ prefix });
+      if (source === "filled") this.counters.fills.inc({ prefix });
+    }
+    this.onLookup?.({ key, prefix, source, waitedForLease });
   }
 
   /**
@@ -115,6 +224,19 @@ export class Cache {
     loader: () => Promise<T | null>,
     options: { after?: string } = {},
   ): Promise<{ value: T | null; source: Source }> {
+    const waited = { lease: false };
+    const result = await this.lookup(key, ttlSeconds, loader, options, waited);
+    this.record(key, result.source, waited.lease);
+    return result;
+  }
+
+  private async lookup<T>(
+    key: string,
+    ttlSeconds: number,
+    loader: () => Promise<T | null>,
+    options: { after?: string },
+    waited: { lease: boolean },
+  ): Promise<{ value: T | null; source: Source }> {
     if (options.after !== undefined && !(await this.caughtUp(options.after))) {
       return { value: await loader(), source: "bypassed" };
     }
@@ -132,6 +254,7 @@ export class Cache {
       if (kind !== "wait") {
         throw new Error(`${GET}: unexpected reply for key ${key}`);
       }
+      waited.lease = true;
       const now = Date.now();
       if (now >= deadline) {
         return { value: await loader(), source: "bypassed" };

@@ -10,7 +10,7 @@ const test = require("node:test");
 const assert = require("node:assert/strict");
 const Redis = require("ioredis");
 const { Client } = require("pg");
-const { createCache, writeToken, library, isMarker, MARKER_PREFIX } = require("../dist");
+const { createCache, writeToken, library, isMarker, MARKER_PREFIX, keyPrefix } = require("../dist");
 
 const redisUrl = process.env.PGCI_TEST_REDIS_URL;
 const databaseUrl = process.env.PGCI_TEST_DATABASE_URL;
@@ -204,4 +204,46 @@ test("a Redis that forgot the functions gets them from the client", async () => 
   await cache.invalidateCache(key);
   const { source } = await cache.getOrLoadWithSource(key, 60, () => rowOf(pg, ids[0]));
   assert.equal(source, "filled");
+});
+
+test("lookups are counted per key prefix: stats, a callback, and prom-client", async () => {
+  const promClient = require("prom-client");
+  const registry = new promClient.Registry();
+  const seen = [];
+  const cache = createCache({
+    redis,
+    leaseWaitMs: 30,
+    promClient,
+    promRegisters: [registry],
+    onLookup: (lookup) => seen.push(lookup),
+  });
+  const id = ids[7];
+  const key = `profile:user:${id}`;
+  await redis.del(key);
+  const first = await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id));
+  assert.equal(first.source, "filled");
+  const second = await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id));
+  assert.equal(second.source, "hit");
+  // Another reader holds the lease: this one waits, then loads without filling.
+  await redis.del(key);
+  await redis.call("FCALL", "pgci_lease_get", 1, key, "someone-else", 10000);
+  const third = await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id));
+  assert.equal(third.source, "bypassed");
+  await redis.del(key);
+
+  assert.deepEqual(cache.stats(), { "profile:user": { hits: 1, misses: 2, leaseWaits: 1, fills: 1 } });
+  assert.deepEqual(
+    seen.map((l) => [l.prefix, l.source, l.waitedForLease]),
+    [
+      ["profile:user", "filled", false],
+      ["profile:user", "hit", false],
+      ["profile:user", "bypassed", true],
+    ],
+  );
+  const text = await registry.metrics();
+  assert.match(text, /pgci_client_lookups_total\{prefix="profile:user",outcome="hit"\} 1/);
+  assert.match(text, /pgci_client_lookups_total\{prefix="profile:user",outcome="miss"\} 2/);
+  assert.match(text, /pgci_client_lease_waits_total\{prefix="profile:user"\} 1/);
+  assert.match(text, /pgci_client_fills_total\{prefix="profile:user"\} 1/);
+  assert.equal(keyPrefix("balance:user:0b7e4c1a-9d1f:token:t1"), "balance:user");
 });
