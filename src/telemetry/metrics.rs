@@ -70,6 +70,12 @@ pub const APPLY_LATENCY_SECONDS: &str = "pgci_apply_latency_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "pgci_replication_lag_bytes";
 /// WAL the slot keeps on the server (current LSN minus restart LSN).
 pub const SLOT_RETAINED_WAL_BYTES: &str = "pgci_slot_retained_wal_bytes";
+/// WAL the server may still write before the slot is invalidated
+/// (`safe_wal_size`; absent while `max_slot_wal_keep_size` is unlimited).
+pub const SLOT_SAFE_WAL_BYTES: &str = "pgci_slot_safe_wal_bytes";
+/// 1 while the catalog has drifted from what the rules need (replica
+/// identity, publication), else 0.
+pub const CATALOG_DRIFT: &str = "pgci_catalog_drift";
 /// Sessions waiting for a synchronous standby (`wait_event = 'SyncRep'`);
 /// complete only when the daemon's role may read all statistics.
 pub const SYNC_WAITERS: &str = "pgci_sync_waiters";
@@ -207,6 +213,15 @@ fn describe() {
         REPLICATION_LAG_BYTES,
         Unit::Bytes,
         "Server WAL end minus confirmed LSN"
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the server may still write before the slot is lost"
+    );
+    describe_gauge!(
+        CATALOG_DRIFT,
+        "1 while the catalog has drifted from what the rules need"
     );
     describe_gauge!(
         SYNC_WAITERS,

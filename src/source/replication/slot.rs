@@ -189,7 +189,8 @@ async fn heartbeat(
             "select (pg_current_wal_lsn() - s.restart_lsn)::int8, coalesce(s.wal_status, ''), \
                     (select count(*) from pg_stat_activity where wait_event = 'SyncRep'), \
                     coalesce((select r.sync_state in ('sync', 'quorum') from pg_stat_replication r \
-                               where r.pid = s.active_pid), false) \
+                               where r.pid = s.active_pid), false), \
+                    s.safe_wal_size \
                from pg_replication_slots s where s.slot_name = $1",
             &[&slot],
         )
@@ -198,6 +199,10 @@ async fn heartbeat(
     Ok(row.map(|r| {
         metrics::gauge!(m::SYNC_WAITERS).set(r.get::<_, i64>(2) as f64);
         metrics::gauge!(m::SYNC_STANDBY).set(if r.get::<_, bool>(3) { 1.0 } else { 0.0 });
+        // NULL while max_slot_wal_keep_size is unlimited.
+        if let Some(safe) = r.get::<_, Option<i64>>(4) {
+            metrics::gauge!(m::SLOT_SAFE_WAL_BYTES).set(safe as f64);
+        }
         (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))
     }))
 }
