@@ -15,5 +15,6 @@ mod redis_health;
 mod refresh;
 mod sync;
 mod tls;
+mod verbs;
 mod verify;
 mod wal;

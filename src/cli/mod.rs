@@ -7,10 +7,14 @@
 //! - `check-config` ([`check`]).
 //! - `status [--json]` ([`status`]).
 //! - `verify [--sample N] [--rate K] [--json] [--repair]` ([`mod@verify`]).
+//! - `events [--json] [--table T] [--key GLOB]` ([`mod@events`]).
+//! - `flush (--rule N | --table T | --all) [--dry-run]` ([`mod@flush`]).
 //! - `redis-acl`: the daemon's least-privilege Redis user
 //!   ([`crate::sink::acl`]).
 
 pub mod check;
+pub mod events;
+pub mod flush;
 pub mod run;
 pub mod setup;
 pub mod status;
@@ -73,6 +77,41 @@ enum Command {
     },
     /// Drop the slot and the publication.
     Teardown(ConfigArg),
+    /// Print the invalidation events as they are published.
+    Events {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print each event's JSON on a line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only events of this table (schema.table).
+        #[arg(long, value_name = "T")]
+        table: Option<String>,
+        /// Only events with a key matching this glob (* and ?).
+        #[arg(long, value_name = "GLOB")]
+        key: Option<String>,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Delete (or count) every key of a rule, a table's rules, or all rules.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["rule", "table", "all"])))]
+    Flush {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The Nth [[rules]] entry, from 1 in file order.
+        #[arg(long, value_name = "N")]
+        rule: Option<usize>,
+        /// Every rule of this table (schema.table).
+        #[arg(long, value_name = "T")]
+        table: Option<String>,
+        /// Every rule.
+        #[arg(long)]
+        all: bool,
+        /// Count the keys, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the ACL file line of a Redis user that may do only what the
     /// daemon does (its user and password are taken from redis.url).
     RedisAcl(ConfigArg),
@@ -198,6 +237,35 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::CheckConfig(arg) => check::check_config(load(&arg)?).await,
         Command::Status { config, json } => status::status(load(&config)?, json).await,
         Command::Teardown(arg) => setup::teardown(load(&arg)?).await,
+        Command::Events {
+            config,
+            json,
+            table,
+            key,
+            count,
+        } => {
+            let args = events::Args {
+                json,
+                table,
+                key,
+                count,
+            };
+            events::events(load(&config)?, args).await
+        }
+        Command::Flush {
+            config,
+            rule,
+            table,
+            all,
+            dry_run,
+        } => {
+            let which = match (rule, table, all) {
+                (Some(n), _, _) => flush::Which::Rule(n),
+                (_, Some(t), _) => flush::Which::Table(t),
+                _ => flush::Which::All,
+            };
+            flush::flush(load(&config)?, which, dry_run).await
+        }
         Command::RedisAcl(arg) => {
             let loaded = load(&arg)?;
             let all: Vec<&rules::Rule> =

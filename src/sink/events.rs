@@ -43,6 +43,28 @@ pub fn event_json(item: &Item) -> String {
     serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"))
 }
 
+/// The events published on `channel`, as they arrive (JSON text each),
+/// for `events`. Ends when the connection does.
+pub async fn subscribe(
+    url: &crate::secret::SecretUrl,
+    ca_cert: Option<&std::path::Path>,
+    channel: &str,
+) -> Result<impl futures_util::Stream<Item = String>, String> {
+    use futures_util::StreamExt;
+    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    pubsub
+        .subscribe(channel)
+        .await
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    Ok(pubsub
+        .into_on_message()
+        .map(|message| message.get_payload::<String>().unwrap_or_default()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

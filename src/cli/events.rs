@@ -1,0 +1,134 @@
+//! `events [--json] [--table T] [--key GLOB] [--count N]`: tails the
+//! invalidation events the daemon publishes, as a readable table or JSON
+//! lines, until Ctrl-C (or N events).
+
+use futures_util::StreamExt;
+use wildmatch::WildMatch;
+
+use crate::cli::{Failure, Loaded};
+use crate::sink::events;
+
+/// What to print.
+pub struct Args {
+    /// JSON lines (the payload as published) instead of a table.
+    pub json: bool,
+    /// Only events of this table (`schema.table`).
+    pub table: Option<String>,
+    /// Only events with a key (or flush pattern) matching this glob
+    /// (`*` and `?`).
+    pub key: Option<String>,
+    /// Stop after this many events.
+    pub count: Option<u64>,
+}
+
+/// Subscribes to the channel and prints matching events.
+pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
+    let redis = &loaded.config.redis;
+    if redis.channel.is_empty() {
+        return Err(Failure::usage(vec![
+            "redis.channel is empty: events are off; set a channel (default \"cache-invalidation\") and restart the daemon".to_string(),
+        ]));
+    }
+    let stream = events::subscribe(&redis.url, redis.ca_cert.as_deref(), &redis.channel)
+        .await
+        .map_err(|e| {
+            Failure::runtime(format!("cannot subscribe at {}: {e}", redis.url.redacted()))
+        })?;
+    let glob = args.key.as_deref().map(WildMatch::new);
+    eprintln!(
+        "listening on {} channel {:?} (Ctrl-C to stop)",
+        redis.url.redacted(),
+        redis.channel
+    );
+    if !args.json {
+        println!(
+            "{:<27} {:<28} {:<9} {:<8} keys",
+            "commit_time", "table", "op", "action"
+        );
+    }
+    let mut printed = 0u64;
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let payload = tokio::select! {
+            payload = stream.next() => match payload {
+                Some(payload) => payload,
+                None => return Err(Failure::runtime("the redis connection closed")),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        if !wanted(&event, args.table.as_deref(), glob.as_ref()) {
+            continue;
+        }
+        if args.json {
+            println!("{payload}");
+        } else {
+            println!("{}", row(&event));
+        }
+        printed += 1;
+        if args.count.is_some_and(|n| printed >= n) {
+            return Ok(());
+        }
+    }
+}
+
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default()
+}
+
+fn wanted(event: &serde_json::Value, table: Option<&str>, key: Option<&WildMatch>) -> bool {
+    if table.is_some_and(|t| event["table"].as_str() != Some(t)) {
+        return false;
+    }
+    match key {
+        None => true,
+        Some(glob) => strings(&event["keys"])
+            .into_iter()
+            .chain(strings(&event["patterns"]))
+            .any(|k| glob.matches(k)),
+    }
+}
+
+fn row(event: &serde_json::Value) -> String {
+    let text = |name: &str| event[name].as_str().unwrap_or("-").to_string();
+    let keys = strings(&event["keys"]).join(" ");
+    let keys = match strings(&event["patterns"]) {
+        patterns if !patterns.is_empty() => format!("flush {}", patterns.join(" ")),
+        _ => keys,
+    };
+    format!(
+        "{:<27} {:<28} {:<9} {:<8} {keys}",
+        text("commit_time"),
+        text("table"),
+        text("op"),
+        text("action")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_filtered_by_table_and_key_glob() {
+        let event = serde_json::json!({"table": "public.profiles", "op": "update", "action": "delete",
+            "keys": ["profile:user:1"], "lsn": "0/1", "commit_time": "2026-12-03T00:00:00Z"});
+        assert!(wanted(&event, Some("public.profiles"), None));
+        assert!(!wanted(&event, Some("public.user_tokens"), None));
+        assert!(wanted(&event, None, Some(&WildMatch::new("profile:*"))));
+        assert!(!wanted(&event, None, Some(&WildMatch::new("balance:*"))));
+        let flush = serde_json::json!({"table": "public.profiles", "op": "truncate", "action": "delete",
+            "keys": [], "patterns": ["profile:user:*"]});
+        assert!(wanted(
+            &flush,
+            None,
+            Some(&WildMatch::new("profile:user:*"))
+        ));
+        assert!(row(&flush).ends_with("flush profile:user:*"));
+    }
+}
