@@ -4,6 +4,15 @@
 use std::process::Command;
 
 fn main() {
+    // A build without the repository (a container build; .git is not in
+    // its context) is given the commit as PGCI_GIT_COMMIT.
+    println!("cargo:rerun-if-env-changed=PGCI_GIT_COMMIT");
+    if let Ok(commit) = std::env::var("PGCI_GIT_COMMIT") {
+        if !commit.is_empty() {
+            println!("cargo:rustc-env=PGCI_GIT_COMMIT={commit}");
+            return;
+        }
+    }
     let commit = Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

@@ -430,3 +430,104 @@ async fn dashboard_and_rules_name_only_exported_metrics() {
         assert!(named.contains(core) && live.contains(core), "{core}");
     }
 }
+
+/// The docker-compose quickstart (no container engine runs here, so it is
+/// checked by parsing): PostgreSQL with `wal_level=logical` and the demo
+/// schema, Redis with an LRU policy under a memory limit and snapshots,
+/// `setup` before `run`, Prometheus loading the shipped rules and scraping
+/// the daemon, Grafana provisioned with the dashboard; every file it
+/// mounts exists; and its daemon config passes `check-config` against a
+/// real database and Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_compose_quickstart_holds_together() {
+    let mut compose: Value =
+        serde_yaml::from_str(&read("docker-compose.yml")).expect("compose YAML");
+    compose.apply_merge().expect("merge keys");
+    let services = &compose["services"];
+    for name in [
+        "postgres",
+        "redis",
+        "setup",
+        "daemon",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(services.get(name).is_some(), "service {name} missing");
+    }
+    let words = |v: &Value| -> Vec<String> {
+        v.as_sequence()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|w| w.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(words(&services["postgres"]["command"]).contains(&"wal_level=logical".to_string()));
+    let redis = words(&services["redis"]["command"]).join(" ");
+    assert!(
+        redis.contains("--maxmemory-policy allkeys-lru") && redis.contains("--save 900 1"),
+        "{redis}"
+    );
+    assert_eq!(words(&services["setup"]["command"])[0], "setup");
+    assert_eq!(words(&services["daemon"]["command"])[0], "run");
+    assert_eq!(
+        at(services, "daemon.depends_on.setup.condition"),
+        "service_completed_successfully"
+    );
+    // Every mounted file or folder of the repository exists.
+    let mut mounts = Vec::new();
+    for (_, service) in services.as_mapping().expect("services") {
+        for volume in words(&service["volumes"]) {
+            let (host, rest) = volume.split_once(':').expect("host:container");
+            if let Some(local) = host.strip_prefix("./") {
+                assert!(repo(local).exists(), "{volume}: {local} does not exist");
+                mounts.push((local.to_string(), rest.to_string()));
+            }
+        }
+    }
+    let mounted = |local: &str| mounts.iter().any(|(l, _)| l == local);
+    for needed in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana",
+        "sql/demo/avolve_schema.sql",
+        "deploy/compose/config.toml",
+    ] {
+        assert!(mounted(needed), "{needed} is not mounted");
+    }
+    let prometheus = yaml("deploy/compose/prometheus.yml");
+    assert_eq!(
+        at(&prometheus, "rule_files.0"),
+        "/etc/prometheus/alerts.yml"
+    );
+    assert_eq!(
+        at(&prometheus, "scrape_configs.0.static_configs.0.targets.0"),
+        "daemon:9187"
+    );
+    let dashboards = yaml("deploy/compose/grafana/dashboards.yml");
+    assert_eq!(
+        at(&dashboards, "providers.0.options.path"),
+        "/var/lib/grafana/dashboards"
+    );
+    assert!(repo("deploy/grafana/pg-cache-invalidator.json").exists());
+    let datasource = yaml("deploy/compose/grafana/datasource.yml");
+    assert_eq!(
+        at(&datasource, "datasources.0.url"),
+        "http://prometheus:9090"
+    );
+
+    let env = TestEnv::start(1).await;
+    env.setup();
+    let out = std::process::Command::new(DAEMON)
+        .args(["check-config", "--config"])
+        .arg(repo("deploy/compose/config.toml"))
+        .env("DATABASE_URL", env.pg.url())
+        .env("REDIS_URL", env.redis.url())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
