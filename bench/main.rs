@@ -35,7 +35,7 @@ struct Args {
     seconds: u64,
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
-    /// outbox-live, capture, memory.
+    /// outbox-live, outbox-poll, capture, memory.
     only: Vec<String>,
 }
 
@@ -415,13 +415,20 @@ enum Capture {
     Replication,
     /// The outbox, woken by NOTIFY (polling every second otherwise).
     Outbox,
+    /// The outbox with wake-ups off, polling every 100 ms.
+    OutboxPolling,
 }
 
 async fn live_latency(args: &Args, capture: Capture, rates: &[u64]) -> Vec<LatencyResult> {
     let mut env = TestEnv::start(50_000).await;
-    if capture == Capture::Outbox {
+    let outbox = match capture {
+        Capture::Replication => "",
+        Capture::Outbox => "[outbox]\n",
+        Capture::OutboxPolling => "[outbox]\nwake_ups = false\npoll_interval = \"100ms\"\n",
+    };
+    if capture != Capture::Replication {
         env.postgres_extra = "source = \"outbox\"\n".to_string();
-        env.write_config("");
+        env.write_config(outbox);
     }
     env.setup();
     let client = env.pg.client().await;
@@ -436,9 +443,11 @@ async fn live_latency(args: &Args, capture: Capture, rates: &[u64]) -> Vec<Laten
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    env.write_config("[replication]\nheartbeat_interval = \"0s\"\n");
+    env.write_config(&format!(
+        "[replication]\nheartbeat_interval = \"0s\"\n{outbox}"
+    ));
     let _daemon = env.daemon().await;
-    if capture == Capture::Outbox {
+    if capture != Capture::Replication {
         // Let the drainer go idle and ask for wake-ups.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -719,6 +728,12 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let outbox_polling = if args.wants("outbox-poll") {
+        eprintln!("live latency through the outbox, wake-ups off (poll every 100 ms)");
+        live_latency(&args, Capture::OutboxPolling, &[1_000]).await
+    } else {
+        Vec::new()
+    };
     let capture = if args.wants("capture") {
         eprintln!("capture cost for writers");
         capture_cost(&args).await
@@ -761,7 +776,11 @@ async fn main() {
             .into(),
     );
     lines.push("|---|---|---|---|---|---|".into());
-    for (capture, results) in [("", &live), (" (outbox)", &outbox_live)] {
+    for (capture, results) in [
+        ("", &live),
+        (" (outbox)", &outbox_live),
+        (" (outbox, polling 100 ms)", &outbox_polling),
+    ] {
         for l in results {
             lines.push(format!(
                 "| {}{capture} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",

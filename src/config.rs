@@ -193,6 +193,15 @@ pub struct OutboxConfig {
     /// the other, so the drained one can be emptied with TRUNCATE.
     #[serde(default = "default_rotate")]
     pub rotate_interval: HumanDuration,
+    /// Whether writers wake the daemon with NOTIFY while it waits; off,
+    /// the daemon does not LISTEN (a transaction-mode pooler cannot) and
+    /// polls every `poll_interval`.
+    #[serde(default = "default_true")]
+    pub wake_ups: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for OutboxConfig {
@@ -202,6 +211,7 @@ impl Default for OutboxConfig {
             poll_interval: default_poll(),
             batch_size: default_outbox_batch(),
             rotate_interval: default_rotate(),
+            wake_ups: true,
         }
     }
 }

@@ -865,3 +865,39 @@ async fn setup_replaces_the_earlier_outbox_only_when_it_is_empty() {
     let _daemon = env.daemon().await;
     env.sync().await;
 }
+
+/// `wake_ups = false` (a pooler in transaction mode cannot LISTEN): the
+/// daemon never asks writers for NOTIFY and polls every `poll_interval`;
+/// changes are applied all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_wake_ups_the_drain_polls() {
+    let mut env = TestEnv::start(5).await;
+    env.postgres_extra = "source = \"outbox\"\n".to_string();
+    env.write_config("[outbox]\nwake_ups = false\npoll_interval = \"200ms\"\n");
+    env.setup();
+    let _daemon = env.daemon().await;
+    let u = users(&env, 2).await;
+    let started = std::time::Instant::now();
+    let removed = removed_by(
+        &env,
+        &u,
+        &[],
+        &format!(
+            "update public.profiles set bio = 'polled' where id = '{}'",
+            u[0].id
+        ),
+    )
+    .await;
+    assert_eq!(removed, [format!("profile:user:{}", u[0].id)]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let wake: bool = env
+        .pg
+        .client()
+        .await
+        .query_one("select wake from cache_invalidator.state", &[])
+        .await
+        .expect("state")
+        .get(0);
+    assert!(!wake, "the daemon asked for wake-ups");
+}

@@ -284,6 +284,15 @@ impl Db {
         Db::open(info, None).await
     }
 
+    /// Connects without listening: the receiver only ends when the
+    /// connection does (for a drain that polls).
+    pub async fn connect_watched(
+        info: &ConnInfo,
+    ) -> Result<(Db, tokio::sync::mpsc::Receiver<()>), DbError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        Ok((Db::open(info, Some(tx)).await?, rx))
+    }
+
     /// Connects and runs `LISTEN channel`; each notification on it sends
     /// `()` to the returned receiver (a wake-up, never the data itself).
     /// The receiver closes when the connection ends.

@@ -267,7 +267,11 @@ impl Worker {
                 return;
             }
             let session = async {
-                let (db, wake) = Db::connect_listening(&self.conn, &self.cfg.schema).await?;
+                let (db, wake) = if self.cfg.wake_ups {
+                    Db::connect_listening(&self.conn, &self.cfg.schema).await?
+                } else {
+                    Db::connect_watched(&self.conn).await?
+                };
                 if !drain::try_lock(&db, &self.cfg).await? {
                     return Ok(None);
                 }
@@ -414,7 +418,7 @@ impl Worker {
                 }
                 continue;
             }
-            if !drain.waking {
+            if !drain.waking && self.cfg.wake_ups {
                 // About to wait: ask writers for a wake-up, then look once
                 // more, since a row committed before they could see the
                 // request did not NOTIFY.
