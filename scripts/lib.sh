@@ -129,10 +129,12 @@ stop_postgres() {
   [ -d "$dir/data" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
 }
 
-# start_redis DIR PORT
+# start_redis DIR PORT: set as the caching plan asks (an LRU policy under a
+# memory limit, RDB snapshots, into DIR), so status shows no warnings.
 start_redis() {
   local dir=$1 port=$2
-  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+  redis-server --port "$port" --bind 127.0.0.1 --save "900 1" --appendonly no --dir "$dir" \
+    --maxmemory 64mb --maxmemory-policy allkeys-lru \
     --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
   for _ in $(seq 50); do
     redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
