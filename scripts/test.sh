@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 ensure_deps
 ensure_promtool
+ensure_chromium
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --workspace --all-targets -- -D warnings"

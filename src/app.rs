@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  signals ──cancel──▶ every task
-//!  http (/metrics /healthz /readyz)        heartbeats (replication)
+//!  http (/ /metrics /healthz /readyz)      heartbeats (replication)
+//!  events → the status page
 //!  redis INFO → pgci_redis_… metrics
 //!  source ─▶ pipeline::run (plan ─▶ resolve ─▶ sink) ─▶ confirm
 //! ```
@@ -34,6 +35,7 @@ use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
 use crate::telemetry;
 use crate::telemetry::health::Health;
+use crate::telemetry::status::Board;
 
 /// How long the other tasks get to finish once the loop has stopped.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,12 +99,21 @@ async fn start_and_run(
         .await
         .map_err(|e| Stopped::Problems(vec![e]))?;
     tracing::info!(listen = %config.http.listen, "serving /metrics /healthz /readyz");
+    let source = match config.postgres.source {
+        SourceKind::Replication => format!("slot {}", config.replication.slot),
+        SourceKind::Outbox => format!("outbox {}", config.outbox.schema),
+    };
+    let board = Board::new(source, rules.tables().map(|(t, _)| t.to_string()).collect());
     tasks.spawn(telemetry::http::serve(
         listener,
         metrics,
         Arc::clone(&health),
+        Arc::clone(&board),
         cancel.clone(),
     ));
+    if !config.redis.channel.is_empty() {
+        tasks.spawn(feed_events(board, config.redis.clone(), cancel.clone()));
+    }
 
     let db = connect_with_retry(&conn, cancel).await?;
     let problems = install::check(&db, config, &rules, true)
@@ -329,4 +340,35 @@ async fn wait_for_signal(cancel: CancellationToken) {
     }
     tracing::info!("shutdown requested; applying what was read, then confirming");
     cancel.cancel();
+}
+
+/// Feeds the status page the events the daemon publishes, as any
+/// subscriber sees them; resubscribes after a lost connection.
+async fn feed_events(
+    board: Arc<Board>,
+    redis: crate::config::RedisConfig,
+    cancel: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    loop {
+        if let Ok(stream) =
+            crate::sink::events::subscribe(&redis.url, redis.ca_cert.as_deref(), &redis.channel)
+                .await
+        {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    payload = stream.next() => match payload {
+                        Some(payload) => board.event(payload),
+                        None => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }

@@ -13,6 +13,7 @@ mod operations;
 mod outbox;
 mod redis_health;
 mod refresh;
+mod status_page;
 mod sync;
 mod tls;
 mod verbs;

@@ -73,6 +73,11 @@ impl Health {
         self.redis_ok.store(ok, Ordering::Relaxed);
     }
 
+    /// Whether Redis answered the last attempt.
+    pub fn redis_ok(&self) -> bool {
+        self.redis_ok.load(Ordering::Relaxed)
+    }
+
     /// Whether the catalog has drifted from what the rules need.
     pub fn set_drifted(&self, drifted: bool) {
         self.drifted.store(drifted, Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! `/metrics` (Prometheus text), `/healthz` (liveness), `/readyz`
-//! (readiness) on `[http] listen`.
+//! `/` (the status page, see [`super::status`]), `/metrics` (Prometheus
+//! text), `/healthz` (liveness), `/readyz` (readiness) on `[http] listen`.
 
 use std::sync::Arc;
 
@@ -12,12 +12,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::health::Health;
+use crate::telemetry::status::{self, Board};
 
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
     process: Arc<metrics_process::Collector>,
+    board: Arc<Board>,
 }
 
 /// Binds `listen`; the error names the address.
@@ -32,22 +34,33 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    board: Arc<Board>,
     cancel: CancellationToken,
 ) {
     let upkeep = metrics.clone();
     let stop_upkeep = cancel.clone();
+    let sampled = Arc::clone(&board);
     let upkeep = tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        // The exporter's upkeep every 5 s; the status board's samples.
+        let mut every = tokio::time::interval(status::SAMPLE_EVERY);
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = stop_upkeep.cancelled() => return,
-                _ = every.tick() => upkeep.run_upkeep(),
+                _ = every.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(3) {
+                        upkeep.run_upkeep();
+                    }
+                    sampled.sample(&upkeep.render());
+                }
             }
         }
     });
     let process = metrics_process::Collector::default();
     process.describe();
     let app = Router::new()
+        .route("/", get(status_page))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -55,6 +68,7 @@ pub async fn serve(
             metrics,
             health,
             process: Arc::new(process),
+            board,
         });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -72,6 +86,13 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
+    )
+}
+
+async fn status_page(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        state.board.render(&state.health),
     )
 }
 

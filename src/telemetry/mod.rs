@@ -26,4 +26,5 @@ pub fn init_logging(format: LogFormat) {
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod status;
 pub mod systemd;
