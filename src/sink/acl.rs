@@ -15,7 +15,8 @@ use crate::secret::SecretUrl;
 use crate::sink::position;
 
 /// What the daemon sends: the apply path (GET/SET/UNLINK/DEL inside the
-/// version-guarded script, PUBLISH, MULTI/EXEC), flushes (SCAN), the
+/// version-guarded script, PUBLISH, MULTI/EXEC), SUBSCRIBE to its own
+/// channel (the status page's recent events), flushes (SCAN), the
 /// lease functions it loads for readers (FUNCTION LOAD and LIST, SCRIPT
 /// LOAD and EVALSHA where functions are missing), health (PING, INFO), and
 /// what the client library sends on connect (HELLO, SELECT). `CLIENT
@@ -28,6 +29,7 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "unlink",
     "del",
     "publish",
+    "subscribe",
     "multi",
     "exec",
     "scan",
