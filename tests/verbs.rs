@@ -50,24 +50,31 @@ async fn events_are_tailed_and_filtered() {
     env.setup();
     let _daemon = env.daemon().await;
     let u = users(&env, 2).await;
+    let mut redis = env.redis.conn().await;
+    async fn subscribers(redis: &mut redis::aio::MultiplexedConnection) -> i64 {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("cache-invalidation")
+            .query_async(redis)
+            .await
+            .expect("numsub");
+        n
+    }
+    // The daemon subscribes too (its status page shows recent events):
+    // count it first, then wait for both tails to have subscribed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscribers(&mut redis).await < 1 {
+        assert!(Instant::now() < deadline, "the daemon did not subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = subscribers(&mut redis).await;
     let by_table = spawn_events(
         &env,
         &["--json", "--table", "public.profiles", "--count", "1"],
     );
     let by_key = spawn_events(&env, &["--key", "balance:user:*:token:*", "--count", "2"]);
-    // Both subscribed before the writes.
-    let mut redis = env.redis.conn().await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, n): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("cache-invalidation")
-            .query_async(&mut redis)
-            .await
-            .expect("numsub");
-        if n >= 2 {
-            break;
-        }
+    while subscribers(&mut redis).await < before + 2 {
         assert!(Instant::now() < deadline, "events did not subscribe");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

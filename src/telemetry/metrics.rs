@@ -22,7 +22,7 @@ pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
 pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
 /// Refresh queries that answered NULL or no row (their keys are deleted).
 pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
-/// Outbox rows applied and deleted (outbox source).
+/// Outbox rows applied (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
 /// Redis `INFO` (see `sink::server`), labelled by `target` (host:port):
 /// keyspace hits and misses since the server's restart (the hit ratio),
