@@ -175,22 +175,22 @@ struct Stats(std::sync::Mutex<std::collections::BTreeMap<String, PrefixStats>>);
 
 impl Stats {
     fn record(&self, key: &str, source: Source, waited: bool) {
-        let prefix = key_prefix(key);
+        // One owned prefix per lookup, shared by the labels and the map.
+        let prefix = key_prefix(key).to_string();
         let hit = source == Source::Hit;
         let filled = source == Source::Filled;
         let outcome = if hit { "hit" } else { "miss" };
-        metrics::counter!("pgci_client_lookups_total", "prefix" => prefix.to_string(), "outcome" => outcome)
+        metrics::counter!("pgci_client_lookups_total", "prefix" => prefix.clone(), "outcome" => outcome)
             .increment(1);
         if waited {
-            metrics::counter!("pgci_client_lease_waits_total", "prefix" => prefix.to_string())
+            metrics::counter!("pgci_client_lease_waits_total", "prefix" => prefix.clone())
                 .increment(1);
         }
         if filled {
-            metrics::counter!("pgci_client_fills_total", "prefix" => prefix.to_string())
-                .increment(1);
+            metrics::counter!("pgci_client_fills_total", "prefix" => prefix.clone()).increment(1);
         }
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = map.entry(prefix.to_string()).or_default();
+        let counts = map.entry(prefix).or_default();
         counts.hits += u64::from(hit);
         counts.misses += u64::from(!hit);
         counts.lease_waits += u64::from(waited);
