@@ -108,6 +108,9 @@ pub enum FlushReason {
     /// The catalog changed under the stream (a table left the publication,
     /// its replica identity changed): the table's changes may be missed.
     Drift,
+    /// A synchronous commit held more keys to delete again than the
+    /// daemon keeps: its tables' keys are flushed once it shows.
+    HeldTooLarge,
 }
 
 impl FlushReason {
@@ -115,7 +118,7 @@ impl FlushReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FlushReason::Truncate => "truncate",
-            FlushReason::SlotReset | FlushReason::Drift => "flush",
+            FlushReason::SlotReset | FlushReason::Drift | FlushReason::HeldTooLarge => "flush",
         }
     }
 }

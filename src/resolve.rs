@@ -101,6 +101,13 @@ impl Resolver {
         Ok(Some(visibility))
     }
 
+    /// Whether the transactions of `items` were visible before now, as an
+    /// earlier check showed (a backlog's older commits): their keys need
+    /// no second deletion.
+    pub fn known_visible(&self, items: &[Item]) -> bool {
+        self.queries.known_visible(&xids_of(items))
+    }
+
     /// Waits until the transactions of `items` are visible, or held back by
     /// a synchronous standby wait (this daemon may be the standby: it must
     /// confirm them first).
@@ -115,14 +122,13 @@ impl Resolver {
         }
     }
 
-    /// Waits until the transactions of `items` are visible, with no
+    /// Waits until the transactions `xids` are visible, with no
     /// exception for synchronous standby waits: called after the batch was
     /// applied and confirmed, which released this daemon's part of them.
-    pub async fn wait_visible(&mut self, items: &[Item]) -> Result<(), ResolveError> {
-        let xids = xids_of(items);
+    pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), ResolveError> {
         let mut retry = Retry::new(Backoff::default(), &self.cancel);
         loop {
-            match self.queries.wait_visible(&xids, Hold::Visible).await {
+            match self.queries.wait_visible(xids, Hold::Visible).await {
                 Ok(_) => return Ok(()),
                 Err(error) => wait_to_retry(&mut retry, error).await?,
             }

@@ -398,3 +398,95 @@ async fn synchronous_update(
         .expect("update")
     })
 }
+
+/// A backlog is drained without asking PostgreSQL whether each batch's
+/// commits are visible: the first check's horizon covers every older
+/// commit, so neither the check nor the second deletion is repeated per
+/// batch (the drain's confirmed throughput depends on it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_drains_without_a_visibility_check_per_batch() {
+    let mut env = TestEnv::start(20).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    env.sync().await;
+    daemon.terminate().await;
+    // 20,000 one-row transactions while the daemon is stopped.
+    let pg = env.pg.client().await;
+    pg.batch_execute(
+        "do $$ begin for i in 1..20000 loop \
+           update public.user_tokens set balance = balance + 1 \
+            where ctid = (select ctid from public.user_tokens order by user_id, token_id offset i % 40 limit 1); \
+           commit; \
+         end loop; end $$",
+    )
+    .await
+    .expect("backlog");
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    let (_, text) = crate::support::http_get(env.http_port, "/metrics")
+        .await
+        .expect("metrics");
+    let checks = crate::support::metric(&text, "pgci_visibility_checks_total").unwrap_or(0.0);
+    let batches = crate::support::metric(&text, "pgci_batches_total").unwrap_or(0.0);
+    eprintln!("drained 20000 transactions in {batches} batches with {checks} visibility checks");
+    assert!(
+        batches >= 8.0,
+        "40,000 keys need several batches: {batches}"
+    );
+    assert!(
+        checks <= 3.0,
+        "{checks} visibility checks for {batches} batches of an old backlog"
+    );
+}
+
+/// A synchronous transaction with more keys than the daemon keeps to
+/// delete again (its commit is held until the daemon confirms it, so every
+/// batch of it is held) is remembered by its tables instead: once it
+/// shows, their rules' keys are flushed — the daemon's memory stays
+/// bounded and no key it touched can keep a value filled in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synchronous_transaction_too_large_to_remember_flushes_its_tables() {
+    let mut env = TestEnv::start(20).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    make_daemon_synchronous(&admin).await;
+    let mut redis = env.redis.conn().await;
+    // No row renders these keys: only a flush of the table's rules
+    // removes the first; the profile key belongs to another table.
+    let untouched = [
+        "balance:user:00000000-0000-0000-0000-000000000000".to_string(),
+        "profile:user:00000000-0000-0000-0000-000000000000".to_string(),
+    ];
+    crate::support::preset(&mut redis, &untouched).await;
+    let writer = env.pg.client().await;
+    // 20 users × 8,000 new tokens: 160,000 rows, 320,000 keys.
+    writer
+        .batch_execute(
+            "insert into public.tokens (symbol, name) \
+               select 'T' || g, 'token ' || g from generate_series(1, 8000) g; \
+             set synchronous_commit = remote_apply; \
+             insert into public.user_tokens (user_id, token_id) \
+               select p.id, t.id from public.profiles p, public.tokens t where t.symbol like 'T%'",
+        )
+        .await
+        .expect("large synchronous transaction");
+    env.sync().await;
+    assert_eq!(
+        crate::support::surviving(&mut redis, &untouched[..1]).await,
+        0,
+        "the table's keys were flushed once the commit showed"
+    );
+    assert_eq!(
+        crate::support::surviving(&mut redis, &untouched[1..]).await,
+        1,
+        "other tables' keys stay"
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("a synchronous commit holds more keys than the daemon keeps"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -101,6 +101,37 @@ pub type QueryJob<'a> = (&'a Arc<str>, &'a [Option<String>]);
 pub struct QueryRunner {
     conn: ConnInfo,
     clients: Vec<Arc<Conn>>,
+    /// Transactions below it are known to be visible (see [`Horizon`]).
+    horizon: Horizon,
+}
+
+/// The oldest transaction that was still running when a visibility check
+/// last looked (its snapshot's xmin): every transaction the stream
+/// delivers as committed whose id is below it had become visible by then.
+/// While a backlog drains, one check's horizon covers the rest of it, so
+/// neither the check nor the second pass is repeated per batch; live
+/// commits are newer than any horizon and are still checked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon(Option<u64>);
+
+impl Horizon {
+    /// Raises the horizon to `xmin` (a full 64-bit xid).
+    pub fn advance(&mut self, xmin: u64) {
+        if self.0.is_none_or(|h| xmin > h) {
+            self.0 = Some(xmin);
+        }
+    }
+
+    /// Whether every transaction in `xids` (32-bit, as the stream sends
+    /// them) precedes the horizon, compared modulo 2^32 as PostgreSQL
+    /// does: a delivered xid is within 2^31 of the current one.
+    pub fn covers(&self, xids: &[u32]) -> bool {
+        let Some(h) = self.0 else {
+            return xids.is_empty();
+        };
+        let h = h as u32;
+        xids.iter().all(|&x| (h.wrapping_sub(x) as i32) > 0)
+    }
 }
 
 impl QueryRunner {
@@ -109,14 +140,21 @@ impl QueryRunner {
         QueryRunner {
             conn,
             clients: Vec::new(),
+            horizon: Horizon::default(),
         }
+    }
+
+    /// Whether the transactions `xids` are known to be visible already,
+    /// from an earlier check, without asking (see [`Horizon`]).
+    pub fn known_visible(&self, xids: &[u32]) -> bool {
+        self.horizon.covers(xids)
     }
 
     /// Waits until the transactions `xids` are visible to new snapshots,
     /// or held back by a synchronous standby wait (see [`wait_visible`]).
     /// On any error the pool is dropped, to be reconnected by the retry.
     pub async fn wait_visible(&mut self, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
-        if xids.is_empty() {
+        if self.known_visible(xids) {
             return Ok(Visibility::Visible);
         }
         if self.clients.is_empty() {
@@ -125,11 +163,16 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        let result = wait_visible(&self.clients[0], xids, hold).await;
-        if result.is_err() {
-            self.clients.clear();
+        match wait_visible(&self.clients[0], xids, hold).await {
+            Ok((visibility, xmin)) => {
+                self.horizon.advance(xmin);
+                Ok(visibility)
+            }
+            Err(error) => {
+                self.clients.clear();
+                Err(error)
+            }
         }
-        result
     }
 
     /// Runs `jobs`, returning each one's single text answer (`None` for no
@@ -151,11 +194,18 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        let visibility = match wait_visible(&self.clients[0], xids, Hold::Allowed).await {
-            Ok(v) => v,
-            Err(error) => {
-                self.clients.clear();
-                return Err(error);
+        let visibility = if self.known_visible(xids) {
+            Visibility::Visible
+        } else {
+            match wait_visible(&self.clients[0], xids, Hold::Allowed).await {
+                Ok((visibility, xmin)) => {
+                    self.horizon.advance(xmin);
+                    visibility
+                }
+                Err(error) => {
+                    self.clients.clear();
+                    return Err(error);
+                }
             }
         };
         let mut answers = Vec::with_capacity(jobs.len());
@@ -215,11 +265,9 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(5);
 /// the standby confirms — and if this daemon is that standby, waiting here
 /// would never end. The 32-bit xid from the stream is widened to a full
 /// xid against the snapshot's xmax (a committed xid is less than 2^31
-/// behind it).
-async fn wait_visible(conn: &Conn, xids: &[u32], hold: Hold) -> Result<Visibility, DbError> {
-    if xids.is_empty() {
-        return Ok(Visibility::Visible);
-    }
+/// behind it). Also returns the xmin of the last snapshot it looked at
+/// (see [`Horizon`]).
+async fn wait_visible(conn: &Conn, xids: &[u32], hold: Hold) -> Result<(Visibility, u64), DbError> {
     let db = &conn.db;
     // Prepared once per connection: one round-trip per check.
     static SQL: std::sync::LazyLock<Arc<str>> =
@@ -240,16 +288,19 @@ async fn wait_visible(conn: &Conn, xids: &[u32], hold: Hold) -> Result<Visibilit
             .map_err(DbError::query(
                 "checking that decoded transactions are visible",
             ))?;
-        let (visible, visible_or_held): (bool, bool) = (row.get(0), row.get(1));
+        let (visible, visible_or_held, xmin): (bool, bool, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        metrics::counter!(m::VISIBILITY_CHECKS_TOTAL).increment(1);
+        let xmin = u64::try_from(xmin).unwrap_or(0);
         if visible {
-            return Ok(Visibility::Visible);
+            return Ok((Visibility::Visible, xmin));
         }
         // Held by a standby wait, or invisible for longer than a commit
         // takes to show (a role without pg_read_all_stats cannot see other
         // sessions' waits): apply now and again later rather than risk
         // waiting for our own confirmation.
         if hold == Hold::Allowed && (visible_or_held || tokio::time::Instant::now() >= held_after) {
-            return Ok(Visibility::HeldForStandby);
+            return Ok((Visibility::HeldForStandby, xmin));
         }
         // Querying now could cache the answer from before the change
         // under the change's version: fail, and the resolver retries.
@@ -285,7 +336,8 @@ const VISIBILITY_SQL: &str =
                  select coalesce(bool_and(visible), true), \
                         coalesce(bool_and(visible or x in ( \
                           select backend_xid::text::int8 from pg_stat_activity \
-                           where wait_event = 'SyncRep' and backend_xid is not null)), true) \
+                           where wait_event = 'SyncRep' and backend_xid is not null)), true), \
+                        (select pg_snapshot_xmin(s)::text::int8 from snap) \
                    from each";
 
 /// How long a commit may stay invisible before it is treated as held by a
@@ -337,4 +389,36 @@ async fn run_one(
         metrics::counter!(m::REFRESH_NULL_ANSWERS_TOTAL).increment(1);
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Horizon;
+
+    #[test]
+    fn a_horizon_covers_only_transactions_before_it() {
+        let mut h = Horizon::default();
+        assert!(!h.covers(&[1000]), "no check yet: nothing is known");
+        assert!(h.covers(&[]));
+        h.advance(1000);
+        assert!(h.covers(&[999, 3]));
+        assert!(!h.covers(&[999, 1000]), "its xmin itself may still run");
+        assert!(!h.covers(&[1001]));
+        h.advance(900);
+        assert!(h.covers(&[999]), "a lower xmin never lowers the horizon");
+    }
+
+    #[test]
+    fn a_horizon_compares_across_the_32_bit_wraparound() {
+        let mut h = Horizon::default();
+        // Epoch 1, xid 5: the stream's 4294967290 (epoch 0) came before it,
+        // its 6 after.
+        h.advance((1u64 << 32) + 5);
+        assert!(h.covers(&[4_294_967_290, 4]));
+        assert!(!h.covers(&[6]));
+        assert!(
+            !h.covers(&[5 + (1 << 31)]),
+            "half the xid space ahead is not behind"
+        );
+    }
 }

@@ -312,6 +312,14 @@ impl Planner {
         })
     }
 
+    /// Plans flushing each watched table's keys, one operation per table.
+    pub fn plan_flush_each_table(&self, reason: FlushReason) -> Vec<CacheOp> {
+        self.rules
+            .tables()
+            .filter_map(|(table, _)| self.plan_flush_table(table, reason))
+            .collect()
+    }
+
     /// Plans flushing every key any rule can produce.
     pub fn plan_flush_all(&self) -> CacheOp {
         CacheOp::Flush {

@@ -471,6 +471,10 @@ impl RedisSink {
                 tracing::error!(table = %table, patterns = ?patterns, keys_removed = removed,
                 "flushed every key of the table's rules because its changes may not have been streamed")
             }
+            FlushReason::HeldTooLarge => {
+                tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                "flushed every key of the table's rules once a synchronous commit too large to remember its keys showed")
+            }
         }
         if let Some(channel) = &self.channel {
             let _: () = self.conn.publish(channel, events::event_json(item)).await?;

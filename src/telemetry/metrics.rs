@@ -22,6 +22,9 @@ pub const KEYS_SKIPPED_TOTAL: &str = "pgci_keys_skipped_total";
 pub const ROWS_NOT_CACHED_TOTAL: &str = "pgci_rows_not_cached_total";
 /// Refresh queries that answered NULL or no row (their keys are deleted).
 pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
+/// Visibility checks asked of PostgreSQL (one per batch of live commits;
+/// a draining backlog needs few, see `db::query::Horizon`).
+pub const VISIBILITY_CHECKS_TOTAL: &str = "pgci_visibility_checks_total";
 /// Outbox rows applied (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
 /// Redis `INFO` (see `sink::server`), labelled by `target` (host:port):
@@ -149,6 +152,10 @@ fn describe() {
     describe_counter!(CHANGES_TOTAL, "Row changes applied, by table and op");
     describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
     describe_counter!(KEYS_WRITTEN_TOTAL, "Keys written with a refreshed value");
+    describe_counter!(
+        VISIBILITY_CHECKS_TOTAL,
+        "Checks that decoded commits are visible to readers"
+    );
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
     describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied");

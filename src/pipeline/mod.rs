@@ -21,6 +21,8 @@
 //! transaction's commit confirms it later. That is safe because pgoutput v1
 //! sends only committed transactions.
 
+mod held;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -430,7 +432,15 @@ pub async fn run<S: Source>(
     } = stages;
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
-    let sink_task = tokio::spawn(apply_batches(resolver, sink, batch_rx, ack_tx, S::recorded));
+    let held = held::Held::new(planner.plan_flush_each_table(FlushReason::HeldTooLarge));
+    let sink_task = tokio::spawn(apply_batches(
+        resolver,
+        sink,
+        held,
+        batch_rx,
+        ack_tx,
+        S::recorded,
+    ));
     let mut stream = Stream {
         planner,
         pending: Batch::default(),
@@ -534,6 +544,7 @@ pub async fn run<S: Source>(
 async fn apply_batches<A: Copy + std::fmt::Debug>(
     mut resolver: Resolver,
     mut sink: RedisSink,
+    mut held: held::Held,
     mut batches: mpsc::Receiver<Batch<A>>,
     ack: watch::Sender<(u64, A)>,
     recorded: fn(A) -> Option<Lsn>,
@@ -544,9 +555,6 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
     let mut idle = tokio::time::interval(TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmer = crate::memory::Trimmer::default();
-    // Operations applied while their commits were held invisible by a
-    // synchronous standby wait, to delete again once they show.
-    let mut held: Vec<Item> = Vec::new();
     loop {
         let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
@@ -565,10 +573,12 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         // invalidations are applied at once (readers see them sooner) and
         // their keys deleted a second time once the commits show, before
         // the position is recorded and confirmed.
+        let visible_before = resolver.known_visible(&batch.items);
         let queried = resolver.resolve(&mut batch.items).await?;
         let ack_lsn = batch.ack.and_then(recorded);
-        let second_pass =
-            crate::resolve::has_rows(&batch.items) && queried != Some(Visibility::Visible);
+        let second_pass = crate::resolve::has_rows(&batch.items)
+            && !visible_before
+            && queried != Some(Visibility::Visible);
         let record_now = !second_pass && held.is_empty();
         sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
             .await?;
@@ -582,7 +592,7 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
                 sink.delete_again(&batch.items, Again::Deleted, record)
                     .await?;
             } else {
-                held.extend(batch.items.iter().cloned());
+                held.hold(&batch.items);
             }
         }
         if let Some(applied) = batch.ack {
@@ -594,13 +604,14 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
             // start of one whose commit a later batch confirms); once their
             // commits show, readers that filled the old rows in between
             // lose them, and the position is recorded.
-            let (due, later): (Vec<Item>, Vec<Item>) =
-                held.drain(..).partition(|item| item.lsn < confirmed);
-            held = later;
+            let due = held.take_due(confirmed);
             if !due.is_empty() {
-                resolver.wait_visible(&due).await?;
+                resolver.wait_visible(&due.xids).await?;
                 let record = Some(confirmed).filter(|_| held.is_empty());
-                sink.delete_again(&due, Again::All, record).await?;
+                if !due.flushes.is_empty() {
+                    sink.apply(&due.flushes, None).await?;
+                }
+                sink.delete_again(&due.again, Again::All, record).await?;
             }
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
