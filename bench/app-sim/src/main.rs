@@ -1,0 +1,246 @@
+//! The app simulation: does the caching plan pay off, and at what cost in
+//! stale reads? Runs one workload — Zipf-popular users reading profiles,
+//! balance pages and journey progress through cache-aside on Redis, while
+//! the app writes (profile edits, `transfer_tokens`, journey progress) and
+//! other writers bypass it (a SQL function, a batch job) — under five
+//! policies in turn, on a private PostgreSQL and Redis started like the
+//! test harness does, and reports per policy the hit rate, database
+//! queries per request, latency, and stale reads: reads that returned an
+//! older version than the newest one committed when they started (every
+//! row carries a version counter, so this is exact).
+//!
+//! ```text
+//! scripts/app-sim.sh [--seconds 30] [--users 10000] [--zipf 1.1] [--workers 16] …
+//! ```
+
+mod policy;
+mod report;
+mod sim;
+mod truth;
+mod workload;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pg_cache_invalidator::client::{write_token, Cache, CacheOptions};
+use pgci_test_support::{Daemon, TestEnv};
+
+use crate::policy::Policy;
+use crate::report::Outcome;
+use crate::sim::{Connect, Shared, Workload};
+use crate::workload::Users;
+
+/// Runs the app simulation under each cache policy and reports the plan's
+/// success metrics and stale reads.
+#[derive(Parser, Debug)]
+#[command(name = "app-sim")]
+struct Args {
+    /// Seconds each policy runs.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Users in the fixture (each has a profile, two balances, two journeys).
+    #[arg(long, default_value_t = 10_000)]
+    users: i32,
+    /// Zipf exponent of user popularity.
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+    /// Concurrent request loops.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// The app's own writes per second.
+    #[arg(long, default_value_t = 40)]
+    writes: u64,
+    /// Calls per second of the SQL function that changes balances behind
+    /// the app's back.
+    #[arg(long, default_value_t = 10)]
+    bypass: u64,
+    /// Seconds between runs of the batch job (journeys of many users).
+    #[arg(long, default_value_t = 5)]
+    batch_every: u64,
+    /// Users the batch job updates per run.
+    #[arg(long, default_value_t = 200)]
+    batch_users: usize,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Policies to run, comma-separated (default: all five).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Where to write the plot.
+    #[arg(long, default_value = "docs/app-sim.png")]
+    plot: PathBuf,
+    /// A TrueType font for the plot's labels.
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let policies: Vec<Policy> = if args.policies.is_empty() {
+        Policy::ALL.to_vec()
+    } else {
+        args.policies
+            .iter()
+            .map(|name| {
+                Policy::parse(name).unwrap_or_else(|| {
+                    fail(&format!(
+                        "--policies: unknown policy {name:?}; choose from {}",
+                        Policy::ALL.map(Policy::name).join(", ")
+                    ))
+                })
+            })
+            .collect()
+    };
+    if args.users < 2 || args.workers == 0 || args.seconds == 0 {
+        fail("--users must be at least 2, --workers and --seconds at least 1");
+    }
+    if std::env::var_os("PGCI_DAEMON_BIN").is_none() {
+        fail("PGCI_DAEMON_BIN is not set: run scripts/app-sim.sh, or build the daemon with `cargo build --release` and point PGCI_DAEMON_BIN at target/release/pg-cache-invalidator");
+    }
+    let workload = Workload {
+        seconds: args.seconds,
+        workers: args.workers,
+        writes_per_sec: args.writes,
+        bypass_per_sec: args.bypass,
+        batch_every: Duration::from_secs(args.batch_every.max(1)),
+        batch_users: args.batch_users,
+        seed: args.seed,
+    };
+
+    eprintln!(
+        "starting PostgreSQL and Redis, seeding {} users",
+        args.users
+    );
+    let mut env = TestEnv::start(args.users).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute(workload::SCHEMA_SQL)
+        .await
+        .expect("version counters");
+    let ids: Vec<String> = column(&pg, "select id::text from public.profiles order by id").await;
+    let tokens = column(&pg, "select id::text from public.tokens order by symbol").await;
+    let pillars = column(&pg, "select id::text from public.pillars order by slug").await;
+    let index: HashMap<String, usize> = ids.iter().cloned().zip(0..).collect();
+    let users = ids.len();
+    let redis = redis::Client::open(env.redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let connect = Arc::new(Connect {
+        pg_url: env.pg.url(),
+        redis: redis.clone(),
+    });
+    let mut shared = Some(Shared {
+        users: Users::new(ids, args.zipf),
+        index,
+        tokens,
+        pillars,
+        truth: truth::Truth::new(3 * users),
+    });
+
+    let mut outcomes = Vec::new();
+    for policy in policies {
+        let mut redis = redis.clone();
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut redis)
+            .await
+            .expect("FLUSHALL");
+        let daemon = match policy.daemon() {
+            Some(refresh) => Some(start_daemon(&mut env, refresh).await),
+            None => None,
+        };
+        let mut fresh = shared.take().expect("shared state");
+        fresh.truth = truth::Truth::new(3 * users);
+        sim::learn_all(&fresh, &pg).await;
+        let fresh = Arc::new(fresh);
+        eprintln!("running {} for {} s", policy.name(), args.seconds);
+        let (tally, series) = sim::run(policy, &workload, fresh.clone(), connect.clone()).await;
+        let outcome = Outcome {
+            policy,
+            tally,
+            series,
+            seconds: args.seconds,
+        };
+        println!("{}", outcome.line());
+        outcomes.push(outcome);
+        if let Some(mut daemon) = daemon {
+            daemon.terminate().await;
+        }
+        shared = Some(Arc::into_inner(fresh).expect("every task ended"));
+    }
+    println!();
+    print!("{}", report::table(&outcomes));
+    match report::plot(&outcomes, &args.plot, &args.font) {
+        Ok(()) => eprintln!("plot written to {}", args.plot.display()),
+        Err(e) => eprintln!("no plot: {e}"),
+    }
+}
+
+async fn column(pg: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    pg.query(sql, &[])
+        .await
+        .expect("fixture ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Starts the daemon with the pages' rules and waits until it has applied
+/// everything committed so far.
+async fn start_daemon(env: &mut TestEnv, refresh: bool) -> Daemon {
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+        env.pg.url(),
+        env.redis.url(),
+        env.http_port,
+        workload::rules_toml(refresh)
+    );
+    std::fs::write(&env.config, config).expect("write config");
+    env.setup();
+    let daemon = env.spawn_daemon();
+    let pg = env.pg.client().await;
+    pg.execute(
+        "update public.profiles set updated_at = now() where id = (select id from public.profiles order by id limit 1)",
+        &[],
+    )
+    .await
+    .expect("marker write");
+    let token = write_token(&pg).await.expect("token");
+    let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let started = Instant::now();
+    loop {
+        if cache
+            .applied()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|a| a >= token.0)
+        {
+            eprintln!(
+                "daemon ({}) caught up in {:?}",
+                if refresh { "refresh" } else { "delete" },
+                started.elapsed()
+            );
+            return daemon;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            fail(&format!(
+                "the daemon did not catch up in 5 minutes; its log:\n{}",
+                daemon.log()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,197 @@
+//! The five ways the app can cache, and how each one reads a page and
+//! follows its own writes.
+
+use pg_cache_invalidator::client::{Cache, CacheOptions, Source, WriteToken};
+use redis::aio::MultiplexedConnection;
+use tokio_postgres::{Client, Statement};
+
+use crate::workload::{Page, PAGES};
+
+/// A caching policy under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// (1) Every read goes to PostgreSQL.
+    NoCache,
+    /// (2) The plan as written: cache-aside with TTLs (1 h profiles,
+    /// 5 min balances and journeys), and the app deletes the keys of its
+    /// own writes.
+    TtlPlan,
+    /// (3) The daemon deletes keys; app fills live 24 h.
+    DaemonDelete,
+    /// (4) The daemon writes the new page; app fills live 24 h.
+    DaemonRefresh,
+    /// (5) As (3), with lease-protected fills and read-your-writes tokens
+    /// (the crate's client).
+    DaemonLeases,
+}
+
+impl Policy {
+    /// Every policy, in the order.
+    pub const ALL: [Policy; 5] = [
+        Policy::NoCache,
+        Policy::TtlPlan,
+        Policy::DaemonDelete,
+        Policy::DaemonRefresh,
+        Policy::DaemonLeases,
+    ];
+
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::NoCache => "no-cache",
+            Policy::TtlPlan => "ttl-plan",
+            Policy::DaemonDelete => "daemon-delete",
+            Policy::DaemonRefresh => "daemon-refresh",
+            Policy::DaemonLeases => "daemon-leases",
+        }
+    }
+
+    /// The policy named `name`.
+    pub fn parse(name: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether the daemon runs, and whether it refreshes.
+    pub fn daemon(self) -> Option<bool> {
+        match self {
+            Policy::NoCache | Policy::TtlPlan => None,
+            Policy::DaemonDelete | Policy::DaemonLeases => Some(false),
+            Policy::DaemonRefresh => Some(true),
+        }
+    }
+
+    /// How long an app fill of `page` lives.
+    pub fn ttl_secs(self, page: Page) -> u64 {
+        match (self, page) {
+            (Policy::TtlPlan, Page::Profile) => 3600,
+            (Policy::TtlPlan, _) => 300,
+            _ => 24 * 3600,
+        }
+    }
+
+    /// Whether the app deletes the keys of its own writes.
+    pub fn app_deletes(self) -> bool {
+        self == Policy::TtlPlan
+    }
+
+    /// Whether reads after the app's own writes carry a write token.
+    pub fn tokens(self) -> bool {
+        self == Policy::DaemonLeases
+    }
+}
+
+/// What one read returned.
+pub struct Read {
+    /// The page's JSON (`None`: no such user).
+    pub json: Option<String>,
+    /// Whether it came from the cache.
+    pub hit: bool,
+    /// Whether it cost a database query.
+    pub queried: bool,
+}
+
+/// One app server's connections, reading pages under a policy.
+pub struct Reader {
+    policy: Policy,
+    pg: Client,
+    statements: Vec<Statement>,
+    redis: MultiplexedConnection,
+    cache: Cache<MultiplexedConnection>,
+}
+
+impl Reader {
+    /// A reader on its own PostgreSQL session and a shared Redis
+    /// connection.
+    pub async fn new(policy: Policy, pg: Client, redis: MultiplexedConnection) -> Reader {
+        let mut statements = Vec::new();
+        for page in PAGES {
+            let sql = page.query().replace("$1", "$1::text::uuid");
+            statements.push(pg.prepare(&sql).await.expect("prepare page query"));
+        }
+        let cache = Cache::new(redis.clone(), CacheOptions::default());
+        Reader {
+            policy,
+            pg,
+            statements,
+            redis,
+            cache,
+        }
+    }
+
+    /// The PostgreSQL session (for the app's writes).
+    pub fn pg(&self) -> &Client {
+        &self.pg
+    }
+
+    /// Deletes keys (the plan's app-side invalidation).
+    pub async fn delete(&mut self, keys: &[String]) {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut self.redis)
+            .await
+            .expect("DEL");
+    }
+
+    /// Reads `page` of user `id`; `after` is the token of the reader's
+    /// own write, when the policy uses tokens.
+    pub async fn read(&mut self, page: Page, id: &str, after: Option<WriteToken>) -> Read {
+        let statement = &self.statements[page.index()];
+        let pg = &self.pg;
+        let load = || async move {
+            pg.query_opt(statement, &[&id])
+                .await
+                .map(|row| row.and_then(|r| r.get::<_, Option<String>>(0)))
+        };
+        let key = page.key(id);
+        match self.policy {
+            Policy::NoCache => Read {
+                json: load().await.expect("page query"),
+                hit: false,
+                queried: true,
+            },
+            Policy::DaemonLeases => {
+                let (json, source) = self
+                    .cache
+                    .get_or_load(&key, self.policy.ttl_secs(page), load, after)
+                    .await
+                    .expect("cache read");
+                Read {
+                    json,
+                    hit: source == Source::Hit,
+                    queried: source != Source::Hit,
+                }
+            }
+            Policy::TtlPlan | Policy::DaemonDelete | Policy::DaemonRefresh => {
+                // The plan's cache-aside: GET, on a miss query and SET EX.
+                let cached: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut self.redis)
+                    .await
+                    .expect("GET");
+                if let Some(json) = cached {
+                    return Read {
+                        json: Some(json),
+                        hit: true,
+                        queried: false,
+                    };
+                }
+                let json = load().await.expect("page query");
+                if let Some(json) = &json {
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(json)
+                        .arg("EX")
+                        .arg(self.policy.ttl_secs(page))
+                        .query_async(&mut self.redis)
+                        .await
+                        .expect("SET");
+                }
+                Read {
+                    json,
+                    hit: false,
+                    queried: true,
+                }
+            }
+        }
+    }
+}

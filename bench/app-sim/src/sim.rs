@@ -1,0 +1,393 @@
+//! One policy's run: concurrent requests reading pages of Zipf-drawn
+//! users, a stream of the app's own writes (each followed by the writer's
+//! read of what it changed), writes that bypass the app (a SQL function,
+//! a batch job), and what every read returned against the truth.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_cache_invalidator::client::write_token;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+
+use crate::policy::{Policy, Reader};
+use crate::truth::Truth;
+use crate::workload::{draw_page, version_of, Page, Users, PAGES};
+
+/// The workload's shape.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Seconds each policy runs.
+    pub seconds: u64,
+    /// Concurrent request loops.
+    pub workers: usize,
+    /// The app's own writes per second.
+    pub writes_per_sec: u64,
+    /// Calls per second of the SQL function that bypasses the app.
+    pub bypass_per_sec: u64,
+    /// The batch job runs this often…
+    pub batch_every: Duration,
+    /// …updating this many users' journeys.
+    pub batch_users: usize,
+    /// Seeds every random choice: each policy sees the same sequence.
+    pub seed: u64,
+}
+
+/// Per-second counts, for the plot.
+pub struct Series {
+    /// [lookups, hits, stale] per second since the start.
+    seconds: Vec<[AtomicU64; 3]>,
+    start: Instant,
+}
+
+impl Series {
+    fn new(seconds: u64, start: Instant) -> Series {
+        Series {
+            seconds: (0..seconds + 30).map(|_| Default::default()).collect(),
+            start,
+        }
+    }
+
+    fn add(&self, at: Instant, hit: bool, stale: bool) {
+        let i = (at.saturating_duration_since(self.start).as_secs() as usize)
+            .min(self.seconds.len() - 1);
+        let slot = &self.seconds[i];
+        slot[0].fetch_add(1, Ordering::Relaxed);
+        slot[1].fetch_add(u64::from(hit), Ordering::Relaxed);
+        slot[2].fetch_add(u64::from(stale), Ordering::Relaxed);
+    }
+
+    /// (second, hit %, stale %) for each second with lookups, up to `until`.
+    pub fn points(&self, until: u64) -> Vec<(f64, f64, f64)> {
+        self.seconds
+            .iter()
+            .take(until as usize)
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let n = s[0].load(Ordering::Relaxed);
+                (n > 0).then(|| {
+                    let pct = |x: &AtomicU64| 100.0 * x.load(Ordering::Relaxed) as f64 / n as f64;
+                    (i as f64, pct(&s[1]), pct(&s[2]))
+                })
+            })
+            .collect()
+    }
+}
+
+/// What one request loop (or the writer's own reads) saw.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Reads.
+    pub requests: u64,
+    /// Reads served from the cache.
+    pub hits: u64,
+    /// Reads that queried PostgreSQL.
+    pub db_queries: u64,
+    /// Reads that returned an older version than the newest committed
+    /// when they started.
+    pub stale: u64,
+    /// Of them, reads right after the reader's own write.
+    pub own_reads: u64,
+    /// …and how many of those were stale.
+    pub own_stale: u64,
+    /// The longest a returned page had been superseded.
+    pub worst_stale: Duration,
+    /// Each read's latency, microseconds.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        self.hits += other.hits;
+        self.db_queries += other.db_queries;
+        self.stale += other.stale;
+        self.own_reads += other.own_reads;
+        self.own_stale += other.own_stale;
+        self.worst_stale = self.worst_stale.max(other.worst_stale);
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
+/// What the run shares.
+pub struct Shared {
+    /// The users, by popularity.
+    pub users: Users,
+    /// A user's index by id.
+    pub index: HashMap<String, usize>,
+    /// The two token ids (transfers move one of them).
+    pub tokens: Vec<String>,
+    /// The pillar ids (journey progress moves on one of them).
+    pub pillars: Vec<String>,
+    /// Committed versions.
+    pub truth: Truth,
+}
+
+impl Shared {
+    /// The entity of `page` of user `user`.
+    pub fn entity(&self, page: Page, user: usize) -> usize {
+        page.index() * self.users.ids.len() + user
+    }
+
+    /// Reads the current versions of `page` for `ids` (all users when
+    /// `None`) into the truth, as of now.
+    pub async fn learn(&self, pg: &tokio_postgres::Client, page: Page, ids: Option<&[String]>) {
+        let rows = match ids {
+            None => pg.query(&page.versions_sql(), &[]).await,
+            Some(ids) => pg.query(&page.versions_of_sql(), &[&ids]).await,
+        }
+        .expect("read versions");
+        let now = Instant::now();
+        for row in rows {
+            let id: String = row.get(0);
+            let version: i64 = row.get(1);
+            if let Some(&user) = self.index.get(&id) {
+                self.truth.committed(self.entity(page, user), version, now);
+            }
+        }
+    }
+}
+
+/// Opens what a request loop or writer needs.
+pub struct Connect {
+    /// PostgreSQL URL.
+    pub pg_url: String,
+    /// Shared Redis connection.
+    pub redis: MultiplexedConnection,
+}
+
+impl Connect {
+    async fn pg(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to postgres");
+        tokio::spawn(connection);
+        client
+    }
+
+    async fn reader(&self, policy: Policy) -> Reader {
+        Reader::new(policy, self.pg().await, self.redis.clone()).await
+    }
+}
+
+/// One read, judged against the truth.
+async fn judged_read(
+    reader: &mut Reader,
+    shared: &Shared,
+    series: &Series,
+    tally: &mut Tally,
+    page: Page,
+    user: usize,
+    after: Option<pg_cache_invalidator::client::WriteToken>,
+) {
+    let entity = shared.entity(page, user);
+    let newest = shared.truth.newest(entity);
+    let started = Instant::now();
+    let read = reader.read(page, &shared.users.ids[user], after).await;
+    let took = started.elapsed();
+    let version = read.json.as_deref().and_then(version_of).unwrap_or(0);
+    let stale = version < newest;
+    tally.requests += 1;
+    tally.hits += u64::from(read.hit);
+    tally.db_queries += u64::from(read.queried);
+    tally
+        .latencies_us
+        .push(took.as_micros().min(u32::MAX as u128) as u32);
+    if stale {
+        tally.stale += 1;
+        if let Some(since) = shared.truth.newer_since(entity, version) {
+            tally.worst_stale = tally
+                .worst_stale
+                .max(started.saturating_duration_since(since));
+        }
+    }
+    series.add(started, read.hit, stale);
+}
+
+/// Runs `policy` for the workload's duration.
+pub async fn run(
+    policy: Policy,
+    workload: &Workload,
+    shared: Arc<Shared>,
+    connect: Arc<Connect>,
+) -> (Tally, Arc<Series>) {
+    let start = Instant::now();
+    let end = start + Duration::from_secs(workload.seconds);
+    let series = Arc::new(Series::new(workload.seconds, start));
+    let mut tasks = Vec::new();
+    for w in 0..workload.workers {
+        let (shared, connect, series) = (shared.clone(), connect.clone(), series.clone());
+        let seed = workload.seed.wrapping_mul(1000).wrapping_add(w as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut reader = connect.reader(policy).await;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut tally = Tally::default();
+            while Instant::now() < end {
+                let page = draw_page(&mut rng);
+                let user = shared.users.draw(&mut rng);
+                judged_read(&mut reader, &shared, &series, &mut tally, page, user, None).await;
+            }
+            tally
+        }));
+    }
+    {
+        let (shared, connect, series, workload) = (
+            shared.clone(),
+            connect.clone(),
+            series.clone(),
+            workload.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            app_writes(policy, &workload, &shared, &connect, &series, end).await
+        }));
+    }
+    {
+        let (shared, connect, workload) = (shared.clone(), connect.clone(), workload.clone());
+        tasks.push(tokio::spawn(async move {
+            bypass_writes(&workload, &shared, &connect, end).await;
+            Tally::default()
+        }));
+    }
+    let mut total = Tally::default();
+    for task in tasks {
+        total.merge(task.await.expect("simulation task"));
+    }
+    (total, series)
+}
+
+/// The app's own writes, each followed by the writer's read of the page
+/// it changed; under the plan the app deletes the keys first, under
+/// tokens the read carries the write's token.
+async fn app_writes(
+    policy: Policy,
+    workload: &Workload,
+    shared: &Shared,
+    connect: &Connect,
+    series: &Series,
+    end: Instant,
+) -> Tally {
+    let mut reader = connect.reader(policy).await;
+    let mut rng = StdRng::seed_from_u64(workload.seed.wrapping_add(7_777));
+    let mut tally = Tally::default();
+    if workload.writes_per_sec == 0 {
+        return tally;
+    }
+    let mut tick =
+        tokio::time::interval(Duration::from_micros(1_000_000 / workload.writes_per_sec));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < end {
+        tick.tick().await;
+        let user = shared.users.draw(&mut rng);
+        let id = shared.users.ids[user].clone();
+        let (page, changed): (Page, Vec<String>) = match rng.random_range(0..10) {
+            0..=3 => {
+                let bio = format!("bio {}", rng.random::<u32>());
+                reader
+                    .pg()
+                    .execute(
+                        "update public.profiles set bio = $2, updated_at = now() where id = $1::text::uuid",
+                        &[&id, &bio],
+                    )
+                    .await
+                    .expect("profile edit");
+                (Page::Profile, vec![id.clone()])
+            }
+            4..=7 => {
+                let to = shared.users.ids[shared.users.draw(&mut rng)].clone();
+                let token = &shared.tokens[rng.random_range(0..shared.tokens.len())];
+                if to == id {
+                    continue;
+                }
+                let moved = reader
+                    .pg()
+                    .execute(
+                        "select public.transfer_tokens($1::text::uuid, $2::text::uuid, $3::text::uuid, 0.01)",
+                        &[&id, &to, token],
+                    )
+                    .await;
+                if moved.is_err() {
+                    // Not enough balance: the app shows an error, nothing changed.
+                    continue;
+                }
+                (Page::Balance, vec![id.clone(), to])
+            }
+            _ => {
+                let pillar = &shared.pillars[rng.random_range(0..shared.pillars.len())];
+                reader
+                    .pg()
+                    .execute(
+                        "update public.user_journeys set progress = (progress + 1) % 101, updated_at = now() \
+                          where user_id = $1::text::uuid and pillar_id = $2::text::uuid",
+                        &[&id, pillar],
+                    )
+                    .await
+                    .expect("journey progress");
+                (Page::Journey, vec![id.clone()])
+            }
+        };
+        if policy.app_deletes() {
+            let keys: Vec<String> = changed.iter().map(|id| page.key(id)).collect();
+            reader.delete(&keys).await;
+        }
+        shared.learn(reader.pg(), page, Some(&changed)).await;
+        let token = if policy.tokens() {
+            Some(write_token(reader.pg()).await.expect("write token"))
+        } else {
+            None
+        };
+        let stale_before = tally.stale;
+        judged_read(&mut reader, shared, series, &mut tally, page, user, token).await;
+        tally.own_reads += 1;
+        tally.own_stale += tally.stale - stale_before;
+    }
+    tally
+}
+
+/// Writes the app does not know about: a SQL function changing balances,
+/// and a batch job moving many users' journeys at once.
+async fn bypass_writes(workload: &Workload, shared: &Shared, connect: &Connect, end: Instant) {
+    let pg = connect.pg().await;
+    let mut rng = StdRng::seed_from_u64(workload.seed.wrapping_add(9_999));
+    let per_sec = workload.bypass_per_sec.max(1);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_sec));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_batch = Instant::now() + workload.batch_every;
+    while Instant::now() < end {
+        tick.tick().await;
+        if workload.bypass_per_sec > 0 {
+            let id = shared.users.ids[shared.users.draw(&mut rng)].clone();
+            pg.execute("select public.sim_daily_bonus($1::text::uuid)", &[&id])
+                .await
+                .expect("bonus");
+            shared
+                .learn(&pg, Page::Balance, Some(std::slice::from_ref(&id)))
+                .await;
+        }
+        if Instant::now() >= next_batch && workload.batch_users > 0 {
+            next_batch += workload.batch_every;
+            let mut ids: Vec<String> = (0..workload.batch_users)
+                .map(|_| shared.users.ids[shared.users.draw(&mut rng)].clone())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            pg.execute(
+                "update public.user_journeys set progress = (progress + 1) % 101, updated_at = now() \
+                  where user_id = any($1::text[]::uuid[])",
+                &[&ids],
+            )
+            .await
+            .expect("batch job");
+            shared.learn(&pg, Page::Journey, Some(&ids)).await;
+        }
+    }
+}
+
+/// Loads every page's current version (versions persist across policies).
+pub async fn learn_all(shared: &Shared, pg: &tokio_postgres::Client) {
+    for page in PAGES {
+        shared.learn(pg, page, None).await;
+    }
+}

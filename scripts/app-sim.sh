@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the app simulation (bench/app-sim) on throw-away PostgreSQL and
+# Redis: the same workload under five cache policies (no cache; the plan's
+# TTLs with app-side deletes; the daemon deleting; the daemon refreshing;
+# the daemon with leases and write tokens), one summary line per policy, a
+# Markdown table against the plan's targets, and a plot of hit rate and
+# stale reads over time (docs/app-sim.png). Arguments go to the
+# simulation: --seconds S per policy (default 30, about 4 minutes in all),
+# --users, --zipf, --workers, --writes, --bypass, --seed, --policies, --plot.
+# The report is also written to target/app-sim-report.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_deps
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  log "installing fonts-dejavu-core (the plot's labels)"
+  apt_install --no-install-recommends fonts-dejavu-core
+fi
+log "cargo build --release (the daemon and the simulation)"
+cargo build --locked --release --bin pg-cache-invalidator -p pg-cache-invalidator
+cargo build --locked --release -p pgci-app-sim
+mkdir -p target
+log "app-sim $*"
+PGCI_DAEMON_BIN="$PWD/target/release/pg-cache-invalidator" \
+  target/release/app-sim "$@" | tee target/app-sim-report.md
