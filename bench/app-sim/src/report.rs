@@ -155,8 +155,8 @@ pub fn plot(outcomes: &[Outcome], path: &Path, font: &Path) -> Result<(), String
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (top, bottom) = root.split_vertically(450);
     let seconds = outcomes.iter().map(|o| o.seconds).max().unwrap_or(1) as f64;
-    let (mut hits, mut stale) = (top, bottom);
-    let mut hit_chart = ChartBuilder::on(&mut hits)
+    let (hits, stale) = (top, bottom);
+    let mut hit_chart = ChartBuilder::on(&hits)
         .caption("hit rate per second, %", ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(36)
@@ -172,7 +172,7 @@ pub fn plot(outcomes: &[Outcome], path: &Path, font: &Path) -> Result<(), String
     // Stale reads span four orders of magnitude between policies: a log
     // scale, with seconds without a stale read drawn at its floor.
     let floor = 0.001;
-    let mut stale_chart = ChartBuilder::on(&mut stale)
+    let mut stale_chart = ChartBuilder::on(&stale)
         .caption(
             "stale reads per second, % of reads (log scale; none drawn at 0.001)",
             ("sans-serif", 22),
