@@ -761,7 +761,7 @@ async fn main() {
         let recv = median(&mut r.recv);
         let daemon = median(&mut r.daemon);
         let confirmed = median(&mut r.confirmed);
-        ratios.push(daemon / recv);
+        ratios.push((name, daemon / recv, confirmed / recv));
         lines.push(format!(
             "| {name} | {recv:.0} | {daemon:.0} | {:.2} | {:.2} | {:.0} | {:.1} |",
             daemon / recv,
@@ -818,10 +818,21 @@ async fn main() {
         .iter()
         .find(|l| l.target == 5_000)
         .map_or(f64::NAN, |l| l.p99_ms);
-    let ratio = |i: usize| ratios.get(i).copied().unwrap_or(f64::NAN);
+    // By shape, not position: `--only drain1` runs only the second.
+    let ratio = |shape: &str, confirmed: bool| {
+        ratios
+            .iter()
+            .find(|(name, _, _)| name.starts_with(shape))
+            .map_or(
+                f64::NAN,
+                |&(_, applied, by_slot)| if confirmed { by_slot } else { applied },
+            )
+    };
     println!(
-        "drain_ratio_1000={:.2} drain_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0}",
-        ratio(0),
-        ratio(1)
+        "drain_ratio_1000={:.2} drain_ratio_1={:.2} confirmed_ratio_1000={:.2} confirmed_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0}",
+        ratio("1000-row", false),
+        ratio("1-row", false),
+        ratio("1000-row", true),
+        ratio("1-row", true)
     );
 }

@@ -18,6 +18,8 @@ if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   apt_install --no-install-recommends fonts-dejavu-core
 fi
 log "cargo build --release (the daemon and the simulation)"
+# Two builds: one invocation would unify the simulation's dependencies'
+# features (the harness's insecure-TLS redis feature) into the daemon.
 cargo build --locked --release --bin pg-cache-invalidator -p pg-cache-invalidator
 cargo build --locked --release -p pgci-app-sim
 mkdir -p target
