@@ -129,9 +129,11 @@ async fn start_and_run(
         return Err(Stopped::Problems(problems));
     }
 
+    let seeds = config.redis.cluster_seeds();
     let mut sink = RedisSink::connect(
         &config.redis.url,
         config.redis.ca_cert.as_deref(),
+        seeds.as_deref(),
         &config.redis.channel,
         cancel.clone(),
         Arc::clone(&health),

@@ -263,6 +263,23 @@ pub struct RedisConfig {
     /// metrics; 0 turns that off.
     #[serde(default = "default_info_interval")]
     pub info_interval: HumanDuration,
+    /// `url` names one node of a Redis Cluster.
+    #[serde(default)]
+    pub cluster: bool,
+    /// More cluster nodes to start from, when `url`'s is down.
+    #[serde(default)]
+    pub nodes: Vec<SecretUrl>,
+}
+
+impl RedisConfig {
+    /// The cluster's seed nodes (`url` first), or `None` for one server.
+    pub fn cluster_seeds(&self) -> Option<Vec<SecretUrl>> {
+        self.cluster.then(|| {
+            std::iter::once(self.url.clone())
+                .chain(self.nodes.iter().cloned())
+                .collect()
+        })
+    }
 }
 
 /// Default `INFO` interval: a usual Prometheus scrape interval.
@@ -467,6 +484,25 @@ impl Config {
             } else if !self.redis.url.expose().starts_with("rediss://") {
                 problems.push("redis.ca_cert: only used with a rediss:// URL: change the URL or remove the key".to_string());
             }
+        }
+        for (i, node) in self.redis.nodes.iter().enumerate() {
+            check_url(
+                &format!("redis.nodes[{i}]"),
+                node,
+                &["redis"],
+                &mut problems,
+            );
+        }
+        if !self.redis.cluster && !self.redis.nodes.is_empty() {
+            problems.push(
+                "redis.nodes: only used with redis.cluster = true: set it, or remove the list"
+                    .to_string(),
+            );
+        }
+        if self.redis.cluster
+            && (self.redis.ca_cert.is_some() || self.redis.url.expose().starts_with("rediss://"))
+        {
+            problems.push("redis.cluster: TLS (rediss://, redis.ca_cert) is not supported in cluster mode yet: use redis:// inside a private network, or one server".to_string());
         }
         if self.outbox.schema.starts_with("pg_") {
             problems.push(format!(

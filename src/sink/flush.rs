@@ -1,23 +1,56 @@
 //! Flushing by pattern (TRUNCATE, a lost slot): SCAN + UNLINK in bounded
-//! steps, so a large keyspace never blocks Redis for long. Keys are handled
+//! steps, so a large keyspace never blocks Redis for long; on a cluster,
+//! on every master. Keys are handled
 //! as bytes: a key that is not UTF-8 (written by some other client) is
 //! flushed like any other.
 
 use redis::aio::ConnectionLike;
 use redis::RedisError;
 
+use super::conn::Conn;
+
 /// Keys per SCAN step and per UNLINK: large enough to be quick, small
 /// enough not to block Redis for long.
 const SCAN_COUNT: usize = 1000;
 
-/// Unlinks every key matching any of `patterns`; returns how many went.
-pub async fn flush_patterns<C: ConnectionLike>(
-    conn: &mut C,
-    patterns: &[String],
+/// Unlinks every key matching any of `patterns`, on every master of a
+/// cluster; returns how many went.
+pub async fn flush_patterns(conn: &mut Conn, patterns: &[String]) -> Result<u64, RedisError> {
+    let mut removed = 0u64;
+    for master in conn.masters().await? {
+        for pattern in patterns {
+            removed += flush_pattern_on(conn, master.as_ref(), pattern).await?;
+        }
+    }
+    Ok(removed)
+}
+
+/// Unlinks the keys matching `pattern` that `master` holds (`None`: the
+/// single server). On a cluster the SCAN runs on that master and the
+/// UNLINK is split by slot by the cluster client.
+async fn flush_pattern_on(
+    conn: &mut Conn,
+    master: Option<&(String, u16)>,
+    pattern: &str,
 ) -> Result<u64, RedisError> {
     let mut removed = 0u64;
-    for pattern in patterns {
-        removed += flush_pattern(conn, pattern, false).await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let (next, keys): (u64, Vec<Vec<u8>>) = conn.on_node(master, scan).await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            removed += n;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
     }
     Ok(removed)
 }

@@ -3,6 +3,7 @@
 //! changes are read or planned.
 //!
 //! - [`acl`]: the least-privilege ACL user of the daemon.
+//! - [`conn`]: one server or a cluster, and what differs between them.
 //! - [`requests`]: a run of row operations as one atomic pipeline.
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
 //! - [`events`]: the pub/sub event of each operation.
@@ -21,6 +22,7 @@
 //! skipped.
 
 pub mod acl;
+pub mod conn;
 pub mod events;
 pub mod flush;
 pub mod inspect;
@@ -35,6 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use self::conn::Conn;
 use redis::{AsyncCommands, RedisError};
 use tokio_util::sync::CancellationToken;
 
@@ -139,7 +143,7 @@ pub fn client(
 
 /// Applies batches to Redis.
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: Conn,
     /// To open a new connection when the node turned replica (READONLY):
     /// the connection manager keeps a connection that answers.
     client: redis::Client,
@@ -159,9 +163,12 @@ pub struct RedisSink {
 
 impl RedisSink {
     /// Connects, retrying until Redis answers or shutdown is requested.
+    /// With `cluster` seeds (`url` among them), `url` names one node of a
+    /// Redis Cluster.
     pub async fn connect(
         url: &SecretUrl,
         ca_cert: Option<&std::path::Path>,
+        cluster: Option<&[SecretUrl]>,
         channel: &str,
         cancel: CancellationToken,
         health: Arc<Health>,
@@ -171,9 +178,28 @@ impl RedisSink {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_max_delay(RETRY_MAX);
+        let cluster_client = match cluster {
+            None => None,
+            Some(seeds) => Some(
+                redis::cluster::ClusterClient::builder(seeds.iter().map(|s| s.expose()))
+                    .connection_timeout(Duration::from_secs(5))
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()
+                    .map_err(|source| SinkError::BadUrl {
+                        url: url.redacted(),
+                        reason: url.scrub(&source.to_string()),
+                    })?,
+            ),
+        };
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let conn = loop {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            let attempt = match &cluster_client {
+                None => ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Conn::Node),
+                Some(cluster) => cluster.get_async_connection().await.map(Conn::Cluster),
+            };
+            match attempt {
                 Ok(conn) => break conn,
                 Err(error) => {
                     if let Some(fatal) = Fatal::from_class(
@@ -374,11 +400,15 @@ impl RedisSink {
     /// Opens a new connection in place of the current one (which still
     /// answers, but from a node that is no longer the primary).
     async fn reconnect(&mut self) {
+        if self.conn.is_cluster() {
+            // The cluster client follows the new topology itself.
+            return;
+        }
         match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
             Ok(conn) => {
                 metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
                 tracing::info!("reconnected to redis after a READONLY reply");
-                self.conn = conn;
+                self.conn = Conn::Node(conn);
             }
             Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),
         }
@@ -413,12 +443,29 @@ impl RedisSink {
                 .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
                 .count();
             if run > 0 {
-                let mut pipe = requests::row_pipeline(&rest[..run], self.channel.as_deref());
-                if let (Some(record), true) = (record, run == rest.len()) {
-                    pipe.add_command(record.clone()).ignore();
-                    recorded = true;
+                let request = requests::row_request(
+                    &rest[..run],
+                    self.channel.as_deref(),
+                    self.conn.is_cluster(),
+                );
+                let mut shards = request.shards;
+                // One server: the position goes in the batch's transaction.
+                if !self.conn.is_cluster() && run == rest.len() {
+                    if let (Some(record), Some((_, pipe))) = (record, shards.first_mut()) {
+                        pipe.add_command(record.clone()).ignore();
+                        recorded = true;
+                    }
                 }
-                pipe.query_async::<()>(&mut self.conn).await?;
+                // Every slot's part at once; the events, and the position
+                // (below), only once all of them were acknowledged.
+                futures_util::future::try_join_all(shards.iter().map(|(route, pipe)| {
+                    let mut conn = self.conn.clone();
+                    async move { conn.transaction(*route, pipe).await }
+                }))
+                .await?;
+                if let Some(events) = request.events {
+                    events.query_async::<()>(&mut self.conn).await?;
+                }
                 for item in &rest[..run] {
                     match &item.op {
                         CacheOp::Invalidate { keys, .. } => touched.removed += keys.len() as u64,

@@ -1,30 +1,43 @@
-//! Building the Redis request for a run of row operations: one atomic
-//! pipeline (`MULTI … EXEC`) in commit order.
+//! Building the Redis requests for a run of row operations, in commit
+//! order: one atomic pipeline (`MULTI … EXEC`) on a single server; on a
+//! cluster, where a transaction may only touch one hash slot, one atomic
+//! pipeline per slot, and the events in a pipeline of their own, sent once
+//! every slot's part was acknowledged.
 //!
-//! Consecutive deletions share one UNLINK (deletions commute, so one
-//! command does for many rows); refreshed keys go through the
-//! version-guarded script ([`super::scripts`]); one PUBLISH per operation
-//! follows. A connection lost mid-batch applies all of it or none.
+//! Consecutive deletions (of one slot) share one UNLINK (deletions
+//! commute, so one command does for many rows); refreshed keys go through
+//! the version-guarded script ([`super::scripts`]); one PUBLISH per
+//! operation follows. A connection lost mid-batch applies each pipeline
+//! all or nothing, and the batch is retried whole.
+
+use std::collections::HashMap;
+
+use redis::cluster_routing::{Route, SlotAddr};
 
 use crate::ops::{CacheOp, Item};
 use crate::sink::events::event_json;
 use crate::sink::scripts;
 
-/// The pipeline for `items` (none of them a flush).
-pub fn row_pipeline(items: &[Item], channel: Option<&str>) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    if items
-        .iter()
-        .any(|i| matches!(i.op, CacheOp::Refresh { .. } | CacheOp::Query { .. }))
-    {
-        pipe.add_command(scripts::load()).ignore();
-    }
-    let mut unlink = Unlink::default();
+/// The requests for one run of row operations.
+pub struct RowRequest {
+    /// Atomic pipelines: one on a single server, one per hash slot on a
+    /// cluster, with the slot's route (any order between them; commit
+    /// order within each).
+    pub shards: Vec<(Option<Route>, redis::Pipeline)>,
+    /// On a cluster, the events, to send after every shard.
+    pub events: Option<redis::Pipeline>,
+}
+
+/// The requests for `items` (none of them a flush); `by_slot` splits them
+/// by hash slot for a cluster.
+pub fn row_request(items: &[Item], channel: Option<&str>, by_slot: bool) -> RowRequest {
+    let mut shards = Shards::new(by_slot);
     for item in items {
         match &item.op {
-            CacheOp::Invalidate { keys: k, .. } => {
-                unlink.add(k);
+            CacheOp::Invalidate { keys, .. } => {
+                for key in keys {
+                    shards.of(key).unlink.add(key);
+                }
             }
             CacheOp::Refresh {
                 set,
@@ -33,35 +46,132 @@ pub fn row_pipeline(items: &[Item], channel: Option<&str>) -> redis::Pipeline {
                 ttl_secs,
                 ..
             } => {
-                unlink.flush_into(&mut pipe);
                 let version = item.version();
                 for key in del {
-                    scripts::guarded(&mut pipe, key, &version, None, *ttl_secs);
+                    shards.of(key).guarded(key, &version, None, *ttl_secs);
                 }
                 for key in set {
-                    scripts::guarded(&mut pipe, key, &version, value.as_deref(), *ttl_secs);
+                    shards
+                        .of(key)
+                        .guarded(key, &version, value.as_deref(), *ttl_secs);
                 }
             }
             // Not resolved (see `crate::resolve`): deleting is always safe.
-            CacheOp::Query {
-                keys: k, ttl_secs, ..
-            } => {
-                unlink.flush_into(&mut pipe);
+            CacheOp::Query { keys, ttl_secs, .. } => {
                 let version = item.version();
-                for key in k {
-                    scripts::guarded(&mut pipe, key, &version, None, *ttl_secs);
+                for key in keys {
+                    shards.of(key).guarded(key, &version, None, *ttl_secs);
                 }
             }
             CacheOp::Flush { .. } => {}
         }
     }
-    unlink.flush_into(&mut pipe);
+    let mut pipes: Vec<(Option<Route>, redis::Pipeline)> = shards
+        .list
+        .into_iter()
+        .map(|mut shard| {
+            shard.unlink.flush_into(&mut shard.pipe);
+            (shard.route, shard.pipe)
+        })
+        .collect();
+    let mut events = None;
     if let Some(channel) = channel {
+        let pipe = if by_slot {
+            events.insert(redis::pipe())
+        } else {
+            &mut pipes[0].1
+        };
         for item in items {
             pipe.publish(channel, event_json(item)).ignore();
         }
     }
-    pipe
+    RowRequest {
+        shards: pipes,
+        events,
+    }
+}
+
+/// The atomic pipeline of one slot (or of the single server).
+struct Shard {
+    pipe: redis::Pipeline,
+    unlink: Unlink,
+    /// Part of a cluster request.
+    by_slot: bool,
+    /// Where it goes on a cluster (the cluster client cannot tell from
+    /// `MULTI` and a multi-key `UNLINK`).
+    route: Option<Route>,
+    /// Whether the guarded write's `SCRIPT LOAD` is in already.
+    scripted: bool,
+}
+
+impl Shard {
+    fn new(route: Option<Route>) -> Shard {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        Shard {
+            pipe,
+            unlink: Unlink::default(),
+            by_slot: route.is_some(),
+            route,
+            scripted: false,
+        }
+    }
+
+    /// The guarded write (or delete) of `key`, after the deletions before
+    /// it. The pipeline loads the script before its first use: Redis runs
+    /// a transaction in order, so the `EVALSHA`s after it find the script
+    /// even right after a restart that forgot it.
+    fn guarded(&mut self, key: &str, version: &str, value: Option<&str>, ttl_secs: u64) {
+        if self.by_slot && !scripts::same_slot(key) {
+            // No version key can share this key's slot: delete it (always
+            // safe; the next read fills it).
+            self.unlink.add(key);
+            return;
+        }
+        self.unlink.flush_into(&mut self.pipe);
+        if !self.scripted {
+            self.pipe.add_command(scripts::load()).ignore();
+            self.scripted = true;
+        }
+        scripts::guarded(&mut self.pipe, key, version, value, ttl_secs);
+    }
+}
+
+/// The shards of a request, in the order their first key came.
+struct Shards {
+    by_slot: bool,
+    list: Vec<Shard>,
+    index: HashMap<Route, usize>,
+}
+
+impl Shards {
+    fn new(by_slot: bool) -> Shards {
+        Shards {
+            by_slot,
+            // A single server's one pipeline exists even without keys: the
+            // events go in it.
+            list: if by_slot {
+                Vec::new()
+            } else {
+                vec![Shard::new(None)]
+            },
+            index: HashMap::new(),
+        }
+    }
+
+    /// The shard `key` belongs to.
+    fn of(&mut self, key: &str) -> &mut Shard {
+        if !self.by_slot {
+            return &mut self.list[0];
+        }
+        let route = Route::with_key(key, SlotAddr::Master);
+        let next = self.list.len();
+        let i = *self.index.entry(route).or_insert(next);
+        if i == next {
+            self.list.push(Shard::new(Some(route)));
+        }
+        &mut self.list[i]
+    }
 }
 
 /// The UNLINK being gathered from consecutive deletions.
@@ -80,8 +190,8 @@ impl Default for Unlink {
 }
 
 impl Unlink {
-    fn add(&mut self, keys: &[String]) {
-        self.cmd.arg(keys);
+    fn add(&mut self, key: &str) {
+        self.cmd.arg(key);
         self.any = true;
     }
 
@@ -142,15 +252,42 @@ mod tests {
             value: Some(Arc::from("{}")),
             ttl_secs: 60,
         });
-        let pipe = row_pipeline(
-            &[delete("a"), delete("b"), refresh, delete("c")],
-            Some("ch"),
-        );
+        let items = [delete("a"), delete("b"), refresh, delete("c")];
+        let request = row_request(&items, Some("ch"), false);
+        assert_eq!(request.shards.len(), 1);
+        assert!(request.events.is_none());
         assert_eq!(
-            commands(&pipe),
-            ["SCRIPT", "UNLINK", "EVALSHA", "UNLINK", "PUBLISH", "PUBLISH", "PUBLISH", "PUBLISH"]
+            commands(&request.shards[0].1),
+            ["UNLINK", "SCRIPT", "EVALSHA", "UNLINK", "PUBLISH", "PUBLISH", "PUBLISH", "PUBLISH"]
         );
-        let pipe = row_pipeline(&[delete("a"), delete("b")], None);
-        assert_eq!(commands(&pipe), ["UNLINK"]);
+        let request = row_request(&[delete("a"), delete("b")], None, false);
+        assert_eq!(commands(&request.shards[0].1), ["UNLINK"]);
+    }
+
+    #[test]
+    fn on_a_cluster_each_slot_gets_its_own_transaction_and_events_come_after() {
+        let delete = |k: &str| {
+            item(CacheOp::Invalidate {
+                table: Arc::from("t"),
+                op: Op::Update,
+                keys: vec![k.to_string()],
+            })
+        };
+        // {u1} and {u2} hash to different slots; keys with one tag share one.
+        let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
+        let request = row_request(&items, Some("ch"), true);
+        assert_eq!(request.shards.len(), 2);
+        for (route, shard) in &request.shards {
+            assert!(route.is_some());
+            assert_eq!(commands(shard), ["UNLINK"]);
+        }
+        let keys: Vec<usize> = request
+            .shards
+            .iter()
+            .map(|(_, p)| p.cmd_iter().next().map_or(0, |c| c.args_iter().count() - 1))
+            .collect();
+        assert_eq!(keys, [2, 1], "a:{{u1}} and c:{{u1}} share one UNLINK");
+        let events = request.events.expect("events apart");
+        assert_eq!(commands(&events), ["PUBLISH", "PUBLISH", "PUBLISH"]);
     }
 }

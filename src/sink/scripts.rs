@@ -30,9 +30,32 @@ static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(GUA
 /// window (a restart replays from the last confirmation, seconds back).
 const VERSION_TTL_MIN_SECS: u64 = 3600;
 
-/// The companion key holding `key`'s version.
+/// The companion key holding `key`'s version, in `key`'s hash slot: the
+/// whole key as its hash tag, or, when the key has a hash tag of its own
+/// (`balance:{user-1}`), the key with a suffix, which keeps that tag
+/// (wrapping it would make `{balance:{user-1}` the tag: another slot, and
+/// a CROSSSLOT error on a cluster).
 pub fn version_key(key: &str) -> String {
-    format!("{{{key}}}:pgci-version")
+    if has_hash_tag(key) {
+        format!("{key}:pgci-version")
+    } else {
+        format!("{{{key}}}:pgci-version")
+    }
+}
+
+/// Whether `key`'s version key is in `key`'s hash slot. Only a key with a
+/// `}` and no hash tag has none that is (`a}b`: wrapped, `{a}` becomes the
+/// tag); on a cluster such a key is deleted instead of written.
+pub fn same_slot(key: &str) -> bool {
+    use redis::cluster_routing::{Route, SlotAddr};
+    Route::with_key(key, SlotAddr::Master) == Route::with_key(version_key(key), SlotAddr::Master)
+}
+
+/// Whether `key` has a non-empty `{…}` hash tag (Redis Cluster's rule).
+fn has_hash_tag(key: &str) -> bool {
+    key.find('{')
+        .and_then(|open| key[open + 1..].find('}'))
+        .is_some_and(|len| len > 0)
 }
 
 /// `SCRIPT LOAD` of the guarded write. A pipeline that uses it starts with
@@ -64,4 +87,30 @@ pub fn guarded(
         .arg(ttl_secs)
         .arg(ttl_secs.max(VERSION_TTL_MIN_SECS));
     pipe.invoke_script(&invocation).ignore();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{same_slot, version_key};
+    use redis::cluster_routing::{Route, SlotAddr};
+
+    #[test]
+    fn the_version_key_shares_the_key_s_hash_slot() {
+        for key in ["profile:user:1", "balance:{user-1}", "x{y", "{t}{u}"] {
+            assert_eq!(
+                Route::with_key(key, SlotAddr::Master),
+                Route::with_key(version_key(key), SlotAddr::Master),
+                "{key} → {}",
+                version_key(key)
+            );
+        }
+        assert_eq!(
+            version_key("profile:user:1"),
+            "{profile:user:1}:pgci-version"
+        );
+        // A `}` before any tag: no companion shares the slot (the cluster
+        // request deletes such keys instead, see `requests`).
+        assert!(!same_slot("a}b"));
+        assert!(same_slot("balance:{user-1}"));
+    }
 }

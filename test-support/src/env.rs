@@ -41,8 +41,11 @@ pub struct TestEnv {
     pub postgres_extra: String,
     /// The URL the daemon connects to, when not the server's own (a pooler).
     pub url_override: Option<String>,
-    /// The Redis URL the daemon uses, when not the server's own (a proxy).
+    /// The Redis URL the daemon uses, when not the server's own (a proxy,
+    /// a cluster).
     pub redis_url_override: Option<String>,
+    /// Extra lines for the `[redis]` section (`cluster = true`).
+    pub redis_extra: String,
 }
 
 impl TestEnv {
@@ -75,6 +78,7 @@ impl TestEnv {
             postgres_extra: String::new(),
             url_override: None,
             redis_url_override: None,
+            redis_extra: String::new(),
         };
         env.write_config("");
         env
@@ -89,12 +93,13 @@ impl TestEnv {
             format!("[http]\nlisten = \"127.0.0.1:{}\"\n", self.http_port)
         };
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n{}\n\n[redis]\nurl = \"{}\"\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
+            "[postgres]\nurl = \"{}\"\n{}\n\n[redis]\nurl = \"{}\"\n{}\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
             self.url_override.clone().unwrap_or_else(|| self.pg.url()),
             self.postgres_extra,
             self.redis_url_override
                 .clone()
-                .unwrap_or_else(|| self.redis.url())
+                .unwrap_or_else(|| self.redis.url()),
+            self.redis_extra
         );
         std::fs::write(&self.config, text).expect("write config");
     }
@@ -102,12 +107,13 @@ impl TestEnv {
     /// Writes a config with the demo rules only (no sentinel rule).
     pub fn write_demo_config(&self) {
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n{}\n[redis]\nurl = \"{}\"\n\n{RULES_TOML}",
+            "[postgres]\nurl = \"{}\"\n{}\n[redis]\nurl = \"{}\"\n{}\n\n{RULES_TOML}",
             self.pg.url(),
             self.postgres_extra,
             self.redis_url_override
                 .clone()
-                .unwrap_or_else(|| self.redis.url())
+                .unwrap_or_else(|| self.redis.url()),
+            self.redis_extra
         );
         std::fs::write(&self.config, text).expect("write config");
     }

@@ -7,7 +7,7 @@
 //!
 //! One module per service: [`postgres`], [`redis_server`], [`pgbouncer`],
 //! [`certs`], [`daemon`], [`proxy`] (a switchable TCP forwarder, for
-//! failovers), and [`env`] ([`TestEnv`]) which puts them together with the
+//! failovers), [`redis_cluster`] (three masters, three replicas), and [`env`] ([`TestEnv`]) which puts them together with the
 //! demo schema and a config file.
 
 pub mod certs;
@@ -16,6 +16,7 @@ pub mod env;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::future::Future;
@@ -30,6 +31,7 @@ pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
 pub use postgres::{pg_bin, slot_active, Postgres};
 pub use proxy::Proxy;
+pub use redis_cluster::RedisCluster;
 pub use redis_server::{preset, surviving, Redis};
 
 /// The demo schema the tests write to.

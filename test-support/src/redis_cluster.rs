@@ -1,0 +1,224 @@
+//! A private Redis Cluster per test: three masters and three replicas
+//! (`redis-server --cluster-enabled yes` on free loopback ports, joined by
+//! `redis-cli --cluster create … --cluster-replicas 1`), killed on Drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use crate::free_port;
+
+/// One node of the cluster.
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A private Redis Cluster.
+pub struct RedisCluster {
+    dir: TempDir,
+    nodes: Vec<Node>,
+}
+
+/// Masters, each with one replica.
+const MASTERS: usize = 3;
+
+impl RedisCluster {
+    /// Starts six nodes and forms the cluster; returns once every node
+    /// reports `cluster_state:ok`.
+    pub async fn start() -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-redis-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let mut cluster = RedisCluster {
+            dir,
+            nodes: Vec::new(),
+        };
+        for _ in 0..2 * MASTERS {
+            let port = free_port();
+            cluster.nodes.push(Node { port, child: None });
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i);
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.wait_answers(i).await;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create (is redis-tools installed?)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        let node_dir = self.dir.path().join(port.to_string());
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node_dir.join("redis.log"))
+            .expect("log");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            // Failovers within a couple of seconds of a master's death.
+            .args(["--cluster-node-timeout", "2000"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&node_dir)
+            .args(["--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server");
+        self.nodes[i].child = Some(child);
+    }
+
+    async fn wait_answers(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut conn) = self.node_conn(i).await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "cluster node did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running node says the cluster is ok and knows
+    /// three masters covering every slot.
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut healthy = true;
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_none() {
+                    continue;
+                }
+                let info: Option<String> = match self.node_conn(i).await {
+                    Ok(mut conn) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .ok(),
+                    Err(_) => None,
+                };
+                let info = info.unwrap_or_default();
+                healthy &= info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && info.contains(&format!("cluster_size:{MASTERS}"));
+            }
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A direct connection to node `i`.
+    async fn node_conn(&self, i: usize) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.nodes[i].port))?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// The seed URL the daemon is given (the first node).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.nodes[0].port)
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+
+    /// A cluster connection, for the test's own reads and writes.
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// The ports of the nodes that are masters now.
+    pub async fn master_ports(&self) -> Vec<u16> {
+        let mut masters = Vec::new();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                continue;
+            }
+            if let Ok(mut conn) = self.node_conn(i).await {
+                let role: Vec<redis::Value> = redis::cmd("ROLE")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                    masters.push(self.nodes[i].port);
+                }
+            }
+        }
+        masters
+    }
+
+    /// Kills (SIGKILL) the node on `port`; its replica takes over after
+    /// the node timeout.
+    pub fn kill(&mut self, port: u16) {
+        for node in &mut self.nodes {
+            if node.port == port {
+                if let Some(mut child) = node.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

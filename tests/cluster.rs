@@ -1,0 +1,245 @@
+//! Redis Cluster as the cache (`[redis] cluster = true`), against a real
+//! three-master, three-replica cluster the harness forms on loopback
+//! ports: keys across every master, events, refreshed values with their
+//! version keys, TRUNCATE flushed on every master, and a kill -9 in the
+//! middle of a backlog.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pgci_test_support::RedisCluster;
+use redis::cluster_async::ClusterConnection;
+
+use crate::support::{balance_keys, wait_for, TestEnv};
+
+/// An environment whose daemon writes to a fresh cluster.
+async fn cluster_env(users: i32, extra: &str) -> (TestEnv, RedisCluster) {
+    let (mut env, cluster) = tokio::join!(TestEnv::start(users), RedisCluster::start());
+    env.redis_url_override = Some(cluster.url());
+    env.redis_extra = "cluster = true".to_string();
+    env.write_config(extra);
+    env.setup();
+    (env, cluster)
+}
+
+async fn preset(conn: &mut ClusterConnection, keys: &[String]) {
+    for key in keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("cached")
+            .query_async(conn)
+            .await
+            .expect("preset");
+    }
+}
+
+async fn surviving(conn: &mut ClusterConnection, keys: &[String]) -> usize {
+    let mut n = 0;
+    for key in keys {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("exists");
+        n += usize::from(exists);
+    }
+    n
+}
+
+/// Waits until the daemon has applied everything committed so far (the
+/// sentinel rule's key, on the cluster).
+async fn sync(env: &TestEnv, conn: &mut ClusterConnection) {
+    let pg = env.pg.client().await;
+    let id: String = pg
+        .query_one("select gen_random_uuid()::text", &[])
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("sentinel:pillar:{id}");
+    preset(conn, std::slice::from_ref(&key)).await;
+    pg.execute(
+        "insert into public.pillars (id, slug) values ($1::text::uuid, 'sentinel-' || $1)",
+        &[&id],
+    )
+    .await
+    .expect("sentinel");
+    wait_for("the daemon to catch up", Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { surviving(&mut conn, std::slice::from_ref(&key)).await == 0 }
+    })
+    .await;
+}
+
+/// Keys spread over every master are invalidated by one multi-row
+/// transaction (one atomic pipeline per hash slot), and its events reach a
+/// subscriber on any node (PUBLISH is cluster-wide).
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_on_every_master_are_invalidated_and_announced() {
+    let (mut env, cluster) = cluster_env(20, "").await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    let keys = balance_keys(&env).await;
+    assert_eq!(keys.len(), 60, "20 users, a total and two tokens each");
+    preset(&mut conn, &keys).await;
+    // Subscribe on the last node: not the one the daemon was given.
+    let last = cluster.urls().pop().expect("nodes");
+    let mut pubsub = redis::Client::open(last)
+        .expect("url")
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    pubsub
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+    env.pg
+        .client()
+        .await
+        .execute("update public.user_tokens set balance = balance + 1", &[])
+        .await
+        .expect("update");
+    sync(&env, &mut conn).await;
+    assert_eq!(surviving(&mut conn, &keys).await, 0);
+    let mut updates = 0;
+    while updates < 40 {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream");
+        let payload: String = message.get_payload().expect("payload");
+        if payload.contains("\"table\":\"public.user_tokens\"") {
+            updates += 1;
+        }
+    }
+}
+
+/// A refresh rule writes values and their version keys in each key's own
+/// slot (the guarded script needs both in one slot).
+#[tokio::test(flavor = "multi_thread")]
+async fn refreshed_values_are_written_with_their_versions() {
+    let rule = "[[rules]]\ntable = \"public.profiles\"\nkeys = [\"profile-json:user:{id}\"]\naction = \"refresh\"\nttl = \"1h\"\n";
+    let (mut env, cluster) = cluster_env(10, rule).await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    let pg = env.pg.client().await;
+    let ids: Vec<String> = pg
+        .query(
+            "update public.profiles set bio = 'on a cluster' returning id::text",
+            &[],
+        )
+        .await
+        .expect("update")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    sync(&env, &mut conn).await;
+    for id in &ids {
+        let key = format!("profile-json:user:{id}");
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("get");
+        assert!(
+            value.as_deref().is_some_and(|v| v.contains("on a cluster")),
+            "{key}: {value:?}"
+        );
+        let version: Option<String> = redis::cmd("GET")
+            .arg(format!("{{{key}}}:pgci-version"))
+            .query_async(&mut conn)
+            .await
+            .expect("get version");
+        assert!(version.is_some(), "{key} has its version");
+    }
+}
+
+/// TRUNCATE flushes the table's keys on every master, and only them.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_flushes_every_master() {
+    let (mut env, cluster) = cluster_env(20, "").await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    let keys = balance_keys(&env).await;
+    preset(&mut conn, &keys).await;
+    // No row renders these: only a flush by pattern removes the first.
+    let strays = [
+        "balance:user:stray-1".to_string(),
+        "balance:user:stray-2".to_string(),
+        "balance:user:stray-3".to_string(),
+    ];
+    let other = "profile:user:stray".to_string();
+    preset(&mut conn, &strays).await;
+    preset(&mut conn, std::slice::from_ref(&other)).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("truncate public.user_tokens")
+        .await
+        .expect("truncate");
+    sync(&env, &mut conn).await;
+    assert_eq!(surviving(&mut conn, &keys).await, 0);
+    assert_eq!(surviving(&mut conn, &strays).await, 0, "on every master");
+    assert_eq!(surviving(&mut conn, std::slice::from_ref(&other)).await, 1);
+}
+
+/// A daemon killed -9 in the middle of a backlog, restarted, applies
+/// everything: no key left stale. The backlog's last 400 transactions are
+/// the only ones touching the checked keys, so the kill lands before them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_in_the_middle_of_a_backlog_loses_nothing() {
+    let (mut env, cluster) = cluster_env(200, "").await;
+    let mut conn = cluster.conn().await;
+    let pg = env.pg.client().await;
+    let mut keys: Vec<String> = Vec::new();
+    for row in pg
+        .query(
+            "select user_id::text, token_id::text from public.user_tokens order by user_id, token_id offset 200",
+            &[],
+        )
+        .await
+        .expect("rows")
+    {
+        let (user, token): (String, String) = (row.get(0), row.get(1));
+        keys.push(format!("balance:user:{user}"));
+        keys.push(format!("balance:user:{user}:token:{token}"));
+    }
+    keys.sort();
+    keys.dedup();
+    let mut daemon = env.daemon().await;
+    sync(&env, &mut conn).await;
+    daemon.kill9();
+    pg.batch_execute(
+        "do $$ begin \
+           for i in 1..19600 loop \
+             update public.user_tokens set balance = balance + 1 \
+              where ctid = (select ctid from public.user_tokens order by user_id, token_id offset i % 200 limit 1); \
+             commit; \
+           end loop; \
+           for i in 200..399 loop \
+             update public.user_tokens set balance = balance + 1 \
+              where ctid = (select ctid from public.user_tokens order by user_id, token_id offset i limit 1); \
+             commit; \
+           end loop; \
+         end $$",
+    )
+    .await
+    .expect("backlog");
+    preset(&mut conn, &keys).await;
+    let mut daemon = env.daemon().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    daemon.kill9();
+    let left = surviving(&mut conn, &keys).await;
+    assert!(
+        left > 0,
+        "the kill came after the whole backlog was applied: lengthen it"
+    );
+    let _daemon = env.daemon().await;
+    sync(&env, &mut conn).await;
+    assert_eq!(
+        surviving(&mut conn, &keys).await,
+        0,
+        "{left} keys left at the kill; every one is invalidated after the restart"
+    );
+}
