@@ -25,7 +25,7 @@ cargo test --locked --lib --bins --tests "$@"
 # CLI verbs that only talk to Redis and the clients do not depend on the
 # PostgreSQL major: the other majors skip them, to keep the suite in budget.
 skip=()
-for module in clients:: deploy:: redis_health:: status_page:: verbs::; do
+for module in clients:: cluster:: deploy:: redis_health:: status_page:: verbs::; do
   skip+=(--skip "$module")
 done
 if [[ " $* " == *" -- "* ]]; then other_args=("$@" "${skip[@]}"); else other_args=("$@" -- "${skip[@]}"); fi

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use pg_cache_invalidator::client::{write_token, Cache, CacheOptions};
 use pgci_test_support::RedisCluster;
 use redis::cluster_async::ClusterConnection;
 
@@ -46,8 +47,8 @@ async fn surviving(conn: &mut ClusterConnection, keys: &[String]) -> usize {
     n
 }
 
-/// Waits until the daemon has applied everything committed so far (the
-/// sentinel rule's key, on the cluster).
+/// Waits until the daemon has applied everything committed so far: the
+/// sentinel rule's key is gone and the recorded position covers it.
 async fn sync(env: &TestEnv, conn: &mut ClusterConnection) {
     let pg = env.pg.client().await;
     let id: String = pg
@@ -63,10 +64,22 @@ async fn sync(env: &TestEnv, conn: &mut ClusterConnection) {
     )
     .await
     .expect("sentinel");
+    // A batch's slots are applied concurrently: the sentinel's key may go
+    // before another master acknowledged its part. The recorded position
+    // moves only once every part was acknowledged.
+    let token = write_token(&pg).await.expect("token");
     wait_for("the daemon to catch up", Duration::from_secs(60), || {
         let mut conn = conn.clone();
         let key = key.clone();
-        async move { surviving(&mut conn, std::slice::from_ref(&key)).await == 0 }
+        async move {
+            let applied = Cache::new(conn.clone(), CacheOptions::default())
+                .applied()
+                .await
+                .ok()
+                .flatten();
+            surviving(&mut conn, std::slice::from_ref(&key)).await == 0
+                && applied.is_some_and(|a| a >= token.0)
+        }
     })
     .await;
 }
@@ -242,4 +255,38 @@ async fn kill_9_in_the_middle_of_a_backlog_loses_nothing() {
         0,
         "{left} keys left at the kill; every one is invalidated after the restart"
     );
+}
+
+/// The command-line verbs reach the cluster: `check-config` and `status`
+/// succeed (the position record is read from its slot's master), `flush
+/// --table` deletes the table's keys on every master, and `verify`, which
+/// reads one server only so far, says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_verbs_work_on_a_cluster() {
+    let (mut env, cluster) = cluster_env(20, "").await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    sync(&env, &mut conn).await;
+    for verb in ["check-config", "status"] {
+        let out = env.cli(&[verb]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{verb}: {text}");
+        assert!(!text.contains("MOVED"), "{verb}: {text}");
+    }
+    let keys = balance_keys(&env).await;
+    preset(&mut conn, &keys).await;
+    let out = env.cli(&["flush", "--table", "public.user_tokens"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(surviving(&mut conn, &keys).await, 0);
+    let out = env.cli(&["verify"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Redis Cluster"));
 }

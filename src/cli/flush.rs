@@ -51,7 +51,7 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
         .map_err(|e| Failure::runtime(format!("redis at {}: {e}", redis.url.redacted())))?;
     let mut total = 0;
     for pattern in rules::scan_patterns(chosen) {
-        let n = flush::flush_pattern(&mut conn, &pattern, dry_run)
+        let n = flush::flush_pattern_everywhere(&mut conn, &pattern, dry_run)
             .await
             .map_err(|e| Failure::runtime(redis.url.scrub(&e.to_string())))?;
         println!("{pattern:<40} {n} key(s)");

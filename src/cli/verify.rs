@@ -31,6 +31,12 @@ pub async fn verify(loaded: Loaded, args: Args) -> Result<(), Failure> {
     let mut redis = position::connect_once(&redis_cfg.url, redis_cfg.ca_cert.as_deref())
         .await
         .map_err(|e| Failure::runtime(format!("redis {}: {e}", redis_cfg.url.redacted())))?;
+    if redis.is_cluster() {
+        return Err(Failure::usage(vec![format!(
+            "verify: {} is a Redis Cluster node, and verify reads one server only so far: run it against a single Redis, or check keys with the clients",
+            redis_cfg.url.redacted()
+        )]));
+    }
     let options = Options {
         sample: args.sample,
         rate: args.rate,

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeSet;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
@@ -21,8 +21,10 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 /// One server or a cluster.
 #[derive(Clone)]
 pub enum Conn {
-    /// A single server (or a primary behind a proxy).
+    /// A single server (or a primary behind a proxy), reconnecting.
     Node(ConnectionManager),
+    /// A single server, for one command-line verb.
+    Direct(MultiplexedConnection),
     /// A Redis Cluster.
     Cluster(ClusterConnection),
 }
@@ -142,6 +144,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -154,6 +157,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -161,6 +165,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Node(c) => c.get_db(),
+            Conn::Direct(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }

@@ -4,7 +4,6 @@
 //! as bytes: a key that is not UTF-8 (written by some other client) is
 //! flushed like any other.
 
-use redis::aio::ConnectionLike;
 use redis::RedisError;
 
 use super::conn::Conn;
@@ -17,10 +16,22 @@ const SCAN_COUNT: usize = 1000;
 /// cluster; returns how many went.
 pub async fn flush_patterns(conn: &mut Conn, patterns: &[String]) -> Result<u64, RedisError> {
     let mut removed = 0u64;
+    for pattern in patterns {
+        removed += flush_pattern_everywhere(conn, pattern, false).await?;
+    }
+    Ok(removed)
+}
+
+/// Unlinks (or with `dry_run` only counts) the keys matching `pattern` on
+/// every master; returns how many.
+pub async fn flush_pattern_everywhere(
+    conn: &mut Conn,
+    pattern: &str,
+    dry_run: bool,
+) -> Result<u64, RedisError> {
+    let mut removed = 0u64;
     for master in conn.masters().await? {
-        for pattern in patterns {
-            removed += flush_pattern_on(conn, master.as_ref(), pattern).await?;
-        }
+        removed += flush_pattern_on(conn, master.as_ref(), pattern, dry_run).await?;
     }
     Ok(removed)
 }
@@ -32,6 +43,7 @@ async fn flush_pattern_on(
     conn: &mut Conn,
     master: Option<&(String, u16)>,
     pattern: &str,
+    dry_run: bool,
 ) -> Result<u64, RedisError> {
     let mut removed = 0u64;
     let mut cursor: u64 = 0;
@@ -43,29 +55,6 @@ async fn flush_pattern_on(
             .arg("COUNT")
             .arg(SCAN_COUNT);
         let (next, keys): (u64, Vec<Vec<u8>>) = conn.on_node(master, scan).await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            removed += n;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    Ok(removed)
-}
-
-/// Unlinks (or with `dry_run` only counts) the keys matching `pattern`;
-/// returns how many.
-pub async fn flush_pattern<C: ConnectionLike>(
-    conn: &mut C,
-    pattern: &str,
-    dry_run: bool,
-) -> Result<u64, RedisError> {
-    let mut removed = 0u64;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys) = super::inspect::scan_step(conn, cursor, pattern, SCAN_COUNT).await?;
         if dry_run {
             // SCAN may return a key twice while the keyspace rehashes: a
             // dry run's count is an upper bound.

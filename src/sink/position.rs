@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use redis::RedisError;
 
+use super::conn::Conn;
 use crate::lsn::Lsn;
 use crate::secret::SecretUrl;
 
@@ -54,7 +55,33 @@ pub async fn read_once(
     Ok(text.and_then(|t| t.parse().ok()))
 }
 
-pub(crate) async fn connect_once(
+/// A connection of its own to the configured Redis (`status`, `setup`,
+/// the verbs). A Redis Cluster node is recognised by what it says of
+/// itself (`cluster_enabled:1`) and reached as the cluster.
+pub(crate) async fn connect_once(url: &SecretUrl, ca_cert: Option<&Path>) -> Result<Conn, String> {
+    let mut node = connect_node_once(url, ca_cert).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut node)
+        .await
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    if !info.contains("cluster_enabled:1") {
+        return Ok(Conn::Direct(node));
+    }
+    let cluster = redis::cluster::ClusterClient::builder([url.expose()])
+        .connection_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| url.scrub(&e.to_string()))?;
+    tokio::time::timeout(Duration::from_secs(10), cluster.get_async_connection())
+        .await
+        .map_err(|_| "no answer within 10s".to_string())?
+        .map(Conn::Cluster)
+        .map_err(|e| url.scrub(&e.to_string()))
+}
+
+/// A connection to the one server `url` names (a cluster node's own
+/// `INFO`, for instance).
+pub(crate) async fn connect_node_once(
     url: &SecretUrl,
     ca_cert: Option<&Path>,
 ) -> Result<redis::aio::MultiplexedConnection, String> {
