@@ -69,29 +69,25 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// `cycles` transfers between two users, each followed by cache-aside
-/// reads (leases) of both users' balances, while other sessions write
+/// `cycles` transfers, shared out between [`PAIRS`] pairs of users that
+/// transfer back and forth at once, each followed by cache-aside reads
+/// (leases) of both users' balances, while another session writes
 /// unrelated rows; counts reads that returned a balance other than the
 /// database's.
 async fn transfer_and_read(env: &TestEnv, function: &str, cycles: usize) -> Tally {
     let writer = env.pg.client().await;
-    // Unrelated writes of this session never wait: only the function
-    // that opts in does.
-    writer
-        .batch_execute("set synchronous_commit = local")
-        .await
-        .expect("set synchronous_commit");
     let users: Vec<String> = writer
         .query(
             "select user_id::text from public.user_tokens t join public.tokens k on k.id = t.token_id \
-              where k.symbol = 'GEN' order by user_id limit 2",
-            &[],
+              where k.symbol = 'GEN' order by user_id limit $1",
+            &[&(2 * PAIRS as i64)],
         )
         .await
         .expect("users")
         .iter()
         .map(|r| r.get(0))
         .collect();
+    assert_eq!(users.len(), 2 * PAIRS, "the test env seeds enough users");
     let token: String = writer
         .query_one(
             "select id::text from public.tokens where symbol = 'GEN'",
@@ -119,6 +115,50 @@ async fn transfer_and_read(env: &TestEnv, function: &str, cycles: usize) -> Tall
             }
         })
     };
+    // Pairs of users transfer back and forth concurrently, each pair on
+    // its own sessions: the cycles are shared out between them.
+    let mut pairs = Vec::new();
+    for (i, pair) in users.chunks(2).enumerate() {
+        let share = cycles / PAIRS + usize::from(i < cycles % PAIRS);
+        pairs.push(transfer_and_read_pair(
+            env,
+            function,
+            [pair[0].clone(), pair[1].clone()],
+            token.clone(),
+            share,
+        ));
+    }
+    let mut tally = Tally::default();
+    for pair in futures_util::future::join_all(pairs).await {
+        tally.reads += pair.reads;
+        tally.stale += pair.stale;
+        tally.commit_micros.extend(pair.commit_micros);
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load task");
+    tally.commit_micros.sort_unstable();
+    tally
+}
+
+/// Pairs of users transferring at once.
+const PAIRS: usize = 4;
+
+/// `cycles` transfers between the two `users`, each followed by reads of
+/// both balances; see [`transfer_and_read`].
+async fn transfer_and_read_pair(
+    env: &TestEnv,
+    function: &str,
+    users: [String; 2],
+    token: String,
+    cycles: usize,
+) -> Tally {
+    let writer = env.pg.client().await;
+    // Unrelated writes of this session never wait: only the function
+    // that opts in does.
+    writer
+        .batch_execute("set synchronous_commit = local")
+        .await
+        .expect("set synchronous_commit");
     let reader = env.pg.client().await;
     let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
     let mut tally = Tally::default();
@@ -172,9 +212,6 @@ async fn transfer_and_read(env: &TestEnv, function: &str, cycles: usize) -> Tall
             }
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    load.await.expect("load task");
-    tally.commit_micros.sort_unstable();
     tally
 }
 
@@ -187,7 +224,7 @@ async fn transfer_and_read(env: &TestEnv, function: &str, cycles: usize) -> Tall
 /// daemon reports itself as a synchronous standby in `pgci_sync_standby`.
 #[tokio::test(flavor = "multi_thread")]
 async fn synchronous_invalidation_leaves_no_stale_balance() {
-    let mut env = TestEnv::start(4).await;
+    let mut env = TestEnv::start(2 * PAIRS as i32).await;
     env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
     env.setup();
     let _daemon = env.daemon().await;

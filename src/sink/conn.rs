@@ -57,31 +57,20 @@ impl Conn {
     ) -> Result<(), RedisError> {
         match (self, route) {
             (Conn::Cluster(cluster), Some(route)) => {
-                // The replies to MULTI and each queued command, then EXEC's.
-                let queued = pipe.cmd_iter().count();
-                let replies = cluster
-                    .route_pipeline(
-                        pipe.clone(),
-                        queued + 1,
-                        1,
-                        SingleNodeRoutingInfo::SpecificNode(route),
-                    )
-                    .await?;
-                match replies.into_iter().next() {
-                    Some(Value::Array(results)) => {
-                        for result in results {
-                            if let Value::ServerError(error) = result {
-                                return Err(error.into());
-                            }
+                match routed_transaction(cluster, route, pipe).await {
+                    Err(error) if redirected(&error) => {
+                        // The slot is moving (ASK) or has moved (MOVED): a
+                        // transaction cannot follow, single commands can —
+                        // the cluster client sends ASKING where needed and
+                        // refreshes its slot map on MOVED, so the next
+                        // batch's transactions go to the new owner. The
+                        // slot's commands run in order, each acknowledged.
+                        for cmd in pipe.cmd_iter() {
+                            cmd.query_async::<Value>(cluster).await?;
                         }
                         Ok(())
                     }
-                    Some(Value::ServerError(error)) => Err(error.into()),
-                    other => Err(RedisError::from((
-                        redis::ErrorKind::Io,
-                        "the cluster aborted a transaction",
-                        format!("{other:?}"),
-                    ))),
+                    other => other,
                 }
             }
             (conn, _) => pipe.query_async::<()>(conn).await,
@@ -110,6 +99,54 @@ impl Conn {
             (conn, _) => cmd.query_async(conn).await,
         }
     }
+}
+
+/// Sends `pipe` as one transaction to the master of `route`; fails if any
+/// command in it failed.
+async fn routed_transaction(
+    cluster: &mut ClusterConnection,
+    route: Route,
+    pipe: &Pipeline,
+) -> Result<(), RedisError> {
+    // The replies to MULTI and each queued command, then EXEC's.
+    let queued = pipe.cmd_iter().count();
+    let replies = cluster
+        .route_pipeline(
+            pipe.clone(),
+            queued + 1,
+            1,
+            SingleNodeRoutingInfo::SpecificNode(route),
+        )
+        .await?;
+    match replies.into_iter().next() {
+        Some(Value::Array(results)) => {
+            for result in results {
+                if let Value::ServerError(error) = result {
+                    return Err(error.into());
+                }
+            }
+            Ok(())
+        }
+        Some(Value::ServerError(error)) => Err(error.into()),
+        other => Err(RedisError::from((
+            redis::ErrorKind::Io,
+            "the cluster aborted a transaction",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
+/// Whether `error` (or a command of an aborted transaction) is a cluster
+/// redirection: the slot is moving or has moved.
+fn redirected(error: &RedisError) -> bool {
+    use redis::ServerErrorKind as K;
+    let redirect =
+        |kind: Option<K>| matches!(kind, Some(K::Moved | K::Ask | K::TryAgain | K::ClusterDown));
+    error.is_cluster_error()
+        || error
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| redirect(e.kind())))
 }
 
 /// The masters in `CLUSTER NODES` output that serve slots and are not
