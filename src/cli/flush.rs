@@ -49,9 +49,13 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
     let mut conn = position::connect_once(&redis.url, redis.ca_cert.as_deref())
         .await
         .map_err(|e| Failure::runtime(format!("redis at {}: {e}", redis.url.redacted())))?;
+    let masters = conn
+        .masters()
+        .await
+        .map_err(|e| Failure::runtime(redis.url.scrub(&e.to_string())))?;
     let mut total = 0;
     for pattern in rules::scan_patterns(chosen) {
-        let n = flush::flush_pattern_everywhere(&mut conn, &pattern, dry_run)
+        let n = flush::flush_pattern_everywhere(&mut conn, &masters, &pattern, dry_run)
             .await
             .map_err(|e| Failure::runtime(redis.url.scrub(&e.to_string())))?;
         println!("{pattern:<40} {n} key(s)");

@@ -15,22 +15,25 @@ const SCAN_COUNT: usize = 1000;
 /// Unlinks every key matching any of `patterns`, on every master of a
 /// cluster; returns how many went.
 pub async fn flush_patterns(conn: &mut Conn, patterns: &[String]) -> Result<u64, RedisError> {
+    let masters = conn.masters().await?;
     let mut removed = 0u64;
     for pattern in patterns {
-        removed += flush_pattern_everywhere(conn, pattern, false).await?;
+        removed += flush_pattern_everywhere(conn, &masters, pattern, false).await?;
     }
     Ok(removed)
 }
 
 /// Unlinks (or with `dry_run` only counts) the keys matching `pattern` on
-/// every master; returns how many.
+/// each of `masters` (from [`Conn::masters`], read once per flush);
+/// returns how many.
 pub async fn flush_pattern_everywhere(
     conn: &mut Conn,
+    masters: &[Option<(String, u16)>],
     pattern: &str,
     dry_run: bool,
 ) -> Result<u64, RedisError> {
     let mut removed = 0u64;
-    for master in conn.masters().await? {
+    for master in masters {
         removed += flush_pattern_on(conn, master.as_ref(), pattern, dry_run).await?;
     }
     Ok(removed)
