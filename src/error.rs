@@ -260,6 +260,14 @@ pub fn redis_kind(error: &RedisError) -> &'static str {
         RedisKind::Server(ServerErrorKind::BusyLoading) => "loading",
         RedisKind::Server(ServerErrorKind::NoScript) => "noscript",
         RedisKind::Server(ServerErrorKind::ExecAbort) => "execabort",
+        RedisKind::Server(
+            ServerErrorKind::Moved
+            | ServerErrorKind::Ask
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown,
+        )
+        | RedisKind::ClusterConnectionNotFound => "cluster",
         RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => "auth",
         RedisKind::Parse | RedisKind::UnexpectedReturnType => "reply",
         _ => match code.as_deref() {
@@ -277,6 +285,7 @@ pub fn redis_hint(kind: &str) -> &'static str {
         "io" => "redis is down or unreachable; the batch is retried until it answers",
         "readonly" => "the node became a replica (a failover): reconnecting; point redis.url at the primary endpoint",
         "loading" => "redis is loading its dataset; it answers once loaded",
+        "cluster" => "the cluster is moving slots, failing over, or a replica is behind: the slot map is read again and the batch retried",
         "noscript" => "the script cache was flushed; the next attempt loads the script again",
         "oom" => "redis is out of memory under a noeviction policy: set maxmemory-policy allkeys-lru (or volatile-lru) or raise maxmemory",
         "wrongtype" => "a key the rules write holds another type (a hash, a list): delete that key or change the key template",

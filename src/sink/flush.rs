@@ -6,6 +6,7 @@
 
 use redis::RedisError;
 
+use super::cluster::{slot_of, Addr};
 use super::conn::Conn;
 
 /// Keys per SCAN step and per UNLINK: large enough to be quick, small
@@ -28,7 +29,7 @@ pub async fn flush_patterns(conn: &mut Conn, patterns: &[String]) -> Result<u64,
 /// returns how many.
 pub async fn flush_pattern_everywhere(
     conn: &mut Conn,
-    masters: &[Option<(String, u16)>],
+    masters: &[Option<Addr>],
     pattern: &str,
     dry_run: bool,
 ) -> Result<u64, RedisError> {
@@ -40,11 +41,11 @@ pub async fn flush_pattern_everywhere(
 }
 
 /// Unlinks the keys matching `pattern` that `master` holds (`None`: the
-/// single server). On a cluster the SCAN runs on that master and the
-/// UNLINK is split by slot by the cluster client.
+/// single server). On a cluster the SCAN runs on that master and one
+/// UNLINK per slot follows (a multi-key command may not span slots).
 async fn flush_pattern_on(
     conn: &mut Conn,
-    master: Option<&(String, u16)>,
+    master: Option<&Addr>,
     pattern: &str,
     dry_run: bool,
 ) -> Result<u64, RedisError> {
@@ -63,13 +64,30 @@ async fn flush_pattern_on(
             // dry run's count is an upper bound.
             removed += keys.len() as u64;
         } else if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            removed += n;
+            removed += unlink(conn, &keys).await?;
         }
         if next == 0 {
             break;
         }
         cursor = next;
+    }
+    Ok(removed)
+}
+
+/// Unlinks `keys`: one UNLINK on a single server, one per hash slot on a
+/// cluster.
+async fn unlink(conn: &mut Conn, keys: &[Vec<u8>]) -> Result<u64, RedisError> {
+    if !conn.is_cluster() {
+        return redis::cmd("UNLINK").arg(keys).query_async(conn).await;
+    }
+    let mut by_slot: std::collections::BTreeMap<u16, Vec<&Vec<u8>>> = Default::default();
+    for key in keys {
+        by_slot.entry(slot_of(key)).or_default().push(key);
+    }
+    let mut removed = 0u64;
+    for keys in by_slot.values() {
+        let n: u64 = redis::cmd("UNLINK").arg(keys).query_async(conn).await?;
+        removed += n;
     }
     Ok(removed)
 }

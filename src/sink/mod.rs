@@ -4,6 +4,7 @@
 //!
 //! - [`acl`]: the least-privilege ACL user of the daemon.
 //! - [`conn`]: one server or a cluster, and what differs between them.
+//! - [`cluster`]: our Redis Cluster client (slot map, MOVED/ASK, WAIT).
 //! - [`requests`]: a run of row operations as one atomic pipeline.
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
 //! - [`events`]: the pub/sub event of each operation.
@@ -22,6 +23,7 @@
 //! skipped.
 
 pub mod acl;
+pub mod cluster;
 pub mod conn;
 pub mod events;
 pub mod flush;
@@ -38,6 +40,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use self::cluster::ClusterConn;
 use self::conn::Conn;
 use redis::{AsyncCommands, RedisError};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +59,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// A reply slower than this counts as a failure and the batch is retried.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long opening a connection may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle readiness check waits for PONG.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -175,29 +180,21 @@ impl RedisSink {
     ) -> Result<RedisSink, SinkError> {
         let client = client(url, ca_cert)?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_max_delay(RETRY_MAX);
-        let cluster_client = match cluster {
-            None => None,
-            Some(seeds) => Some(
-                redis::cluster::ClusterClient::builder(seeds.iter().map(|s| s.expose()))
-                    .connection_timeout(Duration::from_secs(5))
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .build()
-                    .map_err(|source| SinkError::BadUrl {
-                        url: url.redacted(),
-                        reason: url.scrub(&source.to_string()),
-                    })?,
-            ),
-        };
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let conn = loop {
-            let attempt = match &cluster_client {
+            let attempt = match cluster {
                 None => ConnectionManager::new_with_config(client.clone(), config.clone())
                     .await
                     .map(Conn::Node),
-                Some(cluster) => cluster.get_async_connection().await.map(Conn::Cluster),
+                Some(seeds) => {
+                    let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
+                    ClusterConn::connect(&seeds, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
+                        .await
+                        .map(Conn::Cluster)
+                }
             };
             match attempt {
                 Ok(conn) => break conn,
@@ -220,7 +217,23 @@ impl RedisSink {
         };
         tracing::info!(url = %url.redacted(), "connected to redis");
         let mut conn = conn;
-        match leases::load(&mut conn).await {
+        // Every master of a cluster holds the functions (its replicas get
+        // them by replication).
+        let loaded = match conn.each_master().await {
+            Ok(masters) => {
+                let mut loaded = Ok(Vec::new());
+                for mut master in masters {
+                    match (leases::load(&mut master).await, &mut loaded) {
+                        (Ok(how), Ok(hows)) => hows.push(how),
+                        (Err(error), _) => loaded = Err(error),
+                        _ => {}
+                    }
+                }
+                loaded
+            }
+            Err(error) => Err(error),
+        };
+        match loaded {
             Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
             // Readers load them themselves when missing; the daemon's own
             // work does not need them.
@@ -401,7 +414,7 @@ impl RedisSink {
     /// answers, but from a node that is no longer the primary).
     async fn reconnect(&mut self) {
         if self.conn.is_cluster() {
-            // The cluster client follows the new topology itself.
+            // The cluster client reads the slot map again itself.
             return;
         }
         match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
@@ -458,11 +471,16 @@ impl RedisSink {
                 }
                 // Every slot's part at once; the events, and the position
                 // (below), only once all of them were acknowledged.
-                futures_util::future::try_join_all(shards.iter().map(|(route, pipe)| {
-                    let mut conn = self.conn.clone();
-                    async move { conn.transaction(*route, pipe).await }
-                }))
-                .await?;
+                let written =
+                    futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
+                        let mut conn = self.conn.clone();
+                        async move { conn.transaction(*slot, pipe).await }
+                    }))
+                    .await?;
+                // On a cluster, a failover must not lose what was
+                // acknowledged: the masters' replicas have it too.
+                let written = written.into_iter().flatten().collect();
+                self.conn.replicated(&written).await?;
                 if let Some(events) = request.events {
                     events.query_async::<()>(&mut self.conn).await?;
                 }

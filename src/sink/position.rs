@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use redis::RedisError;
 
+use super::cluster::ClusterConn;
 use super::conn::Conn;
 use crate::lsn::Lsn;
 use crate::secret::SecretUrl;
@@ -68,15 +69,15 @@ pub(crate) async fn connect_once(url: &SecretUrl, ca_cert: Option<&Path>) -> Res
     if !info.contains("cluster_enabled:1") {
         return Ok(Conn::Direct(node));
     }
-    let cluster = redis::cluster::ClusterClient::builder([url.expose()])
-        .connection_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| url.scrub(&e.to_string()))?;
-    tokio::time::timeout(Duration::from_secs(10), cluster.get_async_connection())
-        .await
-        .map_err(|_| "no answer within 10s".to_string())?
-        .map(Conn::Cluster)
-        .map_err(|e| url.scrub(&e.to_string()))
+    let timeout = Duration::from_secs(10);
+    tokio::time::timeout(
+        timeout,
+        ClusterConn::connect(&[url.expose()], timeout, timeout),
+    )
+    .await
+    .map_err(|_| "no answer within 10s".to_string())?
+    .map(Conn::Cluster)
+    .map_err(|e| url.scrub(&e.to_string()))
 }
 
 /// A connection to the one server `url` names (a cluster node's own

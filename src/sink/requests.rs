@@ -12,18 +12,17 @@
 
 use std::collections::HashMap;
 
-use redis::cluster_routing::{Route, SlotAddr};
-
 use crate::ops::{CacheOp, Item};
+use crate::sink::cluster::slot_of;
 use crate::sink::events::event_json;
 use crate::sink::scripts;
 
 /// The requests for one run of row operations.
 pub struct RowRequest {
     /// Atomic pipelines: one on a single server, one per hash slot on a
-    /// cluster, with the slot's route (any order between them; commit
+    /// cluster, with the slot (any order between them; commit
     /// order within each).
-    pub shards: Vec<(Option<Route>, redis::Pipeline)>,
+    pub shards: Vec<(Option<u16>, redis::Pipeline)>,
     /// On a cluster, the events, to send after every shard.
     pub events: Option<redis::Pipeline>,
 }
@@ -66,12 +65,12 @@ pub fn row_request(items: &[Item], channel: Option<&str>, by_slot: bool) -> RowR
             CacheOp::Flush { .. } => {}
         }
     }
-    let mut pipes: Vec<(Option<Route>, redis::Pipeline)> = shards
+    let mut pipes: Vec<(Option<u16>, redis::Pipeline)> = shards
         .list
         .into_iter()
         .map(|mut shard| {
             shard.unlink.flush_into(&mut shard.pipe);
-            (shard.route, shard.pipe)
+            (shard.slot, shard.pipe)
         })
         .collect();
     let mut events = None;
@@ -97,22 +96,21 @@ struct Shard {
     unlink: Unlink,
     /// Part of a cluster request.
     by_slot: bool,
-    /// Where it goes on a cluster (the cluster client cannot tell from
-    /// `MULTI` and a multi-key `UNLINK`).
-    route: Option<Route>,
+    /// Its hash slot on a cluster.
+    slot: Option<u16>,
     /// Whether the guarded write's `SCRIPT LOAD` is in already.
     scripted: bool,
 }
 
 impl Shard {
-    fn new(route: Option<Route>) -> Shard {
+    fn new(slot: Option<u16>) -> Shard {
         let mut pipe = redis::pipe();
         pipe.atomic();
         Shard {
             pipe,
             unlink: Unlink::default(),
-            by_slot: route.is_some(),
-            route,
+            by_slot: slot.is_some(),
+            slot,
             scripted: false,
         }
     }
@@ -141,7 +139,7 @@ impl Shard {
 struct Shards {
     by_slot: bool,
     list: Vec<Shard>,
-    index: HashMap<Route, usize>,
+    index: HashMap<u16, usize>,
 }
 
 impl Shards {
@@ -164,11 +162,11 @@ impl Shards {
         if !self.by_slot {
             return &mut self.list[0];
         }
-        let route = Route::with_key(key, SlotAddr::Master);
+        let slot = slot_of(key.as_bytes());
         let next = self.list.len();
-        let i = *self.index.entry(route).or_insert(next);
+        let i = *self.index.entry(slot).or_insert(next);
         if i == next {
-            self.list.push(Shard::new(Some(route)));
+            self.list.push(Shard::new(Some(slot)));
         }
         &mut self.list[i]
     }
@@ -277,8 +275,8 @@ mod tests {
         let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
         let request = row_request(&items, Some("ch"), true);
         assert_eq!(request.shards.len(), 2);
-        for (route, shard) in &request.shards {
-            assert!(route.is_some());
+        for (slot, shard) in &request.shards {
+            assert!(slot.is_some());
             assert_eq!(commands(shard), ["UNLINK"]);
         }
         let keys: Vec<usize> = request

@@ -47,8 +47,8 @@ pub fn version_key(key: &str) -> String {
 /// `}` and no hash tag has none that is (`a}b`: wrapped, `{a}` becomes the
 /// tag); on a cluster such a key is deleted instead of written.
 pub fn same_slot(key: &str) -> bool {
-    use redis::cluster_routing::{Route, SlotAddr};
-    Route::with_key(key, SlotAddr::Master) == Route::with_key(version_key(key), SlotAddr::Master)
+    use super::cluster::slot_of;
+    slot_of(key.as_bytes()) == slot_of(version_key(key).as_bytes())
 }
 
 /// Whether `key` has a non-empty `{…}` hash tag (Redis Cluster's rule).
@@ -92,14 +92,14 @@ pub fn guarded(
 #[cfg(test)]
 mod tests {
     use super::{same_slot, version_key};
-    use redis::cluster_routing::{Route, SlotAddr};
+    use crate::sink::cluster::slot_of;
 
     #[test]
     fn the_version_key_shares_the_key_s_hash_slot() {
         for key in ["profile:user:1", "balance:{user-1}", "x{y", "{t}{u}"] {
             assert_eq!(
-                Route::with_key(key, SlotAddr::Master),
-                Route::with_key(version_key(key), SlotAddr::Master),
+                slot_of(key.as_bytes()),
+                slot_of(version_key(key).as_bytes()),
                 "{key} → {}",
                 version_key(key)
             );

@@ -25,6 +25,9 @@ pub const REFRESH_NULL_ANSWERS_TOTAL: &str = "pgci_refresh_null_answers_total";
 /// Visibility checks asked of PostgreSQL (one per batch of live commits;
 /// a draining backlog needs few, see `db::query::Horizon`).
 pub const VISIBILITY_CHECKS_TOTAL: &str = "pgci_visibility_checks_total";
+/// Readings of a Redis Cluster's slot map (`CLUSTER SLOTS`): at start, on
+/// MOVED, after a lost node, before a flush.
+pub const CLUSTER_MAP_READS_TOTAL: &str = "pgci_cluster_map_reads_total";
 /// Outbox rows applied (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
 /// Redis `INFO` (see `sink::server`), labelled by `target` (host:port):
@@ -152,6 +155,10 @@ fn describe() {
     describe_counter!(CHANGES_TOTAL, "Row changes applied, by table and op");
     describe_counter!(KEYS_INVALIDATED_TOTAL, "Keys removed from Redis");
     describe_counter!(KEYS_WRITTEN_TOTAL, "Keys written with a refreshed value");
+    describe_counter!(
+        CLUSTER_MAP_READS_TOTAL,
+        "Readings of the Redis Cluster's slot map (start, MOVED, lost node, flush)"
+    );
     describe_counter!(
         VISIBILITY_CHECKS_TOTAL,
         "Checks that decoded commits are visible to readers"

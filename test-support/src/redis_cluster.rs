@@ -27,7 +27,7 @@ const MASTERS: usize = 3;
 
 impl RedisCluster {
     /// Starts six nodes and forms the cluster; returns once every node
-    /// reports `cluster_state:ok`.
+    /// reports `cluster_state:ok` and every master's replica is online.
     pub async fn start() -> RedisCluster {
         let dir = tempfile::Builder::new()
             .prefix("pgci-redis-cluster-")
@@ -66,6 +66,9 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_healthy().await;
+        for port in cluster.master_ports().await {
+            cluster.replica_of(port).await;
+        }
         cluster
     }
 
@@ -196,6 +199,80 @@ impl RedisCluster {
             }
         }
         masters
+    }
+
+    /// The port of an online replica of the master on `port` (from its
+    /// `ROLE`), waiting for one to have connected.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(replica) = self.online_replica(port).await {
+                return replica;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica of {port} came online"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn online_replica(&self, port: u16) -> Option<u16> {
+        let mut conn = self.node_conn(self.index(port)).await.ok()?;
+        let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await.ok()?;
+        // ["master", offset, [[ip, port, offset], ...]]
+        let redis::Value::Array(fields) = role else {
+            return None;
+        };
+        let Some(redis::Value::Array(replicas)) = fields.get(2) else {
+            return None;
+        };
+        let Some(redis::Value::Array(replica)) = replicas.first() else {
+            return None;
+        };
+        match replica.get(1) {
+            Some(redis::Value::BulkString(port)) => String::from_utf8_lossy(port).parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Promotes the replica on `port` (`CLUSTER FAILOVER`, its master
+    /// agreeing) and waits until it is a master.
+    pub async fn failover(&self, port: u16) {
+        let mut conn = self.node_conn(self.index(port)).await.expect("replica");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async(&mut conn)
+            .await
+            .expect("cluster failover");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.master_ports().await.contains(&port) {
+            assert!(Instant::now() < deadline, "the failover did not happen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the node on `port`: a
+    /// stopped node holds its connections but answers nothing.
+    pub fn signal(&self, port: u16, signal: &str) {
+        let pid = self.nodes[self.index(port)]
+            .child
+            .as_ref()
+            .expect("running node")
+            .id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    fn index(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("a node of this cluster")
     }
 
     /// Kills (SIGKILL) the node on `port`; its replica takes over after

@@ -1,0 +1,765 @@
+//! Our Redis Cluster client: a slot map read from `CLUSTER SLOTS`, one
+//! multiplexed connection per node, and each hash slot's transaction sent
+//! to that slot's master.
+//!
+//! Why not the redis crate's cluster client: after a reshard its slot
+//! refresh never completed, and every request then waited out its timeout
+//! for good (issue #15); and the sink needs two things it does not offer:
+//! a transaction routed by slot that follows a redirection as a whole,
+//! and `WAIT` on the very connection that wrote.
+//!
+//! ```text
+//!   batch ──▶ one MULTI…EXEC per slot ──▶ the slot's master (map)
+//!                 │ MOVED            read the map again, send again
+//!                 │ ASK / TRYAGAIN   the slot is migrating: its commands
+//!                 │                  one by one, in order, each following
+//!                 │                  its ASK (ASKING on the target)
+//!                 │ lost node,       back to the sink, which retries the
+//!                 │ CLUSTERDOWN      batch; the map is read again first
+//!                 ▼
+//!   WAIT n on each master written (n = its replicas in the map)
+//! ```
+//!
+//! Durability across a failover: Redis replicates asynchronously, so a
+//! master killed right after acknowledging a deletion can leave a replica
+//! that never had it, and the replica, promoted, serves the stale value.
+//! So a batch counts as applied only once every master it wrote to has
+//! had its writes acknowledged by its replicas (`WAIT`); a shortfall fails
+//! the attempt, the map is read again (a failed replica leaves it) and the
+//! batch is retried. Deletions and version-guarded writes are idempotent,
+//! so sending a part twice is harmless.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+};
+
+use crate::telemetry::metrics as m;
+
+/// Hash slots in a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// Redirections one request follows before it gives up (the sink then
+/// retries the batch): a slot moves once per reshard step, so a few are
+/// plenty.
+const MAX_REDIRECTS: usize = 5;
+
+/// How long to wait before sending a command again after `TRYAGAIN` (a
+/// two-key command whose keys a migration split between two nodes), and
+/// how often: the migration of one slot's keys takes milliseconds.
+const TRY_AGAIN_DELAY: Duration = Duration::from_millis(20);
+const MAX_TRY_AGAIN: usize = 100;
+
+/// How long a master may take to hear from its replicas (`WAIT`) before
+/// the attempt fails and is retried: a healthy replica on a local network
+/// acknowledges within milliseconds.
+const REPLICA_WAIT: Duration = Duration::from_secs(2);
+
+/// A node's address.
+pub type Addr = (String, u16);
+
+/// A Redis Cluster, reached through its nodes. Clones share the map and
+/// the connections.
+#[derive(Clone)]
+pub struct ClusterConn {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Where to start when no known node answers; the first one's
+    /// credentials serve every node.
+    seeds: Vec<ConnectionInfo>,
+    /// Timeouts for every node's connection.
+    config: AsyncConnectionConfig,
+    /// The slot map; replaced whole when read again.
+    map: RwLock<Arc<SlotMap>>,
+    /// One multiplexed connection per node, opened when first needed and
+    /// dropped when it fails.
+    nodes: Mutex<HashMap<Addr, MultiplexedConnection>>,
+    /// One reading of the map at a time: those who waited find it new.
+    refreshing: tokio::sync::Mutex<()>,
+    /// A failure suggested the map is out of date: read it before the
+    /// next request.
+    stale: AtomicBool,
+}
+
+/// Which master serves each slot, and how many replicas each has.
+#[derive(Debug, Default, PartialEq)]
+struct SlotMap {
+    /// Counts readings, so that a request that saw an out-of-date map
+    /// asks for a reading only if nobody made one since.
+    generation: u64,
+    /// Index into `masters` per slot; `None`: no node serves it.
+    owner: Vec<Option<u16>>,
+    masters: Vec<Master>,
+    /// Every node named (masters and replicas): where to read the map
+    /// from next time.
+    nodes: Vec<Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Master {
+    addr: Addr,
+    /// Replicas connected to it (its `ROLE`), or, when it did not say,
+    /// those the map lists.
+    replicas: usize,
+}
+
+impl SlotMap {
+    fn owner_of(&self, slot: u16) -> Option<&Master> {
+        let index = (*self.owner.get(usize::from(slot))?)?;
+        self.masters.get(usize::from(index))
+    }
+}
+
+/// The hash slot of `key` (its `{…}` tag's, when it has a non-empty one).
+pub fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter().position(|b| *b == b'}').map(|len| &rest[..len])
+        })
+        .filter(|tag| !tag.is_empty());
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
+}
+
+impl ClusterConn {
+    /// Reads the slot map from the first of `seeds` that answers.
+    pub async fn connect(
+        seeds: &[&str],
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<ClusterConn> {
+        let seeds = seeds
+            .iter()
+            .map(|url| url.into_connection_info())
+            .collect::<RedisResult<Vec<_>>>()?;
+        if seeds.is_empty() {
+            return Err((
+                ErrorKind::InvalidClientConfig,
+                "no cluster node to start from",
+            )
+                .into());
+        }
+        let cluster = ClusterConn {
+            shared: Arc::new(Shared {
+                seeds,
+                config: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(response_timeout)),
+                map: RwLock::new(Arc::new(SlotMap::default())),
+                nodes: Mutex::new(HashMap::new()),
+                refreshing: tokio::sync::Mutex::new(()),
+                stale: AtomicBool::new(false),
+            }),
+        };
+        cluster.refresh(0).await?;
+        Ok(cluster)
+    }
+
+    fn map(&self) -> Arc<SlotMap> {
+        self.shared
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The masters serving slots, read afresh (a flush SCANs each).
+    pub async fn masters(&self) -> RedisResult<Vec<Addr>> {
+        self.refresh(self.map().generation).await?;
+        Ok(self.map().masters.iter().map(|m| m.addr.clone()).collect())
+    }
+
+    /// The connection to `addr`, opened if there is none.
+    pub async fn node(&self, addr: &Addr) -> RedisResult<MultiplexedConnection> {
+        if let Some(conn) = self.nodes().get(addr) {
+            return Ok(conn.clone());
+        }
+        let info = self.shared.seeds[0]
+            .clone()
+            .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+        let conn = redis::Client::open(info)?
+            .get_multiplexed_async_connection_with_config(&self.shared.config)
+            .await?;
+        self.nodes().insert(addr.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<Addr, MultiplexedConnection>> {
+        self.shared.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the map again unless someone did since `seen` was current.
+    async fn refresh(&self, seen: u64) -> RedisResult<()> {
+        let _one = self.shared.refreshing.lock().await;
+        let current = self.map();
+        if current.generation > seen {
+            return Ok(());
+        }
+        self.shared.stale.store(false, Ordering::Relaxed);
+        let mut candidates: Vec<Addr> = current.masters.iter().map(|m| m.addr.clone()).collect();
+        candidates.extend(current.nodes.iter().cloned());
+        candidates.extend(self.shared.seeds.iter().filter_map(|s| match s.addr() {
+            ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+            _ => None,
+        }));
+        let mut seen_addrs = BTreeSet::new();
+        candidates.retain(|a| seen_addrs.insert(a.clone()));
+        let mut last_error = None;
+        for addr in candidates {
+            match self.read_map(&addr).await {
+                Ok(mut map) => {
+                    self.count_replicas(&mut map).await;
+                    map.generation = current.generation + 1;
+                    metrics::counter!(m::CLUSTER_MAP_READS_TOTAL).increment(1);
+                    if map.masters != current.masters || map.owner != current.owner {
+                        tracing::info!(masters = map.masters.len(), from = %format!("{}:{}", addr.0, addr.1),
+                            "read the cluster's slot map");
+                    }
+                    *self.shared.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.nodes().remove(&addr);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            (
+                ErrorKind::ClusterConnectionNotFound,
+                "no cluster node answered",
+            )
+                .into()
+        }))
+    }
+
+    /// Sets each master's replica count to what the master itself says
+    /// (`ROLE`): another node's `CLUSTER SLOTS` can lag behind by a gossip
+    /// round and list none, which would skip the `WAIT`. A master that
+    /// does not answer keeps the map's count.
+    async fn count_replicas(&self, map: &mut SlotMap) {
+        for master in &mut map.masters {
+            let Ok(mut conn) = self.node(&master.addr).await else {
+                continue;
+            };
+            if let Ok(Value::Array(role)) = redis::cmd("ROLE").query_async(&mut conn).await {
+                // ["master", offset, [[host, port, offset], …]]
+                if let Some(Value::Array(replicas)) = role.get(2) {
+                    master.replicas = replicas.len();
+                }
+            }
+        }
+    }
+
+    async fn read_map(&self, addr: &Addr) -> RedisResult<SlotMap> {
+        let mut conn = self.node(addr).await?;
+        let reply = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Value>(&mut conn)
+            .await?;
+        parse_slots(&reply, &addr.0).map_err(|reason| {
+            RedisError::from((ErrorKind::Parse, "unexpected CLUSTER SLOTS reply", reason))
+        })
+    }
+
+    /// The master of `slot` and the map's generation, reading the map
+    /// first when it is known to be out of date.
+    async fn owner(&self, slot: u16) -> RedisResult<(Addr, u64)> {
+        let mut map = self.map();
+        if self.shared.stale.load(Ordering::Relaxed) || map.owner_of(slot).is_none() {
+            self.refresh(map.generation).await?;
+            map = self.map();
+        }
+        match map.owner_of(slot) {
+            Some(master) => Ok((master.addr.clone(), map.generation)),
+            None => Err(RedisError::from((
+                ErrorKind::ClusterConnectionNotFound,
+                "no master serves the slot",
+                format!("slot {slot}: the cluster is down or the slot is unassigned"),
+            ))),
+        }
+    }
+
+    /// After `error` from `addr`: a lost connection is dropped (the next
+    /// request opens a new one) and the map is read before the next
+    /// request (the node may have failed over).
+    fn failed(&self, addr: &Addr, error: &RedisError) {
+        if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+            self.nodes().remove(addr);
+        }
+        self.shared.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends the atomic pipeline `pipe`, whose keys are all in `slot`, to
+    /// the slot's master; fails if any command in it failed. Returns the
+    /// nodes written to (more than one only while the slot migrates).
+    pub async fn transaction(&self, slot: u16, pipe: &Pipeline) -> RedisResult<BTreeSet<Addr>> {
+        for _ in 0..MAX_REDIRECTS {
+            let (addr, generation) = self.owner(slot).await?;
+            let result = match self.node(&addr).await {
+                Ok(mut conn) => exec(&mut conn, pipe).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => return Ok(BTreeSet::from([addr])),
+                Err(error) => match redirection(&error) {
+                    Some(Redirect::Moved) => self.refresh(generation).await?,
+                    Some(Redirect::Ask(_) | Redirect::TryAgain) => {
+                        // The slot is migrating: a transaction cannot span
+                        // its two nodes; single commands can.
+                        let mut written = BTreeSet::new();
+                        for cmd in pipe.cmd_iter() {
+                            let (_, at) = self.command_at(Some(slot), cmd).await?;
+                            written.insert(at);
+                        }
+                        return Ok(written);
+                    }
+                    None => {
+                        self.failed(&addr, &error);
+                        return Err(error);
+                    }
+                },
+            }
+        }
+        Err(too_many_redirects(slot))
+    }
+
+    /// Runs `cmd` on the master of `slot` (`None`: any master), following
+    /// redirections; returns its reply and the node that ran it.
+    async fn command_at(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<(Value, Addr)> {
+        let mut asking: Option<Addr> = None;
+        let mut redirects = 0;
+        let mut try_again = 0;
+        loop {
+            let (addr, generation) = match (&asking, slot) {
+                (Some(target), _) => (target.clone(), self.map().generation),
+                (None, Some(slot)) => self.owner(slot).await?,
+                (None, None) => self.any_master().await?,
+            };
+            let result = match self.node(&addr).await {
+                Ok(mut conn) if asking.is_some() => {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ASKING").ignore().add_command(cmd.clone());
+                    conn.req_packed_commands(&pipe, 1, 1)
+                        .await
+                        .and_then(|mut v| v.pop().unwrap_or(Value::Nil).extract_error())
+                }
+                Ok(mut conn) => conn
+                    .req_packed_command(cmd)
+                    .await
+                    .and_then(Value::extract_error),
+                Err(error) => Err(error),
+            };
+            let error = match result {
+                Ok(value) => return Ok((value, addr)),
+                Err(error) => error,
+            };
+            asking = None;
+            match redirection(&error) {
+                Some(Redirect::Moved) => {
+                    redirects += 1;
+                    self.refresh(generation).await?;
+                }
+                Some(Redirect::Ask(target)) => {
+                    redirects += 1;
+                    asking = Some(target);
+                }
+                Some(Redirect::TryAgain) => {
+                    try_again += 1;
+                    if try_again > MAX_TRY_AGAIN {
+                        return Err(error);
+                    }
+                    tokio::time::sleep(TRY_AGAIN_DELAY).await;
+                }
+                None => {
+                    self.failed(&addr, &error);
+                    return Err(error);
+                }
+            }
+            if redirects > MAX_REDIRECTS {
+                return Err(too_many_redirects(slot.unwrap_or_default()));
+            }
+        }
+    }
+
+    async fn any_master(&self) -> RedisResult<(Addr, u64)> {
+        let mut map = self.map();
+        if map.masters.is_empty() || self.shared.stale.load(Ordering::Relaxed) {
+            self.refresh(map.generation).await?;
+            map = self.map();
+        }
+        map.masters
+            .first()
+            .map(|m| (m.addr.clone(), map.generation))
+            .ok_or_else(|| {
+                (
+                    ErrorKind::ClusterConnectionNotFound,
+                    "no master serves slots",
+                )
+                    .into()
+            })
+    }
+
+    /// Runs `cmd` where its key's slot is served (any master for a
+    /// command without a key).
+    pub async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let slot = key_of(cmd).map(slot_of);
+        self.command_at(slot, cmd).await.map(|(value, _)| value)
+    }
+
+    /// Waits until the replicas of each master in `written` acknowledged
+    /// every write this client made there (`WAIT` on the connection that
+    /// wrote). A master without replicas has nothing to wait for.
+    pub async fn replicated(&self, written: &BTreeSet<Addr>) -> RedisResult<()> {
+        let map = self.map();
+        let waits = written.iter().filter_map(|addr| {
+            let replicas = map
+                .masters
+                .iter()
+                .find(|m| &m.addr == addr)
+                .map_or(0, |m| m.replicas);
+            (replicas > 0).then_some(async move {
+                let mut conn = self.node(addr).await?;
+                let acknowledged: usize = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(REPLICA_WAIT.as_millis() as u64)
+                    .query_async(&mut conn)
+                    .await
+                    .inspect_err(|e| self.failed(addr, e))?;
+                if acknowledged < replicas {
+                    self.shared.stale.store(true, Ordering::Relaxed);
+                    return Err(RedisError::from((
+                        ErrorKind::ClusterConnectionNotFound,
+                        "a replica did not acknowledge the batch",
+                        format!(
+                            "{}:{}: {acknowledged} of {replicas} replicas within {REPLICA_WAIT:?}",
+                            addr.0, addr.1
+                        ),
+                    )));
+                }
+                Ok(())
+            })
+        });
+        futures_util::future::try_join_all(waits).await.map(|_| ())
+    }
+}
+
+/// Sends `pipe` (atomic) on `conn`; fails if any command in it failed.
+async fn exec(conn: &mut MultiplexedConnection, pipe: &Pipeline) -> RedisResult<()> {
+    // Skip the replies to MULTI and each queued command; keep EXEC's.
+    let queued = pipe.cmd_iter().count();
+    let replies = conn.req_packed_commands(pipe, queued + 1, 1).await?;
+    match replies.into_iter().next() {
+        Some(Value::Array(results)) => {
+            for result in results {
+                result.extract_error()?;
+            }
+            Ok(())
+        }
+        Some(other) => other.extract_error().and_then(|other| {
+            Err(RedisError::from((
+                ErrorKind::Io,
+                "the cluster aborted a transaction",
+                format!("{other:?}"),
+            )))
+        }),
+        None => Err((ErrorKind::Io, "no reply to a transaction").into()),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Redirect {
+    /// The slot has a new owner.
+    Moved,
+    /// The key is (or is to be) at this node, which is importing the slot.
+    Ask(Addr),
+    /// A multi-key command's keys are split by a migration.
+    TryAgain,
+}
+
+/// The redirection `error` (or a command of an aborted transaction)
+/// carries, if any.
+fn redirection(error: &RedisError) -> Option<Redirect> {
+    let errors = error.clone().into_server_errors()?;
+    let mut found = None;
+    for (_, server_error) in errors.iter() {
+        let redirect = match server_error.kind() {
+            Some(ServerErrorKind::Moved) => Redirect::Moved,
+            Some(ServerErrorKind::TryAgain) => Redirect::TryAgain,
+            Some(ServerErrorKind::Ask) => match server_error.details().and_then(ask_target) {
+                Some(addr) => Redirect::Ask(addr),
+                None => continue,
+            },
+            _ => continue,
+        };
+        // MOVED wins: the map is out of date for the whole transaction.
+        if redirect == Redirect::Moved {
+            return Some(Redirect::Moved);
+        }
+        found.get_or_insert(redirect);
+    }
+    found
+}
+
+/// `host:port` from an ASK's details (`3999 127.0.0.1:6381`).
+fn ask_target(details: &str) -> Option<Addr> {
+    let (host, port) = details.split_whitespace().nth(1)?.rsplit_once(':')?;
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+fn too_many_redirects(slot: u16) -> RedisError {
+    RedisError::from((
+        ErrorKind::ClusterConnectionNotFound,
+        "too many redirections",
+        format!("slot {slot} kept moving"),
+    ))
+}
+
+/// The key a command routes by: `None` for the commands without one that
+/// this program sends (they may run on any master).
+fn key_of(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(bytes) => bytes,
+        _ => &b""[..],
+    });
+    let name = args.next()?.to_ascii_uppercase();
+    match name.as_slice() {
+        b"PING" | b"INFO" | b"CLUSTER" | b"FUNCTION" | b"SCRIPT" | b"PUBLISH" | b"SCAN"
+        | b"WAIT" | b"CONFIG" | b"DBSIZE" | b"CLIENT" | b"ACL" | b"TIME" | b"MULTI" | b"EXEC" => {
+            None
+        }
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
+            let numkeys = args.nth(1)?;
+            (numkeys != b"0").then(|| args.next()).flatten()
+        }
+        _ => args.next(),
+    }
+}
+
+/// Reads a `CLUSTER SLOTS` reply. A node listed with an empty host is the
+/// one that answered (`asked_host`).
+fn parse_slots(reply: &Value, asked_host: &str) -> Result<SlotMap, String> {
+    let Value::Array(ranges) = reply else {
+        return Err(format!("not an array: {reply:?}"));
+    };
+    let mut map = SlotMap {
+        owner: vec![None; usize::from(SLOTS)],
+        ..SlotMap::default()
+    };
+    let node = |value: &Value| -> Result<Addr, String> {
+        let Value::Array(fields) = value else {
+            return Err(format!("a node is not an array: {value:?}"));
+        };
+        let host = match fields.first() {
+            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(Value::SimpleString(host)) => host.clone(),
+            other => return Err(format!("a node's host: {other:?}")),
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked_host.to_string()
+        } else {
+            host
+        };
+        match fields.get(1) {
+            Some(Value::Int(port)) => u16::try_from(*port)
+                .map(|port| (host, port))
+                .map_err(|_| format!("a node's port: {port}")),
+            other => Err(format!("a node's port: {other:?}")),
+        }
+    };
+    let mut parsed = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return Err(format!("a slot range is not an array: {range:?}"));
+        };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(master)) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            return Err(format!("a slot range: {fields:?}"));
+        };
+        if !(0..i64::from(SLOTS)).contains(start) || !(*start..i64::from(SLOTS)).contains(end) {
+            return Err(format!("slots {start}-{end} out of range"));
+        }
+        let replicas = fields[3..]
+            .iter()
+            .map(node)
+            .collect::<Result<Vec<_>, _>>()?;
+        parsed.push((*start as usize..=*end as usize, node(master)?, replicas));
+    }
+    for (_, master, replicas) in &parsed {
+        if !map.masters.iter().any(|m| &m.addr == master) {
+            map.masters.push(Master {
+                addr: master.clone(),
+                replicas: replicas.len(),
+            });
+        }
+        for addr in std::iter::once(master).chain(replicas) {
+            if !map.nodes.contains(addr) {
+                map.nodes.push(addr.clone());
+            }
+        }
+    }
+    map.masters.sort_by(|a, b| a.addr.cmp(&b.addr));
+    for (slots, master, _) in parsed {
+        let index = map.masters.iter().position(|m| m.addr == master);
+        for slot in slots {
+            map.owner[slot] = index.map(|i| i as u16);
+        }
+    }
+    Ok(map)
+}
+
+impl ConnectionLike for ClusterConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { self.command(cmd).await })
+    }
+
+    /// A pipeline through this generic path goes to one node: the one
+    /// serving its first key's slot (any master when it has no key), so
+    /// its keys must share a slot. The sink's batches use
+    /// [`ClusterConn::transaction`] instead.
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let slot = pipeline.cmd_iter().find_map(key_of).map(slot_of);
+            for _ in 0..MAX_REDIRECTS {
+                let (addr, generation) = match slot {
+                    Some(slot) => self.owner(slot).await?,
+                    None => self.any_master().await?,
+                };
+                let result = match self.node(&addr).await {
+                    Ok(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(values) => return Ok(values),
+                    Err(error) if redirection(&error).is_some() => self.refresh(generation).await?,
+                    Err(error) => {
+                        self.failed(&addr, &error);
+                        return Err(error);
+                    }
+                }
+            }
+            Err(too_many_redirects(slot.unwrap_or_default()))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"id".to_vec()),
+        ])
+    }
+
+    #[test]
+    fn the_slot_map_is_read_from_cluster_slots() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node("127.0.0.1", 30002),
+                node("127.0.0.1", 30005),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("", 30001),
+                node("127.0.0.1", 30004),
+            ]),
+            Value::Array(vec![
+                Value::Int(10923),
+                Value::Int(16383),
+                node("127.0.0.1", 30003),
+            ]),
+        ]);
+        let map = parse_slots(&reply, "10.0.0.9").expect("parsed");
+        let addr = |host: &str, port: u16| (host.to_string(), port);
+        assert_eq!(
+            map.masters,
+            vec![
+                Master {
+                    addr: addr("10.0.0.9", 30001),
+                    replicas: 1
+                },
+                Master {
+                    addr: addr("127.0.0.1", 30002),
+                    replicas: 1
+                },
+                Master {
+                    addr: addr("127.0.0.1", 30003),
+                    replicas: 0
+                },
+            ]
+        );
+        assert_eq!(map.owner_of(0).map(|m| m.addr.1), Some(30001));
+        assert_eq!(map.owner_of(5461).map(|m| m.addr.1), Some(30002));
+        assert_eq!(map.owner_of(16383).map(|m| m.addr.1), Some(30003));
+        assert_eq!(map.nodes.len(), 5);
+        assert!(parse_slots(&Value::Int(1), "h").is_err());
+        let bad = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(20000),
+            node("h", 1),
+        ])]);
+        assert!(parse_slots(&bad, "h").is_err());
+    }
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Known values (redis-cli CLUSTER KEYSLOT).
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+    }
+
+    #[test]
+    fn commands_route_by_their_key() {
+        let mut get = redis::cmd("GET");
+        get.arg("k");
+        assert_eq!(key_of(&get), Some(&b"k"[..]));
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg("sha").arg(2).arg("a").arg("b");
+        assert_eq!(key_of(&evalsha), Some(&b"a"[..]));
+        let mut keyless = redis::cmd("FCALL");
+        keyless.arg("f").arg(0);
+        assert_eq!(key_of(&keyless), None);
+        let mut publish = redis::cmd("publish");
+        publish.arg("channel").arg("m");
+        assert_eq!(key_of(&publish), None);
+    }
+
+    #[test]
+    fn redirections_are_read_from_errors() {
+        assert_eq!(
+            ask_target("3999 127.0.0.1:6381"),
+            Some(("127.0.0.1".to_string(), 6381))
+        );
+        assert_eq!(ask_target("3999"), None);
+    }
+}
