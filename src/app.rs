@@ -139,7 +139,8 @@ async fn start_and_run(
         Arc::clone(&health),
     )
     .await
-    .map_err(sink_stopped)?;
+    .map_err(sink_stopped)?
+    .with_sharded_events(config.redis.sharded_events);
     let info_every = config.redis.info_interval.0;
     if !info_every.is_zero() {
         tasks.spawn(server::watch(
@@ -353,10 +354,7 @@ async fn feed_events(
 ) {
     use futures_util::StreamExt;
     loop {
-        if let Ok(stream) =
-            crate::sink::events::subscribe(&redis.url, redis.ca_cert.as_deref(), &redis.channel)
-                .await
-        {
+        if let Ok(stream) = crate::sink::events::subscribe(&redis).await {
             let mut stream = std::pin::pin!(stream);
             loop {
                 tokio::select! {

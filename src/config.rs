@@ -269,6 +269,12 @@ pub struct RedisConfig {
     /// More cluster nodes to start from, when `url`'s is down.
     #[serde(default)]
     pub nodes: Vec<SecretUrl>,
+    /// Events go out with `SPUBLISH` (Redis 7 sharded pub/sub: on a
+    /// cluster only the channel's shard carries them) instead of
+    /// `PUBLISH` (every node of a cluster carries every message).
+    /// Subscribers then use `SSUBSCRIBE`.
+    #[serde(default)]
+    pub sharded_events: bool,
 }
 
 impl RedisConfig {

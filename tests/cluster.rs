@@ -531,3 +531,58 @@ async fn a_batch_is_confirmed_only_once_the_replicas_have_it() {
     })
     .await;
 }
+
+/// With `sharded_events`, events go out with SPUBLISH: `events` (which
+/// subscribes with SSUBSCRIBE at the master serving the channel's slot)
+/// receives them, and a plain SUBSCRIBE on any node receives nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn sharded_events_reach_the_channel_s_shard_only() {
+    let (mut env, cluster) = tokio::join!(TestEnv::start(5), RedisCluster::start());
+    env.redis_url_override = Some(cluster.url());
+    env.redis_extra = "cluster = true\nsharded_events = true".to_string();
+    env.write_config("");
+    env.setup();
+    let _daemon = env.daemon().await;
+    let mut plain = redis::Client::open(cluster.urls()[1].as_str())
+        .expect("url")
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    plain
+        .subscribe("cache-invalidation")
+        .await
+        .expect("subscribe");
+    let tail = crate::verbs::spawn_events(&env, &["--json", "--count", "1"]);
+    let pg = env.pg.client().await;
+    let tailed = async {
+        // Until the tail has subscribed and seen one.
+        let mut tail = Some(tail);
+        loop {
+            pg.execute("update public.profiles set bio = bio || '.'", &[])
+                .await
+                .expect("update");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if tail
+                .as_mut()
+                .and_then(|t| t.try_wait().expect("wait"))
+                .is_some()
+            {
+                return crate::verbs::finished(tail.take().expect("tail")).await;
+            }
+        }
+    };
+    let printed = tokio::time::timeout(Duration::from_secs(30), tailed)
+        .await
+        .expect("events printed a sharded event");
+    assert!(
+        printed.contains("\"table\":\"public.profiles\""),
+        "{printed}"
+    );
+    let mut messages = plain.on_message();
+    let plain_got = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
+    assert!(
+        plain_got.is_err(),
+        "a plain subscriber got an event: {:?}",
+        plain_got.ok().flatten().map(|m| m.get_payload::<String>())
+    );
+}

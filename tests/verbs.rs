@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::invalidation::users;
 use crate::support::{daemon_bin, preset, surviving, TestEnv};
 
-fn spawn_events(env: &TestEnv, args: &[&str]) -> std::process::Child {
+pub(crate) fn spawn_events(env: &TestEnv, args: &[&str]) -> std::process::Child {
     Command::new(daemon_bin())
         .arg("events")
         .args(args)
@@ -21,7 +21,7 @@ fn spawn_events(env: &TestEnv, args: &[&str]) -> std::process::Child {
 }
 
 /// Waits for `child` to exit (it stops after --count events); its stdout.
-async fn finished(mut child: std::process::Child) -> String {
+pub(crate) async fn finished(mut child: std::process::Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().expect("wait") {

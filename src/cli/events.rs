@@ -29,11 +29,9 @@ pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
             "redis.channel is empty: events are off; set a channel (default \"cache-invalidation\") and restart the daemon".to_string(),
         ]));
     }
-    let stream = events::subscribe(&redis.url, redis.ca_cert.as_deref(), &redis.channel)
-        .await
-        .map_err(|e| {
-            Failure::runtime(format!("cannot subscribe at {}: {e}", redis.url.redacted()))
-        })?;
+    let stream = events::subscribe(redis).await.map_err(|e| {
+        Failure::runtime(format!("cannot subscribe at {}: {e}", redis.url.redacted()))
+    })?;
     let glob = args.key.as_deref().map(WildMatch::new);
     eprintln!(
         "listening on {} channel {:?} (Ctrl-C to stop)",

@@ -19,7 +19,10 @@ use crate::sink::position;
 /// channel (the status page's recent events), flushes (SCAN), the
 /// lease functions it loads for readers (FUNCTION LOAD and LIST, SCRIPT
 /// LOAD and EVALSHA where functions are missing), health (PING, INFO), and
-/// what the client library sends on connect (HELLO, SELECT). `CLIENT
+/// what the client library sends on connect (HELLO, SELECT); sharded
+/// events (SPUBLISH, SSUBSCRIBE), and on a Redis Cluster the slot map
+/// (CLUSTER SLOTS), each master's replicas (ROLE), their acknowledgement
+/// (WAIT) and a migrating slot's redirection (ASKING). `CLIENT
 /// SETINFO`, which it also sends, is left out: Redis 7.0 does not know it
 /// (an ACL file naming it does not load there), and the client library
 /// ignores its refusal.
@@ -30,6 +33,8 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "del",
     "publish",
     "subscribe",
+    "spublish",
+    "ssubscribe",
     "multi",
     "exec",
     "scan",
@@ -40,6 +45,10 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "function|list",
     "ping",
     "info",
+    "cluster|slots",
+    "role",
+    "wait",
+    "asking",
     "hello",
     "select",
 ];

@@ -179,6 +179,11 @@ impl ClusterConn {
         Ok(self.map().masters.iter().map(|m| m.addr.clone()).collect())
     }
 
+    /// The master serving `key`'s slot now.
+    pub async fn owner_of_key(&self, key: &[u8]) -> RedisResult<Addr> {
+        self.owner(slot_of(key)).await.map(|(addr, _)| addr)
+    }
+
     /// The connection to `addr`, opened if there is none.
     pub async fn node(&self, addr: &Addr) -> RedisResult<MultiplexedConnection> {
         if let Some(conn) = self.nodes().get(addr) {

@@ -43,26 +43,98 @@ pub fn event_json(item: &Item) -> String {
     serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"))
 }
 
-/// The events published on `channel`, as they arrive (JSON text each),
-/// for `events`. Ends when the connection does.
+/// The command that announces `payload` on `channel`: `SPUBLISH` when
+/// `sharded`, else `PUBLISH`.
+pub fn publish(channel: &str, sharded: bool, payload: String) -> redis::Cmd {
+    let mut cmd = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
+    cmd.arg(channel).arg(payload);
+    cmd
+}
+
+/// The events published on the configured channel, as they arrive (JSON
+/// text each), for `events` and the status page. Ends when the connection
+/// does. Sharded events are read with `SSUBSCRIBE` from the node that
+/// serves the channel's slot (on a cluster: its master now; a slot that
+/// moves ends the stream, and the caller subscribes again).
 pub async fn subscribe(
-    url: &crate::secret::SecretUrl,
-    ca_cert: Option<&std::path::Path>,
-    channel: &str,
-) -> Result<impl futures_util::Stream<Item = String>, String> {
+    redis: &crate::config::RedisConfig,
+) -> Result<futures_util::stream::BoxStream<'static, String>, String> {
     use futures_util::StreamExt;
-    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
-    let mut pubsub = client
-        .get_async_pubsub()
+    let url = &redis.url;
+    let scrub = |e: redis::RedisError| url.scrub(&e.to_string());
+    if !redis.sharded_events {
+        let client = super::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?;
+        let mut pubsub = client.get_async_pubsub().await.map_err(scrub)?;
+        pubsub.subscribe(&redis.channel).await.map_err(scrub)?;
+        return Ok(pubsub
+            .into_on_message()
+            .map(|message| message.get_payload::<String>().unwrap_or_default())
+            .boxed());
+    }
+    let client = match redis.cluster_seeds() {
+        None => super::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?,
+        Some(seeds) => {
+            let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
+            let timeout = std::time::Duration::from_secs(10);
+            let cluster = super::cluster::ClusterConn::connect(&seeds, timeout, timeout)
+                .await
+                .map_err(scrub)?;
+            let owner = cluster
+                .owner_of_key(redis.channel.as_bytes())
+                .await
+                .map_err(scrub)?;
+            let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
+                .map_err(scrub)?
+                .set_addr(redis::ConnectionAddr::Tcp(owner.0, owner.1));
+            redis::Client::open(info).map_err(scrub)?
+        }
+    };
+    // The async pub/sub of the redis crate has no SSUBSCRIBE: a blocking
+    // connection on a thread of its own reads the messages.
+    let channel = redis.channel.clone();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(1024);
+    std::thread::spawn(move || {
+        let subscribed = client.get_connection().and_then(|mut conn| {
+            let reply = redis::cmd("SSUBSCRIBE")
+                .arg(&channel)
+                .query::<redis::Value>(&mut conn)?;
+            reply.extract_error()?;
+            Ok(conn)
+        });
+        let mut conn = match subscribed {
+            Ok(conn) => {
+                let _ = ready_tx.send(Ok(()));
+                conn
+            }
+            Err(error) => {
+                let _ = ready_tx.send(Err(error));
+                return;
+            }
+        };
+        while let Ok(redis::Value::Array(message)) = conn.recv_response() {
+            // ["smessage", channel, payload]
+            if let [redis::Value::BulkString(kind), _, redis::Value::BulkString(payload)] =
+                message.as_slice()
+            {
+                if kind == b"smessage"
+                    && tx
+                        .blocking_send(String::from_utf8_lossy(payload).into_owned())
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    ready_rx
         .await
-        .map_err(|e| url.scrub(&e.to_string()))?;
-    pubsub
-        .subscribe(channel)
-        .await
-        .map_err(|e| url.scrub(&e.to_string()))?;
-    Ok(pubsub
-        .into_on_message()
-        .map(|message| message.get_payload::<String>().unwrap_or_default()))
+        .map_err(|_| "the subscriber thread ended".to_string())?
+        .map_err(scrub)?;
+    Ok(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|payload| (payload, rx))
+    })
+    .boxed())
 }
 
 #[cfg(test)]

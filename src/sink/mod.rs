@@ -42,7 +42,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use self::cluster::ClusterConn;
 use self::conn::Conn;
-use redis::{AsyncCommands, RedisError};
+use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::time::pg_micros_to_unix_seconds;
@@ -159,6 +159,8 @@ pub struct RedisSink {
     position_key: Option<String>,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
+    /// Events go out with `SPUBLISH` (`redis.sharded_events`).
+    sharded_events: bool,
     /// After shutdown is requested a failing batch gets only a few more
     /// attempts (see [`Retry`]).
     cancel: CancellationToken,
@@ -248,10 +250,17 @@ impl RedisSink {
             logged: Vec::new(),
             position_key: None,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
+            sharded_events: false,
             cancel,
             stats: SinkStats::default(),
             health,
         })
+    }
+
+    /// Announces with `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`.
+    pub fn with_sharded_events(mut self, sharded: bool) -> RedisSink {
+        self.sharded_events = sharded;
+        self
     }
 
     /// Records the applied position of `slot` with every acknowledged
@@ -458,7 +467,10 @@ impl RedisSink {
             if run > 0 {
                 let request = requests::row_request(
                     &rest[..run],
-                    self.channel.as_deref(),
+                    self.channel.as_deref().map(|channel| requests::Events {
+                        channel,
+                        sharded: self.sharded_events,
+                    }),
                     self.conn.is_cluster(),
                 );
                 let mut shards = request.shards;
@@ -542,7 +554,8 @@ impl RedisSink {
             }
         }
         if let Some(channel) = &self.channel {
-            let _: () = self.conn.publish(channel, events::event_json(item)).await?;
+            let publish = events::publish(channel, self.sharded_events, events::event_json(item));
+            let _: () = publish.query_async(&mut self.conn).await?;
         }
         Ok(removed)
     }

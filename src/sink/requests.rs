@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use crate::ops::{CacheOp, Item};
 use crate::sink::cluster::slot_of;
-use crate::sink::events::event_json;
+use crate::sink::events::{event_json, publish};
 use crate::sink::scripts;
 
 /// The requests for one run of row operations.
@@ -27,9 +27,18 @@ pub struct RowRequest {
     pub events: Option<redis::Pipeline>,
 }
 
+/// Where the events of a request go.
+#[derive(Clone, Copy)]
+pub struct Events<'a> {
+    /// The pub/sub channel.
+    pub channel: &'a str,
+    /// `SPUBLISH` instead of `PUBLISH`.
+    pub sharded: bool,
+}
+
 /// The requests for `items` (none of them a flush); `by_slot` splits them
 /// by hash slot for a cluster.
-pub fn row_request(items: &[Item], channel: Option<&str>, by_slot: bool) -> RowRequest {
+pub fn row_request(items: &[Item], events: Option<Events>, by_slot: bool) -> RowRequest {
     let mut shards = Shards::new(by_slot);
     for item in items {
         match &item.op {
@@ -73,20 +82,21 @@ pub fn row_request(items: &[Item], channel: Option<&str>, by_slot: bool) -> RowR
             (shard.slot, shard.pipe)
         })
         .collect();
-    let mut events = None;
-    if let Some(channel) = channel {
+    let mut apart = None;
+    if let Some(Events { channel, sharded }) = events {
         let pipe = if by_slot {
-            events.insert(redis::pipe())
+            apart.insert(redis::pipe())
         } else {
             &mut pipes[0].1
         };
         for item in items {
-            pipe.publish(channel, event_json(item)).ignore();
+            pipe.add_command(publish(channel, sharded, event_json(item)))
+                .ignore();
         }
     }
     RowRequest {
         shards: pipes,
-        events,
+        events: apart,
     }
 }
 
@@ -219,6 +229,13 @@ mod tests {
         }
     }
 
+    fn events() -> Events<'static> {
+        Events {
+            channel: "ch",
+            sharded: false,
+        }
+    }
+
     fn commands(pipe: &redis::Pipeline) -> Vec<String> {
         pipe.cmd_iter()
             .map(|c| {
@@ -251,7 +268,7 @@ mod tests {
             ttl_secs: 60,
         });
         let items = [delete("a"), delete("b"), refresh, delete("c")];
-        let request = row_request(&items, Some("ch"), false);
+        let request = row_request(&items, Some(events()), false);
         assert_eq!(request.shards.len(), 1);
         assert!(request.events.is_none());
         assert_eq!(
@@ -273,7 +290,7 @@ mod tests {
         };
         // {u1} and {u2} hash to different slots; keys with one tag share one.
         let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
-        let request = row_request(&items, Some("ch"), true);
+        let request = row_request(&items, Some(events()), true);
         assert_eq!(request.shards.len(), 2);
         for (slot, shard) in &request.shards {
             assert!(slot.is_some());
