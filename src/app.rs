@@ -146,6 +146,7 @@ async fn start_and_run(
         tasks.spawn(server::watch(
             config.redis.url.clone(),
             config.redis.ca_cert.clone(),
+            sink.cluster(),
             info_every,
             cancel.clone(),
         ));

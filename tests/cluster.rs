@@ -86,10 +86,15 @@ async fn sync(env: &TestEnv, conn: &mut ClusterConnection) {
 
 /// Keys spread over every master are invalidated by one multi-row
 /// transaction (one atomic pipeline per hash slot), and its events reach a
-/// subscriber on any node (PUBLISH is cluster-wide).
+/// subscriber on any node (PUBLISH is cluster-wide). Every master's `INFO`
+/// shows in the metrics.
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_on_every_master_are_invalidated_and_announced() {
-    let (mut env, cluster) = cluster_env(20, "").await;
+    let (mut env, cluster) = tokio::join!(TestEnv::start(20), RedisCluster::start());
+    env.redis_url_override = Some(cluster.url());
+    env.redis_extra = "cluster = true\ninfo_interval = \"1s\"".to_string();
+    env.write_config("");
+    env.setup();
     let _daemon = env.daemon().await;
     let mut conn = cluster.conn().await;
     let keys = balance_keys(&env).await;
@@ -125,6 +130,21 @@ async fn keys_on_every_master_are_invalidated_and_announced() {
         if payload.contains("\"table\":\"public.user_tokens\"") {
             updates += 1;
         }
+    }
+    for port in cluster.master_ports().await {
+        let series = format!("pgci_redis_memory_used_bytes{{target=\"127.0.0.1:{port}\"}}");
+        let port = env.http_port;
+        wait_for("every master's INFO", Duration::from_secs(10), || {
+            let series = series.clone();
+            async move {
+                let text = crate::support::http_get(port, "/metrics")
+                    .await
+                    .map(|(_, text)| text)
+                    .unwrap_or_default();
+                crate::support::metric(&text, &series).is_some_and(|n| n > 0.0)
+            }
+        })
+        .await;
     }
 }
 

@@ -257,6 +257,15 @@ impl RedisSink {
         })
     }
 
+    /// The cluster this sink writes to, if it is one (its `INFO` is read
+    /// master by master).
+    pub fn cluster(&self) -> Option<ClusterConn> {
+        match &self.conn {
+            Conn::Cluster(cluster) => Some(cluster.clone()),
+            _ => None,
+        }
+    }
+
     /// Announces with `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`.
     pub fn with_sharded_events(mut self, sharded: bool) -> RedisSink {
         self.sharded_events = sharded;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::ClusterConn;
 use crate::secret::SecretUrl;
 use crate::telemetry::metrics as m;
 
@@ -194,12 +195,14 @@ pub fn target_label(url: &SecretUrl) -> String {
     url.host_port()
 }
 
-/// Exports the server's `INFO` every `every` until cancelled; logs the
-/// plan's warnings once at the first read, and once what the server does
-/// not report.
+/// Reads `INFO` every `every` into metrics labelled by `target`
+/// (`host:port`), and logs the caching plan's warnings once per server. On
+/// a cluster, every master is read (the list is read again each time: a
+/// failover or a new master shows).
 pub async fn watch(
     url: SecretUrl,
     ca_cert: Option<std::path::PathBuf>,
+    cluster: Option<ClusterConn>,
     every: Duration,
     cancel: CancellationToken,
 ) {
@@ -207,35 +210,57 @@ pub async fn watch(
     let Ok(client) = super::client(&url, ca_cert.as_deref()) else {
         return;
     };
-    let target = target_label(&url);
-    let mut conn = None;
-    let mut warned = false;
+    let mut single = None;
+    let mut warned = std::collections::HashSet::new();
     let mut failing = false;
     loop {
-        if conn.is_none() {
-            conn = client.get_multiplexed_async_connection().await.ok();
-        }
-        if let Some(c) = conn.as_mut() {
-            match read(c).await {
+        let mut servers = Vec::new();
+        let listed = match &cluster {
+            None => {
+                if single.is_none() {
+                    single = client.get_multiplexed_async_connection().await.ok();
+                }
+                servers.extend(single.clone().map(|c| (target_label(&url), c)));
+                Ok(())
+            }
+            Some(cluster) => match cluster.masters().await {
+                Ok(masters) => {
+                    for addr in masters {
+                        if let Ok(conn) = cluster.node(&addr).await {
+                            servers.push((format!("{}:{}", addr.0, addr.1), conn));
+                        }
+                    }
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            },
+        };
+        let mut result = listed;
+        for (target, mut conn) in servers {
+            match read(&mut conn).await {
                 Ok(info) => {
-                    failing = false;
                     info.export(&target);
-                    if !warned {
-                        warned = true;
+                    if warned.insert(target.clone()) {
                         for warning in info.warnings() {
-                            tracing::warn!(warning = %warning, "redis settings");
+                            tracing::warn!(warning = %warning, target, "redis settings");
                         }
                         if info.save_schedule.is_none() {
-                            tracing::info!("redis refuses CONFIG GET save: whether it takes RDB snapshots is not known (pgci_redis_rdb_last_save_timestamp_seconds still shows the last one)");
+                            tracing::info!(target, "redis refuses CONFIG GET save: whether it takes RDB snapshots is not known (pgci_redis_rdb_last_save_timestamp_seconds still shows the last one)");
                         }
                     }
                 }
                 Err(error) => {
-                    if !failing {
-                        failing = true;
-                        tracing::warn!(error = %url.scrub(&error.to_string()), "cannot read redis INFO; its metrics are stale until it answers");
-                    }
-                    conn = None;
+                    single = None;
+                    result = Err(error);
+                }
+            }
+        }
+        match result {
+            Ok(()) => failing = false,
+            Err(error) => {
+                if !failing {
+                    failing = true;
+                    tracing::warn!(error = %url.scrub(&error.to_string()), "cannot read redis INFO; its metrics are stale until it answers");
                 }
             }
         }
