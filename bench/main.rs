@@ -25,7 +25,7 @@ use pg_cache_invalidator::plan::Planner;
 use pg_cache_invalidator::source::replication::ReplicationSource;
 use pg_cache_invalidator::source::Event;
 use pg_cache_invalidator::telemetry::health::Health;
-use pgci_test_support::{pg_bin, preset, Daemon, TestEnv};
+use pgci_test_support::{pg_bin, Daemon, RedisCluster, TestEnv};
 
 struct Args {
     changes: u64,
@@ -35,7 +35,8 @@ struct Args {
     seconds: u64,
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
-    /// outbox-live, outbox-poll, capture, memory.
+    /// outbox-live, outbox-poll, capture, memory, cluster-drain,
+    /// cluster-live.
     only: Vec<String>,
 }
 
@@ -125,7 +126,7 @@ async fn write_backlog(client: &tokio_postgres::Client, changes: u64, per_txn: u
 
 /// Creates a slot and records its start in Redis, as `setup` does, so the
 /// daemon does not flush every key on its first start from it.
-async fn create_slot(env: &TestEnv, client: &tokio_postgres::Client, name: &str) {
+async fn create_slot(env: &TestEnv, client: &tokio_postgres::Client, name: &str) -> String {
     let start: String = client
         .query_one(
             "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -137,10 +138,11 @@ async fn create_slot(env: &TestEnv, client: &tokio_postgres::Client, name: &str)
     let mut redis = env.redis.conn().await;
     let _: () = redis::cmd("SET")
         .arg(format!("pgci:position:{name}"))
-        .arg(start)
+        .arg(&start)
         .query_async(&mut redis)
         .await
         .expect("record the slot's start");
+    start
 }
 
 /// Inserts a sentinel row (the harness's sentinel rule watches pillars); returns its key and the WAL
@@ -185,8 +187,8 @@ fn recvlogical(env: &TestEnv, slot: &str, endpos: &str) -> Duration {
     started.elapsed()
 }
 
-async fn wait_gone(
-    redis: &mut redis::aio::MultiplexedConnection,
+async fn wait_gone<C: redis::aio::ConnectionLike>(
+    redis: &mut C,
     key: &str,
     limit: Duration,
 ) -> bool {
@@ -208,8 +210,9 @@ async fn wait_gone(
 /// Runs the daemon on `slot` until the sentinel key is gone; also returns
 /// when the slot's confirmed position reached `endpos` (what a synchronous
 /// waiter and `pg_replication_slots` see), if it did within 30 s.
-async fn daemon_drain(
+async fn daemon_drain<C: redis::aio::ConnectionLike>(
     env: &mut TestEnv,
+    mut redis: C,
     slot: &str,
     sentinel: &str,
     endpos: &str,
@@ -217,8 +220,12 @@ async fn daemon_drain(
     env.write_config(&format!(
         "[replication]\nslot = \"{slot}\"\nheartbeat_interval = \"0s\"\n"
     ));
-    let mut redis = env.redis.conn().await;
-    preset(&mut redis, &[sentinel.to_string()]).await;
+    let _: () = redis::cmd("SET")
+        .arg(sentinel)
+        .arg("cached")
+        .query_async(&mut redis)
+        .await
+        .expect("preset the sentinel");
     let client = env.pg.client().await;
     let started = Instant::now();
     let daemon = env.spawn_daemon();
@@ -362,7 +369,9 @@ async fn drain(args: &Args, per_txn: u64) -> DrainResult {
         } else {
             format!("daemon_{r}")
         };
-        let (took, confirmed, mut daemon) = daemon_drain(&mut env, &slot, &sentinel, &endpos).await;
+        let redis = env.redis.conn().await;
+        let (took, confirmed, mut daemon) =
+            daemon_drain(&mut env, redis, &slot, &sentinel, &endpos).await;
         let _ = daemon.terminate().await;
         let confirmed_rate = confirmed.map_or(f64::NAN, |c| args.changes as f64 / c.as_secs_f64());
         result.confirmed.push(confirmed_rate);
@@ -392,6 +401,51 @@ async fn drain(args: &Args, per_txn: u64) -> DrainResult {
     result
 }
 
+/// The same backlog of 1-row transactions drained into one Redis and into
+/// a 3-master, 3-replica Redis Cluster, runs alternating; rows/s of each.
+async fn cluster_drain(args: &Args) -> (Vec<f64>, Vec<f64>) {
+    let (mut env, cluster) = tokio::join!(TestEnv::start(50_000), RedisCluster::start());
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    let mut on_cluster = cluster.conn().await;
+    for r in 0..args.runs {
+        create_slot(&env, &client, &format!("single_{r}")).await;
+        let name = format!("cluster_{r}");
+        let start = create_slot(&env, &client, &name).await;
+        let _: () = redis::cmd("SET")
+            .arg(format!("pgci:position:{name}"))
+            .arg(start)
+            .query_async(&mut on_cluster)
+            .await
+            .expect("record the slot's start on the cluster");
+    }
+    write_backlog(&client, args.changes, 1, rows).await;
+    let (sentinel, endpos) = touch_sentinel(&env).await;
+    let (mut single, mut clustered) = (Vec::new(), Vec::new());
+    for r in 0..args.runs {
+        let redis = env.redis.conn().await;
+        let (took, _, mut daemon) =
+            daemon_drain(&mut env, redis, &format!("single_{r}"), &sentinel, &endpos).await;
+        let _ = daemon.terminate().await;
+        single.push(args.changes as f64 / took.as_secs_f64());
+        env.redis_url_override = Some(cluster.url());
+        env.redis_extra = "cluster = true".to_string();
+        let redis = cluster.conn().await;
+        let (took_cluster, _, mut daemon) =
+            daemon_drain(&mut env, redis, &format!("cluster_{r}"), &sentinel, &endpos).await;
+        let _ = daemon.terminate().await;
+        env.redis_url_override = None;
+        env.redis_extra = String::new();
+        clustered.push(args.changes as f64 / took_cluster.as_secs_f64());
+        eprintln!(
+            "  run {r}: one redis {took:?} ({:.0} rows/s), cluster {took_cluster:?} ({:.0} rows/s)",
+            single[r], clustered[r]
+        );
+    }
+    (single, clustered)
+}
+
 struct LatencyResult {
     target: u64,
     achieved: f64,
@@ -419,8 +473,22 @@ enum Capture {
     OutboxPolling,
 }
 
-async fn live_latency(args: &Args, capture: Capture, rates: &[u64]) -> Vec<LatencyResult> {
+async fn live_latency(
+    args: &Args,
+    capture: Capture,
+    rates: &[u64],
+    cluster: bool,
+) -> Vec<LatencyResult> {
     let mut env = TestEnv::start(50_000).await;
+    let cluster = if cluster {
+        let cluster = RedisCluster::start().await;
+        env.redis_url_override = Some(cluster.url());
+        env.redis_extra = "cluster = true".to_string();
+        env.write_config("");
+        Some(cluster)
+    } else {
+        None
+    };
     let outbox = match capture {
         Capture::Replication => "",
         Capture::Outbox => "[outbox]\n",
@@ -453,7 +521,9 @@ async fn live_latency(args: &Args, capture: Capture, rates: &[u64]) -> Vec<Laten
     }
 
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let pubsub_client = redis::Client::open(env.redis.url()).expect("client");
+    // PUBLISH reaches every node of a cluster.
+    let events_url = cluster.as_ref().map_or(env.redis.url(), |c| c.url());
+    let pubsub_client = redis::Client::open(events_url).expect("client");
     let mut pubsub = pubsub_client.get_async_pubsub().await.expect("pubsub");
     pubsub
         .subscribe("cache-invalidation")
@@ -682,8 +752,9 @@ async fn memory(args: &Args) -> (f64, f64, f64, Duration) {
     let rows = number_rows(&client).await;
     write_backlog(&client, args.memory_changes, 1000, rows).await;
     let (sentinel, endpos) = touch_sentinel(&env).await;
+    let redis = env.redis.conn().await;
     let (took, _, mut daemon) =
-        daemon_drain(&mut env, "pg_cache_invalidator", &sentinel, &endpos).await;
+        daemon_drain(&mut env, redis, "pg_cache_invalidator", &sentinel, &endpos).await;
     let pid = daemon.pid().expect("pid");
     let peak = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -718,19 +789,31 @@ async fn main() {
     }
     let live = if args.wants("live") {
         eprintln!("live latency");
-        live_latency(&args, Capture::Replication, &args.rates).await
+        live_latency(&args, Capture::Replication, &args.rates, false).await
     } else {
         Vec::new()
     };
     let outbox_live = if args.wants("outbox-live") {
         eprintln!("live latency through the outbox");
-        live_latency(&args, Capture::Outbox, &[1_000]).await
+        live_latency(&args, Capture::Outbox, &[1_000], false).await
     } else {
         Vec::new()
     };
     let outbox_polling = if args.wants("outbox-poll") {
         eprintln!("live latency through the outbox, wake-ups off (poll every 100 ms)");
-        live_latency(&args, Capture::OutboxPolling, &[1_000]).await
+        live_latency(&args, Capture::OutboxPolling, &[1_000], false).await
+    } else {
+        Vec::new()
+    };
+    let cluster_drains = if args.wants("cluster-drain") {
+        eprintln!("drain, 1-row transactions, one redis and a redis cluster");
+        Some(cluster_drain(&args).await)
+    } else {
+        None
+    };
+    let cluster_live = if args.wants("cluster-live") {
+        eprintln!("live latency, redis cluster");
+        live_latency(&args, Capture::Replication, &args.rates, true).await
     } else {
         Vec::new()
     };
@@ -780,6 +863,7 @@ async fn main() {
         ("", &live),
         (" (outbox)", &outbox_live),
         (" (outbox, polling 100 ms)", &outbox_polling),
+        (" (redis cluster)", &cluster_live),
     ] {
         for l in results {
             lines.push(format!(
@@ -789,6 +873,20 @@ async fn main() {
         }
     }
     lines.push(String::new());
+    let mut cluster_ratio = f64::NAN;
+    if let Some((mut single, mut clustered)) = cluster_drains {
+        let (single, clustered) = (median(&mut single), median(&mut clustered));
+        cluster_ratio = clustered / single;
+        lines.push(
+            "| drain, 1-row transactions | one redis rows/s | redis cluster (3 masters, 3 replicas) rows/s | cluster / one |".into(),
+        );
+        lines.push("|---|---|---|---|".into());
+        lines.push(format!(
+            "| median of {} | {single:.0} | {clustered:.0} | {cluster_ratio:.2} |",
+            args.runs
+        ));
+        lines.push(String::new());
+    }
     if let Some((_, base)) = capture.tps.first().copied() {
         lines.push(String::new());
         lines.push(
@@ -829,7 +927,7 @@ async fn main() {
             )
     };
     println!(
-        "drain_ratio_1000={:.2} drain_ratio_1={:.2} confirmed_ratio_1000={:.2} confirmed_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0}",
+        "drain_ratio_1000={:.2} drain_ratio_1={:.2} confirmed_ratio_1000={:.2} confirmed_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0} cluster_drain_ratio={cluster_ratio:.2}",
         ratio("1000-row", false),
         ratio("1-row", false),
         ratio("1000-row", true),
