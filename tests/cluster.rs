@@ -606,3 +606,102 @@ async fn sharded_events_reach_the_channel_s_shard_only() {
         plain_got.ok().flatten().map(|m| m.get_payload::<String>())
     );
 }
+
+/// The client library on a cluster (the app's redis crate cluster
+/// connection): leases fill on a miss and hit after, a lease taken before
+/// an invalidation is refused its fill, and a read with a write token
+/// never returns the value cached before the write. Keys span every
+/// master; the lease functions were loaded on each by the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_clients_leases_and_write_tokens_work_on_a_cluster() {
+    use pg_cache_invalidator::client::Source;
+    let (mut env, cluster) = cluster_env(10, "").await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    sync(&env, &mut conn).await;
+    let pg = std::sync::Arc::new(env.pg.client().await);
+    let users: Vec<String> = pg
+        .query("select distinct user_id::text from public.user_tokens", &[])
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let shared = std::sync::Arc::clone(&pg);
+    let balance = move |user: String| {
+        let pg = std::sync::Arc::clone(&shared);
+        async move {
+            let row = pg
+                .query_one(
+                    "select sum(balance)::text from public.user_tokens where user_id = $1::text::uuid",
+                    &[&user],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(Some(row.get::<_, String>(0)))
+        }
+    };
+    let mut cache = Cache::new(conn.clone(), CacheOptions::default());
+    for user in &users {
+        let key = format!("balance:user:{user}");
+        let (_, first) = cache
+            .get_or_load(&key, 3600, || balance(user.clone()), None)
+            .await
+            .expect("first read");
+        let (_, second) = cache
+            .get_or_load(&key, 3600, || balance(user.clone()), None)
+            .await
+            .expect("second read");
+        assert_eq!((first, second), (Source::Filled, Source::Hit), "{key}");
+    }
+    // A lease taken before the row changes: its fill is refused.
+    let user = users[0].clone();
+    let key = format!("balance:user:{user}");
+    cache.invalidate_cache(&key).await.expect("invalidate");
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let loader = {
+        let user = user.clone();
+        let balance = balance.clone();
+        move || async move {
+            let old = balance(user).await;
+            let _ = wait.await;
+            old
+        }
+    };
+    let mut reader = Cache::new(conn.clone(), CacheOptions::default());
+    let read = tokio::spawn(async move {
+        let key = format!("balance:user:{user}");
+        reader.get_or_load(&key, 3600, loader, None).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pg.execute(
+        "update public.user_tokens set balance = balance + 1 where user_id = $1::text::uuid",
+        &[&users[0]],
+    )
+    .await
+    .expect("update");
+    sync(&env, &mut conn).await;
+    let _ = go.send(());
+    let (_, source) = read.await.expect("reader").expect("read");
+    assert_eq!(source, Source::Refused, "a fill from before the update");
+    // Every user's cached balance, then a write and a read with its token:
+    // never the value from before the write.
+    for user in &users[1..] {
+        let key = format!("balance:user:{user}");
+        let (before, _) = cache
+            .get_or_load(&key, 3600, || balance(user.clone()), None)
+            .await
+            .expect("cached");
+        pg.execute(
+            "update public.user_tokens set balance = balance + 7 where user_id = $1::text::uuid",
+            &[user],
+        )
+        .await
+        .expect("write");
+        let token = write_token(&pg).await.expect("token");
+        let (after, _) = cache
+            .get_or_load(&key, 3600, || balance(user.clone()), Some(token))
+            .await
+            .expect("read after the write");
+        assert_ne!(after, before, "{key}: the value from before the write");
+    }
+}
