@@ -36,7 +36,7 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live.
+    /// cluster-live, groups.
     only: Vec<String>,
 }
 
@@ -446,6 +446,143 @@ async fn cluster_drain(args: &Args) -> (Vec<f64>, Vec<f64>) {
     (single, clustered)
 }
 
+/// The same backlog of 1-row transactions alternating between two tables
+/// (`user_tokens`, `profiles`), drained by one daemon on one slot, and by
+/// two daemons, one per table group (`[[groups]]`), each on its own slot
+/// and publication; runs alternating. Timed from the start until both
+/// tables' last keys are gone. Rows/s of each.
+async fn groups_drain(args: &Args) -> (Vec<f64>, Vec<f64>) {
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    let profiles: i64 = {
+        client
+            .batch_execute(
+                "create table if not exists bench_profile_ids as \
+                   select id, row_number() over (order by id) as rn from public.profiles; \
+                 create index if not exists bench_profile_ids_rn on bench_profile_ids (rn);",
+            )
+            .await
+            .expect("number profiles");
+        client
+            .query_one("select count(*) from bench_profile_ids", &[])
+            .await
+            .expect("count")
+            .get(0)
+    };
+    let balances_port = pgci_test_support::free_port();
+    let groups = |r: usize| {
+        format!(
+            "[replication]\nheartbeat_interval = \"0s\"\n\n\
+             [[groups]]\nname = \"balances\"\ntables = [\"public.user_tokens\"]\nslot = \"bal_{r}\"\npublication = \"pub_balances\"\nlisten = \"127.0.0.1:{balances_port}\"\n\n\
+             [[groups]]\nname = \"rest\"\ntables = [\"public.profiles\", \"public.user_journeys\", \"public.pillars\"]\nslot = \"rest_{r}\"\npublication = \"pub_rest\"\n"
+        )
+    };
+    // The groups' publications and first slots, as an operator would.
+    env.write_config(&groups(0));
+    let out = env.cli(&["setup"]);
+    assert!(
+        out.status.success(),
+        "setup of the groups: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for r in 0..args.runs {
+        create_slot(&env, &client, &format!("single_{r}")).await;
+        if r > 0 {
+            create_slot(&env, &client, &format!("bal_{r}")).await;
+            create_slot(&env, &client, &format!("rest_{r}")).await;
+        }
+    }
+    client
+        .batch_execute(&format!(
+            "do $$ declare i bigint; begin \
+               for i in 0..{last} loop \
+                 if i % 2 = 0 then \
+                   update public.user_tokens set balance = balance + 1 \
+                    where id = (select id from bench_ids where rn = (i / 2) % {rows} + 1); \
+                 else \
+                   update public.profiles set bio = 'bio ' || i \
+                    where id = (select id from bench_profile_ids where rn = (i / 2) % {profiles} + 1); \
+                 end if; \
+                 commit; \
+               end loop; end $$",
+            last = args.changes - 1,
+        ))
+        .await
+        .expect("write backlog");
+    // Each group's last change: a balance and the sentinel row (rest).
+    let (user, token): (String, String) = {
+        let row = client
+            .query_one(
+                "update public.user_tokens set balance = balance + 1 \
+                  where id = (select id from bench_ids where rn = 1) \
+                  returning user_id::text, token_id::text",
+                &[],
+            )
+            .await
+            .expect("last balance");
+        (row.get(0), row.get(1))
+    };
+    let (sentinel, _) = touch_sentinel(&env).await;
+    let last_keys = [format!("balance:user:{user}:token:{token}"), sentinel];
+    let mut redis = env.redis.conn().await;
+    let drained = |took: Duration| args.changes as f64 / took.as_secs_f64();
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for r in 0..args.runs {
+        preset_all(&mut redis, &last_keys).await;
+        env.write_config(&format!(
+            "[replication]\nslot = \"single_{r}\"\nheartbeat_interval = \"0s\"\n"
+        ));
+        let started = Instant::now();
+        let mut daemon = env.spawn_daemon();
+        for key in &last_keys {
+            assert!(
+                wait_gone(&mut redis, key, Duration::from_secs(600)).await,
+                "one group: {}",
+                daemon.log()
+            );
+        }
+        let single = started.elapsed();
+        let _ = daemon.terminate().await;
+        one.push(drained(single));
+
+        preset_all(&mut redis, &last_keys).await;
+        env.write_config(&groups(r));
+        let started = Instant::now();
+        let mut balances = env.spawn_daemon_env(&[("PGCI_GROUP", "balances")]);
+        let mut rest = env.spawn_daemon_env(&[("PGCI_GROUP", "rest")]);
+        for key in &last_keys {
+            assert!(
+                wait_gone(&mut redis, key, Duration::from_secs(600)).await,
+                "two groups: {}{}",
+                balances.log(),
+                rest.log()
+            );
+        }
+        let grouped = started.elapsed();
+        let _ = balances.terminate().await;
+        let _ = rest.terminate().await;
+        two.push(drained(grouped));
+        eprintln!(
+            "  run {r}: one slot {single:?} ({:.0} rows/s), two groups {grouped:?} ({:.0} rows/s)",
+            one[r], two[r]
+        );
+    }
+    (one, two)
+}
+
+async fn preset_all(redis: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    for key in keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("cached")
+            .query_async(redis)
+            .await
+            .expect("preset");
+    }
+}
+
 struct LatencyResult {
     target: u64,
     achieved: f64,
@@ -817,6 +954,12 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let group_drains = if args.wants("groups") {
+        eprintln!("drain, 1-row transactions over two tables: one slot, then two table groups");
+        Some(groups_drain(&args).await)
+    } else {
+        None
+    };
     let capture = if args.wants("capture") {
         eprintln!("capture cost for writers");
         capture_cost(&args).await
@@ -887,6 +1030,20 @@ async fn main() {
         ));
         lines.push(String::new());
     }
+    let mut groups_ratio = f64::NAN;
+    if let Some((mut one, mut two)) = group_drains {
+        let (one, two) = (median(&mut one), median(&mut two));
+        groups_ratio = two / one;
+        lines.push(
+            "| drain, 1-row transactions over two tables | one slot, one daemon rows/s | two groups, two daemons rows/s | two / one |".into(),
+        );
+        lines.push("|---|---|---|---|".into());
+        lines.push(format!(
+            "| median of {} | {one:.0} | {two:.0} | {groups_ratio:.2} |",
+            args.runs
+        ));
+        lines.push(String::new());
+    }
     if let Some((_, base)) = capture.tps.first().copied() {
         lines.push(String::new());
         lines.push(
@@ -927,7 +1084,7 @@ async fn main() {
             )
     };
     println!(
-        "drain_ratio_1000={:.2} drain_ratio_1={:.2} confirmed_ratio_1000={:.2} confirmed_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0} cluster_drain_ratio={cluster_ratio:.2}",
+        "drain_ratio_1000={:.2} drain_ratio_1={:.2} confirmed_ratio_1000={:.2} confirmed_ratio_1={:.2} p99_ms_5k={p99_5k:.2} peak_rss_mb={peak:.0} idle_rss_mb={idle:.0} cluster_drain_ratio={cluster_ratio:.2} groups_drain_ratio={groups_ratio:.2}",
         ratio("1000-row", false),
         ratio("1-row", false),
         ratio("1000-row", true),

@@ -61,6 +61,7 @@ pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), S
         postgres = %conn.redacted(),
         redis = %config.redis.url.redacted(),
         slot = %config.replication.slot,
+        group = config.group.as_deref().unwrap_or("-"),
         tables = rules.tables().count(),
         "starting"
     );
@@ -93,7 +94,7 @@ async fn start_and_run(
     tasks: &TaskTracker,
 ) -> Result<(), Stopped> {
     let health = Arc::new(Health::default());
-    let metrics = telemetry::metrics::install().map_err(Stopped::Failed)?;
+    let metrics = telemetry::metrics::install(config.group.as_deref()).map_err(Stopped::Failed)?;
     health.set_drifted(false);
     let listener = telemetry::http::bind(&config.http.listen)
         .await

@@ -54,6 +54,61 @@ pub struct Config {
     /// Which keys each table's changes invalidate.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Table groups: the tables split over several slots and publications,
+    /// each streamed by a daemon process of its own (`run --group NAME`).
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
+    /// The group this configuration was narrowed to ([`Config::for_group`]).
+    #[serde(skip)]
+    pub group: Option<String>,
+}
+
+/// `[[groups]]`: some of the rules' tables, with a replication slot and a
+/// publication of their own. One slot is one ordered stream decoded by one
+/// walsender; groups let throughput grow past it. Tables written in one
+/// transaction whose keys must change together belong in one group: two
+/// groups' streams are applied independently, so one group's keys can
+/// change before another's for the same transaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Names the group on the command line (`--group`), in logs and
+    /// metrics (`group` label), and in the default slot name.
+    pub name: String,
+    /// `schema.table` (or `table`) of each table the group streams; every
+    /// table with rules is in exactly one group.
+    pub tables: Vec<String>,
+    /// Its replication slot (default `pg_cache_invalidator_<name>`).
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Its publication (default: the slot's name).
+    #[serde(default)]
+    pub publication: Option<String>,
+    /// Its metrics and health listener (default `http.listen`): set one
+    /// per group when the groups' processes share a host.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl GroupConfig {
+    /// The group's slot.
+    pub fn slot(&self) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("{DEFAULT_SLOT_AND_PUBLICATION}_{}", self.name))
+    }
+
+    /// The group's publication.
+    pub fn publication(&self) -> String {
+        self.publication.clone().unwrap_or_else(|| self.slot())
+    }
+
+    fn holds(&self, table: &str) -> bool {
+        let wanted = crate::change::TableName::parse(table);
+        self.tables
+            .iter()
+            .any(|t| wanted.is_some() && crate::change::TableName::parse(t) == wanted)
+    }
 }
 
 /// `[postgres]`
@@ -558,10 +613,143 @@ impl Config {
                 self.http.listen
             ));
         }
+        self.validate_groups(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+impl Config {
+    /// The configuration of group `name` alone: its slot, publication,
+    /// listener and the rules of its tables. The replication connection's
+    /// `application_name` gets the group's name appended, so each group's
+    /// walsender can be told apart (and listed in
+    /// `synchronous_standby_names`).
+    pub fn for_group(&self, name: &str) -> Result<Config, ConfigError> {
+        let Some(group) = self.groups.iter().find(|g| g.name == name) else {
+            let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+            return Err(ConfigError::Invalid(vec![if names.is_empty() {
+                format!("--group {name}: the file configures no [[groups]]: drop --group")
+            } else {
+                format!(
+                    "--group {name}: no [[groups]] entry has that name; the file has {}",
+                    names.join(", ")
+                )
+            }]));
+        };
+        let mut config = self.clone();
+        config.replication.slot = group.slot();
+        config.replication.publication = group.publication();
+        config.replication.application_name =
+            format!("{}-{}", self.replication.application_name, group.name);
+        if let Some(listen) = &group.listen {
+            config.http.listen = listen.clone();
+        }
+        config.rules.retain(|rule| group.holds(&rule.table));
+        config.groups.clear();
+        config.group = Some(group.name.clone());
+        Ok(config)
+    }
+
+    /// Each group's configuration ([`Config::for_group`]); the whole file
+    /// when it has no groups.
+    pub fn each_group(&self) -> Vec<Config> {
+        if self.groups.is_empty() {
+            return vec![self.clone()];
+        }
+        self.groups
+            .iter()
+            .filter_map(|g| self.for_group(&g.name).ok())
+            .collect()
+    }
+
+    fn validate_groups(&self, problems: &mut Vec<String>) {
+        if self.groups.is_empty() {
+            return;
+        }
+        if self.postgres.source != SourceKind::Replication {
+            problems.push("groups: table groups split the replication stream; the outbox source has none: remove [[groups]] or use source = \"replication\"".to_string());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut slots = std::collections::BTreeSet::new();
+        let mut publications = std::collections::BTreeSet::new();
+        let mut tables: Vec<(crate::change::TableName, usize)> = Vec::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            let field = format!("groups[{i}]");
+            if group.name.is_empty()
+                || !group
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                problems.push(format!("{field}.name: {:?} must be lower-case letters, digits and underscores (it names the slot)", group.name));
+            }
+            if !names.insert(group.name.clone()) {
+                problems.push(format!(
+                    "{field}.name: {:?} is used twice: give each group its own name",
+                    group.name
+                ));
+            }
+            check_identifier(&format!("{field}.slot"), &group.slot(), true, problems);
+            check_identifier(
+                &format!("{field}.publication"),
+                &group.publication(),
+                true,
+                problems,
+            );
+            if !slots.insert(group.slot()) {
+                problems.push(format!(
+                    "{field}.slot: {:?} is another group's slot: each group needs its own",
+                    group.slot()
+                ));
+            }
+            if !publications.insert(group.publication()) {
+                problems.push(format!("{field}.publication: {:?} is another group's publication: each group needs its own", group.publication()));
+            }
+            if let Some(listen) = &group.listen {
+                if listen.parse::<std::net::SocketAddr>().is_err() {
+                    problems.push(format!(
+                        "{field}.listen: {listen:?} is not an address like 127.0.0.1:9188"
+                    ));
+                }
+            }
+            if group.tables.is_empty() {
+                problems.push(format!(
+                    "{field}.tables: empty: list the tables the group streams"
+                ));
+            }
+            for table in &group.tables {
+                let Some(name) = crate::change::TableName::parse(table) else {
+                    problems.push(format!(
+                        "{field}.tables: {table:?} is not a table name like \"public.profiles\""
+                    ));
+                    continue;
+                };
+                if let Some((_, other)) = tables.iter().find(|(t, _)| *t == name) {
+                    problems.push(format!("{field}.tables: {name} is also in groups[{other}]: a table belongs to one group"));
+                    continue;
+                }
+                if !self
+                    .rules
+                    .iter()
+                    .any(|r| crate::change::TableName::parse(&r.table).as_ref() == Some(&name))
+                {
+                    problems.push(format!("{field}.tables: {name} has no [[rules]]: add a rule for it or remove it from the group"));
+                }
+                tables.push((name, i));
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(name) = crate::change::TableName::parse(&rule.table) else {
+                continue;
+            };
+            if !tables.iter().any(|(t, _)| *t == name) {
+                problems.push(format!("rules[{i}].table: {name} is in no [[groups]]: add it to the group of the tables written in the same transactions"));
+                tables.push((name, usize::MAX));
+            }
         }
     }
 }
@@ -625,6 +813,92 @@ mod tests {
         table = "public.profiles"
         keys = ["profile:user:{id}"]
     "#;
+
+    #[test]
+    fn a_group_narrows_the_file_to_its_slot_publication_and_rules() {
+        let text = format!(
+            "{MINIMAL}
+            [[rules]]
+            table = \"user_tokens\"
+            keys = [\"balance:{{user_id}}\"]
+            [[groups]]
+            name = \"balances\"
+            tables = [\"public.user_tokens\"]
+            listen = \"127.0.0.1:9300\"
+            [[groups]]
+            name = \"rest\"
+            tables = [\"profiles\"]
+            slot = \"rest_slot\"
+            "
+        );
+        let cfg = parse(&text).expect("loads");
+        let balances = cfg.for_group("balances").expect("group");
+        assert_eq!(balances.replication.slot, "pg_cache_invalidator_balances");
+        assert_eq!(
+            balances.replication.publication,
+            "pg_cache_invalidator_balances"
+        );
+        assert_eq!(
+            balances.replication.application_name,
+            "pg-cache-invalidator-balances"
+        );
+        assert_eq!(balances.http.listen, "127.0.0.1:9300");
+        assert_eq!(balances.rules.len(), 1);
+        assert_eq!(balances.rules[0].table, "user_tokens");
+        assert!(balances.groups.is_empty());
+        assert_eq!(balances.group.as_deref(), Some("balances"));
+        let rest = cfg.for_group("rest").expect("group");
+        assert_eq!(
+            (
+                rest.replication.slot.as_str(),
+                rest.replication.publication.as_str()
+            ),
+            ("rest_slot", "rest_slot")
+        );
+        assert_eq!(rest.http.listen, DEFAULT_HTTP_LISTEN);
+        assert_eq!(cfg.each_group().len(), 2);
+        let Err(ConfigError::Invalid(lines)) = cfg.for_group("nope") else {
+            panic!("an unknown group is an error")
+        };
+        assert!(lines[0].contains("balances, rest"), "{lines:?}");
+        assert_eq!(parse(MINIMAL).expect("loads").each_group().len(), 1);
+    }
+
+    #[test]
+    fn group_mistakes_name_their_field() {
+        let text = format!(
+            "{MINIMAL}
+            [[groups]]
+            name = \"Bad-Name\"
+            tables = [\"public.profiles\"]
+            listen = \"nowhere\"
+            [[groups]]
+            name = \"b\"
+            tables = []
+            slot = \"pg_cache_invalidator_Bad-Name\"
+            "
+        );
+        let Err(ConfigError::Invalid(lines)) = parse(&text).expect("loads").validate() else {
+            panic!("mistakes are errors")
+        };
+        let all = lines.join("\n");
+        for expected in [
+            "groups[0].name: \"Bad-Name\" must be lower-case",
+            "groups[0].listen: \"nowhere\"",
+            "groups[1].tables: empty",
+            "groups[1].slot: \"pg_cache_invalidator_Bad-Name\" is another group's slot",
+        ] {
+            assert!(all.contains(expected), "{expected}: {all}");
+        }
+        let outbox = format!(
+            "{}\n[[groups]]\nname = \"a\"\ntables = [\"public.profiles\"]\n",
+            MINIMAL.replace("[redis]", "source = \"outbox\"\n[redis]")
+        );
+        let Err(ConfigError::Invalid(lines)) = parse(&outbox).expect("loads").validate() else {
+            panic!("groups with the outbox are an error")
+        };
+        assert!(lines.iter().any(|l| l.starts_with("groups: ")), "{lines:?}");
+    }
 
     #[test]
     fn loads_defaults() {

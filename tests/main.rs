@@ -9,6 +9,7 @@ mod cluster;
 mod consistency;
 mod deploy;
 mod faults;
+mod groups;
 mod invalidation;
 mod operations;
 mod outbox;

@@ -3,6 +3,11 @@
 //! the database setup must change, 1 when something broke.
 //!
 //! - `run` ([`mod@run`]): the daemon (see [`crate::app`]).
+//!
+//! With table groups (`[[groups]]`) every verb takes `--group NAME` and
+//! works on that group's slot, publication and tables; `run` needs it (one
+//! process per group), `setup`, `teardown`, `status` and `check-config`
+//! without it do every group in turn.
 //! - `setup [--print]` and `teardown` ([`setup`]).
 //! - `check-config` ([`check`]).
 //! - `status [--json]` ([`status`]).
@@ -51,6 +56,11 @@ struct ConfigArg {
     /// The TOML configuration file.
     #[arg(long, short, env = "PGCI_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+    /// Only this table group ([[groups]] name): its slot, publication and
+    /// tables. `run` needs it when the file has groups; `setup`,
+    /// `teardown`, `status` and `check-config` do every group without it.
+    #[arg(long, env = "PGCI_GROUP", value_name = "NAME")]
+    group: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -198,8 +208,50 @@ pub struct Loaded {
     pub conn: ConnInfo,
 }
 
+/// The file, narrowed to `--group` when given.
 fn load(arg: &ConfigArg) -> Result<Loaded, Failure> {
     let config = Config::load(&arg.config)?;
+    // The whole file first: a group's view no longer holds the groups.
+    config.validate()?;
+    let config = match &arg.group {
+        Some(group) => config.for_group(group)?,
+        None => config,
+    };
+    loaded(config)
+}
+
+/// The file once per group (`--group`: that one; no groups: the file).
+fn load_each(arg: &ConfigArg) -> Result<Vec<Loaded>, Failure> {
+    let config = Config::load(&arg.config)?;
+    config.validate()?;
+    match &arg.group {
+        Some(group) => Ok(vec![loaded(config.for_group(group)?)?]),
+        None => config.each_group().into_iter().map(loaded).collect(),
+    }
+}
+
+/// Runs `verb` for each group of the file (see [`load_each`]), with a
+/// heading per group when there are several; stops at the first failure.
+async fn each_group<F, Fut>(arg: &ConfigArg, verb: F) -> Result<(), Failure>
+where
+    F: Fn(Loaded) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let all = load_each(arg)?;
+    let several = all.len() > 1;
+    for loaded in all {
+        if several {
+            println!(
+                "== group {}",
+                loaded.config.group.as_deref().unwrap_or_default()
+            );
+        }
+        verb(loaded).await?;
+    }
+    Ok(())
+}
+
+fn loaded(config: Config) -> Result<Loaded, Failure> {
     let rules = rules::compile(&config)?;
     let conn = ConnInfo::parse(
         &config.postgres.url,
@@ -230,13 +282,43 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(arg) => {
             let loaded = load(&arg)?;
+            if !loaded.config.groups.is_empty() {
+                let names: Vec<&str> = loaded
+                    .config
+                    .groups
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect();
+                return Err(Failure::usage(vec![format!(
+                    "the file configures table groups ({}): run one daemon per group with --group NAME (systemd: pg-cache-invalidator@NAME.service)",
+                    names.join(", ")
+                )]));
+            }
             crate::telemetry::init_logging(cli.log_format.unwrap_or(loaded.config.log.format));
             run::run(loaded).await
         }
-        Command::Setup { config, print } => setup::setup(load(&config)?, print).await,
-        Command::CheckConfig(arg) => check::check_config(load(&arg)?).await,
-        Command::Status { config, json } => status::status(load(&config)?, json).await,
-        Command::Teardown(arg) => setup::teardown(load(&arg)?).await,
+        Command::Setup { config, print } => {
+            each_group(&config, |loaded| setup::setup(loaded, print)).await
+        }
+        Command::CheckConfig(arg) => each_group(&arg, check::check_config).await,
+        Command::Status { config, json } if json => {
+            let all = load_each(&config)?;
+            let several = all.len() > 1;
+            let mut values = Vec::new();
+            for loaded in all {
+                values.push(status::status_json(loaded).await?);
+            }
+            let value = if several {
+                serde_json::Value::Array(values)
+            } else {
+                values.pop().unwrap_or_default()
+            };
+            let text = serde_json::to_string_pretty(&value).map_err(Failure::runtime)?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Status { config, .. } => each_group(&config, status::status).await,
+        Command::Teardown(arg) => each_group(&arg, setup::teardown).await,
         Command::Events {
             config,
             json,
@@ -270,11 +352,18 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let loaded = load(&arg)?;
             let all: Vec<&rules::Rule> =
                 loaded.rules.tables().flat_map(|(_, r)| r.iter()).collect();
+            // Every group's position record (or the one slot's).
+            let slots: Vec<String> = loaded
+                .config
+                .each_group()
+                .iter()
+                .map(|c| c.replication.slot.clone())
+                .collect();
             let line = crate::sink::acl::daemon_user(
                 &loaded.config.redis.url,
                 &rules::scan_patterns(all),
                 &loaded.config.redis.channel,
-                &loaded.config.replication.slot,
+                &slots,
             )
             .map_err(|e| Failure::usage(vec![e]))?;
             println!("{line}");

@@ -8,19 +8,34 @@ use crate::sink::position;
 use crate::sink::server::{self, ServerInfo};
 use crate::source::outbox::drain;
 
+/// The source's state as JSON (`status --json`), with the group's name
+/// when the file has table groups.
+pub async fn status_json(loaded: Loaded) -> Result<serde_json::Value, Failure> {
+    let group = loaded.config.group.clone();
+    let mut value = state(loaded, true).await?.unwrap_or_default();
+    if let (Some(group), Some(map)) = (group, value.as_object_mut()) {
+        map.insert("group".to_string(), serde_json::json!(group));
+    }
+    Ok(value)
+}
+
 /// Prints the source's state.
-pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
+pub async fn status(loaded: Loaded) -> Result<(), Failure> {
+    state(loaded, false).await.map(|_| ())
+}
+
+/// The state as JSON (`json`), or printed as a table.
+async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, Failure> {
     let db = Db::connect(&loaded.conn).await?;
     let redis = &loaded.config.redis;
     let server = server::read_once(&redis.url, redis.ca_cert.as_deref()).await;
     if loaded.config.postgres.source == SourceKind::Outbox {
         let (rows, oldest) = drain::backlog(&db, &loaded.config.outbox).await?;
         if json {
-            println!(
-                "{}",
+            return Ok(Some(
                 serde_json::json!({"source": "outbox", "schema": loaded.config.outbox.schema,
-                    "backlog_rows": rows, "oldest_row_age_seconds": oldest, "redis": redis_json(&server)})
-            );
+                    "backlog_rows": rows, "oldest_row_age_seconds": oldest, "redis": redis_json(&server)}),
+            ));
         } else {
             print_rows(&[
                 ("source", "outbox".to_string()),
@@ -33,7 +48,7 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
             ]);
             print_redis(&server);
         }
-        return Ok(());
+        return Ok(None);
     }
     let slot = &loaded.config.replication.slot;
     let Some(info) = catalog::inspect_slot(&db, slot).await? else {
@@ -70,9 +85,7 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
             );
             map.insert("redis".to_string(), redis_json(&server));
         }
-        let text = serde_json::to_string_pretty(&value).map_err(Failure::runtime)?;
-        println!("{text}");
-        return Ok(());
+        return Ok(Some(value));
     }
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
     print_rows(&[
@@ -106,7 +119,7 @@ pub async fn status(loaded: Loaded, json: bool) -> Result<(), Failure> {
         ),
     ]);
     print_redis(&server);
-    Ok(())
+    Ok(None)
 }
 
 /// The Redis server's state and the caching plan's warnings, as JSON.

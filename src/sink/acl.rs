@@ -59,7 +59,7 @@ pub fn daemon_user(
     url: &SecretUrl,
     key_patterns: &[String],
     channel: &str,
-    slot: &str,
+    slots: &[String],
 ) -> Result<String, String> {
     let info = redis::IntoConnectionInfo::into_connection_info(url.expose()).map_err(|e| {
         format!(
@@ -82,7 +82,7 @@ pub fn daemon_user(
         // The version key of a refreshed key: `{key}:pgci-version`.
         parts.push(format!("~{{{pattern}}}:pgci-version"));
     }
-    parts.push(format!("~{}", position::key(slot)));
+    parts.extend(slots.iter().map(|slot| format!("~{}", position::key(slot))));
     parts.push("resetchannels".to_string());
     if !channel.is_empty() {
         parts.push(format!("&{channel}"));
@@ -110,7 +110,7 @@ mod tests {
             &url,
             &["profile:user:*".into()],
             "cache-invalidation",
-            "pg_cache_invalidator",
+            &["pg_cache_invalidator".to_string()],
         )
         .expect("line");
         assert!(line.starts_with("user pgci on #"), "{line}");
@@ -122,7 +122,7 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("config"), "{line}");
-        let err = daemon_user(&SecretUrl::new("redis://127.0.0.1:6379"), &[], "", "s").unwrap_err();
+        let err = daemon_user(&SecretUrl::new("redis://127.0.0.1:6379"), &[], "", &[]).unwrap_err();
         assert!(err.contains("has no password"), "{err}");
     }
 }

@@ -120,8 +120,13 @@ pub const VERSION: &str = concat!(
 );
 
 /// Installs the Prometheus recorder and describes every metric.
-pub fn install() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
+pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
+    let mut builder = PrometheusBuilder::new();
+    // A table group's process labels every series with its group.
+    if let Some(group) = group {
+        builder = builder.add_global_label("group", group);
+    }
+    let handle = builder
         .set_buckets_for_metric(
             Matcher::Full(APPLY_LATENCY_SECONDS.to_string()),
             &[
