@@ -19,16 +19,53 @@ log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "npm ci (clients/typescript: the TypeScript client's tests run inside cargo test)"
 (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error)
+# The Redis Cluster tests (each forms a six-node cluster) and the other
+# majors' runs spend most of their time waiting, not computing: they run
+# side by side once the main run is done, each into its own log, printed
+# when it ends. With test filters given ("$@") everything runs in turn.
+with_args() { # with_args EXTRA... -> "$@" plus EXTRA after a "--"
+  if [[ " ${base_args[*]} " == *" -- "* ]]; then printf '%s\n' "${base_args[@]}" "$@"; else printf '%s\n' "${base_args[@]}" -- "$@"; fi
+}
+base_args=("$@")
+parallel=$([[ $# -eq 0 ]] && echo 1 || echo 0)
 log "cargo test (unit and integration tests, $("$(pg_bin_dir)/postgres" --version))"
-cargo test --locked --lib --bins --tests "$@"
+if [[ $parallel == 1 ]]; then
+  cargo test --locked --lib --bins --tests -- --skip cluster::
+else
+  cargo test --locked --lib --bins --tests "$@"
+fi
 # The tests of Redis health, the status page, the shipped deploy files, the
-# CLI verbs that only talk to Redis and the clients do not depend on the
-# PostgreSQL major: the other majors skip them, to keep the suite in budget.
+# CLI verbs that only talk to Redis, the clients, Redis Cluster and table
+# groups do not depend on the PostgreSQL major: the other majors skip them,
+# to keep the suite in budget.
 skip=()
-for module in clients:: cluster:: deploy:: redis_health:: status_page:: verbs::; do
+for module in clients:: cluster:: deploy:: groups:: redis_health:: status_page:: verbs::; do
   skip+=(--skip "$module")
 done
-if [[ " $* " == *" -- "* ]]; then other_args=("$@" "${skip[@]}"); else other_args=("$@" -- "${skip[@]}"); fi
+if [[ $parallel == 1 ]]; then
+  # The integration test binary, run directly: several `cargo test` at
+  # once would queue on cargo's lock of the build directory.
+  main_bin=$(cargo test --locked --test main --no-run 2>&1 | sed -n 's/.*Executable tests\/main.rs (\(.*\))/\1/p' | tail -1)
+  [[ -x $main_bin ]] || { echo "cannot find the integration test binary" >&2; exit 1; }
+  other_majors=("$main_bin" "${skip[@]}")
+else
+  mapfile -t other_args < <(with_args "${skip[@]}")
+  other_majors=(cargo test --locked --test main "${other_args[@]}")
+fi
+pids=() names=()
+start_job() { # start_job NAME COMMAND...: runs in the background into target/test-NAME.log
+  local name=$1; shift
+  if [[ $parallel == 1 ]]; then
+    ("$@") >"target/test-$name.log" 2>&1 &
+    pids+=($!) names+=("$name")
+  else
+    "$@"
+  fi
+}
+if [[ $parallel == 1 ]]; then
+  log "integration tests, Redis Cluster (cluster::), alongside the other majors"
+  start_job cluster "$main_bin" cluster::
+fi
 for major in ${PGCI_TEST_PG_MAJORS-17 18}; do
   bindir=$(pg_major_bin_dir "$major")
   log "integration tests on $("$bindir/postgres" --version)"
@@ -37,6 +74,13 @@ for major in ${PGCI_TEST_PG_MAJORS-17 18}; do
   # test 10,000 transfer+read cycles per mode on the first and 1,000 on the
   # others (they exercise Redis and the daemon more than the PostgreSQL
   # version), to keep the suite in budget.
-  PGCI_RACE_RUNS=${PGCI_RACE_RUNS_OTHER_MAJORS:-5} PGCI_SYNC_CYCLES=${PGCI_SYNC_CYCLES_OTHER_MAJORS:-1000} \
-    PGCI_TEST_PG_BINDIR=$bindir cargo test --locked --test main "${other_args[@]}"
+  start_job "pg$major" env PGCI_RACE_RUNS="${PGCI_RACE_RUNS_OTHER_MAJORS:-5}" PGCI_SYNC_CYCLES="${PGCI_SYNC_CYCLES_OTHER_MAJORS:-1000}" \
+    PGCI_TEST_PG_BINDIR="$bindir" "${other_majors[@]}"
 done
+failed=0
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then status=ok; else status=FAILED; failed=1; fi
+  log "${names[$i]}: $status (target/test-${names[$i]}.log)"
+  cat "target/test-${names[$i]}.log"
+done
+exit $failed

@@ -189,9 +189,16 @@ impl ClusterConn {
         if let Some(conn) = self.nodes().get(addr) {
             return Ok(conn.clone());
         }
+        // No Nagle: a slot's transaction is written while the previous
+        // one on this connection is still unacknowledged.
+        let tcp = self.shared.seeds[0]
+            .tcp_settings()
+            .clone()
+            .set_nodelay(true);
         let info = self.shared.seeds[0]
             .clone()
-            .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+            .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1))
+            .set_tcp_settings(tcp);
         let conn = redis::Client::open(info)?
             .get_multiplexed_async_connection_with_config(&self.shared.config)
             .await?;
