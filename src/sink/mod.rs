@@ -502,8 +502,23 @@ impl RedisSink {
                 // acknowledged: the masters' replicas have it too.
                 let written = written.into_iter().flatten().collect();
                 self.conn.replicated(&written).await?;
-                if let Some(events) = request.events {
-                    events.query_async::<()>(&mut self.conn).await?;
+                // On a cluster the events go in one pipeline with the
+                // position record (when this run ends the batch), to the
+                // record's master: PUBLISH reaches subscribers from any
+                // node, and one round trip is saved. (SPUBLISH must go to
+                // its channel's master.)
+                let mut after = request.events;
+                if self.conn.is_cluster() && !self.sharded_events && run == rest.len() {
+                    if let Some(record) = record {
+                        after
+                            .get_or_insert_with(redis::pipe)
+                            .add_command(record.clone())
+                            .ignore();
+                        recorded = true;
+                    }
+                }
+                if let Some(after) = after {
+                    after.query_async::<()>(&mut self.conn).await?;
                 }
                 for item in &rest[..run] {
                     match &item.op {
