@@ -93,16 +93,22 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// A numbered view of user_tokens, so writers can address row k cheaply.
 async fn number_rows(client: &tokio_postgres::Client) -> i64 {
+    number(client, "public.user_tokens", "bench_ids").await
+}
+
+/// Numbers `table`'s rows 1..n by id into `into` (id, rn), so writers can
+/// pick rows by number; returns n.
+async fn number(client: &tokio_postgres::Client, table: &str, into: &str) -> i64 {
     client
-        .batch_execute(
-            "create table if not exists bench_ids as \
-               select id, row_number() over (order by id) as rn from public.user_tokens; \
-             create index if not exists bench_ids_rn on bench_ids (rn);",
-        )
+        .batch_execute(&format!(
+            "create table if not exists {into} as \
+               select id, row_number() over (order by id) as rn from {table}; \
+             create index if not exists {into}_rn on {into} (rn);"
+        ))
         .await
         .expect("number rows");
     client
-        .query_one("select count(*) from bench_ids", &[])
+        .query_one(&format!("select count(*) from {into}"), &[])
         .await
         .expect("count")
         .get(0)
@@ -456,21 +462,7 @@ async fn groups_drain(args: &Args) -> (Vec<f64>, Vec<f64>) {
     env.setup();
     let client = env.pg.client().await;
     let rows = number_rows(&client).await;
-    let profiles: i64 = {
-        client
-            .batch_execute(
-                "create table if not exists bench_profile_ids as \
-                   select id, row_number() over (order by id) as rn from public.profiles; \
-                 create index if not exists bench_profile_ids_rn on bench_profile_ids (rn);",
-            )
-            .await
-            .expect("number profiles");
-        client
-            .query_one("select count(*) from bench_profile_ids", &[])
-            .await
-            .expect("count")
-            .get(0)
-    };
+    let profiles = number(&client, "public.profiles", "bench_profile_ids").await;
     let balances_port = pgci_test_support::free_port();
     let groups = |r: usize| {
         format!(
