@@ -15,9 +15,14 @@ use crate::support::{balance_keys, wait_for, TestEnv};
 
 /// An environment whose daemon writes to a fresh cluster.
 async fn cluster_env(users: i32, extra: &str) -> (TestEnv, RedisCluster) {
+    cluster_env_with(users, "", extra).await
+}
+
+/// Like [`cluster_env`], with more `[redis]` settings.
+async fn cluster_env_with(users: i32, redis: &str, extra: &str) -> (TestEnv, RedisCluster) {
     let (mut env, cluster) = tokio::join!(TestEnv::start(users), RedisCluster::start());
     env.redis_url_override = Some(cluster.url());
-    env.redis_extra = "cluster = true".to_string();
+    env.redis_extra = format!("cluster = true\n{redis}");
     env.write_config(extra);
     env.setup();
     (env, cluster)
@@ -90,11 +95,7 @@ async fn sync(env: &TestEnv, conn: &mut ClusterConnection) {
 /// shows in the metrics.
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_on_every_master_are_invalidated_and_announced() {
-    let (mut env, cluster) = tokio::join!(TestEnv::start(20), RedisCluster::start());
-    env.redis_url_override = Some(cluster.url());
-    env.redis_extra = "cluster = true\ninfo_interval = \"1s\"".to_string();
-    env.write_config("");
-    env.setup();
+    let (mut env, cluster) = cluster_env_with(20, "info_interval = \"1s\"", "").await;
     let _daemon = env.daemon().await;
     let mut conn = cluster.conn().await;
     let keys = balance_keys(&env).await;
@@ -557,11 +558,7 @@ async fn a_batch_is_confirmed_only_once_the_replicas_have_it() {
 /// receives them, and a plain SUBSCRIBE on any node receives nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn sharded_events_reach_the_channel_s_shard_only() {
-    let (mut env, cluster) = tokio::join!(TestEnv::start(5), RedisCluster::start());
-    env.redis_url_override = Some(cluster.url());
-    env.redis_extra = "cluster = true\nsharded_events = true".to_string();
-    env.write_config("");
-    env.setup();
+    let (mut env, cluster) = cluster_env_with(5, "sharded_events = true", "").await;
     let _daemon = env.daemon().await;
     let mut plain = redis::Client::open(cluster.urls()[1].as_str())
         .expect("url")
