@@ -156,7 +156,7 @@ async fn start_and_run(
     let planner = Planner::new(Arc::clone(&rules));
     if config.postgres.source == SourceKind::Replication {
         let slot = &config.replication.slot;
-        sink.record_position_of(slot);
+        sink.record_position_of(slot, planner.plan_flush_all());
         flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
     }
     let mut partitioned = Vec::new();

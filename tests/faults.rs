@@ -481,3 +481,66 @@ async fn redis_errors_that_need_a_fix_are_counted_logged_once_and_not_ready() {
     assert!(cached.contains("\"v\":3"), "{cached}");
     crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(15)).await;
 }
+
+/// Redis is restarted from an older snapshot while the daemon runs and
+/// nothing fails on the daemon's side: the keys deleted since the SAVE are
+/// back, and the daemon must notice (the record it replaces with its next
+/// batch or heartbeat is behind what it recorded) and flush every rule
+/// key. Before the fix the 800 keys came back and stayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_from_an_older_snapshot_while_running_is_flushed() {
+    let mut env = TestEnv::start(200).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let mut keys = balance_keys(&env).await;
+    keys.truncate(400);
+    let profiles: Vec<String> = client
+        .query("select id::text from public.profiles limit 400", &[])
+        .await
+        .expect("profiles")
+        .iter()
+        .map(|r| format!("profile:user:{}", r.get::<_, String>(0)))
+        .collect();
+    keys.extend(profiles);
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    env.sync().await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut redis)
+        .await
+        .expect("save");
+    // Every preset key is deleted by the daemon after the snapshot.
+    client
+        .batch_execute(
+            "update public.user_tokens set balance = balance + 1; \
+             update public.profiles set bio = coalesce(bio, '') || '.'",
+        )
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0);
+    env.redis.restart().await;
+    let mut redis = env.redis.conn().await;
+    let back = surviving(&mut redis, &keys).await;
+    assert!(back > 0, "the snapshot did not bring the keys back");
+    wait_for(
+        "the daemon to flush the restored keys",
+        Duration::from_secs(60),
+        || {
+            let mut redis = redis.clone();
+            let keys = keys.clone();
+            async move { surviving(&mut redis, &keys).await == 0 }
+        },
+    )
+    .await;
+    let log = daemon.log();
+    assert!(log.contains("redis lost writes"), "{log}");
+    // The record is written again: a restart does not flush once more.
+    let recorded: Option<String> = redis::cmd("GET")
+        .arg("pgci:position:pg_cache_invalidator")
+        .query_async(&mut redis)
+        .await
+        .expect("get");
+    assert!(recorded.is_some(), "{log}");
+}

@@ -389,3 +389,40 @@ async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
         "the app may overwrite the daemon's position"
     );
 }
+
+/// A Redis user that may not UNLINK stops the daemon at the first change
+/// with Redis's own refusal and its hint, exit 2 (as at start-up), not
+/// with "the redis sink task ended unexpectedly", exit 1: the sink's error
+/// was dropped when the loop saw its task gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_user_that_may_not_unlink_stops_with_redis_s_refusal() {
+    use crate::invalidation::users;
+    use pgci_test_support::redis_server::Redis;
+    let mut env = TestEnv::start(5).await;
+    let url = |port: u16| format!("redis://pgci:s3cret@127.0.0.1:{port}/0");
+    env.redis_url_override = Some(url(env.redis.port));
+    env.write_config("");
+    let out = env.cli(&["redis-acl"]);
+    assert!(out.status.success());
+    let line = format!("{} -unlink", String::from_utf8_lossy(&out.stdout).trim());
+    env.redis = Redis::start_with_acl(&line).await;
+    env.redis_url_override = Some(url(env.redis.port));
+    env.write_config("");
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let u = users(&env, 1).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute(&format!(
+            "update public.profiles set bio = 'x' where id = '{}'",
+            u[0].id
+        ))
+        .await
+        .expect("update");
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert!(!log.contains("sink task ended unexpectedly"), "{log}");
+    assert!(log.to_lowercase().contains("unlink"), "{log}");
+    assert_eq!(status.code(), Some(2), "{log}");
+}

@@ -908,3 +908,97 @@ async fn generated_columns_are_cached_on_18_and_refused_before() {
         "PostgreSQL {major}"
     );
 }
+
+/// A refreshed key that one transaction moves away from and then onto
+/// (`b → b-tmp`, then `c → b`) holds the later row afterwards: the second
+/// deletion pass of the batch must not undo the later write (it did: the
+/// key was left absent).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_moved_away_from_and_onto_in_one_transaction_holds_the_later_row() {
+    let mut env = TestEnv::start(12).await;
+    env.write_config(&refresh_rule(
+        "public.profiles",
+        "\"profile:username:{username}\"",
+        "",
+    ));
+    env.setup();
+    let daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let rows = client
+        .query(
+            "select id::text from public.profiles where username is not null order by id limit 12",
+            &[],
+        )
+        .await
+        .expect("profiles");
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let mut redis = env.redis.conn().await;
+    // Several rounds, each in its own transaction: every one must hold.
+    for (round, pair) in ids.chunks(2).enumerate() {
+        let (b, c) = (&pair[0], &pair[1]);
+        let name = format!("swap-{round}");
+        client
+            .execute(
+                "update public.profiles set username = $1 where id = $2::text::uuid",
+                &[&name, b],
+            )
+            .await
+            .expect("name b");
+        // The daemon's second pass of every earlier batch is done: its
+        // visibility check cannot cover the swap (the test would not see
+        // the second pass the swap needs).
+        let lsn: String = client
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+        wait_for(
+            "the position to be recorded",
+            Duration::from_secs(30),
+            || {
+                let (client, mut redis, lsn) = (&client, redis.clone(), lsn.clone());
+                async move {
+                    let recorded: Option<String> = redis::cmd("GET")
+                        .arg("pgci:position:pg_cache_invalidator")
+                        .query_async(&mut redis)
+                        .await
+                        .expect("get");
+                    client
+                        .query_one(
+                            "select coalesce($1::text::pg_lsn >= $2::text::pg_lsn, false)",
+                            &[&recorded, &lsn],
+                        )
+                        .await
+                        .expect("compare")
+                        .get(0)
+                }
+            },
+        )
+        .await;
+        client
+            .batch_execute(&format!(
+                "begin; \
+                 update public.profiles set username = username || '-tmp' where id = '{b}'; \
+                 update public.profiles set username = '{name}' where id = '{c}'; \
+                 commit"
+            ))
+            .await
+            .expect("swap");
+        env.sync().await;
+        let cached: Option<String> = redis::cmd("GET")
+            .arg(format!("profile:username:{name}"))
+            .query_async(&mut redis)
+            .await
+            .expect("get");
+        let cached = cached.unwrap_or_else(|| {
+            panic!(
+                "round {round}: profile:username:{name} is absent; it should hold {c}'s row\n{}",
+                daemon.log()
+            )
+        });
+        assert!(
+            cached.contains(c.as_str()),
+            "round {round}: holds another row: {cached}"
+        );
+    }
+}

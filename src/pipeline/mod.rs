@@ -535,8 +535,12 @@ pub async fn run<S: Source>(
     }
     source.shutdown().await;
     health.set_streaming(false);
-    outcome?;
-    sink_result
+    // The sink's own error first: when it stopped, the loop saw only that
+    // its task was gone.
+    match (outcome, sink_result) {
+        (_, Err(error)) | (Err(error), Ok(())) => Err(error),
+        (Ok(()), Ok(())) => Ok(()),
+    }
 }
 
 /// The sink task: resolves and applies batches in order and publishes each

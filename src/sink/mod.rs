@@ -157,6 +157,14 @@ pub struct RedisSink {
     logged: Vec<&'static str>,
     /// Where the applied position is recorded (replication source only).
     position_key: Option<String>,
+    /// The position this daemon recorded last (or read at start): a
+    /// record found missing or behind it when the next is written means
+    /// Redis lost writes (see [`position::lost_writes`]).
+    last_recorded: Option<Lsn>,
+    /// The flush of every rule's keys, for when Redis lost writes.
+    flush_all: Option<CacheOp>,
+    /// Redis lost writes and the flush has not completed yet.
+    flush_due: bool,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// Events go out with `SPUBLISH` (`redis.sharded_events`).
@@ -249,6 +257,9 @@ impl RedisSink {
             config,
             logged: Vec::new(),
             position_key: None,
+            last_recorded: None,
+            flush_all: None,
+            flush_due: false,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             sharded_events: false,
             cancel,
@@ -273,9 +284,11 @@ impl RedisSink {
     }
 
     /// Records the applied position of `slot` with every acknowledged
-    /// batch (see [`position`]).
-    pub fn record_position_of(&mut self, slot: &str) {
+    /// batch (see [`position`]), and flushes with `flush_all` (every rule's
+    /// keys) when a record shows that Redis lost writes since the last one.
+    pub fn record_position_of(&mut self, slot: &str, flush_all: CacheOp) {
         self.position_key = Some(position::key(slot));
+        self.flush_all = Some(flush_all);
     }
 
     /// The position recorded for `slot`, retried like a batch.
@@ -284,7 +297,10 @@ impl RedisSink {
         let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
             match position::read(&mut self.conn, &key).await {
-                Ok(lsn) => return Ok(lsn),
+                Ok(lsn) => {
+                    self.last_recorded = lsn;
+                    return Ok(lsn);
+                }
                 Err(error) => {
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
@@ -326,45 +342,7 @@ impl RedisSink {
         scope: Again,
         applied: Option<Lsn>,
     ) -> Result<(), SinkError> {
-        let again: Vec<Item> = items
-            .iter()
-            .filter_map(|item| {
-                let (table, op, keys) = match &item.op {
-                    CacheOp::Invalidate { table, op, keys } => (table, op, keys.clone()),
-                    CacheOp::Refresh {
-                        table,
-                        op,
-                        set,
-                        del,
-                        value,
-                        ..
-                    } => {
-                        let set_too = scope == Again::All || value.is_none();
-                        let keys = del
-                            .iter()
-                            .chain(set.iter().filter(|_| set_too))
-                            .cloned()
-                            .collect();
-                        (table, op, keys)
-                    }
-                    CacheOp::Query {
-                        table, op, keys, ..
-                    } => (table, op, keys.clone()),
-                    CacheOp::Flush { .. } => return None,
-                };
-                if keys.is_empty() {
-                    return None;
-                }
-                Some(Item {
-                    op: CacheOp::Invalidate {
-                        table: Arc::clone(table),
-                        op: *op,
-                        keys,
-                    },
-                    ..item.clone()
-                })
-            })
-            .collect();
+        let again = deletions_again(items, scope);
         let channel = self.channel.take();
         let result = self.apply_counted(&again, applied, false).await;
         self.channel = channel;
@@ -386,7 +364,19 @@ impl RedisSink {
         }
         let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
-            match self.try_apply(items, record.as_ref()).await {
+            let attempt = match self.try_apply(items, record.as_ref()).await {
+                Ok((touched, replaced)) => {
+                    if let Some(replaced) = replaced {
+                        self.check_record(replaced.as_deref(), applied);
+                    }
+                    match self.flush_if_writes_lost(applied).await {
+                        Ok(()) => Ok(touched),
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            match attempt {
                 Ok(touched) => {
                     self.logged.clear();
                     self.health.set_redis_ok(true);
@@ -428,6 +418,57 @@ impl RedisSink {
         }
     }
 
+    /// Compares the record a new one replaced with the one this daemon
+    /// wrote last; `applied` is now the last.
+    fn check_record(&mut self, replaced: Option<&str>, applied: Option<Lsn>) {
+        if position::lost_writes(self.last_recorded, replaced) && !self.flush_due {
+            self.flush_due = true;
+            metrics::counter!(m::REDIS_LOST_WRITES_TOTAL).increment(1);
+            tracing::error!(
+                recorded_lsn = replaced.unwrap_or("none"),
+                expected_lsn = %self.last_recorded.unwrap_or_default(),
+                "redis lost writes (restarted from an older snapshot, emptied, or failed over to a replica that missed them): values deleted since may be back; flushing every key of every rule"
+            );
+        }
+        if applied.is_some() {
+            self.last_recorded = applied;
+        }
+    }
+
+    /// Flushes every rule's keys once Redis was found to have lost writes:
+    /// the record is removed first, so a daemon stopped before the flush
+    /// completes flushes at its next start (no record), and written again
+    /// after.
+    async fn flush_if_writes_lost(&mut self, applied: Option<Lsn>) -> Result<(), RedisError> {
+        if !self.flush_due {
+            return Ok(());
+        }
+        let (Some(key), Some(flush)) = (self.position_key.clone(), self.flush_all.clone()) else {
+            self.flush_due = false;
+            return Ok(());
+        };
+        redis::cmd("DEL")
+            .arg(&key)
+            .query_async::<()>(&mut self.conn)
+            .await?;
+        let item = Item {
+            op: flush,
+            lsn: applied.unwrap_or_default(),
+            commit_time: Arc::from(""),
+            commit_micros: 0,
+            seq: 0,
+            xid: 0,
+        };
+        self.apply_flush(&item).await?;
+        if let Some(lsn) = self.last_recorded {
+            position::record(&key, lsn)
+                .query_async::<()>(&mut self.conn)
+                .await?;
+        }
+        self.flush_due = false;
+        Ok(())
+    }
+
     /// Opens a new connection in place of the current one (which still
     /// answers, but from a node that is no longer the primary).
     async fn reconnect(&mut self) {
@@ -460,14 +501,16 @@ impl RedisSink {
     /// between such runs, in order.
     /// `record`, the position record, goes in the last pipeline (or alone,
     /// when the batch ends with a flush or is empty).
+    /// Returns what the record replaced, when it was written (see
+    /// [`position::lost_writes`]).
     async fn try_apply(
         &mut self,
         items: &[Item],
         record: Option<&redis::Cmd>,
-    ) -> Result<Touched, RedisError> {
+    ) -> Result<(Touched, Option<Option<String>>), RedisError> {
         let mut touched = Touched::default();
         let mut rest = items;
-        let mut recorded = false;
+        let mut replaced: Option<Option<String>> = None;
         while !rest.is_empty() {
             let run = rest
                 .iter()
@@ -483,24 +526,33 @@ impl RedisSink {
                     self.conn.is_cluster(),
                 );
                 let mut shards = request.shards;
-                // One server: the position goes in the batch's transaction.
-                if !self.conn.is_cluster() && run == rest.len() {
-                    if let (Some(record), Some((_, pipe))) = (record, shards.first_mut()) {
-                        pipe.add_command(record.clone()).ignore();
-                        recorded = true;
+                // One server: the position goes in the batch's transaction,
+                // the only command whose reply is read.
+                let single = match (&mut shards[..], record) {
+                    ([(_, pipe)], Some(record)) if !self.conn.is_cluster() && run == rest.len() => {
+                        pipe.add_command(record.clone());
+                        Some(pipe)
                     }
-                }
-                // Every slot's part at once; the events, and the position
-                // (below), only once all of them were acknowledged.
-                let written =
-                    futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
-                        let mut conn = self.conn.clone();
-                        async move { conn.transaction(*slot, pipe).await }
-                    }))
-                    .await?;
+                    _ => None,
+                };
+                let written = if let Some(pipe) = single {
+                    let replies: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
+                    replaced = Some(replies.into_iter().next().flatten());
+                    Default::default()
+                } else {
+                    // Every slot's part at once; the events, and the
+                    // position (below), only once all of them were
+                    // acknowledged.
+                    let written =
+                        futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
+                            let mut conn = self.conn.clone();
+                            async move { conn.transaction(*slot, pipe).await }
+                        }))
+                        .await?;
+                    written.into_iter().flatten().collect()
+                };
                 // On a cluster, a failover must not lose what was
                 // acknowledged: the masters' replicas have it too.
-                let written = written.into_iter().flatten().collect();
                 self.conn.replicated(&written).await?;
                 // On a cluster the events go in one pipeline with the
                 // position record (when this run ends the batch), to the
@@ -508,17 +560,20 @@ impl RedisSink {
                 // node, and one round trip is saved. (SPUBLISH must go to
                 // its channel's master.)
                 let mut after = request.events;
+                let mut with_record = false;
                 if self.conn.is_cluster() && !self.sharded_events && run == rest.len() {
                     if let Some(record) = record {
                         after
                             .get_or_insert_with(redis::pipe)
-                            .add_command(record.clone())
-                            .ignore();
-                        recorded = true;
+                            .add_command(record.clone());
+                        with_record = true;
                     }
                 }
                 if let Some(after) = after {
-                    after.query_async::<()>(&mut self.conn).await?;
+                    let replies: Vec<Option<String>> = after.query_async(&mut self.conn).await?;
+                    if with_record {
+                        replaced = Some(replies.into_iter().next().flatten());
+                    }
                 }
                 for item in &rest[..run] {
                     match &item.op {
@@ -544,10 +599,10 @@ impl RedisSink {
                 rest = tail;
             }
         }
-        if let (Some(record), false) = (record, recorded) {
-            record.query_async::<()>(&mut self.conn).await?;
+        if let (Some(record), None) = (record, &replaced) {
+            replaced = Some(record.query_async(&mut self.conn).await?);
         }
-        Ok(touched)
+        Ok((touched, replaced))
     }
 
     async fn apply_flush(&mut self, item: &Item) -> Result<u64, RedisError> {
@@ -616,5 +671,135 @@ impl RedisSink {
         }
         metrics::counter!(m::BATCHES_TOTAL).increment(1);
         metrics::histogram!(m::BATCH_OPERATIONS).record(items.len() as f64);
+    }
+}
+
+/// The keys [`RedisSink::delete_again`] deletes, as invalidations in batch
+/// order. A key deleted by one operation and written by a later one of
+/// the same batch (a refreshed key moved away from and then onto, within
+/// one transaction) is left out under [`Again::Deleted`]: deleting it
+/// again would undo the later write. (Under [`Again::All`] the written
+/// keys are deleted as well, so nothing later survives to be undone.)
+fn deletions_again(items: &[Item], scope: Again) -> Vec<Item> {
+    let mut written_later: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut again: Vec<Item> = Vec::new();
+    for item in items.iter().rev() {
+        let (table, op, keys): (&Arc<str>, _, Vec<String>) = match &item.op {
+            CacheOp::Invalidate { table, op, keys } => (table, op, unwritten(keys, &written_later)),
+            CacheOp::Refresh {
+                table,
+                op,
+                set,
+                del,
+                value,
+                ..
+            } => {
+                let set_too = scope == Again::All || value.is_none();
+                if !set_too {
+                    // The op's own write follows its deletions.
+                    written_later.extend(set.iter().map(String::as_str));
+                }
+                let mut keys = unwritten(del, &written_later);
+                if set_too {
+                    keys.extend(set.iter().cloned());
+                }
+                (table, op, keys)
+            }
+            CacheOp::Query {
+                table, op, keys, ..
+            } => (table, op, unwritten(keys, &written_later)),
+            CacheOp::Flush { .. } => continue,
+        };
+        if keys.is_empty() {
+            continue;
+        }
+        again.push(Item {
+            op: CacheOp::Invalidate {
+                table: Arc::clone(table),
+                op: *op,
+                keys,
+            },
+            lsn: item.lsn,
+            commit_time: Arc::clone(&item.commit_time),
+            commit_micros: item.commit_micros,
+            seq: item.seq,
+            xid: item.xid,
+        });
+    }
+    again.reverse();
+    again
+}
+
+/// `keys` less those in `written`.
+fn unwritten(keys: &[String], written: &std::collections::HashSet<&str>) -> Vec<String> {
+    keys.iter()
+        .filter(|k| !written.contains(k.as_str()))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Op;
+
+    fn refresh(seq: u32, del: &[&str], set: &[&str]) -> Item {
+        Item {
+            op: CacheOp::Refresh {
+                table: Arc::from("public.profiles"),
+                op: Op::Update,
+                set: set.iter().map(|s| s.to_string()).collect(),
+                del: del.iter().map(|s| s.to_string()).collect(),
+                value: Some(Arc::from("{}")),
+                ttl_secs: 60,
+            },
+            lsn: Lsn(100),
+            commit_time: Arc::from(""),
+            commit_micros: 0,
+            seq,
+            xid: 7,
+        }
+    }
+
+    fn keys(items: &[Item]) -> Vec<Vec<String>> {
+        items
+            .iter()
+            .map(|i| match &i.op {
+                CacheOp::Invalidate { keys, .. } => keys.clone(),
+                other => panic!("not an invalidation: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// `b → b-tmp`, then `c → b` in one transaction: the second pass must
+    /// not delete `b`, which the later change wrote.
+    #[test]
+    fn a_key_written_later_in_the_batch_is_not_deleted_again() {
+        let items = [
+            refresh(1, &["u:b"], &["u:b-tmp"]),
+            refresh(2, &["u:c"], &["u:b"]),
+        ];
+        assert_eq!(
+            keys(&deletions_again(&items, Again::Deleted)),
+            vec![vec!["u:c".to_string()]]
+        );
+        // Every touched key goes under `All`.
+        assert_eq!(
+            keys(&deletions_again(&items, Again::All)),
+            vec![
+                vec!["u:b".to_string(), "u:b-tmp".to_string()],
+                vec!["u:c".to_string(), "u:b".to_string()]
+            ]
+        );
+        // A deletion after the write still counts.
+        let items = [
+            refresh(1, &["u:b"], &["u:x"]),
+            refresh(2, &["u:c"], &["u:b"]),
+            refresh(3, &["u:b"], &["u:y"]),
+        ];
+        assert_eq!(
+            keys(&deletions_again(&items, Again::Deleted)),
+            vec![vec!["u:c".to_string()], vec!["u:b".to_string()]]
+        );
     }
 }

@@ -24,11 +24,26 @@ pub fn key(slot: &str) -> String {
     format!("pgci:position:{slot}")
 }
 
-/// `SET key lsn` (no expiry: it must outlive any outage).
+/// `SET key lsn GET` (no expiry: it must outlive any outage). The reply is
+/// the record it replaced, which [`lost_writes`] compares with what this
+/// daemon wrote last: Redis ≥ 6.2.
 pub fn record(key: &str, lsn: Lsn) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
-    cmd.arg(key).arg(lsn.to_string());
+    cmd.arg(key).arg(lsn.to_string()).arg("GET");
     cmd
+}
+
+/// Whether Redis lost writes since this daemon last recorded `last`: the
+/// record a new one replaced (`replaced`, as `SET … GET` returned it) is
+/// missing or behind it. A Redis restarted from an older snapshot, or
+/// failed over to a replica that missed writes, brings back the values the
+/// lost batches had deleted. (A record ahead of `last` is another
+/// instance's: it applied more, which loses nothing.)
+pub fn lost_writes(last: Option<Lsn>, replaced: Option<&str>) -> bool {
+    let Some(last) = last else {
+        return false;
+    };
+    replaced.and_then(|r| r.parse::<Lsn>().ok()) < Some(last)
 }
 
 /// The recorded position, if any (an unreadable value counts as none).
@@ -133,6 +148,12 @@ mod tests {
         assert!(covers(Some(Lsn(11)), Lsn(10)));
         assert!(!covers(Some(Lsn(9)), Lsn(10)));
         assert!(!covers(None, Lsn(10)));
+        assert!(!lost_writes(None, None), "nothing recorded yet");
+        assert!(!lost_writes(Some(Lsn(10)), Some("0/A")));
+        assert!(!lost_writes(Some(Lsn(10)), Some("0/B")), "another instance");
+        assert!(lost_writes(Some(Lsn(10)), Some("0/9")), "an older snapshot");
+        assert!(lost_writes(Some(Lsn(10)), None), "an emptied redis");
+        assert!(lost_writes(Some(Lsn(10)), Some("garbage")));
         assert_eq!(
             key("pg_cache_invalidator"),
             "pgci:position:pg_cache_invalidator"

@@ -98,6 +98,10 @@ pub const SLOT_RESETS_TOTAL: &str = "pgci_slot_resets_total";
 /// Start-ups that flushed every rule key because Redis could not show it
 /// had seen every change the slot skipped.
 pub const STARTUP_FLUSHES_TOTAL: &str = "pgci_startup_flushes_total";
+/// Times a position record showed that Redis lost writes (restarted from
+/// an older snapshot, emptied, failed over to a replica that missed them)
+/// while the daemon ran, and every rule key was flushed.
+pub const REDIS_LOST_WRITES_TOTAL: &str = "pgci_redis_lost_writes_total";
 /// TRUNCATEs that flushed a table's keys.
 pub const TRUNCATE_FLUSHES_TOTAL: &str = "pgci_truncate_flushes_total";
 /// Seconds from writing a heartbeat message to reading it on the stream.
@@ -264,6 +268,10 @@ fn describe() {
     describe_counter!(
         SLOT_RESETS_TOTAL,
         "Lost or missing slots rebuilt (keys flushed)"
+    );
+    describe_counter!(
+        REDIS_LOST_WRITES_TOTAL,
+        "Times redis was found to have lost writes while running (every rule key flushed)"
     );
     describe_counter!(
         STARTUP_FLUSHES_TOTAL,

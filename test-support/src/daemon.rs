@@ -54,6 +54,22 @@ impl Daemon {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Waits until it exits by itself; panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon did not exit: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Everything it logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
