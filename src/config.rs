@@ -509,13 +509,17 @@ impl Config {
             }
         }
         let raw = builder.build().map_err(|e| {
-            ConfigError::Load(format!("cannot read config {}: {e}", path.display()))
+            ConfigError::Load(format!(
+                "cannot read config {}: {} (fix the file's TOML syntax)",
+                path.display(),
+                without_snippets(&e.to_string())
+            ))
         })?;
         raw.try_deserialize::<Config>().map_err(|e| {
             ConfigError::Load(format!(
                 "invalid config {}: {}",
                 path.display(),
-                one_line(&e.to_string())
+                without_snippets(&e.to_string())
             ))
         })
     }
@@ -601,6 +605,22 @@ impl Config {
             &mut problems,
         );
         check_identifier("outbox.schema", &self.outbox.schema, false, &mut problems);
+        if !self.outbox.schema.is_empty()
+            && !(self
+                .outbox
+                .schema
+                .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && self
+                    .outbox
+                    .schema
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            problems.push(format!(
+                "outbox.schema: {:?} may contain only letters, digits and underscores, starting with a letter or underscore (it is written into SQL and a function body)",
+                self.outbox.schema
+            ));
+        }
         check_identifier(
             "replication.application_name",
             &self.replication.application_name,
@@ -754,6 +774,23 @@ impl Config {
     }
 }
 
+/// A parser's error as one line, without the snippet of the file it
+/// quotes (`2 | url = "postgres://user:password@…`): the line in error may
+/// hold a secret, and logs must not.
+fn without_snippets(text: &str) -> String {
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            let after_number = line.trim_start_matches(|c: char| c.is_ascii_digit());
+            !after_number.trim_start().starts_with('|')
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    one_line(&kept.join(": "))
+}
+
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -802,6 +839,21 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, toml).expect("write");
         Config::load(&path)
+    }
+
+    /// A syntax error on a line holding a password says where and what,
+    /// on one line, without quoting the line.
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        let Err(ConfigError::Load(text)) =
+            parse("[postgres]\nurl = \"postgres://pgci:S3cretPW@127.0.0.1/db\n")
+        else {
+            panic!("loaded");
+        };
+        assert!(!text.contains("S3cretPW"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+        assert!(text.contains("expected"), "{text}");
     }
 
     const MINIMAL: &str = r#"
@@ -862,6 +914,27 @@ mod tests {
         };
         assert!(lines[0].contains("balances, rest"), "{lines:?}");
         assert_eq!(parse(MINIMAL).expect("loads").each_group().len(), 1);
+    }
+
+    /// A schema name that would break out of the SQL `setup` writes (a
+    /// `$fn$` ends the trigger function's body) is refused before setup
+    /// creates anything.
+    #[test]
+    fn an_outbox_schema_that_is_not_a_plain_name_is_refused() {
+        for bad in ["a$fn$b", "x;drop", "1abc", "a b", "sch\"ema"] {
+            let text = format!("{MINIMAL}\n[outbox]\nschema = {bad:?}\n");
+            let Err(ConfigError::Invalid(lines)) = parse(&text).expect("loads").validate() else {
+                panic!("{bad} accepted")
+            };
+            assert!(
+                lines.iter().any(|l| l.starts_with("outbox.schema:")),
+                "{lines:?}"
+            );
+        }
+        for good in ["cache_invalidator", "Cache_2", "_x"] {
+            let text = format!("{MINIMAL}\n[outbox]\nschema = {good:?}\n");
+            parse(&text).expect("loads").validate().expect(good);
+        }
     }
 
     #[test]

@@ -426,3 +426,48 @@ async fn a_redis_user_that_may_not_unlink_stops_with_redis_s_refusal() {
     assert!(log.to_lowercase().contains("unlink"), "{log}");
     assert_eq!(status.code(), Some(2), "{log}");
 }
+
+/// `redis-acl` for a channel with a space and a star, and a key template
+/// with a space, prints a line redis-server loads (it refused to start
+/// with the old line), and the star grants no other channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_acl_line_loads_with_spaces_and_stars_in_names() {
+    use pgci_test_support::redis_server::Redis;
+    let mut env = TestEnv::start(1).await;
+    env.redis_url_override = Some(format!("redis://pgci:pw@127.0.0.1:{}/0", env.redis.port));
+    env.redis_extra = "channel = \"cache events*\"".to_string();
+    env.write_config(
+        "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"pillar name:{slug}\"]\naction = \"delete\"\n",
+    );
+    let out = env.cli(&["redis-acl"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let redis = Redis::start_with_acl(&line).await;
+    let user =
+        redis::Client::open(format!("redis://pgci:pw@127.0.0.1:{}/0", redis.port)).expect("client");
+    let mut conn = user
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect as pgci");
+    let _: () = redis::cmd("PUBLISH")
+        .arg("cache events*")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .expect("its own channel");
+    let other: redis::RedisResult<()> = redis::cmd("PUBLISH")
+        .arg("cache events-other")
+        .arg("x")
+        .query_async(&mut conn)
+        .await;
+    assert!(other.is_err(), "the star granted another channel");
+    let _: () = redis::cmd("UNLINK")
+        .arg("pillar name:x")
+        .query_async(&mut conn)
+        .await
+        .expect("its own key");
+}

@@ -92,12 +92,21 @@ fn wanted(event: &serde_json::Value, table: Option<&str>, key: Option<&WildMatch
     }
 }
 
+/// The table view: every field through [`printable`], since keys hold
+/// whatever a row held (an escape sequence in a username must not reach
+/// the operator's terminal).
 fn row(event: &serde_json::Value) -> String {
-    let text = |name: &str| event[name].as_str().unwrap_or("-").to_string();
-    let keys = strings(&event["keys"]).join(" ");
-    let keys = match strings(&event["patterns"]) {
-        patterns if !patterns.is_empty() => format!("flush {}", patterns.join(" ")),
-        _ => keys,
+    let text = |name: &str| printable(event[name].as_str().unwrap_or("-"));
+    let list = |name: &str| {
+        strings(&event[name])
+            .into_iter()
+            .map(printable)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let keys = match list("patterns") {
+        patterns if !patterns.is_empty() => format!("flush {patterns}"),
+        _ => list("keys"),
     };
     format!(
         "{:<27} {:<28} {:<9} {:<8} {keys}",
@@ -108,9 +117,43 @@ fn row(event: &serde_json::Value) -> String {
     )
 }
 
+/// `text` with control characters escaped as JSON escapes them (`\r`,
+/// `\u001b`); everything else, including non-ASCII letters, as it is.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key holding an escape sequence and a carriage return is shown
+    /// escaped, never raw.
+    #[test]
+    fn control_characters_are_escaped_in_the_table() {
+        let event = serde_json::json!({"table": "public.profiles", "op": "update", "action": "delete",
+            "keys": ["profile:username:\u{1b}[31mred\rover"], "commit_time": "t\u{7}"});
+        let line = row(&event);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.contains("profile:username:\\u001b[31mred\\rover"),
+            "{line}"
+        );
+        assert_eq!(printable("journée ✓"), "journée ✓");
+    }
 
     #[test]
     fn events_are_filtered_by_table_and_key_glob() {

@@ -78,6 +78,7 @@ pub fn daemon_user(
     let user = settings.username().unwrap_or("default");
     let mut parts = vec![format!("user {user} on #{}", sha256_hex(password))];
     for pattern in key_patterns {
+        let pattern = file_safe(pattern);
         parts.push(format!("~{pattern}"));
         // The version key of a refreshed key: `{key}:pgci-version`.
         parts.push(format!("~{{{pattern}}}:pgci-version"));
@@ -85,11 +86,41 @@ pub fn daemon_user(
     parts.extend(slots.iter().map(|slot| format!("~{}", position::key(slot))));
     parts.push("resetchannels".to_string());
     if !channel.is_empty() {
-        parts.push(format!("&{channel}"));
+        parts.push(format!("&{}", file_safe(&literal_pattern(channel))));
     }
     parts.push("-@all".to_string());
     parts.extend(DAEMON_COMMANDS.iter().map(|c| format!("+{c}")));
     Ok(parts.join(" "))
+}
+
+/// A glob pattern matching exactly `text` (the channel is a name, not a
+/// pattern: a `*` in it must not grant every channel).
+fn literal_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(ch);
+    }
+    pattern
+}
+
+/// `pattern` with each character an ACL file line cannot hold (the file
+/// splits rules on spaces; quotes and control characters break the line)
+/// matched by `?` instead: one character wider, never narrower, and a
+/// file Redis loads.
+fn file_safe(pattern: &str) -> String {
+    pattern
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() || c == '"' || c == '\'' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -124,5 +155,25 @@ mod tests {
         assert!(!line.contains("config"), "{line}");
         let err = daemon_user(&SecretUrl::new("redis://127.0.0.1:6379"), &[], "", &[]).unwrap_err();
         assert!(err.contains("has no password"), "{err}");
+    }
+
+    /// A space in a channel or key pattern no longer splits the rule (Redis
+    /// refused to start with the file), and a `*` in the channel is a
+    /// literal star, not every channel.
+    #[test]
+    fn spaces_and_globs_in_names_stay_inside_their_rule() {
+        let url = SecretUrl::new("redis://pgci:s3cret@127.0.0.1:6379/0");
+        let line = daemon_user(
+            &url,
+            &["my key:*".into()],
+            "cache events*",
+            &["s".to_string()],
+        )
+        .expect("line");
+        assert!(
+            line.contains(" ~my?key:* ~{my?key:*}:pgci-version "),
+            "{line}"
+        );
+        assert!(line.contains(" &cache?events\\* "), "{line}");
     }
 }
