@@ -605,17 +605,12 @@ impl Config {
             &mut problems,
         );
         check_identifier("outbox.schema", &self.outbox.schema, false, &mut problems);
-        if !self.outbox.schema.is_empty()
-            && !(self
-                .outbox
-                .schema
-                .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && self
-                    .outbox
-                    .schema
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-        {
+        let schema = &self.outbox.schema;
+        let plain = schema.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && schema
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !schema.is_empty() && !plain {
             problems.push(format!(
                 "outbox.schema: {:?} may contain only letters, digits and underscores, starting with a letter or underscore (it is written into SQL and a function body)",
                 self.outbox.schema
