@@ -169,7 +169,7 @@ async fn start_and_run(
         }
     }
     drop(db);
-    let (drift_tx, drift_rx) = tokio::sync::watch::channel(Vec::new());
+    let (drift_tx, drift_rx) = tokio::sync::watch::channel(Default::default());
     let stages = Stages {
         planner,
         resolver: Resolver::new(conn.clone(), cancel.clone()),

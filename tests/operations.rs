@@ -680,3 +680,43 @@ async fn build_info_and_process_metrics_are_exported() {
         "{text}"
     );
 }
+
+/// Once a replica identity the stream described as wrong is put right,
+/// the next catalog check makes the daemon ready (and flushes the table
+/// once more) without waiting for the table's next change: /readyz stayed
+/// 503 until the next change to the table (over 30 s seen).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_identity_is_ready_without_waiting_for_a_change() {
+    let mut env = TestEnv::start(5).await;
+    env.write_config(
+        "[replication]\nheartbeat_interval = \"1s\"\n\n\
+         [[rules]]\ntable = \"public.profiles\"\nkeys = [\"profile:username:{username}\"]\naction = \"delete\"\n",
+    );
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "alter table public.profiles replica identity default; \
+             update public.profiles set username = username || '-renamed' \
+              where id = (select id from public.profiles order by id limit 1)",
+        )
+        .await
+        .expect("reset the identity and rename");
+    env.sync().await;
+    assert_eq!(status_of(port, "/readyz").await, 503, "{}", daemon.log());
+    client
+        .batch_execute("alter table public.profiles replica identity full")
+        .await
+        .expect("fix");
+    crate::support::wait_status(
+        "ready again without a change to the table",
+        port,
+        "/readyz",
+        200,
+        Duration::from_secs(10),
+    )
+    .await;
+}

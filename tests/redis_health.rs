@@ -471,3 +471,104 @@ async fn the_acl_line_loads_with_spaces_and_stars_in_names() {
         .await
         .expect("its own key");
 }
+
+/// Readiness tells why Redis holds the stream: paused while a batch is in
+/// flight, it turns not ready within seconds (it stayed ready for the 30 s
+/// response timeout) saying the batch is not acknowledged; out of memory
+/// under noeviction, it says so (it said "not answering"); both recover.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_says_why_redis_holds_the_stream() {
+    use crate::invalidation::users;
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    let ready = |want: &'static str| async move {
+        http_get(port, "/readyz").await.is_some_and(|(s, body)| {
+            if want == "ready" {
+                s == 200
+            } else {
+                s == 503 && body.contains(want)
+            }
+        })
+    };
+    wait_for("ready", Duration::from_secs(30), || ready("ready")).await;
+    let u = users(&env, 2).await;
+    let client = env.pg.client().await;
+    let mut admin = env.redis.conn().await;
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(8000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .expect("pause");
+    let paused = std::time::Instant::now();
+    client
+        .batch_execute(&format!(
+            "update public.profiles set bio = 'p' where id = '{}'",
+            u[0].id
+        ))
+        .await
+        .expect("update");
+    wait_for("not ready while paused", Duration::from_secs(6), || {
+        ready("has not acknowledged a batch")
+    })
+    .await;
+    assert!(
+        paused.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        paused.elapsed()
+    );
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .expect("unpause");
+    wait_for("ready after the pause", Duration::from_secs(30), || {
+        ready("ready")
+    })
+    .await;
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut admin)
+        .await
+        .expect("policy");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query_async(&mut admin)
+        .await
+        .expect("maxmemory");
+    client
+        .batch_execute(&format!(
+            "update public.profiles set bio = 'q' where id = '{}'",
+            u[1].id
+        ))
+        .await
+        .expect("update");
+    wait_for("not ready, out of memory", Duration::from_secs(30), || {
+        ready("(oom)")
+    })
+    .await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut admin)
+        .await
+        .expect("maxmemory");
+    wait_for(
+        "ready after memory was freed",
+        Duration::from_secs(30),
+        || ready("ready"),
+    )
+    .await;
+    env.sync().await;
+    drop(daemon);
+}

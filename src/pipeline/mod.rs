@@ -39,7 +39,7 @@ use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
 use crate::resolve::{ResolveError, Resolver, Visibility};
 use crate::sink::{Again, RedisSink, SinkError};
-use crate::source::replication::drift::Drifted;
+use crate::source::replication::drift::{CatalogReport, Drifted};
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -149,8 +149,9 @@ struct Stream<A> {
 struct DriftState {
     /// The last catalog report.
     catalog: Vec<Drifted>,
-    /// Tables whose last description lacked key columns in its identity.
-    described: Vec<Drifted>,
+    /// Tables whose last description lacked key columns in its identity,
+    /// and when that description was read.
+    described: Vec<(Drifted, tokio::time::Instant)>,
     /// Partitioned tables: their descriptions carry the partitioned table's
     /// own identity, not the partitions' that decide what old rows hold, so
     /// only the catalog check judges them.
@@ -161,7 +162,7 @@ impl DriftState {
     /// Every drifted table, once.
     fn all(&self) -> Vec<Drifted> {
         let mut all = self.catalog.clone();
-        for d in &self.described {
+        for (d, _) in &self.described {
             if !all.iter().any(|a| a.table == d.table) {
                 all.push(d.clone());
             }
@@ -264,9 +265,16 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
     }
 
     /// Takes a catalog drift report.
-    fn on_catalog_drift(&mut self, report: Vec<Drifted>) {
+    fn on_catalog_drift(&mut self, report: CatalogReport) {
         let before = self.drift.all();
-        self.drift.catalog = report;
+        // A table described as drifted before the check began, which the
+        // check does not list, was put right since (the next change would
+        // describe it again; readiness should not wait for one).
+        let checked_at = tokio::time::Instant::from_std(report.checked_at);
+        self.drift.described.retain(|(d, seen)| {
+            *seen >= checked_at || report.drifted.iter().any(|c| c.table == d.table)
+        });
+        self.drift.catalog = report.drifted;
         let now = self.drift.all();
         self.on_drift(&before, &now);
     }
@@ -281,17 +289,17 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
             .drift
             .described
             .iter()
-            .position(|d| d.table == schema.name);
+            .position(|(d, _)| d.table == schema.name);
         let before = self.drift.all();
         match (gaps.is_empty(), known) {
-            (false, None) => self.drift.described.push(Drifted {
+            (false, None) => self.drift.described.push((Drifted {
                 table: schema.name.clone(),
                 reason: format!(
                     "the stream describes table {} with a replica identity that does not carry column(s) {}, so deletes and key changes cannot be invalidated: run pg-cache-invalidator check-config for the ALTER TABLE … REPLICA IDENTITY to run, or pg-cache-invalidator setup",
                     schema.name,
                     gaps.join(", ")
                 ),
-            }),
+            }, tokio::time::Instant::now())),
             (true, Some(i)) => {
                 self.drift.described.remove(i);
             }
@@ -409,7 +417,7 @@ pub struct Stages {
     pub conn: ConnInfo,
     /// Reports of watched tables the catalog no longer lets the stream
     /// cover (replication, from the heartbeat task).
-    pub drift: Option<watch::Receiver<Vec<Drifted>>>,
+    pub drift: Option<watch::Receiver<CatalogReport>>,
     /// Watched tables that are partitioned (see [`DriftState`]).
     pub partitioned: Vec<TableName>,
 }

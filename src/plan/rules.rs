@@ -14,6 +14,11 @@ pub use crate::config::Action;
 use crate::config::{Config, ConfigError, RuleConfig};
 use crate::plan::keys::KeyTemplate;
 
+/// The longest TTL a refresh rule may set: Redis refuses an expiry whose
+/// milliseconds overflow (`invalid expire time`), and that refusal would
+/// hold every batch. A hundred years is far below that and far above any
+/// cache's need.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// Checks the whole configuration and compiles its rules: every problem
 /// of both at once, each naming its field.
 pub fn compile(config: &Config) -> Result<RuleSet, ConfigError> {
@@ -145,6 +150,10 @@ impl RuleSet {
                 }
             } else {
                 match rc.ttl {
+                    Some(t) if t.0 > MAX_TTL => problems.push(format!(
+                        "rules[{i}].ttl: at most {}d (100 years): Redis refuses an expiry far beyond that, which would stall every table",
+                        MAX_TTL.as_secs() / 86_400
+                    )),
                     Some(t) if !t.0.is_zero() => ttl = t.0,
                     _ => problems.push(format!(
                         "rules[{i}].ttl: action = \"refresh\" needs a ttl such as \"1h\" or \"5m\""
@@ -311,6 +320,15 @@ mod tests {
             RuleSet::compile(&[r])
         };
         assert!(refresh(&|_| {}).is_ok());
+        let errs = refresh(&|r| {
+            r.ttl = Some(HumanDuration(Duration::from_secs(107_000_000_000 * 86_400)))
+        })
+        .unwrap_err();
+        assert!(
+            errs[0].starts_with("rules[0].ttl: at most 36500d"),
+            "{errs:?}"
+        );
+        refresh(&|r| r.ttl = Some(HumanDuration(MAX_TTL))).expect("100 years is accepted");
         let errs = refresh(&|r| r.ttl = None).unwrap_err();
         assert!(errs[0].starts_with("rules[0].ttl"), "{errs:?}");
         let errs = refresh(&|r| {

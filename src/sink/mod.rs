@@ -61,6 +61,10 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an attempt may wait for Redis before readiness says Redis is
+/// not acknowledging: far above a batch's round trip on a healthy server
+/// (milliseconds), well below the response timeout.
+const SLOW_ATTEMPT: Duration = Duration::from_secs(2);
 /// How long an idle readiness check waits for PONG.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -364,7 +368,25 @@ impl RedisSink {
         }
         let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
-            let attempt = match self.try_apply(items, record.as_ref()).await {
+            // A Redis that is frozen (SIGSTOP, CLIENT PAUSE) or overloaded
+            // answers nothing until the response timeout: readiness says
+            // so once an attempt has waited SLOW_ATTEMPT.
+            let health = Arc::clone(&self.health);
+            let attempt = {
+                let attempt = self.try_apply(items, record.as_ref());
+                tokio::pin!(attempt);
+                tokio::select! {
+                    done = &mut attempt => done,
+                    () = tokio::time::sleep(SLOW_ATTEMPT) => {
+                        health.set_redis_failing(&format!(
+                            "redis has not acknowledged a batch within {}s (frozen, paused or overloaded)",
+                            SLOW_ATTEMPT.as_secs()
+                        ));
+                        attempt.await
+                    }
+                }
+            };
+            let attempt = match attempt {
                 Ok((touched, replaced)) => {
                     if let Some(replaced) = replaced {
                         self.check_record(replaced.as_deref(), applied);
@@ -390,8 +412,14 @@ impl RedisSink {
                 }
                 Err(error) => {
                     self.stats.retries += 1;
-                    self.health.set_redis_ok(false);
                     let kind = error::redis_kind(&error);
+                    self.health.set_redis_failing(&match kind {
+                        "io" => "redis is not answering".to_string(),
+                        kind => format!(
+                            "redis refuses the batch ({kind}): {}",
+                            error::redis_hint(kind)
+                        ),
+                    });
                     metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
@@ -493,8 +521,11 @@ impl RedisSink {
             redis::cmd("PING").query_async::<String>(&mut self.conn),
         )
         .await;
-        self.health
-            .set_redis_ok(matches!(answered, Ok(Ok(ref pong)) if pong == "PONG"));
+        if matches!(answered, Ok(Ok(ref pong)) if pong == "PONG") {
+            self.health.set_redis_ok(true);
+        } else {
+            self.health.set_redis_failing("redis is not answering");
+        }
     }
 
     /// One attempt: runs of row operations as atomic pipelines, a flush

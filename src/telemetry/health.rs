@@ -7,6 +7,7 @@
 //! as alive. Readiness is "streaming from the slot and Redis answering".
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long the loop may go without a tick before `/healthz` fails.
@@ -21,6 +22,8 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     streaming: AtomicBool,
     redis_ok: AtomicBool,
+    /// Why Redis is not OK, for `/readyz` (empty: not answering).
+    redis_reason: Mutex<String>,
     /// Some watched table's changes may be missed (see
     /// `source::replication::drift`).
     drifted: AtomicBool,
@@ -33,6 +36,7 @@ impl Default for Health {
             last_tick_ms: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
             redis_ok: AtomicBool::new(false),
+            redis_reason: Mutex::new(String::new()),
             drifted: AtomicBool::new(false),
         }
     }
@@ -70,7 +74,29 @@ impl Health {
 
     /// Redis answered (or failed) the last attempt.
     pub fn set_redis_ok(&self, ok: bool) {
+        if ok {
+            if let Ok(mut reason) = self.redis_reason.lock() {
+                reason.clear();
+            }
+        }
         self.redis_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Redis failed for `reason` (one line for `/readyz`: not answering,
+    /// refusing writes and why, not acknowledging a batch in time).
+    pub fn set_redis_failing(&self, reason: &str) {
+        if let Ok(mut current) = self.redis_reason.lock() {
+            reason.clone_into(&mut current);
+        }
+        self.redis_ok.store(false, Ordering::Relaxed);
+    }
+
+    /// Why Redis is not OK, as the last failure said.
+    pub fn redis_reason(&self) -> String {
+        match self.redis_reason.lock() {
+            Ok(reason) if !reason.is_empty() => reason.clone(),
+            _ => "redis is not answering".to_string(),
+        }
     }
 
     /// Whether Redis answered the last attempt.

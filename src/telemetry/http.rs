@@ -105,19 +105,20 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.health.ready() {
-        (StatusCode::OK, "ready\n")
+    let (status, text) = if state.health.ready() {
+        (StatusCode::OK, "ready".to_string())
     } else if state.health.drifted() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "a watched table is no longer covered by the publication or its replica identity (see the log)\n",
+            "a watched table is no longer covered by the publication or its replica identity (see the log)".to_string(),
         )
     } else if !state.health.streaming() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not streaming from the replication slot\n",
+            "not streaming from the replication slot".to_string(),
         )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "redis is not answering\n")
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, state.health.redis_reason())
+    };
+    (status, format!("{text}\n"))
 }

@@ -20,6 +20,26 @@ pub struct Drifted {
     pub reason: String,
 }
 
+/// One catalog check: the drifted tables, and when the check began (a
+/// table the stream described as drifted before then and the catalog no
+/// longer lists has been put right).
+#[derive(Debug, Clone)]
+pub struct CatalogReport {
+    /// When the check began.
+    pub checked_at: std::time::Instant,
+    /// What it found.
+    pub drifted: Vec<Drifted>,
+}
+
+impl Default for CatalogReport {
+    fn default() -> Self {
+        CatalogReport {
+            checked_at: std::time::Instant::now(),
+            drifted: Vec::new(),
+        }
+    }
+}
+
 /// The watched tables the catalog no longer lets the stream cover.
 pub async fn drifted_tables(
     db: &Db,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{ConnInfo, Db, DbError};
 use crate::error::{Backoff, SlotHealth};
 use crate::plan::rules::RuleSet;
-use crate::source::replication::drift::{drifted_tables, Drifted};
+use crate::source::replication::drift::{drifted_tables, CatalogReport};
 use crate::source::replication::HEARTBEAT_PREFIX;
 use crate::telemetry::metrics as m;
 
@@ -30,7 +30,7 @@ pub struct DriftCheck {
     /// The publication.
     pub publication: String,
     /// Where the drifted tables are reported (the apply loop).
-    pub report: watch::Sender<Vec<Drifted>>,
+    pub report: watch::Sender<CatalogReport>,
 }
 
 /// Writes heartbeats every `every` until `cancel` fires; checks for drift
@@ -59,12 +59,15 @@ pub async fn heartbeats(
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             .unwrap_or(0);
+        let checked_at = std::time::Instant::now();
         match drifted_tables(connection, &drift.rules, &drift.publication).await {
+            // Every check is sent, changed or not: it also tells the loop
+            // that tables the stream described as drifted earlier are right
+            // again.
             Ok(drifted) => {
-                drift.report.send_if_modified(|current| {
-                    let changed = *current != drifted;
-                    *current = drifted;
-                    changed
+                drift.report.send_replace(CatalogReport {
+                    checked_at,
+                    drifted,
                 });
             }
             Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
