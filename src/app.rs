@@ -104,7 +104,11 @@ async fn start_and_run(
         SourceKind::Replication => format!("slot {}", config.replication.slot),
         SourceKind::Outbox => format!("outbox {}", config.outbox.schema),
     };
-    let board = Board::new(source, rules.tables().map(|(t, _)| t.to_string()).collect());
+    let board = Board::new(
+        source,
+        rules.tables().map(|(t, _)| t.to_string()).collect(),
+        config.http.show_keys,
+    );
     tasks.spawn(telemetry::http::serve(
         listener,
         metrics,
@@ -362,7 +366,7 @@ async fn feed_events(
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     payload = stream.next() => match payload {
-                        Some(payload) => board.event(payload),
+                        Some(payload) => board.event(&payload),
                         None => break,
                     },
                 }

@@ -361,12 +361,18 @@ pub struct HttpConfig {
     /// Address for `/metrics`, `/healthz`, `/readyz`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Whether the status page lists the keys of recent events. Off by
+    /// default: keys hold row values (usernames, ids) and the page has no
+    /// authentication; off, it shows how many keys each event touched.
+    #[serde(default)]
+    pub show_keys: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            show_keys: false,
         }
     }
 }

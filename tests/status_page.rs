@@ -28,7 +28,11 @@ fn chromium(dir: &std::path::Path, args: &[String]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_renders_in_a_browser() {
     let mut env = TestEnv::start(10).await;
-    env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
+    // Keys are listed only when asked for (they hold row values).
+    env.write_config(&format!(
+        "[replication]\nheartbeat_interval = \"1s\"\n[http]\nlisten = \"127.0.0.1:{}\"\nshow_keys = true\n",
+        env.http_port
+    ));
     env.setup();
     let _daemon = env.daemon().await;
     let u = users(&env, 3).await;

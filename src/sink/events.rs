@@ -5,6 +5,13 @@ use serde::Serialize;
 
 use crate::ops::{CacheOp, Item};
 
+/// Most bytes of keys one event lists. Keys hold whatever a row held (a
+/// 20 MB value in a key column made a 40 MB event, and Redis closed every
+/// subscriber for its output buffer): past this the event lists the keys
+/// that fit and says how many it left out (`keys_omitted`), and a
+/// subscriber drops everything it holds of the table.
+pub const MAX_EVENT_KEY_BYTES: usize = 64 << 10;
+
 /// The pub/sub event for one applied operation.
 #[derive(Debug, Serialize)]
 struct Event<'a> {
@@ -12,6 +19,9 @@ struct Event<'a> {
     op: &'a str,
     action: &'a str,
     keys: &'a [String],
+    /// Keys left out to bound the event (see [`MAX_EVENT_KEY_BYTES`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    keys_omitted: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     patterns: Option<&'a [String]>,
     lsn: String,
@@ -31,16 +41,32 @@ pub fn event_json(item: &Item) -> String {
         CacheOp::Invalidate { keys, .. } => ("delete", keys, None),
         CacheOp::Flush { patterns, .. } => ("delete", &[], Some(patterns.as_slice())),
     };
+    let mut budget = MAX_EVENT_KEY_BYTES;
+    let listed = keys
+        .iter()
+        .take_while(|k| match budget.checked_sub(k.len()) {
+            Some(left) => {
+                budget = left;
+                true
+            }
+            None => false,
+        })
+        .count();
     let event = Event {
         table,
         op,
         action,
-        keys,
+        keys: &keys[..listed],
+        keys_omitted: keys.len() - listed,
         patterns,
         lsn: item.lsn.to_string(),
         commit_time: &item.commit_time,
     };
     serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"))
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The command that announces `payload` on `channel`: `SPUBLISH` when
@@ -175,5 +201,21 @@ mod tests {
             event_json(&flushed),
             r#"{"table":"*","op":"flush","action":"delete","keys":[],"patterns":["profile:user:*"],"lsn":"0/16B3748","commit_time":"2026-11-26T07:00:00.123456Z"}"#
         );
+    }
+
+    /// A 20 MB key does not make a 20 MB event: the keys that fit are
+    /// listed and the rest counted.
+    #[test]
+    fn an_event_is_bounded_in_bytes() {
+        let huge = format!("profile:username:{}", "x".repeat(20 << 20));
+        let event = event_json(&item(CacheOp::Invalidate {
+            table: Arc::from("public.profiles"),
+            op: Op::Update,
+            keys: vec!["profile:user:1".into(), huge, "profile:user:2".into()],
+        }));
+        assert!(event.len() < MAX_EVENT_KEY_BYTES + 1024, "{}", event.len());
+        let parsed: serde_json::Value = serde_json::from_str(&event).expect("json");
+        assert_eq!(parsed["keys"], serde_json::json!(["profile:user:1"]));
+        assert_eq!(parsed["keys_omitted"], 2);
     }
 }

@@ -23,13 +23,27 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const SAMPLES: usize = 300;
 /// Events kept for the page.
 const EVENTS: usize = 20;
+/// Most characters of one event's key column kept for the page: with
+/// [`EVENTS`], the page stays small whatever the events hold.
+const EVENT_TEXT: usize = 512;
 
 /// What the page shows, besides health.
 pub struct Board {
     /// The slot (or outbox schema) and the rules' tables, for the header.
     source: String,
     tables: Vec<String>,
+    /// Whether the page lists events' keys (`http.show_keys`): keys hold
+    /// row values (usernames, ids), and the page has no authentication.
+    show_keys: bool,
     state: Mutex<State>,
+}
+
+/// What the page shows of one event, cut to [`EVENT_TEXT`].
+struct Shown {
+    commit_time: String,
+    table: String,
+    op: String,
+    keys: String,
 }
 
 #[derive(Default)]
@@ -37,7 +51,7 @@ struct State {
     samples: VecDeque<Sample>,
     /// The last reading of the counters, for rates.
     last: Option<Reading>,
-    events: VecDeque<String>,
+    events: VecDeque<Shown>,
     /// The newest reading, for the figures.
     now: Reading,
 }
@@ -61,10 +75,11 @@ struct Reading {
 
 impl Board {
     /// A board for `source` (what the daemon reads) and `tables`.
-    pub fn new(source: String, tables: Vec<String>) -> Arc<Board> {
+    pub fn new(source: String, tables: Vec<String>, show_keys: bool) -> Arc<Board> {
         Arc::new(Board {
             source,
             tables,
+            show_keys,
             state: Mutex::default(),
         })
     }
@@ -105,10 +120,41 @@ impl Board {
         state.now = reading;
     }
 
-    /// Keeps an event (its JSON) for the page.
-    pub fn event(&self, payload: String) {
+    /// Keeps what the page shows of an event (its JSON): the keys only
+    /// when `show_keys`, else how many; flush patterns (the rules' own
+    /// text) always.
+    pub fn event(&self, payload: &str) {
+        let event: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+        let text = |name: &str| cut(event[name].as_str().unwrap_or("–"));
+        let list = |name: &str| -> Vec<&str> {
+            event[name]
+                .as_array()
+                .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+                .unwrap_or_default()
+        };
+        let (keys, patterns) = (list("keys"), list("patterns"));
+        let omitted = event["keys_omitted"].as_u64().unwrap_or(0);
+        let keys = if !patterns.is_empty() {
+            cut(&format!("flush {}", patterns.join(" ")))
+        } else if self.show_keys {
+            let more = if omitted > 0 {
+                format!(" (+{omitted} more)")
+            } else {
+                String::new()
+            };
+            cut(&format!("{}{more}", keys.join(" ")))
+        } else {
+            let n = keys.len() as u64 + omitted;
+            format!("{n} key{}", if n == 1 { "" } else { "s" })
+        };
+        let shown = Shown {
+            commit_time: text("commit_time"),
+            table: text("table"),
+            op: text("op"),
+            keys,
+        };
         let mut state = self.state();
-        state.events.push_front(payload);
+        state.events.push_front(shown);
         state.events.truncate(EVENTS);
     }
 
@@ -188,35 +234,26 @@ impl Board {
             );
         }
         html.push_str("</table></section><section id=\"events\"><h2>Recent events</h2><table><tr><th>commit</th><th>table</th><th>op</th><th>keys</th></tr>");
-        for payload in &state.events {
-            let event: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
-            let text = |name: &str| escape(event[name].as_str().unwrap_or("–"));
-            let list = |name: &str| {
-                event[name]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|k| k.as_str())
-                            .map(escape)
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    })
-                    .unwrap_or_default()
-            };
-            let keys = match list("patterns") {
-                p if !p.is_empty() => format!("flush {p}"),
-                _ => list("keys"),
-            };
+        for shown in &state.events {
             let _ = write!(
                 html,
-                "<tr class=\"event\"><td>{}</td><td>{}</td><td>{}</td><td class=\"keys\">{keys}</td></tr>",
-                text("commit_time"),
-                text("table"),
-                text("op"),
+                "<tr class=\"event\"><td>{}</td><td>{}</td><td>{}</td><td class=\"keys\">{}</td></tr>",
+                escape(&shown.commit_time),
+                escape(&shown.table),
+                escape(&shown.op),
+                escape(&shown.keys),
             );
         }
         html.push_str("</table></section></body></html>\n");
         html
+    }
+}
+
+/// `text` cut to [`EVENT_TEXT`] characters, with an ellipsis when cut.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(EVENT_TEXT) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}…", &text[..end]),
     }
 }
 
@@ -400,15 +437,39 @@ pgci_slot_retained_wal_bytes 2048\n";
         let board = Board::new(
             "slot <x>".into(),
             vec!["public.profiles".into(), "public.user_tokens".into()],
+            true,
         );
         board.sample(TEXT);
         board.sample(&TEXT.replace("} 10\n", "} 30\n"));
-        board.event(r#"{"table":"public.profiles","op":"update","keys":["profile:user:<1>"],"commit_time":"t"}"#.into());
+        board.event(r#"{"table":"public.profiles","op":"update","keys":["profile:user:<1>"],"commit_time":"t"}"#);
         let html = board.render(&Health::default());
         assert!(html.contains("slot &lt;x&gt;"));
         assert!(html.contains("profile:user:&lt;1&gt;"));
         assert!(html.contains("changes applied/s: 10"), "{html}");
         assert!(html.contains("<polyline") || html.contains("<svg"));
         assert!(html.contains("<td class=\"table\">public.user_tokens</td><td>5</td>"));
+    }
+
+    /// By default the page shows how many keys an event touched, not the
+    /// keys (they hold row values and the page has no authentication);
+    /// shown or not, a huge event keeps the page small.
+    #[test]
+    fn keys_are_hidden_by_default_and_events_are_cut() {
+        let hidden = Board::new("s".into(), vec![], false);
+        hidden.event(r#"{"table":"public.profiles","op":"update","keys":["profile:username:alice","b"],"commit_time":"t"}"#);
+        let html = hidden.render(&Health::default());
+        assert!(!html.contains("alice"), "{html}");
+        assert!(html.contains(">2 keys<"), "{html}");
+        let shown = Board::new("s".into(), vec![], true);
+        let huge = format!(
+            r#"{{"table":"t","op":"update","keys":["{}"],"keys_omitted":3,"commit_time":"t"}}"#,
+            "x".repeat(1 << 20)
+        );
+        for _ in 0..EVENTS + 5 {
+            shown.event(&huge);
+        }
+        let html = shown.render(&Health::default());
+        assert!(html.len() < 64 << 10, "{}", html.len());
+        assert!(html.contains("…"), "cut");
     }
 }
