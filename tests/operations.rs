@@ -720,3 +720,59 @@ async fn a_fixed_identity_is_ready_without_waiting_for_a_change() {
     )
     .await;
 }
+
+/// A key column renamed and renamed back (a migration rolled back) with
+/// changes in between: the daemon does not stop (it stopped, and every
+/// start replayed the old description and stopped again, naming a column
+/// that existed again); the changes made while the column was missing
+/// flush the table's keys, and the daemon is ready afterwards and keeps
+/// invalidating; a restart replays nothing that stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_column_renamed_and_back_flushes_and_keeps_going() {
+    let mut env = TestEnv::start(5).await;
+    env.write_config(
+        "[replication]\nheartbeat_interval = \"1s\"\n\n\
+         [[rules]]\ntable = \"public.profiles\"\nkeys = [\"profile:username:{username}\"]\naction = \"delete\"\n",
+    );
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let port = env.http_port;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
+    let client = env.pg.client().await;
+    let names: Vec<String> = client
+        .query("select 'profile:username:' || username from public.profiles where username is not null", &[])
+        .await
+        .expect("profiles")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &names).await;
+    client
+        .batch_execute(
+            "alter table public.profiles rename column username to uname; \
+             update public.profiles set bio = 'renamed'; \
+             alter table public.profiles rename column uname to username",
+        )
+        .await
+        .expect("rename and back");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &names).await, 0, "{}", daemon.log());
+    assert!(
+        daemon.try_status().is_none(),
+        "the daemon stopped: {}",
+        daemon.log()
+    );
+    crate::support::wait_status("ready again", port, "/readyz", 200, Duration::from_secs(15)).await;
+    // Invalidation goes on, also after a restart that replays the change.
+    assert!(daemon.terminate().await.success());
+    let mut daemon = env.daemon().await;
+    preset(&mut redis, &names).await;
+    client
+        .batch_execute("update public.profiles set bio = 'after'")
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &names).await, 0, "{}", daemon.log());
+    assert!(daemon.try_status().is_none(), "{}", daemon.log());
+}

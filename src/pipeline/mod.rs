@@ -285,20 +285,21 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
             return;
         }
         let gaps = self.planner.identity_gaps(schema);
+        let unbound = self.planner.binding_problem(schema).map(str::to_string);
         let known = self
             .drift
             .described
             .iter()
             .position(|(d, _)| d.table == schema.name);
         let before = self.drift.all();
-        match (gaps.is_empty(), known) {
+        match (gaps.is_empty() && unbound.is_none(), known) {
             (false, None) => self.drift.described.push((Drifted {
                 table: schema.name.clone(),
-                reason: format!(
+                reason: unbound.unwrap_or_else(|| format!(
                     "the stream describes table {} with a replica identity that does not carry column(s) {}, so deletes and key changes cannot be invalidated: run pg-cache-invalidator check-config for the ALTER TABLE … REPLICA IDENTITY to run, or pg-cache-invalidator setup",
                     schema.name,
                     gaps.join(", ")
-                ),
+                )),
             }, tokio::time::Instant::now())),
             (true, Some(i)) => {
                 self.drift.described.remove(i);
@@ -359,10 +360,14 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
     async fn change(&mut self, change: &Change) -> Result<(), PipelineError> {
         if let Change::Schema(schema) = change {
             self.types.load(&mut self.planner, schema).await;
-            self.on_described(schema);
         }
         let mut planned = std::mem::take(&mut self.scratch);
         self.planner.plan(change, &mut planned)?;
+        // After planning: the planner has bound (or failed to bind) the
+        // table's rules to the new description.
+        if let Change::Schema(schema) = change {
+            self.on_described(schema);
+        }
         for op in planned.drain(..) {
             self.push(op);
         }

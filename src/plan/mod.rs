@@ -59,7 +59,7 @@ pub enum PlanError {
     )]
     UnknownRelation(u32),
     /// A rule uses a column the table no longer has (altered while running).
-    #[error("table {table} no longer has column {column:?} used by key template {template:?}: fix the rule and restart")]
+    #[error("table {table} no longer has column {column:?} used by key template {template:?}: every change to it flushes its keys until the column is back (a rolled-back migration) or the rule is fixed")]
     MissingColumn {
         /// `schema.table`.
         table: String,
@@ -88,6 +88,11 @@ pub struct Planner {
     rules: Arc<RuleSet>,
     /// Bound rules by table id; `None` for tables no rule watches.
     tables: HashMap<TableId, Option<BoundTable>>,
+    /// Watched tables whose last description lacks a column a rule needs
+    /// (renamed by a migration, perhaps rolled back later), with what is
+    /// wrong: their keys cannot be rendered, so each change flushes the
+    /// table's keys instead, until a description binds again.
+    broken: HashMap<TableId, (String, CacheOp)>,
     stats: PlanStats,
     /// Column types, for encoding refreshed rows.
     types: TypeCatalog,
@@ -99,6 +104,7 @@ impl Planner {
         Planner {
             rules,
             tables: HashMap::new(),
+            broken: HashMap::new(),
             stats: PlanStats::default(),
             types: TypeCatalog::default(),
         }
@@ -168,14 +174,33 @@ impl Planner {
         }
     }
 
-    /// Binds the rules of a (re-)described table.
+    /// Binds the rules of a (re-)described table. A description that
+    /// lacks a rule's column does not stop the stream (a restart would
+    /// replay the same description for ever): the table counts as broken
+    /// (see [`Planner::binding_problem`]) until a later description binds.
     pub fn on_schema(&mut self, schema: &TableSchema) -> Result<(), PlanError> {
+        self.broken.remove(&schema.id);
         let bound = match self.rules.rules_for(&schema.name.schema, &schema.name.name) {
             None => None,
-            Some((_, rules)) => Some(bind_table(schema, rules)?),
+            Some((_, rules)) => match bind_table(schema, rules) {
+                Ok(bound) => Some(bound),
+                Err(error) => {
+                    let flush = self
+                        .plan_flush_table(&schema.name, FlushReason::Drift)
+                        .unwrap_or_else(|| self.plan_flush_all());
+                    self.broken.insert(schema.id, (error.to_string(), flush));
+                    None
+                }
+            },
         };
         self.tables.insert(schema.id, bound);
         Ok(())
+    }
+
+    /// Why the rules of the table `schema` describes cannot render its
+    /// keys, if they cannot.
+    pub fn binding_problem(&self, schema: &TableSchema) -> Option<&str> {
+        self.broken.get(&schema.id).map(|(why, _)| why.as_str())
     }
 
     fn table(&self, id: TableId) -> Result<Option<&BoundTable>, PlanError> {
@@ -197,6 +222,10 @@ impl Planner {
     ) -> Result<(), PlanError> {
         let op = Op::from(op);
         let mut stats = self.stats;
+        if let Some((_, flush)) = self.broken.get(&id) {
+            out.push(flush.clone());
+            return Ok(());
+        }
         let Some(table) = self.table(id)? else {
             return Ok(());
         };
@@ -290,6 +319,9 @@ impl Planner {
 
     /// Plans a TRUNCATE of table `id`; `None` when no rule watches it.
     pub fn plan_truncate(&self, id: TableId) -> Result<Option<CacheOp>, PlanError> {
+        if let Some((_, flush)) = self.broken.get(&id) {
+            return Ok(Some(flush.clone()));
+        }
         Ok(self.table(id)?.map(|table| CacheOp::Flush {
             table: Arc::clone(&table.name),
             patterns: table.patterns.clone(),
@@ -503,12 +535,27 @@ mod tests {
     }
 
     #[test]
-    fn relation_without_a_key_column_is_an_error() {
+    fn relation_without_a_key_column_flushes_its_table() {
         let mut p = planner();
         let rel = schema(7, "user_tokens", &["id", "user_id"]);
+        p.on_schema(&rel)
+            .expect("a missing column does not stop the stream");
+        let problem = p.binding_problem(&rel).expect("broken");
+        assert!(problem.contains("token_id"), "{problem}");
+        let mut out = Vec::new();
+        let new = row(&[Some("a"), Some("b")]);
+        p.plan_row(7, RowOp::Update, None, Some(&new), &mut out)
+            .expect("planned");
         assert!(matches!(
-            p.on_schema(&rel),
-            Err(PlanError::MissingColumn { ref column, .. }) if column == "token_id"
+            &out[..],
+            [CacheOp::Flush {
+                reason: FlushReason::Drift,
+                ..
+            }]
         ));
+        // Described right again: bound, no problem.
+        p.on_schema(&schema(7, "user_tokens", &["id", "user_id", "token_id"]))
+            .expect("bound");
+        assert!(p.binding_problem(&rel).is_none());
     }
 }

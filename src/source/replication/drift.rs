@@ -78,6 +78,18 @@ pub async fn drifted_tables(
             Some(_) => {}
         }
         let needed = RuleSet::key_columns(table_rules);
+        let gone: Vec<&str> = needed
+            .iter()
+            .filter(|c| !info.columns.iter().any(|col| &col.name == *c))
+            .map(String::as_str)
+            .collect();
+        if !gone.is_empty() {
+            push(format!(
+                "table {table} no longer has column(s) {} used by its key templates: every change to it flushes its keys until the column is back (a rolled-back migration) or the rule is fixed",
+                gone.join(", ")
+            ));
+            continue;
+        }
         for (part, missing) in info.identity_gaps(&needed) {
             push(format!(
                 "table {}: its replica identity no longer carries column(s) {}, so deletes and key changes cannot be invalidated: run `{}` or pg-cache-invalidator setup",
