@@ -544,3 +544,61 @@ async fn redis_restarted_from_an_older_snapshot_while_running_is_flushed() {
         .expect("get");
     assert!(recorded.is_some(), "{log}");
 }
+
+/// The publication dropped and created again while changes stream: the
+/// slot can never decode past that point (PostgreSQL looks the publication
+/// up as of each change), and every start failed with "publication does
+/// not exist" while setup and check-config said all was well. The daemon
+/// now recreates the slot and flushes every key, and keeps invalidating.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
+    let mut env = TestEnv::start(50).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let tables: Vec<String> = client
+        .query(
+            "select format('%I.%I', schemaname, tablename) from pg_publication_tables where pubname = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("drop publication pg_cache_invalidator")
+        .await
+        .expect("drop");
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    client
+        .batch_execute(&format!(
+            "create publication pg_cache_invalidator for table {}",
+            tables.join(", ")
+        ))
+        .await
+        .expect("create");
+    wait_for("the keys to be flushed", Duration::from_secs(60), || {
+        let mut redis = redis.clone();
+        let keys = keys.clone();
+        async move { surviving(&mut redis, &keys).await == 0 }
+    })
+    .await;
+    // It keeps streaming from the new slot.
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    let left = surviving(&mut redis, &keys).await;
+    let log = daemon.log();
+    assert_eq!(left, 0, "{log}");
+    assert!(log.contains("dropped and created again"), "{log}");
+}

@@ -329,6 +329,20 @@ impl ReplicationSource {
             SlotHealth::Usable
         };
         let text = error.to_string();
+        // "Undefined object" from a usable slot while the publication
+        // exists: it was dropped and created again. The walsender looks the
+        // publication up as of each change, so the slot can never decode
+        // past that point (every start failed the same way): rebuild the
+        // slot like a lost one, which flushes every key.
+        if slot == SlotHealth::Usable
+            && error::replication_sqlstate(&error) == Some("42704")
+            && slot::publication_exists(&self.info, &self.publication).await == Some(true)
+        {
+            tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
+                "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
+            self.slot_lost = Some(format!("publication {} was recreated: {text}", self.publication));
+            return Ok(());
+        }
         match error::replication(&error, slot) {
             Class::PositionLost => {
                 tracing::error!(slot = %self.slot, error = %text,

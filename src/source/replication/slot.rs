@@ -116,6 +116,15 @@ pub async fn health(conn: &ConnInfo, slot: &str) -> SlotHealth {
     }
 }
 
+/// Whether `publication` exists now (`None`: the catalog cannot be read).
+pub async fn publication_exists(conn: &ConnInfo, publication: &str) -> Option<bool> {
+    let db = Db::connect(conn).await.ok()?;
+    crate::db::catalog::inspect_publication(&db, publication)
+        .await
+        .ok()
+        .map(|p| p.is_some())
+}
+
 /// Recreates the slot, retrying until it works; `false` if `cancel` fired
 /// first.
 pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> bool {
