@@ -776,3 +776,50 @@ async fn a_key_column_renamed_and_back_flushes_and_keeps_going() {
     assert_eq!(surviving(&mut redis, &names).await, 0, "{}", daemon.log());
     assert!(daemon.try_status().is_none(), "{}", daemon.log());
 }
+
+/// A watched table dropped from the publication and added back between two
+/// catalog checks, with changes in between (never streamed): the next
+/// check sees its membership record is a new one and flushes the table's
+/// keys. Before, the keys stayed stale, ready, nothing logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_dropped_from_the_publication_and_added_back_is_flushed() {
+    let mut env = TestEnv::start(20).await;
+    env.write_config("[replication]\nheartbeat_interval = \"1s\"\n");
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
+    // Two checks have run, so the next one compares with a known state.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = env.pg.client().await;
+    let profiles: Vec<String> = client
+        .query("select 'profile:user:' || id from public.profiles", &[])
+        .await
+        .expect("profiles")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &profiles).await;
+    client
+        .batch_execute(
+            "alter publication pg_cache_invalidator drop table public.profiles; \
+             update public.profiles set bio = 'unseen'; \
+             alter publication pg_cache_invalidator add table public.profiles",
+        )
+        .await
+        .expect("drop, update, add");
+    wait_for(
+        "the table's keys to be flushed",
+        Duration::from_secs(15),
+        || {
+            let mut redis = redis.clone();
+            let profiles = profiles.clone();
+            async move { surviving(&mut redis, &profiles).await == 0 }
+        },
+    )
+    .await;
+    let log = daemon.log();
+    assert!(log.contains("left the publication and came back"), "{log}");
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(10)).await;
+}

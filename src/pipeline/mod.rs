@@ -277,6 +277,18 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         self.drift.catalog = report.drifted;
         let now = self.drift.all();
         self.on_drift(&before, &now);
+        // Left the publication and came back between two checks: whatever
+        // changed in between was never streamed.
+        for table in &report.rejoined {
+            if now.iter().any(|d| &d.table == table) {
+                continue;
+            }
+            tracing::error!(table = %table,
+                "the watched table left the publication and came back since the last catalog check: its changes in between were not streamed; flushing its keys");
+            if let Some(flush) = self.planner.plan_flush_table(table, FlushReason::Drift) {
+                self.push(flush);
+            }
+        }
     }
 
     /// Compares a table's new description with what its rules need.

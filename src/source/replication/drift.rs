@@ -4,6 +4,16 @@
 //! or its replica identity no longer carries the key columns. Checked with
 //! every heartbeat; the apply loop flushes the affected rules' keys, logs
 //! the fix, and reports not ready until the catalog is right again.
+//!
+//! A table dropped from the publication and added back between two checks
+//! looks right to both, yet its changes in between were never streamed.
+//! Its membership record (`pg_publication_rel`, or `pg_publication_namespace`
+//! for `TABLES IN SCHEMA`) is a new row then, with a new OID: each check
+//! compares the OIDs with the last check's and reports the tables whose
+//! membership changed as [`CatalogReport::rejoined`], and the loop flushes
+//! their keys.
+
+use std::collections::HashMap;
 
 use crate::change::TableName;
 use crate::db::catalog;
@@ -29,6 +39,9 @@ pub struct CatalogReport {
     pub checked_at: std::time::Instant,
     /// What it found.
     pub drifted: Vec<Drifted>,
+    /// Tables covered now whose membership of the publication changed
+    /// since the last check (they left it and came back in between).
+    pub rejoined: Vec<TableName>,
 }
 
 impl Default for CatalogReport {
@@ -36,8 +49,67 @@ impl Default for CatalogReport {
         CatalogReport {
             checked_at: std::time::Instant::now(),
             drifted: Vec::new(),
+            rejoined: Vec::new(),
         }
     }
+}
+
+/// The OIDs of the publication's membership records that cover each
+/// watched table (its own `pg_publication_rel` row, its schema's
+/// `pg_publication_namespace` row), sorted; a table with none is absent.
+pub async fn membership(
+    db: &Db,
+    rules: &RuleSet,
+    publication: &str,
+) -> Result<HashMap<TableName, Vec<i64>>, DbError> {
+    let rows = db
+        .client()
+        .query(
+            "select pr.oid::int8, n.nspname::text, c.relname::text \
+               from pg_publication_rel pr \
+               join pg_publication p on p.oid = pr.prpubid \
+               join pg_class c on c.oid = pr.prrelid \
+               join pg_namespace n on n.oid = c.relnamespace \
+              where p.pubname = $1 \
+             union all \
+             select pn.oid::int8, n.nspname::text, null \
+               from pg_publication_namespace pn \
+               join pg_publication p on p.oid = pn.pnpubid \
+               join pg_namespace n on n.oid = pn.pnnspid \
+              where p.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(DbError::query("reading the publication's membership"))?;
+    let mut covered: HashMap<TableName, Vec<i64>> = HashMap::new();
+    for row in &rows {
+        let (oid, schema, table): (i64, String, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        for (watched, _) in rules.tables() {
+            if watched.schema == schema && table.as_deref().is_none_or(|t| t == watched.name) {
+                covered.entry(watched.clone()).or_default().push(oid);
+            }
+        }
+    }
+    for oids in covered.values_mut() {
+        oids.sort_unstable();
+    }
+    Ok(covered)
+}
+
+/// The tables covered both `before` and `now` by other membership records:
+/// they left the publication and came back in between.
+pub fn rejoined(
+    before: &HashMap<TableName, Vec<i64>>,
+    now: &HashMap<TableName, Vec<i64>>,
+) -> Vec<TableName> {
+    let mut tables: Vec<TableName> = now
+        .iter()
+        .filter(|(table, oids)| before.get(*table).is_some_and(|old| old != *oids))
+        .map(|(table, _)| table.clone())
+        .collect();
+    tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    tables
 }
 
 /// The watched tables the catalog no longer lets the stream cover.
@@ -100,4 +172,22 @@ pub async fn drifted_tables(
         }
     }
     Ok(drifted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_covered_by_other_records_than_before_rejoined() {
+        let t = |name: &str| TableName {
+            schema: "public".into(),
+            name: name.into(),
+        };
+        let before = HashMap::from([(t("a"), vec![10]), (t("b"), vec![11]), (t("c"), vec![12])]);
+        let now = HashMap::from([(t("a"), vec![10]), (t("b"), vec![20]), (t("d"), vec![21])]);
+        // b came back as a new record; c left (drift reports it); d is new.
+        assert_eq!(rejoined(&before, &now), vec![t("b")]);
+        assert!(rejoined(&now, &now).is_empty());
+    }
 }

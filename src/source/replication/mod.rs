@@ -340,7 +340,10 @@ impl ReplicationSource {
         {
             tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
                 "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
-            self.slot_lost = Some(format!("publication {} was recreated: {text}", self.publication));
+            self.slot_lost = Some(format!(
+                "publication {} was recreated: {text}",
+                self.publication
+            ));
             return Ok(());
         }
         match error::replication(&error, slot) {

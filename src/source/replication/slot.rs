@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{ConnInfo, Db, DbError};
 use crate::error::{Backoff, SlotHealth};
 use crate::plan::rules::RuleSet;
-use crate::source::replication::drift::{drifted_tables, CatalogReport};
+use crate::source::replication::drift::{drifted_tables, membership, rejoined, CatalogReport};
 use crate::source::replication::HEARTBEAT_PREFIX;
 use crate::telemetry::metrics as m;
 
@@ -46,6 +46,8 @@ pub async fn heartbeats(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // The last check's membership records (see `drift::membership`).
+    let mut members = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -60,15 +62,24 @@ pub async fn heartbeats(
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         let checked_at = std::time::Instant::now();
+        let members_now = membership(connection, &drift.rules, &drift.publication).await;
         match drifted_tables(connection, &drift.rules, &drift.publication).await {
             // Every check is sent, changed or not: it also tells the loop
             // that tables the stream described as drifted earlier are right
             // again.
             Ok(drifted) => {
+                let rejoined = match (&members, &members_now) {
+                    (Some(before), Ok(now)) => rejoined(before, now),
+                    _ => Vec::new(),
+                };
                 drift.report.send_replace(CatalogReport {
                     checked_at,
                     drifted,
+                    rejoined,
                 });
+                if let Ok(now) = members_now {
+                    members = Some(now);
+                }
             }
             Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
         }
