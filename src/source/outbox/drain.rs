@@ -272,6 +272,8 @@ pub struct Writers {
     pub current: i16,
     /// Seconds since writers switched to it.
     pub filling_for: f64,
+    /// Whether it holds rows (drained or not) from before this session.
+    pub holds_rows: bool,
 }
 
 /// Takes the drain lock if no other session holds it (a session-level
@@ -327,7 +329,8 @@ impl Session {
             .query_one(
                 &format!(
                     "select d.snapshot::text, d.batch::text, d.after_xid::text, d.after_id, \
-                            s.current, extract(epoch from now() - s.rotated_at)::float8 \
+                            s.current, extract(epoch from now() - s.rotated_at)::float8, \
+                            exists (select 1 from {schema}.outbox o where o.part = s.current) \
                        from {schema}.drained d, {schema}.state s"
                 ),
                 &[],
@@ -349,6 +352,7 @@ impl Session {
         let writers = Writers {
             current: row.get(4),
             filling_for: row.get(5),
+            holds_rows: row.get(6),
         };
         Ok((
             Session {

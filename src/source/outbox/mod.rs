@@ -239,7 +239,11 @@ impl Rotation {
             leaving: Some(1 - writers.current),
             since: now.checked_sub(filling_for).unwrap_or(now),
             next_try: now,
-            rows: 0,
+            // Rows an earlier process left in the partition writers fill
+            // (drained, perhaps, before a kill -9) count as drained since
+            // the switch: else, with no new writes, it is never switched
+            // and emptied.
+            rows: usize::from(writers.holds_rows),
             tries: 0,
         }
     }
