@@ -823,3 +823,65 @@ async fn a_table_dropped_from_the_publication_and_added_back_is_flushed() {
     assert!(log.contains("left the publication and came back"), "{log}");
     crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(10)).await;
 }
+
+/// 300 clients that open a connection to the HTTP listener and trickle a
+/// header line every 2 s cannot hold the daemon's file descriptors: it
+/// keeps at most 64 connections open (its descriptors stay bounded),
+/// closes each within the 5 s header timeout, and streams and answers
+/// /readyz meanwhile. Before, all 300 stayed open, and under `ulimit -n
+/// 256` the replication stream failed with "Too many open files".
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_http_clients_cannot_hold_the_daemon_s_descriptors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let port = env.http_port;
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let pid = daemon.pid().expect("running");
+    let before = fds(pid);
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\n").await;
+            clients.push(stream);
+        }
+    }
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        let mut closed = 0;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            for stream in &mut clients {
+                let _ = stream.write_all(b"X-Slow: 1\r\n").await;
+            }
+        }
+        for stream in &mut clients {
+            let mut buf = [0u8; 64];
+            if matches!(
+                tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await,
+                Ok(Ok(0) | Err(_))
+            ) {
+                closed += 1;
+            }
+        }
+        (closed, clients.len())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = fds(pid);
+    assert!(
+        during <= before + 70,
+        "{during} descriptors open with 300 slow clients (before: {before})"
+    );
+    // The stream goes on.
+    env.sync().await;
+    let (closed, opened) = trickle.await.expect("clients");
+    assert_eq!(
+        closed,
+        opened,
+        "connections still open after {:?}",
+        started.elapsed()
+    );
+    crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(10)).await;
+}

@@ -1,5 +1,15 @@
 //! `/` (the status page, see [`super::status`]), `/metrics` (Prometheus
 //! text), `/healthz` (liveness), `/readyz` (readiness) on `[http] listen`.
+//!
+//! The listener has no authentication and may be reachable from a whole
+//! cluster network, so it is bounded: at most [`MAX_CONNECTIONS`] open
+//! connections (one more is closed at once, and a failed accept, such as
+//! running out of file descriptors, waits a moment), a request's headers
+//! must arrive within [`HEADER_TIMEOUT`], and a connection lives at most
+//! [`CONNECTION_LIFETIME`]. Idle or trickling clients cannot hold the
+//! descriptors the replication stream and Redis need.
+
+use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -9,10 +19,21 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::health::Health;
 use crate::telemetry::status::{self, Board};
+
+/// Most connections open at once: scrapers, probes and a few people
+/// looking at the status page need far fewer.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may stay open (keep-alive included).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long to wait after a failed accept (no file descriptor left).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 struct AppState {
@@ -70,13 +91,57 @@ pub async fn serve(
             process: Arc::new(process),
             board,
         });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::warn!(error = %error, "http server stopped");
-    }
+    accept(listener, app, cancel).await;
     let _ = upkeep.await;
+}
+
+/// Accepts connections until `cancel` fires, within the bounds in the
+/// module doc.
+async fn accept(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut refused_logged = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(error = %error, "http listener cannot accept; waiting");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            if !refused_logged {
+                refused_logged = true;
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "http connection limit reached; closing new connections until some end"
+                );
+            }
+            metrics::counter!(crate::telemetry::metrics::HTTP_CONNECTIONS_REFUSED_TOTAL)
+                .increment(1);
+            drop(stream);
+            continue;
+        };
+        refused_logged = false;
+        let service = service.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+            }
+            drop(permit);
+        });
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

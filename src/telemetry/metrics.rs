@@ -102,6 +102,9 @@ pub const STARTUP_FLUSHES_TOTAL: &str = "pgci_startup_flushes_total";
 /// an older snapshot, emptied, failed over to a replica that missed them)
 /// while the daemon ran, and every rule key was flushed.
 pub const REDIS_LOST_WRITES_TOTAL: &str = "pgci_redis_lost_writes_total";
+/// HTTP connections closed at once because the listener had
+/// `MAX_CONNECTIONS` open.
+pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "pgci_http_connections_refused_total";
 /// TRUNCATEs that flushed a table's keys.
 pub const TRUNCATE_FLUSHES_TOTAL: &str = "pgci_truncate_flushes_total";
 /// Seconds from writing a heartbeat message to reading it on the stream.
@@ -268,6 +271,10 @@ fn describe() {
     describe_counter!(
         SLOT_RESETS_TOTAL,
         "Lost or missing slots rebuilt (keys flushed)"
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED_TOTAL,
+        "HTTP connections closed at once because the connection limit was reached"
     );
     describe_counter!(
         REDIS_LOST_WRITES_TOTAL,
