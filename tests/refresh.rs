@@ -623,19 +623,23 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-/// Memory is bounded in bytes, not only in operations: one transaction
-/// updating 2,000 refreshed rows of 100 kB each (200 MB of row data through
-/// the stream) is applied with a peak RSS under 128 MiB, and every value
-/// lands.
+/// Memory is bounded in bytes, not only in operations: after one
+/// transaction rewriting 400 refreshed rows of 100 kB each (40 MB), a
+/// second rewriting 2,000 of them (200 MB of row data through the stream)
+/// raises the peak RSS by less than 48 MiB (it would rise by well over
+/// 160 MB if a transaction were held whole), the peak stays under 192 MiB,
+/// and every value lands. The growth, not an absolute figure, is what
+/// says "bounded": an absolute peak measured while other test binaries
+/// load the machine failed once in CI at 128 MiB.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bulk_update_of_large_refreshed_rows_stays_under_128_mib() {
+async fn a_bulk_update_of_large_refreshed_rows_is_bounded_in_bytes() {
     bulk_update_of_large_rows("").await;
 }
 
 /// The same through the outbox: a claim is bounded in bytes as well as in
 /// rows (the default 1,000-row claim of such rows held 100 MB).
 #[tokio::test(flavor = "multi_thread")]
-async fn an_outbox_claim_of_large_rows_stays_under_128_mib() {
+async fn an_outbox_claim_of_large_rows_is_bounded_in_bytes() {
     bulk_update_of_large_rows("source = \"outbox\"\n").await;
 }
 
@@ -653,12 +657,19 @@ async fn bulk_update_of_large_rows(postgres_extra: &str) {
     env.write_config(&refresh_rule("public.documents", "\"doc:{id}\"", ""));
     env.setup();
     let daemon = env.daemon().await;
+    let pid = daemon.pid().expect("running");
+    client
+        .batch_execute("update public.documents set body = repeat(md5((id + 3)::text), 3200) where id <= 400")
+        .await
+        .expect("small update");
+    env.sync().await;
+    let small = peak_rss_bytes(pid);
     client
         .batch_execute("update public.documents set body = repeat(md5((id + 7)::text), 3200)")
         .await
         .expect("bulk update");
     env.sync().await;
-    let peak = peak_rss_bytes(daemon.pid().expect("running"));
+    let peak = peak_rss_bytes(pid);
     let mut redis = env.redis.conn().await;
     let sample: String = redis::cmd("GET")
         .arg("doc:1999")
@@ -673,12 +684,22 @@ async fn bulk_update_of_large_rows(postgres_extra: &str) {
         .await
         .expect("count");
     assert_eq!(written, 2000);
+    eprintln!(
+        "peak RSS {:.1} MiB after 40 MB, {:.1} MiB after 200 MB",
+        small as f64 / 1048576.0,
+        peak as f64 / 1048576.0
+    );
     assert!(
-        peak < 128 << 20,
+        peak - small < 48 << 20,
+        "peak RSS grew from {} to {} MiB with the transaction's size",
+        small >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < 192 << 20,
         "peak RSS {} MiB while applying 200 MB of rows",
         peak >> 20
     );
-    eprintln!("peak RSS {:.1} MiB", peak as f64 / 1048576.0);
 }
 
 /// The form users write first, `where user_id = $1` without a cast, works:
