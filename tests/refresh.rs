@@ -659,7 +659,9 @@ async fn bulk_update_of_large_rows(postgres_extra: &str) {
     let daemon = env.daemon().await;
     let pid = daemon.pid().expect("running");
     client
-        .batch_execute("update public.documents set body = repeat(md5((id + 3)::text), 3200) where id <= 400")
+        .batch_execute(
+            "update public.documents set body = repeat(md5((id + 3)::text), 3200) where id <= 400",
+        )
         .await
         .expect("small update");
     env.sync().await;
