@@ -158,10 +158,19 @@ async fn start_and_run(
     }
     let rules = Arc::new(rules);
     let planner = Planner::new(Arc::clone(&rules));
-    if config.postgres.source == SourceKind::Replication {
-        let slot = &config.replication.slot;
-        sink.record_position_of(slot, planner.plan_flush_all());
-        flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
+    match config.postgres.source {
+        SourceKind::Replication => {
+            let slot = &config.replication.slot;
+            sink.record_position_of(slot, planner.plan_flush_all());
+            flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
+        }
+        SourceKind::Outbox => sink
+            .record_batches_at(
+                &position::outbox_key(&config.outbox.schema),
+                planner.plan_flush_all(),
+            )
+            .await
+            .map_err(sink_stopped)?,
     }
     let mut partitioned = Vec::new();
     for (table, _) in rules.tables() {

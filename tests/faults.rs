@@ -489,7 +489,24 @@ async fn redis_errors_that_need_a_fix_are_counted_logged_once_and_not_ready() {
 /// key. Before the fix the 800 keys came back and stayed.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restarted_from_an_older_snapshot_while_running_is_flushed() {
+    redis_restored_while_running("", "pgci:position:pg_cache_invalidator").await;
+}
+
+/// The same with the outbox source, which has no stream position: the
+/// record counts applied batches instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restored_while_draining_the_outbox_is_flushed() {
+    redis_restored_while_running(
+        "source = \"outbox\"\n",
+        "pgci:position:outbox:cache_invalidator",
+    )
+    .await;
+}
+
+async fn redis_restored_while_running(postgres_extra: &str, record_key: &str) {
     let mut env = TestEnv::start(200).await;
+    env.postgres_extra = postgres_extra.to_string();
+    env.write_config("");
     env.setup();
     let daemon = env.daemon().await;
     let client = env.pg.client().await;
@@ -538,7 +555,7 @@ async fn redis_restarted_from_an_older_snapshot_while_running_is_flushed() {
     assert!(log.contains("redis lost writes"), "{log}");
     // The record is written again: a restart does not flush once more.
     let recorded: Option<String> = redis::cmd("GET")
-        .arg("pgci:position:pg_cache_invalidator")
+        .arg(record_key)
         .query_async(&mut redis)
         .await
         .expect("get");

@@ -352,13 +352,19 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let loaded = load(&arg)?;
             let all: Vec<&rules::Rule> =
                 loaded.rules.tables().flat_map(|(_, r)| r.iter()).collect();
-            // Every group's position record (or the one slot's).
-            let slots: Vec<String> = loaded
-                .config
-                .each_group()
-                .iter()
-                .map(|c| c.replication.slot.clone())
-                .collect();
+            // Every group's position record (or the one slot's), or the
+            // outbox's count of applied batches.
+            let slots: Vec<String> = match loaded.config.postgres.source {
+                crate::config::SourceKind::Outbox => {
+                    vec![format!("outbox:{}", loaded.config.outbox.schema)]
+                }
+                crate::config::SourceKind::Replication => loaded
+                    .config
+                    .each_group()
+                    .iter()
+                    .map(|c| c.replication.slot.clone())
+                    .collect(),
+            };
             let line = crate::sink::acl::daemon_user(
                 &loaded.config.redis.url,
                 &rules::scan_patterns(all),

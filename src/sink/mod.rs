@@ -169,6 +169,10 @@ pub struct RedisSink {
     flush_all: Option<CacheOp>,
     /// Redis lost writes and the flush has not completed yet.
     flush_due: bool,
+    /// The record counts batches instead of holding a stream position
+    /// (the outbox source has none): each applied batch records the last
+    /// count plus one, so a restored Redis still shows a record behind.
+    counting: bool,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// Events go out with `SPUBLISH` (`redis.sharded_events`).
@@ -264,6 +268,7 @@ impl RedisSink {
             last_recorded: None,
             flush_all: None,
             flush_due: false,
+            counting: false,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             sharded_events: false,
             cancel,
@@ -295,12 +300,33 @@ impl RedisSink {
         self.flush_all = Some(flush_all);
     }
 
+    /// Records a count of applied batches at `key` with every batch, for a
+    /// source without a stream position (the outbox), so that a Redis that
+    /// loses writes while the daemon runs is noticed and flushed with
+    /// `flush_all` as with [`RedisSink::record_position_of`]. The count goes
+    /// on from the record found at start.
+    pub async fn record_batches_at(
+        &mut self,
+        key: &str,
+        flush_all: CacheOp,
+    ) -> Result<(), SinkError> {
+        self.position_key = Some(key.to_string());
+        self.flush_all = Some(flush_all);
+        self.counting = true;
+        self.read_record(key).await.map(|_| ())
+    }
+
     /// The position recorded for `slot`, retried like a batch.
     pub async fn recorded_position(&mut self, slot: &str) -> Result<Option<Lsn>, SinkError> {
-        let key = position::key(slot);
+        self.read_record(&position::key(slot)).await
+    }
+
+    /// The record at `key`, retried like a batch; it is also the last one
+    /// this daemon knows of (see [`position::lost_writes`]).
+    async fn read_record(&mut self, key: &str) -> Result<Option<Lsn>, SinkError> {
         let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
         loop {
-            match position::read(&mut self.conn, &key).await {
+            match position::read(&mut self.conn, key).await {
                 Ok(lsn) => {
                     self.last_recorded = lsn;
                     return Ok(lsn);
@@ -359,6 +385,13 @@ impl RedisSink {
         applied: Option<Lsn>,
         counted: bool,
     ) -> Result<(), SinkError> {
+        // Counting: every batch that changes keys is one more.
+        let applied = match (self.counting, applied) {
+            (true, None) if !items.is_empty() => {
+                Some(Lsn(self.last_recorded.map_or(1, |l| l.0 + 1)))
+            }
+            _ => applied,
+        };
         let record = match (&self.position_key, applied) {
             (Some(key), Some(lsn)) => Some(position::record(key, lsn)),
             _ => None,
@@ -525,6 +558,27 @@ impl RedisSink {
             self.health.set_redis_ok(true);
         } else {
             self.health.set_redis_failing("redis is not answering");
+            return;
+        }
+        // While idle no batch writes the record: read it, so that a Redis
+        // restored from an older snapshot is found within a tick, not at
+        // the next change.
+        let (Some(key), Some(_)) = (self.position_key.clone(), self.last_recorded) else {
+            return;
+        };
+        let read = tokio::time::timeout(PING_TIMEOUT, async {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut self.conn)
+                .await
+        })
+        .await;
+        if let Ok(Ok(found)) = read {
+            self.check_record(found.as_deref(), None);
+            if let Err(error) = self.flush_if_writes_lost(None).await {
+                tracing::warn!(error = %error, "cannot flush after redis lost writes; trying again");
+                self.health.set_redis_failing("redis is not answering");
+            }
         }
     }
 

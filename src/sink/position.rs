@@ -24,6 +24,12 @@ pub fn key(slot: &str) -> String {
     format!("pgci:position:{slot}")
 }
 
+/// The key holding the count of batches applied from the outbox in
+/// `schema` (see `RedisSink::record_batches_at`).
+pub fn outbox_key(schema: &str) -> String {
+    key(&format!("outbox:{schema}"))
+}
+
 /// `SET key lsn GET` (no expiry: it must outlive any outage). The reply is
 /// the record it replaced, which [`lost_writes`] compares with what this
 /// daemon wrote last: Redis ≥ 6.2.
