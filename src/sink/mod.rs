@@ -424,10 +424,7 @@ impl RedisSink {
                     if let Some(replaced) = replaced {
                         self.check_record(replaced.as_deref(), applied);
                     }
-                    match self.flush_if_writes_lost(applied).await {
-                        Ok(()) => Ok(touched),
-                        Err(error) => Err(error),
-                    }
+                    self.flush_if_writes_lost(applied).await.map(|()| touched)
                 }
                 Err(error) => Err(error),
             };

@@ -8,6 +8,14 @@
 //! replica that missed writes) or no record at all (a Redis emptied) means
 //! the daemon cannot show that it applied every change the slot has
 //! skipped, so it flushes every rule key before applying anything.
+//!
+//! While it runs, every record is written with `SET … GET`: the record it
+//! replaces must be the one this daemon wrote last. One that is behind or
+//! missing means Redis lost writes under the daemon (restarted from an
+//! older snapshot, emptied, failed over to a replica that missed them),
+//! bringing back values deleted since, so the sink flushes every rule key
+//! (see [`lost_writes`]); the idle check reads the record the same way.
+//! The outbox source has no stream position: its record counts batches.
 
 use std::path::Path;
 use std::time::Duration;
