@@ -36,8 +36,11 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live, groups.
+    /// cluster-live, groups, large-rows.
     only: Vec<String>,
+    /// large-rows: rows in the transaction, and megabytes per row.
+    large_rows: u32,
+    large_mb: u32,
 }
 
 impl Args {
@@ -55,6 +58,8 @@ fn args() -> Args {
         seconds: 5,
         naive_seconds: 20,
         only: Vec::new(),
+        large_rows: 10,
+        large_mb: 50,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -72,6 +77,8 @@ fn args() -> Args {
             "--seconds" => args.seconds = number(),
             "--naive-seconds" => args.naive_seconds = number(),
             "--only" => args.only = value.split(',').map(str::to_string).collect(),
+            "--large-rows" => args.large_rows = number() as u32,
+            "--large-mb" => args.large_mb = number() as u32,
             "--rates" => {
                 args.rates = value.split(',').map(|r| r.parse().expect("rate")).collect();
             }
@@ -896,6 +903,45 @@ async fn memory(args: &Args) -> (f64, f64, f64, Duration) {
     (fresh_idle, peak, idle, took)
 }
 
+/// Peak RSS (MB) of the daemon while one transaction rewrites
+/// `args.large_rows` refreshed rows of `args.large_mb` MB each, with
+/// `replication.buffer_messages = buffer`: what large rows cost, since the
+/// transport's read-ahead is counted in rows, not bytes.
+async fn large_rows(args: &Args, buffer: u32) -> f64 {
+    let mut env = TestEnv::start(1).await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute(&format!(
+            "create table public.blobs (id int primary key, body text); \
+             alter table public.blobs alter column body set storage external; \
+             insert into public.blobs select g, 'x' from generate_series(1, {}) g",
+            args.large_rows
+        ))
+        .await
+        .expect("blobs");
+    env.write_config(&format!(
+        "[replication]\nbuffer_messages = {buffer}\n\n[[rules]]\ntable = \"public.blobs\"\nkeys = [\"blob:{{id}}\"]\naction = \"refresh\"\nttl = \"1h\"\n"
+    ));
+    env.setup();
+    let daemon = env.daemon().await;
+    let pid = daemon.pid().expect("pid");
+    let idle = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
+    client
+        .batch_execute(&format!(
+            "update public.blobs set body = repeat(md5(id::text), {} * 32768)",
+            args.large_mb
+        ))
+        .await
+        .expect("rewrite the rows");
+    env.sync().await;
+    let peak = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
+    eprintln!(
+        "  {} rows of {} MB, buffer_messages = {buffer}: peak RSS {peak:.0} MB (before the transaction {idle:.0} MB)",
+        args.large_rows, args.large_mb
+    );
+    peak
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
@@ -960,6 +1006,16 @@ async fn main() {
             tps: Vec::new(),
             outbox_after: Vec::new(),
         }
+    };
+    let large = if args.wants("large-rows") {
+        eprintln!("large rows in one transaction");
+        let mut peaks = Vec::new();
+        for buffer in [16, 256] {
+            peaks.push((buffer, large_rows(&args, buffer).await));
+        }
+        peaks
+    } else {
+        Vec::new()
     };
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
@@ -1053,6 +1109,12 @@ async fn main() {
             ));
         }
         lines.push(String::new());
+    }
+    for (buffer, peak) in &large {
+        lines.push(format!(
+            "Large rows: one transaction rewriting {} refreshed rows of {} MB, buffer_messages = {buffer}: peak RSS {peak:.0} MB.",
+            args.large_rows, args.large_mb
+        ));
     }
     lines.push(format!(
         "Memory: idle RSS {idle:.1} MB after start; peak RSS {peak:.1} MB while draining {} changes (in {mem_took:.1?}); idle RSS {idle_after:.1} MB after the drain.",
