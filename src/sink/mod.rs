@@ -235,6 +235,23 @@ impl RedisSink {
         };
         tracing::info!(url = %url.redacted(), "connected to redis");
         let mut conn = conn;
+        // A server too old for the commands the daemon sends would fail
+        // every batch: refuse it now, once.
+        if let Ok(info) = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            if let Some(version) = server::ServerInfo::parse(&info).version {
+                if !server::new_enough(&version) {
+                    return Err(SinkError::Fatal(Fatal {
+                        what: format!("redis {version} at {}", url.redacted()),
+                        hint: "the daemon needs Redis 6.2 or newer (or Valkey): upgrade the server",
+                        user_must_fix: true,
+                    }));
+                }
+            }
+        }
         // Every master of a cluster holds the functions (its replicas get
         // them by replication).
         let loaded = match conn.each_master().await {

@@ -57,6 +57,21 @@ pub struct ServerInfo {
     pub save_schedule: Option<String>,
 }
 
+/// The oldest server the daemon writes to: the position record is
+/// written with `SET … GET` (Redis 6.2), which finds writes Redis lost.
+pub const MIN_VERSION: (u32, u32) = (6, 2);
+
+/// Whether `version` (`redis_version`, `major.minor.patch`) is at least
+/// [`MIN_VERSION`]; an unreadable version counts as new enough (forks
+/// report theirs in other fields).
+pub fn new_enough(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= MIN_VERSION,
+        _ => true,
+    }
+}
+
 impl ServerInfo {
     /// Reads the fields from `INFO` text (`field:value` lines, `#` section
     /// headers); fields a server does not report stay `None`.
@@ -276,6 +291,16 @@ mod tests {
     use super::*;
 
     const INFO: &str = "# Server\r\nredis_version:7.0.15\r\n\r\n# Clients\r\nconnected_clients:3\r\n\r\n# Memory\r\nused_memory:1048576\r\nused_memory_peak:2097152\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n\r\n# Persistence\r\nrdb_last_save_time:1764720000\r\nrdb_last_bgsave_status:ok\r\naof_enabled:0\r\n\r\n# Stats\r\nexpired_keys:5\r\nevicted_keys:0\r\nkeyspace_hits:300\r\nkeyspace_misses:900\r\n";
+
+    #[test]
+    fn servers_before_6_2_are_too_old() {
+        assert!(new_enough("7.0.15"));
+        assert!(new_enough("6.2.5"));
+        assert!(new_enough("9.1.0"));
+        assert!(!new_enough("6.0.20"));
+        assert!(!new_enough("5.0.7"));
+        assert!(new_enough("unknown"));
+    }
 
     #[test]
     fn info_fields_are_read() {
