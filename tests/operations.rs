@@ -789,8 +789,14 @@ async fn a_table_dropped_from_the_publication_and_added_back_is_flushed() {
     let daemon = env.daemon().await;
     let port = env.http_port;
     crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(20)).await;
-    // Two checks have run, so the next one compares with a known state.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A heartbeat arrived, so a catalog check (which comes first in each
+    // round) has recorded the membership the next one compares with.
+    wait_for("a heartbeat", Duration::from_secs(20), || async move {
+        crate::support::http_get(port, "/metrics")
+            .await
+            .is_some_and(|(_, text)| text.contains("pgci_last_heartbeat_timestamp_seconds "))
+    })
+    .await;
     let client = env.pg.client().await;
     let profiles: Vec<String> = client
         .query("select 'profile:user:' || id from public.profiles", &[])
