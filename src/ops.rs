@@ -98,6 +98,76 @@ impl CacheOp {
     }
 }
 
+/// The keys one operation touches, borrowed: the one answer to "which
+/// keys does this op touch" for the sink, the events, the second pass and
+/// the held keys. A flush touches keys by pattern, not by name: none here.
+#[derive(Debug, Clone, Copy)]
+pub struct Keys<'a> {
+    /// Keys it deletes: an invalidation's or an unresolved query's keys, a
+    /// refresh's keys moved away from, and its keys to write when its row
+    /// could not be written (no value).
+    pub deleted: [&'a [String]; 2],
+    /// Keys it writes a value into (a refresh with a value).
+    pub written: &'a [String],
+}
+
+impl<'a> Keys<'a> {
+    /// Every key, in the order events list them (a refresh's keys to
+    /// write first, then those it moved away from).
+    pub fn all(&self) -> impl Iterator<Item = &'a String> + 'a {
+        let (first, second) = match (self.written.is_empty(), self.deleted) {
+            // A refresh without a value deletes its `set` keys (second
+            // slice) too: keep them first, as with a value.
+            (true, [del, set]) if !set.is_empty() => (set, del),
+            (_, [del, _]) => (self.written, del),
+        };
+        first.iter().chain(second.iter())
+    }
+
+    /// The keys it deletes.
+    pub fn deleted(&self) -> impl Iterator<Item = &'a String> + 'a {
+        let [a, b] = self.deleted;
+        a.iter().chain(b.iter())
+    }
+
+    /// How many keys it deletes and how many it writes.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.deleted[0].len() + self.deleted[1].len(),
+            self.written.len(),
+        )
+    }
+}
+
+impl CacheOp {
+    /// The keys it touches (see [`Keys`]).
+    pub fn keys(&self) -> Keys<'_> {
+        const NONE: &[String] = &[];
+        match self {
+            CacheOp::Invalidate { keys, .. } | CacheOp::Query { keys, .. } => Keys {
+                deleted: [keys, NONE],
+                written: NONE,
+            },
+            CacheOp::Refresh {
+                set, del, value, ..
+            } => match value {
+                Some(_) => Keys {
+                    deleted: [del, NONE],
+                    written: set,
+                },
+                None => Keys {
+                    deleted: [del, set],
+                    written: NONE,
+                },
+            },
+            CacheOp::Flush { .. } => Keys {
+                deleted: [NONE, NONE],
+                written: NONE,
+            },
+        }
+    }
+}
+
 /// Why keys are flushed by pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushReason {
@@ -148,16 +218,12 @@ impl Item {
     /// batches by memory as well as by count.
     pub fn weight(&self) -> usize {
         let strings = |v: &[String]| v.iter().map(|s| s.len() + 24).sum::<usize>();
+        let keys: usize = self.op.keys().all().map(|s| s.len() + 24).sum();
         let op = match &self.op {
-            CacheOp::Invalidate { keys, .. } => strings(keys),
-            CacheOp::Refresh {
-                set, del, value, ..
-            } => strings(set) + strings(del) + value.as_ref().map_or(0, |v| v.len()),
-            CacheOp::Query {
-                keys, sql, params, ..
-            } => {
-                strings(keys)
-                    + sql.len()
+            CacheOp::Invalidate { .. } => keys,
+            CacheOp::Refresh { value, .. } => keys + value.as_ref().map_or(0, |v| v.len()),
+            CacheOp::Query { sql, params, .. } => {
+                keys + sql.len()
                     + params
                         .iter()
                         .map(|p| p.as_ref().map_or(8, |p| p.len() + 24))

@@ -86,20 +86,13 @@ impl Held {
     /// Holds the row invalidations of `items`, all their keys.
     pub fn hold(&mut self, items: &[Item]) {
         for item in items {
-            let (table, op, keys) = match &item.op {
-                CacheOp::Invalidate { table, op, keys } => (table, *op, keys.clone()),
-                CacheOp::Refresh {
-                    table,
-                    op,
-                    set,
-                    del,
-                    ..
-                } => (table, *op, set.iter().chain(del).cloned().collect()),
-                CacheOp::Query {
-                    table, op, keys, ..
-                } => (table, *op, keys.clone()),
+            let (table, op) = match &item.op {
+                CacheOp::Invalidate { table, op, .. }
+                | CacheOp::Refresh { table, op, .. }
+                | CacheOp::Query { table, op, .. } => (table, *op),
                 CacheOp::Flush { .. } => continue,
             };
+            let keys: Vec<String> = item.op.keys().all().cloned().collect();
             if keys.is_empty() {
                 continue;
             }
@@ -109,7 +102,11 @@ impl Held {
                     op,
                     keys,
                 },
-                ..item.clone()
+                lsn: item.lsn,
+                commit_time: Arc::clone(&item.commit_time),
+                commit_micros: item.commit_micros,
+                seq: item.seq,
+                xid: item.xid,
             };
             self.bytes += held.weight();
             self.items.push(held);

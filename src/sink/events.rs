@@ -18,7 +18,7 @@ struct Event<'a> {
     table: &'a str,
     op: &'a str,
     action: &'a str,
-    keys: &'a [String],
+    keys: &'a [&'a String],
     /// Keys left out to bound the event (see [`MAX_EVENT_KEY_BYTES`]).
     #[serde(skip_serializing_if = "is_zero")]
     keys_omitted: usize,
@@ -30,17 +30,13 @@ struct Event<'a> {
 
 /// The event JSON for `item`.
 pub fn event_json(item: &Item) -> String {
-    let touched: Vec<String>;
     let (table, op) = item.op.names();
-    let (action, keys, patterns): (&str, &[String], _) = match &item.op {
-        CacheOp::Refresh { set, del, .. } => {
-            touched = set.iter().chain(del).cloned().collect();
-            ("refresh", &touched, None)
-        }
-        CacheOp::Query { keys, .. } => ("refresh", keys, None),
-        CacheOp::Invalidate { keys, .. } => ("delete", keys, None),
-        CacheOp::Flush { patterns, .. } => ("delete", &[], Some(patterns.as_slice())),
+    let (action, patterns) = match &item.op {
+        CacheOp::Refresh { .. } | CacheOp::Query { .. } => ("refresh", None),
+        CacheOp::Invalidate { .. } => ("delete", None),
+        CacheOp::Flush { patterns, .. } => ("delete", Some(patterns.as_slice())),
     };
+    let keys: Vec<&String> = item.op.keys().all().collect();
     let mut budget = MAX_EVENT_KEY_BYTES;
     let listed = keys
         .iter()

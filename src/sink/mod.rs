@@ -675,20 +675,9 @@ impl RedisSink {
                     }
                 }
                 for item in &rest[..run] {
-                    match &item.op {
-                        CacheOp::Invalidate { keys, .. } => touched.removed += keys.len() as u64,
-                        CacheOp::Refresh {
-                            set, del, value, ..
-                        } => {
-                            touched.removed += del.len() as u64;
-                            match value {
-                                Some(_) => touched.written += set.len() as u64,
-                                None => touched.removed += set.len() as u64,
-                            }
-                        }
-                        CacheOp::Query { keys, .. } => touched.removed += keys.len() as u64,
-                        CacheOp::Flush { .. } => {}
-                    }
+                    let (removed, written) = item.op.keys().counts();
+                    touched.removed += removed as u64;
+                    touched.written += written as u64;
                 }
                 rest = &rest[run..];
                 continue;
@@ -783,31 +772,24 @@ fn deletions_again(items: &[Item], scope: Again) -> Vec<Item> {
     let mut written_later: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut again: Vec<Item> = Vec::new();
     for item in items.iter().rev() {
-        let (table, op, keys): (&Arc<str>, _, Vec<String>) = match &item.op {
-            CacheOp::Invalidate { table, op, keys } => (table, op, unwritten(keys, &written_later)),
-            CacheOp::Refresh {
-                table,
-                op,
-                set,
-                del,
-                value,
-                ..
-            } => {
-                let set_too = scope == Again::All || value.is_none();
-                if !set_too {
-                    // The op's own write follows its deletions.
-                    written_later.extend(set.iter().map(String::as_str));
-                }
-                let mut keys = unwritten(del, &written_later);
-                if set_too {
-                    keys.extend(set.iter().cloned());
-                }
-                (table, op, keys)
-            }
-            CacheOp::Query {
-                table, op, keys, ..
-            } => (table, op, unwritten(keys, &written_later)),
+        let (table, op) = match &item.op {
+            CacheOp::Invalidate { table, op, .. }
+            | CacheOp::Refresh { table, op, .. }
+            | CacheOp::Query { table, op, .. } => (table, op),
             CacheOp::Flush { .. } => continue,
+        };
+        let touched = item.op.keys();
+        let keys: Vec<String> = match scope {
+            Again::All => touched.all().cloned().collect(),
+            Again::Deleted => {
+                // The op's own write follows its deletions.
+                written_later.extend(touched.written.iter().map(String::as_str));
+                touched
+                    .deleted()
+                    .filter(|k| !written_later.contains(k.as_str()))
+                    .cloned()
+                    .collect()
+            }
         };
         if keys.is_empty() {
             continue;
@@ -828,15 +810,6 @@ fn deletions_again(items: &[Item], scope: Again) -> Vec<Item> {
     again.reverse();
     again
 }
-
-/// `keys` less those in `written`.
-fn unwritten(keys: &[String], written: &std::collections::HashSet<&str>) -> Vec<String> {
-    keys.iter()
-        .filter(|k| !written.contains(k.as_str()))
-        .cloned()
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -886,8 +859,8 @@ mod tests {
         assert_eq!(
             keys(&deletions_again(&items, Again::All)),
             vec![
-                vec!["u:b".to_string(), "u:b-tmp".to_string()],
-                vec!["u:c".to_string(), "u:b".to_string()]
+                vec!["u:b-tmp".to_string(), "u:b".to_string()],
+                vec!["u:b".to_string(), "u:c".to_string()]
             ]
         );
         // A deletion after the write still counts.
