@@ -249,48 +249,115 @@ pub fn redis(error: &RedisError) -> Class {
     }
 }
 
-/// A bounded label for a Redis error, for metrics and logs.
-pub fn redis_kind(error: &RedisError) -> &'static str {
-    if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
-        return "io";
-    }
-    let (kind, code) = redis_cause(error);
-    match kind {
-        RedisKind::Server(ServerErrorKind::ReadOnly) => "readonly",
-        RedisKind::Server(ServerErrorKind::BusyLoading) => "loading",
-        RedisKind::Server(ServerErrorKind::NoScript) => "noscript",
-        RedisKind::Server(ServerErrorKind::ExecAbort) => "execabort",
-        RedisKind::Server(
-            ServerErrorKind::Moved
-            | ServerErrorKind::Ask
-            | ServerErrorKind::TryAgain
-            | ServerErrorKind::ClusterDown
-            | ServerErrorKind::MasterDown,
-        )
-        | RedisKind::ClusterConnectionNotFound => "cluster",
-        RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => "auth",
-        RedisKind::Parse | RedisKind::UnexpectedReturnType => "reply",
-        _ => match code.as_deref() {
-            Some("OOM") => "oom",
-            Some("WRONGTYPE") => "wrongtype",
-            Some("MISCONF") => "misconf",
-            _ => "other",
-        },
-    }
+/// What kind of Redis failure an attempt met: the label of
+/// `pgci_redis_errors_total`, the log line's `kind`, what readiness says
+/// and what the operator can do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisFailure {
+    /// Down, unreachable, a timeout, a dropped connection.
+    Io,
+    /// The node became a replica (`READONLY`).
+    ReadOnly,
+    /// Loading its dataset (`LOADING`).
+    Loading,
+    /// The script cache was flushed (`NOSCRIPT`).
+    NoScript,
+    /// A transaction refused as a whole (`EXECABORT`).
+    ExecAbort,
+    /// Slots moving, a failover, a replica behind.
+    Cluster,
+    /// The password or the ACL.
+    Auth,
+    /// A reply the client cannot read.
+    Reply,
+    /// Out of memory under `noeviction` (`OOM`).
+    Oom,
+    /// A key of another type (`WRONGTYPE`).
+    WrongType,
+    /// Cannot save its snapshot (`MISCONF`).
+    Misconf,
+    /// Anything else.
+    Other,
 }
 
-/// What an operator can do about a Redis error of `kind`.
-pub fn redis_hint(kind: &str) -> &'static str {
-    match kind {
-        "io" => "redis is down or unreachable; the batch is retried until it answers",
-        "readonly" => "the node became a replica (a failover): reconnecting; point redis.url at the primary endpoint",
-        "loading" => "redis is loading its dataset; it answers once loaded",
-        "cluster" => "the cluster is moving slots, failing over, or a replica is behind: the slot map is read again and the batch retried",
-        "noscript" => "the script cache was flushed; the next attempt loads the script again",
-        "oom" => "redis is out of memory under a noeviction policy: set maxmemory-policy allkeys-lru (or volatile-lru) or raise maxmemory",
-        "wrongtype" => "a key the rules write holds another type (a hash, a list): delete that key or change the key template",
-        "misconf" => "redis cannot save its snapshot and refuses writes: fix its disk or persistence settings",
-        _ => "see the error; the batch is retried",
+impl RedisFailure {
+    /// Classifies `error` (for a transaction, by its first refused command).
+    pub fn of(error: &RedisError) -> RedisFailure {
+        if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+            return RedisFailure::Io;
+        }
+        let (kind, code) = redis_cause(error);
+        match kind {
+            RedisKind::Server(ServerErrorKind::ReadOnly) => RedisFailure::ReadOnly,
+            RedisKind::Server(ServerErrorKind::BusyLoading) => RedisFailure::Loading,
+            RedisKind::Server(ServerErrorKind::NoScript) => RedisFailure::NoScript,
+            RedisKind::Server(ServerErrorKind::ExecAbort) => RedisFailure::ExecAbort,
+            RedisKind::Server(
+                ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown,
+            )
+            | RedisKind::ClusterConnectionNotFound => RedisFailure::Cluster,
+            RedisKind::AuthenticationFailed | RedisKind::Server(ServerErrorKind::NoPerm) => {
+                RedisFailure::Auth
+            }
+            RedisKind::Parse | RedisKind::UnexpectedReturnType => RedisFailure::Reply,
+            _ => match code.as_deref() {
+                Some("OOM") => RedisFailure::Oom,
+                Some("WRONGTYPE") => RedisFailure::WrongType,
+                Some("MISCONF") => RedisFailure::Misconf,
+                _ => RedisFailure::Other,
+            },
+        }
+    }
+
+    /// The bounded label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisFailure::Io => "io",
+            RedisFailure::ReadOnly => "readonly",
+            RedisFailure::Loading => "loading",
+            RedisFailure::NoScript => "noscript",
+            RedisFailure::ExecAbort => "execabort",
+            RedisFailure::Cluster => "cluster",
+            RedisFailure::Auth => "auth",
+            RedisFailure::Reply => "reply",
+            RedisFailure::Oom => "oom",
+            RedisFailure::WrongType => "wrongtype",
+            RedisFailure::Misconf => "misconf",
+            RedisFailure::Other => "other",
+        }
+    }
+
+    /// What an operator can do about it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            RedisFailure::Io => "redis is down or unreachable; the batch is retried until it answers",
+            RedisFailure::ReadOnly => "the node became a replica (a failover): reconnecting; point redis.url at the primary endpoint",
+            RedisFailure::Loading => "redis is loading its dataset; it answers once loaded",
+            RedisFailure::Cluster => "the cluster is moving slots, failing over, or a replica is behind: the slot map is read again and the batch retried",
+            RedisFailure::NoScript => "the script cache was flushed; the next attempt loads the script again",
+            RedisFailure::Oom => "redis is out of memory under a noeviction policy: set maxmemory-policy allkeys-lru (or volatile-lru) or raise maxmemory",
+            RedisFailure::WrongType => "a key the rules write holds another type (a hash, a list): delete that key or change the key template",
+            RedisFailure::Misconf => "redis cannot save its snapshot and refuses writes: fix its disk or persistence settings",
+            RedisFailure::ExecAbort | RedisFailure::Auth | RedisFailure::Reply | RedisFailure::Other => {
+                "see the error; the batch is retried"
+            }
+        }
+    }
+
+    /// What `/readyz` says while attempts fail this way.
+    pub fn readiness(self) -> String {
+        match self {
+            RedisFailure::Io => "redis is not answering".to_string(),
+            kind => format!(
+                "redis refuses the batch ({}): {}",
+                kind.as_str(),
+                kind.hint()
+            ),
+        }
     }
 }
 
@@ -592,10 +659,13 @@ mod tests {
     #[test]
     fn redis_error_labels() {
         let io: RedisError = std::io::Error::from(std::io::ErrorKind::BrokenPipe).into();
-        assert_eq!(redis_kind(&io), "io");
+        assert_eq!(RedisFailure::of(&io), RedisFailure::Io);
         let readonly: RedisError = (RedisKind::Server(ServerErrorKind::ReadOnly), "ro").into();
-        assert_eq!(redis_kind(&readonly), "readonly");
-        assert!(redis_hint("oom").contains("maxmemory-policy"));
+        assert_eq!(RedisFailure::of(&readonly).as_str(), "readonly");
+        assert!(RedisFailure::Oom.hint().contains("maxmemory-policy"));
+        assert!(RedisFailure::Oom
+            .readiness()
+            .starts_with("redis refuses the batch (oom): "));
     }
 
     #[test]

@@ -157,8 +157,8 @@ pub struct RedisSink {
     /// the connection manager keeps a connection that answers.
     client: redis::Client,
     config: ConnectionManagerConfig,
-    /// Error kinds already logged in the current run of failures.
-    logged: Vec<&'static str>,
+    /// Kinds of failure already logged in the current run of failures.
+    logged: Vec<error::RedisFailure>,
     /// Where the applied position is recorded (replication source only).
     position_key: Option<String>,
     /// The position this daemon recorded last (or read at start): a
@@ -459,14 +459,9 @@ impl RedisSink {
                 }
                 Err(error) => {
                     self.stats.retries += 1;
-                    let kind = error::redis_kind(&error);
-                    self.health.set_redis_failing(&match kind {
-                        "io" => "redis is not answering".to_string(),
-                        kind => format!(
-                            "redis refuses the batch ({kind}): {}",
-                            error::redis_hint(kind)
-                        ),
-                    });
+                    let failure = error::RedisFailure::of(&error);
+                    let kind = failure.as_str();
+                    self.health.set_redis_failing(&failure.readiness());
                     metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
@@ -476,15 +471,15 @@ impl RedisSink {
                     };
                     // One line per kind of failure while they last; every
                     // attempt is counted in the metric.
-                    if !self.logged.contains(&kind) {
-                        self.logged.push(kind);
-                        tracing::warn!(error = %error, kind, hint = error::redis_hint(kind), retry_in = ?delay,
+                    if !self.logged.contains(&failure) {
+                        self.logged.push(failure);
+                        tracing::warn!(error = %error, kind, hint = failure.hint(), retry_in = ?delay,
                             operations = items.len(),
                             "redis batch failed; retrying it (confirmations are held meanwhile)");
                     } else {
                         tracing::debug!(error = %error, kind, retry_in = ?delay, "redis batch failed again");
                     }
-                    if kind == "readonly" {
+                    if failure == error::RedisFailure::ReadOnly {
                         self.reconnect().await;
                     }
                     tokio::time::sleep(delay).await;

@@ -65,7 +65,7 @@ pub const BATCHES_TOTAL: &str = "pgci_batches_total";
 /// Operations per applied batch (histogram).
 pub const BATCH_OPERATIONS: &str = "pgci_batch_operations";
 /// Failed Redis attempts (each is retried), by `kind` (see
-/// `error::redis_kind`: io, readonly, oom, wrongtype, …).
+/// `error::RedisFailure`: io, readonly, oom, wrongtype, …).
 pub const REDIS_ERRORS_TOTAL: &str = "pgci_redis_errors_total";
 /// Reconnections, by `target` (`postgres`, `redis`).
 pub const RECONNECTS_TOTAL: &str = "pgci_reconnects_total";
