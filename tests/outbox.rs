@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use crate::invalidation::{removed_by, users};
 use crate::support::{balance_keys, preset, surviving, wait_for, PgBouncer, TestEnv};
+use crate::support::{removed_by, users};
 
 async fn outbox_env(users: i32) -> TestEnv {
     let mut env = TestEnv::start(users).await;

@@ -191,7 +191,7 @@ async fn the_plan_s_redis_settings_are_checked() {
 /// without a refused command; what the list leaves out is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_runs_under_its_least_privilege_user() {
-    use crate::invalidation::{removed_by, users};
+    use crate::support::{removed_by, users};
     use pgci_test_support::redis_server::Redis;
     let mut env = TestEnv::start(20).await;
     let refresh = "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"pillar:{slug}\"]\naction = \"refresh\"\nttl = \"1h\"\n";
@@ -338,7 +338,7 @@ async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
         .await
         .expect("connect as app");
     let mut cache = Cache::new(conn.clone(), CacheOptions::default());
-    let u = crate::invalidation::users(&env, 1).await;
+    let u = crate::support::users(&env, 1).await;
     let key = format!("profile:user:{}", u[0].id);
     let load = || async { Ok::<_, std::io::Error>(Some("{\"bio\":\"v1\"}".to_string())) };
     let (_, first) = cache
@@ -396,7 +396,7 @@ async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
 /// was dropped when the loop saw its task gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redis_user_that_may_not_unlink_stops_with_redis_s_refusal() {
-    use crate::invalidation::users;
+    use crate::support::users;
     use pgci_test_support::redis_server::Redis;
     let mut env = TestEnv::start(5).await;
     let url = |port: u16| format!("redis://pgci:s3cret@127.0.0.1:{port}/0");
@@ -478,7 +478,7 @@ async fn the_acl_line_loads_with_spaces_and_stars_in_names() {
 /// under noeviction, it says so (it said "not answering"); both recover.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_says_why_redis_holds_the_stream() {
-    use crate::invalidation::users;
+    use crate::support::users;
     let mut env = TestEnv::start(5).await;
     env.setup();
     let daemon = env.daemon().await;

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::invalidation::users;
+use crate::support::users;
 use crate::support::{http_get, wait_for, TestEnv};
 
 fn chromium(dir: &std::path::Path, args: &[String]) -> std::process::Output {

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::invalidation::users;
+use crate::support::users;
 use crate::support::{daemon_bin, preset, surviving, TestEnv};
 
 pub(crate) fn spawn_events(env: &TestEnv, args: &[&str]) -> std::process::Child {

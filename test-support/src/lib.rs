@@ -6,12 +6,13 @@
 //! tests can SIGTERM or kill -9 it.
 //!
 //! One module per service: [`postgres`], [`redis_server`], [`pgbouncer`],
-//! [`certs`], [`daemon`], [`proxy`] (a switchable TCP forwarder, for
+//! [`certs`], [`daemon`], [`demo`] (the demo users and their keys), [`proxy`] (a switchable TCP forwarder, for
 //! failovers), [`redis_cluster`] (three masters, three replicas), and [`env`] ([`TestEnv`]) which puts them together with the
 //! demo schema and a config file.
 
 pub mod certs;
 pub mod daemon;
+pub mod demo;
 pub mod env;
 pub mod pgbouncer;
 pub mod postgres;
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 
 pub use certs::Certs;
 pub use daemon::Daemon;
+pub use demo::{removed_by, users, User};
 pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
 pub use postgres::{pg_bin, slot_active, Postgres};
