@@ -51,6 +51,10 @@ pub enum Stopped {
     Fatal(Fatal),
     /// Something else broke.
     Failed(String),
+    /// Shutdown was asked for (SIGTERM) while start-up waited for a
+    /// database or a Redis that did not answer yet: nothing was read, so
+    /// nothing is lost (exit 0, as any SIGTERM).
+    Cancelled,
 }
 
 /// Runs the daemon until SIGTERM or a fatal error.
@@ -81,6 +85,9 @@ pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), S
         Ok(()) => tracing::info!("stopped"),
         Err(Stopped::Fatal(fatal)) => tracing::error!(error = %fatal, "stopped on error"),
         Err(Stopped::Failed(text)) => tracing::error!(error = %text, "stopped on error"),
+        Err(Stopped::Cancelled) => {
+            tracing::info!("stopped while start-up waited for postgres or redis")
+        }
         Err(_) => {}
     }
     outcome
@@ -144,7 +151,11 @@ async fn start_and_run(
         Arc::clone(&health),
     )
     .await
-    .map_err(sink_stopped)?
+    .map_err(|error| match error {
+        // Nothing was read yet: a SIGTERM while waiting loses nothing.
+        SinkError::GaveUp(_) => Stopped::Cancelled,
+        error => sink_stopped(error),
+    })?
     .with_sharded_events(config.redis.sharded_events);
     let info_every = config.redis.info_interval.0;
     if !info_every.is_zero() {
@@ -309,8 +320,11 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
         match Db::connect(conn).await {
             Ok(db) => return Ok(db),
             Err(error) => {
-                if error.class() != Class::Transient || cancel.is_cancelled() {
+                if error.class() != Class::Transient {
                     return Err(Stopped::Database(error));
+                }
+                if cancel.is_cancelled() {
+                    return Err(Stopped::Cancelled);
                 }
                 let delay = backoff.next_delay();
                 let hint = match &error {
@@ -323,7 +337,7 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
                 };
                 tracing::warn!(error = %error.one_line(), hint, retry_in = ?delay, "cannot reach postgres; retrying");
                 tokio::select! {
-                    _ = cancel.cancelled() => return Err(Stopped::Database(error)),
+                    _ = cancel.cancelled() => return Err(Stopped::Cancelled),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }

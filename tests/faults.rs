@@ -640,3 +640,33 @@ async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
         "{log}"
     );
 }
+
+/// SIGTERM while start-up waits for a Redis (or a PostgreSQL) that does
+/// not answer yet exits 0, as any SIGTERM: nothing was read, so nothing is
+/// lost. It exited 1 (Redis) and 2 (PostgreSQL), which a supervisor takes
+/// for a broken configuration.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_waiting_to_start_exits_zero() {
+    let mut env = TestEnv::start(1).await;
+    env.setup();
+    let closed = crate::support::free_port();
+    for (what, postgres, redis) in [
+        ("redis", None, Some(format!("redis://127.0.0.1:{closed}/0"))),
+        (
+            "postgres",
+            Some(format!("postgres://postgres@127.0.0.1:{closed}/postgres")),
+            None,
+        ),
+    ] {
+        env.url_override = postgres;
+        env.redis_url_override = redis;
+        env.write_config("");
+        let mut daemon = env.spawn_daemon();
+        wait_for("the daemon to retry", Duration::from_secs(20), || async {
+            daemon.log().contains("retrying")
+        })
+        .await;
+        let status = daemon.terminate().await;
+        assert_eq!(status.code(), Some(0), "{what}: {}", daemon.log());
+    }
+}

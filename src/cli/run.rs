@@ -6,7 +6,7 @@ use crate::cli::{Failure, Loaded};
 /// Runs the daemon (see [`crate::app`]).
 pub async fn run(loaded: Loaded) -> Result<(), Failure> {
     match app::run(loaded.config, loaded.rules, loaded.conn).await {
-        Ok(()) => Ok(()),
+        Ok(()) | Err(Stopped::Cancelled) => Ok(()),
         Err(Stopped::Problems(lines)) => Err(Failure::usage(lines)),
         Err(Stopped::Database(error)) => Err(Failure::usage(vec![error.one_line()])),
         Err(Stopped::Fatal(fatal)) => Err(fatal.into()),
