@@ -175,13 +175,21 @@ async fn start_and_run(
             sink.record_position_of(slot, planner.plan_flush_all());
             flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
         }
-        SourceKind::Outbox => sink
-            .record_batches_at(
-                &position::outbox_key(&config.outbox.schema),
-                planner.plan_flush_all(),
-            )
-            .await
-            .map_err(sink_stopped)?,
+        SourceKind::Outbox => {
+            let found = sink
+                .record_batches_at(
+                    &position::outbox_key(&config.outbox.schema),
+                    planner.plan_flush_all(),
+                )
+                .await
+                .map_err(sink_stopped)?;
+            // `setup` writes the record: none means Redis was emptied, or
+            // a flush after lost writes was cut short.
+            if found.is_none() {
+                tracing::warn!("redis holds no record of the outbox's applied batches (an emptied redis, or a flush cut short): flushing every key of every rule once before draining");
+                flush_all_at_start(&mut sink, &planner, Lsn(0)).await?;
+            }
+        }
     }
     let mut partitioned = Vec::new();
     for (table, _) in rules.tables() {
@@ -288,17 +296,26 @@ async fn flush_if_changes_were_missed(
             "redis's applied position is behind the slot (a slot created anew, or redis restored from an older snapshot): changes may have been missed; flushing every key of every rule before streaming")
         }
     }
+    flush_all_at_start(sink, planner, confirmed).await
+}
+
+/// Flushes every rule key and records `applied` (a counting source, the
+/// outbox, passes 0/0 and records its next count instead).
+async fn flush_all_at_start(
+    sink: &mut RedisSink,
+    planner: &Planner,
+    applied: Lsn,
+) -> Result<(), Stopped> {
     let flush = Item {
         op: planner.plan_flush_all(),
-        lsn: confirmed,
+        lsn: applied,
         commit_time: Arc::from(""),
         commit_micros: 0,
         seq: 0,
         xid: 0,
     };
-    sink.apply(&[flush], Some(confirmed))
-        .await
-        .map_err(sink_stopped)?;
+    let record = Some(applied).filter(|lsn| *lsn != Lsn::ZERO);
+    sink.apply(&[flush], record).await.map_err(sink_stopped)?;
     metrics::counter!(crate::telemetry::metrics::STARTUP_FLUSHES_TOTAL).increment(1);
     Ok(())
 }

@@ -980,3 +980,39 @@ async fn the_outbox_empties_after_a_kill9() {
     .await;
     drop(daemon);
 }
+
+/// `setup` gives the outbox's count of applied batches a start in Redis,
+/// so the first run keeps the cache; a run that finds no record (Redis
+/// emptied, or a flush after lost writes cut short by a kill) flushes
+/// every rule key once before draining.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_without_the_outbox_record_flushes_once() {
+    let mut env = outbox_env(5).await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    let recorded: Option<String> = redis::cmd("GET")
+        .arg("pgci:position:outbox:cache_invalidator")
+        .query_async(&mut redis)
+        .await
+        .expect("get");
+    assert_eq!(recorded.as_deref(), Some("0/0"), "setup records the start");
+    preset(&mut redis, &keys).await;
+    let daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, &keys).await,
+        keys.len(),
+        "{}",
+        daemon.log()
+    );
+    drop(daemon);
+    let _: () = redis::cmd("DEL")
+        .arg("pgci:position:outbox:cache_invalidator")
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    let daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0, "{}", daemon.log());
+    assert!(daemon.log().contains("holds no record"), "{}", daemon.log());
+}

@@ -48,7 +48,26 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
     if plan.creates_slot {
         record_slot_start(&db, &loaded).await;
     }
+    if loaded.config.postgres.source == crate::config::SourceKind::Outbox {
+        record_outbox_start(&loaded).await;
+    }
     Ok(())
+}
+
+/// Gives the outbox's count of applied batches a start in Redis (if it
+/// has none), so that the first `run` does not flush the cache: a `run`
+/// that finds no record flushes every rule key once (see
+/// `sink::position`).
+async fn record_outbox_start(loaded: &Loaded) {
+    let redis = &loaded.config.redis;
+    let counter = format!("outbox:{}", loaded.config.outbox.schema);
+    match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), &counter, Lsn(0)).await {
+        Ok(true) => println!("done: redis records that the cache starts with the outbox"),
+        Ok(false) => {}
+        Err(error) => eprintln!(
+            "note: cannot record the outbox's start in redis ({error}): the first run will flush every rule key once"
+        ),
+    }
 }
 
 /// Loads the lease functions app readers call (the daemon loads them at

@@ -322,15 +322,16 @@ impl RedisSink {
     /// loses writes while the daemon runs is noticed and flushed with
     /// `flush_all` as with [`RedisSink::record_position_of`]. The count goes
     /// on from the record found at start.
+    /// Returns the record found (`None`: Redis holds none).
     pub async fn record_batches_at(
         &mut self,
         key: &str,
         flush_all: CacheOp,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Option<Lsn>, SinkError> {
         self.position_key = Some(key.to_string());
         self.flush_all = Some(flush_all);
         self.counting = true;
-        self.read_record(key).await.map(|_| ())
+        self.read_record(key).await
     }
 
     /// The position recorded for `slot`, retried like a batch.
