@@ -3,6 +3,7 @@
 //! changes are read or planned.
 //!
 //! - [`acl`]: the least-privilege ACL user of the daemon.
+//! - `again`: the keys a batch's second pass deletes.
 //! - [`conn`]: one server or a cluster, and what differs between them.
 //! - [`cluster`]: our Redis Cluster client (slot map, MOVED/ASK, WAIT).
 //! - [`requests`]: a run of row operations as one atomic pipeline.
@@ -23,6 +24,7 @@
 //! skipped.
 
 pub mod acl;
+mod again;
 pub mod cluster;
 pub mod conn;
 pub mod events;
@@ -40,6 +42,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use self::again::Again;
 use self::cluster::ClusterConn;
 use self::conn::Conn;
 use redis::RedisError;
@@ -110,15 +113,6 @@ struct Touched {
     written: u64,
 }
 
-/// Which keys [`RedisSink::delete_again`] deletes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Again {
-    /// Only the keys the batch deleted.
-    Deleted,
-    /// Every key the batch touched.
-    All,
-}
-
 /// A client for `url`, trusting `ca_cert` for `rediss://` when given.
 pub fn client(
     url: &SecretUrl,
@@ -159,20 +153,8 @@ pub struct RedisSink {
     config: ConnectionManagerConfig,
     /// Kinds of failure already logged in the current run of failures.
     logged: Vec<error::RedisFailure>,
-    /// Where the applied position is recorded (replication source only).
-    position_key: Option<String>,
-    /// The position this daemon recorded last (or read at start): a
-    /// record found missing or behind it when the next is written means
-    /// Redis lost writes (see [`position::lost_writes`]).
-    last_recorded: Option<Lsn>,
-    /// The flush of every rule's keys, for when Redis lost writes.
-    flush_all: Option<CacheOp>,
-    /// Redis lost writes and the flush has not completed yet.
-    flush_due: bool,
-    /// The record counts batches instead of holding a stream position
-    /// (the outbox source has none): each applied batch records the last
-    /// count plus one, so a restored Redis still shows a record behind.
-    counting: bool,
+    /// What is applied, recorded with every batch (see [`position`]).
+    record: Option<position::Record>,
     /// Pub/sub channel; `None` when events are off.
     channel: Option<String>,
     /// Events go out with `SPUBLISH` (`redis.sharded_events`).
@@ -281,11 +263,7 @@ impl RedisSink {
             client,
             config,
             logged: Vec::new(),
-            position_key: None,
-            last_recorded: None,
-            flush_all: None,
-            flush_due: false,
-            counting: false,
+            record: None,
             channel: (!channel.is_empty()).then(|| channel.to_string()),
             sharded_events: false,
             cancel,
@@ -313,8 +291,7 @@ impl RedisSink {
     /// batch (see [`position`]), and flushes with `flush_all` (every rule's
     /// keys) when a record shows that Redis lost writes since the last one.
     pub fn record_position_of(&mut self, slot: &str, flush_all: CacheOp) {
-        self.position_key = Some(position::key(slot));
-        self.flush_all = Some(flush_all);
+        self.record = Some(position::Record::position(slot, flush_all));
     }
 
     /// Records a count of applied batches at `key` with every batch, for a
@@ -328,9 +305,7 @@ impl RedisSink {
         key: &str,
         flush_all: CacheOp,
     ) -> Result<Option<Lsn>, SinkError> {
-        self.position_key = Some(key.to_string());
-        self.flush_all = Some(flush_all);
-        self.counting = true;
+        self.record = Some(position::Record::batches(key.to_string(), flush_all));
         self.read_record(key).await
     }
 
@@ -346,7 +321,9 @@ impl RedisSink {
         loop {
             match position::read(&mut self.conn, key).await {
                 Ok(lsn) => {
-                    self.last_recorded = lsn;
+                    if let Some(record) = self.record.as_mut().filter(|r| r.key() == key) {
+                        record.found(lsn);
+                    }
                     return Ok(lsn);
                 }
                 Err(error) => {
@@ -390,7 +367,7 @@ impl RedisSink {
         scope: Again,
         applied: Option<Lsn>,
     ) -> Result<(), SinkError> {
-        let again = deletions_again(items, scope);
+        let again = again::deletions(items, scope);
         let channel = self.channel.take();
         let result = self.apply_counted(&again, applied, false).await;
         self.channel = channel;
@@ -403,15 +380,12 @@ impl RedisSink {
         applied: Option<Lsn>,
         counted: bool,
     ) -> Result<(), SinkError> {
-        // Counting: every batch that changes keys is one more.
-        let applied = match (self.counting, applied) {
-            (true, None) if !items.is_empty() => {
-                Some(Lsn(self.last_recorded.map_or(1, |l| l.0 + 1)))
-            }
-            _ => applied,
-        };
-        let record = match (&self.position_key, applied) {
-            (Some(key), Some(lsn)) => Some(position::record(key, lsn)),
+        let applied = self
+            .record
+            .as_ref()
+            .and_then(|r| r.next(applied, !items.is_empty()));
+        let record = match (&self.record, applied) {
+            (Some(r), Some(lsn)) => Some(position::record(r.key(), lsn)),
             _ => None,
         };
         if items.is_empty() && record.is_none() {
@@ -492,17 +466,17 @@ impl RedisSink {
     /// Compares the record a new one replaced with the one this daemon
     /// wrote last; `applied` is now the last.
     fn check_record(&mut self, replaced: Option<&str>, applied: Option<Lsn>) {
-        if position::lost_writes(self.last_recorded, replaced) && !self.flush_due {
-            self.flush_due = true;
+        let Some(record) = self.record.as_mut() else {
+            return;
+        };
+        let expected = record.last().unwrap_or_default();
+        if record.replaced(replaced, applied) {
             metrics::counter!(m::REDIS_LOST_WRITES_TOTAL).increment(1);
             tracing::error!(
                 recorded_lsn = replaced.unwrap_or("none"),
-                expected_lsn = %self.last_recorded.unwrap_or_default(),
+                expected_lsn = %expected,
                 "redis lost writes (restarted from an older snapshot, emptied, or failed over to a replica that missed them): values deleted since may be back; flushing every key of every rule"
             );
-        }
-        if applied.is_some() {
-            self.last_recorded = applied;
         }
     }
 
@@ -511,13 +485,13 @@ impl RedisSink {
     /// completes flushes at its next start (no record), and written again
     /// after.
     async fn flush_if_writes_lost(&mut self, applied: Option<Lsn>) -> Result<(), RedisError> {
-        if !self.flush_due {
-            return Ok(());
-        }
-        let (Some(key), Some(flush)) = (self.position_key.clone(), self.flush_all.clone()) else {
-            self.flush_due = false;
+        let Some(record) = &self.record else {
             return Ok(());
         };
+        let Some(flush) = record.due().cloned() else {
+            return Ok(());
+        };
+        let (key, last) = (record.key().to_string(), record.last());
         redis::cmd("DEL")
             .arg(&key)
             .query_async::<()>(&mut self.conn)
@@ -531,12 +505,14 @@ impl RedisSink {
             xid: 0,
         };
         self.apply_flush(&item).await?;
-        if let Some(lsn) = self.last_recorded {
+        if let Some(lsn) = last {
             position::record(&key, lsn)
                 .query_async::<()>(&mut self.conn)
                 .await?;
         }
-        self.flush_due = false;
+        if let Some(record) = self.record.as_mut() {
+            record.flushed();
+        }
         Ok(())
     }
 
@@ -573,7 +549,12 @@ impl RedisSink {
         // While idle no batch writes the record: read it, so that a Redis
         // restored from an older snapshot is found within a tick, not at
         // the next change.
-        let (Some(key), Some(_)) = (self.position_key.clone(), self.last_recorded) else {
+        let Some(key) = self
+            .record
+            .as_ref()
+            .filter(|r| r.last().is_some())
+            .map(|r| r.key().to_string())
+        else {
             return;
         };
         let read = tokio::time::timeout(PING_TIMEOUT, async {
@@ -755,119 +736,5 @@ impl RedisSink {
         }
         metrics::counter!(m::BATCHES_TOTAL).increment(1);
         metrics::histogram!(m::BATCH_OPERATIONS).record(items.len() as f64);
-    }
-}
-
-/// The keys [`RedisSink::delete_again`] deletes, as invalidations in batch
-/// order. A key deleted by one operation and written by a later one of
-/// the same batch (a refreshed key moved away from and then onto, within
-/// one transaction) is left out under [`Again::Deleted`]: deleting it
-/// again would undo the later write. (Under [`Again::All`] the written
-/// keys are deleted as well, so nothing later survives to be undone.)
-fn deletions_again(items: &[Item], scope: Again) -> Vec<Item> {
-    let mut written_later: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    let mut again: Vec<Item> = Vec::new();
-    for item in items.iter().rev() {
-        let (table, op) = match &item.op {
-            CacheOp::Invalidate { table, op, .. }
-            | CacheOp::Refresh { table, op, .. }
-            | CacheOp::Query { table, op, .. } => (table, op),
-            CacheOp::Flush { .. } => continue,
-        };
-        let touched = item.op.keys();
-        let keys: Vec<String> = match scope {
-            Again::All => touched.all().cloned().collect(),
-            Again::Deleted => {
-                // The op's own write follows its deletions.
-                written_later.extend(touched.written.iter().map(String::as_str));
-                touched
-                    .deleted()
-                    .filter(|k| !written_later.contains(k.as_str()))
-                    .cloned()
-                    .collect()
-            }
-        };
-        if keys.is_empty() {
-            continue;
-        }
-        again.push(Item {
-            op: CacheOp::Invalidate {
-                table: Arc::clone(table),
-                op: *op,
-                keys,
-            },
-            lsn: item.lsn,
-            commit_time: Arc::clone(&item.commit_time),
-            commit_micros: item.commit_micros,
-            seq: item.seq,
-            xid: item.xid,
-        });
-    }
-    again.reverse();
-    again
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::Op;
-
-    fn refresh(seq: u32, del: &[&str], set: &[&str]) -> Item {
-        Item {
-            op: CacheOp::Refresh {
-                table: Arc::from("public.profiles"),
-                op: Op::Update,
-                set: set.iter().map(|s| s.to_string()).collect(),
-                del: del.iter().map(|s| s.to_string()).collect(),
-                value: Some(Arc::from("{}")),
-                ttl_secs: 60,
-            },
-            lsn: Lsn(100),
-            commit_time: Arc::from(""),
-            commit_micros: 0,
-            seq,
-            xid: 7,
-        }
-    }
-
-    fn keys(items: &[Item]) -> Vec<Vec<String>> {
-        items
-            .iter()
-            .map(|i| match &i.op {
-                CacheOp::Invalidate { keys, .. } => keys.clone(),
-                other => panic!("not an invalidation: {other:?}"),
-            })
-            .collect()
-    }
-
-    /// `b → b-tmp`, then `c → b` in one transaction: the second pass must
-    /// not delete `b`, which the later change wrote.
-    #[test]
-    fn a_key_written_later_in_the_batch_is_not_deleted_again() {
-        let items = [
-            refresh(1, &["u:b"], &["u:b-tmp"]),
-            refresh(2, &["u:c"], &["u:b"]),
-        ];
-        assert_eq!(
-            keys(&deletions_again(&items, Again::Deleted)),
-            vec![vec!["u:c".to_string()]]
-        );
-        // Every touched key goes under `All`.
-        assert_eq!(
-            keys(&deletions_again(&items, Again::All)),
-            vec![
-                vec!["u:b-tmp".to_string(), "u:b".to_string()],
-                vec!["u:b".to_string(), "u:c".to_string()]
-            ]
-        );
-        // A deletion after the write still counts.
-        let items = [
-            refresh(1, &["u:b"], &["u:x"]),
-            refresh(2, &["u:c"], &["u:b"]),
-            refresh(3, &["u:b"], &["u:y"]),
-        ];
-        assert_eq!(
-            keys(&deletions_again(&items, Again::Deleted)),
-            vec![vec!["u:c".to_string()], vec!["u:b".to_string()]]
-        );
     }
 }
