@@ -565,13 +565,24 @@ async fn redis_restored_while_running(postgres_extra: &str, record_key: &str) {
     .await;
     let log = daemon.log();
     assert!(log.contains("redis lost writes"), "{log}");
-    // The record is written again: a restart does not flush once more.
-    let recorded: Option<String> = redis::cmd("GET")
-        .arg(record_key)
-        .query_async(&mut redis)
-        .await
-        .expect("get");
-    assert!(recorded.is_some(), "{log}");
+    // The record is written again (right after the flush, which the test
+    // may see end first): a restart does not flush once more.
+    wait_for(
+        "the record to be written again",
+        Duration::from_secs(10),
+        || {
+            let mut redis = redis.clone();
+            async move {
+                redis::cmd("GET")
+                    .arg(record_key)
+                    .query_async::<Option<String>>(&mut redis)
+                    .await
+                    .expect("get")
+                    .is_some()
+            }
+        },
+    )
+    .await;
 }
 
 /// The publication dropped and created again while changes stream: the
