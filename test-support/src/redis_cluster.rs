@@ -45,7 +45,7 @@ impl RedisCluster {
             cluster.spawn(i);
         }
         for i in 0..cluster.nodes.len() {
-            cluster.wait_answers(i).await;
+            cluster.wait_started(i).await;
         }
         let addresses: Vec<String> = cluster
             .nodes
@@ -101,15 +101,31 @@ impl RedisCluster {
         self.nodes[i].child = Some(child);
     }
 
-    async fn wait_answers(&self, i: usize) {
+    /// Waits until node `i` answers, as our process. A port
+    /// found free can be taken by another test's server before ours binds
+    /// it (ours then exits, and that server answers PING): the node then
+    /// starts again on another free port.
+    async fn wait_started(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut conn) = self.node_conn(i).await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
+            let exited = self.nodes[i]
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.nodes[i].port = free_port();
+                self.spawn(i);
+            } else if let Ok(mut conn) = self.node_conn(i).await {
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
                     .await
-                    .is_ok()
-                {
+                    .unwrap_or_default();
+                let ours = self.nodes[i]
+                    .child
+                    .as_ref()
+                    .is_some_and(|c| info.contains(&format!("process_id:{}\r\n", c.id())));
+                if ours {
                     return;
                 }
             }
