@@ -214,6 +214,33 @@ pub struct Item {
 }
 
 impl Item {
+    /// The same transaction's invalidation of `keys` in place of this
+    /// operation (the second pass and the held keys delete keys again);
+    /// `None` for a flush, which names no keys, or when `keys` is empty.
+    pub fn invalidating(&self, keys: Vec<String>) -> Option<Item> {
+        let (table, op) = match &self.op {
+            CacheOp::Invalidate { table, op, .. }
+            | CacheOp::Refresh { table, op, .. }
+            | CacheOp::Query { table, op, .. } => (table, *op),
+            CacheOp::Flush { .. } => return None,
+        };
+        if keys.is_empty() {
+            return None;
+        }
+        Some(Item {
+            op: CacheOp::Invalidate {
+                table: Arc::clone(table),
+                op,
+                keys,
+            },
+            lsn: self.lsn,
+            commit_time: Arc::clone(&self.commit_time),
+            commit_micros: self.commit_micros,
+            seq: self.seq,
+            xid: self.xid,
+        })
+    }
+
     /// Roughly the bytes it holds (keys, value, patterns), for bounding
     /// batches by memory as well as by count.
     pub fn weight(&self) -> usize {

@@ -86,27 +86,8 @@ impl Held {
     /// Holds the row invalidations of `items`, all their keys.
     pub fn hold(&mut self, items: &[Item]) {
         for item in items {
-            let (table, op) = match &item.op {
-                CacheOp::Invalidate { table, op, .. }
-                | CacheOp::Refresh { table, op, .. }
-                | CacheOp::Query { table, op, .. } => (table, *op),
-                CacheOp::Flush { .. } => continue,
-            };
-            let keys: Vec<String> = item.op.keys().all().cloned().collect();
-            if keys.is_empty() {
+            let Some(held) = item.invalidating(item.op.keys().all().cloned().collect()) else {
                 continue;
-            }
-            let held = Item {
-                op: CacheOp::Invalidate {
-                    table: Arc::clone(table),
-                    op,
-                    keys,
-                },
-                lsn: item.lsn,
-                commit_time: Arc::clone(&item.commit_time),
-                commit_micros: item.commit_micros,
-                seq: item.seq,
-                xid: item.xid,
             };
             self.bytes += held.weight();
             self.items.push(held);

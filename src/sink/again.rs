@@ -1,9 +1,7 @@
 //! The second pass of a batch applied before its commits were visible
 //! (see [`crate::resolve`]): which of its keys are deleted once more.
 
-use std::sync::Arc;
-
-use crate::ops::{CacheOp, Item};
+use crate::ops::Item;
 
 /// Which keys [`super::RedisSink::delete_again`] deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,12 +22,6 @@ pub(super) fn deletions(items: &[Item], scope: Again) -> Vec<Item> {
     let mut written_later: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut again: Vec<Item> = Vec::new();
     for item in items.iter().rev() {
-        let (table, op) = match &item.op {
-            CacheOp::Invalidate { table, op, .. }
-            | CacheOp::Refresh { table, op, .. }
-            | CacheOp::Query { table, op, .. } => (table, op),
-            CacheOp::Flush { .. } => continue,
-        };
         let touched = item.op.keys();
         let keys: Vec<String> = match scope {
             Again::All => touched.all().cloned().collect(),
@@ -43,21 +35,7 @@ pub(super) fn deletions(items: &[Item], scope: Again) -> Vec<Item> {
                     .collect()
             }
         };
-        if keys.is_empty() {
-            continue;
-        }
-        again.push(Item {
-            op: CacheOp::Invalidate {
-                table: Arc::clone(table),
-                op: *op,
-                keys,
-            },
-            lsn: item.lsn,
-            commit_time: Arc::clone(&item.commit_time),
-            commit_micros: item.commit_micros,
-            seq: item.seq,
-            xid: item.xid,
-        });
+        again.extend(item.invalidating(keys));
     }
     again.reverse();
     again
@@ -66,7 +44,8 @@ pub(super) fn deletions(items: &[Item], scope: Again) -> Vec<Item> {
 mod tests {
     use super::*;
     use crate::lsn::Lsn;
-    use crate::ops::Op;
+    use crate::ops::{CacheOp, Op};
+    use std::sync::Arc;
 
     fn refresh(seq: u32, del: &[&str], set: &[&str]) -> Item {
         Item {
