@@ -172,12 +172,15 @@ impl TestEnv {
             return daemon;
         }
         let client = self.pg.client().await;
-        wait_for(
-            "daemon to hold the slot",
-            Duration::from_secs(30),
-            || async { slot_active(&client).await },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !slot_active(&client).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for daemon to hold the slot: {}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         daemon
     }
 
