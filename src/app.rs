@@ -20,21 +20,23 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, RedisConfig, SourceKind};
 use crate::db::{catalog, ConnInfo, Db, DbError};
 use crate::error::{self, Backoff, Class, Fatal};
 use crate::lsn::Lsn;
-use crate::ops::Item;
+use crate::ops::CacheOp;
 use crate::pipeline::{self, PipelineError, Stages};
 use crate::plan::rules::RuleSet;
 use crate::plan::Planner;
 use crate::resolve::Resolver;
-use crate::sink::{position, server, RedisSink, SinkError};
+use crate::sink::fanout::{Fanout, Opening};
+use crate::sink::start::{self, Recorded};
+use crate::sink::{position, server, RedisSink, Sink, SinkError};
 use crate::source::outbox::OutboxSource;
 use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
 use crate::telemetry;
-use crate::telemetry::health::Health;
+use crate::telemetry::health::{Health, TargetHealth};
 use crate::telemetry::status::Board;
 
 /// How long the other tasks get to finish once the loop has stopped.
@@ -141,56 +143,24 @@ async fn start_and_run(
         return Err(Stopped::Problems(problems));
     }
 
-    let seeds = config.redis.cluster_seeds();
-    let mut sink = RedisSink::connect(
-        &config.redis.url,
-        config.redis.ca_cert.as_deref(),
-        seeds.as_deref(),
-        &config.redis.channel,
-        cancel.clone(),
-        Arc::clone(&health),
-    )
-    .await
-    .map_err(|error| match error {
-        // Nothing was read yet: a SIGTERM while waiting loses nothing.
-        SinkError::GaveUp(_) => Stopped::Cancelled,
-        error => sink_stopped(error),
-    })?
-    .with_sharded_events(config.redis.sharded_events);
-    let info_every = config.redis.info_interval.0;
-    if !info_every.is_zero() {
-        tasks.spawn(server::watch(
-            config.redis.url.clone(),
-            config.redis.ca_cert.clone(),
-            sink.cluster(),
-            info_every,
-            cancel.clone(),
-        ));
-    }
     let rules = Arc::new(rules);
     let planner = Planner::new(Arc::clone(&rules));
-    match config.postgres.source {
+    let recorded = match config.postgres.source {
         SourceKind::Replication => {
             let slot = &config.replication.slot;
-            sink.record_position_of(slot, planner.plan_flush_all());
-            flush_if_changes_were_missed(&mut sink, &planner, &db, slot).await?;
-        }
-        SourceKind::Outbox => {
-            let found = sink
-                .record_batches_at(
-                    &position::outbox_key(&config.outbox.schema),
-                    planner.plan_flush_all(),
-                )
-                .await
-                .map_err(sink_stopped)?;
-            // `setup` writes the record: none means Redis was emptied, or
-            // a flush after lost writes was cut short.
-            if found.is_none() {
-                tracing::warn!("redis holds no record of the outbox's applied batches (an emptied redis, or a flush cut short): flushing every key of every rule once before draining");
-                flush_all_at_start(&mut sink, &planner, Lsn(0)).await?;
+            Recorded::Slot {
+                slot: slot.clone(),
+                confirmed: catalog::inspect_slot(&db, slot)
+                    .await
+                    .map_err(Stopped::Database)?
+                    .and_then(|info| info.confirmed_flush_lsn)
+                    .and_then(|text| text.parse::<Lsn>().ok()),
             }
         }
-    }
+        SourceKind::Outbox => Recorded::Outbox {
+            key: position::outbox_key(&config.outbox.schema),
+        },
+    };
     let mut partitioned = Vec::new();
     for (table, _) in rules.tables() {
         let info = catalog::inspect_table(&db, table)
@@ -201,6 +171,119 @@ async fn start_and_run(
         }
     }
     drop(db);
+    let started = Started {
+        planner,
+        rules,
+        partitioned,
+        conn,
+    };
+    let flush_all = started.planner.plan_flush_all();
+    let info_every = config.redis.info_interval.0;
+    if let [target] = &config.targets[..] {
+        let sink = open_target(
+            target.clone(),
+            recorded,
+            flush_all,
+            cancel.clone(),
+            health.add_target(target.name()),
+        )
+        .await
+        .map_err(|error| match error {
+            // Nothing was read yet: a SIGTERM while waiting loses nothing.
+            SinkError::GaveUp(_) => Stopped::Cancelled,
+            error => sink_stopped(error),
+        })?;
+        if !info_every.is_zero() {
+            tasks.spawn(server::watch(
+                target.url.clone(),
+                target.ca_cert.clone(),
+                sink.cluster(),
+                info_every,
+                cancel.clone(),
+            ));
+        }
+        return stream(config, started, sink, health, cancel, tasks).await;
+    }
+    // Several targets: each opens in its own task, so one that is down
+    // does not hold the others (see sink::fanout). A URL that cannot be
+    // used is a configuration problem, found now.
+    let mut openings = Vec::new();
+    for (i, target) in config.targets.iter().enumerate() {
+        crate::sink::client(&target.url, target.ca_cert.as_deref()).map_err(sink_stopped)?;
+        if !info_every.is_zero() && !target.cluster {
+            tasks.spawn(server::watch(
+                target.url.clone(),
+                target.ca_cert.clone(),
+                None,
+                info_every,
+                cancel.clone(),
+            ));
+        }
+        let open = open_target(
+            target.clone(),
+            recorded.clone(),
+            flush_all.clone(),
+            cancel.clone(),
+            health.add_target(target.name()),
+        );
+        let counted = i == 0;
+        openings.push(Opening {
+            name: target.name().to_string(),
+            open: Box::pin(async move { Ok(open.await?.counting_metrics(counted)) }),
+        });
+    }
+    let sink = Fanout::start(openings, flush_all);
+    stream(config, started, sink, health, cancel, tasks).await
+}
+
+/// What start-up prepared for the stream.
+struct Started {
+    planner: Planner,
+    rules: Arc<RuleSet>,
+    /// Watched tables that are partitioned (see `pipeline`'s drift).
+    partitioned: Vec<crate::change::TableName>,
+    conn: ConnInfo,
+}
+
+/// Connects to one Redis target and makes it safe to stream into (see
+/// [`start::prepare`]).
+async fn open_target(
+    target: RedisConfig,
+    recorded: Recorded,
+    flush_all: CacheOp,
+    cancel: CancellationToken,
+    health: TargetHealth,
+) -> Result<RedisSink, SinkError> {
+    let seeds = target.cluster_seeds();
+    let mut sink = RedisSink::connect(
+        &target.url,
+        target.ca_cert.as_deref(),
+        seeds.as_deref(),
+        &target.channel,
+        cancel,
+        health,
+    )
+    .await?
+    .with_sharded_events(target.sharded_events);
+    start::prepare(&mut sink, &recorded, &flush_all).await?;
+    Ok(sink)
+}
+
+/// Streams from the configured source into `sink` until shutdown.
+async fn stream<K: Sink>(
+    config: &Config,
+    started: Started,
+    sink: K,
+    health: Arc<Health>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), Stopped> {
+    let Started {
+        planner,
+        rules,
+        partitioned,
+        conn,
+    } = started;
     let (drift_tx, drift_rx) = tokio::sync::watch::channel(Default::default());
     let stages = Stages {
         planner,
@@ -246,9 +329,9 @@ async fn start_and_run(
     }
 }
 
-async fn drive<S: Source>(
+async fn drive<S: Source, K: Sink>(
     source: S,
-    stages: Stages,
+    stages: Stages<K>,
     health: Arc<Health>,
     cancel: &CancellationToken,
 ) -> Result<(), Stopped> {
@@ -262,62 +345,6 @@ async fn drive<S: Source>(
             }
             other => Stopped::Failed(other.to_string()),
         })
-}
-
-/// Flushes every rule key before anything is applied when Redis holds no
-/// proof that the cache has seen every change the slot has skipped: no
-/// recorded position, or one behind the slot's confirmed position (the
-/// slot was dropped and created again while the daemon was stopped, or
-/// Redis came back from an older snapshot). A slot that is missing or lost
-/// is left to the stream, which recreates it and flushes.
-async fn flush_if_changes_were_missed(
-    sink: &mut RedisSink,
-    planner: &Planner,
-    db: &Db,
-    slot: &str,
-) -> Result<(), Stopped> {
-    let confirmed = catalog::inspect_slot(db, slot)
-        .await
-        .map_err(Stopped::Database)?
-        .and_then(|info| info.confirmed_flush_lsn)
-        .and_then(|text| text.parse::<Lsn>().ok());
-    let Some(confirmed) = confirmed else {
-        return Ok(());
-    };
-    let recorded = sink.recorded_position(slot).await.map_err(sink_stopped)?;
-    if position::covers(recorded, confirmed) {
-        return Ok(());
-    }
-    match recorded {
-        None => tracing::warn!(slot, confirmed_lsn = %confirmed,
-            "redis holds no record of the applied position (a new or emptied redis, or setup --print run by hand): flushing every key of every rule once before streaming"),
-        Some(recorded) => {
-            tracing::error!(slot, recorded_lsn = %recorded, confirmed_lsn = %confirmed,
-            "redis's applied position is behind the slot (a slot created anew, or redis restored from an older snapshot): changes may have been missed; flushing every key of every rule before streaming")
-        }
-    }
-    flush_all_at_start(sink, planner, confirmed).await
-}
-
-/// Flushes every rule key and records `applied` (a counting source, the
-/// outbox, passes 0/0 and records its next count instead).
-async fn flush_all_at_start(
-    sink: &mut RedisSink,
-    planner: &Planner,
-    applied: Lsn,
-) -> Result<(), Stopped> {
-    let flush = Item {
-        op: planner.plan_flush_all(),
-        lsn: applied,
-        commit_time: Arc::from(""),
-        commit_micros: 0,
-        seq: 0,
-        xid: 0,
-    };
-    let record = Some(applied).filter(|lsn| *lsn != Lsn::ZERO);
-    sink.apply(&[flush], record).await.map_err(sink_stopped)?;
-    metrics::counter!(crate::telemetry::metrics::STARTUP_FLUSHES_TOTAL).increment(1);
-    Ok(())
 }
 
 fn sink_stopped(error: SinkError) -> Stopped {

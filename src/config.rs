@@ -43,8 +43,18 @@ pub struct Config {
     /// How `setup` changes the database.
     #[serde(default)]
     pub setup: SetupConfig,
-    /// The cache to keep fresh.
+    /// The cache to keep fresh (the first of [`Config::targets`] when the
+    /// file lists `[[targets]]`: the verbs that talk to one Redis use it).
+    #[serde(default)]
     pub redis: RedisConfig,
+    /// Every Redis kept fresh from the one stream, each with its own
+    /// position record, events and health (see `sink::fanout`): the
+    /// file's `[[targets]]`, or `[redis]` alone.
+    #[serde(default)]
+    pub targets: Vec<RedisConfig>,
+    /// The file lists `[[targets]]` (not `[redis]`).
+    #[serde(skip)]
+    pub listed_targets: bool,
     /// Metrics and health endpoints.
     #[serde(default)]
     pub http: HttpConfig,
@@ -306,7 +316,12 @@ fn default_outbox_batch() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// Names a `[[targets]]` entry in logs, metrics, readiness and
+    /// `status`; `[redis]` is named "redis".
+    #[serde(default)]
+    pub name: Option<String>,
     /// `redis://` or `rediss://` URL; `REDIS_URL` overrides it.
+    #[serde(default)]
     pub url: SecretUrl,
     /// Pub/sub channel for events; empty turns events off.
     #[serde(default = "default_channel")]
@@ -332,7 +347,27 @@ pub struct RedisConfig {
     pub sharded_events: bool,
 }
 
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            name: None,
+            url: SecretUrl::new(""),
+            channel: default_channel(),
+            ca_cert: None,
+            info_interval: default_info_interval(),
+            cluster: false,
+            nodes: Vec::new(),
+            sharded_events: false,
+        }
+    }
+}
+
 impl RedisConfig {
+    /// Its name: the `[[targets]]` entry's, or "redis".
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("redis")
+    }
+
     /// The cluster's seed nodes (`url` first), or `None` for one server.
     pub fn cluster_seeds(&self) -> Option<Vec<SecretUrl>> {
         self.cluster.then(|| {
@@ -521,13 +556,35 @@ impl Config {
                 without_snippets(&e.to_string())
             ))
         })?;
-        raw.try_deserialize::<Config>().map_err(|e| {
+        let config = raw.try_deserialize::<Config>().map_err(|e| {
             ConfigError::Load(format!(
                 "invalid config {}: {}",
                 path.display(),
                 without_snippets(&e.to_string())
             ))
-        })
+        })?;
+        config
+            .settle_targets()
+            .map_err(|e| ConfigError::Load(format!("invalid config {}: {e}", path.display())))
+    }
+
+    /// `[redis]` or `[[targets]]`, one of them: [`Config::targets`] lists
+    /// every target and [`Config::redis`] is the first.
+    fn settle_targets(mut self) -> Result<Config, String> {
+        let redis_given = !self.redis.url.expose().is_empty();
+        match (redis_given, self.targets.first()) {
+            (true, Some(_)) => Err("both [redis] and [[targets]] are given (REDIS_URL and PGCI__REDIS__… also set [redis]): list every Redis as a [[targets]] entry, or use [redis] alone".to_string()),
+            (false, None) => Err("[redis] url is missing: add [redis] with url = \"redis://host:6379/0\" (or set REDIS_URL)".to_string()),
+            (false, Some(first)) => {
+                self.redis = first.clone();
+                self.listed_targets = true;
+                Ok(self)
+            }
+            (true, None) => {
+                self.targets = vec![self.redis.clone()];
+                Ok(self)
+            }
+        }
     }
 
     /// Checks every value outside the rules (see `plan::rules::compile`,
@@ -540,41 +597,7 @@ impl Config {
             &["postgres", "postgresql"],
             &mut problems,
         );
-        check_url(
-            "redis.url",
-            &self.redis.url,
-            &["redis", "rediss"],
-            &mut problems,
-        );
-        if let Some(path) = &self.redis.ca_cert {
-            if !path.is_file() {
-                problems.push(format!(
-                    "redis.ca_cert: {} is not a readable file",
-                    path.display()
-                ));
-            } else if !self.redis.url.expose().starts_with("rediss://") {
-                problems.push("redis.ca_cert: only used with a rediss:// URL: change the URL or remove the key".to_string());
-            }
-        }
-        for (i, node) in self.redis.nodes.iter().enumerate() {
-            check_url(
-                &format!("redis.nodes[{i}]"),
-                node,
-                &["redis"],
-                &mut problems,
-            );
-        }
-        if !self.redis.cluster && !self.redis.nodes.is_empty() {
-            problems.push(
-                "redis.nodes: only used with redis.cluster = true: set it, or remove the list"
-                    .to_string(),
-            );
-        }
-        if self.redis.cluster
-            && (self.redis.ca_cert.is_some() || self.redis.url.expose().starts_with("rediss://"))
-        {
-            problems.push("redis.cluster: TLS (rediss://, redis.ca_cert) is not supported in cluster mode yet: use redis:// inside a private network, or one server".to_string());
-        }
+        self.validate_targets(&mut problems);
         if self.outbox.schema.starts_with("pg_") {
             problems.push(format!(
                 "outbox.schema: {:?} starts with \"pg_\", which PostgreSQL reserves: choose another name such as \"cache_invalidator\"",
@@ -687,6 +710,45 @@ impl Config {
             .collect()
     }
 
+    fn validate_targets(&self, problems: &mut Vec<String>) {
+        let mut names = std::collections::BTreeSet::new();
+        let mut urls = std::collections::BTreeSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            let at = if self.listed_targets {
+                format!("targets[{i}]")
+            } else {
+                "redis".to_string()
+            };
+            validate_target(&at, target, problems);
+            if self.listed_targets {
+                match target.name.as_deref() {
+                    None | Some("") => problems.push(format!(
+                        "{at}.name: missing: name each [[targets]] entry (such as \"eu\"); it labels logs, metrics and readiness"
+                    )),
+                    Some(name) => {
+                        let plain = name.len() <= 32
+                            && name
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                        if !plain {
+                            problems.push(format!("{at}.name: {name:?} may hold only letters, digits, '_' and '-' (32 at most)"));
+                        }
+                        if !names.insert(name) {
+                            problems.push(format!(
+                                "{at}.name: {name:?} names two targets: give each its own"
+                            ));
+                        }
+                    }
+                }
+            }
+            if !urls.insert(target.url.expose()) {
+                problems.push(format!(
+                    "{at}.url: the same Redis as an earlier target: list each Redis once"
+                ));
+            }
+        }
+    }
+
     fn validate_groups(&self, problems: &mut Vec<String>) {
         if self.groups.is_empty() {
             return;
@@ -778,6 +840,39 @@ impl Config {
 /// A parser's error as one line, without the snippet of the file it
 /// quotes (`2 | url = "postgres://user:password@…`): the line in error may
 /// hold a secret, and logs must not.
+/// The checks of one Redis target, its fields named under `at`.
+fn validate_target(at: &str, redis: &RedisConfig, problems: &mut Vec<String>) {
+    check_url(
+        &format!("{at}.url"),
+        &redis.url,
+        &["redis", "rediss"],
+        problems,
+    );
+    if let Some(path) = &redis.ca_cert {
+        if !path.is_file() {
+            problems.push(format!(
+                "{at}.ca_cert: {} is not a readable file",
+                path.display()
+            ));
+        } else if !redis.url.expose().starts_with("rediss://") {
+            problems.push(format!(
+                "{at}.ca_cert: only used with a rediss:// URL: change the URL or remove the key"
+            ));
+        }
+    }
+    for (i, node) in redis.nodes.iter().enumerate() {
+        check_url(&format!("{at}.nodes[{i}]"), node, &["redis"], problems);
+    }
+    if !redis.cluster && !redis.nodes.is_empty() {
+        problems.push(format!(
+            "{at}.nodes: only used with {at}.cluster = true: set it, or remove the list"
+        ));
+    }
+    if redis.cluster && (redis.ca_cert.is_some() || redis.url.expose().starts_with("rediss://")) {
+        problems.push(format!("{at}.cluster: TLS (rediss://, ca_cert) is not supported in cluster mode yet: use redis:// inside a private network, or one server"));
+    }
+}
+
 fn without_snippets(text: &str) -> String {
     let kept: Vec<&str> = text
         .lines()
@@ -797,6 +892,13 @@ fn one_line(text: &str) -> String {
 }
 
 fn check_url(field: &str, url: &SecretUrl, schemes: &[&str], problems: &mut Vec<String>) {
+    if url.expose().is_empty() {
+        problems.push(format!(
+            "{field}: missing: set it to a {}:// URL",
+            schemes[0]
+        ));
+        return;
+    }
     let scheme = url.expose().split_once("://").map(|(s, _)| s);
     match scheme {
         Some(s) if schemes.contains(&s) => {}

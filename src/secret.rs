@@ -8,7 +8,7 @@ use serde::Deserialize;
 /// A connection URL whose password never reaches a log line: `Debug` and
 /// `Display` print it redacted; [`SecretUrl::expose`] gives the real text
 /// to the one place that connects.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct SecretUrl(String);
 

@@ -38,7 +38,7 @@ use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
 use crate::resolve::{ResolveError, Resolver, Visibility};
-use crate::sink::{Again, RedisSink, SinkError};
+use crate::sink::{Again, Sink, SinkError};
 use crate::source::replication::drift::{CatalogReport, Drifted};
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
@@ -423,13 +423,13 @@ impl TypeLoader {
 }
 
 /// What the loop drives.
-pub struct Stages {
+pub struct Stages<K> {
     /// Turns changes into cache operations.
     pub planner: Planner,
     /// Answers refresh queries before the sink.
     pub resolver: Resolver,
-    /// Applies operations to Redis.
-    pub sink: RedisSink,
+    /// Applies operations to Redis (one target, or several).
+    pub sink: K,
     /// Where column types are read from.
     pub conn: ConnInfo,
     /// Reports of watched tables the catalog no longer lets the stream
@@ -441,9 +441,9 @@ pub struct Stages {
 
 /// Runs until `cancel` fires or a fatal error; then applies what was read,
 /// confirms it, and ends the source's session.
-pub async fn run<S: Source>(
+pub async fn run<S: Source, K: Sink>(
     mut source: S,
-    stages: Stages,
+    stages: Stages<K>,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
@@ -568,11 +568,39 @@ pub async fn run<S: Source>(
     }
 }
 
+/// Acknowledgements waiting for the sink to apply the steps that carry
+/// them (see [`Sink`]): a sink that applies in the background (several
+/// targets) acknowledges later than the call returns.
+struct Unconfirmed<A> {
+    /// Steps made so far.
+    made: u64,
+    /// (last step of the batch, its generation and ack), oldest first.
+    acks: std::collections::VecDeque<(u64, (u64, A))>,
+}
+
+impl<A: Copy> Unconfirmed<A> {
+    /// Publishes the newest ack whose steps the sink applied; returns it.
+    fn publish<K: Sink>(&mut self, sink: &K, ack: &watch::Sender<(u64, A)>) -> Option<A> {
+        let applied = sink.applied();
+        let mut newest = None;
+        while let Some(&(step, acked)) = self.acks.front() {
+            if step > applied {
+                break;
+            }
+            self.acks.pop_front();
+            newest = Some(acked);
+        }
+        let newest = newest?;
+        ack.send_replace(newest);
+        Some(newest.1)
+    }
+}
+
 /// The sink task: resolves and applies batches in order and publishes each
-/// batch's ack after Redis acknowledged it.
-async fn apply_batches<A: Copy + std::fmt::Debug>(
+/// batch's ack after the sink acknowledged it.
+async fn apply_batches<A: Copy + std::fmt::Debug, K: Sink>(
     mut resolver: Resolver,
-    mut sink: RedisSink,
+    mut sink: K,
     mut held: held::Held,
     mut batches: mpsc::Receiver<Batch<A>>,
     ack: watch::Sender<(u64, A)>,
@@ -584,6 +612,10 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
     let mut idle = tokio::time::interval(TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmer = crate::memory::Trimmer::default();
+    let mut unconfirmed = Unconfirmed {
+        made: 0,
+        acks: std::collections::VecDeque::new(),
+    };
     loop {
         let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
@@ -593,6 +625,13 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
             _ = idle.tick() => {
                 sink.check().await;
                 trimmer.idle();
+                continue;
+            }
+            advanced = sink.advanced() => {
+                advanced?;
+                if let Some(published) = unconfirmed.publish(&sink, &ack) {
+                    release_held(&mut resolver, &mut sink, &mut held, &mut unconfirmed, recorded(published)).await?;
+                }
                 continue;
             }
         };
@@ -611,6 +650,7 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
         let record_now = !second_pass && held.is_empty();
         sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
             .await?;
+        unconfirmed.made += 1;
         if second_pass {
             let visibility = match queried {
                 Some(v) => v,
@@ -620,28 +660,25 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
                 let record = ack_lsn.filter(|_| held.is_empty());
                 sink.delete_again(&batch.items, Again::Deleted, record)
                     .await?;
+                unconfirmed.made += 1;
             } else {
                 held.hold(&batch.items);
             }
         }
         if let Some(applied) = batch.ack {
-            ack.send_replace((batch.generation, applied));
+            unconfirmed
+                .acks
+                .push_back((unconfirmed.made, (batch.generation, applied)));
         }
-        if let Some(confirmed) = ack_lsn.filter(|_| !held.is_empty()) {
-            // Confirming released this daemon's part of the standby wait
-            // for the transactions the ack covers (a batch may end with the
-            // start of one whose commit a later batch confirms); once their
-            // commits show, readers that filled the old rows in between
-            // lose them, and the position is recorded.
-            let due = held.take_due(confirmed);
-            if !due.is_empty() {
-                resolver.wait_visible(&due.xids).await?;
-                let record = Some(confirmed).filter(|_| held.is_empty());
-                if !due.flushes.is_empty() {
-                    sink.apply(&due.flushes, None).await?;
-                }
-                sink.delete_again(&due.again, Again::All, record).await?;
-            }
+        if let Some(published) = unconfirmed.publish(&sink, &ack) {
+            release_held(
+                &mut resolver,
+                &mut sink,
+                &mut held,
+                &mut unconfirmed,
+                recorded(published),
+            )
+            .await?;
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
             let now = sink.stats();
@@ -659,5 +696,40 @@ async fn apply_batches<A: Copy + std::fmt::Debug>(
             last_report = tokio::time::Instant::now();
         }
     }
+    // Every target applies what it was given (or gives up at shutdown)
+    // before the last acknowledgement is published.
+    sink.finish().await?;
+    unconfirmed.publish(&sink, &ack);
+    Ok(())
+}
+
+/// Once `confirmed` (the position just published for confirmation) is
+/// confirmed, the daemon's part of a synchronous standby's wait is
+/// released for the transactions it covers (a batch may end with the start
+/// of one whose commit a later batch confirms); once their commits show,
+/// readers that filled the old rows in between lose them, and the position
+/// is recorded.
+async fn release_held<A: Copy, K: Sink>(
+    resolver: &mut Resolver,
+    sink: &mut K,
+    held: &mut held::Held,
+    unconfirmed: &mut Unconfirmed<A>,
+    confirmed: Option<Lsn>,
+) -> Result<(), PipelineError> {
+    let Some(confirmed) = confirmed.filter(|_| !held.is_empty()) else {
+        return Ok(());
+    };
+    let due = held.take_due(confirmed);
+    if due.is_empty() {
+        return Ok(());
+    }
+    resolver.wait_visible(&due.xids).await?;
+    let record = Some(confirmed).filter(|_| held.is_empty());
+    if !due.flushes.is_empty() {
+        sink.apply(&due.flushes, None).await?;
+        unconfirmed.made += 1;
+    }
+    sink.delete_again(&due.again, Again::All, record).await?;
+    unconfirmed.made += 1;
     Ok(())
 }

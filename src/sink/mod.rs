@@ -28,6 +28,7 @@ mod again;
 pub mod cluster;
 pub mod conn;
 pub mod events;
+pub mod fanout;
 pub mod flush;
 pub mod inspect;
 pub mod leases;
@@ -35,6 +36,7 @@ pub mod position;
 pub mod requests;
 pub mod scripts;
 pub mod server;
+pub mod start;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,7 +55,7 @@ use crate::error::{self, Backoff, Fatal, Retry};
 use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::secret::SecretUrl;
-use crate::telemetry::health::Health;
+use crate::telemetry::health::TargetHealth;
 use crate::telemetry::metrics as m;
 
 /// First retry delay after a failed batch.
@@ -91,6 +93,51 @@ pub enum SinkError {
         "shutdown while redis was failing ({0}); unapplied changes will be replayed on restart"
     )]
     GaveUp(String),
+}
+
+/// Where the pipeline's operations go: one Redis ([`RedisSink`]) or
+/// several ([`fanout::Fanout`], `[[targets]]`).
+///
+/// Each call of [`Sink::apply`] or [`Sink::delete_again`] is one *step*,
+/// numbered from 1 in call order. A sink applies its steps in order, and
+/// [`Sink::applied`] counts the steps every target has acknowledged: only
+/// what those steps carry may be confirmed to the source. A sink that
+/// applies before returning has applied every step it was given; one that
+/// applies in the background says so through [`Sink::advanced`].
+pub trait Sink: Send + 'static {
+    /// Applies `items` and records `applied` as the position everything up
+    /// to which is in the cache (see [`RedisSink::apply`]).
+    fn apply(
+        &mut self,
+        items: &[Item],
+        applied: Option<Lsn>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// The second deletion pass of `items` (see [`RedisSink::delete_again`]).
+    fn delete_again(
+        &mut self,
+        items: &[Item],
+        scope: Again,
+        applied: Option<Lsn>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// Checks the targets while no batch flows (readiness, lost writes).
+    fn check(&mut self) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Steps every target has applied.
+    fn applied(&self) -> u64;
+
+    /// Resolves when [`Sink::applied`] may have grown without a call (a
+    /// target catching up), or with the error of a target that failed for
+    /// good; never for a sink that applies before returning.
+    fn advanced(&mut self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// Waits until every target applied every step or gave up (at
+    /// shutdown); returns the first error of a target that did not.
+    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// Work applied so far.
+    fn stats(&self) -> SinkStats;
 }
 
 /// Counters of applied work, for logs and tests.
@@ -163,7 +210,12 @@ pub struct RedisSink {
     /// attempts (see [`Retry`]).
     cancel: CancellationToken,
     stats: SinkStats,
-    health: Arc<Health>,
+    health: TargetHealth,
+    /// Whether applied work is counted in the change and key metrics:
+    /// with several targets only the first counts (see [`fanout`]).
+    counts_metrics: bool,
+    /// Steps applied (see [`Sink`]).
+    steps: u64,
 }
 
 impl RedisSink {
@@ -176,7 +228,7 @@ impl RedisSink {
         cluster: Option<&[SecretUrl]>,
         channel: &str,
         cancel: CancellationToken,
-        health: Arc<Health>,
+        health: TargetHealth,
     ) -> Result<RedisSink, SinkError> {
         let client = client(url, ca_cert)?;
         let config = ConnectionManagerConfig::new()
@@ -257,7 +309,7 @@ impl RedisSink {
             Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),
                 "cannot load the lease functions; readers using leases will load them themselves"),
         }
-        health.set_redis_ok(true);
+        health.ok();
         Ok(RedisSink {
             conn,
             client,
@@ -269,6 +321,8 @@ impl RedisSink {
             cancel,
             stats: SinkStats::default(),
             health,
+            counts_metrics: true,
+            steps: 0,
         })
     }
 
@@ -396,14 +450,14 @@ impl RedisSink {
             // A Redis that is frozen (SIGSTOP, CLIENT PAUSE) or overloaded
             // answers nothing until the response timeout: readiness says
             // so once an attempt has waited SLOW_ATTEMPT.
-            let health = Arc::clone(&self.health);
+            let health = self.health.clone();
             let attempt = {
                 let attempt = self.try_apply(items, record.as_ref());
                 tokio::pin!(attempt);
                 tokio::select! {
                     done = &mut attempt => done,
                     () = tokio::time::sleep(SLOW_ATTEMPT) => {
-                        health.set_redis_failing(&format!(
+                        health.failing(&format!(
                             "redis has not acknowledged a batch within {}s (frozen, paused or overloaded)",
                             SLOW_ATTEMPT.as_secs()
                         ));
@@ -423,12 +477,14 @@ impl RedisSink {
             match attempt {
                 Ok(touched) => {
                     self.logged.clear();
-                    self.health.set_redis_ok(true);
+                    self.health.ok();
                     if counted && !items.is_empty() {
                         self.stats.batches += 1;
                         self.stats.operations += items.len() as u64;
                         self.stats.keys += touched.removed + touched.written;
-                        self.record(items, touched);
+                        if self.counts_metrics {
+                            self.record(items, touched);
+                        }
                     }
                     return Ok(());
                 }
@@ -436,7 +492,7 @@ impl RedisSink {
                     self.stats.retries += 1;
                     let failure = error::RedisFailure::of(&error);
                     let kind = failure.as_str();
-                    self.health.set_redis_failing(&failure.readiness());
+                    self.health.failing(&failure.readiness());
                     metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
                     if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
                         return Err(SinkError::Fatal(fatal));
@@ -533,18 +589,27 @@ impl RedisSink {
         }
     }
 
-    /// Asks Redis whether it answers, for readiness while no batch flows.
-    pub async fn check(&mut self) {
+    /// Counts this sink's applied work in the change and key metrics (on
+    /// by default; a fan-out turns it off for every target but the first,
+    /// so a change is counted once).
+    pub fn counting_metrics(mut self, on: bool) -> RedisSink {
+        self.counts_metrics = on;
+        self
+    }
+
+    /// Asks Redis whether it answers, for readiness while no batch flows;
+    /// `true` if it did.
+    pub async fn check(&mut self) -> bool {
         let answered = tokio::time::timeout(
             PING_TIMEOUT,
             redis::cmd("PING").query_async::<String>(&mut self.conn),
         )
         .await;
         if matches!(answered, Ok(Ok(ref pong)) if pong == "PONG") {
-            self.health.set_redis_ok(true);
+            self.health.ok();
         } else {
-            self.health.set_redis_failing("redis is not answering");
-            return;
+            self.health.failing("redis is not answering");
+            return false;
         }
         // While idle no batch writes the record: read it, so that a Redis
         // restored from an older snapshot is found within a tick, not at
@@ -555,7 +620,7 @@ impl RedisSink {
             .filter(|r| r.last().is_some())
             .map(|r| r.key().to_string())
         else {
-            return;
+            return true;
         };
         let read = tokio::time::timeout(PING_TIMEOUT, async {
             redis::cmd("GET")
@@ -568,9 +633,11 @@ impl RedisSink {
             self.check_record(found.as_deref(), None);
             if let Err(error) = self.flush_if_writes_lost(None).await {
                 tracing::warn!(error = %error, "cannot flush after redis lost writes; trying again");
-                self.health.set_redis_failing("redis is not answering");
+                self.health.failing("redis is not answering");
+                return false;
             }
         }
+        true
     }
 
     /// One attempt: runs of row operations as atomic pipelines, a flush
@@ -736,5 +803,44 @@ impl RedisSink {
         }
         metrics::counter!(m::BATCHES_TOTAL).increment(1);
         metrics::histogram!(m::BATCH_OPERATIONS).record(items.len() as f64);
+    }
+}
+
+impl Sink for RedisSink {
+    async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
+        RedisSink::apply(self, items, applied).await?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    async fn delete_again(
+        &mut self,
+        items: &[Item],
+        scope: Again,
+        applied: Option<Lsn>,
+    ) -> Result<(), SinkError> {
+        RedisSink::delete_again(self, items, scope, applied).await?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    async fn check(&mut self) {
+        RedisSink::check(self).await;
+    }
+
+    fn applied(&self) -> u64 {
+        self.steps
+    }
+
+    async fn advanced(&mut self) -> Result<(), SinkError> {
+        std::future::pending().await
+    }
+
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> SinkStats {
+        self.stats
     }
 }

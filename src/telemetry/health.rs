@@ -4,10 +4,12 @@
 //! second even when idle, and does not depend on Postgres or Redis being
 //! up (an outage is not fixed by restarting the daemon). Before the loop
 //! starts (while start-up waits for Postgres or Redis) the process counts
-//! as alive. Readiness is "streaming from the slot and Redis answering".
+//! as alive. Readiness is "streaming from the slot and every Redis target
+//! answering": each target (see `sink::fanout`) reports through its own
+//! [`TargetHealth`], so `/readyz` names the one that fails.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the loop may go without a tick before `/healthz` fails.
@@ -21,9 +23,8 @@ pub struct Health {
     /// loop's first tick.
     last_tick_ms: AtomicU64,
     streaming: AtomicBool,
-    redis_ok: AtomicBool,
-    /// Why Redis is not OK, for `/readyz` (empty: not answering).
-    redis_reason: Mutex<String>,
+    /// Each Redis target, in the order they were added.
+    targets: Mutex<Vec<Target>>,
     /// Some watched table's changes may be missed (see
     /// `source::replication::drift`).
     drifted: AtomicBool,
@@ -35,8 +36,7 @@ impl Default for Health {
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
-            redis_ok: AtomicBool::new(false),
-            redis_reason: Mutex::new(String::new()),
+            targets: Mutex::new(Vec::new()),
             drifted: AtomicBool::new(false),
         }
     }
@@ -72,36 +72,60 @@ impl Health {
         self.streaming.load(Ordering::Relaxed)
     }
 
-    /// Redis answered (or failed) the last attempt.
-    pub fn set_redis_ok(&self, ok: bool) {
-        if ok {
-            if let Ok(mut reason) = self.redis_reason.lock() {
-                reason.clear();
-            }
+    /// Adds a Redis target named `name`, failing until it says otherwise.
+    pub fn add_target(self: &Arc<Self>, name: &str) -> TargetHealth {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.push(Target {
+            name: name.to_string(),
+            ok: false,
+            reason: String::new(),
+        });
+        TargetHealth {
+            health: Arc::clone(self),
+            index: targets.len() - 1,
         }
-        self.redis_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Redis failed for `reason` (one line for `/readyz`: not answering,
-    /// refusing writes and why, not acknowledging a batch in time).
-    pub fn set_redis_failing(&self, reason: &str) {
-        if let Ok(mut current) = self.redis_reason.lock() {
-            reason.clone_into(&mut current);
+    fn set_target(&self, index: usize, ok: bool, reason: &str) {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(target) = targets.get_mut(index) {
+            target.ok = ok;
+            reason.clone_into(&mut target.reason);
         }
-        self.redis_ok.store(false, Ordering::Relaxed);
     }
 
-    /// Why Redis is not OK, as the last failure said.
+    /// Each target's name, whether it answers, and why not.
+    pub fn targets(&self) -> Vec<(String, bool, String)> {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets
+            .iter()
+            .map(|t| (t.name.clone(), t.ok, t.reason.clone()))
+            .collect()
+    }
+
+    /// Why Redis is not OK, as the last failure of the first failing
+    /// target said (named when there are several).
     pub fn redis_reason(&self) -> String {
-        match self.redis_reason.lock() {
-            Ok(reason) if !reason.is_empty() => reason.clone(),
-            _ => "redis is not answering".to_string(),
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(failing) = targets.iter().find(|t| !t.ok) else {
+            return "redis is answering".to_string();
+        };
+        let reason = if failing.reason.is_empty() {
+            "redis is not answering"
+        } else {
+            failing.reason.as_str()
+        };
+        if targets.len() > 1 {
+            format!("target {}: {reason}", failing.name)
+        } else {
+            reason.to_string()
         }
     }
 
-    /// Whether Redis answered the last attempt.
+    /// Whether every Redis target answered its last attempt.
     pub fn redis_ok(&self) -> bool {
-        self.redis_ok.load(Ordering::Relaxed)
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        !targets.is_empty() && targets.iter().all(|t| t.ok)
     }
 
     /// Whether the catalog has drifted from what the rules need.
@@ -121,7 +145,36 @@ impl Health {
 
     /// Streaming, Redis answering, and every watched table covered.
     pub fn ready(&self) -> bool {
-        self.streaming() && self.redis_ok.load(Ordering::Relaxed) && !self.drifted()
+        self.streaming() && self.redis_ok() && !self.drifted()
+    }
+}
+
+/// One Redis target's last answer.
+#[derive(Debug)]
+struct Target {
+    name: String,
+    ok: bool,
+    /// Why it is not OK (empty: not answering).
+    reason: String,
+}
+
+/// What one Redis target reports its state through.
+#[derive(Debug, Clone)]
+pub struct TargetHealth {
+    health: Arc<Health>,
+    index: usize,
+}
+
+impl TargetHealth {
+    /// The target answered (acknowledged a batch, or a PING while idle).
+    pub fn ok(&self) {
+        self.health.set_target(self.index, true, "");
+    }
+
+    /// The target failed for `reason` (one line for `/readyz`: not
+    /// answering, refusing writes and why, not acknowledging in time).
+    pub fn failing(&self, reason: &str) {
+        self.health.set_target(self.index, false, reason);
     }
 }
 
@@ -131,16 +184,37 @@ mod tests {
 
     #[test]
     fn alive_before_the_loop_and_ready_only_when_both_up() {
-        let health = Health::default();
+        let health = Arc::new(Health::default());
         assert!(health.alive(), "start-up counts as alive");
         health.tick();
         assert!(health.alive());
         assert!(!health.ready());
         health.set_streaming(true);
+        assert!(!health.ready(), "no redis target yet");
+        let redis = health.add_target("redis");
         assert!(!health.ready(), "redis not confirmed yet");
-        health.set_redis_ok(true);
+        redis.ok();
         assert!(health.ready());
-        health.set_redis_ok(false);
+        redis.failing("redis is not answering");
         assert!(!health.ready());
+        assert_eq!(health.redis_reason(), "redis is not answering");
+    }
+
+    #[test]
+    fn every_target_must_answer_and_the_failing_one_is_named() {
+        let health = Arc::new(Health::default());
+        health.set_streaming(true);
+        let (us, eu) = (health.add_target("us"), health.add_target("eu"));
+        us.ok();
+        eu.ok();
+        assert!(health.ready());
+        eu.failing("redis refuses writes: READONLY");
+        assert!(!health.ready());
+        assert_eq!(
+            health.redis_reason(),
+            "target eu: redis refuses writes: READONLY"
+        );
+        eu.ok();
+        assert!(health.ready());
     }
 }

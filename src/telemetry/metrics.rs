@@ -56,6 +56,15 @@ pub const REDIS_RDB_LAST_SAVE_TIMESTAMP: &str = "pgci_redis_rdb_last_save_timest
 pub const REDIS_RDB_LAST_BGSAVE_OK: &str = "pgci_redis_rdb_last_bgsave_ok";
 /// …
 pub const REDIS_AOF_ENABLED: &str = "pgci_redis_aof_enabled";
+/// Bytes of steps a `[[targets]]` target has not applied yet, by
+/// `target` (see `sink::fanout`).
+pub const TARGET_BACKLOG_BYTES: &str = "pgci_target_backlog_bytes";
+/// Steps the pipeline made that a target has not applied yet, by
+/// `target`: what holds the slot's confirmed position back.
+pub const TARGET_BEHIND_STEPS: &str = "pgci_target_behind_steps";
+/// Backlogs dropped because a failing target's grew past its bound (it
+/// flushes every rule key when it answers again), by `target`.
+pub const TARGET_BACKLOG_DROPS_TOTAL: &str = "pgci_target_backlog_drops_total";
 /// Outbox partitions emptied with TRUNCATE after they were drained.
 pub const OUTBOX_TRUNCATES_TOTAL: &str = "pgci_outbox_truncates_total";
 /// Events published on the pub/sub channel.
@@ -177,6 +186,19 @@ fn describe() {
     );
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
+    describe_gauge!(
+        TARGET_BACKLOG_BYTES,
+        Unit::Bytes,
+        "Bytes of steps a target has not applied yet"
+    );
+    describe_gauge!(
+        TARGET_BEHIND_STEPS,
+        "Steps a target has not applied yet (they hold the slot's confirmation)"
+    );
+    describe_counter!(
+        TARGET_BACKLOG_DROPS_TOTAL,
+        "Backlogs dropped past their bound (the target flushes when it answers again)"
+    );
     describe_counter!(OUTBOX_ROWS_TOTAL, "Outbox rows applied");
     describe_counter!(
         REDIS_KEYSPACE_HITS_TOTAL,
