@@ -230,6 +230,9 @@ async fn start_and_run(
         openings.push(Opening {
             name: target.name().to_string(),
             open: Box::pin(async move { Ok(open.await?.counting_metrics(counted)) }),
+            max_backlog: target
+                .max_backlog_bytes
+                .unwrap_or(crate::sink::fanout::MAX_BACKLOG_BYTES),
         });
     }
     let sink = Fanout::start(openings, flush_all);

@@ -345,6 +345,12 @@ pub struct RedisConfig {
     /// Subscribers then use `SSUBSCRIBE`.
     #[serde(default)]
     pub sharded_events: bool,
+    /// With several targets: most bytes of changes queued for this one
+    /// while it does not answer (default 64 MiB, see `sink::fanout`); past
+    /// it the queue is dropped and the target flushes every rule key when
+    /// it answers again.
+    #[serde(default)]
+    pub max_backlog_bytes: Option<usize>,
 }
 
 impl Default for RedisConfig {
@@ -358,6 +364,7 @@ impl Default for RedisConfig {
             cluster: false,
             nodes: Vec::new(),
             sharded_events: false,
+            max_backlog_bytes: None,
         }
     }
 }
@@ -862,6 +869,11 @@ fn validate_target(at: &str, redis: &RedisConfig, problems: &mut Vec<String>) {
     }
     for (i, node) in redis.nodes.iter().enumerate() {
         check_url(&format!("{at}.nodes[{i}]"), node, &["redis"], problems);
+    }
+    if redis.max_backlog_bytes == Some(0) {
+        problems.push(format!(
+            "{at}.max_backlog_bytes: must be more than 0 (the default is 67108864, 64 MiB)"
+        ));
     }
     if !redis.cluster && !redis.nodes.is_empty() {
         problems.push(format!(

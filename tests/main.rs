@@ -17,6 +17,7 @@ mod redis_health;
 mod refresh;
 mod status_page;
 mod sync;
+mod targets;
 mod tls;
 mod verbs;
 mod verify;

@@ -59,27 +59,42 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
 /// that finds no record flushes every rule key once (see
 /// `sink::position`).
 async fn record_outbox_start(loaded: &Loaded) {
-    let redis = &loaded.config.redis;
     let counter = format!("outbox:{}", loaded.config.outbox.schema);
-    match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), &counter, Lsn(0)).await {
-        Ok(true) => println!("done: redis records that the cache starts with the outbox"),
-        Ok(false) => {}
-        Err(error) => eprintln!(
-            "note: cannot record the outbox's start in redis ({error}): the first run will flush every rule key once"
-        ),
+    for redis in &loaded.config.targets {
+        let at = target_name(loaded, redis);
+        match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), &counter, Lsn(0))
+            .await
+        {
+            Ok(true) => println!("done: {at} records that the cache starts with the outbox"),
+            Ok(false) => {}
+            Err(error) => eprintln!(
+                "note: cannot record the outbox's start in {at} ({error}): the first run will flush every rule key there once"
+            ),
+        }
+    }
+}
+
+/// How setup names a target: "redis", or "redis target NAME".
+fn target_name(loaded: &Loaded, redis: &crate::config::RedisConfig) -> String {
+    if loaded.config.listed_targets {
+        format!("redis target {}", redis.name())
+    } else {
+        "redis".to_string()
     }
 }
 
 /// Loads the lease functions app readers call (the daemon loads them at
 /// start too; readers load them when missing), so a failure is a note.
 async fn load_leases(loaded: &Loaded) {
-    let redis = &loaded.config.redis;
-    match leases::load_once(&redis.url, redis.ca_cert.as_deref()).await {
-        Ok(leases::Loaded::Current) => {}
-        Ok(how) => println!("done: lease functions for app readers loaded into redis ({how:?})"),
-        Err(error) => eprintln!(
-            "note: cannot load the lease functions into redis ({error}): the daemon loads them at start"
-        ),
+    for redis in &loaded.config.targets {
+        let at = target_name(loaded, redis);
+        match leases::load_once(&redis.url, redis.ca_cert.as_deref()).await {
+            Ok(leases::Loaded::Current) => {}
+            Ok(how) => println!("done: lease functions for app readers loaded into {at} ({how:?})"),
+            Err(error) => eprintln!(
+                "note: cannot load the lease functions into {at} ({error}): the daemon loads them at start"
+            ),
+        }
     }
 }
 
@@ -95,15 +110,17 @@ async fn record_slot_start(db: &Db, loaded: &Loaded) {
         .and_then(|info| info.confirmed_flush_lsn)
         .and_then(|text| text.parse::<Lsn>().ok());
     let Some(start) = start else { return };
-    let redis = &loaded.config.redis;
-    match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), slot, start).await {
-        Ok(true) => println!("done: redis records that the cache starts at the slot's position {start}"),
-        Ok(false) => println!(
-            "note: redis already records an older position for slot {slot}: the next run flushes every rule key once, because changes before the new slot may have been missed"
-        ),
-        Err(error) => eprintln!(
-            "note: cannot record the slot's start in redis ({error}): the first run will flush every rule key once"
-        ),
+    for redis in &loaded.config.targets {
+        let at = target_name(loaded, redis);
+        match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), slot, start).await {
+            Ok(true) => println!("done: {at} records that the cache starts at the slot's position {start}"),
+            Ok(false) => println!(
+                "note: {at} already records an older position for slot {slot}: the next run flushes every rule key there once, because changes before the new slot may have been missed"
+            ),
+            Err(error) => eprintln!(
+                "note: cannot record the slot's start in {at} ({error}): the first run will flush every rule key there once"
+            ),
+        }
     }
 }
 

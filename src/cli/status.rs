@@ -69,6 +69,18 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
         (Ok(r), Some(confirmed)) => Some(position::covers(*r, confirmed)),
         _ => None,
     };
+    let confirmed = info
+        .confirmed_flush_lsn
+        .as_deref()
+        .and_then(|t| t.parse::<Lsn>().ok());
+    // With several targets, what each one records (the first is above).
+    let mut targets = Vec::new();
+    if loaded.config.listed_targets {
+        for target in &loaded.config.targets {
+            let recorded = position::read_once(&target.url, target.ca_cert.as_deref(), slot).await;
+            targets.push((target.name().to_string(), recorded));
+        }
+    }
     if json {
         let mut value = serde_json::to_value(&info).map_err(Failure::runtime)?;
         if let Some(map) = value.as_object_mut() {
@@ -84,6 +96,20 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
                 serde_json::json!(covers),
             );
             map.insert("redis".to_string(), redis_json(&server));
+            if !targets.is_empty() {
+                let each: Vec<serde_json::Value> = targets
+                    .iter()
+                    .map(|(name, recorded)| match recorded {
+                        Ok(lsn) => serde_json::json!({
+                            "name": name,
+                            "recorded_lsn": lsn.map(|l| l.to_string()),
+                            "recorded_covers_slot": confirmed.map(|c| position::covers(*lsn, c)),
+                        }),
+                        Err(error) => serde_json::json!({"name": name, "error": error}),
+                    })
+                    .collect();
+                map.insert("targets".to_string(), serde_json::json!(each));
+            }
         }
         return Ok(Some(value));
     }
@@ -118,6 +144,20 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
             },
         ),
     ]);
+    for (name, recorded) in &targets {
+        let covers = recorded
+            .as_ref()
+            .ok()
+            .zip(confirmed)
+            .map(|(r, c)| position::covers(*r, c));
+        let text = match (recorded, covers) {
+            (Ok(Some(lsn)), Some(true)) => format!("{lsn} (has applied up to the slot)"),
+            (Ok(Some(lsn)), _) => format!("{lsn} (behind the slot)"),
+            (Ok(None), _) => "- (no record)".to_string(),
+            (Err(error), _) => format!("- (cannot ask redis: {error})"),
+        };
+        println!("target {name:<8} {text}");
+    }
     print_redis(&server);
     Ok(None)
 }

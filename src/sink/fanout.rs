@@ -20,7 +20,7 @@
 //! stream as one Redis would. A target that has not acknowledged its
 //! current step for [`STALLED`] (down, paused, refusing writes) does not
 //! slow the others; its queue grows to at most [`MAX_BACKLOG_BYTES`]. Past
-//! that its queue is dropped, and when it answers again it flushes every
+//! that (or the target's `max_backlog_bytes`) its queue is dropped, and when it answers again it flushes every
 //! rule key before its next step (it cannot replay what it dropped; the
 //! flush is ordered after every change it missed, so nothing stale
 //! survives), and counts as having applied every step up to then.
@@ -62,6 +62,9 @@ pub struct Opening {
     pub name: String,
     /// Connects and prepares it.
     pub open: BoxFuture<'static, Result<RedisSink, SinkError>>,
+    /// Most bytes queued while it does not answer ([`MAX_BACKLOG_BYTES`]
+    /// unless configured).
+    pub max_backlog: usize,
 }
 
 /// What a step does.
@@ -104,6 +107,7 @@ struct Shared {
 /// One target as the fan-out holds it.
 struct Handle {
     name: String,
+    max_backlog: usize,
     steps: Option<mpsc::UnboundedSender<Step>>,
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
@@ -143,6 +147,7 @@ impl Fanout {
                 ));
                 Handle {
                     name: opening.name,
+                    max_backlog: opening.max_backlog,
                     steps: Some(tx),
                     shared,
                     task: Some(task),
@@ -237,12 +242,12 @@ impl Fanout {
                 applied,
                 bytes,
             });
-            if queued > MAX_BACKLOG_BYTES && shared.stalled.load(Ordering::SeqCst) {
+            if queued > target.max_backlog && shared.stalled.load(Ordering::SeqCst) {
                 shared.dropped.store(true, Ordering::SeqCst);
                 shared.overflow.notify_one();
                 metrics::counter!(m::TARGET_BACKLOG_DROPS_TOTAL, "target" => target.name.clone())
                     .increment(1);
-                tracing::error!(target = %target.name, backlog_bytes = queued, bound_bytes = MAX_BACKLOG_BYTES,
+                tracing::error!(target = %target.name, backlog_bytes = queued, bound_bytes = target.max_backlog,
                     "a redis target has not answered for so long that its backlog passed its bound: dropped; it flushes every key of every rule when it answers again");
             }
         }
@@ -455,6 +460,12 @@ async fn drive_target(
             continue;
         };
         done?;
+        tracing::trace!(
+            target = name,
+            step = step.n,
+            operations = step.items.len(),
+            "step applied"
+        );
         shared.stalled.store(false, Ordering::SeqCst);
         shared.applied.store(step.n, Ordering::SeqCst);
         wake.notify_one();

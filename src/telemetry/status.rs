@@ -188,7 +188,7 @@ impl Board {
             "<section id=\"source\"><h2>Source</h2><table>\
              <tr><th>reads</th><td id=\"slot\">{source}</td></tr>\
              <tr><th>postgres</th><td>{streaming}</td></tr>\
-             <tr><th>redis</th><td>{redis}</td></tr>\
+             <tr><th>redis</th><td>{redis}</td></tr>{targets}\
              <tr><th>ready</th><td>{ready}</td></tr>\
              <tr><th>confirmed</th><td>{confirmed}</td></tr>\
              <tr><th>lag</th><td>{lag} · {lag_s}</td></tr>\
@@ -198,6 +198,7 @@ impl Board {
             source = escape(&self.source),
             streaming = flag(health.streaming(), "streaming", "not streaming"),
             redis = flag(health.redis_ok(), "answering", "failing"),
+            targets = target_rows(&health.targets()),
             ready = flag(health.ready(), "ready", "not ready"),
             confirmed = gauge(m::CONFIRMED_LSN_BYTES)
                 .map_or_else(|| "–".to_string(), |b| format_lsn(b as u64)),
@@ -372,6 +373,29 @@ fn human_bytes(b: f64) -> String {
 
 fn format_lsn(bytes: u64) -> String {
     format!("{:X}/{:X}", bytes >> 32, bytes & 0xFFFF_FFFF)
+}
+
+/// One row per Redis target when there are several (`[[targets]]`).
+fn target_rows(targets: &[(String, bool, String)]) -> String {
+    if targets.len() < 2 {
+        return String::new();
+    }
+    targets
+        .iter()
+        .map(|(name, ok, reason)| {
+            let state = if *ok {
+                "<span class=\"ok\">answering</span>".to_string()
+            } else if reason.is_empty() {
+                "<span class=\"bad\">not answering</span>".to_string()
+            } else {
+                format!("<span class=\"bad\">{}</span>", escape(reason))
+            };
+            format!(
+                "<tr><th>target {}</th><td class=\"target\">{state}</td></tr>",
+                escape(name)
+            )
+        })
+        .collect()
 }
 
 fn unix_now() -> f64 {

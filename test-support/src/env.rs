@@ -46,6 +46,10 @@ pub struct TestEnv {
     pub redis_url_override: Option<String>,
     /// Extra lines for the `[redis]` section (`cluster = true`).
     pub redis_extra: String,
+    /// When not empty, the file lists these as `[[targets]]` (name, URL,
+    /// extra lines) instead of `[redis]`; name the harness's own Redis
+    /// among them for [`TestEnv::sync`] to see the daemon catch up.
+    pub targets: Vec<(String, String, String)>,
 }
 
 impl TestEnv {
@@ -79,6 +83,7 @@ impl TestEnv {
             url_override: None,
             redis_url_override: None,
             redis_extra: String::new(),
+            targets: Vec::new(),
         };
         env.write_config("");
         env
@@ -92,14 +97,26 @@ impl TestEnv {
         } else {
             format!("[http]\nlisten = \"127.0.0.1:{}\"\n", self.http_port)
         };
+        let redis = if self.targets.is_empty() {
+            format!(
+                "[redis]\nurl = \"{}\"\n{}\n",
+                self.redis_url_override
+                    .clone()
+                    .unwrap_or_else(|| self.redis.url()),
+                self.redis_extra
+            )
+        } else {
+            self.targets
+                .iter()
+                .map(|(name, url, extra)| {
+                    format!("[[targets]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+                })
+                .collect()
+        };
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n{}\n\n[redis]\nurl = \"{}\"\n{}\n\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
+            "[postgres]\nurl = \"{}\"\n{}\n\n{redis}\n{http}{extra}\n{RULES_TOML}\n{SENTINEL_RULE}",
             self.url_override.clone().unwrap_or_else(|| self.pg.url()),
             self.postgres_extra,
-            self.redis_url_override
-                .clone()
-                .unwrap_or_else(|| self.redis.url()),
-            self.redis_extra
         );
         std::fs::write(&self.config, text).expect("write config");
     }
@@ -230,6 +247,11 @@ impl TestEnv {
     /// applies in commit order, so once a change committed now has been
     /// applied, so has every earlier one.
     pub async fn sync(&self) {
+        self.sync_on(&self.redis).await;
+    }
+
+    /// Like [`TestEnv::sync`], watching `redis` (one of several targets).
+    pub async fn sync_on(&self, redis: &Redis) {
         let client = self.pg.client().await;
         let id: String = client
             .query_one("select gen_random_uuid()::text", &[])
@@ -237,7 +259,7 @@ impl TestEnv {
             .expect("sentinel id")
             .get(0);
         let key = format!("sentinel:pillar:{id}");
-        let mut redis = self.redis.conn().await;
+        let mut redis = redis.conn().await;
         let _: () = redis::cmd("SET")
             .arg(&key)
             .arg("1")
