@@ -28,10 +28,11 @@ use crate::ops::CacheOp;
 use crate::pipeline::{self, PipelineError, Stages};
 use crate::plan::rules::RuleSet;
 use crate::plan::Planner;
+use crate::redis::{position, server};
 use crate::resolve::Resolver;
 use crate::sink::fanout::{Fanout, Opening};
 use crate::sink::start::{self, Recorded};
-use crate::sink::{position, server, RedisSink, Sink, SinkError};
+use crate::sink::{RedisSink, Sink, SinkError};
 use crate::source::outbox::OutboxSource;
 use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
@@ -209,7 +210,8 @@ async fn start_and_run(
     // used is a configuration problem, found now.
     let mut openings = Vec::new();
     for (i, target) in config.targets.iter().enumerate() {
-        crate::sink::client(&target.url, target.ca_cert.as_deref()).map_err(sink_stopped)?;
+        crate::redis::client(&target.url, target.ca_cert.as_deref())
+            .map_err(|e| sink_stopped(e.into()))?;
         if !info_every.is_zero() && !target.cluster {
             tasks.spawn(server::watch(
                 target.url.clone(),
@@ -353,7 +355,7 @@ async fn drive<S: Source, K: Sink>(
 fn sink_stopped(error: SinkError) -> Stopped {
     match error {
         SinkError::Fatal(fatal) => Stopped::Fatal(fatal),
-        SinkError::BadUrl { .. } => Stopped::Problems(vec![error.to_string()]),
+        SinkError::BadUrl(_) => Stopped::Problems(vec![error.to_string()]),
         SinkError::GaveUp(_) => Stopped::Failed(error.to_string()),
     }
 }
@@ -430,7 +432,7 @@ async fn feed_events(
 ) {
     use futures_util::StreamExt;
     loop {
-        if let Ok(stream) = crate::sink::events::subscribe(&redis).await {
+        if let Ok(stream) = crate::sink::redis::events::subscribe(&redis).await {
             let mut stream = std::pin::pin!(stream);
             loop {
                 tokio::select! {

@@ -222,7 +222,7 @@ fn new_token() -> String {
 impl<C: ConnectionLike + Send> Cache<C> {
     /// A cache on `conn` (a `ConnectionManager` or multiplexed connection).
     pub fn new(conn: C, options: CacheOptions) -> Self {
-        let position_key = crate::sink::position::key(&options.slot);
+        let position_key = crate::redis::position::key(&options.slot);
         Cache {
             conn,
             options,
@@ -369,7 +369,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
 
     /// The position the daemon has applied, as recorded in Redis.
     pub async fn applied(&mut self) -> Result<Option<Lsn>, ClientError> {
-        Ok(crate::sink::position::read(&mut self.conn, &self.position_key).await?)
+        Ok(crate::redis::position::read(&mut self.conn, &self.position_key).await?)
     }
 
     /// Whether the daemon has applied `token`, waiting per the policy.
@@ -415,12 +415,12 @@ impl<C: ConnectionLike + Send> Cache<C> {
                     self.functions = Some(true);
                     return Ok(value);
                 }
-                Err(error) if crate::sink::leases::is_missing_function(&error) => {
+                Err(error) if crate::redis::leases::is_missing_function(&error) => {
                     // Redis restarted without persistence, or nobody loaded
                     // the library yet: load it and call again.
-                    match crate::sink::leases::load(&mut self.conn).await? {
-                        crate::sink::leases::Loaded::Functions
-                        | crate::sink::leases::Loaded::Current => {
+                    match crate::redis::leases::load(&mut self.conn).await? {
+                        crate::redis::leases::Loaded::Functions
+                        | crate::redis::leases::Loaded::Current => {
                             return Ok(redis::cmd("FCALL")
                                 .arg(function)
                                 .arg(1)
@@ -429,10 +429,10 @@ impl<C: ConnectionLike + Send> Cache<C> {
                                 .query_async::<T>(&mut self.conn)
                                 .await?);
                         }
-                        crate::sink::leases::Loaded::Scripts => self.functions = Some(false),
+                        crate::redis::leases::Loaded::Scripts => self.functions = Some(false),
                     }
                 }
-                Err(error) if crate::sink::leases::is_unknown_command(&error) => {
+                Err(error) if crate::redis::leases::is_unknown_command(&error) => {
                     self.functions = Some(false)
                 }
                 Err(error) => return Err(error.into()),

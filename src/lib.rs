@@ -42,6 +42,7 @@ pub mod memory;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
+pub mod redis;
 pub mod resolve;
 pub mod secret;
 pub mod sink;

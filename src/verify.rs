@@ -24,7 +24,7 @@ use crate::db::DbError;
 use crate::lease;
 use crate::plan::keys::KeyTemplate;
 use crate::plan::rules::{Rule, RuleSet};
-use crate::sink::inspect;
+use crate::redis::inspect;
 
 /// How many stale keys a report lists (the counts cover all).
 pub const LISTED: usize = 20;
@@ -350,7 +350,7 @@ async fn wait_for_daemon<C: ConnectionLike + Send>(
     };
     let deadline = Instant::now() + CATCH_UP;
     while Instant::now() < deadline {
-        if crate::sink::position::read(redis, position_key)
+        if crate::redis::position::read(redis, position_key)
             .await?
             .is_some_and(|a| a >= now)
         {

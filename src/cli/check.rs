@@ -3,7 +3,7 @@
 use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
-use crate::sink::server;
+use crate::redis::server;
 use crate::source::install;
 
 /// Checks and prints `ok: …`, or one line per problem.

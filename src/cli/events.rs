@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use wildmatch::WildMatch;
 
 use crate::cli::{Failure, Loaded};
-use crate::sink::events;
+use crate::sink::redis::events;
 
 /// What to print.
 pub struct Args {

@@ -5,7 +5,7 @@
 use crate::change::TableName;
 use crate::cli::{Failure, Loaded};
 use crate::plan::rules::{self, Rule};
-use crate::sink::{flush, position};
+use crate::redis::flush;
 
 /// Which rules.
 pub enum Which {
@@ -46,7 +46,7 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
         }
     };
     let redis = &loaded.config.redis;
-    let mut conn = position::connect_once(&redis.url, redis.ca_cert.as_deref())
+    let mut conn = crate::redis::connect_once(&redis.url, redis.ca_cert.as_deref())
         .await
         .map_err(|e| Failure::runtime(format!("redis at {}: {e}", redis.url.redacted())))?;
     let masters = conn

@@ -365,7 +365,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     .map(|c| c.replication.slot.clone())
                     .collect(),
             };
-            let line = crate::sink::acl::daemon_user(
+            let line = crate::redis::acl::daemon_user(
                 &loaded.config.redis.url,
                 &rules::scan_patterns(all),
                 &loaded.config.redis.channel,

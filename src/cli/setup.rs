@@ -6,7 +6,7 @@ use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::lsn::Lsn;
-use crate::sink::{leases, position};
+use crate::redis::{leases, position};
 use crate::source::{install, outbox, replication};
 
 /// `setup`: prints (`--print`) or runs what the database is missing.
@@ -57,7 +57,7 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
 /// Gives the outbox's count of applied batches a start in Redis (if it
 /// has none), so that the first `run` does not flush the cache: a `run`
 /// that finds no record flushes every rule key once (see
-/// `sink::position`).
+/// `redis::position`).
 async fn record_outbox_start(loaded: &Loaded) {
     let counter = format!("outbox:{}", loaded.config.outbox.schema);
     for redis in &loaded.config.targets {
@@ -99,7 +99,7 @@ async fn load_leases(loaded: &Loaded) {
 }
 
 /// Tells Redis where the new slot starts, so that the first `run` does not
-/// flush the cache (see `sink::position`). Without it the first `run`
+/// flush the cache (see `redis::position`). Without it the first `run`
 /// flushes every rule key once, which is safe; so a failure is a note.
 async fn record_slot_start(db: &Db, loaded: &Loaded) {
     let slot = &loaded.config.replication.slot;

@@ -4,8 +4,8 @@ use crate::cli::{Failure, Loaded};
 use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::lsn::Lsn;
-use crate::sink::position;
-use crate::sink::server::{self, ServerInfo};
+use crate::redis::position;
+use crate::redis::server::{self, ServerInfo};
 use crate::source::outbox::drain;
 
 /// The source's state as JSON (`status --json`), with the group's name
@@ -57,7 +57,7 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
         )]));
     };
     // What Redis records as applied: behind the slot means the next start
-    // flushes every rule key (see `sink::position`).
+    // flushes every rule key (see `redis::position`).
     let redis = &loaded.config.redis;
     let recorded = position::read_once(&redis.url, redis.ca_cert.as_deref(), slot).await;
     let covers = match (

@@ -5,7 +5,7 @@ use crate::cli::{Failure, Loaded, EXIT_FAILURE};
 use crate::config::SourceKind;
 use crate::db::compare::Comparer;
 use crate::db::Db;
-use crate::sink::position;
+use crate::redis::position;
 use crate::verify::{self as inspector, Options, Report};
 
 /// Keys per second by default: a few hundred microseconds of Redis and a
@@ -28,7 +28,7 @@ pub struct Args {
 pub async fn verify(loaded: Loaded, args: Args) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
     let redis_cfg = &loaded.config.redis;
-    let mut redis = position::connect_once(&redis_cfg.url, redis_cfg.ca_cert.as_deref())
+    let mut redis = crate::redis::connect_once(&redis_cfg.url, redis_cfg.ca_cert.as_deref())
         .await
         .map_err(|e| Failure::runtime(format!("redis {}: {e}", redis_cfg.url.redacted())))?;
     if redis.is_cluster() {

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{position, RedisSink, SinkError};
+use super::{RedisSink, SinkError};
 use crate::lsn::Lsn;
 use crate::ops::{CacheOp, Item};
+use crate::redis::position;
 
 /// Where the source keeps what it confirmed, as the target must compare it.
 #[derive(Debug, Clone)]

@@ -89,7 +89,7 @@ pub trait Source {
     fn tick(&self) {}
 
     /// The LSN an acknowledgement stands for, recorded in Redis beside the
-    /// cache (see [`crate::sink::position`]); `None` for sources whose
+    /// cache (see [`crate::redis::position`]); `None` for sources whose
     /// position is not a stream position.
     fn recorded(_ack: Self::Ack) -> Option<Lsn> {
         None

@@ -30,7 +30,7 @@ pub const VISIBILITY_CHECKS_TOTAL: &str = "pgci_visibility_checks_total";
 pub const CLUSTER_MAP_READS_TOTAL: &str = "pgci_cluster_map_reads_total";
 /// Outbox rows applied (outbox source).
 pub const OUTBOX_ROWS_TOTAL: &str = "pgci_outbox_rows_total";
-/// Redis `INFO` (see `sink::server`), labelled by `target` (host:port):
+/// Redis `INFO` (see `redis::server`), labelled by `target` (host:port):
 /// keyspace hits and misses since the server's restart (the hit ratio),
 pub const REDIS_KEYSPACE_HITS_TOTAL: &str = "pgci_redis_keyspace_hits_total";
 /// …misses,

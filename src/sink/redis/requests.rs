@@ -13,9 +13,9 @@
 use std::collections::HashMap;
 
 use crate::ops::{CacheOp, Item};
-use crate::sink::cluster::slot_of;
-use crate::sink::events::{event_json, publish};
-use crate::sink::scripts;
+use crate::redis::cluster::slot_of;
+use crate::sink::redis::events::{event_json, publish};
+use crate::sink::redis::scripts;
 
 /// The requests for one run of row operations.
 pub struct RowRequest {

@@ -85,7 +85,8 @@ pub async fn subscribe(
     let url = &redis.url;
     let scrub = |e: redis::RedisError| url.scrub(&e.to_string());
     if !redis.sharded_events {
-        let client = super::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?;
+        let client =
+            crate::redis::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?;
         let mut pubsub = client.get_async_pubsub().await.map_err(scrub)?;
         pubsub.subscribe(&redis.channel).await.map_err(scrub)?;
         return Ok(pubsub
@@ -94,11 +95,11 @@ pub async fn subscribe(
             .boxed());
     }
     let client = match redis.cluster_seeds() {
-        None => super::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?,
+        None => crate::redis::client(url, redis.ca_cert.as_deref()).map_err(|e| e.to_string())?,
         Some(seeds) => {
             let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
             let timeout = std::time::Duration::from_secs(10);
-            let cluster = super::cluster::ClusterConn::connect(&seeds, timeout, timeout)
+            let cluster = crate::redis::cluster::ClusterConn::connect(&seeds, timeout, timeout)
                 .await
                 .map_err(scrub)?;
             let owner = cluster

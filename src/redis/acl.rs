@@ -11,8 +11,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::redis::position;
 use crate::secret::SecretUrl;
-use crate::sink::position;
 
 /// What the daemon sends: the apply path (GET/SET/UNLINK/DEL inside the
 /// version-guarded script, PUBLISH, MULTI/EXEC), SUBSCRIBE to its own

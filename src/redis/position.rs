@@ -18,14 +18,10 @@
 //! The outbox source has no stream position: its record counts batches.
 
 use std::path::Path;
-use std::time::Duration;
 
 use redis::RedisError;
 
-use super::cluster::ClusterConn;
-use super::conn::Conn;
 use crate::lsn::Lsn;
-use crate::ops::CacheOp;
 use crate::secret::SecretUrl;
 
 /// The key holding `slot`'s applied position.
@@ -34,7 +30,7 @@ pub fn key(slot: &str) -> String {
 }
 
 /// The key holding the count of batches applied from the outbox in
-/// `schema` (see `RedisSink::record_batches_at`).
+/// `schema` (see `sink::RedisSink::record_batches_at`).
 pub fn outbox_key(schema: &str) -> String {
     key(&format!("outbox:{schema}"))
 }
@@ -61,93 +57,6 @@ pub fn lost_writes(last: Option<Lsn>, replaced: Option<&str>) -> bool {
     replaced.and_then(|r| r.parse::<Lsn>().ok()) < Some(last)
 }
 
-/// The sink's record of what it applied, and what the record it replaces
-/// says about writes Redis lost (see the module doc).
-#[derive(Debug)]
-pub struct Record {
-    /// Where it is kept.
-    key: String,
-    /// The record this daemon wrote last (or found at start).
-    last: Option<Lsn>,
-    /// It counts applied batches instead of holding a stream position.
-    counting: bool,
-    /// The flush of every rule's keys, for when Redis lost writes.
-    flush_all: CacheOp,
-    /// Redis lost writes and the flush has not completed yet.
-    flush_due: bool,
-}
-
-impl Record {
-    /// The applied position of `slot`.
-    pub fn position(slot: &str, flush_all: CacheOp) -> Record {
-        Record {
-            key: key(slot),
-            last: None,
-            counting: false,
-            flush_all,
-            flush_due: false,
-        }
-    }
-
-    /// A count of applied batches at `key` (a source without a stream
-    /// position: the outbox).
-    pub fn batches(key: String, flush_all: CacheOp) -> Record {
-        Record {
-            key,
-            last: None,
-            counting: true,
-            flush_all,
-            flush_due: false,
-        }
-    }
-
-    /// Where it is kept.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// The record found in Redis at start.
-    pub fn found(&mut self, found: Option<Lsn>) {
-        self.last = found;
-    }
-
-    /// What a batch records: `applied`, or when counting and the batch
-    /// changes keys, the next count.
-    pub fn next(&self, applied: Option<Lsn>, changes_keys: bool) -> Option<Lsn> {
-        match (self.counting, applied) {
-            (true, None) if changes_keys => Some(Lsn(self.last.map_or(1, |l| l.0 + 1))),
-            _ => applied,
-        }
-    }
-
-    /// Takes the record that writing `applied` replaced (or that the idle
-    /// check read: `applied` is `None`); `true` the first time it shows that
-    /// writes were lost (see [`lost_writes`]): a flush is then due.
-    pub fn replaced(&mut self, replaced: Option<&str>, applied: Option<Lsn>) -> bool {
-        let lost = lost_writes(self.last, replaced) && !self.flush_due;
-        self.flush_due |= lost;
-        if applied.is_some() {
-            self.last = applied;
-        }
-        lost
-    }
-
-    /// The record this daemon wrote last.
-    pub fn last(&self) -> Option<Lsn> {
-        self.last
-    }
-
-    /// The flush that is due, if writes were lost.
-    pub fn due(&self) -> Option<&CacheOp> {
-        self.flush_due.then_some(&self.flush_all)
-    }
-
-    /// The due flush was applied.
-    pub fn flushed(&mut self) {
-        self.flush_due = false;
-    }
-}
-
 /// The recorded position, if any (an unreadable value counts as none).
 pub async fn read<C: redis::aio::ConnectionLike>(
     conn: &mut C,
@@ -164,53 +73,13 @@ pub async fn read_once(
     ca_cert: Option<&Path>,
     slot: &str,
 ) -> Result<Option<Lsn>, String> {
-    let mut conn = connect_once(url, ca_cert).await?;
+    let mut conn = super::connect_once(url, ca_cert).await?;
     let text: Option<String> = redis::cmd("GET")
         .arg(key(slot))
         .query_async(&mut conn)
         .await
         .map_err(|e| url.scrub(&e.to_string()))?;
     Ok(text.and_then(|t| t.parse().ok()))
-}
-
-/// A connection of its own to the configured Redis (`status`, `setup`,
-/// the verbs). A Redis Cluster node is recognised by what it says of
-/// itself (`cluster_enabled:1`) and reached as the cluster.
-pub(crate) async fn connect_once(url: &SecretUrl, ca_cert: Option<&Path>) -> Result<Conn, String> {
-    let mut node = connect_node_once(url, ca_cert).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut node)
-        .await
-        .map_err(|e| url.scrub(&e.to_string()))?;
-    if !info.contains("cluster_enabled:1") {
-        return Ok(Conn::Direct(node));
-    }
-    let timeout = Duration::from_secs(10);
-    tokio::time::timeout(
-        timeout,
-        ClusterConn::connect(&[url.expose()], timeout, timeout),
-    )
-    .await
-    .map_err(|_| "no answer within 10s".to_string())?
-    .map(Conn::Cluster)
-    .map_err(|e| url.scrub(&e.to_string()))
-}
-
-/// A connection to the one server `url` names (a cluster node's own
-/// `INFO`, for instance).
-pub(crate) async fn connect_node_once(
-    url: &SecretUrl,
-    ca_cert: Option<&Path>,
-) -> Result<redis::aio::MultiplexedConnection, String> {
-    let client = super::client(url, ca_cert).map_err(|e| e.to_string())?;
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| "no answer within 10s".to_string())?
-    .map_err(|e| url.scrub(&e.to_string()))
 }
 
 /// Records `lsn` for `slot` unless a record exists (`SET … NX`): `setup`
@@ -223,7 +92,7 @@ pub async fn record_if_absent(
     slot: &str,
     lsn: Lsn,
 ) -> Result<bool, String> {
-    let mut conn = connect_once(url, ca_cert).await?;
+    let mut conn = super::connect_once(url, ca_cert).await?;
     let set: Option<String> = redis::cmd("SET")
         .arg(key(slot))
         .arg(lsn.to_string())

@@ -201,7 +201,7 @@ pub async fn read_once(
     url: &SecretUrl,
     ca_cert: Option<&std::path::Path>,
 ) -> Result<ServerInfo, String> {
-    let mut conn = super::position::connect_node_once(url, ca_cert).await?;
+    let mut conn = super::connect_node_once(url, ca_cert).await?;
     read(&mut conn).await.map_err(|e| url.scrub(&e.to_string()))
 }
 

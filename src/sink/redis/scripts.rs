@@ -47,7 +47,7 @@ pub fn version_key(key: &str) -> String {
 /// `}` and no hash tag has none that is (`a}b`: wrapped, `{a}` becomes the
 /// tag); on a cluster such a key is deleted instead of written.
 pub fn same_slot(key: &str) -> bool {
-    use super::cluster::slot_of;
+    use crate::redis::cluster::slot_of;
     slot_of(key.as_bytes()) == slot_of(version_key(key).as_bytes())
 }
 
@@ -92,7 +92,7 @@ pub fn guarded(
 #[cfg(test)]
 mod tests {
     use super::{same_slot, version_key};
-    use crate::sink::cluster::slot_of;
+    use crate::redis::cluster::slot_of;
 
     #[test]
     fn the_version_key_shares_the_key_s_hash_slot() {

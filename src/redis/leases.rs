@@ -92,6 +92,6 @@ pub async fn load_once(
     url: &crate::secret::SecretUrl,
     ca_cert: Option<&std::path::Path>,
 ) -> Result<Loaded, String> {
-    let mut conn = super::position::connect_once(url, ca_cert).await?;
+    let mut conn = super::connect_once(url, ca_cert).await?;
     load(&mut conn).await.map_err(|e| url.scrub(&e.to_string()))
 }

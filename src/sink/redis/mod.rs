@@ -1,0 +1,722 @@
+//! The Redis target: applies cache operations to one Redis server or
+//! Redis Cluster. It depends on [`crate::ops`] (its contract) and on the
+//! plumbing in [`crate::redis`], not on how changes are read or planned.
+//!
+//! - `again`: the keys a batch's second pass deletes.
+//! - [`requests`]: a run of row operations as one atomic pipeline.
+//! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
+//! - [`events`]: the pub/sub event of each operation.
+//! - [`record`]: what this target applied, and what a replaced record says
+//!   about writes Redis lost.
+//!
+//! The pipeline hands the sink batches in commit order; the sink applies
+//! each completely before the batch's acknowledgement may be confirmed to
+//! the source. The connection manager reconnects in the background but
+//! does not retry the command that was in flight, so [`RedisSink::apply`]
+//! retries the whole batch itself until Redis acknowledges it (errors the
+//! policy calls transient; see [`crate::error::redis`]): every operation is
+//! idempotent or version-guarded, so a repeat is harmless, and nothing is
+//! skipped.
+
+pub(crate) mod again;
+pub mod events;
+pub mod record;
+pub mod requests;
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::RedisError;
+use tokio_util::sync::CancellationToken;
+
+use self::again::Again;
+use super::{Sink, SinkError, SinkStats};
+use crate::decode::time::pg_micros_to_unix_seconds;
+use crate::error::{self, Backoff, Fatal, Retry};
+use crate::lsn::Lsn;
+use crate::ops::{CacheOp, FlushReason, Item};
+use crate::redis::cluster::ClusterConn;
+use crate::redis::conn::Conn;
+use crate::redis::{flush, leases, position, server};
+use crate::secret::SecretUrl;
+use crate::telemetry::health::TargetHealth;
+use crate::telemetry::metrics as m;
+
+/// First retry delay after a failed batch.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay: Redis restarts take seconds.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A reply slower than this counts as a failure and the batch is retried.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long opening a connection may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an attempt may wait for Redis before readiness says Redis is
+/// not acknowledging: far above a batch's round trip on a healthy server
+/// (milliseconds), well below the response timeout.
+const SLOW_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long an idle readiness check waits for PONG.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keys an attempt touched, split as the metrics count them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Touched {
+    removed: u64,
+    written: u64,
+}
+
+/// Applies batches to Redis.
+pub struct RedisSink {
+    conn: Conn,
+    /// To open a new connection when the node turned replica (READONLY):
+    /// the connection manager keeps a connection that answers.
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Kinds of failure already logged in the current run of failures.
+    logged: Vec<error::RedisFailure>,
+    /// What is applied, recorded with every batch (see [`position`]).
+    record: Option<record::Record>,
+    /// Pub/sub channel; `None` when events are off.
+    channel: Option<String>,
+    /// Events go out with `SPUBLISH` (`redis.sharded_events`).
+    sharded_events: bool,
+    /// After shutdown is requested a failing batch gets only a few more
+    /// attempts (see [`Retry`]).
+    cancel: CancellationToken,
+    stats: SinkStats,
+    health: TargetHealth,
+    /// Whether applied work is counted in the change and key metrics:
+    /// with several targets only the first counts (see [`fanout`]).
+    counts_metrics: bool,
+    /// Steps applied (see [`Sink`]).
+    steps: u64,
+}
+
+impl RedisSink {
+    /// Connects, retrying until Redis answers or shutdown is requested.
+    /// With `cluster` seeds (`url` among them), `url` names one node of a
+    /// Redis Cluster.
+    pub async fn connect(
+        url: &SecretUrl,
+        ca_cert: Option<&std::path::Path>,
+        cluster: Option<&[SecretUrl]>,
+        channel: &str,
+        cancel: CancellationToken,
+        health: TargetHealth,
+    ) -> Result<RedisSink, SinkError> {
+        let client = crate::redis::client(url, ca_cert)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(RETRY_MAX);
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let conn = loop {
+            let attempt = match cluster {
+                None => ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Conn::Node),
+                Some(seeds) => {
+                    let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
+                    ClusterConn::connect(&seeds, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
+                        .await
+                        .map(Conn::Cluster)
+                }
+            };
+            match attempt {
+                Ok(conn) => break conn,
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(
+                        format!("{}: {error}", url.redacted()),
+                        error::redis(&error),
+                    ) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(url = %url.redacted(), "connected to redis");
+        let mut conn = conn;
+        // A server too old for the commands the daemon sends would fail
+        // every batch: refuse it now, once.
+        if let Ok(info) = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            if let Some(version) = server::ServerInfo::parse(&info).version {
+                if !server::new_enough(&version) {
+                    return Err(SinkError::Fatal(Fatal {
+                        what: format!("redis {version} at {}", url.redacted()),
+                        hint: "the daemon needs Redis 6.2 or newer (or Valkey): upgrade the server",
+                        user_must_fix: true,
+                    }));
+                }
+            }
+        }
+        // Every master of a cluster holds the functions (its replicas get
+        // them by replication).
+        let loaded = match conn.each_master().await {
+            Ok(masters) => {
+                let mut loaded = Ok(Vec::new());
+                for mut master in masters {
+                    match (leases::load(&mut master).await, &mut loaded) {
+                        (Ok(how), Ok(hows)) => hows.push(how),
+                        (Err(error), _) => loaded = Err(error),
+                        _ => {}
+                    }
+                }
+                loaded
+            }
+            Err(error) => Err(error),
+        };
+        match loaded {
+            Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
+            // Readers load them themselves when missing; the daemon's own
+            // work does not need them.
+            Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),
+                "cannot load the lease functions; readers using leases will load them themselves"),
+        }
+        health.ok();
+        Ok(RedisSink {
+            conn,
+            client,
+            config,
+            logged: Vec::new(),
+            record: None,
+            channel: (!channel.is_empty()).then(|| channel.to_string()),
+            sharded_events: false,
+            cancel,
+            stats: SinkStats::default(),
+            health,
+            counts_metrics: true,
+            steps: 0,
+        })
+    }
+
+    /// The cluster this sink writes to, if it is one (its `INFO` is read
+    /// master by master).
+    pub fn cluster(&self) -> Option<ClusterConn> {
+        match &self.conn {
+            Conn::Cluster(cluster) => Some(cluster.clone()),
+            _ => None,
+        }
+    }
+
+    /// Announces with `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`.
+    pub fn with_sharded_events(mut self, sharded: bool) -> RedisSink {
+        self.sharded_events = sharded;
+        self
+    }
+
+    /// Records the applied position of `slot` with every acknowledged
+    /// batch (see [`position`]), and flushes with `flush_all` (every rule's
+    /// keys) when a record shows that Redis lost writes since the last one.
+    pub fn record_position_of(&mut self, slot: &str, flush_all: CacheOp) {
+        self.record = Some(record::Record::position(slot, flush_all));
+    }
+
+    /// Records a count of applied batches at `key` with every batch, for a
+    /// source without a stream position (the outbox), so that a Redis that
+    /// loses writes while the daemon runs is noticed and flushed with
+    /// `flush_all` as with [`RedisSink::record_position_of`]. The count goes
+    /// on from the record found at start.
+    /// Returns the record found (`None`: Redis holds none).
+    pub async fn record_batches_at(
+        &mut self,
+        key: &str,
+        flush_all: CacheOp,
+    ) -> Result<Option<Lsn>, SinkError> {
+        self.record = Some(record::Record::batches(key.to_string(), flush_all));
+        self.read_record(key).await
+    }
+
+    /// The position recorded for `slot`, retried like a batch.
+    pub async fn recorded_position(&mut self, slot: &str) -> Result<Option<Lsn>, SinkError> {
+        self.read_record(&position::key(slot)).await
+    }
+
+    /// The record at `key`, retried like a batch; it is also the last one
+    /// this daemon knows of (see [`position::lost_writes`]).
+    async fn read_record(&mut self, key: &str) -> Result<Option<Lsn>, SinkError> {
+        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
+        loop {
+            match position::read(&mut self.conn, key).await {
+                Ok(lsn) => {
+                    if let Some(record) = self.record.as_mut().filter(|r| r.key() == key) {
+                        record.found(lsn);
+                    }
+                    return Ok(lsn);
+                }
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    let Some(delay) = retry.after_failure() else {
+                        return Err(SinkError::GaveUp(error.to_string()));
+                    };
+                    tracing::warn!(error = %error, retry_in = ?delay, "cannot read the recorded position from redis; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Work applied so far.
+    pub fn stats(&self) -> SinkStats {
+        self.stats
+    }
+
+    /// Applies `items` completely, retrying transient errors, and records
+    /// `applied` as the position everything up to which is now in Redis.
+    /// Returns an error if Redis refuses us for good, or if shutdown was
+    /// requested and Redis still fails.
+    pub async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
+        self.apply_counted(items, applied, true).await
+    }
+
+    /// Deletes keys of `items` once more, without events or counting, and
+    /// records `applied`: for a batch applied before its commits were
+    /// visible (see [`crate::resolve`]). A reader that took a lease in
+    /// between may have read the old rows; this voids its lease or removes
+    /// what it filled. [`Again::Deleted`]: the keys the batch deleted (a
+    /// key that holds a refreshed value cannot be leased); [`Again::All`]:
+    /// refreshed keys too (their values may come from queries answered
+    /// before the commits showed).
+    pub async fn delete_again(
+        &mut self,
+        items: &[Item],
+        scope: Again,
+        applied: Option<Lsn>,
+    ) -> Result<(), SinkError> {
+        let again = again::deletions(items, scope);
+        let channel = self.channel.take();
+        let result = self.apply_counted(&again, applied, false).await;
+        self.channel = channel;
+        result
+    }
+
+    async fn apply_counted(
+        &mut self,
+        items: &[Item],
+        applied: Option<Lsn>,
+        counted: bool,
+    ) -> Result<(), SinkError> {
+        let applied = self
+            .record
+            .as_ref()
+            .and_then(|r| r.next(applied, !items.is_empty()));
+        let record = match (&self.record, applied) {
+            (Some(r), Some(lsn)) => Some(position::record(r.key(), lsn)),
+            _ => None,
+        };
+        if items.is_empty() && record.is_none() {
+            return Ok(());
+        }
+        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
+        loop {
+            // A Redis that is frozen (SIGSTOP, CLIENT PAUSE) or overloaded
+            // answers nothing until the response timeout: readiness says
+            // so once an attempt has waited SLOW_ATTEMPT.
+            let health = self.health.clone();
+            let attempt = {
+                let attempt = self.try_apply(items, record.as_ref());
+                tokio::pin!(attempt);
+                tokio::select! {
+                    done = &mut attempt => done,
+                    () = tokio::time::sleep(SLOW_ATTEMPT) => {
+                        health.failing(&format!(
+                            "redis has not acknowledged a batch within {}s (frozen, paused or overloaded)",
+                            SLOW_ATTEMPT.as_secs()
+                        ));
+                        attempt.await
+                    }
+                }
+            };
+            let attempt = match attempt {
+                Ok((touched, replaced)) => {
+                    if let Some(replaced) = replaced {
+                        self.check_record(replaced.as_deref(), applied);
+                    }
+                    self.flush_if_writes_lost(applied).await.map(|()| touched)
+                }
+                Err(error) => Err(error),
+            };
+            match attempt {
+                Ok(touched) => {
+                    self.logged.clear();
+                    self.health.ok();
+                    if counted && !items.is_empty() {
+                        self.stats.batches += 1;
+                        self.stats.operations += items.len() as u64;
+                        self.stats.keys += touched.removed + touched.written;
+                        if self.counts_metrics {
+                            self.record(items, touched);
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.stats.retries += 1;
+                    let failure = error::RedisFailure::of(&error);
+                    let kind = failure.as_str();
+                    self.health.failing(&failure.readiness());
+                    metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
+                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    let Some(delay) = retry.after_failure() else {
+                        return Err(SinkError::GaveUp(error.to_string()));
+                    };
+                    // One line per kind of failure while they last; every
+                    // attempt is counted in the metric.
+                    if !self.logged.contains(&failure) {
+                        self.logged.push(failure);
+                        tracing::warn!(error = %error, kind, hint = failure.hint(), retry_in = ?delay,
+                            operations = items.len(),
+                            "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    } else {
+                        tracing::debug!(error = %error, kind, retry_in = ?delay, "redis batch failed again");
+                    }
+                    if failure == error::RedisFailure::ReadOnly {
+                        self.reconnect().await;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Compares the record a new one replaced with the one this daemon
+    /// wrote last; `applied` is now the last.
+    fn check_record(&mut self, replaced: Option<&str>, applied: Option<Lsn>) {
+        let Some(record) = self.record.as_mut() else {
+            return;
+        };
+        let expected = record.last().unwrap_or_default();
+        if record.replaced(replaced, applied) {
+            metrics::counter!(m::REDIS_LOST_WRITES_TOTAL).increment(1);
+            tracing::error!(
+                recorded_lsn = replaced.unwrap_or("none"),
+                expected_lsn = %expected,
+                "redis lost writes (restarted from an older snapshot, emptied, or failed over to a replica that missed them): values deleted since may be back; flushing every key of every rule"
+            );
+        }
+    }
+
+    /// Flushes every rule's keys once Redis was found to have lost writes:
+    /// the record is removed first, so a daemon stopped before the flush
+    /// completes flushes at its next start (no record), and written again
+    /// after.
+    async fn flush_if_writes_lost(&mut self, applied: Option<Lsn>) -> Result<(), RedisError> {
+        let Some(record) = &self.record else {
+            return Ok(());
+        };
+        let Some(flush) = record.due().cloned() else {
+            return Ok(());
+        };
+        let (key, last) = (record.key().to_string(), record.last());
+        redis::cmd("DEL")
+            .arg(&key)
+            .query_async::<()>(&mut self.conn)
+            .await?;
+        let item = Item {
+            op: flush,
+            lsn: applied.unwrap_or_default(),
+            commit_time: Arc::from(""),
+            commit_micros: 0,
+            seq: 0,
+            xid: 0,
+        };
+        self.apply_flush(&item).await?;
+        if let Some(lsn) = last {
+            position::record(&key, lsn)
+                .query_async::<()>(&mut self.conn)
+                .await?;
+        }
+        if let Some(record) = self.record.as_mut() {
+            record.flushed();
+        }
+        Ok(())
+    }
+
+    /// Opens a new connection in place of the current one (which still
+    /// answers, but from a node that is no longer the primary).
+    async fn reconnect(&mut self) {
+        if self.conn.is_cluster() {
+            // The cluster client reads the slot map again itself.
+            return;
+        }
+        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
+            Ok(conn) => {
+                metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                tracing::info!("reconnected to redis after a READONLY reply");
+                self.conn = Conn::Node(conn);
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),
+        }
+    }
+
+    /// Counts this sink's applied work in the change and key metrics (on
+    /// by default; a fan-out turns it off for every target but the first,
+    /// so a change is counted once).
+    pub fn counting_metrics(mut self, on: bool) -> RedisSink {
+        self.counts_metrics = on;
+        self
+    }
+
+    /// Asks Redis whether it answers, for readiness while no batch flows;
+    /// `true` if it did.
+    pub async fn check(&mut self) -> bool {
+        let answered = tokio::time::timeout(
+            PING_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut self.conn),
+        )
+        .await;
+        if matches!(answered, Ok(Ok(ref pong)) if pong == "PONG") {
+            self.health.ok();
+        } else {
+            self.health.failing("redis is not answering");
+            return false;
+        }
+        // While idle no batch writes the record: read it, so that a Redis
+        // restored from an older snapshot is found within a tick, not at
+        // the next change.
+        let Some(key) = self
+            .record
+            .as_ref()
+            .filter(|r| r.last().is_some())
+            .map(|r| r.key().to_string())
+        else {
+            return true;
+        };
+        let read = tokio::time::timeout(PING_TIMEOUT, async {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut self.conn)
+                .await
+        })
+        .await;
+        if let Ok(Ok(found)) = read {
+            self.check_record(found.as_deref(), None);
+            if let Err(error) = self.flush_if_writes_lost(None).await {
+                tracing::warn!(error = %error, "cannot flush after redis lost writes; trying again");
+                self.health.failing("redis is not answering");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One attempt: runs of row operations as atomic pipelines, a flush
+    /// between such runs, in order.
+    /// `record`, the position record, goes in the last pipeline (or alone,
+    /// when the batch ends with a flush or is empty).
+    /// Returns what the record replaced, when it was written (see
+    /// [`position::lost_writes`]).
+    async fn try_apply(
+        &mut self,
+        items: &[Item],
+        record: Option<&redis::Cmd>,
+    ) -> Result<(Touched, Option<Option<String>>), RedisError> {
+        let mut touched = Touched::default();
+        let mut rest = items;
+        let mut replaced: Option<Option<String>> = None;
+        while !rest.is_empty() {
+            let run = rest
+                .iter()
+                .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
+                .count();
+            if run > 0 {
+                let request = requests::row_request(
+                    &rest[..run],
+                    self.channel.as_deref().map(|channel| requests::Events {
+                        channel,
+                        sharded: self.sharded_events,
+                    }),
+                    self.conn.is_cluster(),
+                );
+                let mut shards = request.shards;
+                // One server: the position goes in the batch's transaction,
+                // the only command whose reply is read.
+                let single = match (&mut shards[..], record) {
+                    ([(_, pipe)], Some(record)) if !self.conn.is_cluster() && run == rest.len() => {
+                        pipe.add_command(record.clone());
+                        Some(pipe)
+                    }
+                    _ => None,
+                };
+                let written = if let Some(pipe) = single {
+                    let replies: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
+                    replaced = Some(replies.into_iter().next().flatten());
+                    Default::default()
+                } else {
+                    // Every slot's part at once; the events, and the
+                    // position (below), only once all of them were
+                    // acknowledged.
+                    let written =
+                        futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
+                            let mut conn = self.conn.clone();
+                            async move { conn.transaction(*slot, pipe).await }
+                        }))
+                        .await?;
+                    written.into_iter().flatten().collect()
+                };
+                // On a cluster, a failover must not lose what was
+                // acknowledged: the masters' replicas have it too.
+                self.conn.replicated(&written).await?;
+                // On a cluster the events go in one pipeline with the
+                // position record (when this run ends the batch), to the
+                // record's master: PUBLISH reaches subscribers from any
+                // node, and one round trip is saved. (SPUBLISH must go to
+                // its channel's master.)
+                let mut after = request.events;
+                let mut with_record = false;
+                if self.conn.is_cluster() && !self.sharded_events && run == rest.len() {
+                    if let Some(record) = record {
+                        after
+                            .get_or_insert_with(redis::pipe)
+                            .add_command(record.clone());
+                        with_record = true;
+                    }
+                }
+                if let Some(after) = after {
+                    let replies: Vec<Option<String>> = after.query_async(&mut self.conn).await?;
+                    if with_record {
+                        replaced = Some(replies.into_iter().next().flatten());
+                    }
+                }
+                for item in &rest[..run] {
+                    let (removed, written) = item.op.keys().counts();
+                    touched.removed += removed as u64;
+                    touched.written += written as u64;
+                }
+                rest = &rest[run..];
+                continue;
+            }
+            if let Some((item, tail)) = rest.split_first() {
+                touched.removed += self.apply_flush(item).await?;
+                rest = tail;
+            }
+        }
+        if let (Some(record), None) = (record, &replaced) {
+            replaced = Some(record.query_async(&mut self.conn).await?);
+        }
+        Ok((touched, replaced))
+    }
+
+    async fn apply_flush(&mut self, item: &Item) -> Result<u64, RedisError> {
+        let CacheOp::Flush {
+            table,
+            patterns,
+            reason,
+        } = &item.op
+        else {
+            return Ok(0);
+        };
+        let removed = flush::flush_patterns(&mut self.conn, patterns).await?;
+        match reason {
+            FlushReason::Truncate => {
+                metrics::counter!(m::TRUNCATE_FLUSHES_TOTAL).increment(1);
+                tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                    "table truncated; flushed every key of its rules");
+            }
+            FlushReason::SlotReset => tracing::error!(patterns = ?patterns, keys_removed = removed,
+                "flushed every key of every rule because changes were missed"),
+            FlushReason::Drift => {
+                tracing::error!(table = %table, patterns = ?patterns, keys_removed = removed,
+                "flushed every key of the table's rules because its changes may not have been streamed")
+            }
+            FlushReason::HeldTooLarge => {
+                tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
+                "flushed every key of the table's rules once a synchronous commit too large to remember its keys showed")
+            }
+        }
+        if let Some(channel) = &self.channel {
+            let publish = events::publish(channel, self.sharded_events, events::event_json(item));
+            let _: () = publish.query_async(&mut self.conn).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Metrics for an applied batch, aggregated so labels are built once
+    /// per (table, op) rather than per row.
+    fn record(&self, items: &[Item], touched: Touched) {
+        let mut per_table: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut last_commit: Option<i64> = None;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        for item in items {
+            *per_table.entry(item.op.names()).or_default() += 1;
+            if item.commit_micros != 0 && last_commit != Some(item.commit_micros) {
+                last_commit = Some(item.commit_micros);
+                let committed = pg_micros_to_unix_seconds(item.commit_micros);
+                metrics::histogram!(m::APPLY_LATENCY_SECONDS).record((now - committed).max(0.0));
+            }
+        }
+        for ((table, op), n) in per_table {
+            metrics::counter!(m::CHANGES_TOTAL, "table" => table.to_string(), "op" => op)
+                .increment(n);
+        }
+        if let Some(micros) = last_commit {
+            metrics::gauge!(m::LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS)
+                .set(pg_micros_to_unix_seconds(micros));
+        }
+        metrics::counter!(m::KEYS_INVALIDATED_TOTAL).increment(touched.removed);
+        metrics::counter!(m::KEYS_WRITTEN_TOTAL).increment(touched.written);
+        if self.channel.is_some() {
+            metrics::counter!(m::EVENTS_PUBLISHED_TOTAL).increment(items.len() as u64);
+        }
+        metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        metrics::histogram!(m::BATCH_OPERATIONS).record(items.len() as f64);
+    }
+}
+
+impl Sink for RedisSink {
+    async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
+        RedisSink::apply(self, items, applied).await?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    async fn delete_again(
+        &mut self,
+        items: &[Item],
+        scope: Again,
+        applied: Option<Lsn>,
+    ) -> Result<(), SinkError> {
+        RedisSink::delete_again(self, items, scope, applied).await?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    async fn check(&mut self) {
+        RedisSink::check(self).await;
+    }
+
+    fn applied(&self) -> u64 {
+        self.steps
+    }
+
+    async fn advanced(&mut self) -> Result<(), SinkError> {
+        std::future::pending().await
+    }
+
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> SinkStats {
+        self.stats
+    }
+}
