@@ -58,6 +58,25 @@ pub enum Stopped {
     /// database or a Redis that did not answer yet: nothing was read, so
     /// nothing is lost (exit 0, as any SIGTERM).
     Cancelled,
+    /// Shutdown was asked for while Redis or the refresh queries kept
+    /// failing: what was not applied was not confirmed, and is replayed at
+    /// the next start (exit 0, as any SIGTERM; logged as a warning).
+    Interrupted(String),
+}
+
+impl Stopped {
+    /// The process's exit status, decided here only: 0 for a shutdown
+    /// (whatever was failing when it came), 2 for what the user must fix
+    /// (configuration, database objects, a Redis that refuses us for
+    /// good), 1 for anything else (a restart may help).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Cancelled | Stopped::Interrupted(_) => 0,
+            Stopped::Problems(_) | Stopped::Database(_) => 2,
+            Stopped::Fatal(fatal) if fatal.user_must_fix => 2,
+            Stopped::Fatal(_) | Stopped::Failed(_) => 1,
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or a fatal error.
@@ -91,6 +110,8 @@ pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), S
         Err(Stopped::Cancelled) => {
             tracing::info!("stopped while start-up waited for postgres or redis")
         }
+        Err(Stopped::Interrupted(why)) => tracing::warn!(error = %why,
+            "stopped on request while it kept failing; what was not applied is replayed at the next start"),
         Err(_) => {}
     }
     outcome
@@ -347,6 +368,12 @@ async fn drive<S: Source, K: Sink>(
             | PipelineError::Sink(SinkError::Fatal(fatal))
             | PipelineError::Resolve(crate::resolve::ResolveError::Fatal(fatal)) => {
                 Stopped::Fatal(fatal)
+            }
+            // Shutdown came while Redis or the queries kept failing: what
+            // was not applied was not confirmed.
+            PipelineError::Sink(SinkError::GaveUp(why))
+            | PipelineError::Resolve(crate::resolve::ResolveError::GaveUp(why)) => {
+                Stopped::Interrupted(why)
             }
             other => Stopped::Failed(other.to_string()),
         })

@@ -681,3 +681,52 @@ async fn sigterm_while_waiting_to_start_exits_zero() {
         assert_eq!(status.code(), Some(0), "{what}: {}", daemon.log());
     }
 }
+
+/// SIGTERM while Redis is down and a change waits to be applied exits 0:
+/// the change was not confirmed, so a restart applies it (nothing is
+/// lost). It exited 1 ("shutdown while redis was failing"), which a
+/// supervisor takes for a crash.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_redis_is_down_exits_zero_and_loses_nothing() {
+    let mut env = TestEnv::start(1).await;
+    env.setup();
+    let u = crate::support::users(&env, 1).await;
+    let key = format!("profile:user:{}", u[0].id);
+    let mut daemon = env.daemon().await;
+    env.sync().await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut redis)
+        .await
+        .expect("save");
+    env.redis.kill();
+    env.pg
+        .client()
+        .await
+        .batch_execute(&format!(
+            "update public.profiles set bio = 'sigterm' where id = '{}'",
+            u[0].id
+        ))
+        .await
+        .expect("update");
+    wait_for("the batch to fail", Duration::from_secs(20), || async {
+        daemon.log().contains("redis batch failed")
+    })
+    .await;
+    let status = daemon.terminate().await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("replayed at the next start"), "{log}");
+
+    env.redis.restart().await;
+    let mut redis = env.redis.conn().await;
+    assert_eq!(surviving(&mut redis, std::slice::from_ref(&key)).await, 1);
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&key)).await,
+        0,
+        "the unapplied change was applied after the restart"
+    );
+}

@@ -160,6 +160,11 @@ impl Failure {
         }
     }
 
+    /// Exit status `code` (see `app::Stopped::exit_code`) with `lines`.
+    pub fn with_code(code: u8, lines: Vec<String>) -> Self {
+        Failure { code, lines }
+    }
+
     /// Something broke.
     pub fn runtime(error: impl std::fmt::Display) -> Self {
         Failure {

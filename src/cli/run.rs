@@ -3,13 +3,23 @@
 use crate::app::{self, Stopped};
 use crate::cli::{Failure, Loaded};
 
-/// Runs the daemon (see [`crate::app`]).
+/// Runs the daemon (see [`crate::app`]); its exit status is
+/// [`Stopped::exit_code`]'s.
 pub async fn run(loaded: Loaded) -> Result<(), Failure> {
-    match app::run(loaded.config, loaded.rules, loaded.conn).await {
-        Ok(()) | Err(Stopped::Cancelled) => Ok(()),
-        Err(Stopped::Problems(lines)) => Err(Failure::usage(lines)),
-        Err(Stopped::Database(error)) => Err(Failure::usage(vec![error.one_line()])),
-        Err(Stopped::Fatal(fatal)) => Err(fatal.into()),
-        Err(Stopped::Failed(text)) => Err(Failure::runtime(text)),
+    let stopped = match app::run(loaded.config, loaded.rules, loaded.conn).await {
+        Ok(()) => return Ok(()),
+        Err(stopped) => stopped,
+    };
+    let code = stopped.exit_code();
+    if code == 0 {
+        return Ok(());
     }
+    let lines = match stopped {
+        Stopped::Problems(lines) => lines,
+        Stopped::Database(error) => vec![error.one_line()],
+        Stopped::Fatal(fatal) => vec![fatal.to_string()],
+        Stopped::Failed(text) | Stopped::Interrupted(text) => vec![text],
+        Stopped::Cancelled => Vec::new(),
+    };
+    Err(Failure::with_code(code, lines))
 }
