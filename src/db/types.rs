@@ -1,8 +1,10 @@
 //! Loads what the JSON encoder needs about types it does not know built
 //! in (enums, domains, composites, their arrays, extension types).
 
-use crate::db::{Db, DbError};
+use crate::change::TableSchema;
+use crate::db::{ConnInfo, Db, DbError};
 use crate::decode::types::{JsonKind, PgType, TypeCatalog};
+use crate::plan::Planner;
 
 /// Loads every OID in `missing`, and whatever those refer to, into
 /// `catalog`.
@@ -71,4 +73,42 @@ async fn composite_attributes(db: &Db, relid: u32) -> Result<Vec<(String, u32)>,
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
+}
+/// Loads the column types refresh rules need, on a regular connection
+/// opened when first needed.
+pub struct TypeLoader {
+    conn: ConnInfo,
+    db: Option<Db>,
+}
+
+impl TypeLoader {
+    /// A loader that connects with `conn` when first needed.
+    pub fn new(conn: ConnInfo) -> Self {
+        TypeLoader { conn, db: None }
+    }
+
+    /// Loads the types of `schema` the planner is missing. On failure the
+    /// rows of unknown types are deleted instead of written (the encoder
+    /// refuses them), which is safe; the next description retries.
+    pub async fn load(&mut self, planner: &mut Planner, schema: &TableSchema) {
+        let missing = planner.missing_types(schema);
+        if missing.is_empty() {
+            return;
+        }
+        if self.db.is_none() {
+            match Db::connect(&self.conn).await {
+                Ok(db) => self.db = Some(db),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
+                    return;
+                }
+            }
+        }
+        if let Some(db) = &self.db {
+            if let Err(error) = load_types(db, planner.types_mut(), missing).await {
+                tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
+                self.db = None;
+            }
+        }
+    }
 }

@@ -29,9 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::TableName;
-use crate::change::{Change, TableSchema};
-use crate::db::{self, ConnInfo, Db};
+use crate::change::{Change, TableName};
+use crate::db::types::TypeLoader;
+use crate::db::ConnInfo;
 use crate::decode::time::pg_micros_to_rfc3339;
 use crate::error::Fatal;
 use crate::lsn::Lsn;
@@ -39,7 +39,8 @@ use crate::ops::{CacheOp, FlushReason, Item};
 use crate::plan::{PlanError, Planner};
 use crate::resolve::{ResolveError, Resolver, Visibility};
 use crate::sink::{Again, Sink, SinkError};
-use crate::source::replication::drift::{CatalogReport, Drifted};
+use crate::source::replication::drift::CatalogReport;
+use crate::source::replication::drift_watch::DriftWatch;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -136,39 +137,7 @@ struct Stream<A> {
     types: TypeLoader,
     /// Watched tables whose changes may be missed, as the catalog check
     /// and the stream's own table descriptions report them.
-    drift: DriftState,
-    /// Readiness reflects drift.
-    health: Arc<Health>,
-}
-
-/// Where drift reports come from. The catalog check (with each heartbeat)
-/// sees everything but only once a heartbeat; a Relation message shows a
-/// changed replica identity before the first change made under it, so that
-/// change's lost old keys are flushed in the same batch.
-#[derive(Default)]
-struct DriftState {
-    /// The last catalog report.
-    catalog: Vec<Drifted>,
-    /// Tables whose last description lacked key columns in its identity,
-    /// and when that description was read.
-    described: Vec<(Drifted, tokio::time::Instant)>,
-    /// Partitioned tables: their descriptions carry the partitioned table's
-    /// own identity, not the partitions' that decide what old rows hold, so
-    /// only the catalog check judges them.
-    partitioned: Vec<TableName>,
-}
-
-impl DriftState {
-    /// Every drifted table, once.
-    fn all(&self) -> Vec<Drifted> {
-        let mut all = self.catalog.clone();
-        for (d, _) in &self.described {
-            if !all.iter().any(|a| a.table == d.table) {
-                all.push(d.clone());
-            }
-        }
-        all
-    }
+    drift: DriftWatch,
 }
 
 impl<A: Copy + Default + PartialOrd> Stream<A> {
@@ -266,96 +235,9 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
 
     /// Takes a catalog drift report.
     fn on_catalog_drift(&mut self, report: CatalogReport) {
-        let before = self.drift.all();
-        // A table described as drifted before the check began, which the
-        // check does not list, was put right since (the next change would
-        // describe it again; readiness should not wait for one).
-        let checked_at = tokio::time::Instant::from_std(report.checked_at);
-        self.drift.described.retain(|(d, seen)| {
-            *seen >= checked_at || report.drifted.iter().any(|c| c.table == d.table)
-        });
-        self.drift.catalog = report.drifted;
-        let now = self.drift.all();
-        self.on_drift(&before, &now);
-        // Left the publication and came back between two checks: whatever
-        // changed in between was never streamed.
-        for table in &report.rejoined {
-            if now.iter().any(|d| &d.table == table) {
-                continue;
-            }
-            tracing::error!(table = %table,
-                "the watched table left the publication and came back since the last catalog check: its changes in between were not streamed; flushing its keys");
-            if let Some(flush) = self.planner.plan_flush_table(table, FlushReason::Drift) {
-                self.push(flush);
-            }
+        for flush in self.drift.on_catalog(report, &self.planner) {
+            self.push(flush);
         }
-    }
-
-    /// Compares a table's new description with what its rules need.
-    fn on_described(&mut self, schema: &TableSchema) {
-        if self.drift.partitioned.contains(&schema.name) {
-            return;
-        }
-        let gaps = self.planner.identity_gaps(schema);
-        let unbound = self.planner.binding_problem(schema).map(str::to_string);
-        let known = self
-            .drift
-            .described
-            .iter()
-            .position(|(d, _)| d.table == schema.name);
-        let before = self.drift.all();
-        match (gaps.is_empty() && unbound.is_none(), known) {
-            (false, None) => self.drift.described.push((Drifted {
-                table: schema.name.clone(),
-                reason: unbound.unwrap_or_else(|| format!(
-                    "the stream describes table {} with a replica identity that does not carry column(s) {}, so deletes and key changes cannot be invalidated: run pg-cache-invalidator check-config for the ALTER TABLE … REPLICA IDENTITY to run, or pg-cache-invalidator setup",
-                    schema.name,
-                    gaps.join(", ")
-                )),
-            }, tokio::time::Instant::now())),
-            (true, Some(i)) => {
-                self.drift.described.remove(i);
-            }
-            _ => return,
-        }
-        let now = self.drift.all();
-        self.on_drift(&before, &now);
-    }
-
-    /// Flushes the keys of tables that drifted since `before` (their changes
-    /// may not be streamed) and of tables that recovered (changes made
-    /// while they drifted were missed).
-    fn on_drift(&mut self, before: &[Drifted], now: &[Drifted]) {
-        for d in now
-            .iter()
-            .filter(|d| !before.iter().any(|b| b.table == d.table))
-        {
-            tracing::error!(table = %d.table, problem = %d.reason,
-                "a watched table's changes may be missed; flushing its keys, not ready until fixed");
-        }
-        for b in before
-            .iter()
-            .filter(|b| !now.iter().any(|d| d.table == b.table))
-        {
-            tracing::warn!(table = %b.table,
-                "the watched table is covered again; flushing its keys (changes in between were missed)");
-        }
-        let changed: Vec<&TableName> = now
-            .iter()
-            .filter(|d| !before.iter().any(|b| b.table == d.table))
-            .chain(
-                before
-                    .iter()
-                    .filter(|b| !now.iter().any(|d| d.table == b.table)),
-            )
-            .map(|d| &d.table)
-            .collect();
-        for table in changed {
-            if let Some(flush) = self.planner.plan_flush_table(table, FlushReason::Drift) {
-                self.push(flush);
-            }
-        }
-        self.health.set_drifted(!now.is_empty());
     }
 
     /// The position was rebuilt: acks of the old one must not be confirmed
@@ -378,47 +260,15 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         // After planning: the planner has bound (or failed to bind) the
         // table's rules to the new description.
         if let Change::Schema(schema) = change {
-            self.on_described(schema);
+            for flush in self.drift.on_described(schema, &self.planner) {
+                self.push(flush);
+            }
         }
         for op in planned.drain(..) {
             self.push(op);
         }
         self.scratch = planned;
         Ok(())
-    }
-}
-
-/// Loads the column types refresh rules need, on a regular connection
-/// opened when first needed.
-struct TypeLoader {
-    conn: ConnInfo,
-    db: Option<Db>,
-}
-
-impl TypeLoader {
-    /// Loads the types of `schema` the planner is missing. On failure the
-    /// rows of unknown types are deleted instead of written (the encoder
-    /// refuses them), which is safe; the next description retries.
-    async fn load(&mut self, planner: &mut Planner, schema: &TableSchema) {
-        let missing = planner.missing_types(schema);
-        if missing.is_empty() {
-            return;
-        }
-        if self.db.is_none() {
-            match Db::connect(&self.conn).await {
-                Ok(db) => self.db = Some(db),
-                Err(error) => {
-                    tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
-                    return;
-                }
-            }
-        }
-        if let Some(db) = &self.db {
-            if let Err(error) = db::types::load_types(db, planner.types_mut(), missing).await {
-                tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
-                self.db = None;
-            }
-        }
     }
 }
 
@@ -435,7 +285,7 @@ pub struct Stages<K> {
     /// Reports of watched tables the catalog no longer lets the stream
     /// cover (replication, from the heartbeat task).
     pub drift: Option<watch::Receiver<CatalogReport>>,
-    /// Watched tables that are partitioned (see [`DriftState`]).
+    /// Watched tables that are partitioned (see [`DriftWatch`]).
     pub partitioned: Vec<TableName>,
 }
 
@@ -474,12 +324,8 @@ pub async fn run<S: Source, K: Sink>(
         generation: 0,
         announced_ready: false,
         scratch: Vec::new(),
-        types: TypeLoader { conn, db: None },
-        drift: DriftState {
-            partitioned,
-            ..DriftState::default()
-        },
-        health: Arc::clone(&health),
+        types: TypeLoader::new(conn),
+        drift: DriftWatch::new(partitioned, Arc::clone(&health)),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

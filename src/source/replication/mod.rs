@@ -25,6 +25,7 @@
 //! handed on as the neutral [`Change`] model.
 
 pub mod drift;
+pub mod drift_watch;
 pub mod install;
 pub mod slot;
 
