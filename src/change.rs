@@ -38,6 +38,19 @@ impl TableName {
     }
 }
 
+/// Read from the configuration file as `schema.table` or `table`: a name
+/// that is not one fails when the file is read, naming its field.
+impl<'de> serde::Deserialize<'de> for TableName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        TableName::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a table name like \"public.profiles\""
+            ))
+        })
+    }
+}
+
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)

@@ -75,10 +75,10 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
 fn nth_rule<'a>(loaded: &Loaded, all: &[&'a Rule], n: usize) -> Option<&'a Rule> {
     let entries = &loaded.config.rules;
     let entry = entries.get(n.checked_sub(1)?)?;
-    let table = TableName::parse(&entry.table)?;
+    let table = &entry.table;
     let before = entries[..n - 1]
         .iter()
-        .filter(|e| TableName::parse(&e.table).as_ref() == Some(&table))
+        .filter(|e| &e.table == table)
         .count();
-    all.iter().copied().filter(|r| r.table == table).nth(before)
+    all.iter().copied().filter(|r| &r.table == table).nth(before)
 }

@@ -401,7 +401,7 @@ mod tests {
     fn planner() -> Planner {
         let rules = RuleSet::compile(&[
             RuleConfig {
-                table: "public.user_tokens".into(),
+                table: TableName::parse("public.user_tokens").expect("valid"),
                 keys: vec![
                     "balance:user:{user_id}".into(),
                     "balance:user:{user_id}:token:{token_id}".into(),
@@ -414,7 +414,7 @@ mod tests {
                 holds: None,
             },
             RuleConfig {
-                table: "public.user_tokens".into(),
+                table: TableName::parse("public.user_tokens").expect("valid"),
                 keys: vec!["balance:user:{user_id}".into()],
                 action: Action::Delete,
                 ttl: None,

@@ -122,13 +122,7 @@ impl RuleSet {
             problems.push("rules: no [[rules]] given: add at least one table to watch".to_string());
         }
         for (i, rc) in configs.iter().enumerate() {
-            let Some(table) = TableName::parse(&rc.table) else {
-                problems.push(format!(
-                    "rules[{i}].table: {:?} is not a table name like \"public.profiles\"",
-                    rc.table
-                ));
-                continue;
-            };
+            let table = rc.table.clone();
             let refresh_only = |field: &str, problems: &mut Vec<String>| {
                 problems.push(format!(
                     "rules[{i}].{field}: only used with action = \"refresh\": remove it or set the action"
@@ -297,7 +291,7 @@ mod tests {
 
     fn rule(table: &str, keys: &[&str]) -> RuleConfig {
         RuleConfig {
-            table: table.to_string(),
+            table: TableName::parse(table).expect("valid"),
             keys: keys.iter().map(|k| k.to_string()).collect(),
             action: Action::Delete,
             ttl: None,
