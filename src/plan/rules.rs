@@ -383,12 +383,12 @@ mod tests {
     #[test]
     fn reports_every_problem_with_its_field() {
         let errs = RuleSet::compile(&[
-            rule("a.b.c", &["x:{id}"]),
+            rule("public.s", &["x:{"]),
             rule("public.t", &["x:{id", "y"]),
         ])
         .unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs[0].starts_with("rules[0].table"));
+        assert!(errs[0].starts_with("rules[0].keys[0]"));
         assert!(errs[1].starts_with("rules[1].keys[0]"));
         assert!(errs[2].starts_with("rules[1].keys[1]"));
     }
