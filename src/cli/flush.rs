@@ -80,5 +80,8 @@ fn nth_rule<'a>(loaded: &Loaded, all: &[&'a Rule], n: usize) -> Option<&'a Rule>
         .iter()
         .filter(|e| &e.table == table)
         .count();
-    all.iter().copied().filter(|r| &r.table == table).nth(before)
+    all.iter()
+        .copied()
+        .filter(|r| &r.table == table)
+        .nth(before)
 }

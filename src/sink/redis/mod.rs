@@ -6,6 +6,8 @@
 //! - [`requests`]: a run of row operations as one atomic pipeline.
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
 //! - [`events`]: the pub/sub event of each operation.
+//! - `open`: connecting (retried until Redis answers), refusing a server
+//!   too old, loading the lease functions; reconnecting after READONLY.
 //! - [`record`]: what this target applied, and what a replaced record says
 //!   about writes Redis lost.
 //!
@@ -20,15 +22,15 @@
 
 pub(crate) mod again;
 pub mod events;
+mod open;
 pub mod record;
 pub mod requests;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +42,7 @@ use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::redis::cluster::ClusterConn;
 use crate::redis::conn::Conn;
-use crate::redis::{flush, leases, position, server};
-use crate::secret::SecretUrl;
+use crate::redis::{flush, position};
 use crate::telemetry::health::TargetHealth;
 use crate::telemetry::metrics as m;
 
@@ -95,113 +96,6 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    /// Connects, retrying until Redis answers or shutdown is requested.
-    /// With `cluster` seeds (`url` among them), `url` names one node of a
-    /// Redis Cluster.
-    pub async fn connect(
-        url: &SecretUrl,
-        ca_cert: Option<&std::path::Path>,
-        cluster: Option<&[SecretUrl]>,
-        channel: &str,
-        cancel: CancellationToken,
-        health: TargetHealth,
-    ) -> Result<RedisSink, SinkError> {
-        let client = crate::redis::client(url, ca_cert)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_max_delay(RETRY_MAX);
-        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-        let conn = loop {
-            let attempt = match cluster {
-                None => ConnectionManager::new_with_config(client.clone(), config.clone())
-                    .await
-                    .map(Conn::Node),
-                Some(seeds) => {
-                    let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
-                    ClusterConn::connect(&seeds, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
-                        .await
-                        .map(Conn::Cluster)
-                }
-            };
-            match attempt {
-                Ok(conn) => break conn,
-                Err(error) => {
-                    if let Some(fatal) = Fatal::from_class(
-                        format!("{}: {error}", url.redacted()),
-                        error::redis(&error),
-                    ) {
-                        return Err(SinkError::Fatal(fatal));
-                    }
-                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        };
-        tracing::info!(url = %url.redacted(), "connected to redis");
-        let mut conn = conn;
-        // A server too old for the commands the daemon sends would fail
-        // every batch: refuse it now, once.
-        if let Ok(info) = redis::cmd("INFO")
-            .arg("server")
-            .query_async::<String>(&mut conn)
-            .await
-        {
-            if let Some(version) = server::ServerInfo::parse(&info).version {
-                if !server::new_enough(&version) {
-                    return Err(SinkError::Fatal(Fatal {
-                        what: format!("redis {version} at {}", url.redacted()),
-                        hint: "the daemon needs Redis 6.2 or newer (or Valkey): upgrade the server",
-                        user_must_fix: true,
-                    }));
-                }
-            }
-        }
-        // Every master of a cluster holds the functions (its replicas get
-        // them by replication).
-        let loaded = match conn.each_master().await {
-            Ok(masters) => {
-                let mut loaded = Ok(Vec::new());
-                for mut master in masters {
-                    match (leases::load(&mut master).await, &mut loaded) {
-                        (Ok(how), Ok(hows)) => hows.push(how),
-                        (Err(error), _) => loaded = Err(error),
-                        _ => {}
-                    }
-                }
-                loaded
-            }
-            Err(error) => Err(error),
-        };
-        match loaded {
-            Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
-            // Readers load them themselves when missing; the daemon's own
-            // work does not need them.
-            Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),
-                "cannot load the lease functions; readers using leases will load them themselves"),
-        }
-        health.ok();
-        Ok(RedisSink {
-            conn,
-            client,
-            config,
-            logged: Vec::new(),
-            record: None,
-            channel: (!channel.is_empty()).then(|| channel.to_string()),
-            sharded_events: false,
-            cancel,
-            stats: SinkStats::default(),
-            health,
-            counts_metrics: true,
-            steps: 0,
-        })
-    }
-
     /// The cluster this sink writes to, if it is one (its `INFO` is read
     /// master by master).
     pub fn cluster(&self) -> Option<ClusterConn> {
@@ -215,59 +109,6 @@ impl RedisSink {
     pub fn with_sharded_events(mut self, sharded: bool) -> RedisSink {
         self.sharded_events = sharded;
         self
-    }
-
-    /// Records the applied position of `slot` with every acknowledged
-    /// batch (see [`position`]), and flushes with `flush_all` (every rule's
-    /// keys) when a record shows that Redis lost writes since the last one.
-    pub fn record_position_of(&mut self, slot: &str, flush_all: CacheOp) {
-        self.record = Some(record::Record::position(slot, flush_all));
-    }
-
-    /// Records a count of applied batches at `key` with every batch, for a
-    /// source without a stream position (the outbox), so that a Redis that
-    /// loses writes while the daemon runs is noticed and flushed with
-    /// `flush_all` as with [`RedisSink::record_position_of`]. The count goes
-    /// on from the record found at start.
-    /// Returns the record found (`None`: Redis holds none).
-    pub async fn record_batches_at(
-        &mut self,
-        key: &str,
-        flush_all: CacheOp,
-    ) -> Result<Option<Lsn>, SinkError> {
-        self.record = Some(record::Record::batches(key.to_string(), flush_all));
-        self.read_record(key).await
-    }
-
-    /// The position recorded for `slot`, retried like a batch.
-    pub async fn recorded_position(&mut self, slot: &str) -> Result<Option<Lsn>, SinkError> {
-        self.read_record(&position::key(slot)).await
-    }
-
-    /// The record at `key`, retried like a batch; it is also the last one
-    /// this daemon knows of (see [`position::lost_writes`]).
-    async fn read_record(&mut self, key: &str) -> Result<Option<Lsn>, SinkError> {
-        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
-        loop {
-            match position::read(&mut self.conn, key).await {
-                Ok(lsn) => {
-                    if let Some(record) = self.record.as_mut().filter(|r| r.key() == key) {
-                        record.found(lsn);
-                    }
-                    return Ok(lsn);
-                }
-                Err(error) => {
-                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
-                        return Err(SinkError::Fatal(fatal));
-                    }
-                    let Some(delay) = retry.after_failure() else {
-                        return Err(SinkError::GaveUp(error.to_string()));
-                    };
-                    tracing::warn!(error = %error, retry_in = ?delay, "cannot read the recorded position from redis; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
     }
 
     /// Work applied so far.
@@ -392,76 +233,6 @@ impl RedisSink {
                     tokio::time::sleep(delay).await;
                 }
             }
-        }
-    }
-
-    /// Compares the record a new one replaced with the one this daemon
-    /// wrote last; `applied` is now the last.
-    fn check_record(&mut self, replaced: Option<&str>, applied: Option<Lsn>) {
-        let Some(record) = self.record.as_mut() else {
-            return;
-        };
-        let expected = record.last().unwrap_or_default();
-        if record.replaced(replaced, applied) {
-            metrics::counter!(m::REDIS_LOST_WRITES_TOTAL).increment(1);
-            tracing::error!(
-                recorded_lsn = replaced.unwrap_or("none"),
-                expected_lsn = %expected,
-                "redis lost writes (restarted from an older snapshot, emptied, or failed over to a replica that missed them): values deleted since may be back; flushing every key of every rule"
-            );
-        }
-    }
-
-    /// Flushes every rule's keys once Redis was found to have lost writes:
-    /// the record is removed first, so a daemon stopped before the flush
-    /// completes flushes at its next start (no record), and written again
-    /// after.
-    async fn flush_if_writes_lost(&mut self, applied: Option<Lsn>) -> Result<(), RedisError> {
-        let Some(record) = &self.record else {
-            return Ok(());
-        };
-        let Some(flush) = record.due().cloned() else {
-            return Ok(());
-        };
-        let (key, last) = (record.key().to_string(), record.last());
-        redis::cmd("DEL")
-            .arg(&key)
-            .query_async::<()>(&mut self.conn)
-            .await?;
-        let item = Item {
-            op: flush,
-            lsn: applied.unwrap_or_default(),
-            commit_time: Arc::from(""),
-            commit_micros: 0,
-            seq: 0,
-            xid: 0,
-        };
-        self.apply_flush(&item).await?;
-        if let Some(lsn) = last {
-            position::record(&key, lsn)
-                .query_async::<()>(&mut self.conn)
-                .await?;
-        }
-        if let Some(record) = self.record.as_mut() {
-            record.flushed();
-        }
-        Ok(())
-    }
-
-    /// Opens a new connection in place of the current one (which still
-    /// answers, but from a node that is no longer the primary).
-    async fn reconnect(&mut self) {
-        if self.conn.is_cluster() {
-            // The cluster client reads the slot map again itself.
-            return;
-        }
-        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
-            Ok(conn) => {
-                metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
-                tracing::info!("reconnected to redis after a READONLY reply");
-                self.conn = Conn::Node(conn);
-            }
-            Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),
         }
     }
 

@@ -1,0 +1,143 @@
+//! Opening the Redis target: connect (retried until Redis answers or
+//! shutdown), refuse a server too old for the commands the daemon sends,
+//! and load the lease functions app readers call; and a new connection
+//! when the node turned replica (READONLY).
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisSink, CONNECT_TIMEOUT, RESPONSE_TIMEOUT, RETRY_MAX, RETRY_MIN};
+use crate::error::{self, Backoff, Fatal};
+use crate::redis::cluster::ClusterConn;
+use crate::redis::conn::Conn;
+use crate::redis::{leases, server};
+use crate::secret::SecretUrl;
+use crate::sink::{SinkError, SinkStats};
+use crate::telemetry::health::TargetHealth;
+use crate::telemetry::metrics as m;
+
+impl RedisSink {
+    /// Connects, retrying until Redis answers or shutdown is requested.
+    /// With `cluster` seeds (`url` among them), `url` names one node of a
+    /// Redis Cluster.
+    pub async fn connect(
+        url: &SecretUrl,
+        ca_cert: Option<&std::path::Path>,
+        cluster: Option<&[SecretUrl]>,
+        channel: &str,
+        cancel: CancellationToken,
+        health: TargetHealth,
+    ) -> Result<RedisSink, SinkError> {
+        let client = crate::redis::client(url, ca_cert)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(RETRY_MAX);
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let conn = loop {
+            let attempt = match cluster {
+                None => ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Conn::Node),
+                Some(seeds) => {
+                    let seeds: Vec<&str> = seeds.iter().map(|s| s.expose()).collect();
+                    ClusterConn::connect(&seeds, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
+                        .await
+                        .map(Conn::Cluster)
+                }
+            };
+            match attempt {
+                Ok(conn) => break conn,
+                Err(error) => {
+                    if let Some(fatal) = Fatal::from_class(
+                        format!("{}: {error}", url.redacted()),
+                        error::redis(&error),
+                    ) {
+                        return Err(SinkError::Fatal(fatal));
+                    }
+                    metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(url = %url.redacted(), "connected to redis");
+        let mut conn = conn;
+        // A server too old for the commands the daemon sends would fail
+        // every batch: refuse it now, once.
+        if let Ok(info) = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            if let Some(version) = server::ServerInfo::parse(&info).version {
+                if !server::new_enough(&version) {
+                    return Err(SinkError::Fatal(Fatal {
+                        what: format!("redis {version} at {}", url.redacted()),
+                        hint: "the daemon needs Redis 6.2 or newer (or Valkey): upgrade the server",
+                        user_must_fix: true,
+                    }));
+                }
+            }
+        }
+        // Every master of a cluster holds the functions (its replicas get
+        // them by replication).
+        let loaded = match conn.each_master().await {
+            Ok(masters) => {
+                let mut loaded = Ok(Vec::new());
+                for mut master in masters {
+                    match (leases::load(&mut master).await, &mut loaded) {
+                        (Ok(how), Ok(hows)) => hows.push(how),
+                        (Err(error), _) => loaded = Err(error),
+                        _ => {}
+                    }
+                }
+                loaded
+            }
+            Err(error) => Err(error),
+        };
+        match loaded {
+            Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
+            // Readers load them themselves when missing; the daemon's own
+            // work does not need them.
+            Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),
+                "cannot load the lease functions; readers using leases will load them themselves"),
+        }
+        health.ok();
+        Ok(RedisSink {
+            conn,
+            client,
+            config,
+            logged: Vec::new(),
+            record: None,
+            channel: (!channel.is_empty()).then(|| channel.to_string()),
+            sharded_events: false,
+            cancel,
+            stats: SinkStats::default(),
+            health,
+            counts_metrics: true,
+            steps: 0,
+        })
+    }
+
+    /// Opens a new connection in place of the current one (which still
+    /// answers, but from a node that is no longer the primary).
+    pub(super) async fn reconnect(&mut self) {
+        if self.conn.is_cluster() {
+            // The cluster client reads the slot map again itself.
+            return;
+        }
+        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
+            Ok(conn) => {
+                metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
+                tracing::info!("reconnected to redis after a READONLY reply");
+                self.conn = Conn::Node(conn);
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),
+        }
+    }
+}
