@@ -37,13 +37,17 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
-    Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+    Pipeline, RedisError, RedisFuture, RedisResult, Value,
 };
 
 use crate::telemetry::metrics as m;
 
-/// Hash slots in a Redis Cluster.
-const SLOTS: u16 = 16384;
+mod redirect;
+mod slots;
+
+use redirect::{redirection, too_many_redirects, Redirect};
+pub use slots::slot_of;
+use slots::{key_of, parse_slots, SlotMap};
 
 /// Redirections one request follows before it gives up (the sink then
 /// retries the batch): a slot moves once per reshard step, so a few are
@@ -87,48 +91,6 @@ struct Shared {
     /// A failure suggested the map is out of date: read it before the
     /// next request.
     stale: AtomicBool,
-}
-
-/// Which master serves each slot, and how many replicas each has.
-#[derive(Debug, Default, PartialEq)]
-struct SlotMap {
-    /// Counts readings, so that a request that saw an out-of-date map
-    /// asks for a reading only if nobody made one since.
-    generation: u64,
-    /// Index into `masters` per slot; `None`: no node serves it.
-    owner: Vec<Option<u16>>,
-    masters: Vec<Master>,
-    /// Every node named (masters and replicas): where to read the map
-    /// from next time.
-    nodes: Vec<Addr>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Master {
-    addr: Addr,
-    /// Replicas connected to it (its `ROLE`), or, when it did not say,
-    /// those the map lists.
-    replicas: usize,
-}
-
-impl SlotMap {
-    fn owner_of(&self, slot: u16) -> Option<&Master> {
-        let index = (*self.owner.get(usize::from(slot))?)?;
-        self.masters.get(usize::from(index))
-    }
-}
-
-/// The hash slot of `key` (its `{…}` tag's, when it has a non-empty one).
-pub fn slot_of(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|b| *b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter().position(|b| *b == b'}').map(|len| &rest[..len])
-        })
-        .filter(|tag| !tag.is_empty());
-    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
 }
 
 impl ClusterConn {
@@ -489,148 +451,6 @@ async fn exec(conn: &mut MultiplexedConnection, pipe: &Pipeline) -> RedisResult<
     }
 }
 
-#[derive(Debug, PartialEq)]
-enum Redirect {
-    /// The slot has a new owner.
-    Moved,
-    /// The key is (or is to be) at this node, which is importing the slot.
-    Ask(Addr),
-    /// A multi-key command's keys are split by a migration.
-    TryAgain,
-}
-
-/// The redirection `error` (or a command of an aborted transaction)
-/// carries, if any.
-fn redirection(error: &RedisError) -> Option<Redirect> {
-    let errors = error.clone().into_server_errors()?;
-    let mut found = None;
-    for (_, server_error) in errors.iter() {
-        let redirect = match server_error.kind() {
-            Some(ServerErrorKind::Moved) => Redirect::Moved,
-            Some(ServerErrorKind::TryAgain) => Redirect::TryAgain,
-            Some(ServerErrorKind::Ask) => match server_error.details().and_then(ask_target) {
-                Some(addr) => Redirect::Ask(addr),
-                None => continue,
-            },
-            _ => continue,
-        };
-        // MOVED wins: the map is out of date for the whole transaction.
-        if redirect == Redirect::Moved {
-            return Some(Redirect::Moved);
-        }
-        found.get_or_insert(redirect);
-    }
-    found
-}
-
-/// `host:port` from an ASK's details (`3999 127.0.0.1:6381`).
-fn ask_target(details: &str) -> Option<Addr> {
-    let (host, port) = details.split_whitespace().nth(1)?.rsplit_once(':')?;
-    Some((host.to_string(), port.parse().ok()?))
-}
-
-fn too_many_redirects(slot: u16) -> RedisError {
-    RedisError::from((
-        ErrorKind::ClusterConnectionNotFound,
-        "too many redirections",
-        format!("slot {slot} kept moving"),
-    ))
-}
-
-/// The key a command routes by: `None` for the commands without one that
-/// this program sends (they may run on any master).
-fn key_of(cmd: &Cmd) -> Option<&[u8]> {
-    let mut args = cmd.args_iter().map(|arg| match arg {
-        redis::Arg::Simple(bytes) => bytes,
-        _ => &b""[..],
-    });
-    let name = args.next()?.to_ascii_uppercase();
-    match name.as_slice() {
-        b"PING" | b"INFO" | b"CLUSTER" | b"FUNCTION" | b"SCRIPT" | b"PUBLISH" | b"SCAN"
-        | b"WAIT" | b"CONFIG" | b"DBSIZE" | b"CLIENT" | b"ACL" | b"TIME" | b"MULTI" | b"EXEC" => {
-            None
-        }
-        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
-            let numkeys = args.nth(1)?;
-            (numkeys != b"0").then(|| args.next()).flatten()
-        }
-        _ => args.next(),
-    }
-}
-
-/// Reads a `CLUSTER SLOTS` reply. A node listed with an empty host is the
-/// one that answered (`asked_host`).
-fn parse_slots(reply: &Value, asked_host: &str) -> Result<SlotMap, String> {
-    let Value::Array(ranges) = reply else {
-        return Err(format!("not an array: {reply:?}"));
-    };
-    let mut map = SlotMap {
-        owner: vec![None; usize::from(SLOTS)],
-        ..SlotMap::default()
-    };
-    let node = |value: &Value| -> Result<Addr, String> {
-        let Value::Array(fields) = value else {
-            return Err(format!("a node is not an array: {value:?}"));
-        };
-        let host = match fields.first() {
-            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
-            Some(Value::SimpleString(host)) => host.clone(),
-            other => return Err(format!("a node's host: {other:?}")),
-        };
-        let host = if host.is_empty() || host == "?" {
-            asked_host.to_string()
-        } else {
-            host
-        };
-        match fields.get(1) {
-            Some(Value::Int(port)) => u16::try_from(*port)
-                .map(|port| (host, port))
-                .map_err(|_| format!("a node's port: {port}")),
-            other => Err(format!("a node's port: {other:?}")),
-        }
-    };
-    let mut parsed = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        let Value::Array(fields) = range else {
-            return Err(format!("a slot range is not an array: {range:?}"));
-        };
-        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(master)) =
-            (fields.first(), fields.get(1), fields.get(2))
-        else {
-            return Err(format!("a slot range: {fields:?}"));
-        };
-        if !(0..i64::from(SLOTS)).contains(start) || !(*start..i64::from(SLOTS)).contains(end) {
-            return Err(format!("slots {start}-{end} out of range"));
-        }
-        let replicas = fields[3..]
-            .iter()
-            .map(node)
-            .collect::<Result<Vec<_>, _>>()?;
-        parsed.push((*start as usize..=*end as usize, node(master)?, replicas));
-    }
-    for (_, master, replicas) in &parsed {
-        if !map.masters.iter().any(|m| &m.addr == master) {
-            map.masters.push(Master {
-                addr: master.clone(),
-                replicas: replicas.len(),
-            });
-        }
-        for addr in std::iter::once(master).chain(replicas) {
-            if !map.nodes.contains(addr) {
-                map.nodes.push(addr.clone());
-            }
-        }
-    }
-    map.masters.sort_by(|a, b| a.addr.cmp(&b.addr));
-    for (slots, master, _) in parsed {
-        let index = map.masters.iter().position(|m| m.addr == master);
-        for slot in slots {
-            map.owner[slot] = index.map(|i| i as u16);
-        }
-    }
-    Ok(map)
-}
-
 impl ConnectionLike for ClusterConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move { self.command(cmd).await })
@@ -677,6 +497,8 @@ impl ConnectionLike for ClusterConn {
 
 #[cfg(test)]
 mod tests {
+    use super::redirect::ask_target;
+    use super::slots::Master;
     use super::*;
 
     fn node(host: &str, port: i64) -> Value {
