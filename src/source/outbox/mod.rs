@@ -25,6 +25,7 @@
 //! channel receive, which the apply loop's `select!` may cancel freely; a
 //! claim's queries are never interrupted halfway.
 
+pub mod captures;
 pub mod drain;
 pub mod install;
 
@@ -44,7 +45,7 @@ use crate::plan::rules::RuleSet;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
-use drain::{Captures, Read};
+use captures::{Captures, Read};
 
 /// Events queued from the worker to the apply loop: enough to keep the
 /// loop busy while the worker reads on; the worker waits when it is full.
