@@ -32,6 +32,9 @@ log "cargo test (unit and integration tests, $("$(pg_bin_dir)/postgres" --versio
 if [[ $parallel == 1 ]]; then
   # (`--skip cluster::` would also skip the unit tests of sink::cluster.)
   cargo test --locked --lib --bins
+  # The protocol and client crates' own unit tests (the client runs against
+  # real Redis in the integration tests).
+  cargo test --locked -p pgci-protocol -p pgci-client --features pgci-client/tokio-postgres
   cargo test --locked --test main -- --skip cluster::
 else
   cargo test --locked --lib --bins --tests "$@"

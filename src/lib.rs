@@ -30,14 +30,11 @@
 pub mod app;
 pub mod change;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod db;
 pub mod decode;
 pub mod duration;
 pub mod error;
-pub mod lease;
-pub mod lsn;
 pub mod memory;
 pub mod ops;
 pub mod pipeline;
@@ -51,3 +48,7 @@ pub mod sql;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;
+
+/// What the daemon and the app clients agree on (the `pgci-protocol`
+/// crate): `pg_lsn`, and the lease protocol.
+pub use pgci_protocol::{lease, lsn};

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pg_cache_invalidator::client::{write_token, Cache, CacheOptions};
+use pgci_client::{write_token, Cache, CacheOptions};
 use pgci_test_support::RedisCluster;
 use redis::cluster_async::ClusterConnection;
 
@@ -611,7 +611,7 @@ async fn sharded_events_reach_the_channel_s_shard_only() {
 /// master; the lease functions were loaded on each by the daemon.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_clients_leases_and_write_tokens_work_on_a_cluster() {
-    use pg_cache_invalidator::client::Source;
+    use pgci_client::Source;
     let (mut env, cluster) = cluster_env(10, "").await;
     let _daemon = env.daemon().await;
     let mut conn = cluster.conn().await;

@@ -3,7 +3,7 @@
 //! show both races — stale entries left after quiescence and reads right
 //! after the reader's own write that return the old row — which proves the
 //! test can see them; readers using leases and write tokens
-//! ([`pg_cache_invalidator::client`]) show neither, in delete and refresh
+//! ([`pgci_client`]) show neither, in delete and refresh
 //! mode, with the daemon killed -9 and restarted in some runs.
 //!
 //! `PGCI_RACE_RUNS` sets the randomized runs per lease scenario (default
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_cache_invalidator::client::{write_token, AfterPolicy, Cache, CacheOptions, Source};
+use pgci_client::{write_token, AfterPolicy, Cache, CacheOptions, Source};
 
 use crate::support::{wait_for, TestEnv};
 

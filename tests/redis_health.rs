@@ -298,7 +298,7 @@ async fn the_daemon_runs_under_its_least_privilege_user() {
 /// its own user; the app user may not write the daemon's bookkeeping.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
-    use pg_cache_invalidator::client::{write_token, Cache, CacheOptions, Source};
+    use pgci_client::{write_token, Cache, CacheOptions, Source};
     use pgci_test_support::redis_server::Redis;
     let shipped = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_cache_invalidator::client::{Cache, CacheOptions};
+use pgci_client::{Cache, CacheOptions};
 
 use crate::support::{wait_for, TestEnv};
 

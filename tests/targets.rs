@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use pg_cache_invalidator::client::{write_token, Cache, CacheOptions};
 use pg_cache_invalidator::lsn::Lsn;
+use pgci_client::{write_token, Cache, CacheOptions};
 
 use crate::support::{balance_keys, http_get, metric, preset, surviving, wait_for, Redis, TestEnv};
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use pg_cache_invalidator::client::{write_token, Cache, CacheOptions};
+use pgci_client::{write_token, Cache, CacheOptions};
 use pgci_test_support::{Daemon, TestEnv};
 
 use crate::policy::Policy;

@@ -1,7 +1,7 @@
 //! The five ways the app can cache, and how each one reads a page and
 //! follows its own writes.
 
-use pg_cache_invalidator::client::{Cache, CacheOptions, Source, WriteToken};
+use pgci_client::{Cache, CacheOptions, Source, WriteToken};
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::{Client, Statement};
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pg_cache_invalidator::client::write_token;
+use pgci_client::write_token;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
@@ -181,7 +181,7 @@ async fn judged_read(
     tally: &mut Tally,
     page: Page,
     user: usize,
-    after: Option<pg_cache_invalidator::client::WriteToken>,
+    after: Option<pgci_client::WriteToken>,
 ) {
     let entity = shared.entity(page, user);
     let newest = shared.truth.newest(entity);

@@ -1,6 +1,6 @@
 // The lease protocol of pg-cache-invalidator (the Rust source of truth is
-// src/lease.rs in the daemon's repository; a test there checks that these
-// bodies are the same, byte for byte).
+// crates/protocol/src/lease.rs in the daemon's repository; the package's
+// test checks that its library is byte for byte the one the daemon loads).
 //
 // Library `pgci`, one key per call (so it works in Redis Cluster):
 //   pgci_lease_get(key; token, leaseMs)        -> ["hit", value] | ["lease", token] | ["wait", msLeft]

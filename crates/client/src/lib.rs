@@ -1,6 +1,6 @@
 //! The app side of the cache, in Rust: cache-aside reads that stay true
 //! while the daemon invalidates (the TypeScript package does the same for
-//! the Next.js app; both follow the contract in [`crate::lease`]).
+//! the Next.js app; both follow the contract in [`pgci_protocol::lease`]).
 //!
 //! Two races make a naive cache-aside reader return old data even though
 //! every change is invalidated:
@@ -8,7 +8,7 @@
 //! 1. *Fill after invalidation*: a reader reads a row, the row changes and
 //!    the daemon deletes the key, then the reader stores its old copy,
 //!    which stays until its TTL. [`Cache::get_or_load`] fills through a
-//!    lease the daemon's delete voids ([`crate::lease`]).
+//!    lease the daemon's delete voids ([`pgci_protocol::lease`]).
 //! 2. *Read your own write*: the daemon's delete lands a moment after the
 //!    writer's commit returns, so the writer's next read may still hit the
 //!    old entry. The writer takes a [`WriteToken`] after its commit
@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionLike;
 use redis::RedisError;
 
-use crate::lease::{self, Got};
-use crate::lsn::Lsn;
+use pgci_protocol::lease::{self, Got};
+use pgci_protocol::lsn::Lsn;
+use pgci_protocol::{functions, position};
 
 /// A position after a write: the reader's cache must not be older.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,7 +41,7 @@ impl std::fmt::Display for WriteToken {
 }
 
 impl std::str::FromStr for WriteToken {
-    type Err = crate::lsn::ParseLsnError;
+    type Err = pgci_protocol::lsn::ParseLsnError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         s.parse().map(WriteToken)
     }
@@ -48,6 +49,9 @@ impl std::str::FromStr for WriteToken {
 
 /// Takes a token after a commit, on the session that committed (or any
 /// later one): the WAL insert position now is at or past that commit.
+/// (Feature `tokio-postgres`; with another driver, parse the text of
+/// `select pg_current_wal_insert_lsn()::text` into a [`WriteToken`].)
+#[cfg(feature = "tokio-postgres")]
 pub async fn write_token(pg: &tokio_postgres::Client) -> Result<WriteToken, ClientError> {
     let text: String = pg
         .query_one("select pg_current_wal_insert_lsn()::text", &[])
@@ -222,7 +226,7 @@ fn new_token() -> String {
 impl<C: ConnectionLike + Send> Cache<C> {
     /// A cache on `conn` (a `ConnectionManager` or multiplexed connection).
     pub fn new(conn: C, options: CacheOptions) -> Self {
-        let position_key = crate::redis::position::key(&options.slot);
+        let position_key = position::key(&options.slot);
         Cache {
             conn,
             options,
@@ -369,7 +373,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
 
     /// The position the daemon has applied, as recorded in Redis.
     pub async fn applied(&mut self) -> Result<Option<Lsn>, ClientError> {
-        Ok(crate::redis::position::read(&mut self.conn, &self.position_key).await?)
+        Ok(position::read(&mut self.conn, &self.position_key).await?)
     }
 
     /// Whether the daemon has applied `token`, waiting per the policy.
@@ -415,12 +419,11 @@ impl<C: ConnectionLike + Send> Cache<C> {
                     self.functions = Some(true);
                     return Ok(value);
                 }
-                Err(error) if crate::redis::leases::is_missing_function(&error) => {
+                Err(error) if functions::is_missing_function(&error) => {
                     // Redis restarted without persistence, or nobody loaded
                     // the library yet: load it and call again.
-                    match crate::redis::leases::load(&mut self.conn).await? {
-                        crate::redis::leases::Loaded::Functions
-                        | crate::redis::leases::Loaded::Current => {
+                    match functions::load(&mut self.conn).await? {
+                        functions::Loaded::Functions | functions::Loaded::Current => {
                             return Ok(redis::cmd("FCALL")
                                 .arg(function)
                                 .arg(1)
@@ -429,12 +432,10 @@ impl<C: ConnectionLike + Send> Cache<C> {
                                 .query_async::<T>(&mut self.conn)
                                 .await?);
                         }
-                        crate::redis::leases::Loaded::Scripts => self.functions = Some(false),
+                        functions::Loaded::Scripts => self.functions = Some(false),
                     }
                 }
-                Err(error) if crate::redis::leases::is_unknown_command(&error) => {
-                    self.functions = Some(false)
-                }
+                Err(error) if functions::is_unknown_command(&error) => self.functions = Some(false),
                 Err(error) => return Err(error.into()),
             }
         }
