@@ -131,12 +131,8 @@ async fn start_and_run(
         .await
         .map_err(|e| Stopped::Problems(vec![e]))?;
     tracing::info!(listen = %config.http.listen, "serving /metrics /healthz /readyz");
-    let source = match config.postgres.source {
-        SourceKind::Replication => format!("slot {}", config.replication.slot),
-        SourceKind::Outbox => format!("outbox {}", config.outbox.schema),
-    };
     let board = Board::new(
-        source,
+        install::of(config).label(),
         rules.tables().map(|(t, _)| t.to_string()).collect(),
         config.http.show_keys,
     );

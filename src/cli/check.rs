@@ -1,7 +1,6 @@
 //! `check-config`: the file, then the live database against it.
 
 use crate::cli::{Failure, Loaded};
-use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::redis::server;
 use crate::source::install;
@@ -28,16 +27,7 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
             redis.url.redacted()
         ),
     }
-    let source = match loaded.config.postgres.source {
-        SourceKind::Replication => format!(
-            "publication {:?} and slot {:?} are ready",
-            loaded.config.replication.publication, loaded.config.replication.slot
-        ),
-        SourceKind::Outbox => format!(
-            "the outbox in schema {:?} and its triggers are installed",
-            loaded.config.outbox.schema
-        ),
-    };
+    let source = install::of(&loaded.config).ready();
     println!(
         "ok: {} table(s), {source} on {}",
         loaded.rules.tables().count(),

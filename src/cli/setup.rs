@@ -3,23 +3,15 @@
 //! run them.
 
 use crate::cli::{Failure, Loaded};
-use crate::config::SourceKind;
 use crate::db::{catalog, Db};
 use crate::lsn::Lsn;
 use crate::redis::{leases, position};
-use crate::source::{install, outbox, replication};
+use crate::source::install;
 
 /// `setup`: prints (`--print`) or runs what the database is missing.
 pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = match loaded.config.postgres.source {
-        SourceKind::Replication => {
-            replication::install::plan(&db, &loaded.rules, &loaded.config.replication).await?
-        }
-        SourceKind::Outbox => {
-            outbox::install::plan(&db, &loaded.rules, &loaded.config.outbox).await?
-        }
-    };
+    let plan = install::of(&loaded.config).plan(&db, &loaded.rules).await?;
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }
@@ -127,12 +119,7 @@ async fn record_slot_start(db: &Db, loaded: &Loaded) {
 /// `teardown`: drops the slot and publication, or the outbox.
 pub async fn teardown(loaded: Loaded) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = match loaded.config.postgres.source {
-        SourceKind::Replication => {
-            replication::install::plan_teardown(&db, &loaded.config.replication).await?
-        }
-        SourceKind::Outbox => outbox::install::plan_teardown(&db, &loaded.config.outbox).await?,
-    };
+    let plan = install::of(&loaded.config).plan_teardown(&db).await?;
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }

@@ -9,11 +9,13 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 
 use crate::config::{Config, SourceKind};
-use crate::db::catalog::{self, CheckScope};
+use futures_util::future::BoxFuture;
+
 use crate::db::{Db, DbError};
 use crate::duration::HumanDuration;
 use crate::plan::rules::RuleSet;
 use crate::source::outbox;
+use crate::source::replication;
 
 /// One statement and why it is needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,28 +79,53 @@ pub async fn apply(
     Ok(())
 }
 
-/// The live checks of the configured source: one line per problem, each
-/// saying what to do. `running` tolerates a lost or missing slot (`run`
-/// rebuilds it and flushes the keys; `check-config` reports it).
+/// What `setup`, `teardown` and the live checks (`check-config`, and `run`
+/// before it streams) ask of a source; [`of`] picks the configured one.
+/// Both start from the same walk over the rules' tables
+/// ([`crate::source::walk`]), so a problem reads the same in each.
+pub trait SourceSetup: Send + Sync {
+    /// How logs and the status page name it (`slot NAME`, `outbox SCHEMA`).
+    fn label(&self) -> String;
+
+    /// What a ready database holds, for `check-config`'s `ok:` line.
+    fn ready(&self) -> String;
+
+    /// The statements that make the database ready for `rules` (only what
+    /// is missing), or the problems setup cannot fix.
+    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>>;
+
+    /// The statements that remove what setup installed.
+    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>>;
+
+    /// One line per problem of the live database, each saying what to do.
+    /// `running` tolerates a lost or missing slot (`run` rebuilds it and
+    /// flushes the keys; `check-config` reports it).
+    fn check<'a>(
+        &'a self,
+        db: &'a Db,
+        rules: &'a RuleSet,
+        running: bool,
+    ) -> BoxFuture<'a, Result<Vec<String>, DbError>>;
+}
+
+/// The configured source's setup.
+pub fn of(config: &Config) -> Box<dyn SourceSetup + '_> {
+    match config.postgres.source {
+        SourceKind::Replication => Box::new(replication::install::ReplicationSetup {
+            cfg: &config.replication,
+        }),
+        SourceKind::Outbox => Box::new(outbox::install::OutboxSetup {
+            cfg: &config.outbox,
+        }),
+    }
+}
+
+/// The live checks of the configured source (see [`SourceSetup::check`]).
 pub async fn check(
     db: &Db,
     config: &Config,
     rules: &RuleSet,
     running: bool,
 ) -> Result<Vec<String>, DbError> {
-    match config.postgres.source {
-        SourceKind::Replication => {
-            catalog::check(
-                db,
-                rules,
-                CheckScope {
-                    publication: &config.replication.publication,
-                    slot: Some(&config.replication.slot),
-                    tolerate_lost_slot: running,
-                },
-            )
-            .await
-        }
-        SourceKind::Outbox => outbox::install::check(db, rules, &config.outbox).await,
-    }
+    of(config).check(db, rules, running).await
 }

@@ -13,6 +13,7 @@
 pub mod install;
 pub mod outbox;
 pub mod replication;
+pub mod walk;
 
 use std::future::Future;
 

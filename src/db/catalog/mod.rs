@@ -22,7 +22,7 @@ use crate::db::{Db, DbError};
 use crate::sql::quote_ident;
 
 pub use checks::{
-    check, generated_column_problems, missing_table, needed_generated_columns, CheckScope,
+    describe_identity, generated_column_problems, missing_table, needed_generated_columns,
 };
 pub use rls::warnings;
 

@@ -23,10 +23,13 @@ use std::collections::BTreeSet;
 
 use crate::change::TableName;
 use crate::config::OutboxConfig;
-use crate::db::catalog::{self, TableInfo};
+use crate::db::catalog::TableInfo;
 use crate::db::{Db, DbError};
 use crate::plan::rules::{Action, Rule, RuleSet};
-use crate::source::install::{Plan, Step};
+use futures_util::future::BoxFuture;
+
+use crate::source::install::{Plan, SourceSetup, Step};
+use crate::source::walk::{self, Walked};
 use crate::sql::{quote_ident, quote_literal};
 
 /// Types whose text output depends on session settings: date, time,
@@ -90,6 +93,43 @@ fn row_expr(var: &str, columns: &[String], all: usize) -> String {
     }
 }
 
+/// The outbox source's [`SourceSetup`]: the outbox tables and each
+/// table's capture trigger.
+pub struct OutboxSetup<'c> {
+    /// Its schema and settings.
+    pub cfg: &'c OutboxConfig,
+}
+
+impl SourceSetup for OutboxSetup<'_> {
+    fn label(&self) -> String {
+        format!("outbox {}", self.cfg.schema)
+    }
+
+    fn ready(&self) -> String {
+        format!(
+            "the outbox in schema {:?} and its triggers are installed",
+            self.cfg.schema
+        )
+    }
+
+    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(plan(db, rules, self.cfg))
+    }
+
+    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(plan_teardown(db, self.cfg))
+    }
+
+    fn check<'a>(
+        &'a self,
+        db: &'a Db,
+        rules: &'a RuleSet,
+        _running: bool,
+    ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
+        Box::pin(check(db, rules, self.cfg))
+    }
+}
+
 /// Plans the outbox installation for `rules`. Every statement is
 /// idempotent, so the plan is the full installation; triggers of tables no
 /// rule watches any more are dropped.
@@ -145,21 +185,14 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Plan, 
         ),
     });
     let mut watched = Vec::new();
-    for (table, table_rules) in rules.tables() {
-        let Some(info) = catalog::inspect_table(db, table).await? else {
-            plan.problems.push(catalog::missing_table(db, table).await?);
-            continue;
-        };
-        let missing: Vec<String> = RuleSet::key_columns(table_rules)
-            .into_iter()
-            .chain(RuleSet::named_columns(table_rules))
-            .filter(|c| !info.columns.iter().any(|col| &col.name == c))
-            .collect();
-        if !missing.is_empty() {
-            plan.problems.push(format!(
-                "table {table} has no column(s) {} used by its rules: fix the rules",
-                missing.join(", ")
-            ));
+    for walked in walk::tables(db, rules, &mut plan.problems).await? {
+        let Walked {
+            table,
+            rules: table_rules,
+            info,
+            columns_ok,
+        } = walked;
+        if !columns_ok {
             continue;
         }
         let columns = captured_columns(&info, table_rules);
@@ -364,11 +397,8 @@ pub async fn check(db: &Db, rules: &RuleSet, cfg: &OutboxConfig) -> Result<Vec<S
         return Ok(problems);
     }
     let installed = installed_tables(db).await?;
-    for (table, table_rules) in rules.tables() {
-        let Some(info) = catalog::inspect_table(db, table).await? else {
-            problems.push(catalog::missing_table(db, table).await?);
-            continue;
-        };
+    for walked in walk::tables(db, rules, &mut problems).await? {
+        let (table, table_rules, info) = (walked.table, walked.rules, walked.info);
         let expected = captured_columns(&info, table_rules);
         let recorded = captured(db, cfg, table).await?;
         if !installed.contains(table) || recorded.as_ref() != Some(&expected) {

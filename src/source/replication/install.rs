@@ -2,12 +2,61 @@
 //! identities, the publication and the slot, planned from the rules and the
 //! live catalog so that re-running does nothing more than what is missing.
 
+use crate::change::TableName;
 use crate::config::ReplicationConfig;
 use crate::db::catalog::{self, Identity};
 use crate::db::{Db, DbError};
 use crate::plan::rules::RuleSet;
-use crate::source::install::{Plan, Step};
+use futures_util::future::BoxFuture;
+
+use crate::source::install::{Plan, SourceSetup, Step};
+use crate::source::walk::{self, Walked};
 use crate::sql::{quote_ident, quote_literal};
+
+/// The replication source's [`SourceSetup`]: replica identities, the
+/// publication and the slot.
+pub struct ReplicationSetup<'c> {
+    /// Its slot and publication.
+    pub cfg: &'c ReplicationConfig,
+}
+
+impl SourceSetup for ReplicationSetup<'_> {
+    fn label(&self) -> String {
+        format!("slot {}", self.cfg.slot)
+    }
+
+    fn ready(&self) -> String {
+        format!(
+            "publication {:?} and slot {:?} are ready",
+            self.cfg.publication, self.cfg.slot
+        )
+    }
+
+    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(plan(db, rules, self.cfg))
+    }
+
+    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(plan_teardown(db, self.cfg))
+    }
+
+    fn check<'a>(
+        &'a self,
+        db: &'a Db,
+        rules: &'a RuleSet,
+        running: bool,
+    ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
+        Box::pin(check(
+            db,
+            rules,
+            CheckScope {
+                publication: &self.cfg.publication,
+                slot: Some(&self.cfg.slot),
+                tolerate_lost_slot: running,
+            },
+        ))
+    }
+}
 
 /// Plans the statements that make the database ready for `rules`: replica
 /// identities first, then the publication, then the slot (a slot decodes
@@ -15,21 +64,21 @@ use crate::sql::{quote_ident, quote_literal};
 /// the slot's first change).
 pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<Plan, DbError> {
     let mut plan = Plan::default();
-    let level = catalog::wal_level(db).await?;
-    if level != "logical" {
-        plan.problems.push(format!(
-            "wal_level is {level}: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL, then run setup again"
-        ));
-    }
+    plan.problems.extend(walk::wal_level_problem(db).await?);
     let mut tables = Vec::new();
     let mut major = None;
     let mut wants_generated = false;
     let mut wants_via_root = false;
-    for (table, table_rules) in rules.tables() {
-        let Some(info) = catalog::inspect_table(db, table).await? else {
-            plan.problems.push(catalog::missing_table(db, table).await?);
+    for walked in walk::tables(db, rules, &mut plan.problems).await? {
+        let Walked {
+            table,
+            rules: table_rules,
+            info,
+            columns_ok,
+        } = walked;
+        if !columns_ok {
             continue;
-        };
+        }
         if !catalog::needed_generated_columns(&info, table_rules).is_empty() {
             let major = match major {
                 Some(m) => m,
@@ -43,18 +92,6 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
             }
         }
         let needed = RuleSet::key_columns(table_rules);
-        let unknown: Vec<_> = needed
-            .iter()
-            .filter(|c| !info.columns.iter().any(|col| &col.name == *c))
-            .cloned()
-            .collect();
-        if !unknown.is_empty() {
-            plan.problems.push(format!(
-                "table {table} has no column(s) {} used by its key templates: fix the templates",
-                unknown.join(", ")
-            ));
-            continue;
-        }
         // A partitioned table's partitions each have their own identity.
         for (part, _) in info.identity_gaps(&needed) {
             let name = &part.name;
@@ -209,4 +246,138 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
         });
     }
     Ok(plan)
+}
+
+/// What to check besides the tables.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckScope<'a> {
+    /// The publication name.
+    pub publication: &'a str,
+    /// The slot name, or `None` to skip the slot (before `setup` made it).
+    pub slot: Option<&'a str>,
+    /// Whether a missing or lost slot is acceptable (`run` rebuilds it and
+    /// flushes the keys; `check-config` reports it).
+    pub tolerate_lost_slot: bool,
+}
+
+/// Checks the rules against the live database: `wal_level`, the tables
+/// (see [`walk`]), replica identities, the publication and the slot. Returns one
+/// line per problem, each saying what to do.
+pub async fn check(
+    db: &Db,
+    rules: &RuleSet,
+    scope: CheckScope<'_>,
+) -> Result<Vec<String>, DbError> {
+    let mut problems = Vec::new();
+    problems.extend(walk::wal_level_problem(db).await?);
+    let mut existing = Vec::new();
+    let mut generated = Vec::new();
+    let mut partitioned: Vec<TableName> = Vec::new();
+    for walked in walk::tables(db, rules, &mut problems).await? {
+        let Walked {
+            table,
+            rules: table_rules,
+            info,
+            columns_ok,
+        } = walked;
+        if columns_ok {
+            let needed = RuleSet::key_columns(table_rules);
+            for (part, missing) in info.identity_gaps(&needed) {
+                let fix = part.cheapest_identity(&needed).alter_sql(&part.name);
+                let which = if part.name == *table {
+                    format!("table {table}")
+                } else {
+                    format!("table {table} (partition {})", part.name)
+                };
+                problems.push(format!(
+                    "{which}: a DELETE would not carry column(s) {} needed by its key templates (replica identity {}): run `{fix}` or pg-cache-invalidator setup",
+                    missing.join(", "),
+                    catalog::describe_identity(part),
+                ));
+            }
+        }
+        existing.push(table.clone());
+        if info.is_partitioned() {
+            partitioned.push(table.clone());
+        }
+        if info.columns.iter().any(|c| c.generated.is_some()) {
+            generated.push((info, table_rules));
+        }
+    }
+    let publication = catalog::inspect_publication(db, scope.publication).await?;
+    if let Some(p) = &publication {
+        if !p.via_root && !partitioned.is_empty() {
+            problems.push(format!(
+                "publication {:?} reports partitions' changes under the partitions' names, which no rule watches ({}): run ALTER PUBLICATION {} SET (publish_via_partition_root = true); or pg-cache-invalidator setup",
+                scope.publication,
+                partitioned.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                quote_ident(scope.publication)
+            ));
+        }
+    }
+    if !generated.is_empty() {
+        let major = catalog::server_major(db).await?;
+        for (info, table_rules) in &generated {
+            problems.extend(catalog::generated_column_problems(
+                info,
+                table_rules,
+                major,
+                publication.as_ref(),
+            ));
+        }
+    }
+    match publication {
+        None => problems.push(format!(
+            "publication {:?} does not exist: run pg-cache-invalidator setup",
+            scope.publication
+        )),
+        Some(publication) => {
+            if !publication.missing_operations.is_empty() {
+                problems.push(format!(
+                    "publication {:?} does not publish {}: run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                    scope.publication,
+                    publication.missing_operations.join(", "),
+                    quote_ident(scope.publication)
+                ));
+            }
+            for table in &existing {
+                if !publication.all_tables && !publication.tables.contains(table) {
+                    problems.push(format!(
+                        "publication {:?} does not include table {table}: run ALTER PUBLICATION {} ADD TABLE {}; or pg-cache-invalidator setup",
+                        scope.publication,
+                        quote_ident(scope.publication),
+                        table.quoted()
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(slot) = scope.slot {
+        match catalog::inspect_slot(db, slot).await? {
+            None if scope.tolerate_lost_slot => {}
+            None => problems.push(format!(
+                "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
+            )),
+            Some(info) => {
+                let database = catalog::current_database(db).await?;
+                if info.plugin.as_deref() != Some("pgoutput") {
+                    problems.push(format!(
+                        "replication slot {slot:?} uses plugin {:?}, not pgoutput: drop it (select pg_drop_replication_slot('{slot}');) and run setup",
+                        info.plugin.unwrap_or_default()
+                    ));
+                } else if info.database.as_deref() != Some(database.as_str()) {
+                    problems.push(format!(
+                        "replication slot {slot:?} belongs to database {:?}, not {database:?}: choose another [replication] slot name",
+                        info.database.unwrap_or_default()
+                    ));
+                }
+                if info.wal_status.as_deref() == Some("lost") && !scope.tolerate_lost_slot {
+                    problems.push(format!(
+                        "replication slot {slot:?} is lost (its WAL was removed), so changes were missed: drop it, flush the cache keys, and run setup"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
 }
