@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use pgci_client::{write_token, Cache, CacheOptions};
+use pgci_test_support::redis_cluster::{preset_by_key as preset, surviving_by_key as surviving};
 use pgci_test_support::RedisCluster;
 use redis::cluster_async::ClusterConnection;
 
@@ -26,30 +27,6 @@ async fn cluster_env_with(users: i32, redis: &str, extra: &str) -> (TestEnv, Red
     env.write_config(extra);
     env.setup();
     (env, cluster)
-}
-
-async fn preset(conn: &mut ClusterConnection, keys: &[String]) {
-    for key in keys {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg("cached")
-            .query_async(conn)
-            .await
-            .expect("preset");
-    }
-}
-
-async fn surviving(conn: &mut ClusterConnection, keys: &[String]) -> usize {
-    let mut n = 0;
-    for key in keys {
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(conn)
-            .await
-            .expect("exists");
-        n += usize::from(exists);
-    }
-    n
 }
 
 /// Waits until the daemon has applied everything committed so far: the

@@ -405,10 +405,11 @@ async fn dashboard_and_rules_name_only_exported_metrics() {
         .expect("metrics");
     let live = metric_names(&scraped);
     let declared = metric_names(&read("src/telemetry/metrics.rs"));
-    let clients: std::collections::BTreeSet<String> = metric_names(&read("crates/client/src/lib.rs"))
-        .into_iter()
-        .chain(metric_names(&read("clients/typescript/src/index.ts")))
-        .collect();
+    let clients: std::collections::BTreeSet<String> =
+        metric_names(&read("crates/client/src/lib.rs"))
+            .into_iter()
+            .chain(metric_names(&read("clients/typescript/src/index.ts")))
+            .collect();
     let unknown: Vec<&String> = named
         .iter()
         .filter(|n| !live.contains(*n) && !declared.contains(*n) && !clients.contains(*n))

@@ -315,3 +315,35 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// Sets every key to a placeholder value, one `SET` at a time: keys in
+/// different hash slots cannot share a command, and a cluster connection
+/// does not split a pipeline by slot. Works on any connection.
+pub async fn preset_by_key<C: redis::aio::ConnectionLike>(conn: &mut C, keys: &[String]) {
+    for key in keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("cached")
+            .query_async(conn)
+            .await
+            .expect("preset");
+    }
+}
+
+/// How many of `keys` still exist, one `EXISTS` at a time (see
+/// [`preset_by_key`]).
+pub async fn surviving_by_key<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+) -> usize {
+    let mut n = 0;
+    for key in keys {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("exists");
+        n += usize::from(exists);
+    }
+    n
+}
