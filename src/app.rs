@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RedisConfig, SourceKind};
 use crate::db::{catalog, ConnInfo, Db, DbError};
-use crate::error::{self, Backoff, Class, Fatal};
+use crate::error::{self, Class, Exit, Fatal, GiveUp, Pace, Retry};
 use crate::lsn::Lsn;
 use crate::ops::CacheOp;
 use crate::pipeline::{self, PipelineError, Stages};
@@ -65,16 +65,25 @@ pub enum Stopped {
 }
 
 impl Stopped {
-    /// The process's exit status, decided here only: 0 for a shutdown
-    /// (whatever was failing when it came), 2 for what the user must fix
-    /// (configuration, database objects, a Redis that refuses us for
-    /// good), 1 for anything else (a restart may help).
-    pub fn exit_code(&self) -> u8 {
+    /// How the process ends (see [`Exit`]): 0 for a shutdown, whatever
+    /// was failing when it came.
+    pub fn exit(&self) -> Exit {
         match self {
-            Stopped::Cancelled | Stopped::Interrupted(_) => 0,
-            Stopped::Problems(_) | Stopped::Database(_) => 2,
-            Stopped::Fatal(fatal) if fatal.user_must_fix => 2,
-            Stopped::Fatal(_) | Stopped::Failed(_) => 1,
+            Stopped::Cancelled | Stopped::Interrupted(_) => Exit::Success,
+            Stopped::Problems(_) => Exit::UserMustFix,
+            Stopped::Database(error) => Exit::of(error.class()),
+            Stopped::Fatal(fatal) => Exit::of_fatal(fatal),
+            Stopped::Failed(_) => Exit::Broken,
+        }
+    }
+
+    /// A database error during start-up. One that retrying could have
+    /// fixed, met once shutdown was asked for, is the shutdown's.
+    fn database(error: DbError, cancel: &CancellationToken) -> Stopped {
+        if cancel.is_cancelled() && error.class() == Class::Transient {
+            Stopped::Cancelled
+        } else {
+            Stopped::Database(error)
         }
     }
 }
@@ -150,10 +159,10 @@ async fn start_and_run(
     let db = connect_with_retry(&conn, cancel).await?;
     let problems = install::check(&db, config, &rules, true)
         .await
-        .map_err(Stopped::Database)?;
+        .map_err(|e| Stopped::database(e, cancel))?;
     for warning in catalog::warnings(&db, &rules)
         .await
-        .map_err(Stopped::Database)?
+        .map_err(|e| Stopped::database(e, cancel))?
     {
         tracing::warn!(warning = %warning, "check the rules");
     }
@@ -170,7 +179,7 @@ async fn start_and_run(
                 slot: slot.clone(),
                 confirmed: catalog::inspect_slot(&db, slot)
                     .await
-                    .map_err(Stopped::Database)?
+                    .map_err(|e| Stopped::database(e, cancel))?
                     .and_then(|info| info.confirmed_flush_lsn)
                     .and_then(|text| text.parse::<Lsn>().ok()),
             }
@@ -183,7 +192,7 @@ async fn start_and_run(
     for (table, _) in rules.tables() {
         let info = catalog::inspect_table(&db, table)
             .await
-            .map_err(Stopped::Database)?;
+            .map_err(|e| Stopped::database(e, cancel))?;
         if info.is_some_and(|i| i.is_partitioned()) {
             partitioned.push(table.clone());
         }
@@ -387,18 +396,18 @@ fn sink_stopped(error: SinkError) -> Stopped {
 /// ordering, a failover): keep trying while the error policy says it is
 /// transient.
 async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Result<Db, Stopped> {
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
     loop {
         match Db::connect(conn).await {
             Ok(db) => return Ok(db),
             Err(error) => {
-                if error.class() != Class::Transient {
-                    return Err(Stopped::Database(error));
-                }
-                if cancel.is_cancelled() {
-                    return Err(Stopped::Cancelled);
-                }
-                let delay = backoff.next_delay();
+                let delay = match retry.after(&error, error.class()) {
+                    Ok(delay) => delay,
+                    Err(GiveUp::Shutdown(_)) => return Err(Stopped::Cancelled),
+                    Err(GiveUp::Fatal(_) | GiveUp::PositionLost(_)) => {
+                        return Err(Stopped::Database(error))
+                    }
+                };
                 let hint = match &error {
                     DbError::Query { source, .. }
                         if error::is_unreachable(source) && only_ipv6(conn).await =>
@@ -408,9 +417,8 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
                     _ => "",
                 };
                 tracing::warn!(error = %error.one_line(), hint, retry_in = ?delay, "cannot reach postgres; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Err(Stopped::Cancelled),
-                    _ = tokio::time::sleep(delay) => {}
+                if retry.sleep(delay).await.is_err() {
+                    return Err(Stopped::Cancelled);
                 }
             }
         }
@@ -471,5 +479,27 @@ async fn feed_events(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transient_database_error_met_at_shutdown_exits_0_and_otherwise_1() {
+        let cancel = CancellationToken::new();
+        let during_start = Stopped::database(DbError::Closed, &cancel);
+        assert_eq!(during_start.exit().code(), 1, "{during_start:?}");
+        cancel.cancel();
+        let at_shutdown = Stopped::database(DbError::Closed, &cancel);
+        assert_eq!(at_shutdown.exit().code(), 0, "{at_shutdown:?}");
+        let bad_url = DbError::BadUrl {
+            url: "postgres://x".into(),
+            reason: "no".into(),
+        };
+        assert_eq!(Stopped::database(bad_url, &cancel).exit().code(), 2);
+        assert_eq!(Stopped::Problems(vec![]).exit().code(), 2);
+        assert_eq!(Stopped::Interrupted("redis".into()).exit().code(), 0);
     }
 }

@@ -27,27 +27,32 @@
 //! repeats some deletions and events (harmless: deletion is idempotent and
 //! subscribers must tolerate duplicates).
 
-pub mod app;
+// The library exports only what the binary, `bench/` and the integration
+// tests use; everything else is the crate's own. Its docs are read with
+// `cargo doc --document-private-items`, so they link to private items.
+#![allow(rustdoc::private_intra_doc_links)]
+
+pub(crate) mod app;
 pub mod change;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod decode;
-pub mod duration;
-pub mod error;
-pub mod memory;
+pub(crate) mod decode;
+pub(crate) mod duration;
+pub(crate) mod error;
+pub(crate) mod memory;
 pub mod ops;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod plan;
-pub mod redis;
-pub mod resolve;
-pub mod secret;
-pub mod sink;
+pub(crate) mod redis;
+pub(crate) mod resolve;
+pub(crate) mod secret;
+pub(crate) mod sink;
 pub mod source;
-pub mod sql;
+pub(crate) mod sql;
 pub mod telemetry;
-pub mod tls;
-pub mod verify;
+pub(crate) mod tls;
+pub(crate) mod verify;
 
 /// What the daemon and the app clients agree on (the `pgci-protocol`
 /// crate): `pg_lsn`, and the lease protocol.

@@ -26,7 +26,7 @@ pub use crate::db::query::Visibility;
 use crate::db::query::{Hold, QueryJob, QueryRunner};
 use crate::db::ConnInfo;
 use crate::db::DbError;
-use crate::error::{Backoff, Fatal, Retry};
+use crate::error::{Fatal, GiveUp, Pace, Retry};
 use crate::ops::{CacheOp, Item};
 use crate::telemetry::metrics as m;
 
@@ -70,7 +70,7 @@ impl Resolver {
             return Ok(None);
         }
         let xids = xids_of(items);
-        let mut retry = Retry::new(Backoff::default(), &self.cancel);
+        let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
         let (answers, visibility) = loop {
             match self.run(items, &xids).await {
                 Ok(done) => break done,
@@ -113,7 +113,7 @@ impl Resolver {
     /// confirm them first).
     pub async fn check_visible(&mut self, items: &[Item]) -> Result<Visibility, ResolveError> {
         let xids = xids_of(items);
-        let mut retry = Retry::new(Backoff::default(), &self.cancel);
+        let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
         loop {
             match self.queries.wait_visible(&xids, Hold::Allowed).await {
                 Ok(visibility) => return Ok(visibility),
@@ -126,7 +126,7 @@ impl Resolver {
     /// exception for synchronous standby waits: called after the batch was
     /// applied and confirmed, which released this daemon's part of them.
     pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), ResolveError> {
-        let mut retry = Retry::new(Backoff::default(), &self.cancel);
+        let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
         loop {
             match self.queries.wait_visible(xids, Hold::Visible).await {
                 Ok(_) => return Ok(()),
@@ -153,17 +153,19 @@ impl Resolver {
 
 /// Waits before the next attempt after `error`, or says why not to retry.
 async fn wait_to_retry(retry: &mut Retry, error: DbError) -> Result<(), ResolveError> {
-    if let Some(fatal) = Fatal::from_class(&error, error.class()) {
-        return Err(ResolveError::Fatal(fatal));
-    }
+    let delay = retry
+        .after(&error, error.class())
+        .map_err(|stop| match stop {
+            GiveUp::Fatal(fatal) => ResolveError::Fatal(fatal),
+            GiveUp::PositionLost(why) | GiveUp::Shutdown(why) => ResolveError::GaveUp(why),
+        })?;
     metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
-    let Some(delay) = retry.after_failure() else {
-        return Err(ResolveError::GaveUp(error.to_string()));
-    };
     tracing::warn!(error = %error, retry_in = ?delay,
         "refresh queries or the visibility check failed; retrying (confirmations are held meanwhile)");
-    tokio::time::sleep(delay).await;
-    Ok(())
+    retry
+        .sleep(delay)
+        .await
+        .map_err(|_| ResolveError::GaveUp(error.to_string()))
 }
 
 /// Whether `items` hold row changes of some transaction (flushes and

@@ -15,15 +15,15 @@
 //! - `events [--json] [--table T] [--key GLOB]` ([`mod@events`]).
 //! - `flush (--rule N | --table T | --all) [--dry-run]` ([`mod@flush`]).
 //! - `redis-acl`: the daemon's least-privilege Redis user
-//!   ([`crate::sink::acl`]).
+//!   ([`crate::redis::acl`]).
 
-pub mod check;
-pub mod events;
-pub mod flush;
-pub mod run;
-pub mod setup;
-pub mod status;
-pub mod verify;
+pub(crate) mod check;
+pub(crate) mod events;
+pub(crate) mod flush;
+pub(crate) mod run;
+pub(crate) mod setup;
+pub(crate) mod status;
+pub(crate) mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,13 +32,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, LogFormat, DEFAULT_CONFIG_PATH};
 use crate::db::{ConnInfo, DbError};
-use crate::error::Fatal;
+use crate::error::{Exit, Fatal};
 use crate::plan::rules::{self, RuleSet};
 
 /// Exit status for problems the user must fix (configuration, database).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_USAGE: u8 = Exit::UserMustFix.code();
 /// Exit status for runtime failures.
-pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_FAILURE: u8 = Exit::Broken.code();
 
 /// The command line.
 #[derive(Parser)]
@@ -160,37 +160,29 @@ impl Failure {
         }
     }
 
-    /// Exit status `code` (see `app::Stopped::exit_code`) with `lines`.
-    pub fn with_code(code: u8, lines: Vec<String>) -> Self {
-        Failure { code, lines }
+    /// Ends the process as `exit` says, with `lines`.
+    pub fn new(exit: Exit, lines: Vec<String>) -> Self {
+        Failure {
+            code: exit.code(),
+            lines,
+        }
     }
 
     /// Something broke.
     pub fn runtime(error: impl std::fmt::Display) -> Self {
-        Failure {
-            code: EXIT_FAILURE,
-            lines: vec![error.to_string()],
-        }
+        Failure::new(Exit::Broken, vec![error.to_string()])
     }
 }
 
 impl From<Fatal> for Failure {
     fn from(fatal: Fatal) -> Self {
-        let code = if fatal.user_must_fix {
-            EXIT_USAGE
-        } else {
-            EXIT_FAILURE
-        };
-        Failure {
-            code,
-            lines: vec![fatal.to_string()],
-        }
+        Failure::new(Exit::of_fatal(&fatal), vec![fatal.to_string()])
     }
 }
 
 impl From<DbError> for Failure {
     fn from(error: DbError) -> Self {
-        Failure::usage(vec![error.one_line()])
+        Failure::new(Exit::of_verb_database(), vec![error.one_line()])
     }
 }
 

@@ -2,16 +2,17 @@
 
 use crate::app::{self, Stopped};
 use crate::cli::{Failure, Loaded};
+use crate::error::Exit;
 
 /// Runs the daemon (see [`crate::app`]); its exit status is
-/// [`Stopped::exit_code`]'s.
+/// [`Stopped::exit`]'s.
 pub async fn run(loaded: Loaded) -> Result<(), Failure> {
     let stopped = match app::run(loaded.config, loaded.rules, loaded.conn).await {
         Ok(()) => return Ok(()),
         Err(stopped) => stopped,
     };
-    let code = stopped.exit_code();
-    if code == 0 {
+    let exit = stopped.exit();
+    if exit == Exit::Success {
         return Ok(());
     }
     let lines = match stopped {
@@ -21,5 +22,5 @@ pub async fn run(loaded: Loaded) -> Result<(), Failure> {
         Stopped::Failed(text) | Stopped::Interrupted(text) => vec![text],
         Stopped::Cancelled => Vec::new(),
     };
-    Err(Failure::with_code(code, lines))
+    Err(Failure::new(exit, lines))
 }

@@ -5,10 +5,10 @@
 //! module and the replication source use, so the two connections always
 //! reach the same server as the same user.
 
-pub mod catalog;
-pub mod compare;
+pub(crate) mod catalog;
+pub(crate) mod compare;
 pub mod query;
-pub mod types;
+pub(crate) mod types;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -173,7 +173,7 @@ pub enum Message {
         relations: Vec<u32>,
     },
     /// A logical decoding message (`pg_logical_emit_message`).
-    LogicalMessage {
+    Emitted {
         /// Whether it was part of a transaction.
         transactional: bool,
         /// Its LSN.
@@ -319,7 +319,7 @@ fn parse_logical_message(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
     let lsn = r.lsn()?;
     let prefix = r.cstring()?;
     let len = r.count32()?;
-    Ok(Message::LogicalMessage {
+    Ok(Message::Emitted {
         transactional: flags & 1 == 1,
         lsn,
         prefix,
@@ -666,7 +666,7 @@ pub(crate) mod tests {
             .build();
         assert!(matches!(
             decode(&msg),
-            Ok(Message::LogicalMessage { transactional: false, ref prefix, ref content, .. })
+            Ok(Message::Emitted { transactional: false, ref prefix, ref content, .. })
                 if prefix == "pgci" && content.as_ref() == b"hi"
         ));
         let msg = MessageBuilder::new(b'Y')

@@ -22,9 +22,9 @@
 //! nothing wrong is ever cached. Query rules plan a query per distinct
 //! parameter tuple (old and new row).
 
-pub mod bind;
-pub mod keys;
-pub mod row_json;
+pub(crate) mod bind;
+pub(crate) mod keys;
+pub(crate) mod row_json;
 pub mod rules;
 
 use std::collections::HashMap;

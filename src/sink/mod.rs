@@ -19,7 +19,7 @@ pub mod start;
 pub use self::redis::again::Again;
 pub use self::redis::RedisSink;
 
-use crate::error::Fatal;
+use crate::error::{Fatal, GiveUp};
 use crate::lsn::Lsn;
 use crate::ops::Item;
 
@@ -38,6 +38,15 @@ pub enum SinkError {
         "shutdown while redis was failing ({0}); unapplied changes will be replayed on restart"
     )]
     GaveUp(String),
+}
+
+impl From<GiveUp> for SinkError {
+    fn from(stop: GiveUp) -> Self {
+        match stop {
+            GiveUp::Fatal(fatal) => SinkError::Fatal(fatal),
+            GiveUp::PositionLost(why) | GiveUp::Shutdown(why) => SinkError::GaveUp(why),
+        }
+    }
 }
 
 /// Where the pipeline's operations go: one Redis ([`RedisSink`]) or

@@ -10,10 +10,10 @@
 //! the planner never sees a wire format. `install` modules hold the SQL
 //! `setup` and `teardown` run for each.
 
-pub mod install;
+pub(crate) mod install;
 pub mod outbox;
 pub mod replication;
-pub mod walk;
+pub(crate) mod walk;
 
 use std::future::Future;
 

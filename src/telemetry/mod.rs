@@ -24,7 +24,7 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub mod health;
-pub mod http;
-pub mod metrics;
-pub mod status;
-pub mod systemd;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod status;
+pub(crate) mod systemd;

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use self::again::Again;
 use super::{Sink, SinkError, SinkStats};
 use crate::decode::time::pg_micros_to_unix_seconds;
-use crate::error::{self, Backoff, Fatal, Retry};
+use crate::error::{self, Pace, Retry};
 use crate::lsn::Lsn;
 use crate::ops::{CacheOp, FlushReason, Item};
 use crate::redis::cluster::ClusterConn;
@@ -46,10 +46,6 @@ use crate::redis::{flush, position};
 use crate::telemetry::health::TargetHealth;
 use crate::telemetry::metrics as m;
 
-/// First retry delay after a failed batch.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-/// Longest retry delay: Redis restarts take seconds.
-const RETRY_MAX: Duration = Duration::from_secs(2);
 /// A reply slower than this counts as a failure and the batch is retried.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take before it counts as failed.
@@ -111,11 +107,6 @@ impl RedisSink {
         self
     }
 
-    /// Work applied so far.
-    pub fn stats(&self) -> SinkStats {
-        self.stats
-    }
-
     /// Applies `items` completely, retrying transient errors, and records
     /// `applied` as the position everything up to which is now in Redis.
     /// Returns an error if Redis refuses us for good, or if shutdown was
@@ -162,7 +153,7 @@ impl RedisSink {
         if items.is_empty() && record.is_none() {
             return Ok(());
         }
-        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
+        let mut retry = Retry::finishing(&Pace::REDIS, &self.cancel);
         loop {
             // A Redis that is frozen (SIGSTOP, CLIENT PAUSE) or overloaded
             // answers nothing until the response timeout: readiness says
@@ -211,12 +202,7 @@ impl RedisSink {
                     let kind = failure.as_str();
                     self.health.failing(&failure.readiness());
                     metrics::counter!(m::REDIS_ERRORS_TOTAL, "kind" => kind).increment(1);
-                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
-                        return Err(SinkError::Fatal(fatal));
-                    }
-                    let Some(delay) = retry.after_failure() else {
-                        return Err(SinkError::GaveUp(error.to_string()));
-                    };
+                    let delay = retry.after(&error, error::redis(&error))?;
                     // One line per kind of failure while they last; every
                     // attempt is counted in the metric.
                     if !self.logged.contains(&failure) {
@@ -230,7 +216,7 @@ impl RedisSink {
                     if failure == error::RedisFailure::ReadOnly {
                         self.reconnect().await;
                     }
-                    tokio::time::sleep(delay).await;
+                    retry.sleep(delay).await?;
                 }
             }
         }

@@ -6,8 +6,8 @@
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisSink, CONNECT_TIMEOUT, RESPONSE_TIMEOUT, RETRY_MAX, RETRY_MIN};
-use crate::error::{self, Backoff, Fatal};
+use super::{RedisSink, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+use crate::error::{self, Fatal, GiveUp, Pace, Retry};
 use crate::redis::cluster::ClusterConn;
 use crate::redis::conn::Conn;
 use crate::redis::{leases, server};
@@ -32,8 +32,8 @@ impl RedisSink {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_max_delay(RETRY_MAX);
-        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+            .set_max_delay(Pace::REDIS.max);
+        let mut retry = Retry::until_shutdown(&Pace::REDIS, &cancel);
         let conn = loop {
             let attempt = match cluster {
                 None => ConnectionManager::new_with_config(client.clone(), config.clone())
@@ -49,18 +49,16 @@ impl RedisSink {
             match attempt {
                 Ok(conn) => break conn,
                 Err(error) => {
-                    if let Some(fatal) = Fatal::from_class(
-                        format!("{}: {error}", url.redacted()),
-                        error::redis(&error),
-                    ) {
-                        return Err(SinkError::Fatal(fatal));
-                    }
+                    let what = format!("{}: {error}", url.redacted());
+                    let delay = match retry.after(&what, error::redis(&error)) {
+                        Ok(delay) => delay,
+                        Err(GiveUp::Fatal(fatal)) => return Err(SinkError::Fatal(fatal)),
+                        Err(_) => return Err(SinkError::GaveUp(error.to_string())),
+                    };
                     metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
-                    let delay = backoff.next_delay();
                     tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(SinkError::GaveUp(error.to_string())),
-                        _ = tokio::time::sleep(delay) => {}
+                    if retry.sleep(delay).await.is_err() {
+                        return Err(SinkError::GaveUp(error.to_string()));
                     }
                 }
             }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use redis::RedisError;
 
-use super::{RedisSink, RETRY_MAX, RETRY_MIN};
-use crate::error::{self, Backoff, Fatal, Retry};
+use super::RedisSink;
+use crate::error::{self, Pace, Retry};
 use crate::lsn::Lsn;
 use crate::ops::{CacheOp, Item};
 use crate::redis::position::{self, key, lost_writes};
@@ -134,7 +134,7 @@ impl RedisSink {
     /// The record at `key`, retried like a batch; it is also the last one
     /// this daemon knows of (see [`position::lost_writes`]).
     async fn read_record(&mut self, key: &str) -> Result<Option<Lsn>, SinkError> {
-        let mut retry = Retry::new(Backoff::new(RETRY_MIN, RETRY_MAX), &self.cancel);
+        let mut retry = Retry::finishing(&Pace::REDIS, &self.cancel);
         loop {
             match position::read(&mut self.conn, key).await {
                 Ok(lsn) => {
@@ -144,14 +144,9 @@ impl RedisSink {
                     return Ok(lsn);
                 }
                 Err(error) => {
-                    if let Some(fatal) = Fatal::from_class(&error, error::redis(&error)) {
-                        return Err(SinkError::Fatal(fatal));
-                    }
-                    let Some(delay) = retry.after_failure() else {
-                        return Err(SinkError::GaveUp(error.to_string()));
-                    };
+                    let delay = retry.after(&error, error::redis(&error))?;
                     tracing::warn!(error = %error, retry_in = ?delay, "cannot read the recorded position from redis; retrying");
-                    tokio::time::sleep(delay).await;
+                    retry.sleep(delay).await?;
                 }
             }
         }

@@ -25,9 +25,9 @@
 //! channel receive, which the apply loop's `select!` may cancel freely; a
 //! claim's queries are never interrupted halfway.
 
-pub mod captures;
+pub(crate) mod captures;
 pub mod drain;
-pub mod install;
+pub(crate) mod install;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::Change;
 use crate::config::OutboxConfig;
 use crate::db::{ConnInfo, Db, DbError};
-use crate::error::{Backoff, Fatal};
+use crate::error::{Backoff, Fatal, Pace};
 use crate::lsn::Lsn;
 use crate::plan::rules::RuleSet;
 use crate::source::{Event, Source, Txn};
@@ -264,7 +264,7 @@ enum Ended {
 
 impl Worker {
     async fn run(mut self) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(&Pace::POSTGRES);
         let mut announced = false;
         let mut standing_by = false;
         loop {

@@ -24,10 +24,10 @@
 //! pgoutput messages are decoded here ([`crate::decode::pgoutput`]) and
 //! handed on as the neutral [`Change`] model.
 
-pub mod drift;
-pub mod drift_watch;
-pub mod install;
-pub mod slot;
+pub(crate) mod drift;
+pub(crate) mod drift_watch;
+pub(crate) mod install;
+pub(crate) mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
 use crate::db::{ConnInfo, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
-use crate::error::{self, Backoff, Class, Fatal, SlotHealth};
+use crate::error::{self, Backoff, Class, Fatal, Pace, SlotHealth};
 use crate::lsn::Lsn;
 use crate::source::{Event, Source, Txn};
 use crate::telemetry::health::Health;
@@ -104,7 +104,7 @@ impl ReplicationSource {
             publication,
             client: None,
             confirmed: Lsn::ZERO,
-            backoff: Backoff::default(),
+            backoff: Backoff::new(&Pace::POSTGRES),
             retry_at: None,
             session_healthy: false,
             health,
@@ -461,7 +461,7 @@ fn change_of(message: Message) -> Option<Change> {
         | Message::Commit { .. }
         | Message::Origin { .. }
         | Message::Type { .. }
-        | Message::LogicalMessage { .. } => return None,
+        | Message::Emitted { .. } => return None,
     })
 }
 

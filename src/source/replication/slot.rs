@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{ConnInfo, Db, DbError};
-use crate::error::{Backoff, SlotHealth};
+use crate::error::{Class, Pace, Retry, SlotHealth};
 use crate::plan::rules::RuleSet;
 use crate::source::replication::drift::{drifted_tables, membership, rejoined, CatalogReport};
 use crate::source::replication::HEARTBEAT_PREFIX;
@@ -139,7 +139,7 @@ pub async fn publication_exists(conn: &ConnInfo, publication: &str) -> Option<bo
 /// Recreates the slot, retrying until it works; `false` if `cancel` fired
 /// first.
 pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> bool {
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
     loop {
         let result = match Db::connect(conn).await {
             Ok(db) => recreate_slot(&db, slot).await,
@@ -148,8 +148,13 @@ pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -
         match result {
             Ok(()) => return true,
             Err(error) => {
-                tracing::warn!(error = %error, "cannot recreate the replication slot; retrying");
-                if !backoff.wait(cancel).await {
+                // Every error is retried: the operator sees the warning,
+                // and nothing can be applied without a slot.
+                let Ok(delay) = retry.after(&error, Class::Transient) else {
+                    return false;
+                };
+                tracing::warn!(error = %error, retry_in = ?delay, "cannot recreate the replication slot; retrying");
+                if retry.sleep(delay).await.is_err() {
                     return false;
                 }
             }

@@ -1,89 +1,11 @@
-//! The error policy: every failure the daemon meets is classified here,
-//! once, into what to do about it.
-//!
-//! | class          | what the caller does                                      |
-//! |----------------|-----------------------------------------------------------|
-//! | `Transient`    | retry with [`Backoff`]; progress is held meanwhile         |
-//! | `Definite`     | stop with a one-line hint (exit 2 when the user must fix) |
-//! | `PositionLost` | recreate the slot, then flush every key of every rule      |
-//!
-//! Classification reads codes, never message text: the SQLSTATE of a
-//! PostgreSQL error (`tokio_postgres::Error::code()`, or the one the
-//! replication transport puts in its message, read by [`replication_sqlstate`]
-//! alone), the I/O error kind under it, and `RedisError::kind()`. Whether a
-//! replication error means the slot is gone is decided from
-//! `pg_replication_slots` (the caller passes what it says), because the
-//! server words it differently in every major (and PostgreSQL 18 puts the
-//! reason only in the DETAIL the transport leaves out).
-
-use std::time::Duration;
+//! Classification: an error of each client (tokio-postgres, the
+//! replication transport, redis, rustls under them) into a [`Class`].
+//! The only module of the daemon that reads those clients' error types.
 
 use pgwire_replication::PgWireError;
 use redis::{ErrorKind as RedisKind, RedisError, ServerErrorKind};
-use tokio_util::sync::CancellationToken;
 
-/// What to do about a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Retrying can fix it (a restart, a dropped connection, a failover).
-    Transient,
-    /// Retrying cannot fix it.
-    Definite {
-        /// What the operator should do, one line.
-        hint: &'static str,
-        /// Whether the configuration or the database setup must change
-        /// (exit status 2) rather than something having broken (1).
-        user_must_fix: bool,
-    },
-    /// The stream's position is gone (the slot was dropped or
-    /// invalidated): changes were missed.
-    PositionLost,
-}
-
-impl Class {
-    const fn fix(hint: &'static str) -> Class {
-        Class::Definite {
-            hint,
-            user_must_fix: true,
-        }
-    }
-
-    const fn broken(hint: &'static str) -> Class {
-        Class::Definite {
-            hint,
-            user_must_fix: false,
-        }
-    }
-}
-
-/// A failure that retrying will not fix: what happened and what to do.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{what}: {hint}")]
-pub struct Fatal {
-    /// What failed, with the server's or client's words.
-    pub what: String,
-    /// What the operator should do.
-    pub hint: &'static str,
-    /// Whether the configuration or database setup must change (exit 2).
-    pub user_must_fix: bool,
-}
-
-impl Fatal {
-    /// The fatal error for `what` if `class` is definite.
-    pub fn from_class(what: impl std::fmt::Display, class: Class) -> Option<Fatal> {
-        match class {
-            Class::Definite {
-                hint,
-                user_must_fix,
-            } => Some(Fatal {
-                what: what.to_string(),
-                hint,
-                user_must_fix,
-            }),
-            Class::Transient | Class::PositionLost => None,
-        }
-    }
-}
+use super::Class;
 
 /// What `pg_replication_slots` says about our slot, for telling a lost
 /// slot from other "object not found / not ready" errors.
@@ -410,96 +332,6 @@ pub fn is_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
 /// (Supabase's direct connection from a network without IPv6).
 pub const IPV6_ONLY_HINT: &str = "the host has only IPv6 addresses and this network cannot reach them: use an IPv4 address (Supabase's IPv4 add-on), or source = \"outbox\" through the IPv4 pooler";
 
-/// Capped exponential backoff: 200 ms doubling to 5 s unless told
-/// otherwise. Short first waits make a blip cheap; the cap keeps a long
-/// outage from being hammered while still noticing recovery quickly.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-/// First wait of the default backoff.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest wait of the default backoff.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(BACKOFF_MIN, BACKOFF_MAX)
-    }
-}
-
-impl Backoff {
-    /// Waits from `min` doubling up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The next wait; the one after is twice as long (up to the cap).
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// Starts over after a success.
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// Sleeps the next wait; returns `false` at once if `cancel` fires.
-    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let delay = self.next_delay();
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
-    }
-}
-
-/// Retries of one unit of work (a batch) that must not be given up while
-/// the daemon runs, but only for a few more attempts once shutdown was
-/// asked: what is not applied then is replayed on the next start.
-#[derive(Debug)]
-pub struct Retry {
-    backoff: Backoff,
-    cancel: CancellationToken,
-    attempts_after_cancel: u32,
-}
-
-/// Attempts a failing batch gets once shutdown was requested.
-pub const ATTEMPTS_AFTER_SHUTDOWN: u32 = 3;
-
-impl Retry {
-    /// Retries waiting as `backoff` says until `cancel` fires, then a few
-    /// more times.
-    pub fn new(backoff: Backoff, cancel: &CancellationToken) -> Self {
-        Retry {
-            backoff,
-            cancel: cancel.clone(),
-            attempts_after_cancel: 0,
-        }
-    }
-
-    /// After a failed attempt: how long to wait before the next one, or
-    /// `None` to give up.
-    pub fn after_failure(&mut self) -> Option<Duration> {
-        if self.cancel.is_cancelled() {
-            self.attempts_after_cancel += 1;
-            if self.attempts_after_cancel >= ATTEMPTS_AFTER_SHUTDOWN {
-                return None;
-            }
-        }
-        Some(self.backoff.next_delay())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,27 +511,5 @@ mod tests {
         assert_eq!(kind(redis(&loading)), "transient");
         let readonly: RedisError = (RedisKind::Server(ServerErrorKind::ReadOnly), "ro").into();
         assert_eq!(kind(redis(&readonly)), "transient");
-    }
-
-    #[test]
-    fn retries_end_a_few_attempts_after_shutdown() {
-        let cancel = CancellationToken::new();
-        let mut retry = Retry::new(Backoff::default(), &cancel);
-        for _ in 0..10 {
-            assert!(retry.after_failure().is_some());
-        }
-        cancel.cancel();
-        assert!(retry.after_failure().is_some());
-        assert!(retry.after_failure().is_some());
-        assert_eq!(retry.after_failure(), None);
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::default();
-        let waits: Vec<_> = (0..7).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_delay(), BACKOFF_MIN);
     }
 }
