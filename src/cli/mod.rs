@@ -34,6 +34,7 @@ use crate::config::{Config, ConfigError, LogFormat, DEFAULT_CONFIG_PATH};
 use crate::db::{ConnInfo, DbError};
 use crate::error::{Exit, Fatal};
 use crate::plan::rules::{self, RuleSet};
+use crate::source::install;
 
 /// Exit status for problems the user must fix (configuration, database).
 pub const EXIT_USAGE: u8 = Exit::UserMustFix.code();
@@ -351,17 +352,13 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 loaded.rules.tables().flat_map(|(_, r)| r.iter()).collect();
             // Every group's position record (or the one slot's), or the
             // outbox's count of applied batches.
-            let slots: Vec<String> = match loaded.config.postgres.source {
-                crate::config::SourceKind::Outbox => {
-                    vec![format!("outbox:{}", loaded.config.outbox.schema)]
-                }
-                crate::config::SourceKind::Replication => loaded
-                    .config
-                    .each_group()
-                    .iter()
-                    .map(|c| c.replication.slot.clone())
-                    .collect(),
-            };
+            let mut slots: Vec<String> = loaded
+                .config
+                .each_group()
+                .iter()
+                .map(|c| install::of(c).record_name())
+                .collect();
+            slots.dedup();
             let line = crate::redis::acl::daemon_user(
                 &loaded.config.redis.url,
                 &rules::scan_patterns(all),

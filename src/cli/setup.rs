@@ -37,10 +37,11 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         println!("done: {}", step.why)
     })
     .await?;
+    // The record of what the cache holds starts where the source does.
     if plan.creates_slot {
         record_slot_start(&db, &loaded).await;
     }
-    if loaded.config.postgres.source == crate::config::SourceKind::Outbox {
+    if !install::of(&loaded.config).records_wal_position() {
         record_outbox_start(&loaded).await;
     }
     Ok(())
@@ -51,7 +52,7 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
 /// that finds no record flushes every rule key once (see
 /// `redis::position`).
 async fn record_outbox_start(loaded: &Loaded) {
-    let counter = format!("outbox:{}", loaded.config.outbox.schema);
+    let counter = install::of(&loaded.config).record_name();
     for redis in &loaded.config.targets {
         let at = target_name(loaded, redis);
         match position::record_if_absent(&redis.url, redis.ca_cert.as_deref(), &counter, Lsn(0))

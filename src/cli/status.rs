@@ -1,12 +1,10 @@
 //! `status [--json]`: the slot (or the outbox backlog) as a table or JSON.
 
 use crate::cli::{Failure, Loaded};
-use crate::config::SourceKind;
-use crate::db::{catalog, Db};
-use crate::lsn::Lsn;
+use crate::db::Db;
 use crate::redis::position;
 use crate::redis::server::{self, ServerInfo};
-use crate::source::outbox::drain;
+use crate::source::install::{self, SourceStatus};
 
 /// The source's state as JSON (`status --json`), with the group's name
 /// when the file has table groups.
@@ -24,65 +22,50 @@ pub async fn status(loaded: Loaded) -> Result<(), Failure> {
     state(loaded, false).await.map(|_| ())
 }
 
-/// The state as JSON (`json`), or printed as a table.
+/// The state as JSON (`json`), or printed as a table: the source's (see
+/// [`crate::source::install::SourceSetup::status`]), then what each target records it applied,
+/// then the Redis server's.
 async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, Failure> {
     let db = Db::connect(&loaded.conn).await?;
     let redis = &loaded.config.redis;
     let server = server::read_once(&redis.url, redis.ca_cert.as_deref()).await;
-    if loaded.config.postgres.source == SourceKind::Outbox {
-        let (rows, oldest) = drain::backlog(&db, &loaded.config.outbox).await?;
+    let setup = install::of(&loaded.config);
+    let (rows, mut value, confirmed) = match setup.status(&db).await? {
+        SourceStatus::Missing(why) => return Err(Failure::usage(vec![why])),
+        SourceStatus::Found {
+            rows,
+            json,
+            confirmed,
+        } => (rows, json, confirmed),
+    };
+    if !setup.records_wal_position() {
         if json {
-            return Ok(Some(
-                serde_json::json!({"source": "outbox", "schema": loaded.config.outbox.schema,
-                    "backlog_rows": rows, "oldest_row_age_seconds": oldest, "redis": redis_json(&server)}),
-            ));
-        } else {
-            print_rows(&[
-                ("source", "outbox".to_string()),
-                ("schema", loaded.config.outbox.schema.clone()),
-                ("backlog_rows", rows.to_string()),
-                (
-                    "oldest_row_age",
-                    oldest.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s")),
-                ),
-            ]);
-            print_redis(&server);
+            if let Some(map) = value.as_object_mut() {
+                map.insert("redis".to_string(), redis_json(&server));
+            }
+            return Ok(Some(value));
         }
+        print_rows(&rows);
+        print_redis(&server);
         return Ok(None);
     }
-    let slot = &loaded.config.replication.slot;
-    let Some(info) = catalog::inspect_slot(&db, slot).await? else {
-        return Err(Failure::usage(vec![format!(
-            "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
-        )]));
-    };
     // What Redis records as applied: behind the slot means the next start
     // flushes every rule key (see `redis::position`).
-    let redis = &loaded.config.redis;
-    let recorded = position::read_once(&redis.url, redis.ca_cert.as_deref(), slot).await;
-    let covers = match (
-        &recorded,
-        info.confirmed_flush_lsn
-            .as_deref()
-            .and_then(|t| t.parse::<Lsn>().ok()),
-    ) {
+    let name = setup.record_name();
+    let recorded = position::read_once(&redis.url, redis.ca_cert.as_deref(), &name).await;
+    let covers = match (&recorded, confirmed) {
         (Ok(r), Some(confirmed)) => Some(position::covers(*r, confirmed)),
         _ => None,
     };
-    let confirmed = info
-        .confirmed_flush_lsn
-        .as_deref()
-        .and_then(|t| t.parse::<Lsn>().ok());
     // With several targets, what each one records (the first is above).
     let mut targets = Vec::new();
     if loaded.config.listed_targets {
         for target in &loaded.config.targets {
-            let recorded = position::read_once(&target.url, target.ca_cert.as_deref(), slot).await;
+            let recorded = position::read_once(&target.url, target.ca_cert.as_deref(), &name).await;
             targets.push((target.name().to_string(), recorded));
         }
     }
     if json {
-        let mut value = serde_json::to_value(&info).map_err(Failure::runtime)?;
         if let Some(map) = value.as_object_mut() {
             map.insert(
                 "recorded_lsn".to_string(),
@@ -113,37 +96,19 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
         }
         return Ok(Some(value));
     }
-    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
-    print_rows(&[
-        ("slot", info.slot.clone()),
-        ("plugin", opt(info.plugin.clone())),
-        ("database", opt(info.database.clone())),
-        (
-            "active",
-            match info.active_pid {
-                Some(pid) if info.active => format!("yes (pid {pid})"),
-                _ => "no".to_string(),
-            },
-        ),
-        ("confirmed_lsn", opt(info.confirmed_flush_lsn.clone())),
-        ("lag_bytes", opt(info.lag_bytes.map(|b| b.to_string()))),
-        (
-            "retained_bytes",
-            opt(info.retained_bytes.map(|b| b.to_string())),
-        ),
-        ("wal_status", opt(info.wal_status.clone())),
-        (
-            "recorded_lsn",
-            match (&recorded, covers) {
-                (Ok(Some(lsn)), Some(true)) => format!("{lsn} (redis has applied up to the slot)"),
-                (Ok(Some(lsn)), _) => {
-                    format!("{lsn} (behind the slot: the next start flushes every rule key)")
-                }
-                (Ok(None), _) => "- (none: the next start flushes every rule key)".to_string(),
-                (Err(error), _) => format!("- (cannot ask redis: {error})"),
-            },
-        ),
-    ]);
+    let mut rows = rows;
+    rows.push((
+        "recorded_lsn",
+        match (&recorded, covers) {
+            (Ok(Some(lsn)), Some(true)) => format!("{lsn} (redis has applied up to the slot)"),
+            (Ok(Some(lsn)), _) => {
+                format!("{lsn} (behind the slot: the next start flushes every rule key)")
+            }
+            (Ok(None), _) => "- (none: the next start flushes every rule key)".to_string(),
+            (Err(error), _) => format!("- (cannot ask redis: {error})"),
+        },
+    ));
+    print_rows(&rows);
     for (name, recorded) in &targets {
         let covers = recorded
             .as_ref()

@@ -2,10 +2,10 @@
 //! found and exits 1 when a cached key differs from the database.
 
 use crate::cli::{Failure, Loaded, EXIT_FAILURE};
-use crate::config::SourceKind;
 use crate::db::compare::Comparer;
 use crate::db::Db;
 use crate::redis::position;
+use crate::source::install;
 use crate::verify::{self as inspector, Options, Report};
 
 /// Keys per second by default: a few hundred microseconds of Redis and a
@@ -41,8 +41,12 @@ pub async fn verify(loaded: Loaded, args: Args) -> Result<(), Failure> {
         sample: args.sample,
         rate: args.rate,
         repair: args.repair,
-        position_key: (loaded.config.postgres.source == SourceKind::Replication)
-            .then(|| position::key(&loaded.config.replication.slot)),
+        position_key: {
+            let setup = install::of(&loaded.config);
+            setup
+                .records_wal_position()
+                .then(|| position::key(&setup.record_name()))
+        },
     };
     let mut comparer = Comparer::new(&db);
     let json = args.json;

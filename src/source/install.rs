@@ -106,6 +106,36 @@ pub trait SourceSetup: Send + Sync {
         rules: &'a RuleSet,
         running: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>>;
+
+    /// What `status` shows of the source: the slot, or the outbox's
+    /// backlog.
+    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>>;
+
+    /// The name each target records what it applied of this source under
+    /// (the key is `redis::position::key(name)`): the slot's name, or
+    /// `outbox:SCHEMA` for the outbox's count of applied batches.
+    fn record_name(&self) -> String;
+
+    /// Whether that record is a WAL position that can be compared with the
+    /// slot's (the outbox records a count of batches instead).
+    fn records_wal_position(&self) -> bool;
+}
+
+/// The source's state, for `status`.
+#[derive(Debug)]
+pub enum SourceStatus {
+    /// What setup installs is missing: what to say.
+    Missing(String),
+    /// Its state.
+    Found {
+        /// Name and value, printed as a table.
+        rows: Vec<(&'static str, String)>,
+        /// The same as JSON (`status --json`).
+        json: serde_json::Value,
+        /// What the source has confirmed, for comparing with what each
+        /// target records (replication only).
+        confirmed: Option<crate::lsn::Lsn>,
+    },
 }
 
 /// The configured source's setup.

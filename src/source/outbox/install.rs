@@ -28,7 +28,7 @@ use crate::db::{Db, DbError};
 use crate::plan::rules::{Action, Rule, RuleSet};
 use futures_util::future::BoxFuture;
 
-use crate::source::install::{Plan, SourceSetup, Step};
+use crate::source::install::{Plan, SourceSetup, SourceStatus, Step};
 use crate::source::walk::{self, Walked};
 use crate::sql::{quote_ident, quote_literal};
 
@@ -101,6 +101,34 @@ pub struct OutboxSetup<'c> {
 }
 
 impl SourceSetup for OutboxSetup<'_> {
+    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
+        Box::pin(async move {
+            let (rows, oldest) = super::drain::backlog(db, self.cfg).await?;
+            Ok(SourceStatus::Found {
+                rows: vec![
+                    ("source", "outbox".to_string()),
+                    ("schema", self.cfg.schema.clone()),
+                    ("backlog_rows", rows.to_string()),
+                    (
+                        "oldest_row_age",
+                        oldest.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s")),
+                    ),
+                ],
+                json: serde_json::json!({"source": "outbox", "schema": self.cfg.schema,
+                    "backlog_rows": rows, "oldest_row_age_seconds": oldest}),
+                confirmed: None,
+            })
+        })
+    }
+
+    fn record_name(&self) -> String {
+        format!("outbox:{}", self.cfg.schema)
+    }
+
+    fn records_wal_position(&self) -> bool {
+        false
+    }
+
     fn label(&self) -> String {
         format!("outbox {}", self.cfg.schema)
     }

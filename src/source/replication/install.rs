@@ -9,7 +9,8 @@ use crate::db::{Db, DbError};
 use crate::plan::rules::RuleSet;
 use futures_util::future::BoxFuture;
 
-use crate::source::install::{Plan, SourceSetup, Step};
+use crate::lsn::Lsn;
+use crate::source::install::{Plan, SourceSetup, SourceStatus, Step};
 use crate::source::walk::{self, Walked};
 use crate::sql::{quote_ident, quote_literal};
 
@@ -21,6 +22,53 @@ pub struct ReplicationSetup<'c> {
 }
 
 impl SourceSetup for ReplicationSetup<'_> {
+    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
+        Box::pin(async move {
+            let slot = &self.cfg.slot;
+            let Some(info) = catalog::inspect_slot(db, slot).await? else {
+                return Ok(SourceStatus::Missing(format!(
+                    "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
+                )));
+            };
+            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+            let rows = vec![
+                ("slot", info.slot.clone()),
+                ("plugin", opt(info.plugin.clone())),
+                ("database", opt(info.database.clone())),
+                (
+                    "active",
+                    match info.active_pid {
+                        Some(pid) if info.active => format!("yes (pid {pid})"),
+                        _ => "no".to_string(),
+                    },
+                ),
+                ("confirmed_lsn", opt(info.confirmed_flush_lsn.clone())),
+                ("lag_bytes", opt(info.lag_bytes.map(|b| b.to_string()))),
+                (
+                    "retained_bytes",
+                    opt(info.retained_bytes.map(|b| b.to_string())),
+                ),
+                ("wal_status", opt(info.wal_status.clone())),
+            ];
+            Ok(SourceStatus::Found {
+                rows,
+                json: serde_json::to_value(&info).unwrap_or_default(),
+                confirmed: info
+                    .confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(|t| t.parse::<Lsn>().ok()),
+            })
+        })
+    }
+
+    fn record_name(&self) -> String {
+        self.cfg.slot.clone()
+    }
+
+    fn records_wal_position(&self) -> bool {
+        true
+    }
+
     fn label(&self) -> String {
         format!("slot {}", self.cfg.slot)
     }
