@@ -128,8 +128,8 @@ impl Exit {
     /// there, so whatever it met — a host that does not answer, a refused
     /// statement, a lock it would not wait for — is for the user to fix
     /// or retry by hand; a daemon's start-up failure goes through
-    /// [`Exit::of`] instead, so that systemd restarts it after a
-    /// transient one.
+    /// [`Exit::of`] instead: after a transient failure it exits 1
+    /// (restart it), not 2 (change the configuration).
     pub fn of_verb_database() -> Exit {
         Exit::UserMustFix
     }
