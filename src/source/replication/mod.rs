@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
-use crate::db::{ConnInfo, SslMode};
+use crate::db::{ConnInfo, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
 use crate::error::{self, Backoff, Class, Fatal, Pace, SlotHealth};
 use crate::lsn::Lsn;
@@ -91,7 +91,7 @@ pub struct ReplicationSource {
     /// The connection's `application_name` (`replication.application_name`).
     application_name: String,
     /// A session being opened (see `next()`).
-    opening: Option<tokio::task::JoinHandle<Result<ReplicationClient, PgWireError>>>,
+    opening: Option<tokio::task::JoinHandle<Result<(ReplicationClient, Endpoint), PgWireError>>>,
 }
 
 impl ReplicationSource {
@@ -144,20 +144,23 @@ impl ReplicationSource {
                 // half-open session is not abandoned (it would hold the slot
                 // and make the next attempt fail with "slot is active").
                 let cfg = self.replication_config();
-                let opening = self.opening.get_or_insert_with(|| tokio::spawn(open(cfg)));
+                let info = self.info.clone();
+                let opening = self
+                    .opening
+                    .get_or_insert_with(|| tokio::spawn(open(info, cfg)));
                 let opened = opening.await;
                 self.opening = None;
                 let opened = opened.unwrap_or_else(|e| {
                     Err(PgWireError::Task(format!("opening the stream failed: {e}")))
                 });
                 match opened {
-                    Ok(client) => {
+                    Ok((client, endpoint)) => {
                         if self.confirmed > Lsn::ZERO {
                             client.update_applied_lsn(pgwire_replication::Lsn::from_u64(
                                 self.confirmed.0,
                             ));
                         }
-                        tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, "replication stream started");
+                        tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, host = %endpoint, "replication stream started");
                         self.client = Some(client);
                         self.session_healthy = false;
                         self.health.set_streaming(true);
@@ -480,7 +483,31 @@ fn row_of(tuple: Tuple) -> Row {
 }
 
 /// Connects and waits until the server accepted START_REPLICATION.
-async fn open(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> {
+/// Opens a session on the writable primary among `info`'s hosts (see
+/// [`crate::db::hosts`]); returns it with the host it reached.
+async fn open(
+    info: ConnInfo,
+    mut cfg: ReplicationConfig,
+) -> Result<(ReplicationClient, Endpoint), PgWireError> {
+    if info.endpoints.len() > 1 {
+        // The same server the regular connections reach; its errors keep
+        // their SQLSTATE for the error policy.
+        let primary = info
+            .primary()
+            .await
+            .map_err(|error| match error.sqlstate() {
+                Some(code) => {
+                    PgWireError::Server(format!("{} (SQLSTATE {code})", error.one_line()))
+                }
+                None => PgWireError::Task(error.one_line()),
+            })?;
+        cfg.host = primary.host;
+        cfg.port = primary.port;
+    }
+    let endpoint = Endpoint {
+        host: cfg.host.clone(),
+        port: cfg.port,
+    };
     let mut client = ReplicationClient::connect(cfg).await?;
     match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
         Ok(result) => result?,
@@ -490,7 +517,7 @@ async fn open(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> 
             )))
         }
     }
-    Ok(client)
+    Ok((client, endpoint))
 }
 
 #[cfg(test)]

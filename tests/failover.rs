@@ -1,0 +1,191 @@
+//! PostgreSQL high availability: several hosts in `postgres.url`, and a
+//! standby promoted under a running daemon. A real streaming standby (see
+//! `Postgres::standby`), real promotions (`pg_promote()`).
+
+use std::time::Duration;
+
+use crate::support::{free_port, http_get, metric, preset, surviving, wait_for, TestEnv};
+
+/// `postgres.url` naming `ports` on loopback, in order, asking for the
+/// writable primary.
+fn multi_host_url(ports: &[u16]) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!(
+        "postgres://postgres@{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        hosts.join(",")
+    )
+}
+
+async fn scrape(env: &TestEnv) -> String {
+    http_get(env.http_port, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+async fn some_user(env: &TestEnv) -> String {
+    env.pg
+        .client()
+        .await
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("a user")
+        .get(0)
+}
+
+async fn update_bio(env: &TestEnv, user: &str, bio: &str) {
+    env.pg
+        .client()
+        .await
+        .execute(
+            "update public.profiles set bio = $2 where id = $1::text::uuid",
+            &[&user, &bio],
+        )
+        .await
+        .expect("update");
+}
+
+/// The first host does not answer and the second is a standby: setup,
+/// check-config and the daemon all reach the primary, third in the list,
+/// and the daemon streams from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_host_url_reaches_the_primary_wherever_it_is_listed() {
+    let mut env = TestEnv::start(5).await;
+    let standby = env.pg.standby().await;
+    let nobody = free_port();
+    env.url_override = Some(multi_host_url(&[nobody, standby.port, env.pg.port]));
+    env.write_config("");
+    env.setup();
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = env.daemon().await;
+    let user = some_user(&env).await;
+    let key = format!("profile:user:{user}");
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    update_bio(&env, &user, "multi-host").await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &[key]).await, 0);
+    let started = format!("host=127.0.0.1:{}", env.pg.port);
+    assert!(
+        daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("replication stream started") && l.contains(&started)),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// Several hosts without `target_session_attrs=read-write` could land on
+/// a standby: refused at start, exit 2, one line saying what to add.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_hosts_without_read_write_are_refused_at_start() {
+    let mut env = TestEnv::start(1).await;
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable",
+        free_port(),
+        env.pg.port
+    ));
+    env.write_config("");
+    let out = env.cli(&["check-config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("target_session_attrs=read-write"),
+        "{stderr}"
+    );
+}
+
+/// The primary dies with a change the standby never received (asynchronous
+/// replication), after the daemon invalidated its key and an app filled
+/// it again from the primary. The standby is promoted: the daemon finds it
+/// through the multi-host URL, finds no slot there, flushes every rule key
+/// once (the lost change's value among them, which the new primary does
+/// not have), recreates the slot, and invalidates what is committed on the
+/// new primary.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_standby_without_the_slot_is_followed_and_the_rules_keys_flushed_once() {
+    let mut env = TestEnv::start(10).await;
+    let mut standby = env.pg.standby().await;
+    env.url_override = Some(multi_host_url(&[env.pg.port, standby.port]));
+    env.write_config("");
+    env.setup();
+    let daemon = env.daemon().await;
+    let user = some_user(&env).await;
+    let key = format!("profile:user:{user}");
+    let mut redis = env.redis.conn().await;
+    update_bio(&env, &user, "replicated").await;
+    env.sync().await;
+    standby.caught_up_with(&env.pg).await;
+
+    // The standby goes away; the primary commits a change only it has,
+    // the daemon invalidates it, and an app caches the primary's answer.
+    standby.kill9();
+    update_bio(&env, &user, "lost in the failover").await;
+    env.sync().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("lost in the failover")
+        .query_async(&mut redis)
+        .await
+        .expect("app fill");
+    let unrelated = "unrelated:key".to_string();
+    preset(&mut redis, std::slice::from_ref(&unrelated)).await;
+
+    // The primary dies; the standby comes back and is promoted.
+    env.pg.kill9();
+    standby.start_again().await;
+    standby.promote().await;
+    std::mem::swap(&mut env.pg, &mut standby);
+    let bio: String = env
+        .pg
+        .client()
+        .await
+        .query_one(
+            "select bio from public.profiles where id = $1::text::uuid",
+            &[&user],
+        )
+        .await
+        .expect("bio")
+        .get(0);
+    assert_eq!(bio, "replicated", "the new primary lacks the lost change");
+
+    wait_for(
+        "the lost change's key to be flushed",
+        Duration::from_secs(60),
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move { surviving(&mut redis, &[key]).await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        surviving(&mut redis, &[unrelated]).await,
+        1,
+        "only rule keys"
+    );
+
+    // New changes on the new primary are invalidated.
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    update_bio(&env, &user, "after the promotion").await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, std::slice::from_ref(&key)).await, 0);
+    let metrics = scrape(&env).await;
+    assert_eq!(
+        metric(&metrics, "pgci_slot_resets_total"),
+        Some(1.0),
+        "one flush: {}",
+        daemon.log()
+    );
+    drop(standby);
+}
