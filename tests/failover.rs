@@ -189,3 +189,74 @@ async fn a_promoted_standby_without_the_slot_is_followed_and_the_rules_keys_flus
     );
     drop(standby);
 }
+
+/// The same loss, but the new primary has the slot: it was copied with the
+/// data directory (a file-level copy or a snapshot restore), at the
+/// position it had then. Resuming from it would replay the changes the
+/// standby has and never the lost one, so the value an app cached from the
+/// old primary would stay. The daemon sees the new timeline, treats the
+/// slot as lost, flushes every rule key once and rebuilds the slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_standby_with_an_old_copy_of_the_slot_is_not_trusted() {
+    let mut env = TestEnv::start(10).await;
+    env.write_config("");
+    env.setup();
+    let mut standby = env.pg.standby_with_slots().await;
+    env.url_override = Some(multi_host_url(&[env.pg.port, standby.port]));
+    env.write_config("");
+    let daemon = env.daemon().await;
+    let users: Vec<String> = env
+        .pg
+        .client()
+        .await
+        .query(
+            "select id::text from public.profiles order by id limit 2",
+            &[],
+        )
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (kept, lost) = (&users[0], &users[1]);
+    let lost_key = format!("profile:user:{lost}");
+    let mut redis = env.redis.conn().await;
+    update_bio(&env, kept, "replicated").await;
+    env.sync().await;
+    standby.caught_up_with(&env.pg).await;
+
+    standby.kill9();
+    update_bio(&env, lost, "lost in the failover").await;
+    env.sync().await;
+    let _: () = redis::cmd("SET")
+        .arg(&lost_key)
+        .arg("lost in the failover")
+        .query_async(&mut redis)
+        .await
+        .expect("app fill");
+
+    env.pg.kill9();
+    standby.start_again().await;
+    standby.promote().await;
+    std::mem::swap(&mut env.pg, &mut standby);
+
+    wait_for(
+        "the lost change's key to be flushed",
+        Duration::from_secs(60),
+        || {
+            let mut redis = redis.clone();
+            let key = lost_key.clone();
+            async move { surviving(&mut redis, &[key]).await == 0 }
+        },
+    )
+    .await;
+    env.sync().await;
+    let metrics = scrape(&env).await;
+    assert_eq!(
+        metric(&metrics, "pgci_slot_resets_total"),
+        Some(1.0),
+        "one flush: {}",
+        daemon.log()
+    );
+    drop(standby);
+}

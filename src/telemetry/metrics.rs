@@ -104,6 +104,9 @@ pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
 pub const CONFIRMED_LSN_BYTES: &str = "pgci_confirmed_lsn_bytes";
 /// Times the slot was found lost or missing and rebuilt (keys flushed).
 pub const SLOT_RESETS_TOTAL: &str = "pgci_slot_resets_total";
+/// Times the database behind the slot turned out to be another server or
+/// timeline (a promotion, a restore): the slot was rebuilt, keys flushed.
+pub const SERVER_CHANGES_TOTAL: &str = "pgci_server_changes_total";
 /// Start-ups that flushed every rule key because Redis could not show it
 /// had seen every change the slot skipped.
 pub const STARTUP_FLUSHES_TOTAL: &str = "pgci_startup_flushes_total";
@@ -293,6 +296,10 @@ fn describe() {
     describe_counter!(
         SLOT_RESETS_TOTAL,
         "Lost or missing slots rebuilt (keys flushed)"
+    );
+    describe_counter!(
+        SERVER_CHANGES_TOTAL,
+        "Promotions or restores found behind the slot (slot rebuilt, keys flushed)"
     );
     describe_counter!(
         HTTP_CONNECTIONS_REFUSED_TOTAL,

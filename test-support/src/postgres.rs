@@ -307,6 +307,18 @@ impl Postgres {
     /// this server is stopped (fast shutdown), copied, and started again.
     /// Like a base backup, the copy holds no replication slots.
     pub async fn standby(&mut self) -> Postgres {
+        self.standby_copy(false).await
+    }
+
+    /// Like [`Postgres::standby`], but the copy keeps this server's
+    /// replication slots (as a file-level copy or a snapshot restore
+    /// would): after a promotion the slot is there, at the position it had
+    /// when copied.
+    pub async fn standby_with_slots(&mut self) -> Postgres {
+        self.standby_copy(true).await
+    }
+
+    async fn standby_copy(&mut self, keep_slots: bool) -> Postgres {
         self.stop_with("-INT");
         let dir = tempfile::Builder::new()
             .prefix("pgci-pg-standby-")
@@ -325,8 +337,10 @@ impl Postgres {
         self.spawn();
         self.wait_ready().await;
         let data = dir.path().join("data");
-        for entry in std::fs::read_dir(data.join("pg_replslot")).expect("pg_replslot") {
-            let _ = std::fs::remove_dir_all(entry.expect("entry").path());
+        if !keep_slots {
+            for entry in std::fs::read_dir(data.join("pg_replslot")).expect("pg_replslot") {
+                let _ = std::fs::remove_dir_all(entry.expect("entry").path());
+            }
         }
         let _ = std::fs::remove_file(data.join("postmaster.pid"));
         std::fs::write(data.join("standby.signal"), b"").expect("standby.signal");

@@ -27,6 +27,7 @@
 pub(crate) mod drift;
 pub(crate) mod drift_watch;
 pub(crate) mod install;
+pub(crate) mod origin;
 pub(crate) mod slot;
 
 use std::sync::Arc;
@@ -38,8 +39,9 @@ use pgwire_replication::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::origin::Origin;
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
-use crate::db::{ConnInfo, Endpoint, SslMode};
+use crate::db::{ConnInfo, Db, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
 use crate::error::{self, Backoff, Class, Fatal, Pace, SlotHealth};
 use crate::lsn::Lsn;
@@ -91,7 +93,17 @@ pub struct ReplicationSource {
     /// The connection's `application_name` (`replication.application_name`).
     application_name: String,
     /// A session being opened (see `next()`).
-    opening: Option<tokio::task::JoinHandle<Result<(ReplicationClient, Endpoint), PgWireError>>>,
+    opening: Option<tokio::task::JoinHandle<Result<Opened, PgWireError>>>,
+    /// The server and timeline of the last session (see [`origin`]).
+    origin: Option<Origin>,
+}
+
+/// A session just opened: where, and on which server history.
+struct Opened {
+    client: ReplicationClient,
+    endpoint: Endpoint,
+    /// `None` when it could not be read (the session is used anyway).
+    origin: Option<Origin>,
 }
 
 impl ReplicationSource {
@@ -111,6 +123,7 @@ impl ReplicationSource {
             slot_lost: None,
             application_name: crate::config::DEFAULT_APPLICATION_NAME.to_string(),
             opening: None,
+            origin: None,
         }
     }
 
@@ -133,6 +146,9 @@ impl ReplicationSource {
         loop {
             if let Some(reason) = self.slot_lost.take() {
                 self.retry_at = None;
+                // The slot is rebuilt on whatever server answers next and
+                // every rule key flushed: its history starts there.
+                self.origin = None;
                 return Ok(Event::PositionLost { reason });
             }
             let Some(client) = self.client.as_mut() else {
@@ -154,7 +170,27 @@ impl ReplicationSource {
                     Err(PgWireError::Task(format!("opening the stream failed: {e}")))
                 });
                 match opened {
-                    Ok((client, endpoint)) => {
+                    Ok(Opened {
+                        mut client,
+                        endpoint,
+                        origin,
+                    }) => {
+                        if let Some(why) = self
+                            .origin
+                            .zip(origin)
+                            .and_then(|(seen, now)| seen.changed_to(now))
+                        {
+                            // Never resume from a slot whose history may
+                            // lack what was confirmed: rebuild and flush.
+                            client.abort();
+                            self.origin = origin;
+                            metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
+                            tracing::error!(slot = %self.slot, host = %endpoint, reason = %why,
+                                "the database behind the slot changed; treating the slot as lost");
+                            self.slot_lost = Some(why);
+                            continue;
+                        }
+                        self.origin = origin.or(self.origin);
                         if self.confirmed > Lsn::ZERO {
                             client.update_applied_lsn(pgwire_replication::Lsn::from_u64(
                                 self.confirmed.0,
@@ -485,10 +521,7 @@ fn row_of(tuple: Tuple) -> Row {
 /// Connects and waits until the server accepted START_REPLICATION.
 /// Opens a session on the writable primary among `info`'s hosts (see
 /// [`crate::db::hosts`]); returns it with the host it reached.
-async fn open(
-    info: ConnInfo,
-    mut cfg: ReplicationConfig,
-) -> Result<(ReplicationClient, Endpoint), PgWireError> {
+async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWireError> {
     if info.endpoints.len() > 1 {
         // The same server the regular connections reach; its errors keep
         // their SQLSTATE for the error policy.
@@ -508,6 +541,10 @@ async fn open(
         host: cfg.host.clone(),
         port: cfg.port,
     };
+    let origin = match Db::connect(&info.at(&endpoint)).await {
+        Ok(db) => Origin::read(&db).await.ok(),
+        Err(_) => None,
+    };
     let mut client = ReplicationClient::connect(cfg).await?;
     match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
         Ok(result) => result?,
@@ -517,7 +554,11 @@ async fn open(
             )))
         }
     }
-    Ok((client, endpoint))
+    Ok(Opened {
+        client,
+        endpoint,
+        origin,
+    })
 }
 
 #[cfg(test)]
