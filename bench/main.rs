@@ -36,7 +36,7 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live, groups, large-rows.
+    /// cluster-live, groups, large-rows, failover.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
@@ -942,6 +942,80 @@ async fn large_rows(args: &Args, buffer: u32) -> f64 {
     peak
 }
 
+/// The promotion scenario's measure: from `pg_promote()` returning on the
+/// standby until the position Redis records as applied has passed a
+/// change committed on the new primary right then — the moment the cache
+/// is provably current again. Writers keep committing one-row updates
+/// every 10 ms meanwhile. `failover_slots`: the standby synchronizes a
+/// failover slot behind `synchronized_standby_slots` (17+, no flush);
+/// otherwise the new primary has no slot (flush and rebuild).
+async fn promotion_ms(failover_slots: bool) -> f64 {
+    let mut env = TestEnv::start(1_000).await;
+    let standby = if failover_slots {
+        env.pg.failover_standby().await
+    } else {
+        env.pg.standby().await
+    };
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        env.pg.port, standby.port
+    ));
+    env.write_config("");
+    env.setup();
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    if failover_slots {
+        let client = standby.client().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client
+            .query_opt(
+                "select 1 from pg_replication_slots where slot_name = 'pg_cache_invalidator' and synced",
+                &[],
+            )
+            .await
+            .expect("standby slots")
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "the slot was not synchronized");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    env.pg.kill9();
+    standby.promote().await;
+    let promoted = Instant::now();
+    let client = standby.client().await;
+    let update = "update public.profiles set bio = md5(random()::text) \
+                   where id = (select id from public.profiles order by random() limit 1)";
+    client.execute(update, &[]).await.expect("first change");
+    let target: String = client
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let target: pg_cache_invalidator::lsn::Lsn = target.parse().expect("lsn");
+    let mut redis = env.redis.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        client.execute(update, &[]).await.expect("change");
+        let recorded: Option<String> = redis::cmd("GET")
+            .arg("pgci:position:pg_cache_invalidator")
+            .query_async(&mut redis)
+            .await
+            .expect("position");
+        if recorded
+            .and_then(|r| r.parse::<pg_cache_invalidator::lsn::Lsn>().ok())
+            .is_some_and(|r| r >= target)
+        {
+            return promoted.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not catch up after the promotion"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
@@ -1017,6 +1091,34 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let mut promotions: Vec<(&str, Vec<f64>)> = Vec::new();
+    if args.wants("failover") {
+        eprintln!("promotion of a standby, with and without failover slots");
+        let major = {
+            let env = TestEnv::start(1).await;
+            let v: String = env
+                .pg
+                .client()
+                .await
+                .query_one("show server_version_num", &[])
+                .await
+                .expect("version")
+                .get(0);
+            v.parse::<i32>().expect("version") / 10_000
+        };
+        let mut flush = Vec::new();
+        let mut synced = Vec::new();
+        for _ in 0..args.runs {
+            flush.push(promotion_ms(false).await);
+            if major >= 17 {
+                synced.push(promotion_ms(true).await);
+            }
+        }
+        promotions.push(("no slot on the new primary (flush and rebuild)", flush));
+        if !synced.is_empty() {
+            promotions.push(("synchronized failover slot (no flush)", synced));
+        }
+    }
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
         memory(&args).await
@@ -1106,6 +1208,24 @@ async fn main() {
         for (round, (mb, dead)) in capture.outbox_after.iter().enumerate() {
             lines.push(format!(
                 "Outbox after round {round} with the daemon draining: {mb:.1} MB on disk, {dead} dead tuples."
+            ));
+        }
+        lines.push(String::new());
+    }
+    if !promotions.is_empty() {
+        lines.push(
+            "| promotion (standby promoted, old primary killed) | ms until the cache is current with a change made at promotion: median | min | max |".into(),
+        );
+        lines.push("|---|---|---|---|".into());
+        for (name, ms) in &mut promotions {
+            let (min, max) = (
+                ms.iter().copied().fold(f64::INFINITY, f64::min),
+                ms.iter().copied().fold(0.0, f64::max),
+            );
+            lines.push(format!(
+                "| {name}, {} runs | {:.0} | {min:.0} | {max:.0} |",
+                ms.len(),
+                median(ms)
             ));
         }
         lines.push(String::new());

@@ -3,7 +3,9 @@
 -- (sql/demo/avolve_schema.sql). A DBA may run it by hand with
 --   psql "$DATABASE_URL" -f sql/demo/setup.sql
 -- instead of letting the daemon's `setup` do it. The integration tests check
--- that it matches what `setup --print` prints.
+-- that it matches what `setup --print` prints. On PostgreSQL 17 and later
+-- the slot is a failover slot (see the README's "Failover and upgrades"):
+--   SELECT pg_create_logical_replication_slot('pg_cache_invalidator', 'pgoutput', false, false, true);
 
 -- public.user_tokens: unique index user_tokens_user_id_token_id_key over NOT NULL columns carries the key columns
 ALTER TABLE "public"."user_tokens" REPLICA IDENTITY USING INDEX "user_tokens_user_id_token_id_key";

@@ -30,7 +30,7 @@ async fn state(loaded: Loaded, json: bool) -> Result<Option<serde_json::Value>, 
     let redis = &loaded.config.redis;
     let server = server::read_once(&redis.url, redis.ca_cert.as_deref()).await;
     let setup = install::of(&loaded.config);
-    let (rows, mut value, confirmed) = match setup.status(&db).await? {
+    let (rows, mut value, confirmed) = match setup.status(&db, &loaded.conn).await? {
         SourceStatus::Missing(why) => return Err(Failure::usage(vec![why])),
         SourceStatus::Found {
             rows,

@@ -238,6 +238,15 @@ impl ConnInfo {
         }
     }
 
+    /// The same, reaching `endpoint` whether or not it accepts writes (to
+    /// ask a standby about itself).
+    pub fn at_any(&self, endpoint: &Endpoint) -> ConnInfo {
+        ConnInfo {
+            read_write: false,
+            ..self.at(endpoint)
+        }
+    }
+
     /// The same, pinned to the host that is the writable primary now (for
     /// a connection that must reach the same server as the regular ones,
     /// such as the replication session). With one host, that host.

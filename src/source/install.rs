@@ -11,7 +11,7 @@ use tokio_postgres::error::SqlState;
 use crate::config::{Config, SourceKind};
 use futures_util::future::BoxFuture;
 
-use crate::db::{Db, DbError};
+use crate::db::{ConnInfo, Db, DbError};
 use crate::duration::HumanDuration;
 use crate::plan::rules::RuleSet;
 use crate::source::outbox;
@@ -107,9 +107,13 @@ pub trait SourceSetup: Send + Sync {
         running: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>>;
 
-    /// What `status` shows of the source: the slot, or the outbox's
-    /// backlog.
-    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>>;
+    /// What `status` shows of the source: the slot (and its copies on the
+    /// other hosts of `conn`), or the outbox's backlog.
+    fn status<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<SourceStatus, DbError>>;
 
     /// The name each target records what it applied of this source under
     /// (the key is `redis::position::key(name)`): the slot's name, or

@@ -307,7 +307,25 @@ impl Postgres {
     /// this server is stopped (fast shutdown), copied, and started again.
     /// Like a base backup, the copy holds no replication slots.
     pub async fn standby(&mut self) -> Postgres {
-        self.standby_copy(false).await
+        self.standby_copy(false, &[], &[]).await
+    }
+
+    /// A standby set up for failover slots (PostgreSQL 17+): it streams
+    /// through a physical slot (`standby1`), synchronizes failover slots
+    /// (`sync_replication_slots`), and this server holds logical changes
+    /// back until it has them (`synchronized_standby_slots`).
+    pub async fn failover_standby(&mut self) -> Postgres {
+        self.client()
+            .await
+            .batch_execute("select pg_create_physical_replication_slot('standby1', true)")
+            .await
+            .expect("physical slot");
+        self.standby_copy(
+            false,
+            &["synchronized_standby_slots=standby1"],
+            &["primary_slot_name=standby1", "sync_replication_slots=on"],
+        )
+        .await
     }
 
     /// Like [`Postgres::standby`], but the copy keeps this server's
@@ -315,10 +333,15 @@ impl Postgres {
     /// would): after a promotion the slot is there, at the position it had
     /// when copied.
     pub async fn standby_with_slots(&mut self) -> Postgres {
-        self.standby_copy(true).await
+        self.standby_copy(true, &[], &[]).await
     }
 
-    async fn standby_copy(&mut self, keep_slots: bool) -> Postgres {
+    async fn standby_copy(
+        &mut self,
+        keep_slots: bool,
+        primary_settings: &[&str],
+        standby_settings: &[&str],
+    ) -> Postgres {
         self.stop_with("-INT");
         let dir = tempfile::Builder::new()
             .prefix("pgci-pg-standby-")
@@ -334,6 +357,9 @@ impl Postgres {
             status.success(),
             "copying the primary's data directory failed"
         );
+        let mut settings = self.settings.clone();
+        self.settings
+            .extend(primary_settings.iter().map(|s| s.to_string()));
         self.spawn();
         self.wait_ready().await;
         let data = dir.path().join("data");
@@ -345,11 +371,11 @@ impl Postgres {
         let _ = std::fs::remove_file(data.join("postmaster.pid"));
         std::fs::write(data.join("standby.signal"), b"").expect("standby.signal");
         chown_to_postgres(dir.path());
-        let mut settings = self.settings.clone();
         settings.push(format!(
-            "primary_conninfo=host=127.0.0.1 port={} user=postgres application_name=standby",
+            "primary_conninfo=host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby",
             self.port
         ));
+        settings.extend(standby_settings.iter().map(|s| s.to_string()));
         settings.push("hot_standby=on".to_string());
         settings.push("hot_standby_feedback=on".to_string());
         let mut standby = Postgres {

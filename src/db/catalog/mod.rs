@@ -328,6 +328,10 @@ pub struct SlotInfo {
     pub retained_bytes: Option<i64>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
+    /// A failover slot (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// Synchronized from a primary (on a standby; 17+).
+    pub synced: Option<bool>,
 }
 
 /// Reads a slot; `None` if it does not exist.
@@ -338,8 +342,9 @@ pub async fn inspect_slot(db: &Db, slot: &str) -> Result<Option<SlotInfo>, DbErr
             "select slot_name::text, plugin::text, slot_type::text, database::text, active, \
                     active_pid, confirmed_flush_lsn::text, \
                     (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
-                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status::text \
-               from pg_replication_slots where slot_name = $1",
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status::text, \
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool \
+               from pg_replication_slots s where slot_name = $1",
             &[&slot],
         )
         .await
@@ -355,6 +360,8 @@ pub async fn inspect_slot(db: &Db, slot: &str) -> Result<Option<SlotInfo>, DbErr
         lag_bytes: r.get(7),
         retained_bytes: r.get(8),
         wal_status: r.get(9),
+        failover: r.get(10),
+        synced: r.get(11),
     }))
 }
 

@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use crate::change::TableName;
 use crate::config::OutboxConfig;
 use crate::db::catalog::TableInfo;
-use crate::db::{Db, DbError};
+use crate::db::{ConnInfo, Db, DbError};
 use crate::plan::rules::{Action, Rule, RuleSet};
 use futures_util::future::BoxFuture;
 
@@ -101,7 +101,11 @@ pub struct OutboxSetup<'c> {
 }
 
 impl SourceSetup for OutboxSetup<'_> {
-    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
+    fn status<'a>(
+        &'a self,
+        db: &'a Db,
+        _conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
         Box::pin(async move {
             let (rows, oldest) = super::drain::backlog(db, self.cfg).await?;
             Ok(SourceStatus::Found {

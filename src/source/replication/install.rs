@@ -5,8 +5,9 @@
 use crate::change::TableName;
 use crate::config::ReplicationConfig;
 use crate::db::catalog::{self, Identity};
-use crate::db::{Db, DbError};
+use crate::db::{ConnInfo, Db, DbError};
 use crate::plan::rules::RuleSet;
+use crate::source::replication::slot;
 use futures_util::future::BoxFuture;
 
 use crate::lsn::Lsn;
@@ -22,7 +23,11 @@ pub struct ReplicationSetup<'c> {
 }
 
 impl SourceSetup for ReplicationSetup<'_> {
-    fn status<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
+    fn status<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
         Box::pin(async move {
             let slot = &self.cfg.slot;
             let Some(info) = catalog::inspect_slot(db, slot).await? else {
@@ -31,7 +36,7 @@ impl SourceSetup for ReplicationSetup<'_> {
                 )));
             };
             let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
-            let rows = vec![
+            let mut rows = vec![
                 ("slot", info.slot.clone()),
                 ("plugin", opt(info.plugin.clone())),
                 ("database", opt(info.database.clone())),
@@ -50,9 +55,31 @@ impl SourceSetup for ReplicationSetup<'_> {
                 ),
                 ("wal_status", opt(info.wal_status.clone())),
             ];
+            let standby_slots = slot::standby_slots(db).await?;
+            let failover_ready = info.failover == Some(true) && !standby_slots.is_empty();
+            rows.push(("failover", failover_text(info.failover, &standby_slots)));
+            let standbys = slot::on_standbys(conn, db.endpoint(), slot).await;
+            for standby in &standbys {
+                let text = match (&standby.problem, &standby.confirmed_lsn) {
+                    (Some(problem), _) => problem.clone(),
+                    (None, lsn) => {
+                        format!("synchronized copy at {}", lsn.as_deref().unwrap_or("-"))
+                    }
+                };
+                rows.push(("standby", format!("{} {text}", standby.host)));
+            }
+            let mut json = serde_json::to_value(&info).unwrap_or_default();
+            if let Some(map) = json.as_object_mut() {
+                map.insert("failover_ready".into(), serde_json::json!(failover_ready));
+                map.insert(
+                    "synchronized_standby_slots".into(),
+                    serde_json::json!(standby_slots),
+                );
+                map.insert("standbys".into(), serde_json::json!(standbys));
+            }
             Ok(SourceStatus::Found {
                 rows,
-                json: serde_json::to_value(&info).unwrap_or_default(),
+                json,
                 confirmed: info
                     .confirmed_flush_lsn
                     .as_deref()
@@ -243,13 +270,18 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     match catalog::inspect_slot(db, slot).await? {
         None => {
             plan.creates_slot = true;
+            let major = catalog::server_major(db).await?;
             plan.steps.push(Step {
-            why: format!("replication slot {slot} keeps the changes the daemon has not confirmed"),
-            sql: format!(
-                "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
-                quote_literal(slot)
-            ),
-        })
+                why: if major >= 17 {
+                    format!("replication slot {slot} keeps the changes the daemon has not confirmed (a failover slot: a standby with sync_replication_slots = on keeps it through a promotion)")
+                } else {
+                    format!("replication slot {slot} keeps the changes the daemon has not confirmed")
+                },
+                sql: format!(
+                    "{};",
+                    super::slot::create_sql(major).replace("$1", &quote_literal(slot))
+                ),
+            })
         }
         Some(info) if info.plugin.as_deref() != Some("pgoutput") => plan.problems.push(format!(
             "replication slot {slot:?} exists with plugin {:?}: drop it or choose another [replication] slot",
@@ -428,4 +460,14 @@ pub async fn check(
         }
     }
     Ok(problems)
+}
+
+/// What `status` says about surviving a promotion.
+fn failover_text(failover: Option<bool>, standby_slots: &str) -> String {
+    match failover {
+        None => "no (PostgreSQL 16 or older has no failover slots: a promotion flushes every rule key)".to_string(),
+        Some(false) => "no: the slot was created without failover; drop it and run setup again to make a failover slot (until then a promotion flushes every rule key)".to_string(),
+        Some(true) if standby_slots.is_empty() => "a failover slot, but synchronized_standby_slots is not set on the primary: a promotion flushes every rule key (see the README's \"Failover and upgrades\")".to_string(),
+        Some(true) => format!("yes: a failover slot, and the primary waits for {standby_slots} (synchronized_standby_slots)"),
+    }
 }

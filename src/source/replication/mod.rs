@@ -39,7 +39,7 @@ use pgwire_replication::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::origin::Origin;
+use self::origin::{Origin, Since};
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
 use crate::db::{ConnInfo, Db, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
@@ -175,20 +175,24 @@ impl ReplicationSource {
                         endpoint,
                         origin,
                     }) => {
-                        if let Some(why) = self
-                            .origin
-                            .zip(origin)
-                            .and_then(|(seen, now)| seen.changed_to(now))
-                        {
-                            // Never resume from a slot whose history may
-                            // lack what was confirmed: rebuild and flush.
-                            client.abort();
-                            self.origin = origin;
-                            metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
-                            tracing::error!(slot = %self.slot, host = %endpoint, reason = %why,
-                                "the database behind the slot changed; treating the slot as lost");
-                            self.slot_lost = Some(why);
-                            continue;
+                        match self.origin.zip(origin).map(|(seen, now)| seen.then(now)) {
+                            None | Some(Since::Same) => {}
+                            Some(Since::Trusted(why)) => {
+                                metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
+                                tracing::warn!(slot = %self.slot, host = %endpoint, reason = %why,
+                                    "the database behind the slot was promoted");
+                            }
+                            Some(Since::Lost(why)) => {
+                                // Never resume from a slot whose history may
+                                // lack what was confirmed: rebuild and flush.
+                                client.abort();
+                                self.origin = origin;
+                                metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
+                                tracing::error!(slot = %self.slot, host = %endpoint, reason = %why,
+                                    "the database behind the slot changed; treating the slot as lost");
+                                self.slot_lost = Some(why);
+                                continue;
+                            }
                         }
                         self.origin = origin.or(self.origin);
                         if self.confirmed > Lsn::ZERO {
@@ -542,7 +546,7 @@ async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWi
         port: cfg.port,
     };
     let origin = match Db::connect(&info.at(&endpoint)).await {
-        Ok(db) => Origin::read(&db).await.ok(),
+        Ok(db) => Origin::read(&db, &cfg.slot).await.ok(),
         Err(_) => None,
     };
     let mut client = ReplicationClient::connect(cfg).await?;

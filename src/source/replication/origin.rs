@@ -12,6 +12,12 @@
 //! rule key) instead of resuming. A slot that is missing on the new server
 //! is reported lost by the slot check anyway.
 //!
+//! One promotion is safe to resume through: a failover slot (PostgreSQL
+//! 17+) that the standby synchronized, when the old primary held logical
+//! changes back until that standby had them (`synchronized_standby_slots`):
+//! the daemon was never handed a change the new primary lacks, so the
+//! synchronized slot resumes with no flush.
+//!
 //! The origin is remembered while the daemon runs; a daemon that was
 //! stopped during a promotion relies on the slot check alone (a slot the
 //! new primary has is trusted).
@@ -20,11 +26,31 @@ use std::fmt;
 
 use crate::db::{Db, DbError};
 
-/// A server's system identifier and current timeline.
+/// A server's system identifier and current timeline, and what it says
+/// about the slot's failover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Origin {
     system_id: i64,
     timeline: i64,
+    /// The slot is a failover slot (`failover = true`, 17+).
+    failover: bool,
+    /// The slot was synchronized from a primary (`synced`: on a promoted
+    /// standby, left over from before the promotion).
+    synced: bool,
+    /// Logical changes wait for the standbys named in
+    /// `synchronized_standby_slots` (17+).
+    waits_for_standbys: bool,
+}
+
+/// What a session's origin means after the last one.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Since {
+    /// The same server and history.
+    Same,
+    /// Promoted, and the slot can be trusted: why.
+    Trusted(String),
+    /// The slot cannot be trusted: why.
+    Lost(String),
 }
 
 impl fmt::Display for Origin {
@@ -38,26 +64,55 @@ impl Origin {
     /// WAL file's (the first 8 hex digits of its name): it changes the
     /// moment a promotion ends, where the control file's checkpoint
     /// timeline waits for the next checkpoint.
-    pub(crate) async fn read(db: &Db) -> Result<Origin, DbError> {
+    ///
+    /// The slot's columns are read through `to_jsonb` so that the query
+    /// runs on every major (`failover` and `synced` are new in 17).
+    pub(crate) async fn read(db: &Db, slot: &str) -> Result<Origin, DbError> {
         let row = db
             .client()
             .query_one(
                 "select system_identifier::int8, \
-                        ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 \
+                        ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8, \
+                        coalesce((select (to_jsonb(s) ->> 'failover')::bool \
+                                    from pg_replication_slots s where slot_name = $1), false), \
+                        coalesce((select (to_jsonb(s) ->> 'synced')::bool \
+                                    from pg_replication_slots s where slot_name = $1), false), \
+                        coalesce(current_setting('synchronized_standby_slots', true), '') <> '' \
                    from pg_control_system()",
-                &[],
+                &[&slot],
             )
             .await
             .map_err(DbError::query("reading the server's system identifier and timeline"))?;
         Ok(Origin {
             system_id: row.get(0),
             timeline: row.get(1),
+            failover: row.get(2),
+            synced: row.get(3),
+            waits_for_standbys: row.get(4),
         })
     }
 
-    /// Why a slot on `now` cannot be trusted after sessions on `self`, or
-    /// `None` when it is the same server and history.
-    pub(crate) fn changed_to(self, now: Origin) -> Option<String> {
+    /// What `now` means for the slot after sessions on `self`.
+    pub(crate) fn then(self, now: Origin) -> Since {
+        match self.changed_to(now) {
+            None => Since::Same,
+            Some(why)
+                if self.system_id == now.system_id
+                    && self.failover
+                    && self.waits_for_standbys
+                    && now.synced =>
+            {
+                Since::Trusted(format!(
+                    "{why}; the slot was synchronized to this standby and the old primary sent only what the standbys had (synchronized_standby_slots): resuming from it"
+                ))
+            }
+            Some(why) => Since::Lost(why),
+        }
+    }
+
+    /// How `now` differs from `self`, or `None` when it is the same server
+    /// and history.
+    fn changed_to(self, now: Origin) -> Option<String> {
         if self.system_id != now.system_id {
             return Some(format!(
                 "the database is another cluster now ({self} before, {now} now: a restore or a replacement)"
@@ -76,23 +131,54 @@ impl Origin {
 mod tests {
     use super::*;
 
+    const PRIMARY: Origin = Origin {
+        system_id: 7,
+        timeline: 1,
+        failover: true,
+        synced: false,
+        waits_for_standbys: true,
+    };
+
     #[test]
     fn a_new_timeline_or_system_is_a_change_and_the_same_is_not() {
-        let old = Origin {
-            system_id: 7,
-            timeline: 1,
+        assert_eq!(PRIMARY.then(PRIMARY), Since::Same);
+        let promoted = Origin {
+            timeline: 2,
+            ..PRIMARY
         };
-        assert_eq!(old.changed_to(old), None);
-        let promoted = Origin { timeline: 2, ..old };
-        assert!(old
-            .changed_to(promoted)
-            .is_some_and(|why| why.contains("timeline 2 from 1")));
+        assert!(
+            matches!(PRIMARY.then(promoted), Since::Lost(why) if why.contains("timeline 2 from 1"))
+        );
         let other = Origin {
             system_id: 8,
-            ..old
+            synced: true,
+            ..PRIMARY
         };
-        assert!(old
-            .changed_to(other)
-            .is_some_and(|why| why.contains("another cluster")));
+        assert!(matches!(PRIMARY.then(other), Since::Lost(why) if why.contains("another cluster")));
+    }
+
+    #[test]
+    fn only_a_synchronized_failover_slot_behind_waiting_standbys_is_trusted() {
+        let promoted = Origin {
+            timeline: 2,
+            synced: true,
+            ..PRIMARY
+        };
+        assert!(matches!(PRIMARY.then(promoted), Since::Trusted(_)));
+        let not_waiting = Origin {
+            waits_for_standbys: false,
+            ..PRIMARY
+        };
+        assert!(matches!(not_waiting.then(promoted), Since::Lost(_)));
+        let not_failover = Origin {
+            failover: false,
+            ..PRIMARY
+        };
+        assert!(matches!(not_failover.then(promoted), Since::Lost(_)));
+        let copied = Origin {
+            synced: false,
+            ..promoted
+        };
+        assert!(matches!(PRIMARY.then(copied), Since::Lost(_)));
     }
 }

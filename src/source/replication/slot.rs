@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{ConnInfo, Db, DbError};
+use crate::db::{ConnInfo, Db, DbError, Endpoint};
 use crate::error::{Class, Pace, Retry, SlotHealth};
 use crate::plan::rules::RuleSet;
 use crate::source::replication::drift::{drifted_tables, membership, rejoined, CatalogReport};
@@ -162,10 +162,113 @@ pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -
     }
 }
 
-/// Drops what is left of a lost slot (if no session holds it) and creates
-/// it anew at the current WAL position. Another instance doing the same at
-/// once is fine.
+/// Whether the primary `db` holds logical changes back until named
+/// standbys have them (`synchronized_standby_slots`, 17+): their names, or
+/// empty.
+pub(crate) async fn standby_slots(db: &Db) -> Result<String, DbError> {
+    let row = db
+        .client()
+        .query_one(
+            "select coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading synchronized_standby_slots"))?;
+    Ok(row.get(0))
+}
+
+/// What a standby holds of the slot, for `status`.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct OnStandby {
+    /// `host:port`.
+    pub host: String,
+    /// Whether the standby holds a synchronized copy (`synced`).
+    pub synced: bool,
+    /// That copy's confirmed position.
+    pub confirmed_lsn: Option<String>,
+    /// Why it could not be asked, or what is wrong.
+    pub problem: Option<String>,
+}
+
+/// Asks every host of `conn` but `primary` about its copy of `slot`.
+pub(crate) async fn on_standbys(conn: &ConnInfo, primary: &Endpoint, slot: &str) -> Vec<OnStandby> {
+    let mut found = Vec::new();
+    for endpoint in conn.endpoints.iter().filter(|e| *e != primary) {
+        let plain = conn.at_any(endpoint);
+        let mut entry = OnStandby {
+            host: endpoint.to_string(),
+            synced: false,
+            confirmed_lsn: None,
+            problem: None,
+        };
+        let asked = async {
+            let db = Db::connect(&plain).await?;
+            db.client()
+                .query_opt(
+                    "select (to_jsonb(s) ->> 'synced')::bool, confirmed_flush_lsn::text \
+                       from pg_replication_slots s where slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(DbError::query("reading the standby's slots"))
+        };
+        match asked.await {
+            Ok(Some(row)) => {
+                entry.synced = row.get::<_, Option<bool>>(0).unwrap_or(false);
+                entry.confirmed_lsn = row.get(1);
+                if !entry.synced {
+                    entry.problem = Some("holds a copy that is not synchronized".to_string());
+                }
+            }
+            Ok(None) => {
+                entry.problem = Some(
+                    "holds no copy of the slot: set sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name, and a dbname in primary_conninfo there (PostgreSQL 17+)"
+                        .to_string(),
+                )
+            }
+            Err(error) => entry.problem = Some(format!("cannot be asked: {}", error.one_line())),
+        }
+        found.push(entry);
+    }
+    found
+}
+
+/// The statement that creates the slot (`$1`: its name). From PostgreSQL
+/// 17 on it is a failover slot: a standby with `sync_replication_slots`
+/// keeps a synchronized copy that a promotion makes usable (see
+/// [`super::origin`]). Harmless without such a standby.
+pub(crate) fn create_sql(major: i32) -> &'static str {
+    if major >= 17 {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    }
+}
+
+/// How long a rebuild waits for the session that held the old slot (this
+/// daemon's, just aborted) to let go of it.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Drops what is left of a lost slot (once no session holds it, waiting
+/// up to [`RELEASE_WAIT`]) and creates it anew at the current WAL
+/// position. Another instance doing the same at once is fine.
 async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        let active: Option<bool> = db
+            .client()
+            .query_opt(
+                "select active from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(DbError::query(format!("reading replication slot {slot}")))?
+            .map(|row| row.get(0));
+        if active != Some(true) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     db.client()
         .execute(
             "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
@@ -176,13 +279,8 @@ async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
         .map_err(DbError::query(format!(
             "dropping lost replication slot {slot}"
         )))?;
-    let created = db
-        .client()
-        .execute(
-            "select pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await;
+    let major = crate::db::catalog::server_major(db).await?;
+    let created = db.client().execute(create_sql(major), &[&slot]).await;
     match created {
         Ok(_) => Ok(()),
         Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
