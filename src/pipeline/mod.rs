@@ -240,15 +240,23 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         }
     }
 
-    /// The position was rebuilt: acks of the old one must not be confirmed
-    /// to the new one, and every key is flushed (after everything already
-    /// read, which the sink applies first).
-    fn reset_after_position_loss(&mut self) {
+    /// The position was rebuilt, starting at `start`: acks of the old one
+    /// must not be confirmed to the new one, and every key is flushed
+    /// (after everything already read, which the sink applies first). The
+    /// flush's batch carries `start`, so the position each target records
+    /// (which write tokens are compared with) moves to the new position in
+    /// the same transaction as the flush: after a promotion the old
+    /// primary's positions may lie ahead of the new one's, and a record
+    /// left there would answer tokens taken on the new primary from the
+    /// cache before their changes were applied.
+    fn reset_after_position_loss(&mut self, start: A) {
         self.generation += 1;
         self.queued_ack = A::default();
+        self.pending.ack = None;
         self.txn = None;
         let flush = self.planner.plan_flush_all();
         self.push(flush);
+        self.set_ack(start);
     }
 
     async fn change(&mut self, change: &Change) -> Result<(), PipelineError> {
@@ -377,10 +385,10 @@ pub async fn run<S: Source, K: Sink>(
                     Ok(Some(reason)) => {
                         // Rebuild the position first, then flush: a change
                         // committed after the flush is then in the new slot.
-                        if !source.recover(&cancel).await {
+                        let Some(start) = source.recover(&cancel).await else {
                             break Ok(());
-                        }
-                        stream.reset_after_position_loss();
+                        };
+                        stream.reset_after_position_loss(start);
                         metrics::counter!(m::SLOT_RESETS_TOTAL).increment(1);
                         tracing::error!(reason = %reason,
                             "replication slot recreated; flushing every key of every rule");

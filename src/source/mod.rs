@@ -82,9 +82,13 @@ pub trait Source {
     /// Everything up to `ack` is applied: Redis acknowledged it.
     fn confirm(&mut self, ack: Self::Ack);
 
-    /// Rebuilds a lost position (recreates the slot); `false` if `cancel`
-    /// fired first. Confirmations made before are forgotten.
-    fn recover(&mut self, cancel: &CancellationToken) -> impl Future<Output = bool> + Send;
+    /// Rebuilds a lost position (recreates the slot): where the new one
+    /// starts (`Self::Ack::default()` when it has none to tell), or `None`
+    /// if `cancel` fired first. Confirmations made before are forgotten.
+    fn recover(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Option<Self::Ack>> + Send;
 
     /// Once a second: update gauges such as the lag.
     fn tick(&self) {}

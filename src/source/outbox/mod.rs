@@ -132,8 +132,8 @@ impl Source for OutboxSource {
     }
 
     /// The outbox never loses its position: rows stay until deleted.
-    async fn recover(&mut self, _cancel: &CancellationToken) -> bool {
-        true
+    async fn recover(&mut self, _cancel: &CancellationToken) -> Option<Self::Ack> {
+        Some(Self::Ack::default())
     }
 
     async fn shutdown(self) {

@@ -429,12 +429,10 @@ impl Source for ReplicationSource {
 
     /// Recreates the slot first, then forgets old confirmations: a change
     /// committed after the flush the loop plans next is in the new slot.
-    async fn recover(&mut self, cancel: &CancellationToken) -> bool {
-        if !slot::recreate(&self.info, &self.slot, cancel).await {
-            return false;
-        }
+    async fn recover(&mut self, cancel: &CancellationToken) -> Option<Lsn> {
+        let start = slot::recreate(&self.info, &self.slot, cancel).await?;
         self.reset_confirmed();
-        true
+        Some(start)
     }
 
     fn recorded(ack: Lsn) -> Option<Lsn> {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{ConnInfo, Db, DbError, Endpoint};
 use crate::error::{Class, Pace, Retry, SlotHealth};
+use crate::lsn::Lsn;
 use crate::plan::rules::RuleSet;
 use crate::source::replication::drift::{drifted_tables, membership, rejoined, CatalogReport};
 use crate::source::replication::HEARTBEAT_PREFIX;
@@ -136,9 +137,9 @@ pub async fn publication_exists(conn: &ConnInfo, publication: &str) -> Option<bo
         .map(|p| p.is_some())
 }
 
-/// Recreates the slot, retrying until it works; `false` if `cancel` fired
-/// first.
-pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> bool {
+/// Recreates the slot, retrying until it works: the position it starts at
+/// (zero when it cannot be read); `None` if `cancel` fired first.
+pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> Option<Lsn> {
     let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
     loop {
         let result = match Db::connect(conn).await {
@@ -146,16 +147,16 @@ pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -
             Err(error) => Err(error),
         };
         match result {
-            Ok(()) => return true,
+            Ok(start) => return Some(start),
             Err(error) => {
                 // Every error is retried: the operator sees the warning,
                 // and nothing can be applied without a slot.
                 let Ok(delay) = retry.after(&error, Class::Transient) else {
-                    return false;
+                    return None;
                 };
                 tracing::warn!(error = %error, retry_in = ?delay, "cannot recreate the replication slot; retrying");
                 if retry.sleep(delay).await.is_err() {
-                    return false;
+                    return None;
                 }
             }
         }
@@ -251,8 +252,9 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Drops what is left of a lost slot (once no session holds it, waiting
 /// up to [`RELEASE_WAIT`]) and creates it anew at the current WAL
-/// position. Another instance doing the same at once is fine.
-async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
+/// position, which it returns. Another instance doing the same at once is
+/// fine.
+async fn recreate_slot(db: &Db, slot: &str) -> Result<Lsn, DbError> {
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
     loop {
         let active: Option<bool> = db
@@ -282,14 +284,19 @@ async fn recreate_slot(db: &Db, slot: &str) -> Result<(), DbError> {
     let major = crate::db::catalog::server_major(db).await?;
     let created = db.client().execute(create_sql(major), &[&slot]).await;
     match created {
-        Ok(_) => Ok(()),
-        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-            Ok(())
+        Ok(_) => {}
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+        Err(error) => {
+            return Err(DbError::query(format!("creating replication slot {slot}"))(
+                error,
+            ))
         }
-        Err(error) => Err(DbError::query(format!("creating replication slot {slot}"))(
-            error,
-        )),
     }
+    let start = crate::db::catalog::inspect_slot(db, slot)
+        .await?
+        .and_then(|info| info.confirmed_flush_lsn)
+        .and_then(|text| text.parse::<Lsn>().ok());
+    Ok(start.unwrap_or(Lsn::ZERO))
 }
 
 /// Writes a heartbeat into the WAL (no table needed) and reads how much
