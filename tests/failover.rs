@@ -449,6 +449,56 @@ async fn a_synchronized_failover_slot_carries_the_stream_through_a_promotion_wit
         "{}",
         daemon.log()
     );
+    // Write tokens taken on the new primary are honoured: a value cached
+    // before the write is never returned for a read that carries its token.
+    let mut cache = pgci_client::Cache::new(
+        env.redis.conn().await,
+        pgci_client::CacheOptions {
+            after: pgci_client::AfterPolicy::Wait(Duration::from_secs(10)),
+            ..Default::default()
+        },
+    );
+    let reader = env.pg.client().await;
+    for user in &users[..3] {
+        let key = format!("profile:user:{user}");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("\"before the write\"")
+            .query_async(&mut redis)
+            .await
+            .expect("cached value");
+        after
+            .execute(
+                "update public.profiles set bio = 'after the promotion' where id = $1::text::uuid",
+                &[user],
+            )
+            .await
+            .expect("write");
+        let token = pgci_client::write_token(&after).await.expect("token");
+        let reader = &reader;
+        let (value, _) = cache
+            .get_or_load(
+                &key,
+                60,
+                || async move {
+                    let row = reader
+                        .query_one(
+                            "select to_jsonb(bio)::text from public.profiles where id = $1::text::uuid",
+                            &[user],
+                        )
+                        .await?;
+                    Ok::<_, tokio_postgres::Error>(Some(row.get::<_, String>(0)))
+                },
+                Some(token),
+            )
+            .await
+            .expect("read with the token");
+        assert_eq!(
+            value.as_deref(),
+            Some("\"after the promotion\""),
+            "{key}: a read with the write's token returned {value:?}"
+        );
+    }
     let untouched: Vec<String> = keys[users.len() / 2..].to_vec();
     assert_eq!(
         surviving(&mut redis, &untouched).await,
