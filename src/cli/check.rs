@@ -12,7 +12,10 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     if !problems.is_empty() {
         return Err(Failure::usage(problems));
     }
-    for warning in catalog::warnings(&db, &loaded.rules).await? {
+    let setup = install::of(&loaded.config);
+    let mut warnings = catalog::warnings(&db, &loaded.rules).await?;
+    warnings.extend(setup.warnings(&db, &loaded.conn).await?);
+    for warning in warnings {
         eprintln!("warning: {warning}");
     }
     let redis = &loaded.config.redis;
@@ -27,7 +30,7 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
             redis.url.redacted()
         ),
     }
-    let source = install::of(&loaded.config).ready();
+    let source = setup.ready();
     println!(
         "ok: {} table(s), {source} on {}",
         loaded.rules.tables().count(),

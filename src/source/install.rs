@@ -115,6 +115,17 @@ pub trait SourceSetup: Send + Sync {
         conn: &'a ConnInfo,
     ) -> BoxFuture<'a, Result<SourceStatus, DbError>>;
 
+    /// Warnings for `check-config`: what would cost a flush later (a
+    /// promotion without a synchronized failover slot, when `conn` names
+    /// standbys). None by default.
+    fn warnings<'a>(
+        &'a self,
+        _db: &'a Db,
+        _conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// The name each target records what it applied of this source under
     /// (the key is `redis::position::key(name)`): the slot's name, or
     /// `outbox:SCHEMA` for the outbox's count of applied batches.

@@ -88,6 +88,36 @@ impl SourceSetup for ReplicationSetup<'_> {
         })
     }
 
+    fn warnings<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
+        Box::pin(async move {
+            // Only a URL that names standbys says a promotion is planned for.
+            if conn.endpoints.len() < 2 {
+                return Ok(Vec::new());
+            }
+            let Some(info) = catalog::inspect_slot(db, &self.cfg.slot).await? else {
+                return Ok(Vec::new());
+            };
+            let standby_slots = slot::standby_slots(db).await?;
+            let mut warnings = Vec::new();
+            if info.failover != Some(true) || standby_slots.is_empty() {
+                warnings.push(format!(
+                    "postgres.url names standbys, but the slot is not ready for a promotion ({})",
+                    failover_text(info.failover, &standby_slots)
+                ));
+            }
+            for standby in slot::on_standbys(conn, db.endpoint(), &self.cfg.slot).await {
+                if let (Some(problem), Some(true)) = (&standby.problem, info.failover) {
+                    warnings.push(format!("standby {} {problem}", standby.host));
+                }
+            }
+            Ok(warnings)
+        })
+    }
+
     fn record_name(&self) -> String {
         self.cfg.slot.clone()
     }

@@ -102,8 +102,7 @@ pub struct ReplicationSource {
 struct Opened {
     client: ReplicationClient,
     endpoint: Endpoint,
-    /// `None` when it could not be read (the session is used anyway).
-    origin: Option<Origin>,
+    origin: Origin,
 }
 
 impl ReplicationSource {
@@ -175,7 +174,7 @@ impl ReplicationSource {
                         endpoint,
                         origin,
                     }) => {
-                        match self.origin.zip(origin).map(|(seen, now)| seen.then(now)) {
+                        match self.origin.map(|seen| seen.then(origin)) {
                             None | Some(Since::Same) => {}
                             Some(Since::Trusted(why)) => {
                                 metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
@@ -186,7 +185,7 @@ impl ReplicationSource {
                                 // Never resume from a slot whose history may
                                 // lack what was confirmed: rebuild and flush.
                                 client.abort();
-                                self.origin = origin;
+                                self.origin = Some(origin);
                                 metrics::counter!(m::SERVER_CHANGES_TOTAL).increment(1);
                                 tracing::error!(slot = %self.slot, host = %endpoint, reason = %why,
                                     "the database behind the slot changed; treating the slot as lost");
@@ -194,7 +193,7 @@ impl ReplicationSource {
                                 continue;
                             }
                         }
-                        self.origin = origin.or(self.origin);
+                        self.origin = Some(origin);
                         if self.confirmed > Lsn::ZERO {
                             client.update_applied_lsn(pgwire_replication::Lsn::from_u64(
                                 self.confirmed.0,
@@ -521,6 +520,15 @@ fn row_of(tuple: Tuple) -> Row {
 }
 
 /// Connects and waits until the server accepted START_REPLICATION.
+/// A regular connection's error met while opening a session, as the
+/// stream's error policy reads it: the SQLSTATE kept where there is one.
+fn as_stream_error(error: &crate::db::DbError) -> PgWireError {
+    match error.sqlstate() {
+        Some(code) => PgWireError::Server(format!("{} (SQLSTATE {code})", error.one_line())),
+        None => PgWireError::Task(error.one_line()),
+    }
+}
+
 /// Opens a session on the writable primary among `info`'s hosts (see
 /// [`crate::db::hosts`]); returns it with the host it reached.
 async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWireError> {
@@ -543,10 +551,14 @@ async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWi
         host: cfg.host.clone(),
         port: cfg.port,
     };
-    let origin = match Db::connect(&info.at(&endpoint)).await {
-        Ok(db) => Origin::read(&db, &cfg.slot).await.ok(),
-        Err(_) => None,
-    };
+    // Never stream without knowing which history the slot is on (see
+    // [`origin`]): a session whose origin cannot be read is retried.
+    let origin = async {
+        let db = Db::connect(&info.at(&endpoint)).await?;
+        Origin::read(&db, &cfg.slot).await
+    }
+    .await
+    .map_err(|error| as_stream_error(&error))?;
     let mut client = ReplicationClient::connect(cfg).await?;
     match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
         Ok(result) => result?,
