@@ -572,3 +572,62 @@ async fn readiness_says_why_redis_holds_the_stream() {
     env.sync().await;
     drop(daemon);
 }
+
+/// A `redis.url` that reaches nothing, or reaches a server that is not
+/// Redis (PostgreSQL's port): `check-config` refuses it (exit 2, one line
+/// naming Redis); `run` logs the first failed attempt at once, `/readyz`
+/// names Redis, and SIGTERM still exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_url_that_does_not_work_is_refused_and_named() {
+    let mut env = TestEnv::start(1).await;
+    env.write_config("");
+    env.setup();
+    for url in [
+        format!("redis://127.0.0.1:{}/0", crate::support::free_port()),
+        format!("redis://127.0.0.1:{}/0", env.pg.port),
+    ] {
+        env.redis_url_override = Some(url.clone());
+        env.write_config("");
+        let out = env.cli(&["check-config"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{url}: {stderr}");
+        assert!(
+            errors[0].contains("redis") && errors[0].contains("cannot read INFO"),
+            "{stderr}"
+        );
+    }
+    env.redis_url_override = Some(format!(
+        "redis://127.0.0.1:{}/0",
+        crate::support::free_port()
+    ));
+    env.write_config("");
+    let mut daemon = env.spawn_daemon();
+    let started = std::time::Instant::now();
+    wait_for(
+        "the first failed attempt in the log",
+        Duration::from_secs(3),
+        || {
+            let log = daemon.log();
+            async move { log.contains("cannot connect to redis; retrying") }
+        },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let port = env.http_port;
+    wait_for(
+        "/readyz to name redis",
+        Duration::from_secs(10),
+        || async move {
+            http_get(port, "/readyz")
+                .await
+                .is_some_and(|(status, body)| {
+                    status == 503 && body.contains("cannot connect to redis")
+                })
+        },
+    )
+    .await;
+    let status = daemon.terminate().await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}

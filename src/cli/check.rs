@@ -18,17 +18,24 @@ pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
-    let redis = &loaded.config.redis;
-    match server::read_once(&redis.url, redis.ca_cert.as_deref()).await {
-        Ok(info) => {
-            for warning in info.warnings() {
-                eprintln!("warning: {warning}");
+    // Every target must answer as a Redis: a URL that reaches nothing, or
+    // another server, would otherwise pass here and fail every batch.
+    let mut unusable = Vec::new();
+    for target in &loaded.config.targets {
+        match server::read_once(&target.url, target.ca_cert.as_deref()).await {
+            Ok(info) => {
+                for warning in info.warnings() {
+                    eprintln!("warning: {warning}");
+                }
             }
+            Err(error) => unusable.push(format!(
+                "redis {}: cannot read INFO ({error}): start Redis there, or fix the URL (`run` would wait for it)",
+                target.url.redacted()
+            )),
         }
-        Err(error) => eprintln!(
-            "warning: cannot read redis INFO at {} ({error}): its settings are not checked",
-            redis.url.redacted()
-        ),
+    }
+    if !unusable.is_empty() {
+        return Err(Failure::usage(unusable));
     }
     let source = setup.ready();
     println!(

@@ -122,6 +122,13 @@ impl Health {
         }
     }
 
+    /// Whether some Redis target has failed an attempt since it last
+    /// answered (a target not tried yet is not failing).
+    pub fn redis_failing(&self) -> bool {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.iter().any(|t| !t.ok && !t.reason.is_empty())
+    }
+
     /// Whether every Redis target answered its last attempt.
     pub fn redis_ok(&self) -> bool {
         let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());

@@ -177,6 +177,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "a watched table is no longer covered by the publication or its replica identity (see the log)".to_string(),
         )
+    } else if state.health.redis_failing() {
+        // Before the stream: at start-up Redis is connected first, and a
+        // Redis that fails keeps the stream from starting.
+        (StatusCode::SERVICE_UNAVAILABLE, state.health.redis_reason())
     } else if !state.health.streaming() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,7 +32,11 @@ impl RedisSink {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_max_delay(Pace::REDIS.max);
+            .set_max_delay(Pace::REDIS.max)
+            // One attempt per call: the loop below retries, and logs and
+            // reports each failure as it happens (the manager's own retries
+            // would keep the first one silent for seconds).
+            .set_number_of_retries(0);
         let mut retry = Retry::until_shutdown(&Pace::REDIS, &cancel);
         let conn = loop {
             let attempt = match cluster {
@@ -56,7 +60,12 @@ impl RedisSink {
                         Err(_) => return Err(SinkError::GaveUp(error.to_string())),
                     };
                     metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
-                    tracing::warn!(error = %url.scrub(&error.to_string()), url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
+                    let shown = url.scrub(&error.to_string());
+                    health.failing(&format!(
+                        "cannot connect to redis at {}: {shown}",
+                        url.redacted()
+                    ));
+                    tracing::warn!(error = %shown, url = %url.redacted(), retry_in = ?delay, "cannot connect to redis; retrying");
                     if retry.sleep(delay).await.is_err() {
                         return Err(SinkError::GaveUp(error.to_string()));
                     }
