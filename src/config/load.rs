@@ -67,7 +67,25 @@ fn without_snippets(text: &str) -> String {
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect();
-    one_line(&kept.join(": "))
+    with_dotted_keys(&one_line(&kept.join(": ")))
+}
+
+/// The configuration crate names a field inside an array without its dot
+/// (`rules[0]action`): written as the file would be (`rules[0].action`).
+fn with_dotted_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphabetic() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
 }
 
 fn one_line(text: &str) -> String {

@@ -14,7 +14,31 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::duration::HumanDuration;
+
+/// A configuration enum read from its name (`#[serde(try_from = "String")]`),
+/// so that a typo is answered with the valid names: `action "invalidate" is
+/// not one of: delete, refresh`.
+macro_rules! named_values {
+    ($ty:ty, $what:literal, [$($name:literal => $variant:expr),+ $(,)?]) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+
+            fn try_from(text: String) -> Result<Self, String> {
+                match text.as_str() {
+                    $($name => Ok($variant),)+
+                    other => Err(format!(
+                        "{} {:?} is not one of: {}",
+                        $what,
+                        other,
+                        [$($name),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
 pub use crate::secret::{redact_url, SecretUrl};
+pub(crate) use named_values;
 
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pg-cache-invalidator/config.toml";
@@ -105,7 +129,7 @@ pub struct PostgresConfig {
 
 /// The change stream the daemon reads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum SourceKind {
     /// A logical replication slot with `pgoutput`.
     #[default]
@@ -113,6 +137,9 @@ pub enum SourceKind {
     /// A trigger-fed outbox table.
     Outbox,
 }
+
+named_values!(SourceKind, "source", ["replication" => SourceKind::Replication, "outbox" => SourceKind::Outbox]);
+named_values!(LogFormat, "log format", ["text" => LogFormat::Text, "json" => LogFormat::Json]);
 
 /// `[setup]`
 #[derive(Debug, Clone, Deserialize)]
@@ -180,7 +207,7 @@ pub struct LogConfig {
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]

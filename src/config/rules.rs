@@ -9,7 +9,7 @@ use crate::duration::HumanDuration;
 /// What the app caches under a `delete` rule's keys, so `verify` can
 /// compare them with the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum Holds {
     /// The row's JSON as `select *` returns it through Supabase/PostgREST
     /// (`to_jsonb` of the row).
@@ -18,7 +18,7 @@ pub enum Holds {
 
 /// What the daemon does with a rule's keys when a row changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum Action {
     /// Remove the keys; the app's next read repopulates them.
     #[default]
@@ -26,6 +26,9 @@ pub enum Action {
     /// Write the new row into the keys.
     Refresh,
 }
+
+super::named_values!(Holds, "holds", ["row" => Holds::Row]);
+super::named_values!(Action, "action", ["delete" => Action::Delete, "refresh" => Action::Refresh]);
 
 impl Action {
     /// The name used in events and logs.

@@ -188,3 +188,27 @@ fn a_bad_table_name_fails_when_the_file_is_read() {
     assert!(text.contains("\"a.b.c\" is not a table name"), "{text}");
     assert!(text.contains("rules"), "{text}");
 }
+
+#[test]
+fn a_typo_in_a_named_value_lists_the_valid_ones_and_names_the_field() {
+    let Err(ConfigError::Load(text)) = parse(
+        "[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k:{id}\"]\naction = \"invalidate\"\n",
+    ) else {
+        panic!("loaded");
+    };
+    assert!(
+        text.contains("action \"invalidate\" is not one of: delete, refresh"),
+        "{text}"
+    );
+    assert!(text.contains("`rules[0].action`"), "{text}");
+    let Err(ConfigError::Load(text)) = parse(
+        "[postgres]\nurl = \"postgres://u@h/db\"\nsource = \"replicaton\"\n[redis]\nurl = \"redis://h\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k:{id}\"]\n",
+    ) else {
+        panic!("loaded");
+    };
+    assert!(text.contains("is not one of: replication, outbox"), "{text}");
+    let loaded = parse(
+        "[postgres]\nurl = \"postgres://u@h/db\"\nsource = \"outbox\"\n[redis]\nurl = \"redis://h\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k:{id}\"]\naction = \"refresh\"\n",
+    );
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+}
