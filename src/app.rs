@@ -139,7 +139,7 @@ async fn start_and_run(
     let listener = telemetry::http::bind(&config.http.listen)
         .await
         .map_err(|e| Stopped::Problems(vec![e]))?;
-    tracing::info!(listen = %config.http.listen, "serving /metrics /healthz /readyz");
+    tracing::info!(listen = %config.http.listen, "serving the status page at /, and /metrics /healthz /readyz");
     let board = Board::new(
         install::of(config).label(),
         rules.tables().map(|(t, _)| t.to_string()).collect(),

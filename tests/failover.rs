@@ -78,6 +78,10 @@ async fn a_multi_host_url_reaches_the_primary_wherever_it_is_listed() {
     update_bio(&env, &user, "multi-host").await;
     env.sync().await;
     assert_eq!(surviving(&mut redis, &[key]).await, 0);
+    // Positions print as PostgreSQL writes them, never as Rust debug text.
+    let log = daemon.log();
+    assert!(log.contains("lease functions loaded"), "{log}");
+    assert!(!log.contains("Lsn(") && !log.contains("loaded=["), "{log}");
     let started = format!("host=127.0.0.1:{}", env.pg.port);
     assert!(
         daemon

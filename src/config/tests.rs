@@ -206,7 +206,10 @@ fn a_typo_in_a_named_value_lists_the_valid_ones_and_names_the_field() {
     ) else {
         panic!("loaded");
     };
-    assert!(text.contains("is not one of: replication, outbox"), "{text}");
+    assert!(
+        text.contains("is not one of: replication, outbox"),
+        "{text}"
+    );
     let loaded = parse(
         "[postgres]\nurl = \"postgres://u@h/db\"\nsource = \"outbox\"\n[redis]\nurl = \"redis://h\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k:{id}\"]\naction = \"refresh\"\n",
     );

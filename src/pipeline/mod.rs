@@ -452,7 +452,7 @@ impl<A: Copy> Unconfirmed<A> {
 
 /// The sink task: resolves and applies batches in order and publishes each
 /// batch's ack after the sink acknowledged it.
-async fn apply_batches<A: Copy + std::fmt::Debug, K: Sink>(
+async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     mut resolver: Resolver,
     mut sink: K,
     mut held: held::Held,
@@ -542,7 +542,7 @@ async fn apply_batches<A: Copy + std::fmt::Debug, K: Sink>(
                     keys = now.keys - reported.keys,
                     batches = now.batches - reported.batches,
                     retries = now.retries - reported.retries,
-                    applied = ?ack.borrow().1,
+                    applied = %ack.borrow().1,
                     "progress"
                 );
             }

@@ -74,7 +74,14 @@ pub enum Event<A> {
 /// inside the source; only fatal ones come out of [`Source::next`].
 pub trait Source {
     /// What is confirmed back once everything before it is applied.
-    type Ack: Copy + Default + PartialOrd + Send + Sync + std::fmt::Debug + 'static;
+    type Ack: Copy
+        + Default
+        + PartialOrd
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + std::fmt::Display
+        + 'static;
 
     /// The next event. Cancel-safe: dropping the future loses no event.
     fn next(&mut self) -> impl Future<Output = Result<Event<Self::Ack>, Fatal>> + Send;

@@ -20,6 +20,16 @@ pub enum Loaded {
     Scripts,
 }
 
+impl std::fmt::Display for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Loaded::Current => "already loaded",
+            Loaded::Functions => "function library loaded",
+            Loaded::Scripts => "scripts loaded (no Redis Functions)",
+        })
+    }
+}
+
 /// Loads (or replaces) the lease functions.
 pub async fn load<C: ConnectionLike>(conn: &mut C) -> Result<Loaded, RedisError> {
     let library = lease::library();

@@ -108,7 +108,10 @@ impl RedisSink {
             Err(error) => Err(error),
         };
         match loaded {
-            Ok(how) => tracing::info!(loaded = ?how, "lease functions loaded for app readers"),
+            Ok(how) => {
+                let how: Vec<String> = how.iter().map(ToString::to_string).collect();
+                tracing::info!(loaded = %how.join(", "), "lease functions loaded for app readers")
+            }
             // Readers load them themselves when missing; the daemon's own
             // work does not need them.
             Err(error) => tracing::warn!(error = %url.scrub(&error.to_string()),

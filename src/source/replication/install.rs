@@ -43,7 +43,9 @@ impl SourceSetup for ReplicationSetup<'_> {
                 (
                     "active",
                     match info.active_pid {
-                        Some(pid) if info.active => format!("yes (pid {pid})"),
+                        Some(pid) if info.active => {
+                            format!("yes (by a walsender, backend {pid}, serving the daemon)")
+                        }
                         _ => "no".to_string(),
                     },
                 ),
@@ -330,7 +332,7 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
     if let Some(slot) = catalog::inspect_slot(db, &cfg.slot).await? {
         if slot.active {
             plan.problems.push(format!(
-                "replication slot {:?} is in use by pid {}: stop the daemon first",
+                "replication slot {:?} is being streamed (walsender backend {}): stop the daemon that streams it first (ending the backend only makes it reconnect)",
                 cfg.slot,
                 slot.active_pid.unwrap_or_default()
             ));
