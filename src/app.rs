@@ -355,6 +355,14 @@ async fn stream<K: Sink>(
             )
             .with_buffer(config.replication.buffer_messages)
             .with_application_name(&config.replication.application_name);
+            let source = match config.targets.first() {
+                Some(target) => source.with_origin_store(Arc::new(RedisOriginStore {
+                    url: target.url.clone(),
+                    ca_cert: target.ca_cert.clone(),
+                    slot: config.replication.slot.clone(),
+                })),
+                None => source,
+            };
             drive(source, stages, health, cancel).await
         }
     }
@@ -479,6 +487,45 @@ async fn feed_events(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// The replication source's origin kept in the first Redis target
+/// (`pgci:origin:<slot>`, see `source::replication::origin`).
+struct RedisOriginStore {
+    url: crate::secret::SecretUrl,
+    ca_cert: Option<std::path::PathBuf>,
+    slot: String,
+}
+
+impl crate::source::replication::origin::OriginStore for RedisOriginStore {
+    fn load(&self) -> futures_util::future::BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            match crate::redis::origin::read_once(&self.url, self.ca_cert.as_deref(), &self.slot)
+                .await
+            {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read the stored server origin from redis; a promotion while the daemon was stopped goes unnoticed this time");
+                    None
+                }
+            }
+        })
+    }
+
+    fn save(&self, text: String) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(error) = crate::redis::origin::write_once(
+                &self.url,
+                self.ca_cert.as_deref(),
+                &self.slot,
+                &text,
+            )
+            .await
+            {
+                tracing::warn!(error = %error, "cannot store the server origin in redis; a promotion while the daemon is stopped may go unnoticed at its next start");
+            }
+        })
     }
 }
 

@@ -532,3 +532,37 @@ async fn docker_compose_quickstart_holds_together() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The demo installs what it uses (PostgreSQL, Redis) and nothing the
+/// tests alone need (PgBouncer, npm, openssl): `ensure_deps` is the
+/// demo's list, `ensure_test_deps` adds the rest.
+#[test]
+fn the_demo_installs_only_what_it_uses() {
+    let listed = |function: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(". scripts/lib.sh; declare -f {function}"))
+            .current_dir(repo(""))
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{function} is defined in scripts/lib.sh"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let demo = listed("ensure_deps");
+    for tool in ["pgbouncer", "npm", "openssl"] {
+        assert!(!demo.contains(tool), "the demo installs {tool}: {demo}");
+    }
+    assert!(
+        demo.contains("redis-server") && demo.contains("postgresql"),
+        "{demo}"
+    );
+    let tests = listed("ensure_test_deps");
+    for tool in ["pgbouncer", "npm", "openssl"] {
+        assert!(tests.contains(tool), "the tests need {tool}: {tests}");
+    }
+    assert!(read("scripts/demo.sh").contains("\nensure_deps\n"));
+    assert!(read("scripts/test.sh").contains("\nensure_test_deps\n"));
+}

@@ -516,3 +516,79 @@ async fn a_synchronized_failover_slot_carries_the_stream_through_a_promotion_wit
     );
     drop(standby);
 }
+
+/// As with an old copy of the slot, but the daemon is stopped (SIGTERM)
+/// before the primary dies and started after the promotion: the origin it
+/// last streamed from is kept in Redis (`pgci:origin:<slot>`), so the
+/// first session on the new primary is still compared with it, and the
+/// copy of the slot is not trusted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_stopped_during_a_promotion_still_does_not_trust_an_old_copy_of_the_slot() {
+    let mut env = TestEnv::start(10).await;
+    env.write_config("");
+    env.setup();
+    let mut standby = env.pg.standby_with_slots().await;
+    env.url_override = Some(multi_host_url(&[env.pg.port, standby.port]));
+    env.write_config("");
+    let mut daemon = env.daemon().await;
+    let lost: String = env
+        .pg
+        .client()
+        .await
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("user")
+        .get(0);
+    let lost_key = format!("profile:user:{lost}");
+    let mut redis = env.redis.conn().await;
+    env.sync().await;
+    standby.caught_up_with(&env.pg).await;
+    wait_for("the origin to be stored", Duration::from_secs(10), || {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("GET")
+                .arg("pgci:origin:pg_cache_invalidator")
+                .query_async::<Option<String>>(&mut redis)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.starts_with("v1 "))
+        }
+    })
+    .await;
+
+    standby.kill9();
+    update_bio(&env, &lost, "lost in the failover").await;
+    env.sync().await;
+    let _: () = redis::cmd("SET")
+        .arg(&lost_key)
+        .arg("lost in the failover")
+        .query_async(&mut redis)
+        .await
+        .expect("app fill");
+    assert_eq!(daemon.terminate().await.code(), Some(0));
+
+    env.pg.kill9();
+    standby.start_again().await;
+    standby.promote().await;
+    std::mem::swap(&mut env.pg, &mut standby);
+    let daemon = env.daemon().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while surviving(&mut redis, std::slice::from_ref(&lost_key)).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost change's key survived a start after the promotion: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        daemon.log().contains("the database moved to timeline"),
+        "{}",
+        daemon.log()
+    );
+    drop(standby);
+}

@@ -83,7 +83,13 @@ pub fn daemon_user(
         // The version key of a refreshed key: `{key}:pgci-version`.
         parts.push(format!("~{{{pattern}}}:pgci-version"));
     }
-    parts.extend(slots.iter().map(|slot| format!("~{}", position::key(slot))));
+    for slot in slots {
+        parts.push(format!("~{}", position::key(slot)));
+        // The server origin the replication source last streamed from.
+        if !slot.starts_with("outbox:") {
+            parts.push(format!("~{}", super::origin::key(slot)));
+        }
+    }
     parts.push("resetchannels".to_string());
     if !channel.is_empty() {
         parts.push(format!("&{}", file_safe(&literal_pattern(channel))));
@@ -147,7 +153,7 @@ mod tests {
         assert!(line.starts_with("user pgci on #"), "{line}");
         assert!(!line.contains("s3cret"));
         assert!(line.contains(&sha256_hex("s3cret")));
-        assert!(line.contains(" ~profile:user:* ~{profile:user:*}:pgci-version ~pgci:position:pg_cache_invalidator "), "{line}");
+        assert!(line.contains(" ~profile:user:* ~{profile:user:*}:pgci-version ~pgci:position:pg_cache_invalidator ~pgci:origin:pg_cache_invalidator "), "{line}");
         assert!(
             line.contains(" resetchannels &cache-invalidation -@all +get "),
             "{line}"

@@ -22,6 +22,7 @@ pub mod conn;
 pub mod flush;
 pub mod inspect;
 pub mod leases;
+pub(crate) mod origin;
 pub mod position;
 pub mod server;
 

@@ -39,7 +39,7 @@ use pgwire_replication::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::origin::{Origin, Since};
+use self::origin::{Origin, OriginStore, Since};
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
 use crate::db::{ConnInfo, Db, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
@@ -96,6 +96,12 @@ pub struct ReplicationSource {
     opening: Option<tokio::task::JoinHandle<Result<Opened, PgWireError>>>,
     /// The server and timeline of the last session (see [`origin`]).
     origin: Option<Origin>,
+    /// Where the origin is kept across restarts, if anywhere.
+    store: Option<Arc<dyn OriginStore>>,
+    /// Whether the stored origin was read (once, with the first session).
+    store_read: bool,
+    /// What the store holds, as far as this daemon knows.
+    stored: Option<Origin>,
 }
 
 /// A session just opened: where, and on which server history.
@@ -103,6 +109,8 @@ struct Opened {
     client: ReplicationClient,
     endpoint: Endpoint,
     origin: Origin,
+    /// The stored origin, when it was asked for.
+    stored: Option<Origin>,
 }
 
 impl ReplicationSource {
@@ -123,7 +131,16 @@ impl ReplicationSource {
             application_name: crate::config::DEFAULT_APPLICATION_NAME.to_string(),
             opening: None,
             origin: None,
+            store: None,
+            store_read: false,
+            stored: None,
         }
+    }
+
+    /// Keeps the origin in `store` across restarts (see [`origin`]).
+    pub fn with_origin_store(mut self, store: Arc<dyn OriginStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Names the connection `name` (see `replication.application_name`).
@@ -160,9 +177,10 @@ impl ReplicationSource {
                 // and make the next attempt fail with "slot is active").
                 let cfg = self.replication_config();
                 let info = self.info.clone();
+                let store = (!self.store_read).then(|| self.store.clone()).flatten();
                 let opening = self
                     .opening
-                    .get_or_insert_with(|| tokio::spawn(open(info, cfg)));
+                    .get_or_insert_with(|| tokio::spawn(open(info, cfg, store)));
                 let opened = opening.await;
                 self.opening = None;
                 let opened = opened.unwrap_or_else(|e| {
@@ -173,7 +191,15 @@ impl ReplicationSource {
                         mut client,
                         endpoint,
                         origin,
+                        stored,
                     }) => {
+                        if !self.store_read && self.store.is_some() {
+                            // The first session compares with what the last
+                            // run streamed from.
+                            self.store_read = true;
+                            self.stored = stored;
+                            self.origin = self.origin.or(stored);
+                        }
                         match self.origin.map(|seen| seen.then(origin)) {
                             None | Some(Since::Same) => {}
                             Some(Since::Trusted(why)) => {
@@ -194,6 +220,12 @@ impl ReplicationSource {
                             }
                         }
                         self.origin = Some(origin);
+                        if self.stored != Some(origin) {
+                            self.stored = Some(origin);
+                            if let Some(store) = self.store.clone() {
+                                tokio::spawn(async move { store.save(origin.to_record()).await });
+                            }
+                        }
                         if self.confirmed > Lsn::ZERO {
                             client.update_applied_lsn(pgwire_replication::Lsn::from_u64(
                                 self.confirmed.0,
@@ -531,7 +563,11 @@ fn as_stream_error(error: &crate::db::DbError) -> PgWireError {
 
 /// Opens a session on the writable primary among `info`'s hosts (see
 /// [`crate::db::hosts`]); returns it with the host it reached.
-async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWireError> {
+async fn open(
+    info: ConnInfo,
+    mut cfg: ReplicationConfig,
+    store: Option<Arc<dyn OriginStore>>,
+) -> Result<Opened, PgWireError> {
     if info.endpoints.len() > 1 {
         // The same server the regular connections reach; its errors keep
         // their SQLSTATE for the error policy.
@@ -568,10 +604,15 @@ async fn open(info: ConnInfo, mut cfg: ReplicationConfig) -> Result<Opened, PgWi
             )))
         }
     }
+    let stored = match store {
+        Some(store) => store.load().await.as_deref().and_then(Origin::parse),
+        None => None,
+    };
     Ok(Opened {
         client,
         endpoint,
         origin,
+        stored,
     })
 }
 

@@ -18,13 +18,26 @@
 //! the daemon was never handed a change the new primary lacks, so the
 //! synchronized slot resumes with no flush.
 //!
-//! The origin is remembered while the daemon runs; a daemon that was
-//! stopped during a promotion relies on the slot check alone (a slot the
-//! new primary has is trusted).
+//! The origin is remembered while the daemon runs, and kept in an
+//! [`OriginStore`] (the app gives the first Redis target,
+//! `pgci:origin:<slot>`), so that a daemon stopped during a promotion
+//! still compares the new primary with the old one at its next start.
 
 use std::fmt;
 
+use futures_util::future::BoxFuture;
+
 use crate::db::{Db, DbError};
+
+/// Where the last origin is kept across restarts. Failures are the
+/// store's to log: without a stored origin the first session is trusted,
+/// as before the store.
+pub trait OriginStore: Send + Sync {
+    /// The stored origin's text ([`Origin::to_record`]), if any.
+    fn load(&self) -> BoxFuture<'_, Option<String>>;
+    /// Stores `text`.
+    fn save(&self, text: String) -> BoxFuture<'_, ()>;
+}
 
 /// A server's system identifier and current timeline, and what it says
 /// about the slot's failover.
@@ -92,6 +105,37 @@ impl Origin {
         })
     }
 
+    /// The stored form: `v1 <system> <timeline> <failover> <synced> <waits>`.
+    pub(crate) fn to_record(self) -> String {
+        format!(
+            "v1 {} {} {} {} {}",
+            self.system_id,
+            self.timeline,
+            u8::from(self.failover),
+            u8::from(self.synced),
+            u8::from(self.waits_for_standbys)
+        )
+    }
+
+    /// Reads [`Origin::to_record`]'s text; `None` for anything else.
+    pub(crate) fn parse(text: &str) -> Option<Origin> {
+        let mut parts = text.split(' ');
+        if parts.next()? != "v1" {
+            return None;
+        }
+        let system_id = parts.next()?.parse().ok()?;
+        let timeline = parts.next()?.parse().ok()?;
+        let mut flag = || parts.next().map(|p| p == "1");
+        let (failover, synced, waits_for_standbys) = (flag()?, flag()?, flag()?);
+        Some(Origin {
+            system_id,
+            timeline,
+            failover,
+            synced,
+            waits_for_standbys,
+        })
+    }
+
     /// What `now` means for the slot after sessions on `self`.
     pub(crate) fn then(self, now: Origin) -> Since {
         match self.changed_to(now) {
@@ -155,6 +199,21 @@ mod tests {
             ..PRIMARY
         };
         assert!(matches!(PRIMARY.then(other), Since::Lost(why) if why.contains("another cluster")));
+    }
+
+    #[test]
+    fn the_stored_form_reads_back_and_nothing_else_does() {
+        let promoted = Origin {
+            timeline: 3,
+            synced: true,
+            ..PRIMARY
+        };
+        for origin in [PRIMARY, promoted] {
+            assert_eq!(Origin::parse(&origin.to_record()), Some(origin));
+        }
+        for text in ["", "v1", "v2 7 1 1 0 1", "v1 7 x 1 0 1", "v1 7 1 1 0"] {
+            assert_eq!(Origin::parse(text), None, "{text:?}");
+        }
     }
 
     #[test]
