@@ -291,7 +291,7 @@ async fn the_verbs_work_on_a_cluster() {
 
 /// The node id of the cluster node on `port`.
 fn node_id(port: u16) -> String {
-    let out = std::process::Command::new("redis-cli")
+    let out = std::process::Command::new(crate::support::redis_cli_bin())
         .args(["-p", &port.to_string(), "cluster", "myid"])
         .output()
         .expect("redis-cli cluster myid");
@@ -319,7 +319,7 @@ async fn a_reshard_in_the_middle_of_a_stream_loses_and_reorders_nothing() {
     let (from, to) = (node_id(masters[0]), node_id(masters[1]));
     let seed = masters[0];
     let reshard = std::thread::spawn(move || {
-        std::process::Command::new("redis-cli")
+        std::process::Command::new(crate::support::redis_cli_bin())
             .args(["--cluster", "reshard", &format!("127.0.0.1:{seed}")])
             .args(["--cluster-from", &from, "--cluster-to", &to])
             .args(["--cluster-slots", "2000", "--cluster-yes"])

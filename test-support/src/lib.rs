@@ -56,6 +56,20 @@ pub fn daemon_bin() -> PathBuf {
     profile_dir.join("pg-cache-invalidator")
 }
 
+/// The Redis server binary the harness starts: `PGCI_TEST_REDIS_SERVER`
+/// when set (Valkey, or another Redis version, unpacked by
+/// `scripts/test.sh`), else `redis-server` from `PATH` (Debian's).
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("PGCI_TEST_REDIS_SERVER")
+        .map_or_else(|| PathBuf::from("redis-server"), PathBuf::from)
+}
+
+/// The `redis-cli` that forms clusters: `PGCI_TEST_REDIS_CLI` when set,
+/// else `redis-cli` from `PATH`.
+pub fn redis_cli_bin() -> PathBuf {
+    std::env::var_os("PGCI_TEST_REDIS_CLI").map_or_else(|| PathBuf::from("redis-cli"), PathBuf::from)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -52,7 +52,7 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let out = Command::new(crate::redis_cli_bin())
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -81,7 +81,7 @@ impl RedisCluster {
             .append(true)
             .open(node_dir.join("redis.log"))
             .expect("log");
-        let child = Command::new("redis-server")
+        let child = Command::new(crate::redis_server_bin())
             .args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])

@@ -77,7 +77,7 @@ impl Redis {
             .append(true)
             .open(self.dir.path().join("redis.log"))
             .expect("log");
-        let mut command = Command::new("redis-server");
+        let mut command = Command::new(crate::redis_server_bin());
         match &self.tls {
             None => {
                 command.args(["--port", &self.port.to_string()]);
