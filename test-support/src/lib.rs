@@ -67,7 +67,8 @@ pub fn redis_server_bin() -> PathBuf {
 /// The `redis-cli` that forms clusters: `PGCI_TEST_REDIS_CLI` when set,
 /// else `redis-cli` from `PATH`.
 pub fn redis_cli_bin() -> PathBuf {
-    std::env::var_os("PGCI_TEST_REDIS_CLI").map_or_else(|| PathBuf::from("redis-cli"), PathBuf::from)
+    std::env::var_os("PGCI_TEST_REDIS_CLI")
+        .map_or_else(|| PathBuf::from("redis-cli"), PathBuf::from)
 }
 
 /// A port nobody listens on right now.
