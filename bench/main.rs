@@ -965,20 +965,7 @@ async fn promotion_ms(failover_slots: bool) -> f64 {
     let _daemon = env.daemon().await;
     env.sync().await;
     if failover_slots {
-        let client = standby.client().await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while client
-            .query_opt(
-                "select 1 from pg_replication_slots where slot_name = 'pg_cache_invalidator' and synced",
-                &[],
-            )
-            .await
-            .expect("standby slots")
-            .is_none()
-        {
-            assert!(Instant::now() < deadline, "the slot was not synchronized");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        standby.wait_synced("pg_cache_invalidator").await;
     }
     env.pg.kill9();
     standby.promote().await;
@@ -1094,18 +1081,7 @@ async fn main() {
     let mut promotions: Vec<(&str, Vec<f64>)> = Vec::new();
     if args.wants("failover") {
         eprintln!("promotion of a standby, with and without failover slots");
-        let major = {
-            let env = TestEnv::start(1).await;
-            let v: String = env
-                .pg
-                .client()
-                .await
-                .query_one("show server_version_num", &[])
-                .await
-                .expect("version")
-                .get(0);
-            v.parse::<i32>().expect("version") / 10_000
-        };
+        let major = TestEnv::start(1).await.pg.major().await;
         let mut flush = Vec::new();
         let mut synced = Vec::new();
         for _ in 0..args.runs {

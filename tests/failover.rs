@@ -36,6 +36,16 @@ async fn some_user(env: &TestEnv) -> String {
         .get(0)
 }
 
+/// What an app's cache-aside read leaves in Redis: `value` under `key`.
+async fn app_fill(redis: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(redis)
+        .await
+        .expect("app fill");
+}
+
 async fn update_bio(env: &TestEnv, user: &str, bio: &str) {
     env.pg
         .client()
@@ -149,12 +159,7 @@ async fn a_promoted_standby_without_the_slot_is_followed_and_the_rules_keys_flus
         .expect("switch wal");
     update_bio(&env, &user, "lost in the failover").await;
     env.sync().await;
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg("lost in the failover")
-        .query_async(&mut redis)
-        .await
-        .expect("app fill");
+    app_fill(&mut redis, &key, "lost in the failover").await;
     let unrelated = "unrelated:key".to_string();
     preset(&mut redis, std::slice::from_ref(&unrelated)).await;
 
@@ -245,12 +250,7 @@ async fn a_promoted_standby_with_an_old_copy_of_the_slot_is_not_trusted() {
     standby.kill9();
     update_bio(&env, lost, "lost in the failover").await;
     env.sync().await;
-    let _: () = redis::cmd("SET")
-        .arg(&lost_key)
-        .arg("lost in the failover")
-        .query_async(&mut redis)
-        .await
-        .expect("app fill");
+    app_fill(&mut redis, &lost_key, "lost in the failover").await;
 
     env.pg.kill9();
     standby.start_again().await;
@@ -283,19 +283,6 @@ async fn a_promoted_standby_with_an_old_copy_of_the_slot_is_not_trusted() {
     drop(standby);
 }
 
-/// The server's major version.
-async fn major(env: &TestEnv) -> i32 {
-    let version: String = env
-        .pg
-        .client()
-        .await
-        .query_one("show server_version_num", &[])
-        .await
-        .expect("version")
-        .get(0);
-    version.parse::<i32>().expect("a number") / 10000
-}
-
 /// PostgreSQL 17+, failover slots: setup creates a failover slot, the
 /// standby synchronizes it, the primary holds logical changes back until
 /// the standby has them. The primary dies in the middle of a stream and
@@ -306,7 +293,7 @@ async fn major(env: &TestEnv) -> i32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_synchronized_failover_slot_carries_the_stream_through_a_promotion_without_a_flush() {
     let mut env = TestEnv::start(20).await;
-    if major(&env).await < 17 {
+    if env.pg.major().await < 17 {
         env.write_config("");
         let out = env.cli(&["setup", "--print"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -351,28 +338,7 @@ async fn a_synchronized_failover_slot_carries_the_stream_through_a_promotion_wit
     env.sync().await;
 
     // The standby holds a synchronized copy of the slot.
-    let standby_client = standby.client().await;
-    wait_for(
-        "the slot to be synchronized to the standby",
-        Duration::from_secs(60),
-        || {
-            let standby_client = &standby_client;
-            async move {
-                standby_client
-                    .query_opt(
-                        "select 1 from pg_replication_slots \
-                          where slot_name = 'pg_cache_invalidator' and synced and not temporary",
-                        &[],
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some()
-            }
-        },
-    )
-    .await;
-    drop(standby_client);
+    standby.wait_synced("pg_cache_invalidator").await;
     let out = env.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -563,12 +529,7 @@ async fn a_daemon_stopped_during_a_promotion_still_does_not_trust_an_old_copy_of
     standby.kill9();
     update_bio(&env, &lost, "lost in the failover").await;
     env.sync().await;
-    let _: () = redis::cmd("SET")
-        .arg(&lost_key)
-        .arg("lost in the failover")
-        .query_async(&mut redis)
-        .await
-        .expect("app fill");
+    app_fill(&mut redis, &lost_key, "lost in the failover").await;
     assert_eq!(daemon.terminate().await.code(), Some(0));
 
     env.pg.kill9();

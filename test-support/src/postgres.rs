@@ -407,6 +407,38 @@ impl Postgres {
         assert!(promoted, "the standby was not promoted: {}", self.log());
     }
 
+    /// The server's major version (15, 17, 18, ...).
+    pub async fn major(&self) -> i32 {
+        let version: String = self
+            .client()
+            .await
+            .query_one("show server_version_num", &[])
+            .await
+            .expect("server_version_num")
+            .get(0);
+        version.parse::<i32>().expect("a number") / 10_000
+    }
+
+    /// Waits until this standby holds a synchronized copy of `slot`
+    /// (a failover slot, PostgreSQL 17+).
+    pub async fn wait_synced(&self, slot: &str) {
+        let client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client
+            .query_opt(
+                "select 1 from pg_replication_slots where slot_name = $1 and synced and not temporary",
+                &[&slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "{slot} was not synchronized to the standby");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until this standby has replayed everything `primary` has
     /// written so far.
     pub async fn caught_up_with(&self, primary: &Postgres) {
