@@ -1016,3 +1016,55 @@ async fn a_start_without_the_outbox_record_flushes_once() {
     assert_eq!(surviving(&mut redis, &keys).await, 0, "{}", daemon.log());
     assert!(daemon.log().contains("holds no record"), "{}", daemon.log());
 }
+
+/// A writer that read the wake-up request before the drainer made it
+/// (here: its transaction began before the daemon started) commits
+/// without a NOTIFY after the drainer's last look; the drainer, seeing it
+/// running when it asked, looks again once it ends instead of sleeping the
+/// whole poll interval (a minute here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_that_missed_the_wake_up_request_is_seen_without_polling() {
+    let mut env = outbox_env(3).await;
+    env.write_config("[outbox]\npoll_interval = \"60s\"\n");
+    let u = users(&env, 1).await;
+    let key = format!("profile:user:{}", u[0].id);
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    let writer = env.pg.client().await;
+    writer.batch_execute("begin").await.expect("begin");
+    writer
+        .execute(
+            "update public.profiles set bio = 'early' where id = $1::text::uuid",
+            &[&u[0].id],
+        )
+        .await
+        .expect("update");
+    let daemon = env.daemon().await;
+    // The drainer asks for wake-ups and waits.
+    let admin = env.pg.client().await;
+    wait_for(
+        "the drainer to ask for wake-ups",
+        Duration::from_secs(10),
+        || async {
+            admin
+                .query_one("select wake from cache_invalidator.state", &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.batch_execute("commit").await.expect("commit");
+    let committed = std::time::Instant::now();
+    let deadline = committed + Duration::from_secs(15);
+    while crate::support::surviving(&mut redis, std::slice::from_ref(&key)).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was not applied within 15 s of its commit (the poll interval is 60 s): {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("applied {:?} after the commit", committed.elapsed());
+}

@@ -382,7 +382,11 @@ async fn waiters_are_released_by_a_standby_daemon_or_the_runbook() {
         .expect("writer task");
     assert_eq!(
         crate::support::surviving(&mut redis, std::slice::from_ref(&keys[0])).await,
-        0
+        0,
+        "released only after the invalidation was applied; the first daemon:\n{}\nthe second:\n{}\nPostgreSQL:\n{}",
+        first.log(),
+        second.log(),
+        env.pg.log()
     );
 
     // No daemon at all: the runbook.

@@ -396,6 +396,24 @@ impl Session {
         ))
         .await
     }
+
+    /// Whether a transaction that was running when `snapshot` was taken
+    /// still runs. A writer reads the wake-up request before it commits:
+    /// one that read it just before the request was made commits without
+    /// a NOTIFY, after the drainer's last look (taken with `snapshot`)
+    /// could see its row. Such a writer is running in that snapshot, so
+    /// the drainer looks again once none of them runs.
+    pub async fn still_running(&self, db: &Db, snapshot: &str) -> Result<bool, DbError> {
+        db.client()
+            .query_one(
+                "select exists (select from pg_snapshot_xip($1::text::pg_snapshot) x \
+                  where pg_xact_status(x) = 'in progress')",
+                &[&snapshot],
+            )
+            .await
+            .map_err(DbError::query("checking for writers in flight"))
+            .map(|row| row.get(0))
+    }
 }
 
 /// What became of a partition the drain tried to empty.

@@ -172,7 +172,23 @@ struct Drain<'a> {
     rotation: Rotation,
     /// Whether writers are asked to wake us.
     waking: bool,
+    /// Since the wake-up request: writers that may have read it unset.
+    unsure: Option<Unsure>,
 }
+
+/// Writers running when the drainer asked for wake-ups may have read the
+/// request before it was made and commit without a NOTIFY: until none of
+/// them runs, the drainer looks again every `step` (doubling up to the
+/// poll interval), then once more, and only then waits for a wake-up.
+struct Unsure {
+    /// The first look's snapshot after the request (its running
+    /// transactions are the writers in question).
+    snapshot: Option<String>,
+    step: Duration,
+}
+
+/// The first re-look while writers of before the wake-up request run.
+const UNSURE_FIRST_STEP: Duration = Duration::from_millis(5);
 
 impl Drain<'_> {
     /// Keeps the outbox small: empties the partition writers left once it
@@ -340,6 +356,7 @@ impl Worker {
                 position,
                 rotation: Rotation::new(writers),
                 waking: false,
+                unsure: None,
             };
             let ended = self.drain(&mut drain, &mut wake, &mut captures).await;
             self.health.set_streaming(false);
@@ -377,6 +394,7 @@ impl Worker {
                         return Ended::Reconnect(error);
                     }
                     drain.waking = false;
+                    drain.unsure = None;
                 }
                 self.claims += 1;
                 let claim = self.claims;
@@ -431,7 +449,29 @@ impl Worker {
                     return Ended::Reconnect(error);
                 }
                 drain.waking = true;
+                drain.unsure = Some(Unsure {
+                    snapshot: None,
+                    step: UNSURE_FIRST_STEP,
+                });
                 continue;
+            }
+            let mut wait = self.wait_for_rows(drain);
+            if let Some(unsure) = drain.unsure.as_mut() {
+                let snapshot = unsure
+                    .snapshot
+                    .get_or_insert_with(|| drain.position.drained.clone());
+                match drain.session.still_running(drain.db, snapshot).await {
+                    Ok(true) => {
+                        wait = wait.min(unsure.step);
+                        unsure.step = (unsure.step * 2).min(self.cfg.poll_interval.0);
+                    }
+                    Ok(false) => {
+                        // They have ended: look once more, then wait.
+                        drain.unsure = None;
+                        continue;
+                    }
+                    Err(error) => return Ended::Reconnect(error),
+                }
             }
             let mut control = self.control.clone();
             let stop = tokio::select! {
@@ -442,7 +482,7 @@ impl Worker {
                     }
                     false
                 }
-                _ = tokio::time::sleep(self.wait_for_rows(drain)) => false,
+                _ = tokio::time::sleep(wait) => false,
             };
             if stop {
                 return self.stop_waiting(drain).await;
