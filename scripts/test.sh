@@ -70,6 +70,16 @@ start_job() { # start_job NAME COMMAND...: runs in the background into target/te
 if [[ $parallel == 1 ]]; then
   log "integration tests, Redis Cluster (cluster::), alongside the other majors"
   start_job cluster "$main_bin" cluster::
+  # The chaos soak, short (scripts/soak.sh runs it long, on the release
+  # build), and the checker's own test: with a rule left out it must find
+  # stale pages, or it could not find any.
+  cargo build --locked -p pgci-app-sim --bin soak
+  daemon_bin=$PWD/target/debug/pg-cache-invalidator
+  log "chaos soak (${PGCI_SOAK_MINUTES:-1.5} min, seed ${PGCI_SOAK_SEED:-1}) and its checker's self-test, alongside"
+  start_job soak env PGCI_DAEMON_BIN="$daemon_bin" target/debug/soak --minutes "${PGCI_SOAK_MINUTES:-1.5}" --seed "${PGCI_SOAK_SEED:-1}"
+  start_job soak-checker bash -c 'out=$("$@" 2>&1) && { echo "$out"; echo "the checker found nothing with the balance rule left out"; exit 1; }
+    echo "$out" | tail -3; echo "$out" | grep -Eq "^violations=[1-9]" || { echo "$out"; exit 1; }' _ \
+    env PGCI_DAEMON_BIN="$daemon_bin" target/debug/soak --minutes 0.25 --seed 7 --without-rule balance
 fi
 for major in ${PGCI_TEST_PG_MAJORS-17 18}; do
   bindir=$(pg_major_bin_dir "$major")

@@ -17,7 +17,7 @@ mod policy;
 mod report;
 mod sim;
 mod truth;
-mod workload;
+use pgci_app_sim::workload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

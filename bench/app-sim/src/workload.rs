@@ -74,6 +74,15 @@ impl Page {
         )
     }
 
+    /// Its name: `profile`, `balance`, `journey`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Page::Profile => "profile",
+            Page::Balance => "balance",
+            Page::Journey => "journey",
+        }
+    }
+
     /// The page's position in [`PAGES`].
     pub fn index(self) -> usize {
         match self {
@@ -106,22 +115,24 @@ create or replace function public.sim_daily_bonus(p_user uuid) returns void lang
 /// The daemon's rules for the three pages: delete, or refresh with the
 /// page's own query (so the daemon writes exactly what the app fills).
 pub fn rules_toml(refresh: bool) -> String {
-    let mut toml = String::new();
-    for page in PAGES {
-        let (table, user) = page.table();
-        let key = page.key(&format!("{{{user}}}"));
+    PAGES.iter().map(|page| page.rule_toml(refresh)).collect()
+}
+
+impl Page {
+    /// The daemon's rule for this page: delete, or refresh with the
+    /// page's own query.
+    pub fn rule_toml(self, refresh: bool) -> String {
+        let (table, user) = self.table();
+        let key = self.key(&format!("{{{user}}}"));
         if refresh {
-            toml.push_str(&format!(
+            format!(
                 "[[rules]]\ntable = \"{table}\"\nkeys = [\"{key}\"]\naction = \"refresh\"\nttl = \"24h\"\nquery = \"{}\"\nparams = [\"{user}\"]\n\n",
-                page.query()
-            ));
+                self.query()
+            )
         } else {
-            toml.push_str(&format!(
-                "[[rules]]\ntable = \"{table}\"\nkeys = [\"{key}\"]\naction = \"delete\"\n\n"
-            ));
+            format!("[[rules]]\ntable = \"{table}\"\nkeys = [\"{key}\"]\naction = \"delete\"\n\n")
         }
     }
-    toml
 }
 
 /// Users drawn by popularity: rank 1 is the most active.

@@ -1,0 +1,485 @@
+//! The chaos soak: the simulated app's readers and writers run while a
+//! nemesis, drawn from a seed, injects faults (one or two at a time) into
+//! the daemon, PostgreSQL and Redis; after each round the faults are
+//! healed, the writers pause, the daemon catches up, and an independent
+//! checker compares every cached page with the database's version
+//! counters. A cached page older than its rows, or an own read (with a
+//! write token) older than the write, is a violation.
+//!
+//! ```text
+//! scripts/soak.sh [--minutes 2] [--seed 1] [--users 300]
+//! ```
+//!
+//! The last line is `violations=N kinds=K` (fault kinds injected); the
+//! first violation is printed with the seed and round, so a failure can be
+//! replayed with the same `--seed`.
+
+mod nemesis;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pgci_app_sim::workload::{self, Page, PAGES};
+use pgci_client::{write_token, Cache, CacheOptions, WriteToken};
+use pgci_test_support::{Daemon, TestEnv};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::ConnectionManager;
+use tokio::sync::RwLock;
+
+use crate::nemesis::Fault;
+
+/// Runs the chaos soak.
+#[derive(Parser, Debug)]
+#[command(name = "soak")]
+struct Args {
+    /// How long to inject faults.
+    #[arg(long, default_value_t = 2.0)]
+    minutes: f64,
+    /// Seeds the nemesis and the workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Users in the fixture.
+    #[arg(long, default_value_t = 300)]
+    users: i32,
+    /// Concurrent lease readers.
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+    /// How long the daemon may take to catch up after a round.
+    #[arg(long, default_value_t = 120)]
+    catch_up_secs: u64,
+    /// The checker's own test: leave this page's rule out of the daemon's
+    /// config (`profile`, `balance` or `journey`); the checker must then
+    /// find stale pages.
+    #[arg(long)]
+    without_rule: Option<String>,
+}
+
+/// What the workload did, and what it got wrong.
+#[derive(Default)]
+struct Counts {
+    reads: AtomicU64,
+    read_errors: AtomicU64,
+    writes: AtomicU64,
+    own_reads: AtomicU64,
+    stale_own_reads: AtomicU64,
+}
+
+/// What the workload tasks share.
+struct Shared {
+    ids: Vec<String>,
+    pg_url: String,
+    redis_url: String,
+    counts: Counts,
+    /// Writers hold it shared for each write; the checker takes it
+    /// exclusively, so no write is in flight while it checks.
+    writes: RwLock<()>,
+    stop: AtomicBool,
+    first_violation: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn violation(&self, what: String) {
+        let mut first = self
+            .first_violation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        eprintln!("VIOLATION: {what}");
+        first.get_or_insert(what);
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if std::env::var_os("PGCI_DAEMON_BIN").is_none() {
+        eprintln!("error: PGCI_DAEMON_BIN is not set: run scripts/soak.sh, or point it at a built pg-cache-invalidator");
+        std::process::exit(2);
+    }
+    if args.users < 10 || args.readers == 0 || args.minutes <= 0.0 {
+        eprintln!("error: --users must be at least 10, --readers at least 1, --minutes above 0");
+        std::process::exit(2);
+    }
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    eprintln!(
+        "soak: seed {}, {} min, {} users",
+        args.seed, args.minutes, args.users
+    );
+    let mut env = TestEnv::start(args.users).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute(workload::SCHEMA_SQL)
+        .await
+        .expect("version counters");
+    let ids: Vec<String> = pg
+        .query("select id::text from public.profiles order by id", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Profiles are refreshed, balances and journeys deleted.
+    let left_out = args.without_rule.as_deref().map(|name| {
+        PAGES
+            .into_iter()
+            .find(|p| p.name() == name)
+            .unwrap_or_else(|| {
+                eprintln!("error: --without-rule {name:?}: choose profile, balance or journey");
+                std::process::exit(2)
+            })
+    });
+    let rules: String = PAGES
+        .into_iter()
+        .filter(|page| Some(*page) != left_out)
+        .map(|page| page.rule_toml(page == Page::Profile))
+        .collect();
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}",
+        env.pg.url(),
+        env.redis.url(),
+        env.http_port,
+    );
+    std::fs::write(&env.config, config).expect("write config");
+    env.setup();
+    let mut daemon = env.spawn_daemon();
+    let shared = Arc::new(Shared {
+        ids,
+        pg_url: env.pg.url(),
+        redis_url: env.redis.url(),
+        counts: Counts::default(),
+        writes: RwLock::new(()),
+        stop: AtomicBool::new(false),
+        first_violation: std::sync::Mutex::new(None),
+    });
+    let mut tasks = Vec::new();
+    for i in 0..args.readers {
+        tasks.push(tokio::spawn(reader(
+            shared.clone(),
+            args.seed + 1 + i as u64,
+        )));
+    }
+    tasks.push(tokio::spawn(writer(shared.clone(), args.seed + 100)));
+
+    let deadline = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
+    let mut injected: BTreeMap<Fault, u64> = BTreeMap::new();
+    let mut recovery: BTreeMap<Fault, Duration> = BTreeMap::new();
+    let mut rounds = 0u64;
+    let mut checked = 0u64;
+    let mut stale_keys = 0u64;
+    let mut restarts = 0u64;
+    let mut violations = 0u64;
+    check(
+        &shared,
+        &mut daemon,
+        &mut env,
+        args.catch_up_secs,
+        &mut violations,
+    )
+    .await;
+    while Instant::now() < deadline {
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+        let faults = Fault::draw(&mut rng);
+        let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
+        eprintln!("round {rounds}: {}", names.join(" + "));
+        if nemesis::inject(&mut env, &mut daemon, &faults, &mut rng).await {
+            restarts += 1;
+        }
+        for &fault in &faults {
+            *injected.entry(fault).or_default() += 1;
+        }
+        let healed = Instant::now();
+        let stale = check(
+            &shared,
+            &mut daemon,
+            &mut env,
+            args.catch_up_secs,
+            &mut violations,
+        )
+        .await;
+        let took = healed.elapsed();
+        for &fault in &faults {
+            let longest = recovery.entry(fault).or_default();
+            *longest = (*longest).max(took);
+        }
+        checked += 1;
+        if stale > 0 {
+            stale_keys += stale;
+            violations += stale;
+            shared.violation(format!(
+                "seed {} round {rounds} ({}): {stale} cached pages older than their rows",
+                args.seed,
+                names.join(" + ")
+            ));
+        }
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let c = &shared.counts;
+    let stale_own = c.stale_own_reads.load(Ordering::Relaxed);
+    violations += stale_own;
+    println!(
+        "seed={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts}",
+        args.seed
+    );
+    println!(
+        "reads={} read_errors={} writes={} own_reads={} stale_own_reads={stale_own} stale_keys={stale_keys}",
+        c.reads.load(Ordering::Relaxed),
+        c.read_errors.load(Ordering::Relaxed),
+        c.writes.load(Ordering::Relaxed),
+        c.own_reads.load(Ordering::Relaxed),
+    );
+    for (fault, n) in &injected {
+        println!(
+            "fault {}: injected={n} longest_recovery_ms={}",
+            fault.name(),
+            recovery.get(fault).map_or(0, |d| d.as_millis())
+        );
+    }
+    if let Some(first) = shared
+        .first_violation
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        println!("first violation: {first}");
+        eprintln!("daemon log (tail):\n{}", tail(&daemon.log(), 60));
+    }
+    println!("violations={violations} kinds={}", injected.len());
+    drop(daemon);
+    std::process::exit(i32::from(violations > 0));
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A quiescent point: writers paused, the daemon running and caught up
+/// with everything committed; then every cached page is compared with its
+/// rows' versions. Returns how many cached pages are older than the rows.
+async fn check(
+    shared: &Shared,
+    daemon: &mut Daemon,
+    env: &mut TestEnv,
+    catch_up_secs: u64,
+    violations: &mut u64,
+) -> u64 {
+    let _paused = shared.writes.write().await;
+    if let Some(status) = daemon.try_status() {
+        *violations += 1;
+        shared.violation(format!(
+            "the daemon exited ({status}): {}",
+            tail(&daemon.log(), 20)
+        ));
+        *daemon = env.spawn_daemon();
+    }
+    let pg = connect_pg(&shared.pg_url).await;
+    let token = loop {
+        match write_token(&pg).await {
+            Ok(token) => break token,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut cache = Cache::new(
+        connect_redis(&shared.redis_url).await,
+        CacheOptions::default(),
+    );
+    let started = Instant::now();
+    loop {
+        if cache
+            .applied()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|a| a >= token.0)
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(catch_up_secs) {
+            *violations += 1;
+            shared.violation(format!(
+                "the daemon did not catch up within {catch_up_secs} s: {}",
+                tail(&daemon.log(), 30)
+            ));
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut redis = connect_redis(&shared.redis_url).await;
+    let mut stale = 0;
+    for page in PAGES {
+        let rows = pg.query(&page.versions_sql(), &[]).await.expect("versions");
+        let truth: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for id in &shared.ids {
+            let cached: Option<String> = redis::cmd("GET")
+                .arg(page.key(id))
+                .query_async(&mut redis)
+                .await
+                .unwrap_or(None);
+            let Some(v) = cached.as_deref().and_then(workload::version_of) else {
+                continue;
+            };
+            let newest = truth.get(id).copied().unwrap_or(0);
+            if v < newest {
+                eprintln!("stale: {} cached v{v}, rows at v{newest}", page.key(id));
+                stale += 1;
+            }
+        }
+    }
+    stale
+}
+
+async fn connect_pg(url: &str) -> tokio_postgres::Client {
+    loop {
+        if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn connect_redis(url: &str) -> ConnectionManager {
+    let client = redis::Client::open(url).expect("redis url");
+    loop {
+        if let Ok(conn) = ConnectionManager::new(client.clone()).await {
+            return conn;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Loads `page` of user `id` from the database.
+async fn load(
+    pg: &tokio_postgres::Client,
+    page: Page,
+    id: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let uuid: String = id.to_string();
+    let sql = page.query().replace("$1", "$1::text::uuid");
+    Ok(pg.query_opt(&sql, &[&uuid]).await?.and_then(|r| r.get(0)))
+}
+
+/// Reads pages through leases (cache-aside with the client), forever.
+async fn reader(shared: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut pg = connect_pg(&shared.pg_url).await;
+    let mut cache = Cache::new(
+        connect_redis(&shared.redis_url).await,
+        CacheOptions::default(),
+    );
+    while !shared.stop.load(Ordering::Relaxed) {
+        let id = shared.ids[rng.random_range(0..shared.ids.len())].clone();
+        let page = PAGES[rng.random_range(0..PAGES.len())];
+        let read = cache
+            .get_or_load(&page.key(&id), 300, || load(&pg, page, &id), None)
+            .await;
+        shared.counts.reads.fetch_add(1, Ordering::Relaxed);
+        if read.is_err() {
+            shared.counts.read_errors.fetch_add(1, Ordering::Relaxed);
+            if pg.is_closed() {
+                pg = connect_pg(&shared.pg_url).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Writes: profile edits read back with a write token (own reads), the
+/// SQL function that changes balances behind the app, journey updates of
+/// several users at once.
+async fn writer(shared: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut pg = connect_pg(&shared.pg_url).await;
+    let mut cache = Cache::new(
+        connect_redis(&shared.redis_url).await,
+        CacheOptions::default(),
+    );
+    while !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
+        let _writing = shared.writes.read().await;
+        if pg.is_closed() {
+            pg = connect_pg(&shared.pg_url).await;
+        }
+        let id = shared.ids[rng.random_range(0..shared.ids.len())].clone();
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let Ok(row) = pg
+                    .query_one(
+                        "update public.profiles set bio = md5(random()::text) where id = $1::text::uuid returning version",
+                        &[&id],
+                    )
+                    .await
+                else {
+                    continue;
+                };
+                shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                let written: i64 = row.get(0);
+                let Ok(token) = write_token(&pg).await else {
+                    continue;
+                };
+                own_read(&shared, &mut cache, &pg, &id, written, token).await;
+            }
+            6..=7 => {
+                if pg
+                    .execute("select public.sim_daily_bonus($1::text::uuid)", &[&id])
+                    .await
+                    .is_ok()
+                {
+                    shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                let some: Vec<String> = (0..5)
+                    .map(|_| shared.ids[rng.random_range(0..shared.ids.len())].clone())
+                    .collect();
+                if pg
+                    .execute(
+                        "update public.user_journeys set progress = least(progress + 1, 100) where user_id = any($1::text[]::uuid[])",
+                        &[&some],
+                    )
+                    .await
+                    .is_ok()
+                {
+                    shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The writer reads its own profile back with its write token: never older
+/// than what it wrote.
+async fn own_read(
+    shared: &Shared,
+    cache: &mut Cache<ConnectionManager>,
+    pg: &tokio_postgres::Client,
+    id: &str,
+    written: i64,
+    token: WriteToken,
+) {
+    let key = Page::Profile.key(id);
+    let Ok((value, source)) = cache
+        .get_or_load(&key, 300, || load(pg, Page::Profile, id), Some(token))
+        .await
+    else {
+        return;
+    };
+    shared.counts.own_reads.fetch_add(1, Ordering::Relaxed);
+    if let Some(v) = value.as_deref().and_then(workload::version_of) {
+        if v < written {
+            shared
+                .counts
+                .stale_own_reads
+                .fetch_add(1, Ordering::Relaxed);
+            shared.violation(format!(
+                "own read of {key} with token {token} returned v{v} ({source:?}), written v{written}"
+            ));
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The faults the soak injects, drawn from the seed. Each fault is done
+//! and healed here: what is killed is started again, what is paused ends;
+//! the soak then waits for the daemon to catch up and checks.
+
+use std::time::Duration;
+
+use pgci_test_support::{Daemon, TestEnv};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// One kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// `kill -9` the daemon, start it again a moment later.
+    KillDaemon,
+    /// End the walsender the daemon streams from.
+    TerminateWalsender,
+    /// Restart PostgreSQL (fast shutdown): every connection drops.
+    RestartPostgres,
+    /// `SAVE` Redis, keep writing, then restart it: it comes back from
+    /// its own older snapshot, with values and a recorded position from
+    /// before the writes in between.
+    RedisFromSnapshot,
+    /// `CLIENT KILL` every normal and pub/sub connection.
+    ClientKill,
+    /// `CLIENT PAUSE … WRITE` for up to two seconds.
+    ClientPause,
+    /// Drop the replication slot under the daemon (as
+    /// `max_slot_wal_keep_size` or a DBA would).
+    DropSlot,
+}
+
+/// Every fault kind.
+pub const ALL: [Fault; 7] = [
+    Fault::KillDaemon,
+    Fault::TerminateWalsender,
+    Fault::RestartPostgres,
+    Fault::RedisFromSnapshot,
+    Fault::ClientKill,
+    Fault::ClientPause,
+    Fault::DropSlot,
+];
+
+impl Fault {
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillDaemon => "kill-daemon",
+            Fault::TerminateWalsender => "terminate-walsender",
+            Fault::RestartPostgres => "restart-postgres",
+            Fault::RedisFromSnapshot => "redis-from-snapshot",
+            Fault::ClientKill => "client-kill",
+            Fault::ClientPause => "client-pause",
+            Fault::DropSlot => "drop-slot",
+        }
+    }
+
+    /// Draws one or two distinct faults.
+    pub fn draw(rng: &mut StdRng) -> Vec<Fault> {
+        let first = ALL[rng.random_range(0..ALL.len())];
+        let mut faults = vec![first];
+        if rng.random_bool(0.3) {
+            let second = ALL[rng.random_range(0..ALL.len())];
+            if second != first {
+                faults.push(second);
+            }
+        }
+        faults.sort();
+        faults
+    }
+}
+
+/// Injects `faults` (in order, a random moment apart) and heals them.
+/// Returns whether the daemon was restarted.
+pub async fn inject(
+    env: &mut TestEnv,
+    daemon: &mut Daemon,
+    faults: &[Fault],
+    rng: &mut StdRng,
+) -> bool {
+    let mut restarted = false;
+    for &fault in faults {
+        let pause = Duration::from_millis(rng.random_range(100..1500));
+        match fault {
+            Fault::KillDaemon => {
+                daemon.kill9();
+                tokio::time::sleep(pause).await;
+                *daemon = env.spawn_daemon();
+                restarted = true;
+            }
+            Fault::TerminateWalsender => {
+                let pg = env.pg.client().await;
+                let _ = pg
+                    .execute(
+                        "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null",
+                        &[],
+                    )
+                    .await;
+            }
+            Fault::RestartPostgres => env.pg.restart().await,
+            Fault::RedisFromSnapshot => {
+                let mut redis = env.redis.conn().await;
+                let _: Result<(), _> = redis::cmd("SAVE").query_async(&mut redis).await;
+                tokio::time::sleep(pause * 2).await;
+                env.redis.restart().await;
+            }
+            Fault::ClientKill => {
+                let mut redis = env.redis.conn().await;
+                for kind in ["normal", "pubsub"] {
+                    let _: Result<i64, _> = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg(kind)
+                        .arg("SKIPME")
+                        .arg("yes")
+                        .query_async(&mut redis)
+                        .await;
+                }
+            }
+            Fault::ClientPause => {
+                let mut redis = env.redis.conn().await;
+                let _: Result<(), _> = redis::cmd("CLIENT")
+                    .arg("PAUSE")
+                    .arg(pause.as_millis() as u64 + 500)
+                    .arg("WRITE")
+                    .query_async(&mut redis)
+                    .await;
+                tokio::time::sleep(pause + Duration::from_millis(500)).await;
+            }
+            Fault::DropSlot => {
+                let pg = env.pg.client().await;
+                // The daemon reconnects at once: end its walsender and
+                // drop the slot until the drop wins.
+                for _ in 0..50 {
+                    let dropped = pg
+                        .batch_execute(
+                            "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null; \
+                             select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_type = 'logical'",
+                        )
+                        .await;
+                    if dropped.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    restarted
+}
