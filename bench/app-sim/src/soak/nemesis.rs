@@ -28,10 +28,13 @@ pub enum Fault {
     /// Drop the replication slot under the daemon (as
     /// `max_slot_wal_keep_size` or a DBA would).
     DropSlot,
+    /// Redis full: `maxmemory` just above what it uses, `noeviction`, for
+    /// up to three seconds (writes that add memory fail with OOM).
+    RedisFull,
 }
 
 /// Every fault kind.
-pub const ALL: [Fault; 7] = [
+pub const ALL: [Fault; 8] = [
     Fault::KillDaemon,
     Fault::TerminateWalsender,
     Fault::RestartPostgres,
@@ -39,6 +42,7 @@ pub const ALL: [Fault; 7] = [
     Fault::ClientKill,
     Fault::ClientPause,
     Fault::DropSlot,
+    Fault::RedisFull,
 ];
 
 impl Fault {
@@ -52,6 +56,7 @@ impl Fault {
             Fault::ClientKill => "client-kill",
             Fault::ClientPause => "client-pause",
             Fault::DropSlot => "drop-slot",
+            Fault::RedisFull => "redis-full",
         }
     }
 
@@ -143,6 +148,35 @@ pub async fn inject(
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+            }
+            Fault::RedisFull => {
+                let mut redis = env.redis.conn().await;
+                let info: String = redis::cmd("INFO")
+                    .arg("memory")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap_or_default();
+                let used: u64 = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let config = |name: &str, value: String| {
+                    let mut redis = redis.clone();
+                    let name = name.to_string();
+                    async move {
+                        let _: Result<(), _> = redis::cmd("CONFIG")
+                            .arg("SET")
+                            .arg(name)
+                            .arg(value)
+                            .query_async(&mut redis)
+                            .await;
+                    }
+                };
+                config("maxmemory-policy", "noeviction".into()).await;
+                config("maxmemory", (used + 64 * 1024).to_string()).await;
+                tokio::time::sleep(pause * 2).await;
+                config("maxmemory", "0".into()).await;
             }
         }
         tokio::time::sleep(pause).await;
