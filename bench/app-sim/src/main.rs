@@ -17,7 +17,7 @@ mod policy;
 mod report;
 mod sim;
 mod truth;
-use pgci_app_sim::workload;
+use pgci_app_sim::{column, workload};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -188,15 +188,6 @@ async fn main() {
     }
 }
 
-async fn column(pg: &tokio_postgres::Client, sql: &str) -> Vec<String> {
-    pg.query(sql, &[])
-        .await
-        .expect("fixture ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Starts the daemon with the pages' rules and waits until it has applied
 /// everything committed so far.
 async fn start_daemon(env: &mut TestEnv, refresh: bool) -> Daemon {
@@ -220,27 +211,16 @@ async fn start_daemon(env: &mut TestEnv, refresh: bool) -> Daemon {
     let token = write_token(&pg).await.expect("token");
     let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
     let started = Instant::now();
-    loop {
-        if cache
-            .applied()
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|a| a >= token.0)
-        {
-            eprintln!(
-                "daemon ({}) caught up in {:?}",
-                if refresh { "refresh" } else { "delete" },
-                started.elapsed()
-            );
-            return daemon;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            fail(&format!(
-                "the daemon did not catch up in 5 minutes; its log:\n{}",
-                daemon.log()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !pgci_app_sim::caught_up(&mut cache, token, Duration::from_secs(300)).await {
+        fail(&format!(
+            "the daemon did not catch up in 5 minutes; its log:\n{}",
+            daemon.log()
+        ));
     }
+    eprintln!(
+        "daemon ({}) caught up in {:?}",
+        if refresh { "refresh" } else { "delete" },
+        started.elapsed()
+    );
+    daemon
 }

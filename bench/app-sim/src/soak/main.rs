@@ -82,6 +82,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// A lease cache on its own Redis connection (reconnecting).
+    async fn cache(&self) -> Cache<ConnectionManager> {
+        Cache::new(
+            connect_redis(&self.redis_url).await,
+            CacheOptions::default(),
+        )
+    }
+
     fn violation(&self, what: String) {
         let mut first = self
             .first_violation
@@ -113,13 +121,7 @@ async fn main() {
     pg.batch_execute(workload::SCHEMA_SQL)
         .await
         .expect("version counters");
-    let ids: Vec<String> = pg
-        .query("select id::text from public.profiles order by id", &[])
-        .await
-        .expect("ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = pgci_app_sim::column(&pg, "select id::text from public.profiles order by id").await;
     // Profiles are refreshed, balances and journeys deleted.
     let left_out = args.without_rule.as_deref().map(|name| {
         PAGES
@@ -285,30 +287,14 @@ async fn check(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let mut cache = Cache::new(
-        connect_redis(&shared.redis_url).await,
-        CacheOptions::default(),
-    );
-    let started = Instant::now();
-    loop {
-        if cache
-            .applied()
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|a| a >= token.0)
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(catch_up_secs) {
-            *violations += 1;
-            shared.violation(format!(
-                "the daemon did not catch up within {catch_up_secs} s: {}",
-                tail(&daemon.log(), 30)
-            ));
-            return 0;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut cache = shared.cache().await;
+    if !pgci_app_sim::caught_up(&mut cache, token, Duration::from_secs(catch_up_secs)).await {
+        *violations += 1;
+        shared.violation(format!(
+            "the daemon did not catch up within {catch_up_secs} s: {}",
+            tail(&daemon.log(), 30)
+        ));
+        return 0;
     }
     let mut redis = connect_redis(&shared.redis_url).await;
     let mut stale = 0;
@@ -360,19 +346,15 @@ async fn load(
     page: Page,
     id: &str,
 ) -> Result<Option<String>, tokio_postgres::Error> {
-    let uuid: String = id.to_string();
     let sql = page.query().replace("$1", "$1::text::uuid");
-    Ok(pg.query_opt(&sql, &[&uuid]).await?.and_then(|r| r.get(0)))
+    Ok(pg.query_opt(&sql, &[&id]).await?.and_then(|r| r.get(0)))
 }
 
 /// Reads pages through leases (cache-aside with the client), forever.
 async fn reader(shared: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut pg = connect_pg(&shared.pg_url).await;
-    let mut cache = Cache::new(
-        connect_redis(&shared.redis_url).await,
-        CacheOptions::default(),
-    );
+    let mut cache = shared.cache().await;
     while !shared.stop.load(Ordering::Relaxed) {
         let id = shared.ids[rng.random_range(0..shared.ids.len())].clone();
         let page = PAGES[rng.random_range(0..PAGES.len())];
@@ -396,10 +378,7 @@ async fn reader(shared: Arc<Shared>, seed: u64) {
 async fn writer(shared: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut pg = connect_pg(&shared.pg_url).await;
-    let mut cache = Cache::new(
-        connect_redis(&shared.redis_url).await,
-        CacheOptions::default(),
-    );
+    let mut cache = shared.cache().await;
     while !shared.stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
         let _writing = shared.writes.read().await;
