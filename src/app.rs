@@ -34,6 +34,7 @@ use crate::sink::fanout::{Fanout, Opening};
 use crate::sink::start::{self, Recorded};
 use crate::sink::{RedisSink, Sink, SinkError};
 use crate::source::outbox::OutboxSource;
+use crate::source::replication::install::SlotServer;
 use crate::source::replication::{slot, ReplicationSource};
 use crate::source::{install, Source};
 use crate::telemetry;
@@ -90,10 +91,15 @@ impl Stopped {
 
 /// Runs the daemon until SIGTERM or a fatal error.
 pub async fn run(config: Config, rules: RuleSet, conn: ConnInfo) -> Result<(), Stopped> {
+    let decodes_on = match conn.decodes_on_standby() {
+        true => format!("standby {}", conn.slot_server().redacted()),
+        false => "primary".to_string(),
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         commit = crate::telemetry::metrics::COMMIT,
         postgres = %conn.redacted(),
+        decodes_on = %decodes_on,
         redis = %config.redis.url.redacted(),
         slot = %config.replication.slot,
         group = config.group.as_deref().unwrap_or("-"),
@@ -157,7 +163,7 @@ async fn start_and_run(
     }
 
     let db = connect_with_retry(&conn, cancel).await?;
-    let problems = install::check(&db, config, &rules, true)
+    let problems = install::check(&db, &conn, config, &rules, true)
         .await
         .map_err(|e| Stopped::database(e, cancel))?;
     for warning in catalog::warnings(&db, &rules)
@@ -175,9 +181,12 @@ async fn start_and_run(
     let recorded = match config.postgres.source {
         SourceKind::Replication => {
             let slot = &config.replication.slot;
+            let server = SlotServer::open(&db, &conn)
+                .await
+                .map_err(|e| Stopped::database(e, cancel))?;
             Recorded::Slot {
                 slot: slot.clone(),
-                confirmed: catalog::inspect_slot(&db, slot)
+                confirmed: catalog::inspect_slot(server.db(), slot)
                     .await
                     .map_err(|e| Stopped::database(e, cancel))?
                     .and_then(|info| info.confirmed_flush_lsn)

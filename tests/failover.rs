@@ -553,3 +553,238 @@ async fn a_daemon_stopped_during_a_promotion_still_does_not_trust_an_old_copy_of
     );
     drop(standby);
 }
+
+/// `[replication] url` naming `standby` (one host, the same database),
+/// heartbeats every 200 ms.
+fn decode_on(standby: &crate::support::Postgres) -> String {
+    format!(
+        "[replication]\nurl = \"postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable\"\nheartbeat_interval = \"200ms\"\n",
+        standby.port
+    )
+}
+
+/// Where `slot` stands on `server`: whether it exists and has confirmed
+/// at least `lsn` (`None`: it does not exist).
+async fn slot_confirmed_past(server: &crate::support::Postgres, lsn: &str) -> Option<bool> {
+    server
+        .client()
+        .await
+        .query_opt(
+            "select coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) \
+               from pg_replication_slots where slot_name = 'pg_cache_invalidator'",
+            &[&lsn],
+        )
+        .await
+        .expect("slots")
+        .map(|row| row.get(0))
+}
+
+/// The daemon started against `env` holds the slot on `standby`.
+async fn wait_streaming_on(standby: &crate::support::Postgres, daemon: &crate::support::Daemon) {
+    let client = standby.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !crate::support::slot_active(&client).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not stream from the standby: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Decoding on a hot standby (PostgreSQL 16+): `setup` makes the slot
+/// there (not on the primary), `status` says where it lives, the daemon
+/// streams from the standby and invalidates what the primary commits, the
+/// primary's heartbeats reach it through the standby and move the
+/// standby's slot while only unwatched tables change, a slot lost on the
+/// standby is rebuilt there (with one flush), and `teardown` drops it there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_on_a_standby_decodes_what_the_primary_commits() {
+    let mut env = TestEnv::start(5).await;
+    if env.pg.major().await < 16 {
+        return;
+    }
+    let standby = env.pg.standby().await;
+    env.write_config(&decode_on(&standby));
+    let out = env.cli(&["setup", "--print"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains(&format!(
+            "-- on the standby that holds the slot (postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable, replication.url):\n-- replication slot pg_cache_invalidator on the standby"
+        , standby.port)) && printed.contains("pg_create_logical_replication_slot('pg_cache_invalidator', 'pgoutput');"),
+        "{printed}"
+    );
+    let out = env.cli(&["setup"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("done: replication slot pg_cache_invalidator on the standby"),
+        "{stdout}"
+    );
+    assert_eq!(
+        slot_confirmed_past(&env.pg, "0/0").await,
+        None,
+        "no slot on the primary"
+    );
+    assert!(
+        slot_confirmed_past(&standby, "0/0").await.is_some(),
+        "the slot is on the standby"
+    );
+    let out = env.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.cli(&["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!(
+            "standby 127.0.0.1:{} (replication.url)",
+            standby.port
+        )),
+        "{status}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut daemon = env.spawn_daemon();
+    wait_streaming_on(&standby, &daemon).await;
+    let user = some_user(&env).await;
+    let key = format!("profile:user:{user}");
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    update_bio(&env, &user, "decoded on the standby").await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, std::slice::from_ref(&key)).await, 0);
+
+    // Only an unwatched table changes: the standby's slot still moves past
+    // it, and the primary's heartbeats arrive through the standby.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let primary = env.pg.client().await;
+    primary
+        .batch_execute(
+            "create table public.unwatched (n int); insert into public.unwatched select generate_series(1, 1000)",
+        )
+        .await
+        .expect("unwatched writes");
+    let lsn: String = primary
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    wait_for(
+        "the standby's slot to confirm past the unwatched writes",
+        Duration::from_secs(30),
+        || async { slot_confirmed_past(&standby, &lsn).await == Some(true) },
+    )
+    .await;
+    wait_for(
+        "a heartbeat decoded on the standby",
+        Duration::from_secs(30),
+        || async {
+            metric(&scrape(&env).await, "pgci_last_heartbeat_timestamp_seconds")
+                .is_some_and(|at| at > started)
+        },
+    )
+    .await;
+    assert!(
+        metric(&scrape(&env).await, "pgci_slot_retained_wal_bytes").is_some(),
+        "the slot's retained WAL is read on the standby"
+    );
+
+    // The slot is lost on the standby while the daemon is down: the next
+    // start rebuilds it there and flushes the rules' keys once.
+    daemon.kill9();
+    standby
+        .client()
+        .await
+        .batch_execute("select pg_drop_replication_slot('pg_cache_invalidator')")
+        .await
+        .expect("drop the standby's slot");
+    update_bio(&env, &user, "missed while no slot").await;
+    app_fill(&mut redis, &key, "missed while no slot").await;
+    let mut daemon = env.spawn_daemon();
+    wait_streaming_on(&standby, &daemon).await;
+    wait_for(
+        "the missed change's key to be flushed",
+        Duration::from_secs(60),
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move { surviving(&mut redis, &[key]).await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        slot_confirmed_past(&env.pg, "0/0").await,
+        None,
+        "still no slot on the primary"
+    );
+    preset(&mut redis, std::slice::from_ref(&key)).await;
+    update_bio(&env, &user, "after the rebuild").await;
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, std::slice::from_ref(&key)).await, 0);
+
+    assert_eq!(daemon.terminate().await.code(), Some(0), "{}", daemon.log());
+    let out = env.cli(&["teardown"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        slot_confirmed_past(&standby, "0/0").await,
+        None,
+        "teardown dropped it there"
+    );
+}
+
+/// A slot on a standby cannot release the primary's commits: with the
+/// daemon's application_name in the primary's
+/// `synchronous_standby_names`, `check-config` and `run` refuse at start
+/// (exit 2, one line saying why and what to do).
+#[tokio::test(flavor = "multi_thread")]
+async fn synchronous_invalidation_is_refused_when_the_slot_is_on_a_standby() {
+    let mut env = TestEnv::start(1).await;
+    if env.pg.major().await < 16 {
+        return;
+    }
+    let standby = env.pg.standby().await;
+    env.write_config(&decode_on(&standby));
+    env.setup();
+    // The physical standby ("standby") is first, so the primary's own
+    // commits are not held up.
+    let primary = env.pg.client().await;
+    for sql in [
+        "alter system set synchronous_standby_names = 'FIRST 1 (standby, \"PG-Cache-Invalidator\")'",
+        "select pg_reload_conf()",
+    ] {
+        primary.batch_execute(sql).await.expect("synchronous_standby_names");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = env.cli(&["check-config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("synchronous_standby_names") && stderr.contains("remove replication.url"),
+        "{stderr}"
+    );
+    let mut daemon = env.spawn_daemon();
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(2), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("synchronous_standby_names"),
+        "{}",
+        daemon.log()
+    );
+    drop(standby);
+}

@@ -8,7 +8,7 @@ use crate::source::install;
 /// Checks and prints `ok: …`, or one line per problem.
 pub async fn check_config(loaded: Loaded) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let problems = install::check(&db, &loaded.config, &loaded.rules, false).await?;
+    let problems = install::check(&db, &loaded.conn, &loaded.config, &loaded.rules, false).await?;
     if !problems.is_empty() {
         return Err(Failure::usage(problems));
     }

@@ -255,6 +255,10 @@ fn loaded(config: Config) -> Result<Loaded, Failure> {
         &config.postgres.url,
         config.postgres.ssl_root_cert.as_deref(),
     )
+    .and_then(|conn| match &config.replication.url {
+        Some(url) => conn.with_slot_on(url),
+        None => Ok(conn),
+    })
     .map_err(|e| Failure::usage(vec![e.to_string()]))?;
     Ok(Loaded {
         config,

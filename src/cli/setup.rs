@@ -11,7 +11,9 @@ use crate::source::install;
 /// `setup`: prints (`--print`) or runs what the database is missing.
 pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = install::of(&loaded.config).plan(&db, &loaded.rules).await?;
+    let plan = install::of(&loaded.config)
+        .plan(&db, &loaded.conn, &loaded.rules)
+        .await?;
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }
@@ -20,31 +22,69 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
             "-- pg-cache-invalidator setup for {}",
             loaded.conn.redacted()
         );
-        if plan.steps.is_empty() {
+        if plan.steps.is_empty() && plan.standby_steps.is_empty() {
             println!("-- nothing to do: the database is ready");
         }
         for step in &plan.steps {
             println!("{step}");
         }
+        print_standby_steps(&loaded, &plan);
         return Ok(());
     }
     load_leases(&loaded).await;
-    if plan.steps.is_empty() {
+    if plan.steps.is_empty() && plan.standby_steps.is_empty() {
         println!("nothing to do: the database is ready");
         return Ok(());
     }
-    install::apply(&db, &plan, loaded.config.setup.lock_timeout.0, |step| {
-        println!("done: {}", step.why)
-    })
+    let standby = standby_for(&loaded, &plan).await?;
+    install::apply(
+        &db,
+        standby.as_ref(),
+        &plan,
+        loaded.config.setup.lock_timeout.0,
+        |step| println!("done: {}", step.why),
+        waiting,
+    )
     .await?;
     // The record of what the cache holds starts where the source does.
     if plan.creates_slot {
-        record_slot_start(&db, &loaded).await;
+        record_slot_start(standby.as_ref().unwrap_or(&db), &loaded).await;
     }
     if !install::of(&loaded.config).records_wal_position() {
         record_outbox_start(&loaded).await;
     }
     Ok(())
+}
+
+/// `--print`'s statements for the standby that holds the slot.
+fn print_standby_steps(loaded: &Loaded, plan: &install::Plan) {
+    if plan.standby_steps.is_empty() {
+        return;
+    }
+    println!(
+        "-- on the standby that holds the slot ({}, replication.url):",
+        loaded.conn.slot_server().redacted()
+    );
+    for step in &plan.standby_steps {
+        println!("{step}");
+    }
+}
+
+/// A connection to the standby of `replication.url` when the plan has
+/// statements for it.
+async fn standby_for(loaded: &Loaded, plan: &install::Plan) -> Result<Option<Db>, Failure> {
+    if plan.standby_steps.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Db::connect(loaded.conn.slot_server()).await?))
+}
+
+/// Says once that a statement on the standby waits for the primary.
+fn waiting(step: &install::Step) {
+    eprintln!(
+        "waiting: {} — the standby waits for the primary's next running-transactions record (grant EXECUTE ON FUNCTION pg_log_standby_snapshot() to the daemon's role to bring it at once)",
+        step.why
+    );
 }
 
 /// Gives the outbox's count of applied batches a start in Redis (if it
@@ -120,17 +160,25 @@ async fn record_slot_start(db: &Db, loaded: &Loaded) {
 /// `teardown`: drops the slot and publication, or the outbox.
 pub async fn teardown(loaded: Loaded) -> Result<(), Failure> {
     let db = Db::connect(&loaded.conn).await?;
-    let plan = install::of(&loaded.config).plan_teardown(&db).await?;
+    let plan = install::of(&loaded.config)
+        .plan_teardown(&db, &loaded.conn)
+        .await?;
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }
-    if plan.steps.is_empty() {
+    if plan.steps.is_empty() && plan.standby_steps.is_empty() {
         println!("nothing to do: no slot or publication left");
         return Ok(());
     }
-    install::apply(&db, &plan, loaded.config.setup.lock_timeout.0, |step| {
-        println!("done: {}", step.why)
-    })
+    let standby = standby_for(&loaded, &plan).await?;
+    install::apply(
+        &db,
+        standby.as_ref(),
+        &plan,
+        loaded.config.setup.lock_timeout.0,
+        |step| println!("done: {}", step.why),
+        waiting,
+    )
     .await?;
     println!("note: replica identities were left as they are");
     Ok(())

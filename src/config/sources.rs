@@ -5,6 +5,7 @@ use serde::Deserialize;
 
 use super::DEFAULT_SLOT_AND_PUBLICATION;
 use crate::duration::HumanDuration;
+use crate::secret::SecretUrl;
 
 /// `[replication]`
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +29,12 @@ pub struct ReplicationConfig {
     /// in `synchronous_standby_names` for synchronous invalidation.
     #[serde(default = "default_application_name")]
     pub application_name: String,
+    /// A hot standby (PostgreSQL 16+) to keep the slot on and decode from,
+    /// offloading the primary; unset, the slot lives on the primary. The
+    /// publication, heartbeats and write tokens stay on `postgres.url`'s
+    /// primary. Same database, one host; `postgres.ssl_root_cert` applies.
+    #[serde(default)]
+    pub url: Option<SecretUrl>,
 }
 
 impl Default for ReplicationConfig {
@@ -38,6 +45,7 @@ impl Default for ReplicationConfig {
             heartbeat_interval: default_heartbeat(),
             buffer_messages: default_buffer_messages(),
             application_name: default_application_name(),
+            url: None,
         }
     }
 }

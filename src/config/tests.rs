@@ -215,3 +215,31 @@ fn a_typo_in_a_named_value_lists_the_valid_ones_and_names_the_field() {
     );
     assert!(loaded.is_ok(), "{:?}", loaded.err());
 }
+
+/// `replication.url` is a PostgreSQL URL, and only for the replication
+/// source; its password is never printed.
+#[test]
+fn a_slot_server_url_is_checked_like_the_primarys() {
+    let standby = "\n[replication]\nurl = \"postgres://cache:pw@replica:5432/app\"\n";
+    parse(&format!("{MINIMAL}{standby}"))
+        .expect("loads")
+        .validate()
+        .expect("valid");
+    let outbox = MINIMAL.replace("[postgres]\n", "[postgres]\n    source = \"outbox\"\n");
+    for (text, expected) in [
+        (
+            format!("{MINIMAL}\n[replication]\nurl = \"redis://cache:pw@replica\"\n"),
+            "replication.url: redis://cache:***@replica is not a postgres:// URL",
+        ),
+        (
+            format!("{outbox}{standby}"),
+            "replication.url: the outbox source has no slot",
+        ),
+    ] {
+        let Err(ConfigError::Invalid(lines)) = parse(&text).expect("loads").validate() else {
+            panic!("{text} accepted")
+        };
+        assert!(lines.iter().any(|l| l.starts_with(expected)), "{lines:?}");
+        assert!(!lines.concat().contains(":pw@"), "{lines:?}");
+    }
+}

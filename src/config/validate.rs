@@ -14,6 +14,19 @@ impl Config {
             &["postgres", "postgresql"],
             &mut problems,
         );
+        if let Some(url) = &self.replication.url {
+            check_url(
+                "replication.url",
+                url,
+                &["postgres", "postgresql"],
+                &mut problems,
+            );
+            if self.postgres.source != super::SourceKind::Replication {
+                problems.push(
+                    "replication.url: the outbox source has no slot to decode on a standby: remove replication.url".to_string(),
+                );
+            }
+        }
         self.validate_targets(&mut problems);
         if self.outbox.schema.starts_with("pg_") {
             problems.push(format!(

@@ -3,7 +3,9 @@
 //! one to talk to.
 //!
 //! Every connection, regular or replication, goes to the writable primary:
-//! the slot, the publication and the heartbeats live there. The hosts are
+//! the slot (unless `replication.url` puts it on a standby, see
+//! [`crate::db::ConnInfo::slot_server`]), the publication and the
+//! heartbeats live there. The hosts are
 //! tried in the order written each time a connection opens, so after a
 //! promotion the next connection finds the new primary. tokio-postgres can
 //! try several hosts itself but does not say which one answered, and the

@@ -58,6 +58,9 @@ pub struct ConnInfo {
     pub ssl_root_cert: Option<PathBuf>,
     /// The URL as given, to print redacted.
     url: SecretUrl,
+    /// The hot standby that holds the slot (`replication.url`), when it is
+    /// not the primary (see [`ConnInfo::slot_server`]).
+    standby: Option<Box<ConnInfo>>,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -220,7 +223,51 @@ impl ConnInfo {
             sslmode,
             ssl_root_cert,
             url: url.clone(),
+            standby: None,
         })
+    }
+
+    /// The same primary, with the slot on the hot standby `url`
+    /// (`replication.url`): one host, the same database. The standby's own
+    /// `sslmode` applies; the CA certificate is `postgres.ssl_root_cert`.
+    pub fn with_slot_on(mut self, url: &SecretUrl) -> Result<ConnInfo, DbError> {
+        let standby =
+            ConnInfo::parse(url, self.ssl_root_cert.as_deref()).map_err(|error| match error {
+                DbError::BadUrl { url, reason } => DbError::BadUrl {
+                    url: format!("(replication.url) {url}"),
+                    reason,
+                },
+                other => other,
+            })?;
+        let bad = |reason: String| DbError::BadUrl {
+            url: format!("(replication.url) {}", url.redacted()),
+            reason,
+        };
+        if standby.endpoints.len() > 1 || standby.read_write {
+            return Err(bad(
+                "name the one standby that holds the slot (a single host, without target_session_attrs)".to_string(),
+            ));
+        }
+        if standby.dbname != self.dbname {
+            return Err(bad(format!(
+                "database {:?} is not postgres.url's {:?}: a slot decodes one database; name the same one",
+                standby.dbname, self.dbname
+            )));
+        }
+        self.standby = Some(Box::new(standby));
+        Ok(self)
+    }
+
+    /// Where the slot lives and is streamed from: the standby of
+    /// `replication.url`, or this (the primary).
+    pub fn slot_server(&self) -> &ConnInfo {
+        self.standby.as_deref().unwrap_or(self)
+    }
+
+    /// Whether the slot lives on a standby (`replication.url`) rather than
+    /// on the primary.
+    pub fn decodes_on_standby(&self) -> bool {
+        self.standby.is_some()
     }
 
     /// The URL with its password redacted, for logs.
@@ -517,6 +564,46 @@ mod tests {
         assert_eq!(info.dbname, "main");
         assert_eq!(info.sslmode, SslMode::Disable);
         assert!(!format!("{info:?}").contains("p%40ss"));
+    }
+
+    #[test]
+    fn the_slot_may_live_on_one_standby_of_the_same_database() {
+        let primary =
+            ConnInfo::parse(&SecretUrl::new("postgres://app@db-a/main"), None).expect("valid");
+        assert!(!primary.decodes_on_standby());
+        assert_eq!(primary.slot_server().host, "db-a");
+        let both = primary
+            .clone()
+            .with_slot_on(&SecretUrl::new("postgres://repl:secret@db-b:5433/main"))
+            .expect("valid");
+        assert!(both.decodes_on_standby());
+        assert_eq!(both.host, "db-a");
+        assert_eq!(
+            (both.slot_server().host.as_str(), both.slot_server().port),
+            ("db-b", 5433)
+        );
+        for (url, expected) in [
+            (
+                "postgres://app:secret@b1,b2/main?target_session_attrs=read-write",
+                "a single host",
+            ),
+            (
+                "postgres://app:secret@db-b/other",
+                "a slot decodes one database",
+            ),
+            ("postgres://db-b/main", "no user"),
+        ] {
+            let err = primary
+                .clone()
+                .with_slot_on(&SecretUrl::new(url))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("replication.url") && err.contains(expected),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "{err}");
+        }
     }
 
     #[test]

@@ -41,23 +41,39 @@ pub struct Plan {
     pub problems: Vec<String>,
     /// Whether a step creates the replication slot.
     pub creates_slot: bool,
+    /// Statements for the standby that holds the slot (`replication.url`),
+    /// run after `steps`: creating or dropping the slot there.
+    pub standby_steps: Vec<Step>,
 }
 
 /// Runs the planned steps in order, calling `done` after each. Each waits
 /// at most `lock_timeout` for its table locks: an ALTER TABLE queued behind
 /// a long transaction would make every later query on the table queue
 /// behind it.
+///
+/// `standby_steps` run on `standby` after the rest, each while the primary
+/// is asked for the running-transactions record a slot being created on a
+/// standby waits for (see [`replication::slot::nudging`]); `waiting` runs
+/// if that takes more than a few seconds.
 pub async fn apply(
     db: &Db,
+    standby: Option<&Db>,
     plan: &Plan,
     lock_timeout: Duration,
     mut done: impl FnMut(&Step),
+    waiting: impl Fn(&Step),
 ) -> Result<(), DbError> {
     db.execute_batch(&format!(
         "SET lock_timeout = '{}ms'",
         lock_timeout.as_millis().max(1)
     ))
     .await?;
+    if let (Some(first), None) = (plan.standby_steps.first(), standby) {
+        return Err(DbError::BadUrl {
+            url: "replication.url".to_string(),
+            reason: format!("{}: no connection to the standby", first.why),
+        });
+    }
     for step in &plan.steps {
         if let Err(error) = db.execute_batch(&step.sql).await {
             return Err(match error {
@@ -76,6 +92,13 @@ pub async fn apply(
         }
         done(step);
     }
+    if let Some(standby) = standby {
+        for step in &plan.standby_steps {
+            replication::slot::nudging(db, standby.execute_batch(&step.sql), || waiting(step))
+                .await?;
+            done(step);
+        }
+    }
     Ok(())
 }
 
@@ -91,11 +114,22 @@ pub trait SourceSetup: Send + Sync {
     fn ready(&self) -> String;
 
     /// The statements that make the database ready for `rules` (only what
-    /// is missing), or the problems setup cannot fix.
-    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>>;
+    /// is missing), or the problems setup cannot fix. `db` reaches the
+    /// primary; `conn` says where else to look (the standby that holds the
+    /// slot, `replication.url`).
+    fn plan<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+        rules: &'a RuleSet,
+    ) -> BoxFuture<'a, Result<Plan, DbError>>;
 
     /// The statements that remove what setup installed.
-    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>>;
+    fn plan_teardown<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<Plan, DbError>>;
 
     /// One line per problem of the live database, each saying what to do.
     /// `running` tolerates a lost or missing slot (`run` rebuilds it and
@@ -103,6 +137,7 @@ pub trait SourceSetup: Send + Sync {
     fn check<'a>(
         &'a self,
         db: &'a Db,
+        conn: &'a ConnInfo,
         rules: &'a RuleSet,
         running: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>>;
@@ -168,9 +203,10 @@ pub fn of(config: &Config) -> Box<dyn SourceSetup + '_> {
 /// The live checks of the configured source (see [`SourceSetup::check`]).
 pub async fn check(
     db: &Db,
+    conn: &ConnInfo,
     config: &Config,
     rules: &RuleSet,
     running: bool,
 ) -> Result<Vec<String>, DbError> {
-    of(config).check(db, rules, running).await
+    of(config).check(db, conn, rules, running).await
 }

@@ -334,17 +334,26 @@ pub struct SlotInfo {
     pub synced: Option<bool>,
 }
 
-/// Reads a slot; `None` if it does not exist.
+/// The server's newest WAL position as SQL: where it writes on a
+/// primary, where it has replayed to on a standby (which has no current
+/// write position and holds slots when it decodes, see `replication.url`).
+pub const WAL_NOW: &str = "(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() \
+                           else pg_current_wal_lsn() end)";
+
+/// Reads a slot (on a primary or a standby); `None` if it does not exist.
 pub async fn inspect_slot(db: &Db, slot: &str) -> Result<Option<SlotInfo>, DbError> {
     let row = db
         .client()
         .query_opt(
-            "select slot_name::text, plugin::text, slot_type::text, database::text, active, \
+            &format!(
+                "select slot_name::text, plugin::text, slot_type::text, database::text, active, \
                     active_pid, confirmed_flush_lsn::text, \
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
-                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status::text, \
+                    (cur.lsn - confirmed_flush_lsn)::int8, \
+                    (cur.lsn - restart_lsn)::int8, wal_status::text, \
                     (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool \
-               from pg_replication_slots s where slot_name = $1",
+               from pg_replication_slots s, (select {WAL_NOW} as lsn) cur \
+              where slot_name = $1"
+            ),
             &[&slot],
         )
         .await
@@ -385,6 +394,41 @@ pub async fn wal_level(db: &Db) -> Result<String, DbError> {
         .query_one("select current_setting('wal_level')", &[])
         .await
         .map_err(DbError::query("reading wal_level"))?;
+    Ok(row.get(0))
+}
+
+/// A setting's value as `SHOW` prints it (empty when the server does not
+/// know the name).
+pub async fn setting(db: &Db, name: &str) -> Result<String, DbError> {
+    let row = db
+        .client()
+        .query_one("select coalesce(current_setting($1, true), '')", &[&name])
+        .await
+        .map_err(DbError::query(format!("reading {name}")))?;
+    Ok(row.get(0))
+}
+
+/// Whether the server is a standby (`pg_is_in_recovery()`).
+pub async fn in_recovery(db: &Db) -> Result<bool, DbError> {
+    let row = db
+        .client()
+        .query_one("select pg_is_in_recovery()", &[])
+        .await
+        .map_err(DbError::query("asking whether the server is a standby"))?;
+    Ok(row.get(0))
+}
+
+/// The cluster's system identifier: the same on a primary and every
+/// physical standby of it.
+pub async fn system_identifier(db: &Db) -> Result<i64, DbError> {
+    let row = db
+        .client()
+        .query_one(
+            "select system_identifier::int8 from pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(DbError::query("reading the system identifier"))?;
     Ok(row.get(0))
 }
 

@@ -144,17 +144,27 @@ impl SourceSetup for OutboxSetup<'_> {
         )
     }
 
-    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>> {
+    fn plan<'a>(
+        &'a self,
+        db: &'a Db,
+        _conn: &'a ConnInfo,
+        rules: &'a RuleSet,
+    ) -> BoxFuture<'a, Result<Plan, DbError>> {
         Box::pin(plan(db, rules, self.cfg))
     }
 
-    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>> {
+    fn plan_teardown<'a>(
+        &'a self,
+        db: &'a Db,
+        _conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<Plan, DbError>> {
         Box::pin(plan_teardown(db, self.cfg))
     }
 
     fn check<'a>(
         &'a self,
         db: &'a Db,
+        _conn: &'a ConnInfo,
         rules: &'a RuleSet,
         _running: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {

@@ -30,7 +30,8 @@ impl SourceSetup for ReplicationSetup<'_> {
     ) -> BoxFuture<'a, Result<SourceStatus, DbError>> {
         Box::pin(async move {
             let slot = &self.cfg.slot;
-            let Some(info) = catalog::inspect_slot(db, slot).await? else {
+            let server = SlotServer::open(db, conn).await?;
+            let Some(info) = catalog::inspect_slot(server.db(), slot).await? else {
                 return Ok(SourceStatus::Missing(format!(
                     "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
                 )));
@@ -59,8 +60,26 @@ impl SourceSetup for ReplicationSetup<'_> {
             ];
             let standby_slots = slot::standby_slots(db).await?;
             let failover_ready = info.failover == Some(true) && !standby_slots.is_empty();
-            rows.push(("failover", failover_text(info.failover, &standby_slots)));
-            let standbys = slot::on_standbys(conn, db.endpoint(), slot).await;
+            let standbys = match &server {
+                SlotServer::Standby(standby) => {
+                    rows.push((
+                        "server",
+                        format!(
+                            "standby {} (replication.url): the slot lives and is decoded there",
+                            standby.endpoint()
+                        ),
+                    ));
+                    rows.push((
+                        "failover",
+                        "no: a slot on a standby is not a failover slot; a promotion flushes every rule key once".to_string(),
+                    ));
+                    Vec::new()
+                }
+                SlotServer::Primary(_) => {
+                    rows.push(("failover", failover_text(info.failover, &standby_slots)));
+                    slot::on_standbys(conn, db.endpoint(), slot).await
+                }
+            };
             for standby in &standbys {
                 let text = match (&standby.problem, &standby.confirmed_lsn) {
                     (Some(problem), _) => problem.clone(),
@@ -71,6 +90,12 @@ impl SourceSetup for ReplicationSetup<'_> {
                 rows.push(("standby", format!("{} {text}", standby.host)));
             }
             let mut json = serde_json::to_value(&info).unwrap_or_default();
+            if let (Some(map), SlotServer::Standby(standby)) = (json.as_object_mut(), &server) {
+                map.insert(
+                    "decoded_on_standby".into(),
+                    serde_json::json!(standby.endpoint().to_string()),
+                );
+            }
             if let Some(map) = json.as_object_mut() {
                 map.insert("failover_ready".into(), serde_json::json!(failover_ready));
                 map.insert(
@@ -96,6 +121,10 @@ impl SourceSetup for ReplicationSetup<'_> {
         conn: &'a ConnInfo,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
         Box::pin(async move {
+            if conn.decodes_on_standby() {
+                let server = SlotServer::open(db, conn).await?;
+                return standby_warnings(server.db()).await;
+            }
             // Only a URL that names standbys says a promotion is planned for.
             if conn.endpoints.len() < 2 {
                 return Ok(Vec::new());
@@ -139,39 +168,184 @@ impl SourceSetup for ReplicationSetup<'_> {
         )
     }
 
-    fn plan<'a>(&'a self, db: &'a Db, rules: &'a RuleSet) -> BoxFuture<'a, Result<Plan, DbError>> {
-        Box::pin(plan(db, rules, self.cfg))
+    fn plan<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+        rules: &'a RuleSet,
+    ) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(async move {
+            let server = SlotServer::open(db, conn).await?;
+            plan(db, &server, rules, self.cfg).await
+        })
     }
 
-    fn plan_teardown<'a>(&'a self, db: &'a Db) -> BoxFuture<'a, Result<Plan, DbError>> {
-        Box::pin(plan_teardown(db, self.cfg))
+    fn plan_teardown<'a>(
+        &'a self,
+        db: &'a Db,
+        conn: &'a ConnInfo,
+    ) -> BoxFuture<'a, Result<Plan, DbError>> {
+        Box::pin(async move {
+            let server = SlotServer::open(db, conn).await?;
+            plan_teardown(db, &server, self.cfg).await
+        })
     }
 
     fn check<'a>(
         &'a self,
         db: &'a Db,
+        conn: &'a ConnInfo,
         rules: &'a RuleSet,
         running: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, DbError>> {
-        Box::pin(check(
-            db,
-            rules,
-            CheckScope {
-                publication: &self.cfg.publication,
-                slot: Some(&self.cfg.slot),
-                tolerate_lost_slot: running,
-            },
-        ))
+        Box::pin(async move {
+            let server = SlotServer::open(db, conn).await?;
+            let mut problems = check(
+                db,
+                server.db(),
+                rules,
+                CheckScope {
+                    publication: &self.cfg.publication,
+                    slot: Some(&self.cfg.slot),
+                    tolerate_lost_slot: running,
+                },
+            )
+            .await?;
+            if let SlotServer::Standby(standby) = &server {
+                problems.extend(standby_problems(db, standby, &self.cfg.application_name).await?);
+            }
+            Ok(problems)
+        })
     }
+}
+
+/// The server that holds the slot: the primary, or the hot standby of
+/// `replication.url` (decoding there offloads the primary; the
+/// publication, replica identities and heartbeats stay on the primary).
+pub(crate) enum SlotServer<'a> {
+    /// The slot lives on the primary (`db`).
+    Primary(&'a Db),
+    /// The slot lives on this standby.
+    Standby(Db),
+}
+
+impl<'a> SlotServer<'a> {
+    /// `primary` itself, or a connection to the standby `conn` names.
+    pub(crate) async fn open(primary: &'a Db, conn: &ConnInfo) -> Result<SlotServer<'a>, DbError> {
+        Ok(match conn.decodes_on_standby() {
+            true => SlotServer::Standby(Db::connect(conn.slot_server()).await?),
+            false => SlotServer::Primary(primary),
+        })
+    }
+
+    /// The connection to it.
+    pub(crate) fn db(&self) -> &Db {
+        match self {
+            SlotServer::Primary(db) => db,
+            SlotServer::Standby(db) => db,
+        }
+    }
+}
+
+/// Why the standby of `replication.url` cannot hold the slot: too old,
+/// another cluster, `wal_level` below logical there, or the primary
+/// waiting for this daemon as a synchronous standby (a walsender on a
+/// standby is not the primary's standby: those commits would wait
+/// forever).
+async fn standby_problems(
+    primary: &Db,
+    standby: &Db,
+    application_name: &str,
+) -> Result<Vec<String>, DbError> {
+    let mut problems = Vec::new();
+    let major = catalog::server_major(standby).await?;
+    if major < 16 {
+        problems.push(format!(
+            "replication.url: decoding on a standby needs PostgreSQL 16 or later, and {} runs {major}: remove replication.url to decode on the primary",
+            standby.endpoint()
+        ));
+        return Ok(problems);
+    }
+    let (primary_id, standby_id) = (
+        catalog::system_identifier(primary).await?,
+        catalog::system_identifier(standby).await?,
+    );
+    if primary_id != standby_id {
+        problems.push(format!(
+            "replication.url: {} is another cluster (system identifier {standby_id}) than postgres.url's primary ({primary_id}): name a standby that replicates from that primary",
+            standby.endpoint()
+        ));
+    }
+    let level = catalog::wal_level(standby).await?;
+    if level != "logical" {
+        problems.push(format!(
+            "replication.url: wal_level is {level} on the standby {}: set wal_level = logical there too (ALTER SYSTEM SET wal_level = logical; then restart it)",
+            standby.endpoint()
+        ));
+    }
+    let names = catalog::setting(primary, "synchronous_standby_names").await?;
+    if lists_standby(&names, application_name) {
+        problems.push(format!(
+            "replication.url: the primary's synchronous_standby_names ({names}) waits for {application_name:?}, but a slot on a standby cannot release the primary's commits (they would wait forever): take {application_name:?} out of synchronous_standby_names, or remove replication.url to decode on the primary for synchronous invalidation"
+        ));
+    }
+    Ok(problems)
+}
+
+/// What would cost a flush later when the slot is on a standby.
+async fn standby_warnings(standby: &Db) -> Result<Vec<String>, DbError> {
+    let mut warnings = Vec::new();
+    if !catalog::in_recovery(standby).await? {
+        warnings.push(format!(
+            "replication.url: {} accepts writes (a primary, not a standby): decoding there offloads nothing",
+            standby.endpoint()
+        ));
+    } else if catalog::setting(standby, "hot_standby_feedback").await? != "on" {
+        warnings.push(format!(
+            "replication.url: hot_standby_feedback is off on {}: the primary may vacuum catalog rows the slot still needs, which invalidates it (a flush of every rule key): set hot_standby_feedback = on there, with a primary_slot_name",
+            standby.endpoint()
+        ));
+    }
+    Ok(warnings)
+}
+
+/// Whether `synchronous_standby_names` names `application_name`
+/// (`FIRST n (a, b)`, `ANY n (a, b)`, `n (a, b)` or `a, b`; compared
+/// without case, as the walsender does; `*` is any standby, which a
+/// physical standby satisfies, so it does not count).
+pub(crate) fn lists_standby(setting: &str, application_name: &str) -> bool {
+    let setting = setting.trim();
+    let list = match (setting.find('('), setting.rfind(')')) {
+        (Some(open), Some(close)) if open < close => &setting[open + 1..close],
+        _ => setting,
+    };
+    list.split(',')
+        .map(|name| {
+            let name = name.trim();
+            match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => name.to_string(),
+            }
+        })
+        .any(|name| name.eq_ignore_ascii_case(application_name))
 }
 
 /// Plans the statements that make the database ready for `rules`: replica
 /// identities first, then the publication, then the slot (a slot decodes
 /// with the catalog as of each change, so the publication must exist before
 /// the slot's first change).
-pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<Plan, DbError> {
+pub(crate) async fn plan(
+    db: &Db,
+    server: &SlotServer<'_>,
+    rules: &RuleSet,
+    cfg: &ReplicationConfig,
+) -> Result<Plan, DbError> {
     let mut plan = Plan::default();
     plan.problems.extend(walk::wal_level_problem(db).await?);
+    if let SlotServer::Standby(standby) = server {
+        plan.problems
+            .extend(standby_problems(db, standby, &cfg.application_name).await?);
+    }
     let mut tables = Vec::new();
     let mut major = None;
     let mut wants_generated = false;
@@ -299,21 +473,32 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
     }
 
     let slot = &cfg.slot;
-    match catalog::inspect_slot(db, slot).await? {
+    match catalog::inspect_slot(server.db(), slot).await? {
         None => {
             plan.creates_slot = true;
-            let major = catalog::server_major(db).await?;
-            plan.steps.push(Step {
-                why: if major >= 17 {
-                    format!("replication slot {slot} keeps the changes the daemon has not confirmed (a failover slot: a standby with sync_replication_slots = on keeps it through a promotion)")
-                } else {
-                    format!("replication slot {slot} keeps the changes the daemon has not confirmed")
-                },
-                sql: format!(
-                    "{};",
-                    super::slot::create_sql(major).replace("$1", &quote_literal(slot))
-                ),
-            })
+            let major = catalog::server_major(server.db()).await?;
+            let sql = format!(
+                "{};",
+                super::slot::create_sql(major, matches!(server, SlotServer::Standby(_)))
+                    .replace("$1", &quote_literal(slot))
+            );
+            match server {
+                SlotServer::Standby(standby) => plan.standby_steps.push(Step {
+                    why: format!(
+                        "replication slot {slot} on the standby {} keeps the changes the daemon has not confirmed (it waits for the primary's next running-transactions record: SELECT pg_log_standby_snapshot(); on the primary brings one at once)",
+                        standby.endpoint()
+                    ),
+                    sql,
+                }),
+                SlotServer::Primary(_) => plan.steps.push(Step {
+                    why: if major >= 17 {
+                        format!("replication slot {slot} keeps the changes the daemon has not confirmed (a failover slot: a standby with sync_replication_slots = on keeps it through a promotion)")
+                    } else {
+                        format!("replication slot {slot} keeps the changes the daemon has not confirmed")
+                    },
+                    sql,
+                }),
+            }
         }
         Some(info) if info.plugin.as_deref() != Some("pgoutput") => plan.problems.push(format!(
             "replication slot {slot:?} exists with plugin {:?}: drop it or choose another [replication] slot",
@@ -327,9 +512,13 @@ pub async fn plan(db: &Db, rules: &RuleSet, cfg: &ReplicationConfig) -> Result<P
 /// Plans `teardown`: drop the slot, then the publication. Replica
 /// identities are left as they are: they are harmless and other consumers
 /// may rely on them.
-pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbError> {
+pub(crate) async fn plan_teardown(
+    db: &Db,
+    server: &SlotServer<'_>,
+    cfg: &ReplicationConfig,
+) -> Result<Plan, DbError> {
     let mut plan = Plan::default();
-    if let Some(slot) = catalog::inspect_slot(db, &cfg.slot).await? {
+    if let Some(slot) = catalog::inspect_slot(server.db(), &cfg.slot).await? {
         if slot.active {
             plan.problems.push(format!(
                 "replication slot {:?} is being streamed (walsender backend {}): stop the daemon that streams it first (ending the backend only makes it reconnect)",
@@ -337,7 +526,7 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
                 slot.active_pid.unwrap_or_default()
             ));
         }
-        plan.steps.push(Step {
+        let drop = Step {
             why: format!(
                 "drop replication slot {} (a forgotten slot retains WAL without limit)",
                 cfg.slot
@@ -346,7 +535,11 @@ pub async fn plan_teardown(db: &Db, cfg: &ReplicationConfig) -> Result<Plan, DbE
                 "SELECT pg_drop_replication_slot({});",
                 quote_literal(&cfg.slot)
             ),
-        });
+        };
+        match server {
+            SlotServer::Standby(_) => plan.standby_steps.push(drop),
+            SlotServer::Primary(_) => plan.steps.push(drop),
+        }
     }
     if catalog::inspect_publication(db, &cfg.publication)
         .await?
@@ -375,8 +568,11 @@ pub struct CheckScope<'a> {
 /// Checks the rules against the live database: `wal_level`, the tables
 /// (see [`walk`]), replica identities, the publication and the slot. Returns one
 /// line per problem, each saying what to do.
+/// `slot_db` reaches the server that holds the slot (the primary `db`, or
+/// the standby of `replication.url`).
 pub async fn check(
     db: &Db,
+    slot_db: &Db,
     rules: &RuleSet,
     scope: CheckScope<'_>,
 ) -> Result<Vec<String>, DbError> {
@@ -465,7 +661,7 @@ pub async fn check(
         }
     }
     if let Some(slot) = scope.slot {
-        match catalog::inspect_slot(db, slot).await? {
+        match catalog::inspect_slot(slot_db, slot).await? {
             None if scope.tolerate_lost_slot => {}
             None => problems.push(format!(
                 "replication slot {slot:?} does not exist: run pg-cache-invalidator setup"
@@ -501,5 +697,28 @@ fn failover_text(failover: Option<bool>, standby_slots: &str) -> String {
         Some(false) => "no: the slot was created without failover; drop it and run setup again to make a failover slot (until then a promotion flushes every rule key)".to_string(),
         Some(true) if standby_slots.is_empty() => "a failover slot, but synchronized_standby_slots is not set on the primary: a promotion flushes every rule key (see the README's \"Failover and upgrades\")".to_string(),
         Some(true) => format!("yes: a failover slot, and the primary waits for {standby_slots} (synchronized_standby_slots)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lists_standby;
+
+    #[test]
+    fn synchronous_standby_names_are_read_in_every_form() {
+        let name = "pg-cache-invalidator";
+        for listed in [
+            "\"pg-cache-invalidator\"",
+            "FIRST 1 (standby, \"PG-Cache-Invalidator\")",
+            "ANY 2 (a, \"pg-cache-invalidator\", b)",
+            "1 (\"pg-cache-invalidator\")",
+            "a, pgci, \"pg-cache-invalidator\"",
+        ] {
+            assert!(lists_standby(listed, name), "{listed}");
+        }
+        for not_listed in ["", "*", "standby", "FIRST 1 (a, b)", "\"pg-cache\""] {
+            assert!(!lists_standby(not_listed, name), "{not_listed}");
+        }
+        assert!(lists_standby("ANY 1 (Cache)", "cache"));
     }
 }

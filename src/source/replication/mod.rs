@@ -21,6 +21,10 @@
 //! is gone or invalidated is reported as [`Event::PositionLost`] (see
 //! [`crate::error::replication`]).
 //!
+//! The session opens on the server that holds the slot: the primary, or
+//! the hot standby of `replication.url` ([`ConnInfo::slot_server`]), where
+//! the origin, the slot's health and its rebuild are asked too.
+//!
 //! pgoutput messages are decoded here ([`crate::decode::pgoutput`]) and
 //! handed on as the neutral [`Change`] model.
 
@@ -358,8 +362,9 @@ impl ReplicationSource {
 
     /// The transport's TLS settings for our `sslmode`.
     fn tls(&self) -> TlsConfig {
-        let root = self.info.ssl_root_cert.clone();
-        match self.info.sslmode {
+        let server = self.info.slot_server();
+        let root = server.ssl_root_cert.clone();
+        match server.sslmode {
             SslMode::Disable => TlsConfig::disabled(),
             SslMode::Prefer => TlsConfig {
                 mode: pgwire_replication::SslMode::Prefer,
@@ -372,16 +377,19 @@ impl ReplicationSource {
         }
     }
 
+    /// The session's settings, for the server that holds the slot (the
+    /// primary, or the standby of `replication.url`).
     fn replication_config(&self) -> ReplicationConfig {
+        let server = self.info.slot_server();
         ReplicationConfig::new(
-            self.info.host.clone(),
-            self.info.user.clone(),
-            self.info.password.clone(),
-            self.info.dbname.clone(),
+            server.host.clone(),
+            server.user.clone(),
+            server.password.clone(),
+            server.dbname.clone(),
             self.slot.clone(),
             self.publication.clone(),
         )
-        .with_port(self.info.port)
+        .with_port(server.port)
         .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
@@ -399,7 +407,7 @@ impl ReplicationSource {
         self.health.set_streaming(false);
         metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
         let slot = if error::may_mean_slot_lost(&error) {
-            slot::health(&self.info, &self.slot).await
+            slot::health(self.info.slot_server(), &self.slot).await
         } else {
             SlotHealth::Usable
         };
@@ -562,24 +570,20 @@ fn as_stream_error(error: &crate::db::DbError) -> PgWireError {
 }
 
 /// Opens a session on the writable primary among `info`'s hosts (see
-/// [`crate::db::hosts`]); returns it with the host it reached.
+/// [`crate::db::hosts`]), or on the standby that holds the slot
+/// (`replication.url`); returns it with the host it reached.
 async fn open(
     info: ConnInfo,
     mut cfg: ReplicationConfig,
     store: Option<Arc<dyn OriginStore>>,
 ) -> Result<Opened, PgWireError> {
-    if info.endpoints.len() > 1 {
+    if !info.decodes_on_standby() && info.endpoints.len() > 1 {
         // The same server the regular connections reach; its errors keep
         // their SQLSTATE for the error policy.
         let primary = info
             .primary()
             .await
-            .map_err(|error| match error.sqlstate() {
-                Some(code) => {
-                    PgWireError::Server(format!("{} (SQLSTATE {code})", error.one_line()))
-                }
-                None => PgWireError::Task(error.one_line()),
-            })?;
+            .map_err(|error| as_stream_error(&error))?;
         cfg.host = primary.host;
         cfg.port = primary.port;
     }
@@ -590,7 +594,11 @@ async fn open(
     // Never stream without knowing which history the slot is on (see
     // [`origin`]): a session whose origin cannot be read is retried.
     let origin = async {
-        let db = Db::connect(&info.at(&endpoint)).await?;
+        let server = match info.decodes_on_standby() {
+            true => info.slot_server().clone(),
+            false => info.at(&endpoint),
+        };
+        let db = Db::connect(&server).await?;
         Origin::read(&db, &cfg.slot).await
     }
     .await

@@ -73,10 +73,14 @@ impl fmt::Display for Origin {
 }
 
 impl Origin {
-    /// What the primary `db` reaches says. The timeline is the current
-    /// WAL file's (the first 8 hex digits of its name): it changes the
-    /// moment a promotion ends, where the control file's checkpoint
-    /// timeline waits for the next checkpoint.
+    /// What the server holding the slot (`db`) says. On a primary the
+    /// timeline is the current WAL file's (the first 8 hex digits of its
+    /// name): it changes the moment a promotion ends, where the control
+    /// file's checkpoint timeline waits for the next checkpoint. On a
+    /// standby that decodes (`replication.url`) it is the timeline the
+    /// standby receives, or its last restartpoint's while it receives
+    /// nothing: a standby that follows a promoted primary moves to the new
+    /// timeline, and the slot it holds is rebuilt like any other.
     ///
     /// The slot's columns are read through `to_jsonb` so that the query
     /// runs on every major (`failover` and `synced` are new in 17).
@@ -85,7 +89,11 @@ impl Origin {
             .client()
             .query_one(
                 "select system_identifier::int8, \
-                        ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8, \
+                        case when pg_is_in_recovery() \
+                             then coalesce((select received_tli::int8 from pg_stat_wal_receiver), \
+                                           (select timeline_id::int8 from pg_control_checkpoint())) \
+                             else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 \
+                        end, \
                         coalesce((select (to_jsonb(s) ->> 'failover')::bool \
                                     from pg_replication_slots s where slot_name = $1), false), \
                         coalesce((select (to_jsonb(s) ->> 'synced')::bool \

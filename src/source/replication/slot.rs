@@ -7,6 +7,12 @@
 //! stream proves the pipeline alive end to end (its round-trip is a metric),
 //! and it gives an idle database WAL to decode, so keepalive confirmations
 //! keep the slot from retaining WAL while the watched tables are quiet.
+//!
+//! With `replication.url` the slot lives on a hot standby: heartbeats are
+//! still written on the primary (they reach the standby's slot through
+//! physical replication), the slot's usage is read on the standby, and a
+//! slot made there waits for the primary's next running-transactions
+//! record, which [`nudging`] asks the primary for.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +50,9 @@ pub async fn heartbeats(
     cancel: CancellationToken,
 ) {
     let mut db: Option<Db> = None;
+    // The standby that holds the slot (`replication.url`), if not the
+    // primary: the heartbeat is written on the primary and read back there.
+    let mut standby: Option<Db> = None;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -58,10 +67,7 @@ pub async fn heartbeats(
             db = Db::connect(&conn).await.ok();
         }
         let Some(connection) = &db else { continue };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let now = unix_micros_now();
         let checked_at = std::time::Instant::now();
         let members_now = membership(connection, &drift.rules, &drift.publication).await;
         match drifted_tables(connection, &drift.rules, &drift.publication).await {
@@ -84,7 +90,22 @@ pub async fn heartbeats(
             }
             Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
         }
-        match heartbeat(connection, HEARTBEAT_PREFIX, &slot, now).await {
+        if conn.decodes_on_standby() && standby.is_none() {
+            standby = Db::connect(conn.slot_server()).await.ok();
+        }
+        let slot_db = match (&standby, conn.decodes_on_standby()) {
+            (Some(standby), true) => Some(standby),
+            (None, true) => None,
+            (_, false) => Some(connection),
+        };
+        let beat = async {
+            heartbeat(connection, HEARTBEAT_PREFIX, now).await?;
+            match slot_db {
+                Some(slot_db) => slot_usage(slot_db, &slot).await,
+                None => Ok(None),
+            }
+        };
+        match beat.await {
             Ok(Some((retained, wal_status))) => {
                 failing = false;
                 metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
@@ -99,9 +120,18 @@ pub async fn heartbeats(
                 }
                 failing = true;
                 db = None;
+                standby = None;
             }
         }
     }
+}
+
+/// The time now in microseconds since the Unix epoch: a heartbeat's content.
+fn unix_micros_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// What the catalog says about `slot`: missing, invalidated (`wal_status
@@ -139,13 +169,22 @@ pub async fn publication_exists(conn: &ConnInfo, publication: &str) -> Option<bo
 
 /// Recreates the slot, retrying until it works: the position it starts at
 /// (zero when it cannot be read); `None` if `cancel` fired first.
+/// With `replication.url` the slot is made on that standby, the primary
+/// asked meanwhile for what the standby waits for (see [`nudging`]).
 pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -> Option<Lsn> {
     let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
     loop {
-        let result = match Db::connect(conn).await {
-            Ok(db) => recreate_slot(&db, slot).await,
-            Err(error) => Err(error),
-        };
+        let result = async {
+            let db = Db::connect(conn.slot_server()).await?;
+            // Without the primary (down, or this standby was promoted and
+            // the URL names no other host) the slot is made unhurried.
+            let primary = match conn.decodes_on_standby() {
+                true => Db::connect(conn).await.ok(),
+                false => None,
+            };
+            recreate_slot(&db, primary.as_ref(), slot).await
+        }
+        .await;
         match result {
             Ok(start) => return Some(start),
             Err(error) => {
@@ -237,9 +276,12 @@ pub(crate) async fn on_standbys(conn: &ConnInfo, primary: &Endpoint, slot: &str)
 /// The statement that creates the slot (`$1`: its name). From PostgreSQL
 /// 17 on it is a failover slot: a standby with `sync_replication_slots`
 /// keeps a synchronized copy that a promotion makes usable (see
-/// [`super::origin`]). Harmless without such a standby.
-pub(crate) fn create_sql(major: i32) -> &'static str {
-    if major >= 17 {
+/// [`super::origin`]). Harmless without such a standby. Not on a standby
+/// that decodes (`replication.url`), which cannot create one.
+pub(crate) fn create_sql(major: i32, on_standby: bool) -> &'static str {
+    // A standby cannot make a failover slot: its own standbys do not
+    // synchronize from it.
+    if major >= 17 && !on_standby {
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
     } else {
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
@@ -254,7 +296,7 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// up to [`RELEASE_WAIT`]) and creates it anew at the current WAL
 /// position, which it returns. Another instance doing the same at once is
 /// fine.
-async fn recreate_slot(db: &Db, slot: &str) -> Result<Lsn, DbError> {
+async fn recreate_slot(db: &Db, primary: Option<&Db>, slot: &str) -> Result<Lsn, DbError> {
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
     loop {
         let active: Option<bool> = db
@@ -282,7 +324,18 @@ async fn recreate_slot(db: &Db, slot: &str) -> Result<Lsn, DbError> {
             "dropping lost replication slot {slot}"
         )))?;
     let major = crate::db::catalog::server_major(db).await?;
-    let created = db.client().execute(create_sql(major), &[&slot]).await;
+    let sql = create_sql(major, crate::db::catalog::in_recovery(db).await?);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let create = db.client().execute(sql, &params);
+    let created = match primary {
+        Some(primary) => {
+            nudging(primary, create, || {
+                tracing::info!(slot = %slot, "creating the slot on the standby: waiting for the primary's next running-transactions record");
+            })
+            .await
+        }
+        None => create.await,
+    };
     match created {
         Ok(_) => {}
         Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
@@ -299,43 +352,93 @@ async fn recreate_slot(db: &Db, slot: &str) -> Result<Lsn, DbError> {
     Ok(start.unwrap_or(Lsn::ZERO))
 }
 
-/// Writes a heartbeat into the WAL (no table needed) and reads how much
-/// WAL the slot retains and its `wal_status`.
-async fn heartbeat(
-    db: &Db,
-    prefix: &str,
-    slot: &str,
-    now_unix_micros: i64,
-) -> Result<Option<(i64, String)>, DbError> {
-    db.client()
-        .execute(
-            "select pg_logical_emit_message(false, $1, $2)",
+/// Writes a heartbeat into the primary's WAL (no table needed) and reads
+/// how many commits there wait for a synchronous standby.
+async fn heartbeat(primary: &Db, prefix: &str, now_unix_micros: i64) -> Result<(), DbError> {
+    let row = primary
+        .client()
+        .query_one(
+            "select pg_logical_emit_message(false, $1, $2)::text, \
+                    (select count(*) from pg_stat_activity where wait_event = 'SyncRep')",
             &[&prefix, &now_unix_micros.to_string()],
         )
         .await
         .map_err(DbError::query(
             "writing a heartbeat with pg_logical_emit_message",
         ))?;
+    metrics::gauge!(m::SYNC_WAITERS).set(row.get::<_, i64>(1) as f64);
+    Ok(())
+}
+
+/// How much WAL the slot retains on the server that holds it (`db`, the
+/// primary or a decoding standby), and its `wal_status`.
+async fn slot_usage(db: &Db, slot: &str) -> Result<Option<(i64, String)>, DbError> {
     let row = db
         .client()
         .query_opt(
-            "select (pg_current_wal_lsn() - s.restart_lsn)::int8, coalesce(s.wal_status, ''), \
-                    (select count(*) from pg_stat_activity where wait_event = 'SyncRep'), \
-                    coalesce((select r.sync_state in ('sync', 'quorum') from pg_stat_replication r \
-                               where r.pid = s.active_pid), false), \
-                    s.safe_wal_size \
-               from pg_replication_slots s where s.slot_name = $1",
+            &format!(
+                "select ({} - s.restart_lsn)::int8, coalesce(s.wal_status, ''), \
+                        coalesce((select r.sync_state in ('sync', 'quorum') from pg_stat_replication r \
+                                   where r.pid = s.active_pid), false), \
+                        s.safe_wal_size \
+                   from pg_replication_slots s where s.slot_name = $1",
+                crate::db::catalog::WAL_NOW
+            ),
             &[&slot],
         )
         .await
         .map_err(DbError::query("reading the slot's retained WAL"))?;
     Ok(row.map(|r| {
-        metrics::gauge!(m::SYNC_WAITERS).set(r.get::<_, i64>(2) as f64);
-        metrics::gauge!(m::SYNC_STANDBY).set(if r.get::<_, bool>(3) { 1.0 } else { 0.0 });
+        metrics::gauge!(m::SYNC_STANDBY).set(if r.get::<_, bool>(2) { 1.0 } else { 0.0 });
         // NULL while max_slot_wal_keep_size is unlimited.
-        if let Some(safe) = r.get::<_, Option<i64>>(4) {
+        if let Some(safe) = r.get::<_, Option<i64>>(3) {
             metrics::gauge!(m::SLOT_SAFE_WAL_BYTES).set(safe as f64);
         }
         (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))
     }))
+}
+
+/// How often work on a standby that waits for the primary asks it again.
+const NUDGE_EVERY: Duration = Duration::from_secs(1);
+/// How long that work runs before `on_wait` says it is waiting.
+const NUDGE_QUIET: Duration = Duration::from_secs(3);
+
+/// Runs `work` on a standby — creating a logical slot there waits for the
+/// primary's next running-transactions record, which an idle primary
+/// writes every 15 s at best — while asking `primary` for one every
+/// second: `pg_log_standby_snapshot()` (16+; superuser, or EXECUTE
+/// granted), or without the grant a heartbeat message, which gives the
+/// background writer WAL to log a record after. `on_wait` runs once if
+/// `work` is still running after a few seconds.
+pub(crate) async fn nudging<T>(
+    primary: &Db,
+    work: impl std::future::Future<Output = T>,
+    on_wait: impl FnOnce(),
+) -> T {
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval(NUDGE_EVERY);
+    let started = tokio::time::Instant::now();
+    let mut on_wait = Some(on_wait);
+    let mut granted = true;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => {}
+        }
+        if granted {
+            granted = primary
+                .client()
+                .batch_execute("select pg_log_standby_snapshot()")
+                .await
+                .is_ok();
+        }
+        if !granted {
+            let _ = heartbeat(primary, HEARTBEAT_PREFIX, unix_micros_now()).await;
+        }
+        if started.elapsed() >= NUDGE_QUIET {
+            if let Some(say) = on_wait.take() {
+                say();
+            }
+        }
+    }
 }
