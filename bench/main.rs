@@ -607,6 +607,8 @@ enum Capture {
     Outbox,
     /// The outbox with wake-ups off, polling every 100 ms.
     OutboxPolling,
+    /// The slot on a streaming standby (`replication.url`).
+    Standby,
 }
 
 async fn live_latency(
@@ -626,13 +628,26 @@ async fn live_latency(
         None
     };
     let outbox = match capture {
-        Capture::Replication => "",
+        Capture::Replication | Capture::Standby => "",
         Capture::Outbox => "[outbox]\n",
         Capture::OutboxPolling => "[outbox]\nwake_ups = false\npoll_interval = \"100ms\"\n",
     };
-    if capture != Capture::Replication {
+    if matches!(capture, Capture::Outbox | Capture::OutboxPolling) {
         env.postgres_extra = "source = \"outbox\"\n".to_string();
         env.write_config(outbox);
+    }
+    let standby = match capture {
+        Capture::Standby => Some(env.pg.standby().await),
+        _ => None,
+    };
+    let slot_on = standby.as_ref().map_or(String::new(), |standby| {
+        format!(
+            "url = \"postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable\"\n",
+            standby.port
+        )
+    });
+    if standby.is_some() {
+        env.write_config(&format!("[replication]\n{slot_on}"));
     }
     env.setup();
     let client = env.pg.client().await;
@@ -648,10 +663,21 @@ async fn live_latency(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     env.write_config(&format!(
-        "[replication]\nheartbeat_interval = \"0s\"\n{outbox}"
+        "[replication]\nheartbeat_interval = \"0s\"\n{slot_on}{outbox}"
     ));
-    let _daemon = env.daemon().await;
-    if capture != Capture::Replication {
+    let _daemon = match &standby {
+        Some(standby) => {
+            let mut daemon = env.spawn_daemon();
+            let client = standby.client().await;
+            while !pgci_test_support::slot_active(&client).await {
+                assert!(daemon.try_status().is_none(), "{}", daemon.log());
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            daemon
+        }
+        None => env.daemon().await,
+    };
+    if matches!(capture, Capture::Outbox | Capture::OutboxPolling) {
         // Let the drainer go idle and ask for wake-ups.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -1041,6 +1067,13 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let standby_live =
+        if args.wants("standby-live") && TestEnv::start(1).await.pg.major().await >= 16 {
+            eprintln!("live latency, the slot on a streaming standby");
+            live_latency(&args, Capture::Standby, &[1_000], false).await
+        } else {
+            Vec::new()
+        };
     let cluster_drains = if args.wants("cluster-drain") {
         eprintln!("drain, 1-row transactions, one redis and a redis cluster");
         Some(cluster_drain(&args).await)
@@ -1132,6 +1165,7 @@ async fn main() {
         ("", &live),
         (" (outbox)", &outbox_live),
         (" (outbox, polling 100 ms)", &outbox_polling),
+        (" (slot on a standby)", &standby_live),
         (" (redis cluster)", &cluster_live),
     ] {
         for l in results {

@@ -3,8 +3,10 @@
 # write tokens run against a private PostgreSQL and Redis while a nemesis,
 # drawn from --seed, kills the daemon, ends its walsender, restarts
 # PostgreSQL, brings Redis back from an older snapshot, kills and pauses
-# Redis clients and drops the slot; after each round an independent
-# checker compares every cached page with its rows' version counters.
+# Redis clients, fills Redis, drops the slot and (PostgreSQL 17+, see
+# PGCI_TEST_PG_BINDIR) kills the primary and promotes its synchronous
+# standby; after each round an independent checker compares every cached
+# page with its rows' version counters.
 # Arguments go to the soak: --minutes N (default 2), --seed S, --users,
 # --readers. The last line is `violations=N kinds=K`; exit 1 on any
 # violation. The release build of the daemon is used.

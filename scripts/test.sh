@@ -73,10 +73,13 @@ if [[ $parallel == 1 ]]; then
   # The chaos soak, short (scripts/soak.sh runs it long, on the release
   # build), and the checker's own test: with a rule left out it must find
   # stale pages, or it could not find any.
+  # The soak runs on PostgreSQL 17 (PGCI_SOAK_PG_MAJOR), where it keeps a
+  # synchronous standby with failover slots and promotes it.
   cargo build --locked -p pgci-app-sim --bin soak
   daemon_bin=$PWD/target/debug/pg-cache-invalidator
-  log "chaos soak (${PGCI_SOAK_MINUTES:-1.5} min, seed ${PGCI_SOAK_SEED:-1}) and its checker's self-test, alongside"
-  start_job soak env PGCI_DAEMON_BIN="$daemon_bin" target/debug/soak --minutes "${PGCI_SOAK_MINUTES:-1.5}" --seed "${PGCI_SOAK_SEED:-1}"
+  soak_pg=$(pg_major_bin_dir "${PGCI_SOAK_PG_MAJOR:-17}")
+  log "chaos soak (${PGCI_SOAK_MINUTES:-1.5} min, seed ${PGCI_SOAK_SEED:-1}, PostgreSQL ${PGCI_SOAK_PG_MAJOR:-17}) and its checker's self-test, alongside"
+  start_job soak env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" target/debug/soak --minutes "${PGCI_SOAK_MINUTES:-1.5}" --seed "${PGCI_SOAK_SEED:-1}"
   start_job soak-checker bash -c 'out=$("$@" 2>&1) && { echo "$out"; echo "the checker found nothing with the balance rule left out"; exit 1; }
     echo "$out" | tail -3; echo "$out" | grep -Eq "^violations=[1-9]" || { echo "$out"; exit 1; }' _ \
     env PGCI_DAEMON_BIN="$daemon_bin" target/debug/soak --minutes 0.25 --seed 7 --without-rule balance

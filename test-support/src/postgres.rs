@@ -307,7 +307,32 @@ impl Postgres {
     /// this server is stopped (fast shutdown), copied, and started again.
     /// Like a base backup, the copy holds no replication slots.
     pub async fn standby(&mut self) -> Postgres {
-        self.standby_copy(false, &[], &[]).await
+        self.standby_copy(false, &[], &[], free_port()).await
+    }
+
+    /// A standby on `port` (a dead primary's, so that a URL naming both
+    /// stays right) that this server waits for at every commit
+    /// (`synchronous_standby_names`): a commit anyone can see is on the
+    /// standby, so a promotion loses none. With `failover_slots`
+    /// (PostgreSQL 17+) it is set up as [`Postgres::failover_standby`].
+    pub async fn synchronous_standby_at(&mut self, port: u16, failover_slots: bool) -> Postgres {
+        let mut primary = vec!["synchronous_standby_names=standby"];
+        // Back within half a second after the primary restarts: commits
+        // wait for it meanwhile.
+        let mut standby = vec!["wal_retrieve_retry_interval=500ms"];
+        if failover_slots {
+            self.client()
+                .await
+                .batch_execute(
+                    "select pg_create_physical_replication_slot('standby1', true) \
+                      where not exists (select 1 from pg_replication_slots where slot_name = 'standby1')",
+                )
+                .await
+                .expect("physical slot");
+            primary.push("synchronized_standby_slots=standby1");
+            standby.extend(["primary_slot_name=standby1", "sync_replication_slots=on"]);
+        }
+        self.standby_copy(false, &primary, &standby, port).await
     }
 
     /// A standby set up for failover slots (PostgreSQL 17+): it streams
@@ -324,6 +349,7 @@ impl Postgres {
             false,
             &["synchronized_standby_slots=standby1"],
             &["primary_slot_name=standby1", "sync_replication_slots=on"],
+            free_port(),
         )
         .await
     }
@@ -333,7 +359,7 @@ impl Postgres {
     /// would): after a promotion the slot is there, at the position it had
     /// when copied.
     pub async fn standby_with_slots(&mut self) -> Postgres {
-        self.standby_copy(true, &[], &[]).await
+        self.standby_copy(true, &[], &[], free_port()).await
     }
 
     async fn standby_copy(
@@ -341,6 +367,7 @@ impl Postgres {
         keep_slots: bool,
         primary_settings: &[&str],
         standby_settings: &[&str],
+        port: u16,
     ) -> Postgres {
         self.stop_with("-INT");
         let dir = tempfile::Builder::new()
@@ -380,7 +407,7 @@ impl Postgres {
         settings.push("hot_standby_feedback=on".to_string());
         let mut standby = Postgres {
             dir,
-            port: free_port(),
+            port,
             child: None,
             settings,
         };

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pgci_app_sim::workload::{self, Page, PAGES};
 use pgci_client::{write_token, Cache, CacheOptions, WriteToken};
-use pgci_test_support::{Daemon, TestEnv};
+use pgci_test_support::{free_port, Daemon, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::ConnectionManager;
 use tokio::sync::RwLock;
 
-use crate::nemesis::Fault;
+use crate::nemesis::{Fault, Standby};
 
 /// Runs the chaos soak.
 #[derive(Parser, Debug)]
@@ -56,6 +56,13 @@ struct Args {
     /// find stale pages.
     #[arg(long)]
     without_rule: Option<String>,
+    /// Run no standby and never promote (on PostgreSQL 15 and 16 the soak
+    /// never does: without failover slots a promotion flushes, and a write
+    /// token taken on the new primary before the daemon is back can
+    /// compare as applied against the old primary's record, as the README
+    /// says).
+    #[arg(long)]
+    no_standby: bool,
 }
 
 /// What the workload did, and what it got wrong.
@@ -137,18 +144,40 @@ async fn main() {
         .filter(|page| Some(*page) != left_out)
         .map(|page| page.rule_toml(page == Page::Profile))
         .collect();
+    // A synchronous standby with failover slots (17+): a commit anyone saw
+    // survives a promotion, and so does the slot.
+    let mut standby = if !args.no_standby && env.pg.major().await >= 17 {
+        let server = env.pg.synchronous_standby_at(free_port(), true).await;
+        Some(Standby {
+            server,
+            slot: "pg_cache_invalidator".to_string(),
+        })
+    } else {
+        None
+    };
+    // Every client finds the primary wherever it is now.
+    let pg_url = match &standby {
+        Some(standby) => format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=read-write",
+            env.pg.port, standby.server.port
+        ),
+        None => env.pg.url(),
+    };
     let config = format!(
-        "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}",
-        env.pg.url(),
+        "[postgres]\nurl = \"{pg_url}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}",
         env.redis.url(),
         env.http_port,
     );
     std::fs::write(&env.config, config).expect("write config");
     env.setup();
     let mut daemon = env.spawn_daemon();
+    // The standby's copy becomes usable once the slot has moved.
+    if let Some(standby) = &standby {
+        standby.server.wait_synced(&standby.slot).await;
+    }
     let shared = Arc::new(Shared {
         ids,
-        pg_url: env.pg.url(),
+        pg_url,
         redis_url: env.redis.url(),
         counts: Counts::default(),
         writes: RwLock::new(()),
@@ -183,10 +212,10 @@ async fn main() {
     while Instant::now() < deadline {
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
-        let faults = Fault::draw(&mut rng);
+        let faults = Fault::draw(&mut rng, standby.is_some());
         let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
         eprintln!("round {rounds}: {}", names.join(" + "));
-        if nemesis::inject(&mut env, &mut daemon, &faults, &mut rng).await {
+        if nemesis::inject(&mut env, &mut daemon, standby.as_mut(), &faults, &mut rng).await {
             restarts += 1;
         }
         for &fault in &faults {
@@ -225,8 +254,9 @@ async fn main() {
     let stale_own = c.stale_own_reads.load(Ordering::Relaxed);
     violations += stale_own;
     println!(
-        "seed={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts}",
-        args.seed
+        "seed={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
+        args.seed,
+        if standby.is_some() { "yes (synchronous, failover slots)" } else { "no" }
     );
     println!(
         "reads={} read_errors={} writes={} own_reads={} stale_own_reads={stale_own} stale_keys={stale_keys}",
@@ -235,6 +265,8 @@ async fn main() {
         c.writes.load(Ordering::Relaxed),
         c.own_reads.load(Ordering::Relaxed),
     );
+    let (promoted, flushed) = daemon_logs(&env);
+    println!("promotions_resumed_without_flush={promoted} flushes={flushed}");
     for (fault, n) in &injected {
         println!(
             "fault {}: injected={n} longest_recovery_ms={}",
@@ -254,6 +286,24 @@ async fn main() {
     println!("violations={violations} kinds={}", injected.len());
     drop(daemon);
     std::process::exit(i32::from(violations > 0));
+}
+
+/// Across every daemon the soak started: promotions resumed from a
+/// synchronized failover slot, and flushes of every rule key (a dropped
+/// slot, Redis back from a snapshot, a promotion that could not resume).
+fn daemon_logs(env: &TestEnv) -> (usize, usize) {
+    let mut promoted = 0;
+    let mut flushed = 0;
+    for n in 1.. {
+        let Ok(log) = std::fs::read_to_string(env.path(&format!("daemon-{n}.log"))) else {
+            break;
+        };
+        promoted += log
+            .matches("the database behind the slot was promoted")
+            .count();
+        flushed += log.matches("flushed every key of every rule").count();
+    }
+    (promoted, flushed)
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pgci_test_support::{Daemon, TestEnv};
+use pgci_test_support::{Daemon, Postgres, TestEnv};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -31,10 +31,14 @@ pub enum Fault {
     /// Redis full: `maxmemory` just above what it uses, `noeviction`, for
     /// up to three seconds (writes that add memory fail with OOM).
     RedisFull,
+    /// `kill -9` the primary and promote its synchronous standby (with a
+    /// synchronized failover slot); a new standby of the new primary is
+    /// then built on the dead primary's port.
+    Promote,
 }
 
 /// Every fault kind.
-pub const ALL: [Fault; 8] = [
+pub const ALL: [Fault; 9] = [
     Fault::KillDaemon,
     Fault::TerminateWalsender,
     Fault::RestartPostgres,
@@ -43,6 +47,7 @@ pub const ALL: [Fault; 8] = [
     Fault::ClientPause,
     Fault::DropSlot,
     Fault::RedisFull,
+    Fault::Promote,
 ];
 
 impl Fault {
@@ -57,15 +62,22 @@ impl Fault {
             Fault::ClientPause => "client-pause",
             Fault::DropSlot => "drop-slot",
             Fault::RedisFull => "redis-full",
+            Fault::Promote => "promote-standby",
         }
     }
 
-    /// Draws one or two distinct faults.
-    pub fn draw(rng: &mut StdRng) -> Vec<Fault> {
-        let first = ALL[rng.random_range(0..ALL.len())];
+    /// Draws one or two distinct faults (a promotion only when
+    /// `promotions`: there is a standby).
+    pub fn draw(rng: &mut StdRng, promotions: bool) -> Vec<Fault> {
+        let kinds = if promotions {
+            &ALL[..]
+        } else {
+            &ALL[..ALL.len() - 1]
+        };
+        let first = kinds[rng.random_range(0..kinds.len())];
         let mut faults = vec![first];
         if rng.random_bool(0.3) {
-            let second = ALL[rng.random_range(0..ALL.len())];
+            let second = kinds[rng.random_range(0..kinds.len())];
             if second != first {
                 faults.push(second);
             }
@@ -75,14 +87,38 @@ impl Fault {
     }
 }
 
+/// The standby the soak promotes, and how to build the next one.
+pub struct Standby {
+    /// The standby now.
+    pub server: Postgres,
+    /// The slot it must hold a synchronized copy of before a promotion.
+    pub slot: String,
+}
+
+/// Kills the primary, promotes the standby, and builds the next standby
+/// (on the dead primary's port, so the URLs stay right) once `pause` has
+/// passed; waits until it holds a synchronized copy of the slot again.
+async fn promote(env: &mut TestEnv, standby: &mut Standby, pause: Duration) {
+    env.pg.kill9();
+    standby.server.promote().await;
+    std::mem::swap(&mut env.pg, &mut standby.server);
+    let port = standby.server.port;
+    tokio::time::sleep(pause).await;
+    // The dead primary's directory goes; its port is free again.
+    standby.server = env.pg.synchronous_standby_at(port, true).await;
+    standby.server.wait_synced(&standby.slot).await;
+}
+
 /// Injects `faults` (in order, a random moment apart) and heals them.
 /// Returns whether the daemon was restarted.
 pub async fn inject(
     env: &mut TestEnv,
     daemon: &mut Daemon,
+    standby: Option<&mut Standby>,
     faults: &[Fault],
     rng: &mut StdRng,
 ) -> bool {
+    let mut standby = standby;
     let mut restarted = false;
     for &fault in faults {
         let pause = Duration::from_millis(rng.random_range(100..1500));
@@ -97,7 +133,7 @@ pub async fn inject(
                 let pg = env.pg.client().await;
                 let _ = pg
                     .execute(
-                        "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null",
+                        "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null and slot_type = 'logical'",
                         &[],
                     )
                     .await;
@@ -139,7 +175,7 @@ pub async fn inject(
                 for _ in 0..50 {
                     let dropped = pg
                         .batch_execute(
-                            "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null; \
+                            "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null and slot_type = 'logical'; \
                              select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_type = 'logical'",
                         )
                         .await;
@@ -177,6 +213,11 @@ pub async fn inject(
                 config("maxmemory", (used + 64 * 1024).to_string()).await;
                 tokio::time::sleep(pause * 2).await;
                 config("maxmemory", "0".into()).await;
+            }
+            Fault::Promote => {
+                if let Some(standby) = standby.as_deref_mut() {
+                    promote(env, standby, pause).await;
+                }
             }
         }
         tokio::time::sleep(pause).await;
