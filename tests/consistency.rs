@@ -444,6 +444,48 @@ async fn races_token_reads_that_wait_for_the_daemon() {
     assert_eq!(tally.stale_own_reads, 0, "{tally:?}");
 }
 
+/// Whether Redis holds the lease code: library `pgci` where it has
+/// Functions (7.0+), else every lease script by its SHA.
+async fn lease_code_loaded(redis: &mut redis::aio::MultiplexedConnection) -> bool {
+    let listed: redis::RedisResult<redis::Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(pgci_protocol::lease::LIBRARY)
+        .query_async(redis)
+        .await;
+    match listed {
+        Ok(libs) => matches!(&libs, redis::Value::Array(a) if !a.is_empty()),
+        Err(error) if pgci_protocol::functions::is_unknown_command(&error) => {
+            let mut exists = redis::cmd("SCRIPT");
+            exists.arg("EXISTS");
+            for (_, body) in pgci_protocol::lease::FUNCTIONS {
+                exists.arg(redis::Script::new(body).get_hash());
+            }
+            let found: Vec<bool> = exists.query_async(redis).await.expect("script exists");
+            found.iter().all(|f| *f)
+        }
+        Err(error) => panic!("function list: {error}"),
+    }
+}
+
+/// Makes Redis forget the lease code, as a restart without persistence
+/// does: `FUNCTION FLUSH`, or `SCRIPT FLUSH` before Redis 7.
+async fn forget_lease_code(redis: &mut redis::aio::MultiplexedConnection) {
+    let flushed: redis::RedisResult<()> =
+        redis::cmd("FUNCTION").arg("FLUSH").query_async(redis).await;
+    if let Err(error) = flushed {
+        assert!(
+            pgci_protocol::functions::is_unknown_command(&error),
+            "{error}"
+        );
+    }
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(redis)
+        .await
+        .expect("script flush");
+}
+
 /// The protocol step by step against the running daemon: `setup` and the
 /// daemon load library `pgci`; a miss takes the lease and a second reader
 /// is told to wait; the daemon's DEL for a committed change voids the
@@ -455,33 +497,16 @@ async fn a_fill_that_raced_an_invalidation_is_refused() {
     let mut env = TestEnv::start(3).await;
     env.setup();
     let mut redis = env.redis.conn().await;
-    let libs: redis::Value = redis::cmd("FUNCTION")
-        .arg("LIST")
-        .arg("LIBRARYNAME")
-        .arg("pgci")
-        .query_async(&mut redis)
-        .await
-        .expect("function list");
     assert!(
-        matches!(&libs, redis::Value::Array(a) if !a.is_empty()),
-        "setup loads the library: {libs:?}"
+        lease_code_loaded(&mut redis).await,
+        "setup loads the lease code"
     );
-    let _: () = redis::cmd("FUNCTION")
-        .arg("FLUSH")
-        .query_async(&mut redis)
-        .await
-        .expect("flush functions");
+    forget_lease_code(&mut redis).await;
+    assert!(!lease_code_loaded(&mut redis).await, "forgotten");
     let _daemon = env.daemon().await;
-    let libs: redis::Value = redis::cmd("FUNCTION")
-        .arg("LIST")
-        .arg("LIBRARYNAME")
-        .arg("pgci")
-        .query_async(&mut redis)
-        .await
-        .expect("function list");
     assert!(
-        matches!(&libs, redis::Value::Array(a) if !a.is_empty()),
-        "the daemon loads the library at start: {libs:?}"
+        lease_code_loaded(&mut redis).await,
+        "the daemon loads the lease code at start"
     );
 
     let pg = env.pg.client().await;
@@ -582,12 +607,8 @@ async fn a_fill_that_raced_an_invalidation_is_refused() {
     );
 
     // Redis forgot the functions (a restart without persistence): a
-    // reader loads the library itself.
-    let _: () = redis::cmd("FUNCTION")
-        .arg("FLUSH")
-        .query_async(&mut redis)
-        .await
-        .expect("flush functions");
+    // reader loads the library (or, before Redis 7, the script) itself.
+    forget_lease_code(&mut redis).await;
     third.invalidate_cache(&key).await.expect("del");
     let (_, source) = third
         .get_or_load(
@@ -642,6 +663,20 @@ async fn invalidations_wait_until_their_commit_is_visible() {
         .batch_execute("set synchronous_commit = on")
         .await
         .expect("writer waits for the standby");
+    // pg_reload_conf() only signals: the writer's session may start before
+    // the postmaster has read the new settings.
+    wait_for(
+        "the writer to see synchronous_standby_names",
+        Duration::from_secs(10),
+        || async {
+            writer
+                .query_one("show synchronous_standby_names", &[])
+                .await
+                .map(|r| r.get::<_, String>(0) == "nobody")
+                .unwrap_or(false)
+        },
+    )
+    .await;
     let writer_pid: i32 = writer
         .query_one("select pg_backend_pid()", &[])
         .await

@@ -198,7 +198,7 @@ async fn the_daemon_runs_under_its_least_privilege_user() {
     let url = |port: u16| format!("redis://pgci:s3cr%40t@127.0.0.1:{port}/0");
     env.redis_url_override = Some(url(env.redis.port));
     env.write_config(refresh);
-    let out = env.cli(&["redis-acl"]);
+    let out = redis_acl(&env);
     assert!(
         out.status.success(),
         "{}",
@@ -291,32 +291,46 @@ async fn the_daemon_runs_under_its_least_privilege_user() {
     }
 }
 
-/// `deploy/redis/users.acl` holds what `redis-acl` prints for the demo
-/// rules (password `change-me`), and an `app` user under which the client
-/// library's lease reads, fills and write-token reads work (it loads the
-/// lease functions itself on a fresh server) while the daemon runs under
-/// its own user; the app user may not write the daemon's bookkeeping.
+/// `redis-acl` for the harness's server (`--redis-version` from its
+/// `--version`: Redis 6.2 refuses a line naming FUNCTION).
+fn redis_acl(env: &TestEnv) -> std::process::Output {
+    let args = pgci_test_support::redis_acl_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.cli(&args)
+}
+
+/// `deploy/redis/users.acl` (Redis 7+, Valkey) and `users-redis6.acl`
+/// (Redis 6.2) hold what `redis-acl` prints for the demo rules (password
+/// `change-me`), and an `app` user under which the client library's lease
+/// reads, fills and write-token reads work (it loads the lease functions
+/// itself on a fresh server) while the daemon runs under its own user; the
+/// app user may not write the daemon's bookkeeping.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
     use pgci_client::{write_token, Cache, CacheOptions, Source};
     use pgci_test_support::redis_server::Redis;
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/redis/users.acl"
+    let file = if pgci_test_support::redis_server_version() < (7, 0) {
+        "users-redis6.acl"
+    } else {
+        "users.acl"
+    };
+    let shipped = std::fs::read_to_string(format!(
+        "{}/deploy/redis/{file}",
+        env!("CARGO_MANIFEST_DIR")
     ))
-    .expect("deploy/redis/users.acl");
+    .expect("the shipped ACL file");
     let mut env = TestEnv::start(5).await;
     env.redis_url_override = Some(format!(
         "redis://cache-invalidator:change-me@127.0.0.1:{}/0",
         env.redis.port
     ));
     env.write_demo_config();
-    let out = env.cli(&["redis-acl"]);
+    let out = redis_acl(&env);
     let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(
         shipped.lines().next(),
         Some(printed.as_str()),
-        "deploy/redis/users.acl is stale: regenerate its first line with redis-acl"
+        "deploy/redis/{file} is stale: regenerate its first line with redis-acl"
     );
 
     env.redis = Redis::start_with_acl(&shipped).await;
@@ -378,16 +392,20 @@ async fn the_shipped_acl_file_serves_the_daemon_and_the_app() {
         .await
         .expect("read after the write as app");
     assert_eq!(value.as_deref(), Some("{\"bio\":\"v2\"}"));
-    let mut conn = conn;
-    let refused: redis::RedisResult<()> = redis::cmd("SET")
-        .arg("pgci:position:pg_cache_invalidator")
-        .arg("0/0")
-        .query_async(&mut conn)
-        .await;
-    assert!(
-        refused.is_err(),
-        "the app may overwrite the daemon's position"
-    );
+    // Redis 6.2 has no read-only key patterns (`%R~`, 7.0+): there the app
+    // user may read the position record only by being allowed to write it.
+    if file == "users.acl" {
+        let mut conn = conn;
+        let refused: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("pgci:position:pg_cache_invalidator")
+            .arg("0/0")
+            .query_async(&mut conn)
+            .await;
+        assert!(
+            refused.is_err(),
+            "the app may overwrite the daemon's position"
+        );
+    }
 }
 
 /// A Redis user that may not UNLINK stops the daemon at the first change
@@ -402,7 +420,7 @@ async fn a_redis_user_that_may_not_unlink_stops_with_redis_s_refusal() {
     let url = |port: u16| format!("redis://pgci:s3cret@127.0.0.1:{port}/0");
     env.redis_url_override = Some(url(env.redis.port));
     env.write_config("");
-    let out = env.cli(&["redis-acl"]);
+    let out = redis_acl(&env);
     assert!(out.status.success());
     let line = format!("{} -unlink", String::from_utf8_lossy(&out.stdout).trim());
     env.redis = Redis::start_with_acl(&line).await;
@@ -439,7 +457,7 @@ async fn the_acl_line_loads_with_spaces_and_stars_in_names() {
     env.write_config(
         "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"pillar name:{slug}\"]\naction = \"delete\"\n",
     );
-    let out = env.cli(&["redis-acl"]);
+    let out = redis_acl(&env);
     assert!(
         out.status.success(),
         "{}",
@@ -630,4 +648,28 @@ async fn a_redis_url_that_does_not_work_is_refused_and_named() {
     .await;
     let status = daemon.terminate().await;
     assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}
+
+/// On a server without sharded pub/sub (Redis 6.2, in the Redis matrix),
+/// `sharded_events = true` is refused at start: exit 2, one line naming
+/// the setting, before any change is read (not at the first event).
+#[tokio::test(flavor = "multi_thread")]
+async fn sharded_events_are_refused_at_start_where_redis_lacks_them() {
+    if pgci_test_support::redis_server_version() >= (7, 0) {
+        return;
+    }
+    let mut env = TestEnv::start(1).await;
+    env.redis_extra = "sharded_events = true".to_string();
+    env.write_config("");
+    env.setup();
+    let mut daemon = env.spawn_daemon();
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("redis.sharded_events") && log.contains("set sharded_events = false"),
+        "{log}"
+    );
+    let out = redis_acl(&env);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -125,7 +125,16 @@ enum Command {
     },
     /// Print the ACL file line of a Redis user that may do only what the
     /// daemon does (its user and password are taken from redis.url).
-    RedisAcl(ConfigArg),
+    RedisAcl {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The server the line is for, MAJOR.MINOR (`INFO server`'s
+        /// redis_version; Valkey reports 7.2): before 7.0 the line leaves
+        /// out FUNCTION, which Redis 6.2 does not know (the lease code
+        /// loads as scripts there).
+        #[arg(long, value_name = "MAJOR.MINOR", default_value = "7.0", value_parser = parse_redis_version)]
+        redis_version: (u32, u32),
+    },
     /// Compare cached keys with the database; exit 1 when any is stale.
     Verify {
         #[command(flatten)]
@@ -143,6 +152,16 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+}
+
+/// `--redis-version`: `7.0`, `6.2` (a patch level is ignored).
+fn parse_redis_version(text: &str) -> Result<(u32, u32), String> {
+    let mut parts = text.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Ok((major, minor)),
+        (Some(Ok(major)), None) => Ok((major, 0)),
+        _ => Err(format!("{text:?} is not MAJOR.MINOR, such as 7.0 or 6.2")),
+    }
 }
 
 /// A failure already reduced to lines for the user.
@@ -350,7 +369,10 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             };
             flush::flush(load(&config)?, which, dry_run).await
         }
-        Command::RedisAcl(arg) => {
+        Command::RedisAcl {
+            config: arg,
+            redis_version,
+        } => {
             let loaded = load(&arg)?;
             let all: Vec<&rules::Rule> =
                 loaded.rules.tables().flat_map(|(_, r)| r.iter()).collect();
@@ -368,6 +390,10 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 &rules::scan_patterns(all),
                 &loaded.config.redis.channel,
                 &slots,
+                crate::redis::acl::Server {
+                    version: redis_version,
+                    sharded_events: loaded.config.targets.iter().any(|t| t.sharded_events),
+                },
             )
             .map_err(|e| Failure::usage(vec![e]))?;
             println!("{line}");

@@ -19,13 +19,16 @@ use crate::secret::SecretUrl;
 /// channel (the status page's recent events), flushes (SCAN), the
 /// lease functions it loads for readers (FUNCTION LOAD and LIST, SCRIPT
 /// LOAD and EVALSHA where functions are missing), health (PING, INFO), and
-/// what the client library sends on connect (HELLO, SELECT); sharded
-/// events (SPUBLISH, SSUBSCRIBE), and on a Redis Cluster the slot map
+/// what the client library sends on connect (HELLO, SELECT); and on a
+/// Redis Cluster the slot map
 /// (CLUSTER SLOTS), each master's replicas (ROLE), their acknowledgement
 /// (WAIT) and a migrating slot's redirection (ASKING). `CLIENT
 /// SETINFO`, which it also sends, is left out: Redis 7.0 does not know it
 /// (an ACL file naming it does not load there), and the client library
-/// ignores its refusal.
+/// ignores its refusal. FUNCTION (Redis 7.0+) and sharded events are
+/// [`FUNCTION_COMMANDS`] and [`SHARDED_COMMANDS`], granted only where they
+/// apply: Redis 6.2 refuses to load an ACL line that names a command it
+/// does not know.
 pub const DAEMON_COMMANDS: &[&str] = &[
     "get",
     "set",
@@ -33,16 +36,12 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "del",
     "publish",
     "subscribe",
-    "spublish",
-    "ssubscribe",
     "multi",
     "exec",
     "scan",
     "evalsha",
     "eval",
     "script|load",
-    "function|load",
-    "function|list",
     "ping",
     "info",
     "cluster|slots",
@@ -53,14 +52,37 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "select",
 ];
 
+/// Loading the lease library where Redis has Functions (7.0+).
+pub const FUNCTION_COMMANDS: &[&str] = &["function|load", "function|list"];
+
+/// Sharded events (`redis.sharded_events`, Redis 7.0+).
+pub const SHARDED_COMMANDS: &[&str] = &["spublish", "ssubscribe"];
+
+/// The server a line is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Server {
+    /// Its `redis_version`, major and minor (Valkey reports 7.2).
+    pub version: (u32, u32),
+    /// Whether a target publishes sharded events.
+    pub sharded_events: bool,
+}
+
 /// The ACL line of the daemon's user for `url`'s user and password, the
-/// rules' key patterns and `channel` (empty: events off).
+/// rules' key patterns and `channel` (empty: events off), with only the
+/// commands `server` knows and the daemon sends there.
 pub fn daemon_user(
     url: &SecretUrl,
     key_patterns: &[String],
     channel: &str,
     slots: &[String],
+    server: Server,
 ) -> Result<String, String> {
+    if server.sharded_events && server.version < (7, 0) {
+        return Err(format!(
+            "redis.sharded_events needs Redis 7.0 or later (--redis-version {}.{}): set sharded_events = false",
+            server.version.0, server.version.1
+        ));
+    }
     let info = redis::IntoConnectionInfo::into_connection_info(url.expose()).map_err(|e| {
         format!(
             "redis.url {}: {}",
@@ -95,7 +117,17 @@ pub fn daemon_user(
         parts.push(format!("&{}", file_safe(&literal_pattern(channel))));
     }
     parts.push("-@all".to_string());
-    parts.extend(DAEMON_COMMANDS.iter().map(|c| format!("+{c}")));
+    let functions = server.version >= (7, 0);
+    let commands = DAEMON_COMMANDS
+        .iter()
+        .chain(functions.then_some(FUNCTION_COMMANDS).unwrap_or_default())
+        .chain(
+            server
+                .sharded_events
+                .then_some(SHARDED_COMMANDS)
+                .unwrap_or_default(),
+        );
+    parts.extend(commands.map(|c| format!("+{c}")));
     Ok(parts.join(" "))
 }
 
@@ -148,6 +180,7 @@ mod tests {
             &["profile:user:*".into()],
             "cache-invalidation",
             &["pg_cache_invalidator".to_string()],
+            REDIS_7,
         )
         .expect("line");
         assert!(line.starts_with("user pgci on #"), "{line}");
@@ -159,8 +192,52 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("config"), "{line}");
-        let err = daemon_user(&SecretUrl::new("redis://127.0.0.1:6379"), &[], "", &[]).unwrap_err();
+        let err = daemon_user(
+            &SecretUrl::new("redis://127.0.0.1:6379"),
+            &[],
+            "",
+            &[],
+            REDIS_7,
+        )
+        .unwrap_err();
         assert!(err.contains("has no password"), "{err}");
+    }
+
+    const REDIS_7: Server = Server {
+        version: (7, 0),
+        sharded_events: false,
+    };
+
+    /// Redis 6.2 refuses a line naming FUNCTION or SPUBLISH: those are
+    /// granted only to a 7.0+ server, sharded events only when configured.
+    #[test]
+    fn commands_a_server_does_not_know_are_left_out() {
+        let url = SecretUrl::new("redis://pgci:s3cret@127.0.0.1:6379/0");
+        let line = |server| daemon_user(&url, &[], "c", &["s".to_string()], server);
+        let on_7 = line(REDIS_7).expect("line");
+        assert!(on_7.ends_with(" +function|load +function|list"), "{on_7}");
+        assert!(!on_7.contains("spublish"), "{on_7}");
+        let sharded = line(Server {
+            sharded_events: true,
+            ..REDIS_7
+        })
+        .expect("line");
+        assert!(sharded.ends_with(" +spublish +ssubscribe"), "{sharded}");
+        let on_6 = line(Server {
+            version: (6, 2),
+            sharded_events: false,
+        })
+        .expect("line");
+        assert!(
+            !on_6.contains("function") && on_6.contains(" +script|load "),
+            "{on_6}"
+        );
+        let err = line(Server {
+            version: (6, 2),
+            sharded_events: true,
+        })
+        .unwrap_err();
+        assert!(err.contains("sharded_events = false"), "{err}");
     }
 
     /// A space in a channel or key pattern no longer splits the rule (Redis
@@ -174,6 +251,7 @@ mod tests {
             &["my key:*".into()],
             "cache events*",
             &["s".to_string()],
+            REDIS_7,
         )
         .expect("line");
         assert!(

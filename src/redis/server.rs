@@ -65,9 +65,17 @@ pub const MIN_VERSION: (u32, u32) = (6, 2);
 /// [`MIN_VERSION`]; an unreadable version counts as new enough (forks
 /// report theirs in other fields).
 pub fn new_enough(version: &str) -> bool {
+    at_least(version, MIN_VERSION)
+}
+
+/// Whether `version` (`major.minor.patch`) is at least `(major, minor)`;
+/// an unreadable version counts as new enough. Valkey reports the Redis
+/// version it is compatible with in `redis_version` (7.2.4 for Valkey 8
+/// and 9).
+pub fn at_least(version: &str, wanted: (u32, u32)) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
     match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= MIN_VERSION,
+        (Some(major), Some(minor)) => (major, minor) >= wanted,
         _ => true,
     }
 }

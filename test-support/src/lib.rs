@@ -64,6 +64,36 @@ pub fn redis_server_bin() -> PathBuf {
         .map_or_else(|| PathBuf::from("redis-server"), PathBuf::from)
 }
 
+/// The Redis version the harness's server speaks, major and minor, from
+/// `--version` (`Redis server v=6.2.5`; Valkey, `Valkey server v=9.1.2`,
+/// speaks Redis 7.2).
+pub fn redis_server_version() -> (u32, u32) {
+    let out = std::process::Command::new(redis_server_bin())
+        .arg("--version")
+        .output()
+        .expect("redis-server --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.starts_with("Valkey") {
+        return (7, 2);
+    }
+    let version = text
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix("v="))
+        .unwrap_or("7.0");
+    let mut parts = version.split('.').map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(7), parts.next().unwrap_or(0))
+}
+
+/// `redis-acl`'s arguments for the harness's server (`--redis-version`).
+pub fn redis_acl_args() -> Vec<String> {
+    let (major, minor) = redis_server_version();
+    vec![
+        "redis-acl".to_string(),
+        "--redis-version".to_string(),
+        format!("{major}.{minor}"),
+    ]
+}
+
 /// The `redis-cli` that forms clusters: `PGCI_TEST_REDIS_CLI` when set,
 /// else `redis-cli` from `PATH`.
 pub fn redis_cli_bin() -> PathBuf {

@@ -205,6 +205,12 @@ impl Postgres {
             .open(self.dir.path().join("postgres.log"))
             .expect("log file");
         let mut command = pg_command(&pg_bin().join("postgres"));
+        // Its own process group, so that a kill reaches every backend too
+        // (see `kill_group`).
+        {
+            use std::os::unix::process::CommandExt;
+            command.process_group(0);
+        }
         for setting in &self.settings {
             command.arg("-c").arg(setting);
         }
@@ -292,12 +298,11 @@ impl Postgres {
         self.wait_ready().await;
     }
 
-    /// Kills the server at once (SIGKILL on the postmaster: its backends
-    /// notice and exit), as a machine that dies would. Not restarted.
+    /// Kills the server at once (SIGKILL to the postmaster and every
+    /// process it started), as a machine that dies would. Not restarted.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
         }
     }
 
@@ -515,10 +520,22 @@ impl Postgres {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
         }
     }
+}
+
+/// `SIGKILL` to the postmaster's process group: the postmaster and every
+/// backend, walsender and worker at once, as when a machine dies. Killing
+/// the postmaster alone leaves backends that hold its shared memory until
+/// they notice, and a new server on the same data directory refuses to
+/// start meanwhile ("pre-existing shared memory block is still in use").
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Tests run with `fsync = off` for speed; `PGCI_TEST_PG_DURABLE=1` (for

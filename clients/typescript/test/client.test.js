@@ -10,7 +10,8 @@ const test = require("node:test");
 const assert = require("node:assert/strict");
 const Redis = require("ioredis");
 const { Client } = require("pg");
-const { createCache, writeToken, library, isMarker, MARKER_PREFIX, keyPrefix } = require("../dist");
+const { createHash } = require("node:crypto");
+const { createCache, writeToken, library, isMarker, MARKER_PREFIX, keyPrefix, FUNCTIONS } = require("../dist");
 
 const redisUrl = process.env.PGCI_TEST_REDIS_URL;
 const databaseUrl = process.env.PGCI_TEST_DATABASE_URL;
@@ -33,9 +34,32 @@ async function waitFor(what, ms, condition) {
 let redis;
 let pg;
 let ids;
+/** Whether the server has Redis Functions (7.0+); before, the lease code runs as scripts. */
+let hasFunctions;
+
+const isUnknownCommand = (error) => /unknown command/i.test(String(error?.message));
+const sha1 = (text) => createHash("sha1").update(text).digest("hex");
+/** Calls a lease function as the client would: FCALL, or its body as a script before Redis 7. */
+const callLease = (name, keys, ...args) => {
+  if (hasFunctions) return redis.call("FCALL", name, keys.length, ...keys, ...args);
+  const body = FUNCTIONS.find(([fn]) => fn === name)[1];
+  return redis.call("EVAL", body, keys.length, ...keys, ...args);
+};
+/** Makes Redis forget the lease code, as a restart without persistence does. */
+const forgetLeaseCode = async () => {
+  if (hasFunctions) await redis.call("FUNCTION", "FLUSH");
+  await redis.call("SCRIPT", "FLUSH");
+};
 
 test.before(async () => {
   redis = new Redis(redisUrl);
+  hasFunctions = await redis.call("FUNCTION", "LIST").then(
+    () => true,
+    (error) => {
+      if (isUnknownCommand(error)) return false;
+      throw error;
+    },
+  );
   pg = new Client({ connectionString: databaseUrl });
   await pg.connect();
   const res = await pg.query("select id::text as id from public.profiles order by id limit 10");
@@ -50,7 +74,12 @@ test.after(async () => {
 const rowOf = async (client, id) =>
   (await client.query("select to_jsonb(p) as row from public.profiles p where id = $1::uuid", [id])).rows[0]?.row ?? null;
 
-test("the library is the one the daemon loaded", async () => {
+test("the library (before Redis 7: the scripts) is the one the daemon loaded", async () => {
+  if (!hasFunctions) {
+    const exists = await redis.call("SCRIPT", "EXISTS", ...FUNCTIONS.map(([, body]) => sha1(body)));
+    assert.deepEqual(exists, FUNCTIONS.map(() => 1));
+    return;
+  }
   const listed = await redis.call("FUNCTION", "LIST", "LIBRARYNAME", "pgci", "WITHCODE");
   const flat = JSON.stringify(listed);
   assert.ok(flat.includes("pgci_lease_get"), flat);
@@ -198,7 +227,7 @@ test("racing readers and a writer: nothing stale after quiescence, no stale own 
 });
 
 test("a Redis that forgot the functions gets them from the client", async () => {
-  await redis.call("FUNCTION", "FLUSH");
+  await forgetLeaseCode();
   const cache = createCache({ redis });
   const key = `profile:user:${ids[0]}`;
   await cache.invalidateCache(key);
@@ -226,7 +255,7 @@ test("lookups are counted per key prefix: stats, a callback, and prom-client", a
   assert.equal(second.source, "hit");
   // Another reader holds the lease: this one waits, then loads without filling.
   await redis.del(key);
-  await redis.call("FCALL", "pgci_lease_get", 1, key, "someone-else", 10000);
+  await callLease("pgci_lease_get", [key], "someone-else", 10000);
   const third = await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id));
   assert.equal(third.source, "bypassed");
   await redis.del(key);

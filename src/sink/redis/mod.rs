@@ -89,6 +89,8 @@ pub struct RedisSink {
     counts_metrics: bool,
     /// Steps applied (see [`Sink`]).
     steps: u64,
+    /// `redis_version` of the server at connect time, when it said.
+    server_version: Option<String>,
 }
 
 impl RedisSink {
@@ -101,10 +103,27 @@ impl RedisSink {
         }
     }
 
-    /// Announces with `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`.
-    pub fn with_sharded_events(mut self, sharded: bool) -> RedisSink {
+    /// Announces with `SPUBLISH` (sharded pub/sub) instead of `PUBLISH`;
+    /// refused (a configuration problem, found at start) when the server
+    /// is older than Redis 7.0, which has no sharded pub/sub.
+    pub fn with_sharded_events(mut self, sharded: bool) -> Result<RedisSink, SinkError> {
+        if sharded {
+            if let Some(version) = self
+                .server_version
+                .as_deref()
+                .filter(|v| !crate::redis::server::at_least(v, (7, 0)))
+            {
+                return Err(SinkError::Fatal(crate::error::Fatal {
+                    what: format!(
+                        "redis.sharded_events: redis {version} has no sharded pub/sub (SPUBLISH is Redis 7.0+)"
+                    ),
+                    hint: "set sharded_events = false, or upgrade the server",
+                    user_must_fix: true,
+                }));
+            }
+        }
         self.sharded_events = sharded;
-        self
+        Ok(self)
     }
 
     /// Applies `items` completely, retrying transient errors, and records

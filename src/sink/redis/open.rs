@@ -76,6 +76,7 @@ impl RedisSink {
         let mut conn = conn;
         // A server too old for the commands the daemon sends would fail
         // every batch: refuse it now, once.
+        let mut server_version = None;
         if let Ok(info) = redis::cmd("INFO")
             .arg("server")
             .query_async::<String>(&mut conn)
@@ -89,6 +90,7 @@ impl RedisSink {
                         user_must_fix: true,
                     }));
                 }
+                server_version = Some(version);
             }
         }
         // Every master of a cluster holds the functions (its replicas get
@@ -131,6 +133,7 @@ impl RedisSink {
             health,
             counts_metrics: true,
             steps: 0,
+            server_version,
         })
     }
 
