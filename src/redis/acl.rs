@@ -117,16 +117,17 @@ pub fn daemon_user(
         parts.push(format!("&{}", file_safe(&literal_pattern(channel))));
     }
     parts.push("-@all".to_string());
-    let functions = server.version >= (7, 0);
-    let commands = DAEMON_COMMANDS
-        .iter()
-        .chain(functions.then_some(FUNCTION_COMMANDS).unwrap_or_default())
-        .chain(
-            server
-                .sharded_events
-                .then_some(SHARDED_COMMANDS)
-                .unwrap_or_default(),
-        );
+    let functions: &[&str] = if server.version >= (7, 0) {
+        FUNCTION_COMMANDS
+    } else {
+        &[]
+    };
+    let sharded: &[&str] = if server.sharded_events {
+        SHARDED_COMMANDS
+    } else {
+        &[]
+    };
+    let commands = DAEMON_COMMANDS.iter().chain(functions).chain(sharded);
     parts.extend(commands.map(|c| format!("+{c}")));
     Ok(parts.join(" "))
 }
