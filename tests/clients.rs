@@ -29,8 +29,12 @@ async fn typescript() {
     let mut env = TestEnv::start(12).await;
     env.setup();
     let _daemon = env.daemon().await;
-    let out = tokio::process::Command::new("npm")
-        .arg("test")
+    // `npm test` rebuilds dist/: the Redis matrix runs this test on two
+    // servers at once, and one build must not overwrite what the other's
+    // tests are loading (flock(1) serializes them).
+    let out = tokio::process::Command::new("flock")
+        .arg(dir.join("node_modules/.pgci-npm-test.lock"))
+        .args(["npm", "test"])
         .current_dir(&dir)
         .env("PGCI_TEST_REDIS_URL", env.redis.url())
         .env("PGCI_TEST_DATABASE_URL", env.pg.url())

@@ -22,7 +22,7 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
             "-- pg-cache-invalidator setup for {}",
             loaded.conn.redacted()
         );
-        if plan.steps.is_empty() && plan.standby_steps.is_empty() {
+        if plan.is_empty() {
             println!("-- nothing to do: the database is ready");
         }
         for step in &plan.steps {
@@ -32,20 +32,11 @@ pub async fn setup(loaded: Loaded, print: bool) -> Result<(), Failure> {
         return Ok(());
     }
     load_leases(&loaded).await;
-    if plan.steps.is_empty() && plan.standby_steps.is_empty() {
+    if plan.is_empty() {
         println!("nothing to do: the database is ready");
         return Ok(());
     }
-    let standby = standby_for(&loaded, &plan).await?;
-    install::apply(
-        &db,
-        standby.as_ref(),
-        &plan,
-        loaded.config.setup.lock_timeout.0,
-        |step| println!("done: {}", step.why),
-        waiting,
-    )
-    .await?;
+    let standby = run(&db, &loaded, &plan).await?;
     // The record of what the cache holds starts where the source does.
     if plan.creates_slot {
         record_slot_start(standby.as_ref().unwrap_or(&db), &loaded).await;
@@ -70,13 +61,24 @@ fn print_standby_steps(loaded: &Loaded, plan: &install::Plan) {
     }
 }
 
-/// A connection to the standby of `replication.url` when the plan has
-/// statements for it.
-async fn standby_for(loaded: &Loaded, plan: &install::Plan) -> Result<Option<Db>, Failure> {
-    if plan.standby_steps.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Db::connect(loaded.conn.slot_server()).await?))
+/// Runs `plan`: its statements on the primary `db`, then those for the
+/// standby of `replication.url` (connected to here when there are any),
+/// saying `done:` after each. Returns that standby's connection.
+async fn run(db: &Db, loaded: &Loaded, plan: &install::Plan) -> Result<Option<Db>, Failure> {
+    let standby = match plan.standby_steps.is_empty() {
+        true => None,
+        false => Some(Db::connect(loaded.conn.slot_server()).await?),
+    };
+    install::apply(
+        db,
+        standby.as_ref(),
+        plan,
+        loaded.config.setup.lock_timeout.0,
+        |step| println!("done: {}", step.why),
+        waiting,
+    )
+    .await?;
+    Ok(standby)
 }
 
 /// Says once that a statement on the standby waits for the primary.
@@ -166,20 +168,11 @@ pub async fn teardown(loaded: Loaded) -> Result<(), Failure> {
     if !plan.problems.is_empty() {
         return Err(Failure::usage(plan.problems));
     }
-    if plan.steps.is_empty() && plan.standby_steps.is_empty() {
+    if plan.is_empty() {
         println!("nothing to do: no slot or publication left");
         return Ok(());
     }
-    let standby = standby_for(&loaded, &plan).await?;
-    install::apply(
-        &db,
-        standby.as_ref(),
-        &plan,
-        loaded.config.setup.lock_timeout.0,
-        |step| println!("done: {}", step.why),
-        waiting,
-    )
-    .await?;
+    run(&db, &loaded, &plan).await?;
     println!("note: replica identities were left as they are");
     Ok(())
 }

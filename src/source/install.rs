@@ -46,6 +46,13 @@ pub struct Plan {
     pub standby_steps: Vec<Step>,
 }
 
+impl Plan {
+    /// Whether there is nothing to run anywhere.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty() && self.standby_steps.is_empty()
+    }
+}
+
 /// Runs the planned steps in order, calling `done` after each. Each waits
 /// at most `lock_timeout` for its table locks: an ALTER TABLE queued behind
 /// a long transaction would make every later query on the table queue
