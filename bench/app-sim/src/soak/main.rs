@@ -63,6 +63,10 @@ struct Args {
     /// says).
     #[arg(long)]
     no_standby: bool,
+    /// Which change stream the daemon reads: `replication` (a slot) or
+    /// `outbox` (trigger-fed; the slot faults are left out).
+    #[arg(long, default_value = "replication")]
+    source: String,
 }
 
 /// What the workload did, and what it got wrong.
@@ -73,10 +77,15 @@ struct Counts {
     writes: AtomicU64,
     own_reads: AtomicU64,
     stale_own_reads: AtomicU64,
+    rebuilds: AtomicU64,
 }
 
 /// What the workload tasks share.
 struct Shared {
+    /// The daemon reads the outbox: it records a count of batches, not a
+    /// WAL position, so write tokens are never seen applied (own reads go
+    /// to the database) and quiescence is a sentinel row's key gone.
+    outbox: bool,
     ids: Vec<String>,
     pg_url: String,
     redis_url: String,
@@ -118,6 +127,14 @@ async fn main() {
         eprintln!("error: --users must be at least 10, --readers at least 1, --minutes above 0");
         std::process::exit(2);
     }
+    let outbox = match args.source.as_str() {
+        "replication" => false,
+        "outbox" => true,
+        other => {
+            eprintln!("error: --source {other:?}: choose replication or outbox");
+            std::process::exit(2)
+        }
+    };
     let mut rng = StdRng::seed_from_u64(args.seed);
     eprintln!(
         "soak: seed {}, {} min, {} users",
@@ -147,10 +164,10 @@ async fn main() {
     // A synchronous standby with failover slots (17+): a commit anyone saw
     // survives a promotion, and so does the slot.
     let mut standby = if !args.no_standby && env.pg.major().await >= 17 {
-        let server = env.pg.synchronous_standby_at(free_port(), true).await;
+        let server = env.pg.synchronous_standby_at(free_port(), !outbox).await;
         Some(Standby {
             server,
-            slot: "pg_cache_invalidator".to_string(),
+            slot: (!outbox).then(|| "pg_cache_invalidator".to_string()),
         })
     } else {
         None
@@ -163,8 +180,10 @@ async fn main() {
         ),
         None => env.pg.url(),
     };
+    let source = if outbox { "source = \"outbox\"\n" } else { "" };
+    env.postgres_extra = source.to_string();
     let config = format!(
-        "[postgres]\nurl = \"{pg_url}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}",
+        "[postgres]\nurl = \"{pg_url}\"\n{source}\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}{SENTINEL_RULE}",
         env.redis.url(),
         env.http_port,
     );
@@ -172,10 +191,15 @@ async fn main() {
     env.setup();
     let mut daemon = env.spawn_daemon();
     // The standby's copy becomes usable once the slot has moved.
-    if let Some(standby) = &standby {
-        standby.server.wait_synced(&standby.slot).await;
+    if let Some(Standby {
+        server,
+        slot: Some(slot),
+    }) = &standby
+    {
+        server.wait_synced(slot).await;
     }
     let shared = Arc::new(Shared {
+        outbox,
         ids,
         pg_url,
         redis_url: env.redis.url(),
@@ -212,7 +236,7 @@ async fn main() {
     while Instant::now() < deadline {
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
-        let faults = Fault::draw(&mut rng, standby.is_some());
+        let faults = Fault::draw(&mut rng, &Fault::kinds(outbox, standby.is_some()));
         let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
         eprintln!("round {rounds}: {}", names.join(" + "));
         if nemesis::inject(&mut env, &mut daemon, standby.as_mut(), &faults, &mut rng).await {
@@ -252,11 +276,20 @@ async fn main() {
     }
     let c = &shared.counts;
     let stale_own = c.stale_own_reads.load(Ordering::Relaxed);
+    println!(
+        "batch_jobs={} (journeys rebuilt with TRUNCATE and INSERT in one transaction)",
+        c.rebuilds.load(Ordering::Relaxed)
+    );
     violations += stale_own;
     println!(
-        "seed={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
+        "seed={} source={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
         args.seed,
-        if standby.is_some() { "yes (synchronous, failover slots)" } else { "no" }
+        args.source,
+        match (&standby, outbox) {
+            (None, _) => "no",
+            (Some(_), false) => "yes (synchronous, failover slots)",
+            (Some(_), true) => "yes (synchronous)",
+        }
     );
     println!(
         "reads={} read_errors={} writes={} own_reads={} stale_own_reads={stale_own} stale_keys={stale_keys}",
@@ -331,14 +364,20 @@ async fn check(
         *daemon = env.spawn_daemon();
     }
     let pg = connect_pg(&shared.pg_url).await;
-    let token = loop {
-        match write_token(&pg).await {
-            Ok(token) => break token,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    let limit = Duration::from_secs(catch_up_secs);
+    let caught_up = if shared.outbox {
+        sentinel_applied(&pg, &shared.redis_url, limit).await
+    } else {
+        let token = loop {
+            match write_token(&pg).await {
+                Ok(token) => break token,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut cache = shared.cache().await;
+        pgci_app_sim::caught_up(&mut cache, token, limit).await
     };
-    let mut cache = shared.cache().await;
-    if !pgci_app_sim::caught_up(&mut cache, token, Duration::from_secs(catch_up_secs)).await {
+    if !caught_up {
         *violations += 1;
         shared.violation(format!(
             "the daemon did not catch up within {catch_up_secs} s: {}",
@@ -368,6 +407,59 @@ async fn check(
         }
     }
     stale
+}
+
+/// A rule the soak watches to know when the daemon has applied
+/// everything committed before a sentinel row (the outbox source, which
+/// has no WAL position to compare a write token with).
+const SENTINEL_RULE: &str =
+    "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"sentinel:pillar:{id}\"]\naction = \"delete\"\n";
+
+/// Sets a sentinel key, commits a pillar row whose rule deletes it, and
+/// waits (at most `limit`) until the key is gone: the daemon applies in
+/// commit order, so everything committed before is applied too.
+async fn sentinel_applied(pg: &tokio_postgres::Client, redis_url: &str, limit: Duration) -> bool {
+    let mut redis = connect_redis(redis_url).await;
+    let started = Instant::now();
+    let id = loop {
+        let inserted = async {
+            let id: String = pg
+                .query_one("select gen_random_uuid()::text", &[])
+                .await?
+                .get(0);
+            let key = format!("sentinel:pillar:{id}");
+            let _: redis::RedisResult<()> = redis::cmd("SET")
+                .arg(&key)
+                .arg("1")
+                .query_async(&mut redis)
+                .await;
+            pg.execute(
+                "insert into public.pillars (id, slug) values ($1::text::uuid, 'sentinel-' || $1)",
+                &[&id],
+            )
+            .await?;
+            Ok::<_, tokio_postgres::Error>(key)
+        };
+        match inserted.await {
+            Ok(key) => break key,
+            Err(_) if started.elapsed() < limit => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(_) => return false,
+        }
+    };
+    while started.elapsed() < limit {
+        let exists: Option<bool> = redis::cmd("EXISTS")
+            .arg(&id)
+            .query_async(&mut redis)
+            .await
+            .ok();
+        if exists == Some(false) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 async fn connect_pg(url: &str) -> tokio_postgres::Client {
@@ -422,6 +514,15 @@ async fn reader(shared: Arc<Shared>, seed: u64) {
     }
 }
 
+/// The batch job: every journey row out (TRUNCATE) and back in, one
+/// version higher, in one transaction.
+const REBUILD_JOURNEYS: &str = "begin; \
+    create temp table sim_journeys on commit drop as select * from public.user_journeys; \
+    update sim_journeys set version = version + 1; \
+    truncate public.user_journeys; \
+    insert into public.user_journeys select * from sim_journeys; \
+    commit;";
+
 /// Writes: profile edits read back with a write token (own reads), the
 /// SQL function that changes balances behind the app, journey updates of
 /// several users at once.
@@ -448,6 +549,9 @@ async fn writer(shared: Arc<Shared>, seed: u64) {
                     continue;
                 };
                 shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                if shared.outbox {
+                    continue;
+                }
                 let written: i64 = row.get(0);
                 let Ok(token) = write_token(&pg).await else {
                     continue;
@@ -461,6 +565,14 @@ async fn writer(shared: Arc<Shared>, seed: u64) {
                     .is_ok()
                 {
                     shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Now and then a batch job rebuilds every journey: TRUNCATE and
+            // INSERT in one transaction, each row's version one higher.
+            _ if rng.random_ratio(1, 100) => {
+                if pg.batch_execute(REBUILD_JOURNEYS).await.is_ok() {
+                    shared.counts.writes.fetch_add(1, Ordering::Relaxed);
+                    shared.counts.rebuilds.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ => {

@@ -66,14 +66,17 @@ impl Fault {
         }
     }
 
-    /// Draws one or two distinct faults (a promotion only when
-    /// `promotions`: there is a standby).
-    pub fn draw(rng: &mut StdRng, promotions: bool) -> Vec<Fault> {
-        let kinds = if promotions {
-            &ALL[..]
-        } else {
-            &ALL[..ALL.len() - 1]
-        };
+    /// The kinds that apply: the slot's only with the replication source
+    /// (not `outbox`), a promotion only with a standby.
+    pub fn kinds(outbox: bool, standby: bool) -> Vec<Fault> {
+        ALL.into_iter()
+            .filter(|f| !(outbox && matches!(f, Fault::TerminateWalsender | Fault::DropSlot)))
+            .filter(|f| standby || *f != Fault::Promote)
+            .collect()
+    }
+
+    /// Draws one or two distinct faults of `kinds`.
+    pub fn draw(rng: &mut StdRng, kinds: &[Fault]) -> Vec<Fault> {
         let first = kinds[rng.random_range(0..kinds.len())];
         let mut faults = vec![first];
         if rng.random_bool(0.3) {
@@ -91,8 +94,9 @@ impl Fault {
 pub struct Standby {
     /// The standby now.
     pub server: Postgres,
-    /// The slot it must hold a synchronized copy of before a promotion.
-    pub slot: String,
+    /// The slot it must hold a synchronized copy of before a promotion
+    /// (none for the outbox source).
+    pub slot: Option<String>,
 }
 
 /// Kills the primary, promotes the standby, and builds the next standby
@@ -105,8 +109,13 @@ async fn promote(env: &mut TestEnv, standby: &mut Standby, pause: Duration) {
     let port = standby.server.port;
     tokio::time::sleep(pause).await;
     // The dead primary's directory goes; its port is free again.
-    standby.server = env.pg.synchronous_standby_at(port, true).await;
-    standby.server.wait_synced(&standby.slot).await;
+    standby.server = env
+        .pg
+        .synchronous_standby_at(port, standby.slot.is_some())
+        .await;
+    if let Some(slot) = &standby.slot {
+        standby.server.wait_synced(slot).await;
+    }
 }
 
 /// Injects `faults` (in order, a random moment apart) and heals them.
