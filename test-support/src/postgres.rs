@@ -205,12 +205,6 @@ impl Postgres {
             .open(self.dir.path().join("postgres.log"))
             .expect("log file");
         let mut command = pg_command(&pg_bin().join("postgres"));
-        // Its own process group, so that a kill reaches every backend too
-        // (see `kill_group`).
-        {
-            use std::os::unix::process::CommandExt;
-            command.process_group(0);
-        }
         for setting in &self.settings {
             command.arg("-c").arg(setting);
         }
@@ -525,17 +519,55 @@ impl Postgres {
     }
 }
 
-/// `SIGKILL` to the postmaster's process group: the postmaster and every
-/// backend, walsender and worker at once, as when a machine dies. Killing
-/// the postmaster alone leaves backends that hold its shared memory until
-/// they notice, and a new server on the same data directory refuses to
-/// start meanwhile ("pre-existing shared memory block is still in use").
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|name| {
+            // `pid (comm) state ppid …`: the comm may hold spaces.
+            std::fs::read_to_string(format!("/proc/{name}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// `SIGKILL` to the postmaster and every process it started, as when a
+/// machine dies: the postmaster is stopped first (it forks no more), its
+/// children (each in a process group of its own, so a group kill misses
+/// them) are killed, then it; and this waits until they are all gone.
+/// Killing the postmaster alone leaves backends that hold its shared
+/// memory until they notice, and a new server on the same data directory
+/// refuses to start meanwhile ("pre-existing shared memory block is still
+/// in use").
 fn kill_group(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{}", child.id())])
-        .status();
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    let children = children_of(child.id());
+    if !children.is_empty() {
+        let _ = Command::new("kill").arg("-KILL").args(&children).status();
+    }
     let _ = child.kill();
     let _ = child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && children.iter().any(|pid| {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| stat.contains(") Z "))
+        })
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Tests run with `fsync = off` for speed; `PGCI_TEST_PG_DURABLE=1` (for
