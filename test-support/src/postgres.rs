@@ -292,11 +292,12 @@ impl Postgres {
         self.wait_ready().await;
     }
 
-    /// Kills the server at once (SIGKILL to the postmaster and every
-    /// process it started), as a machine that dies would. Not restarted.
+    /// Kills the server at once (SIGKILL on the postmaster: its backends
+    /// notice and exit), as a machine that dies would. Not restarted.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_group(&mut child);
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
