@@ -109,8 +109,10 @@ for server in ${PGCI_TEST_REDIS_SERVERS-valkey9 redis6.2}; do
   log "integration tests on $("$server_bin" --version | cut -d' ' -f1-3)"
   # On Redis 6.2 the shipped-ACL test hung once under CI load (it passes
   # alone; issue #30 keeps it open): left out there until it is understood.
-  known_hang=()
-  [[ $server == redis6.2 ]] && known_hang=(--skip redis_health::the_shipped_acl_file_serves_the_daemon_and_the_app)
+  # The commit-visibility test checks PostgreSQL, not Redis, and flaked
+  # under the matrix's load (it runs in the main pass).
+  known_hang=(--skip consistency::invalidations_wait_until_their_commit_is_visible)
+  [[ $server == redis6.2 ]] && known_hang+=(--skip redis_health::the_shipped_acl_file_serves_the_daemon_and_the_app)
   if [[ $parallel == 1 ]]; then
     matrix=("$main_bin" "${redis_modules[@]}" "${known_hang[@]}")
   else
