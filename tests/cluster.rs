@@ -533,9 +533,19 @@ async fn a_batch_is_confirmed_only_once_the_replicas_have_it() {
 /// With `sharded_events`, events go out with SPUBLISH: `events` (which
 /// subscribes with SSUBSCRIBE at the master serving the channel's slot)
 /// receives them, and a plain SUBSCRIBE on any node receives nothing.
+/// A cluster of servers without sharded pub/sub (Redis 6.2) is refused at
+/// start, exit 2 with one line.
 #[tokio::test(flavor = "multi_thread")]
 async fn sharded_events_reach_the_channel_s_shard_only() {
     let (mut env, cluster) = cluster_env_with(5, "sharded_events = true", "").await;
+    if pgci_test_support::redis_server_version() < (7, 0) {
+        let mut daemon = env.spawn_daemon();
+        let status = daemon.wait_exit(Duration::from_secs(30)).await;
+        let log = daemon.log();
+        assert_eq!(status.code(), Some(2), "{log}");
+        assert!(log.contains("set sharded_events = false"), "{log}");
+        return;
+    }
     let _daemon = env.daemon().await;
     let mut plain = redis::Client::open(cluster.urls()[1].as_str())
         .expect("url")
