@@ -235,6 +235,7 @@ async fn start_and_run(
                 target.ca_cert.clone(),
                 sink.cluster(),
                 info_every,
+                Arc::clone(&health),
                 cancel.clone(),
             ));
         }
@@ -253,6 +254,7 @@ async fn start_and_run(
                 target.ca_cert.clone(),
                 None,
                 info_every,
+                Arc::clone(&health),
                 cancel.clone(),
             ));
         }

@@ -192,3 +192,199 @@ createCache({ redis, leaseMs: "10s" });
         &[],
     );
 }
+
+/// `sql/client/write_token.sql` as Supabase runs it: roles `anon`,
+/// `authenticated` and a login `authenticator` (PostgREST's `set role` and
+/// JWT claims per request), row-level security on the table, and
+/// Supabase's default grant of new functions to `anon`. A user's write,
+/// then `select public.pgci_write_token()` in its own transaction, gives a
+/// token past the write: while the daemon is stopped a read with it
+/// bypasses the cached old value, and once the daemon runs it reads the new
+/// one through the cache. `anon` may not call it; inside the writing
+/// transaction it refuses with a line that says what to do; the file runs
+/// twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_supabase_write_token_function_serves_authenticated_users_under_rls() {
+    use pgci_client::{Cache, CacheOptions, Source, WriteToken};
+    let mut env = TestEnv::start(2).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    admin
+        .batch_execute(
+            "create role anon nologin;
+             create role authenticated nologin;
+             create role authenticator login noinherit;
+             grant anon, authenticated to authenticator;
+             grant usage on schema public to anon, authenticated;
+             grant select, update on public.profiles to authenticated;
+             alter default privileges in schema public grant execute on functions to anon, authenticated;
+             alter table public.profiles enable row level security;
+             create policy own_profile on public.profiles to authenticated
+               using (id = (current_setting('request.jwt.claims', true)::json ->> 'sub')::uuid);",
+        )
+        .await
+        .expect("Supabase's roles and a row-level security policy");
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/client/write_token.sql"
+    ))
+    .expect("sql/client/write_token.sql");
+    for _ in 0..2 {
+        admin.batch_execute(&sql).await.expect("write_token.sql");
+    }
+    let users = crate::support::users(&env, 2).await;
+    let (me, other) = (&users[0].id, &users[1].id);
+    let (app, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=authenticator dbname=postgres",
+            env.pg.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect as authenticator");
+    tokio::spawn(connection);
+    // One PostgREST request: a transaction as `role` with the user's claims.
+    let request = |role: &'static str, body: String| {
+        let app = &app;
+        let claims = format!(r#"{{"sub":"{me}"}}"#);
+        async move {
+            app.batch_execute(&format!(
+                "begin; set local role {role}; select set_config('request.jwt.claims', '{claims}', true); {body}"
+            ))
+            .await?;
+            let rows = app.simple_query("commit").await;
+            rows.map(|_| ())
+        }
+    };
+    let token_in = |role: &'static str| {
+        let app = &app;
+        async move {
+            app.batch_execute(&format!("begin; set local role {role}"))
+                .await
+                .expect("begin");
+            let token = app
+                .query_one("select public.pgci_write_token()", &[])
+                .await
+                .map(|row| row.get::<_, String>(0));
+            app.batch_execute(if token.is_ok() { "commit" } else { "rollback" })
+                .await
+                .expect("end");
+            token
+        }
+    };
+    // RLS holds: the user cannot change another's profile.
+    request(
+        "authenticated",
+        format!("update public.profiles set bio = 'not mine' where id = '{other}';"),
+    )
+    .await
+    .expect("an update RLS filters to nothing");
+    let bio: String = admin
+        .query_one(
+            "select coalesce(bio, '') from public.profiles where id = $1::text::uuid",
+            &[other],
+        )
+        .await
+        .expect("bio")
+        .get(0);
+    assert_ne!(bio, "not mine");
+
+    let redis = env.redis.conn().await;
+    let mut cache = Cache::new(redis, CacheOptions::default());
+    let key = format!("profile:user:{me}");
+    let read_bio = || async {
+        let bio: String = admin
+            .query_one(
+                "select coalesce(bio, '') from public.profiles where id = $1::text::uuid",
+                &[me],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        Ok::<_, String>(Some(bio))
+    };
+    let (old, source) = cache
+        .get_or_load(&key, 3600, read_bio, None)
+        .await
+        .expect("fill");
+    assert_eq!(source, Source::Filled);
+
+    // Inside the writing transaction the function refuses, saying what to do.
+    let refused = request(
+        "authenticated",
+        format!(
+            "update public.profiles set bio = 'in-txn' where id = '{me}'; select public.pgci_write_token();"
+        ),
+    )
+    .await
+    .expect_err("a token inside the writing transaction");
+    let message = refused
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("call it after the write committed"),
+        "{refused:?}"
+    );
+    app.batch_execute("rollback").await.expect("rollback");
+    // anon (Supabase grants new functions to it by default) may not call it.
+    let denied = token_in("anon")
+        .await
+        .expect_err("anon calls pgci_write_token");
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{denied:?}"
+    );
+
+    // The daemon stopped: the write, then the token in its own request.
+    let pid = daemon.pid().expect("pid");
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("kill")
+    };
+    signal("STOP");
+    request(
+        "authenticated",
+        format!("update public.profiles set bio = 'mine, new' where id = '{me}';"),
+    )
+    .await
+    .expect("the user's own write");
+    let token: WriteToken = token_in("authenticated")
+        .await
+        .expect("pgci_write_token as authenticated")
+        .parse()
+        .expect("a pg_lsn");
+    let (value, source) = cache
+        .get_or_load(&key, 3600, read_bio, Some(token))
+        .await
+        .expect("own read while the daemon is stopped");
+    signal("CONT");
+    assert_eq!(
+        (value.as_deref(), source),
+        (Some("mine, new"), Source::Bypassed),
+        "the cached {old:?} was trusted past the write"
+    );
+    // Once the daemon applied the write the same token reads the cache.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (value, source) = cache
+            .get_or_load(&key, 3600, read_bio, Some(token))
+            .await
+            .expect("own read");
+        assert_eq!(value.as_deref(), Some("mine, new"));
+        if source == Source::Hit {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not pass the token: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

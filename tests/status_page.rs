@@ -85,6 +85,13 @@ async fn the_status_page_renders_in_a_browser() {
     assert!(dom.contains(&key), "no recent event for {key}: {dom}");
     assert!(dom.contains("<span class=\"ok\">streaming</span>"), "{dom}");
     assert!(!dom.contains("<script"), "the page runs scripts");
+    // The test's Redis has no maxmemory and no persistence: the page says
+    // so (as `status` does) instead of showing Redis green.
+    assert!(dom.contains("setting") && dom.contains("to fix"), "{dom}");
+    assert!(dom.contains("no maxmemory"), "{dom}");
+    // Idle after the writes: nothing behind.
+    assert!(dom.contains("caught up"), "{dom}");
+    assert!(dom.contains("class=\"scale\""), "{dom}");
 
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
     let _ = std::fs::remove_file(&shot);

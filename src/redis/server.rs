@@ -10,12 +10,14 @@
 //! as unknown, once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::cluster::ClusterConn;
 use crate::secret::SecretUrl;
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 
 /// The hit ratio the caching plan targets.
@@ -227,6 +229,7 @@ pub async fn watch(
     ca_cert: Option<std::path::PathBuf>,
     cluster: Option<ClusterConn>,
     every: Duration,
+    health: Arc<Health>,
     cancel: CancellationToken,
 ) {
     // The URL was checked when the sink connected.
@@ -263,6 +266,7 @@ pub async fn watch(
             match read(&mut conn).await {
                 Ok(info) => {
                     info.export(&target);
+                    health.set_redis_warnings(&target, info.warnings());
                     if warned.insert(target.clone()) {
                         for warning in info.warnings() {
                             tracing::warn!(warning = %warning, target, "redis settings");

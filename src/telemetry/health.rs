@@ -28,6 +28,9 @@ pub struct Health {
     /// Some watched table's changes may be missed (see
     /// `source::replication::drift`).
     drifted: AtomicBool,
+    /// What each Redis server's settings lack, as the last INFO read found
+    /// (`redis::server::watch`), for the status page; not readiness.
+    redis_warnings: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl Default for Health {
@@ -38,6 +41,7 @@ impl Default for Health {
             streaming: AtomicBool::new(false),
             targets: Mutex::new(Vec::new()),
             drifted: AtomicBool::new(false),
+            redis_warnings: Mutex::default(),
         }
     }
 }
@@ -133,6 +137,41 @@ impl Health {
     pub fn redis_ok(&self) -> bool {
         let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         !targets.is_empty() && targets.iter().all(|t| t.ok)
+    }
+
+    /// What the last INFO read of Redis server `server` found lacking
+    /// (empty: nothing).
+    pub fn set_redis_warnings(&self, server: &str, warnings: Vec<String>) {
+        let mut all = self
+            .redis_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if warnings.is_empty() {
+            all.remove(server);
+        } else {
+            all.insert(server.to_string(), warnings);
+        }
+    }
+
+    /// Every Redis server's warnings, each named by its server when there
+    /// are several servers with warnings.
+    pub fn redis_warnings(&self) -> Vec<String> {
+        let all = self
+            .redis_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let named = all.len() > 1;
+        all.iter()
+            .flat_map(|(server, warnings)| {
+                warnings.iter().map(move |w| {
+                    if named {
+                        format!("{server}: {w}")
+                    } else {
+                        w.clone()
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Whether the catalog has drifted from what the rules need.

@@ -180,30 +180,62 @@ impl Board {
                 if ok { yes } else { no }
             )
         };
-        let lag_seconds = gauge(m::LAST_HEARTBEAT_TIMESTAMP_SECONDS)
-            .or(gauge(m::LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS))
+        // The time lag is how old the newest commit applied is, and only
+        // while WAL is behind: idle, the last heartbeat ages between
+        // heartbeats although nothing is waiting.
+        let newest_applied = gauge(m::LAST_HEARTBEAT_TIMESTAMP_SECONDS)
+            .into_iter()
+            .chain(gauge(m::LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS))
+            .reduce(f64::max)
             .map(|t| (unix_now() - t).max(0.0));
+        let lag = match (gauge(m::REPLICATION_LAG_BYTES), newest_applied) {
+            (Some(b), _) if b <= 0.0 => "<span class=\"ok\">caught up</span>".to_string(),
+            (Some(b), Some(age)) => {
+                format!(
+                    "{} behind · newest commit applied {age:.1} s ago",
+                    human_bytes(b)
+                )
+            }
+            (Some(b), None) => format!("{} behind", human_bytes(b)),
+            (None, Some(age)) => format!("newest commit applied {age:.1} s ago"),
+            (None, None) => "–".to_string(),
+        };
+        let redis_warnings = health.redis_warnings();
+        let redis = match (health.redis_ok(), redis_warnings.len()) {
+            (false, _) => flag(false, "", "failing"),
+            (true, 0) => flag(true, "answering", ""),
+            (true, n) => format!(
+                "<span class=\"warn\">answering, {n} setting{} to fix</span>",
+                if n == 1 { "" } else { "s" }
+            ),
+        };
+        let redis_settings: String = redis_warnings
+            .iter()
+            .map(|w| {
+                format!(
+                    "<tr><th></th><td class=\"warn redis-warning\">{}</td></tr>",
+                    escape(w)
+                )
+            })
+            .collect();
         let _ = write!(
             html,
             "<section id=\"source\"><h2>Source</h2><table>\
              <tr><th>reads</th><td id=\"slot\">{source}</td></tr>\
              <tr><th>postgres</th><td>{streaming}</td></tr>\
-             <tr><th>redis</th><td>{redis}</td></tr>{targets}\
+             <tr><th>redis</th><td id=\"redis\">{redis}</td></tr>{redis_settings}{targets}\
              <tr><th>ready</th><td>{ready}</td></tr>\
              <tr><th>confirmed</th><td>{confirmed}</td></tr>\
-             <tr><th>lag</th><td>{lag} · {lag_s}</td></tr>\
+             <tr><th>lag</th><td id=\"lag\">{lag}</td></tr>\
              <tr><th>retained WAL</th><td>{retained}</td></tr>\
              <tr><th>WAL before the slot is lost</th><td>{safe}</td></tr>\
              </table></section>",
             source = escape(&self.source),
             streaming = flag(health.streaming(), "streaming", "not streaming"),
-            redis = flag(health.redis_ok(), "answering", "failing"),
             targets = target_rows(&health.targets()),
             ready = flag(health.ready(), "ready", "not ready"),
             confirmed = gauge(m::CONFIRMED_LSN_BYTES)
                 .map_or_else(|| "–".to_string(), |b| format_lsn(b as u64)),
-            lag = bytes(gauge(m::REPLICATION_LAG_BYTES)),
-            lag_s = lag_seconds.map_or_else(|| "–".to_string(), |s| format!("{s:.1} s")),
             retained = bytes(gauge(m::SLOT_RETAINED_WAL_BYTES)),
             safe =
                 gauge(m::SLOT_SAFE_WAL_BYTES).map_or_else(|| "unlimited".to_string(), human_bytes),
@@ -212,18 +244,21 @@ impl Board {
         let p50: Vec<f64> = state.samples.iter().map(|s| s.p50_ms).collect();
         let p99: Vec<f64> = state.samples.iter().map(|s| s.p99_ms).collect();
         let last = state.samples.back().copied().unwrap_or_default();
+        let peak = |values: &[f64]| values.iter().copied().fold(0.0_f64, f64::max);
         let _ = write!(
             html,
             "<section id=\"charts\"><h2>Last {minutes} minutes</h2>\
-             <figure><figcaption>changes applied/s: {rate:.0}</figcaption>{rate_chart}</figure>\
-             <figure><figcaption>commit to Redis ack, p50 {p50_now:.1} ms · <span class=\"p99\">p99 {p99_now:.1} ms</span></figcaption>{latency_chart}</figure>\
+             <figure><figcaption>changes applied/s: {rate:.0} now · peak {rate_peak:.0}</figcaption>{rate_chart}</figure>\
+             <figure><figcaption>commit to Redis ack, p50 {p50_now:.1} ms · <span class=\"p99\">p99 {p99_now:.1} ms</span> now · peak p99 {p99_peak:.1} ms</figcaption>{latency_chart}</figure>\
              </section>",
             minutes = SAMPLES as u64 * SAMPLE_EVERY.as_secs() / 60,
             rate = last.rate,
-            rate_chart = chart(&[(&rates, "rate")]),
+            rate_peak = peak(&rates),
+            rate_chart = chart(&[(&rates, "rate")], "/s"),
             p50_now = last.p50_ms,
             p99_now = last.p99_ms,
-            latency_chart = chart(&[(&p50, "p50"), (&p99, "p99")]),
+            p99_peak = peak(&p99),
+            latency_chart = chart(&[(&p50, "p50"), (&p99, "p99")], " ms"),
         );
         html.push_str("<section id=\"rules\"><h2>Tables watched</h2><table><tr><th>table</th><th>changes applied</th></tr>");
         for table in &self.tables {
@@ -321,17 +356,26 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
         .map_or(finite, |(le, _)| if le.is_finite() { *le } else { finite })
 }
 
-/// A small line chart of `series` (same length), scaled to their maximum.
-fn chart(series: &[(&Vec<f64>, &str)]) -> String {
+/// A small line chart of `series` (same length), scaled to their maximum,
+/// which the top of the chart names (in `unit`); its bottom is 0.
+fn chart(series: &[(&Vec<f64>, &str)], unit: &str) -> String {
     const W: f64 = 420.0;
     const H: f64 = 80.0;
-    let max = series
+    let peak = series
         .iter()
         .flat_map(|(s, _)| s.iter().copied())
-        .fold(0.0_f64, f64::max)
-        .max(1e-9);
+        .fold(0.0_f64, f64::max);
+    let max = peak.max(1e-9);
+    let scale = if peak >= 10.0 {
+        format!("{peak:.0}")
+    } else {
+        format!("{peak:.1}")
+    };
     let mut svg = format!(
-        "<svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\"><rect width=\"{W}\" height=\"{H}\" class=\"bg\"/>"
+        "<svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\"><rect width=\"{W}\" height=\"{H}\" class=\"bg\"/>\
+         <text x=\"4\" y=\"12\" class=\"scale\">{scale}{unit}</text><text x=\"4\" y=\"{bottom}\" class=\"scale\">0</text>",
+        unit = escape(unit),
+        bottom = H - 4.0,
     );
     for (values, class) in series {
         if values.len() < 2 {
@@ -367,6 +411,10 @@ fn human_bytes(b: f64) -> String {
     while v.abs() >= 1000.0 && unit < UNITS.len() - 1 {
         v /= 1000.0;
         unit += 1;
+    }
+    if unit == 0 {
+        // Whole bytes: "0 B", "512 B" (not "0.0 B").
+        return format!("{v:.0} B");
     }
     format!("{v:.1} {}", UNITS[unit])
 }
@@ -423,7 +471,8 @@ fn escape(text: &str) -> String {
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}\
 h1{font-size:20px}h1 small{color:#6b7280;font-weight:normal}h2{font-size:15px;margin:18px 0 6px}\
 table{border-collapse:collapse}th,td{text-align:left;padding:3px 12px 3px 0;vertical-align:top}\
-th{color:#6b7280;font-weight:normal}.ok{color:#0a7d38}.bad{color:#b42318;font-weight:bold}\
+th{color:#6b7280;font-weight:normal}.ok{color:#0a7d38}.bad{color:#b42318;font-weight:bold}.warn{color:#b45309}\
+svg .scale{font-size:10px;fill:#6b7280}\
 figure{display:inline-block;margin:0 24px 0 0}figcaption{color:#374151;margin-bottom:4px}\
 svg .bg{fill:#fff;stroke:#d1d5db}polyline{stroke-width:1.5}.rate,.p50{stroke:#2563eb}.p99,span.p99{stroke:#d97706;color:#b45309}\
 td{white-space:nowrap}.keys{white-space:normal;font-family:ui-monospace,monospace;font-size:12px}.table{font-family:ui-monospace,monospace}";
@@ -472,6 +521,74 @@ pgci_slot_retained_wal_bytes 2048\n";
         assert!(html.contains("changes applied/s: 10"), "{html}");
         assert!(html.contains("<polyline") || html.contains("<svg"));
         assert!(html.contains("<td class=\"table\">public.user_tokens</td><td>5</td>"));
+    }
+
+    /// Lag reads "caught up" when no WAL is behind (an idle stream's last
+    /// heartbeat ages between heartbeats: that is not lag), bytes and the
+    /// newest applied commit's age when some is; sizes print whole bytes.
+    #[test]
+    fn lag_is_caught_up_when_nothing_is_behind() {
+        let board = Board::new("s".into(), vec![], false);
+        let old = unix_now() - 9.0;
+        board.sample(&format!(
+            "{} 0\n{} {old}\n",
+            m::REPLICATION_LAG_BYTES,
+            m::LAST_HEARTBEAT_TIMESTAMP_SECONDS
+        ));
+        let html = board.render(&Health::default());
+        assert!(
+            html.contains("<td id=\"lag\"><span class=\"ok\">caught up</span></td>"),
+            "{html}"
+        );
+        board.sample(&format!(
+            "{} 2048\n{} {old}\n",
+            m::REPLICATION_LAG_BYTES,
+            m::LAST_HEARTBEAT_TIMESTAMP_SECONDS
+        ));
+        let html = board.render(&Health::default());
+        assert!(
+            html.contains("2.0 kB behind · newest commit applied 9."),
+            "{html}"
+        );
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(1500.0), "1.5 kB");
+    }
+
+    /// What `status` warns about Redis's settings, the page shows too
+    /// (amber, not green), and clears once the setting is fixed.
+    #[test]
+    fn redis_settings_to_fix_are_on_the_page() {
+        let board = Board::new("s".into(), vec![], false);
+        let health = Arc::new(Health::default());
+        health.add_target("redis").ok();
+        let html = board.render(&health);
+        assert!(
+            html.contains("<td id=\"redis\"><span class=\"ok\">answering</span>"),
+            "{html}"
+        );
+        health.set_redis_warnings("127.0.0.1:6379", vec!["no maxmemory: <set it>".into()]);
+        let html = board.render(&health);
+        assert!(html.contains("answering, 1 setting to fix"), "{html}");
+        assert!(html.contains("no maxmemory: &lt;set it&gt;"), "{html}");
+        health.set_redis_warnings("127.0.0.1:6379", Vec::new());
+        assert!(!board.render(&health).contains("to fix"));
+    }
+
+    /// Each chart names its scale (the peak at the top, 0 at the bottom)
+    /// and the caption the peak over the window.
+    #[test]
+    fn charts_name_their_scale_and_peak() {
+        let board = Board::new("s".into(), vec![], false);
+        board.sample(TEXT);
+        board.sample(&TEXT.replace("} 10\n", "} 690\n"));
+        board.sample(&TEXT.replace("} 10\n", "} 700\n"));
+        let html = board.render(&Health::default());
+        assert!(
+            html.contains("changes applied/s: 5 now · peak 340"),
+            "{html}"
+        );
+        assert!(html.contains("class=\"scale\">340/s</text>"), "{html}");
     }
 
     /// By default the page shows how many keys an event touched, not the

@@ -66,7 +66,7 @@ struct Args {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Policies to run, comma-separated (default: all five).
+    /// Policies to run, comma-separated (default: all of them).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
     /// Where to write the plot.

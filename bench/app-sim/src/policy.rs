@@ -1,7 +1,7 @@
-//! The five ways the app can cache, and how each one reads a page and
+//! The ways the app can cache, and how each one reads a page and
 //! follows its own writes.
 
-use pgci_client::{Cache, CacheOptions, Source, WriteToken};
+use pgci_client::{AfterPolicy, Cache, CacheOptions, Source, WriteToken};
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::{Client, Statement};
 
@@ -21,18 +21,23 @@ pub enum Policy {
     /// (4) The daemon writes the new page; app fills live 24 h.
     DaemonRefresh,
     /// (5) As (3), with lease-protected fills and read-your-writes tokens
-    /// (the crate's client).
+    /// (the crate's client; a read ahead of the daemon goes to the
+    /// database: `AfterPolicy::Bypass`).
     DaemonLeases,
+    /// (6) As (5), a read ahead of the daemon waiting up to 50 ms for it
+    /// first (`AfterPolicy::Wait`).
+    DaemonLeasesWait,
 }
 
 impl Policy {
     /// Every policy, in the order.
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 6] = [
         Policy::NoCache,
         Policy::TtlPlan,
         Policy::DaemonDelete,
         Policy::DaemonRefresh,
         Policy::DaemonLeases,
+        Policy::DaemonLeasesWait,
     ];
 
     /// The name in reports and on the command line.
@@ -43,6 +48,7 @@ impl Policy {
             Policy::DaemonDelete => "daemon-delete",
             Policy::DaemonRefresh => "daemon-refresh",
             Policy::DaemonLeases => "daemon-leases",
+            Policy::DaemonLeasesWait => "daemon-leases-wait",
         }
     }
 
@@ -55,7 +61,7 @@ impl Policy {
     pub fn daemon(self) -> Option<bool> {
         match self {
             Policy::NoCache | Policy::TtlPlan => None,
-            Policy::DaemonDelete | Policy::DaemonLeases => Some(false),
+            Policy::DaemonDelete | Policy::DaemonLeases | Policy::DaemonLeasesWait => Some(false),
             Policy::DaemonRefresh => Some(true),
         }
     }
@@ -76,7 +82,19 @@ impl Policy {
 
     /// Whether reads after the app's own writes carry a write token.
     pub fn tokens(self) -> bool {
-        self == Policy::DaemonLeases
+        matches!(self, Policy::DaemonLeases | Policy::DaemonLeasesWait)
+    }
+
+    /// The client's options under this policy.
+    fn cache_options(self) -> CacheOptions {
+        let after = match self {
+            Policy::DaemonLeasesWait => AfterPolicy::Wait(std::time::Duration::from_millis(50)),
+            _ => AfterPolicy::Bypass,
+        };
+        CacheOptions {
+            after,
+            ..CacheOptions::default()
+        }
     }
 }
 
@@ -108,7 +126,7 @@ impl Reader {
             let sql = page.query().replace("$1", "$1::text::uuid");
             statements.push(pg.prepare(&sql).await.expect("prepare page query"));
         }
-        let cache = Cache::new(redis.clone(), CacheOptions::default());
+        let cache = Cache::new(redis.clone(), policy.cache_options());
         Reader {
             policy,
             pg,
@@ -149,7 +167,7 @@ impl Reader {
                 hit: false,
                 queried: true,
             },
-            Policy::DaemonLeases => {
+            Policy::DaemonLeases | Policy::DaemonLeasesWait => {
                 let (json, source) = self
                     .cache
                     .get_or_load(&key, self.policy.ttl_secs(page), load, after)

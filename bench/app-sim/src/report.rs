@@ -45,6 +45,16 @@ impl Outcome {
         100.0 * self.tally.own_stale as f64 / self.tally.own_reads.max(1) as f64
     }
 
+    /// Own reads that queried PostgreSQL, %.
+    pub fn own_queried_pct(&self) -> f64 {
+        100.0 * self.tally.own_queried as f64 / self.tally.own_reads.max(1) as f64
+    }
+
+    /// An own read's mean latency, ms.
+    pub fn own_mean_ms(&self) -> f64 {
+        self.tally.own_latency_us as f64 / 1000.0 / self.tally.own_reads.max(1) as f64
+    }
+
     /// Mean latency, ms.
     pub fn mean_ms(&self) -> f64 {
         let l = &self.tally.latencies_us;
@@ -65,7 +75,7 @@ impl Outcome {
         let mut sorted = self.tally.latencies_us.clone();
         sorted.sort_unstable();
         format!(
-            "policy={} hit_rate={:.1}% db_queries_per_request={:.3} p50_ms={:.3} p95_ms={:.3} p99_ms={:.3} stale_read_pct={:.3}% worst_stale_s={:.3} own_read_stale_pct={:.2}% requests={} rps={:.0}",
+            "policy={} hit_rate={:.1}% db_queries_per_request={:.3} p50_ms={:.3} p95_ms={:.3} p99_ms={:.3} stale_read_pct={:.3}% worst_stale_s={:.3} own_read_stale_pct={:.2}% own_read_db_pct={:.1}% own_read_mean_ms={:.3} own_reads={} requests={} rps={:.0}",
             self.policy.name(),
             self.hit_rate(),
             self.db_per_request(),
@@ -75,6 +85,9 @@ impl Outcome {
             self.stale_pct(),
             self.tally.worst_stale.as_secs_f64(),
             self.own_stale_pct(),
+            self.own_queried_pct(),
+            self.own_mean_ms(),
+            self.tally.own_reads,
             self.tally.requests,
             self.tally.requests as f64 / self.seconds.max(1) as f64,
         )

@@ -93,6 +93,10 @@ pub struct Tally {
     pub own_reads: u64,
     /// …and how many of those were stale.
     pub own_stale: u64,
+    /// …and how many of those queried PostgreSQL.
+    pub own_queried: u64,
+    /// …and their latencies summed, microseconds.
+    pub own_latency_us: u64,
     /// The longest a returned page had been superseded.
     pub worst_stale: Duration,
     /// Each read's latency, microseconds.
@@ -107,6 +111,8 @@ impl Tally {
         self.stale += other.stale;
         self.own_reads += other.own_reads;
         self.own_stale += other.own_stale;
+        self.own_queried += other.own_queried;
+        self.own_latency_us += other.own_latency_us;
         self.worst_stale = self.worst_stale.max(other.worst_stale);
         self.latencies_us.extend(other.latencies_us);
     }
@@ -338,10 +344,12 @@ async fn app_writes(
         } else {
             None
         };
-        let stale_before = tally.stale;
+        let (stale_before, queried_before) = (tally.stale, tally.db_queries);
         judged_read(&mut reader, shared, series, &mut tally, page, user, token).await;
         tally.own_reads += 1;
         tally.own_stale += tally.stale - stale_before;
+        tally.own_queried += tally.db_queries - queried_before;
+        tally.own_latency_us += u64::from(tally.latencies_us.last().copied().unwrap_or(0));
     }
     tally
 }

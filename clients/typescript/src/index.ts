@@ -126,6 +126,35 @@ export async function writeToken(pg: Queryable): Promise<string> {
   return lsn;
 }
 
+/** Anything with supabase-js's `rpc` method (a SupabaseClient). */
+export interface SupabaseRpc {
+  rpc(fn: string): PromiseLike<{ data: unknown; error: { message: string } | null }>;
+}
+
+/**
+ * Takes a read-your-writes token through supabase-js, after a write
+ * committed: calls `public.pgci_write_token()` (ship it once with
+ * sql/client/write_token.sql). Call it after the write's own request
+ * returned, never from inside the write's function: there the position is
+ * before the commit (the SQL function refuses).
+ */
+export async function writeTokenFromSupabase(supabase: SupabaseRpc): Promise<string> {
+  const { data, error } = await supabase.rpc("pgci_write_token");
+  if (error) {
+    const missing = /pgci_write_token/.test(error.message) && /find|exist/i.test(error.message);
+    throw new Error(
+      missing
+        ? `writeTokenFromSupabase: ${error.message}: run sql/client/write_token.sql once in the database (SQL editor or a migration)`
+        : `writeTokenFromSupabase: ${error.message}`,
+    );
+  }
+  if (typeof data !== "string") {
+    throw new Error(`writeTokenFromSupabase: pgci_write_token returned ${JSON.stringify(data)}, not a pg_lsn`);
+  }
+  parseLsn(data);
+  return data;
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -52,3 +52,26 @@ test("import and require give the same API (one copy of the code)", async () => 
   assert.deepEqual(Object.keys(esm).sort(), names.sort());
   for (const name of names) assert.equal(esm[name], cjs[name], name);
 });
+
+test("writeTokenFromSupabase calls the shipped function and says what to do when it is missing", async () => {
+  const calls = [];
+  const supabase = (answer) => ({
+    rpc: async (fn) => {
+      calls.push(fn);
+      return answer;
+    },
+  });
+  assert.equal(await cjs.writeTokenFromSupabase(supabase({ data: "0/1A2B", error: null })), "0/1A2B");
+  assert.deepEqual(calls, ["pgci_write_token"]);
+  await assert.rejects(
+    cjs.writeTokenFromSupabase(
+      supabase({ data: null, error: { message: "Could not find the function public.pgci_write_token without parameters in the schema cache" } }),
+    ),
+    /run sql\/client\/write_token\.sql once/,
+  );
+  await assert.rejects(
+    cjs.writeTokenFromSupabase(supabase({ data: null, error: { message: "permission denied for function pgci_write_token" } })),
+    /permission denied/,
+  );
+  await assert.rejects(cjs.writeTokenFromSupabase(supabase({ data: 42, error: null })), /not a pg_lsn/);
+});
