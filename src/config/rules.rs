@@ -47,7 +47,12 @@ pub struct RuleConfig {
     /// `schema.table` (or `table` for `public.table`).
     pub table: TableName,
     /// Key templates such as `profile:user:{id}`.
+    #[serde(default)]
     pub keys: Vec<String>,
+    /// Cache tags the row's pages carry (Next.js `cacheTag`), templates
+    /// such as `profile:{id}`: marked revalidated at each change.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// What to do with the keys.
     #[serde(default)]
     pub action: Action,

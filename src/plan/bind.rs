@@ -41,6 +41,8 @@ pub enum BoundKind {
 pub struct BoundRule {
     /// Its key templates.
     pub keys: Vec<BoundKey>,
+    /// Its tags' mark-key templates (deleted at every change).
+    pub tags: Vec<BoundKey>,
     /// What it does.
     pub kind: BoundKind,
 }
@@ -78,15 +80,18 @@ fn bind_rule(rule: &Rule, schema: &TableSchema, table: &Arc<str>) -> Result<Boun
         template: what,
     };
     let position = |column: &str, what: String| find(column).ok_or_else(|| missing(column, what));
-    let keys = rule
-        .keys
-        .iter()
-        .map(|template| {
-            template
-                .bind(find)
-                .map_err(|column| missing(&column, template.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let bind_all = |templates: &[crate::plan::keys::KeyTemplate]| {
+        templates
+            .iter()
+            .map(|template| {
+                template
+                    .bind(find)
+                    .map_err(|column| missing(&column, template.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let keys = bind_all(&rule.keys)?;
+    let tags = bind_all(&rule.tags)?;
     let ttl_secs = rule.ttl.as_secs().max(1);
     let kind = match (&rule.action, &rule.query) {
         (Action::Delete, _) => BoundKind::Delete,
@@ -119,5 +124,5 @@ fn bind_rule(rule: &Rule, schema: &TableSchema, table: &Arc<str>) -> Result<Boun
             }
         }
     };
-    Ok(BoundRule { keys, kind })
+    Ok(BoundRule { keys, tags, kind })
 }

@@ -231,6 +231,10 @@ impl Planner {
         };
         let mut deleted = Vec::new();
         for rule in &table.rules {
+            // Tag marks go whatever the action (pgci_protocol::tags).
+            for row in [new, old].into_iter().flatten() {
+                render_all(&rule.tags, row, &mut deleted, &mut stats);
+            }
             match &rule.kind {
                 BoundKind::Delete => {
                     for row in [new, old].into_iter().flatten() {
@@ -406,6 +410,7 @@ mod tests {
                     "balance:user:{user_id}".into(),
                     "balance:user:{user_id}:token:{token_id}".into(),
                 ],
+                tags: vec![],
                 action: Action::Delete,
                 ttl: None,
                 columns: None,
@@ -416,6 +421,7 @@ mod tests {
             RuleConfig {
                 table: TableName::parse("public.user_tokens").expect("valid"),
                 keys: vec!["balance:user:{user_id}".into()],
+                tags: vec![],
                 action: Action::Delete,
                 ttl: None,
                 columns: None,
@@ -495,6 +501,41 @@ mod tests {
                 "balance:user:u1:token:t1"
             ]
         );
+    }
+
+    /// A rule's tags become their marks' keys, deleted at every change of
+    /// a row (old and new), whatever the action, and flushed with the
+    /// table's keys.
+    #[test]
+    fn tags_delete_their_marks_and_flush_with_the_table() {
+        let rules = RuleSet::compile(&[RuleConfig {
+            table: TableName::parse("public.user_tokens").expect("valid"),
+            keys: vec![],
+            tags: vec!["balance:{user_id}".into()],
+            action: Action::Refresh,
+            ttl: Some(crate::duration::HumanDuration(
+                std::time::Duration::from_secs(60),
+            )),
+            columns: None,
+            query: None,
+            params: None,
+            holds: None,
+        }])
+        .expect("valid");
+        let mut p = Planner::new(Arc::new(rules));
+        p.plan(
+            &Change::Schema(schema(7, "user_tokens", &["id", "user_id", "token_id"])),
+            &mut Vec::new(),
+        )
+        .expect("binds");
+        let old = row(&[Some("r1"), Some("u1"), Some("t1")]);
+        let new = row(&[Some("r1"), Some("u2"), Some("t1")]);
+        let got = keys(plan1(&mut p, 7, RowOp::Update, Some(&old), Some(&new)).expect("plans"));
+        assert_eq!(got, ["pgci:tag:balance:u2", "pgci:tag:balance:u1"]);
+        match p.plan_truncate(7).expect("watched") {
+            Some(CacheOp::Flush { patterns, .. }) => assert_eq!(patterns, ["pgci:tag:balance:*"]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Rule {
     pub table: TableName,
     /// The keys a row of it maps to.
     pub keys: Vec<KeyTemplate>,
+    /// The keys of the tag marks a row of it maps to
+    /// (`pgci:tag:<tag template>`, see `pgci_protocol::tags`): deleted at
+    /// each change, whatever the action.
+    pub tags: Vec<KeyTemplate>,
     /// What to do with them.
     pub action: Action,
     /// `refresh`: how long a written value lives.
@@ -56,6 +60,14 @@ pub struct Rule {
     /// refresh rule, or a delete rule with `holds = "row"`. `verify` checks
     /// these (and query rules).
     pub holds_row: bool,
+}
+
+impl Rule {
+    /// Its key templates and its tags' mark-key templates: every Redis key
+    /// a row can make it touch.
+    pub fn templates(&self) -> impl Iterator<Item = &KeyTemplate> {
+        self.keys.iter().chain(&self.tags)
+    }
 }
 
 /// Which columns a refreshed row carries.
@@ -186,9 +198,9 @@ impl RuleSet {
                     (None, None) => {}
                 }
             }
-            if rc.keys.is_empty() {
+            if rc.keys.is_empty() && rc.tags.is_empty() {
                 problems.push(format!(
-                    "rules[{i}].keys: empty: give at least one key template"
+                    "rules[{i}].keys: empty: give at least one key template (or tags)"
                 ));
             }
             let mut keys = Vec::new();
@@ -197,6 +209,22 @@ impl RuleSet {
                     Ok(t) => keys.push(t),
                     Err(e) => problems.push(format!("rules[{i}].keys[{j}]: {e}")),
                 }
+            }
+            let mut tags = Vec::new();
+            for (j, text) in rc.tags.iter().enumerate() {
+                if text.trim().is_empty() {
+                    problems.push(format!("rules[{i}].tags[{j}]: empty: give a tag template such as \"profile:{{id}}\""));
+                    continue;
+                }
+                match KeyTemplate::parse(&pgci_protocol::tags::key(text)) {
+                    Ok(t) => tags.push(t),
+                    Err(e) => problems.push(format!("rules[{i}].tags[{j}]: {e}")),
+                }
+            }
+            if !rc.tags.is_empty() && query.is_some() {
+                problems.push(format!(
+                    "rules[{i}].tags: not used with query: put the tags in a delete rule of the same table"
+                ));
             }
             if rc.holds.is_some() && query.is_some() {
                 problems.push(format!(
@@ -210,6 +238,7 @@ impl RuleSet {
             let rule = Rule {
                 table: table.clone(),
                 keys,
+                tags,
                 action: rc.action,
                 ttl,
                 columns,
@@ -246,7 +275,7 @@ impl RuleSet {
     pub fn key_columns(rules: &[Rule]) -> BTreeSet<String> {
         let mut columns: BTreeSet<String> = rules
             .iter()
-            .flat_map(|r| r.keys.iter())
+            .flat_map(Rule::templates)
             .flat_map(|k| k.columns())
             .map(str::to_string)
             .collect();
@@ -276,7 +305,7 @@ impl RuleSet {
 /// in rule order (for TRUNCATE, drift and lost-slot flushes).
 pub fn scan_patterns<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Vec<String> {
     let mut patterns: Vec<String> = Vec::new();
-    for template in rules.into_iter().flat_map(|r| r.keys.iter()) {
+    for template in rules.into_iter().flat_map(Rule::templates) {
         let pattern = template.scan_pattern();
         if !patterns.contains(&pattern) {
             patterns.push(pattern);
@@ -293,6 +322,7 @@ mod tests {
         RuleConfig {
             table: TableName::parse(table).expect("valid"),
             keys: keys.iter().map(|k| k.to_string()).collect(),
+            tags: vec![],
             action: Action::Delete,
             ttl: None,
             columns: None,

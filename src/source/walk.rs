@@ -48,7 +48,7 @@ pub async fn tables<'r>(
             }
         }
         for rule in table_rules {
-            for template in &rule.keys {
+            for template in rule.templates() {
                 for col in template.columns() {
                     if !has(col) {
                         columns_ok = false;

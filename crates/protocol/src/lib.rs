@@ -2,7 +2,8 @@
 //! Redis, and nothing else: the lease functions app readers call
 //! ([`lease`], loaded by [`functions`]), the daemon's applied-position
 //! record that read-your-writes tokens are compared with ([`position`]),
-//! and PostgreSQL's `pg_lsn` ([`lsn`]).
+//! the cache-tag marks a Next.js cache handler reads ([`tags`]), and
+//! PostgreSQL's `pg_lsn` ([`lsn`]).
 //!
 //! The daemon and the Rust client (`pgci-client`) both depend on this
 //! crate; the TypeScript client implements the same contract and its tests
@@ -13,3 +14,4 @@ pub mod functions;
 pub mod lease;
 pub mod lsn;
 pub mod position;
+pub mod tags;
