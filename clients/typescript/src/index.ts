@@ -391,3 +391,6 @@ export class Cache {
 export function createCache(options: CacheOptions): Cache {
   return new Cache(options);
 }
+
+export { createNextCacheHandler } from "./next";
+export type { NextCacheEntry, NextCacheHandler, NextCacheHandlerOptions } from "./next";

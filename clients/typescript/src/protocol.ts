@@ -76,3 +76,9 @@ export function parseLsn(text: string): bigint {
   }
   return (BigInt(`0x${m[1]}`) << 32n) | BigInt(`0x${m[2]}`);
 }
+
+/**
+ * The key prefix of cache-tag marks (see pgci_protocol::tags in the
+ * daemon): a rule's `tags` deletes `pgci:tag:<tag>` at each change.
+ */
+export const TAG_KEY_PREFIX = "pgci:tag:";

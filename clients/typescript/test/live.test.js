@@ -12,7 +12,17 @@ const assert = require("node:assert/strict");
 const Redis = require("ioredis");
 const { Client } = require("pg");
 const { createHash } = require("node:crypto");
-const { createCache, writeToken, library, isMarker, MARKER_PREFIX, keyPrefix, FUNCTIONS } = require("../dist");
+const {
+  createCache,
+  createNextCacheHandler,
+  writeToken,
+  library,
+  isMarker,
+  MARKER_PREFIX,
+  keyPrefix,
+  FUNCTIONS,
+  TAG_KEY_PREFIX,
+} = require("../dist");
 
 const redisUrl = process.env.PGCI_TEST_REDIS_URL;
 const databaseUrl = process.env.PGCI_TEST_DATABASE_URL;
@@ -282,4 +292,51 @@ test("lookups are counted per key prefix: stats, a callback, and prom-client", a
   assert.match(text, /pgci_client_lease_waits_total\{prefix="profile:user"\} 1/);
   assert.match(text, /pgci_client_fills_total\{prefix="profile:user"\} 1/);
   assert.equal(keyPrefix("balance:user:0b7e4c1a-9d1f:token:t1"), "balance:user");
+});
+
+test("the Next.js cache handler serves a tagged page until the daemon revalidates its tag", async () => {
+  const handler = createNextCacheHandler({ redis, onError: (e) => assert.fail(String(e)) });
+  const [mine, other] = [ids[8], ids[9]];
+  const tagOf = (id) => `profile:${id}`;
+  const entry = (id, text) => ({
+    value: new ReadableStream({
+      start(c) {
+        c.enqueue(new TextEncoder().encode(text));
+        c.close();
+      },
+    }),
+    tags: [tagOf(id)],
+    stale: 300,
+    timestamp: Date.now(),
+    expire: 3600,
+    revalidate: 900,
+  });
+  const read = async (key, soft = []) => {
+    const got = await handler.get(key, soft);
+    return got === undefined ? undefined : await new Response(got.value).text();
+  };
+  // Stored twice: the first page after a revalidation rendered before its
+  // tag's new mark and is not kept; the next one is.
+  const store = async (key, id, text) => {
+    await handler.set(key, Promise.resolve(entry(id, text)));
+    assert.equal(await read(key), undefined, "the first page after a revalidation renders again");
+    await sleep(5);
+    await handler.set(key, Promise.resolve(entry(id, text)));
+    assert.equal(await read(key), text);
+  };
+  await redis.del(TAG_KEY_PREFIX + tagOf(mine), TAG_KEY_PREFIX + tagOf(other));
+  await store("page-mine", mine, "mine v1");
+  await store("page-other", other, "other v1");
+  // A write by plain SQL: the daemon deletes the tag's mark.
+  await pg.query("update public.profiles set bio = 'tagged' where id = $1::uuid", [mine]);
+  await waitFor("the daemon to revalidate the tag", 10000, async () => (await redis.exists(TAG_KEY_PREFIX + tagOf(mine))) === 0);
+  assert.equal(await read("page-mine"), undefined, "a page rendered before the change is not served");
+  assert.equal(await read("page-other"), "other v1", "another user's page stays cached");
+  // revalidateTag / revalidatePath from the app (updateTags): own and soft tags.
+  await sleep(2);
+  await handler.updateTags(["_N_T_/other"]);
+  assert.equal(await read("page-other", ["_N_T_/other"]), undefined, "a revalidated path");
+  assert.equal(await read("page-other", ["_N_T_/elsewhere"]), "other v1");
+  await handler.updateTags([tagOf(other)]);
+  assert.equal(await read("page-other"), undefined, "a revalidated tag");
 });
