@@ -41,12 +41,12 @@ if [[ $parallel == 1 ]]; then
 else
   cargo test --locked --lib --bins --tests "$@"
 fi
-# The tests of Redis health, the status page, the shipped deploy files, the
+# The tests of Redis health, the status page, the Next.js example, the shipped deploy files, the
 # CLI verbs that only talk to Redis, the clients, Redis Cluster and table
 # groups do not depend on the PostgreSQL major: the other majors skip them,
 # to keep the suite in budget.
 skip=()
-for module in clients:: cluster:: deploy:: groups:: redis_health:: status_page:: verbs::; do
+for module in clients:: cluster:: deploy:: groups:: nextjs:: redis_health:: status_page:: verbs::; do
   skip+=(--skip "$module")
 done
 if [[ $parallel == 1 ]]; then

@@ -51,7 +51,7 @@ pub(crate) const NEXT_TAG_RULE: &str =
     "[[rules]]\ntable = \"public.profiles\"\ntags = [\"profile:{id}\"]\n";
 
 /// clients/typescript with its build tools installed.
-fn typescript_package() -> PathBuf {
+pub(crate) fn typescript_package() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/typescript");
     if !dir.join("node_modules").exists() {
         let ci = Command::new("npm")

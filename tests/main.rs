@@ -12,6 +12,7 @@ mod failover;
 mod faults;
 mod groups;
 mod invalidation;
+mod nextjs;
 mod operations;
 mod outbox;
 mod redis_health;

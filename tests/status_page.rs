@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::users;
 use crate::support::{http_get, wait_for, TestEnv};
 
-fn chromium(dir: &std::path::Path, args: &[String]) -> std::process::Output {
+pub(crate) fn chromium(dir: &std::path::Path, args: &[String]) -> std::process::Output {
     Command::new("chromium")
         .args([
             "--headless=new",
