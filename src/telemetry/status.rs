@@ -202,7 +202,11 @@ impl Board {
         };
         let redis_warnings = health.redis_warnings();
         let redis = match (health.redis_ok(), redis_warnings.len()) {
-            (false, _) => flag(false, "", "failing"),
+            (false, _) if health.redis_failing() => format!(
+                "<span class=\"bad\">failing: {}</span>",
+                escape(&health.redis_reason())
+            ),
+            (false, _) => flag(false, "", "not answering yet"),
             (true, 0) => flag(true, "answering", ""),
             (true, n) => format!(
                 "<span class=\"warn\">answering, {n} setting{} to fix</span>",
@@ -573,6 +577,16 @@ pgci_slot_retained_wal_bytes 2048\n";
         assert!(html.contains("no maxmemory: &lt;set it&gt;"), "{html}");
         health.set_redis_warnings("127.0.0.1:6379", Vec::new());
         assert!(!board.render(&health).contains("to fix"));
+        // Failing, the page says why, as /readyz does.
+        let failing = Arc::new(Health::default());
+        failing
+            .add_target("redis")
+            .failing("redis is not answering (connection refused)");
+        let html = board.render(&failing);
+        assert!(
+            html.contains("failing: redis is not answering (connection refused)"),
+            "{html}"
+        );
     }
 
     /// Each chart names its scale (the peak at the top, 0 at the bottom)
