@@ -269,6 +269,12 @@ export class Cache {
     if (options.after !== undefined && !(await this.caughtUp(options.after))) {
       return { value: await loader(), source: "bypassed" };
     }
+    // A hit costs one GET: a cached value is never a lease marker, so the
+    // lease function is called only on a miss or a marker.
+    const cached = await this.redis.get(key);
+    if (cached !== null && !isMarker(cached)) {
+      return { value: JSON.parse(cached) as T, source: "hit" };
+    }
     const token = randomBytes(12).toString("hex");
     const deadline = Date.now() + this.leaseWaitMs;
     for (;;) {

@@ -287,6 +287,11 @@ impl<C: ConnectionLike + Send> Cache<C> {
                 return Ok((value, Source::Bypassed));
             }
         }
+        // A hit costs one GET: a cached value is never a lease marker, so
+        // the lease function is called only on a miss or a marker.
+        if let Some(value) = self.get_cached_data(key).await? {
+            return Ok((Some(value), Source::Hit));
+        }
         let token = new_token();
         let deadline = Instant::now() + self.options.lease_wait;
         let lease_ms = self.options.lease.as_millis().to_string();
