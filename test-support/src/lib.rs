@@ -107,6 +107,31 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
+/// A port for a Redis Cluster node: free, with its cluster bus port (the
+/// port + 10000) free too, both below the kernel's ephemeral range
+/// (32768 and up), so that no [`free_port`] of another test or process can
+/// hand out the bus port while the node runs (an HTTP listener once took
+/// one and failed with "Address already in use").
+pub fn cluster_node_port() -> u16 {
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_768 - 10_000; // P + 10000 stays below 32768
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..u32::from(SPAN) {
+        let port = LOW + ((seed.wrapping_add(i.wrapping_mul(7_919))) % u32::from(SPAN)) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!(
+        "no free port pair for a Redis Cluster node in {LOW}..{}",
+        LOW + SPAN
+    );
+}
+
 /// GET `path` from the daemon's HTTP listener: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

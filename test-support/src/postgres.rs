@@ -125,10 +125,17 @@ fn template() -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::write(build.join("template.ok"), b"ok").expect("marker");
-        let _ = std::fs::remove_dir_all(&path);
+        // A template only ever appears whole (renamed into place), so one
+        // that exists is never removed: another process may be copying it
+        // (removing it failed a concurrent copy on a fresh machine).
         if std::fs::rename(&build, &path).is_err() {
             // Another process won the race; use its template.
             let _ = std::fs::remove_dir_all(&build);
+            assert!(
+                path.join("template.ok").exists(),
+                "{} exists without template.ok: remove it and run again",
+                path.display()
+            );
         }
     }
     *guard = Some(path.clone());

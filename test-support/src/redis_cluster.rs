@@ -8,7 +8,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::time::Instant;
 
-use crate::free_port;
+use crate::cluster_node_port;
 
 /// One node of the cluster.
 struct Node {
@@ -38,7 +38,7 @@ impl RedisCluster {
             nodes: Vec::new(),
         };
         for _ in 0..2 * MASTERS {
-            let port = free_port();
+            let port = cluster_node_port();
             cluster.nodes.push(Node { port, child: None });
         }
         for i in 0..cluster.nodes.len() {
@@ -113,7 +113,7 @@ impl RedisCluster {
                 .as_mut()
                 .is_some_and(|c| c.try_wait().ok().flatten().is_some());
             if exited {
-                self.nodes[i].port = free_port();
+                self.nodes[i].port = cluster_node_port();
                 self.spawn(i);
             } else if let Ok(mut conn) = self.node_conn(i).await {
                 let info: String = redis::cmd("INFO")
