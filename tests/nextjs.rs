@@ -126,9 +126,9 @@ struct Shown {
     rendered: String,
 }
 
-/// Loads `/profile/<id>`.
-fn load(profile: &Path, port: u16, id: &str) -> Shown {
-    let url = format!("http://127.0.0.1:{port}/profile/{id}");
+/// Loads `/<page>/<id>` (`profile`: 'use cache'; `legacy`: unstable_cache).
+fn load(profile: &Path, port: u16, page: &str, id: &str) -> Shown {
+    let url = format!("http://127.0.0.1:{port}/{page}/{id}");
     let dom = dom_with(profile, &url, "id=\"rendered\"");
     Shown {
         bio: element(&dom, "p", "id=\"bio\"").unwrap_or_default(),
@@ -139,16 +139,16 @@ fn load(profile: &Path, port: u16, id: &str) -> Shown {
 /// Loads until two loads in a row show the same rendering: the page is
 /// then served from the cache (the first page stored after a tag's mark
 /// was created renders once more, see the client's next.ts).
-fn load_cached(profile: &Path, port: u16, id: &str) -> Shown {
-    let mut last = load(profile, port, id);
+fn load_cached(profile: &Path, port: u16, page: &str, id: &str) -> Shown {
+    let mut last = load(profile, port, page, id);
     for _ in 0..5 {
-        let now = load(profile, port, id);
+        let now = load(profile, port, page, id);
         if now == last {
             return now;
         }
         last = now;
     }
-    panic!("/profile/{id} never came from the cache: {last:?}");
+    panic!("/{page}/{id} never came from the cache: {last:?}");
 }
 
 /// What the balance page of `user` shows for `token`, and where the page
@@ -170,7 +170,9 @@ fn balance(profile: &Path, port: u16, user: &str, token: &str) -> (f64, String) 
 
 /// A page tagged `profile:<id>` shows a change made by plain SQL on the
 /// next load, without any app code calling revalidateTag; a page for
-/// another user stays cached (its rendering time does not change).
+/// another user stays cached (its rendering time does not change). Both
+/// caches: 'use cache' (`/profile`, the cacheHandlers handler) and
+/// unstable_cache (`/legacy`, the incremental cacheHandler).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tagged_next_page_shows_a_sql_change_on_the_next_load() {
     let mut env = TestEnv::start(2).await;
@@ -183,38 +185,41 @@ async fn a_tagged_next_page_shows_a_sql_change_on_the_next_load() {
     let next_log = || std::fs::read_to_string(env.path("next.log")).unwrap_or_default();
 
     let profile = env.path("chromium");
-    let before = load_cached(&profile, port, mine);
-    let other_before = load_cached(&profile, port, other);
-    // The cache handler keeps the page in Redis (not only in this process).
-    let mut redis = env.redis.conn().await;
-    let stored: Vec<String> = redis::cmd("KEYS")
-        .arg("pgci:next:*")
-        .query_async(&mut redis)
-        .await
-        .expect("KEYS");
-    assert!(!stored.is_empty(), "no entry in Redis: {}", next_log());
-
-    // Plain SQL, no app code: the daemon deletes the tag's mark.
     let db = env.pg.client().await;
-    db.execute(
-        "update public.profiles set bio = 'changed by SQL' where id = $1::text::uuid",
-        &[mine],
-    )
-    .await
-    .expect("update");
-    env.sync().await;
-    let after = load(&profile, port, mine);
-    assert_eq!(
-        after.bio,
-        "changed by SQL",
-        "the page still shows {before:?}: {}",
-        next_log()
-    );
-    let other_after = load(&profile, port, other);
-    assert_eq!(
-        other_after, other_before,
-        "another user's page rendered again"
-    );
+    let mut redis = env.redis.conn().await;
+    for (round, page) in ["profile", "legacy"].into_iter().enumerate() {
+        let before = load_cached(&profile, port, page, mine);
+        let other_before = load_cached(&profile, port, page, other);
+        // The cache handler keeps the page in Redis (not only in this process).
+        let stored: Vec<String> = redis::cmd("KEYS")
+            .arg("pgci:next:*")
+            .query_async(&mut redis)
+            .await
+            .expect("KEYS");
+        assert!(!stored.is_empty(), "no entry in Redis: {}", next_log());
+
+        // Plain SQL, no app code: the daemon deletes the tag's mark.
+        let bio = format!("changed by SQL {round}");
+        db.execute(
+            "update public.profiles set bio = $2 where id = $1::text::uuid",
+            &[mine, &bio],
+        )
+        .await
+        .expect("update");
+        env.sync().await;
+        let after = load(&profile, port, page, mine);
+        assert_eq!(
+            after.bio,
+            bio,
+            "/{page} still shows {before:?}: {}",
+            next_log()
+        );
+        let other_after = load(&profile, port, page, other);
+        assert_eq!(
+            other_after, other_before,
+            "another user's /{page} rendered again"
+        );
+    }
 }
 
 /// The plan's transfer → reload flow in a browser: the user's transfer

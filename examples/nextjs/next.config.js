@@ -7,6 +7,9 @@ module.exports = {
   cacheHandlers: {
     default: require.resolve("./cache-handler.js"),
   },
+  // unstable_cache and the fetch cache (app/legacy): the incremental cache.
+  cacheHandler: require.resolve("./incremental-cache-handler.js"),
+  cacheMaxMemorySize: 0,
   // The client package is linked from the repository (file:../../…).
   outputFileTracingRoot: require("node:path").join(__dirname, "../.."),
 };

@@ -398,5 +398,11 @@ export function createCache(options: CacheOptions): Cache {
   return new Cache(options);
 }
 
-export { createNextCacheHandler } from "./next";
-export type { NextCacheEntry, NextCacheHandler, NextCacheHandlerOptions } from "./next";
+export { createNextCacheHandler, createNextIncrementalCacheHandler } from "./next";
+export type {
+  NextCacheEntry,
+  NextCacheHandler,
+  NextCacheHandlerOptions,
+  NextIncrementalHandler,
+  NextIncrementalValue,
+} from "./next";

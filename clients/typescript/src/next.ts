@@ -242,3 +242,171 @@ export function createNextCacheHandler(options: NextCacheHandlerOptions): NextCa
     },
   };
 }
+
+/** What Next.js' incremental cache (`cacheHandler`: fetch cache, unstable_cache, ISR) stores. */
+export interface NextIncrementalValue {
+  kind: string;
+  [field: string]: unknown;
+}
+
+/** Next.js' incremental `CacheHandler` (next/dist/server/lib/incremental-cache), as this handler implements it. */
+export interface NextIncrementalHandler {
+  get(cacheKey: string, ctx?: { kind?: string; tags?: string[]; softTags?: string[] }): Promise<{ lastModified: number; value: NextIncrementalValue } | null>;
+  set(cacheKey: string, data: NextIncrementalValue | null, ctx?: { tags?: string[] }): Promise<void>;
+  revalidateTag(tags: string | string[], durations?: { expire?: number }): Promise<void>;
+  resetRequestCache(): void;
+}
+
+/** Most cache keys whose last lookup start this process remembers (oldest forgotten first). */
+const MAX_STARTS = 10_000;
+
+/**
+ * A Next.js incremental `cacheHandler` (fetch cache, `unstable_cache`, ISR)
+ * on Redis that honours the daemon's tag marks like
+ * {@link createNextCacheHandler}. Next.js instantiates it, so this returns
+ * the class: in `incremental-cache-handler.js`,
+ * `module.exports = createNextIncrementalCacheHandler({ redis: new Redis(url) })`,
+ * and in next.config: `cacheHandler: require.resolve("./incremental-cache-handler.js"), cacheMaxMemorySize: 0`.
+ *
+ * Next.js reads an entry (`get`) before it computes one (`set`), so the
+ * rendering began at the last `get` of the key: the handler remembers
+ * that time (on Redis's clock, from an offset measured every few seconds)
+ * and stores the value only if none of its tags was revalidated since.
+ * A `set` with no `get` before it in this process is not stored.
+ */
+export function createNextIncrementalCacheHandler(
+  options: NextCacheHandlerOptions,
+): new (ctx?: unknown) => NextIncrementalHandler {
+  const redis = options.redis;
+  const prefix = options.keyPrefix ?? "pgci:next:incremental:";
+  const maxTtl = options.maxTtlSeconds ?? 86400;
+  const maxBytes = options.maxEntryBytes ?? 4 << 20;
+  const onError = options.onError ?? ((error: unknown) => console.error("pgci next incremental cache handler:", error));
+  const cluster = isCluster(redis);
+  const markKey = (tag: string) => `${TAG_KEY_PREFIX}${tag}`;
+  /** Redis time minus local time, and how far off it may be, ms. */
+  let clock: { offset: number; error: number; at: number } | null = null;
+  /** When the last lookup of each key began, Redis clock. */
+  const starts = new Map<string, number>();
+
+  async function redisNow(): Promise<number> {
+    if (clock === null || Date.now() - clock.at > 10_000) {
+      const before = Date.now();
+      const [seconds, micros] = await redis.time();
+      const after = Date.now();
+      clock = {
+        offset: Number(seconds) * 1000 + Math.floor(Number(micros) / 1000) - (before + after) / 2,
+        error: (after - before) / 2 + 1,
+        at: after,
+      };
+    }
+    return Date.now() + clock.offset - clock.error;
+  }
+
+  async function marksOf(tags: string[], create: boolean): Promise<Array<number | null>> {
+    if (tags.length === 0) return [];
+    const keys = tags.map(markKey);
+    if (create) {
+      if (cluster) {
+        return Promise.all(keys.map(async (k) => Number(((await redis.eval(MARK_MISSING, 1, k)) as number[])[1])));
+      }
+      return ((await redis.eval(MARK_MISSING, keys.length, ...keys)) as number[]).slice(1).map(Number);
+    }
+    const values = cluster ? await Promise.all(keys.map((k) => redis.get(k))) : await (redis as Redis).mget(...keys);
+    return values.map((v) => (v === null ? null : Number(v)));
+  }
+
+  /** The tags an entry carries: the fetch's, or a page's `x-next-cache-tags`. */
+  function tagsOf(data: NextIncrementalValue, ctx?: { tags?: string[] }): string[] {
+    const tags = new Set<string>(ctx?.tags ?? []);
+    for (const tag of (data.tags as string[] | undefined) ?? []) tags.add(tag);
+    const headers = data.headers as Record<string, unknown> | undefined;
+    const header = headers?.["x-next-cache-tags"];
+    if (typeof header === "string") for (const tag of header.split(",")) if (tag) tags.add(tag);
+    return [...tags];
+  }
+
+  return class PgciIncrementalCacheHandler implements NextIncrementalHandler {
+    constructor(_ctx?: unknown) {}
+
+    async get(cacheKey: string, ctx?: { tags?: string[]; softTags?: string[] }) {
+      try {
+        const now = await redisNow();
+        // The earliest lookup still pending (a set clears it); one older
+        // than a minute belonged to a lookup that stored nothing.
+        const pending = starts.get(cacheKey);
+        if (pending === undefined || now - pending > 60_000) {
+          if (starts.size >= MAX_STARTS) starts.delete(starts.keys().next().value as string);
+          starts.delete(cacheKey);
+          starts.set(cacheKey, now);
+        }
+        const text = await redis.get(prefix + cacheKey);
+        if (text === null) return null;
+        const stored = JSON.parse(text, revive) as { value: NextIncrementalValue; lastModified: number; renderedAt: number; tags: string[] };
+        const own = await marksOf([...new Set([...stored.tags, ...(ctx?.tags ?? [])])], false);
+        const soft = await marksOf(ctx?.softTags ?? [], false);
+        if (own.some((mark) => mark === null || mark >= stored.renderedAt)) return null;
+        if (soft.some((mark) => mark !== null && mark >= stored.renderedAt)) return null;
+        return { lastModified: stored.lastModified, value: stored.value };
+      } catch (error) {
+        onError(error);
+        return null;
+      }
+    }
+
+    async set(cacheKey: string, data: NextIncrementalValue | null, ctx?: { tags?: string[] }) {
+      const renderedAt = starts.get(cacheKey);
+      starts.delete(cacheKey);
+      try {
+        if (data === null) {
+          await redis.del(prefix + cacheKey);
+          return;
+        }
+        if (renderedAt === undefined) return;
+        const tags = tagsOf(data, ctx);
+        const marks = await marksOf(tags, true);
+        if (marks.some((mark) => mark !== null && mark >= renderedAt)) return;
+        const text = JSON.stringify({ value: data, lastModified: Date.now(), renderedAt, tags }, replace);
+        if (Buffer.byteLength(text) > maxBytes) return;
+        await redis.set(prefix + cacheKey, text, "EX", maxTtl);
+      } catch (error) {
+        onError(error);
+      }
+    }
+
+    async revalidateTag(tags: string | string[]) {
+      const list = typeof tags === "string" ? [tags] : tags;
+      if (list.length === 0) return;
+      try {
+        if (cluster) {
+          await Promise.all(list.map((tag) => redis.eval(MARK_NOW, 1, markKey(tag))));
+        } else {
+          await redis.eval(MARK_NOW, list.length, ...list.map(markKey));
+        }
+      } catch (error) {
+        onError(error);
+      }
+    }
+
+    resetRequestCache() {}
+  };
+}
+
+/** JSON for Buffers (after their toJSON) and Maps, which page entries hold. */
+function replace(_key: string, value: unknown): unknown {
+  if (value instanceof Map) return { __pgciMap: [...value.entries()] };
+  const buffer = value as { type?: unknown; data?: unknown };
+  if (buffer !== null && typeof buffer === "object" && buffer.type === "Buffer" && Array.isArray(buffer.data)) {
+    return { __pgciBase64: Buffer.from(buffer.data as number[]).toString("base64") };
+  }
+  return value;
+}
+
+function revive(_key: string, value: unknown): unknown {
+  if (value !== null && typeof value === "object") {
+    const tagged = value as { __pgciMap?: Array<[unknown, unknown]>; __pgciBase64?: string };
+    if (tagged.__pgciMap !== undefined) return new Map(tagged.__pgciMap);
+    if (tagged.__pgciBase64 !== undefined) return Buffer.from(tagged.__pgciBase64, "base64");
+  }
+  return value;
+}

@@ -15,6 +15,7 @@ const { createHash } = require("node:crypto");
 const {
   createCache,
   createNextCacheHandler,
+  createNextIncrementalCacheHandler,
   writeToken,
   library,
   isMarker,
@@ -339,4 +340,49 @@ test("the Next.js cache handler serves a tagged page until the daemon revalidate
   assert.equal(await read("page-other", ["_N_T_/elsewhere"]), "other v1");
   await handler.updateTags([tagOf(other)]);
   assert.equal(await read("page-other"), undefined, "a revalidated tag");
+});
+
+test("the Next.js incremental cache handler (unstable_cache, fetch) honours the daemon's tag marks", async () => {
+  const Handler = createNextIncrementalCacheHandler({ redis, onError: (e) => assert.fail(String(e)) });
+  const handler = new Handler({});
+  const [mine, other] = [ids[6], ids[5]];
+  const tagOf = (id) => `profile:${id}`;
+  const fetchValue = (text) => ({
+    kind: "FETCH",
+    data: { headers: {}, body: Buffer.from(text).toString("base64"), status: 200, url: "" },
+    revalidate: 3600,
+    tags: [],
+  });
+  // As Next.js does: a lookup, then the computed value.
+  const compute = async (key, id, text) => {
+    const got = await handler.get(key, { kind: "FETCH", tags: [tagOf(id)], softTags: [] });
+    if (got !== null) return got.value;
+    await handler.set(key, fetchValue(text), { tags: [tagOf(id)] });
+    return null;
+  };
+  const body = (value) => Buffer.from(value.data.body, "base64").toString();
+  await redis.del(TAG_KEY_PREFIX + tagOf(mine), TAG_KEY_PREFIX + tagOf(other));
+  for (const [key, id, text] of [["fetch-mine", mine, "mine v1"], ["fetch-other", other, "other v1"]]) {
+    assert.equal(await compute(key, id, text), null, "a miss");
+    assert.equal(await compute(key, id, text), null, "the first value after a revalidation is not kept");
+    await sleep(5);
+    await compute(key, id, text);
+    assert.equal(body(await compute(key, id, "not computed")), text, "then it is served");
+  }
+  // A page entry's Buffers and Maps come back as they went.
+  const page = { kind: "APP_PAGE", html: "<p>x</p>", rscData: Buffer.from([1, 2, 3]), segmentData: new Map([["/a", Buffer.from("seg")]]), headers: { "x-next-cache-tags": tagOf(other) } };
+  await handler.get("page-other", {});
+  await handler.set("page-other", page, {});
+  const got = (await handler.get("page-other", {})).value;
+  assert.deepEqual([got.rscData, got.segmentData.get("/a").toString()], [Buffer.from([1, 2, 3]), "seg"]);
+  // A write by plain SQL: the daemon deletes the tag's mark.
+  await pg.query("update public.profiles set bio = 'tagged again' where id = $1::uuid", [mine]);
+  await waitFor("the daemon to revalidate the tag", 10000, async () => (await redis.exists(TAG_KEY_PREFIX + tagOf(mine))) === 0);
+  assert.equal(await compute("fetch-mine", mine, "mine v2"), null, "a value computed before the change is not served");
+  assert.equal(body(await compute("fetch-other", other, "x")), "other v1", "another user's value stays");
+  // revalidateTag from the app.
+  await sleep(2);
+  await handler.revalidateTag(tagOf(other));
+  assert.equal(await handler.get("fetch-other", { kind: "FETCH", tags: [tagOf(other)] }), null);
+  assert.equal(await handler.get("page-other", {}), null, "a page carrying the tag in x-next-cache-tags");
 });
