@@ -201,7 +201,7 @@ impl Postgres {
             settings,
         };
         pg.spawn();
-        pg.wait_ready().await;
+        pg.wait_ready_or_move(true).await;
         pg
     }
 
@@ -244,13 +244,34 @@ impl Postgres {
         self.child = Some(child);
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until the server accepts a connection, on its port.
+    async fn wait_ready(&mut self) {
+        self.wait_ready_or_move(false).await;
+    }
+
+    /// Waits until the server accepts a connection. A first start whose
+    /// server exited (`may_move`: its port was taken between `free_port`
+    /// and its bind, by another server of this or another test) starts
+    /// again on another port. Each attempt is bounded: the taker of the
+    /// port (a Redis) never answers a PostgreSQL startup packet, and this
+    /// waited for ever.
+    async fn wait_ready_or_move(&mut self, may_move: bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
-                .await
-                .is_ok()
-            {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited && may_move {
+                self.port = free_port();
+                self.spawn();
+            }
+            let conninfo = self.conninfo();
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
+            );
+            if matches!(attempt.await, Ok(Ok(_))) {
                 return;
             }
             assert!(

@@ -43,7 +43,7 @@ impl Redis {
             tls: certs.map(|c| (c.path("server.pem"), c.path("server.key"), c.path("ca.pem"))),
             aclfile: None,
         };
-        redis.spawn().await;
+        redis.spawn(3).await;
         redis
     }
 
@@ -67,11 +67,15 @@ impl Redis {
             tls: None,
             aclfile: Some(aclfile),
         };
-        redis.spawn().await;
+        redis.spawn(3).await;
         redis
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server and waits until it answers PING. On a first start
+    /// (`moves` left) a server that exited, its port taken between
+    /// `free_port` and its bind by another test's server, starts again on
+    /// another port.
+    async fn spawn(&mut self, moves: u32) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,12 +116,24 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut conn) = self.try_conn().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-                {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited && moves > 0 {
+                self.port = free_port();
+                return Box::pin(self.spawn(moves - 1)).await;
+            }
+            // Bounded: whatever took the port may never answer.
+            let conn = tokio::time::timeout(Duration::from_secs(2), self.try_conn()).await;
+            if let Ok(Ok(mut conn)) = conn {
+                let ping = redis::cmd("PING");
+                let pong = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    ping.query_async::<String>(&mut conn),
+                )
+                .await;
+                if matches!(pong, Ok(Ok(_))) {
                     return;
                 }
             }
@@ -162,7 +178,7 @@ impl Redis {
     /// Starts it again on the same port; it loads `dump.rdb` if a SAVE made one.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        self.spawn(0).await;
     }
 }
 
