@@ -36,11 +36,15 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live, groups, large-rows, failover.
+    /// cluster-live, groups, large-rows, failover, catchup.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
     large_mb: u32,
+    /// catchup: seconds the daemon is down, and rows/s committed meanwhile
+    /// (and on, during the catch-up).
+    catchup_seconds: u64,
+    catchup_rate: u64,
 }
 
 impl Args {
@@ -60,6 +64,8 @@ fn args() -> Args {
         only: Vec::new(),
         large_rows: 10,
         large_mb: 50,
+        catchup_seconds: 60,
+        catchup_rate: 2_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -79,6 +85,8 @@ fn args() -> Args {
             "--only" => args.only = value.split(',').map(str::to_string).collect(),
             "--large-rows" => args.large_rows = number() as u32,
             "--large-mb" => args.large_mb = number() as u32,
+            "--catchup-seconds" => args.catchup_seconds = number(),
+            "--catchup-rate" => args.catchup_rate = number(),
             "--rates" => {
                 args.rates = value.split(',').map(|r| r.parse().expect("rate")).collect();
             }
@@ -337,6 +345,114 @@ async fn naive_drain(env: &TestEnv, slot: &str, changes: u64, limit: Duration) -
     let elapsed = started.elapsed();
     source.shutdown().await;
     (rows, elapsed)
+}
+
+/// One catch-up after an outage.
+struct Catchup {
+    /// Rows committed while the daemon was down.
+    rows: u64,
+    /// pg_recvlogical reading the outage's WAL from its own slot.
+    recv: Duration,
+    /// The daemon, started then, until its slot confirmed the same end.
+    daemon: Duration,
+}
+
+/// Catch-up after an outage (issue #29): writers commit
+/// `args.catchup_rate` one-row transactions a second for
+/// `args.catchup_seconds` while the daemon is down, and go on writing;
+/// pg_recvlogical then reads the outage's WAL (to the WAL position when
+/// the outage ended) from a slot made with the daemon's, and the daemon,
+/// started next, runs until its slot has confirmed the same position.
+async fn catchup(args: &Args) -> Vec<Catchup> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut env = TestEnv::start(50_000).await;
+    env.setup();
+    let client = env.pg.client().await;
+    let rows = number_rows(&client).await;
+    let mut results = Vec::new();
+    for r in 0..args.runs {
+        let (recv_slot, daemon_slot) = (format!("catchup_recv_{r}"), format!("catchup_daemon_{r}"));
+        create_slot(&env, &client, &recv_slot).await;
+        create_slot(&env, &client, &daemon_slot).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        const WRITERS: u64 = 4;
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let writer = env.pg.client().await;
+            let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
+            let per_tick = (args.catchup_rate / WRITERS / 100).max(1);
+            writers.push(tokio::spawn(async move {
+                let update = writer
+                    .prepare("update public.user_tokens set balance = balance + 1 where id = (select id from bench_ids where rn = $1)")
+                    .await
+                    .expect("prepare");
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut n = w as i64;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    for _ in 0..per_tick {
+                        n = (n + WRITERS as i64) % rows + 1;
+                        writer.execute(&update, &[&n]).await.expect("update");
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(args.catchup_seconds)).await;
+        let outage_rows = written.load(Ordering::Relaxed);
+        let end: String = client
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+        let recv = recvlogical(&env, &recv_slot, &end);
+        env.write_config(&format!(
+            "[replication]\nslot = \"{daemon_slot}\"\nheartbeat_interval = \"0s\"\n"
+        ));
+        let started = Instant::now();
+        let daemon = env.spawn_daemon();
+        loop {
+            let done: bool = client
+                .query_one(
+                    "select coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) from pg_replication_slots where slot_name = $1",
+                    &[&daemon_slot, &end],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(false);
+            if done {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1200),
+                "the daemon did not catch up: {}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        drop(daemon);
+        for slot in [&recv_slot, &daemon_slot] {
+            let _ = client
+                .execute("select pg_drop_replication_slot($1)", &[slot])
+                .await;
+        }
+        eprintln!(
+            "  run {r}: {outage_rows} rows in {} s down; pg_recvlogical {recv:?}, daemon {took:?}",
+            args.catchup_seconds
+        );
+        results.push(Catchup {
+            rows: outage_rows,
+            recv,
+            daemon: took,
+        });
+    }
+    results
 }
 
 struct DrainResult {
@@ -1128,6 +1244,15 @@ async fn main() {
             promotions.push(("synchronized failover slot (no flush)", synced));
         }
     }
+    let catchups = if args.wants("catchup") {
+        eprintln!(
+            "catch-up after {} s down at {} rows/s",
+            args.catchup_seconds, args.catchup_rate
+        );
+        catchup(&args).await
+    } else {
+        Vec::new()
+    };
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
         memory(&args).await
@@ -1236,6 +1361,23 @@ async fn main() {
                 "| {name}, {} runs | {:.0} | {min:.0} | {max:.0} |",
                 ms.len(),
                 median(ms)
+            ));
+        }
+        lines.push(String::new());
+    }
+    if !catchups.is_empty() {
+        lines.push(format!(
+            "| catch-up after {} s down at {} rows/s (writers go on) | rows in the outage | pg_recvlogical s | daemon s (slot confirmed) | daemon / pg_recvlogical (time) |",
+            args.catchup_seconds, args.catchup_rate
+        ));
+        lines.push("|---|---|---|---|---|".into());
+        for (i, c) in catchups.iter().enumerate() {
+            lines.push(format!(
+                "| run {i} | {} | {:.2} | {:.2} | {:.2} |",
+                c.rows,
+                c.recv.as_secs_f64(),
+                c.daemon.as_secs_f64(),
+                c.daemon.as_secs_f64() / c.recv.as_secs_f64()
             ));
         }
         lines.push(String::new());
