@@ -306,7 +306,8 @@ async fn open_target(
         health,
     )
     .await?
-    .with_sharded_events(target.sharded_events)?;
+    .with_sharded_events(target.sharded_events)?
+    .with_stream(&target.stream, target.stream_max_len);
     start::prepare(&mut sink, &recorded, &flush_all).await?;
     Ok(sink)
 }

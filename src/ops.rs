@@ -181,6 +181,8 @@ pub enum FlushReason {
     /// A synchronous commit held more keys to delete again than the
     /// daemon keeps: its tables' keys are flushed once it shows.
     HeldTooLarge,
+    /// The operator ran `flush`.
+    Operator,
 }
 
 impl FlushReason {
@@ -188,7 +190,10 @@ impl FlushReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FlushReason::Truncate => "truncate",
-            FlushReason::SlotReset | FlushReason::Drift | FlushReason::HeldTooLarge => "flush",
+            FlushReason::SlotReset
+            | FlushReason::Drift
+            | FlushReason::HeldTooLarge
+            | FlushReason::Operator => "flush",
         }
     }
 }

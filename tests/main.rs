@@ -8,6 +8,7 @@ mod clients;
 mod cluster;
 mod consistency;
 mod deploy;
+mod events;
 mod failover;
 mod faults;
 mod groups;

@@ -1,8 +1,13 @@
-//! `events [--json] [--table T] [--key GLOB] [--count N]`: tails the
-//! invalidation events the daemon publishes, as a readable table or JSON
-//! lines, until Ctrl-C (or N events).
+//! `events [--json] [--table T] [--key GLOB] [--count N] [--since ID]`:
+//! tails the invalidation events the daemon publishes, as a readable
+//! table or JSON lines, until Ctrl-C (or N events). Each event's `seq` and
+//! `epoch` are checked as a subscriber must check them (see
+//! [`pgci_protocol::events`]): a gap or a new epoch is reported on
+//! stderr. With `--since` the events come from `redis.stream`, from the
+//! entry after ID (`0`: the oldest kept), then live.
 
 use futures_util::StreamExt;
+use pgci_protocol::events::{Observed, Sequence};
 use wildmatch::WildMatch;
 
 use crate::cli::{Failure, Loaded};
@@ -19,9 +24,12 @@ pub struct Args {
     pub key: Option<String>,
     /// Stop after this many events.
     pub count: Option<u64>,
+    /// Read `redis.stream` from the entry after this id.
+    pub since: Option<String>,
 }
 
-/// Subscribes to the channel and prints matching events.
+/// Subscribes to the channel (or reads the stream) and prints matching
+/// events.
 pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
     let redis = &loaded.config.redis;
     if redis.channel.is_empty() {
@@ -29,23 +37,69 @@ pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
             "redis.channel is empty: events are off; set a channel (default \"cache-invalidation\") and restart the daemon".to_string(),
         ]));
     }
-    let stream = events::subscribe(redis).await.map_err(|e| {
-        Failure::runtime(format!("cannot subscribe at {}: {e}", redis.url.redacted()))
-    })?;
+    let source = match &args.since {
+        None => {
+            let stream = events::subscribe(redis).await.map_err(|e| {
+                Failure::runtime(format!("cannot subscribe at {}: {e}", redis.url.redacted()))
+            })?;
+            eprintln!(
+                "listening on {} channel {:?} (Ctrl-C to stop)",
+                redis.url.redacted(),
+                redis.channel
+            );
+            stream
+        }
+        Some(since) => {
+            if redis.stream.is_empty() {
+                return Err(Failure::usage(vec![
+                    "--since reads redis.stream, which is not set: set stream = \"…\" under [redis] (the daemon then keeps its events there), or drop --since".to_string(),
+                ]));
+            }
+            let stream = events::read_stream(redis, since).await.map_err(|e| {
+                Failure::runtime(format!(
+                    "cannot read the stream {:?} at {}: {e}",
+                    redis.stream,
+                    redis.url.redacted()
+                ))
+            })?;
+            eprintln!(
+                "reading {} stream {:?} after {since} (Ctrl-C to stop)",
+                redis.url.redacted(),
+                redis.stream
+            );
+            stream
+        }
+    };
     let glob = args.key.as_deref().map(WildMatch::new);
-    eprintln!(
-        "listening on {} channel {:?} (Ctrl-C to stop)",
-        redis.url.redacted(),
-        redis.channel
-    );
     if !args.json {
         println!(
-            "{:<27} {:<28} {:<9} {:<8} keys",
-            "commit_time", "table", "op", "action"
+            "{:>8} {:<27} {:<28} {:<9} {:<8} keys",
+            "seq", "commit_time", "table", "op", "action"
         );
     }
     let mut printed = 0u64;
-    let mut stream = std::pin::pin!(stream);
+    let mut order = Sequence::default();
+    if let Some(since) = args.since.as_deref().filter(|s| !matches!(*s, "0" | "0-0")) {
+        // Resuming after an entry: it must still be there, or what came
+        // after it may be trimmed already.
+        match events::stream_entry(redis, since).await {
+            Ok(Some(event)) => {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&event) {
+                    check_order(&mut order, &event);
+                }
+            }
+            Ok(None) => eprintln!(
+                "the stream no longer holds entry {since} (trimmed past it, or emptied): events after it may be missing; a subscriber drops everything it holds"
+            ),
+            Err(e) => {
+                return Err(Failure::runtime(format!(
+                    "cannot read the stream {:?}: {e}",
+                    redis.stream
+                )))
+            }
+        }
+    }
+    let mut stream = std::pin::pin!(source);
     loop {
         let payload = tokio::select! {
             payload = stream.next() => match payload {
@@ -57,6 +111,9 @@ pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) else {
             continue;
         };
+        if let Some(note) = check_order(&mut order, &event) {
+            eprintln!("{note}");
+        }
         if !wanted(&event, args.table.as_deref(), glob.as_ref()) {
             continue;
         }
@@ -69,6 +126,31 @@ pub async fn events(loaded: Loaded, args: Args) -> Result<(), Failure> {
         if args.count.is_some_and(|n| printed >= n) {
             return Ok(());
         }
+    }
+}
+
+/// What `event`'s `seq` and `epoch` say about the events before it, as a
+/// line for stderr when a subscriber would have to drop what it holds.
+fn check_order(order: &mut Sequence, event: &serde_json::Value) -> Option<String> {
+    let (Some(epoch), Some(seq)) = (event["epoch"].as_str(), event["seq"].as_u64()) else {
+        return Some(
+            "an event without seq and epoch (a daemon older than this one): its order cannot be checked".to_string(),
+        );
+    };
+    let before = order.last().map(|(e, s)| (e.to_string(), s));
+    let observed = order.observe(epoch, seq);
+    let (last_epoch, last) = before.unwrap_or_default();
+    match observed {
+        Observed::First | Observed::Next => None,
+        Observed::Gap { missed } => Some(format!(
+            "gap: {missed} event(s) missed between seq {last} and {seq}: a subscriber drops everything it holds"
+        )),
+        Observed::Rewound => Some(format!(
+            "seq went back from {last} to {seq} in epoch {epoch}: redis lost writes (restored or failed over); a subscriber drops everything it holds"
+        )),
+        Observed::NewEpoch => Some(format!(
+            "new epoch {epoch} (was {last_epoch}): keys were flushed by pattern; a subscriber drops everything it holds"
+        )),
     }
 }
 
@@ -108,8 +190,11 @@ fn row(event: &serde_json::Value) -> String {
         patterns if !patterns.is_empty() => format!("flush {patterns}"),
         _ => list("keys"),
     };
+    let seq = event["seq"]
+        .as_u64()
+        .map_or_else(|| "-".to_string(), |n| n.to_string());
     format!(
-        "{:<27} {:<28} {:<9} {:<8} {keys}",
+        "{seq:>8} {:<27} {:<28} {:<9} {:<8} {keys}",
         text("commit_time"),
         text("table"),
         text("op"),
@@ -171,5 +256,22 @@ mod tests {
             Some(&WildMatch::new("profile:user:*"))
         ));
         assert!(row(&flush).ends_with("flush profile:user:*"));
+    }
+
+    #[test]
+    fn gaps_and_new_epochs_are_reported() {
+        let event = |epoch: &str, seq: u64| serde_json::json!({"seq": seq, "epoch": epoch});
+        let mut order = Sequence::default();
+        assert_eq!(check_order(&mut order, &event("a", 1)), None);
+        assert_eq!(check_order(&mut order, &event("a", 2)), None);
+        let gap = check_order(&mut order, &event("a", 5)).expect("gap");
+        assert!(
+            gap.starts_with("gap: 2 event(s) missed between seq 2 and 5"),
+            "{gap}"
+        );
+        let epoch = check_order(&mut order, &event("b", 6)).expect("epoch");
+        assert!(epoch.starts_with("new epoch b (was a)"), "{epoch}");
+        let back = check_order(&mut order, &event("b", 3)).expect("rewound");
+        assert!(back.starts_with("seq went back from 6 to 3"), "{back}");
     }
 }

@@ -1,11 +1,17 @@
 //! `flush (--rule N | --table T | --all) [--dry-run]`: deletes (or counts)
 //! every key a rule can produce, by SCAN pattern in batches of 1,000, for
-//! use after an incident (a cache written by a bug, a restore from backup).
+//! use after an incident (a cache written by a bug, a restore from backup),
+//! then announces the flush on the events channel with a new epoch.
 
 use crate::change::TableName;
 use crate::cli::{Failure, Loaded};
 use crate::plan::rules::{self, Rule};
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+use crate::ops::{CacheOp, FlushReason, Item};
 use crate::redis::flush;
+use crate::sink::redis::events::Announcer;
 
 /// Which rules.
 pub enum Which {
@@ -54,8 +60,9 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
         .await
         .map_err(|e| Failure::runtime(redis.url.scrub(&e.to_string())))?;
     let mut total = 0;
-    for pattern in rules::scan_patterns(chosen) {
-        let n = flush::flush_pattern_everywhere(&mut conn, &masters, &pattern, dry_run)
+    let patterns = rules::scan_patterns(chosen);
+    for pattern in &patterns {
+        let n = flush::flush_pattern_everywhere(&mut conn, &masters, pattern, dry_run)
             .await
             .map_err(|e| Failure::runtime(redis.url.scrub(&e.to_string())))?;
         println!("{pattern:<40} {n} key(s)");
@@ -63,8 +70,39 @@ pub async fn flush(loaded: Loaded, which: Which, dry_run: bool) -> Result<(), Fa
     }
     if dry_run {
         println!("dry run: {total} key(s) would be deleted");
-    } else {
-        println!("deleted {total} key(s)");
+        return Ok(());
+    }
+    println!("deleted {total} key(s)");
+    if !redis.channel.is_empty() {
+        // Subscribers holding copies learn of it as of any flush: an
+        // event with a new epoch (see `pgci_protocol::events`).
+        let item = Item {
+            op: CacheOp::Flush {
+                table: Arc::from("*"),
+                patterns,
+                reason: FlushReason::Operator,
+            },
+            lsn: Lsn::default(),
+            commit_time: Arc::from(""),
+            commit_micros: 0,
+            seq: 0,
+            xid: 0,
+        };
+        let announcer = Announcer::new(&redis.channel)
+            .sharded(redis.sharded_events)
+            .streamed_if(&redis.stream, redis.stream_max_len);
+        announcer
+            .announce(std::slice::from_ref(&item), true)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| {
+                Failure::runtime(format!(
+                    "the keys are deleted, but the flush event could not be published on {:?} ({}): subscribers holding copies must drop them (restart them)",
+                    redis.channel,
+                    redis.url.scrub(&e.to_string())
+                ))
+            })?;
+        println!("announced the flush on {:?} (a new epoch)", redis.channel);
     }
     Ok(())
 }

@@ -104,6 +104,10 @@ enum Command {
         /// Stop after this many events.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        /// Read the events kept in redis.stream from the entry after this
+        /// id (0: the oldest kept), then live.
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
     },
     /// Delete (or count) every key of a rule, a table's rules, or all rules.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["rule", "table", "all"])))]
@@ -346,12 +350,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             table,
             key,
             count,
+            since,
         } => {
             let args = events::Args {
                 json,
                 table,
                 key,
                 count,
+                since,
             };
             events::events(load(&config)?, args).await
         }
@@ -389,6 +395,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 &loaded.config.redis.url,
                 &rules::scan_patterns(all),
                 &loaded.config.redis.channel,
+                &loaded.config.redis.stream,
                 &slots,
                 crate::redis::acl::Server {
                     version: redis_version,

@@ -42,6 +42,19 @@ pub struct RedisConfig {
     /// Subscribers then use `SSUBSCRIBE`.
     #[serde(default)]
     pub sharded_events: bool,
+    /// A Redis Stream every event is appended to as well (`XADD`, in the
+    /// script that publishes it), so a subscriber back from a disconnect
+    /// reads what it missed from the last id it saw; empty (the default)
+    /// keeps events on pub/sub only. On a cluster it must share the
+    /// channel's hash slot (`{cache-invalidation}:events`).
+    #[serde(default)]
+    pub stream: String,
+    /// About how many events the stream keeps (`MAXLEN ~`; Redis trims
+    /// whole nodes of about 100 entries, so a few more may stay). An
+    /// event is at most 64 KiB of keys plus about 300 bytes, usually a
+    /// few hundred bytes: the default 10,000 keeps a few MB.
+    #[serde(default = "default_stream_max_len")]
+    pub stream_max_len: u64,
     /// With several targets: most bytes of changes queued for this one
     /// while it does not answer (default 64 MiB, see `sink::fanout`); past
     /// it the queue is dropped and the target flushes every rule key when
@@ -61,6 +74,8 @@ impl Default for RedisConfig {
             cluster: false,
             nodes: Vec::new(),
             sharded_events: false,
+            stream: String::new(),
+            stream_max_len: default_stream_max_len(),
             max_backlog_bytes: None,
         }
     }
@@ -87,6 +102,13 @@ pub const DEFAULT_REDIS_INFO_INTERVAL: std::time::Duration = std::time::Duration
 
 fn default_info_interval() -> HumanDuration {
     HumanDuration(DEFAULT_REDIS_INFO_INTERVAL)
+}
+
+/// Default `stream_max_len`.
+pub const DEFAULT_STREAM_MAX_LEN: u64 = 10_000;
+
+fn default_stream_max_len() -> u64 {
+    DEFAULT_STREAM_MAX_LEN
 }
 
 fn default_channel() -> String {
@@ -185,6 +207,46 @@ fn validate_target(at: &str, redis: &RedisConfig, problems: &mut Vec<String>) {
     if !redis.cluster && !redis.nodes.is_empty() {
         problems.push(format!(
             "{at}.nodes: only used with {at}.cluster = true: set it, or remove the list"
+        ));
+    }
+    if !redis.stream.is_empty() {
+        let same_slot = |a: &str, b: &str| {
+            crate::redis::cluster::slot_of(a.as_bytes())
+                == crate::redis::cluster::slot_of(b.as_bytes())
+        };
+        if redis.channel.is_empty() {
+            problems.push(format!(
+                "{at}.stream: events are off ({at}.channel is empty): set a channel, or remove the stream"
+            ));
+        } else if redis.cluster
+            && !same_slot(
+                &redis.stream,
+                &pgci_protocol::events::sequence_key(&redis.channel),
+            )
+        {
+            problems.push(format!(
+                "{at}.stream: {:?} is in another hash slot than the channel {:?}: on a cluster name it like {:?}",
+                redis.stream,
+                redis.channel,
+                pgci_protocol::events::stream_name_like(&redis.channel)
+            ));
+        }
+        if !(1..=10_000_000).contains(&redis.stream_max_len) {
+            problems.push(format!(
+                "{at}.stream_max_len: must be between 1 and 10000000 (the default is {DEFAULT_STREAM_MAX_LEN})"
+            ));
+        }
+    }
+    if redis.cluster
+        && !redis.channel.is_empty()
+        && crate::redis::cluster::slot_of(redis.channel.as_bytes())
+            != crate::redis::cluster::slot_of(
+                pgci_protocol::events::sequence_key(&redis.channel).as_bytes(),
+            )
+    {
+        problems.push(format!(
+            "{at}.channel: {:?} has a '}}' before any hash tag, so no record of its events' numbers can share its hash slot: choose a channel without braces",
+            redis.channel
         ));
     }
     if redis.cluster && (redis.ca_cert.is_some() || redis.url.expose().starts_with("rediss://")) {

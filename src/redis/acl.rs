@@ -1,7 +1,8 @@
 //! The least-privilege Redis user for the daemon, as an ACL file line
 //! (`redis-acl`): only the commands the daemon sends, only the keys its
-//! rules render (with the version keys of refreshed ones and its own
-//! position record), and only its events channel.
+//! rules render (with the version keys of refreshed ones, its own
+//! position record and its events' sequence record and stream), and only
+//! its events channel.
 //!
 //! The password is the one in `redis.url`, written as its SHA-256 (`#…`),
 //! so the line can be kept in version control and never shows the secret.
@@ -15,7 +16,8 @@ use crate::redis::position;
 use crate::secret::SecretUrl;
 
 /// What the daemon sends: the apply path (GET/SET/UNLINK/DEL inside the
-/// version-guarded script, PUBLISH, MULTI/EXEC), SUBSCRIBE to its own
+/// version-guarded script, PUBLISH and HGET/HSET/HINCRBY on the sequence
+/// record inside the events script, MULTI/EXEC), SUBSCRIBE to its own
 /// channel (the status page's recent events), flushes (SCAN), the
 /// lease functions it loads for readers (FUNCTION LOAD and LIST, SCRIPT
 /// LOAD and EVALSHA where functions are missing), health (PING, INFO), and
@@ -35,6 +37,9 @@ pub const DAEMON_COMMANDS: &[&str] = &[
     "unlink",
     "del",
     "publish",
+    "hget",
+    "hset",
+    "hincrby",
     "subscribe",
     "multi",
     "exec",
@@ -55,6 +60,9 @@ pub const DAEMON_COMMANDS: &[&str] = &[
 /// Loading the lease library where Redis has Functions (7.0+).
 pub const FUNCTION_COMMANDS: &[&str] = &["function|load", "function|list"];
 
+/// The event stream (`redis.stream`).
+pub const STREAM_COMMANDS: &[&str] = &["xadd"];
+
 /// Sharded events (`redis.sharded_events`, Redis 7.0+).
 pub const SHARDED_COMMANDS: &[&str] = &["spublish", "ssubscribe"];
 
@@ -68,12 +76,14 @@ pub struct Server {
 }
 
 /// The ACL line of the daemon's user for `url`'s user and password, the
-/// rules' key patterns and `channel` (empty: events off), with only the
-/// commands `server` knows and the daemon sends there.
+/// rules' key patterns, `channel` (empty: events off) and `stream` (empty:
+/// none), with only the commands `server` knows and the daemon sends
+/// there.
 pub fn daemon_user(
     url: &SecretUrl,
     key_patterns: &[String],
     channel: &str,
+    stream: &str,
     slots: &[String],
     server: Server,
 ) -> Result<String, String> {
@@ -112,6 +122,13 @@ pub fn daemon_user(
             parts.push(format!("~{}", super::origin::key(slot)));
         }
     }
+    if !channel.is_empty() {
+        let sequence = pgci_protocol::events::sequence_key(channel);
+        parts.push(format!("~{}", file_safe(&literal_pattern(&sequence))));
+        if !stream.is_empty() {
+            parts.push(format!("~{}", file_safe(&literal_pattern(stream))));
+        }
+    }
     parts.push("resetchannels".to_string());
     if !channel.is_empty() {
         parts.push(format!("&{}", file_safe(&literal_pattern(channel))));
@@ -127,7 +144,16 @@ pub fn daemon_user(
     } else {
         &[]
     };
-    let commands = DAEMON_COMMANDS.iter().chain(functions).chain(sharded);
+    let streamed: &[&str] = if !channel.is_empty() && !stream.is_empty() {
+        STREAM_COMMANDS
+    } else {
+        &[]
+    };
+    let commands = DAEMON_COMMANDS
+        .iter()
+        .chain(streamed)
+        .chain(functions)
+        .chain(sharded);
     parts.extend(commands.map(|c| format!("+{c}")));
     Ok(parts.join(" "))
 }
@@ -180,6 +206,7 @@ mod tests {
             &url,
             &["profile:user:*".into()],
             "cache-invalidation",
+            "",
             &["pg_cache_invalidator".to_string()],
             REDIS_7,
         )
@@ -187,7 +214,7 @@ mod tests {
         assert!(line.starts_with("user pgci on #"), "{line}");
         assert!(!line.contains("s3cret"));
         assert!(line.contains(&sha256_hex("s3cret")));
-        assert!(line.contains(" ~profile:user:* ~{profile:user:*}:pgci-version ~pgci:position:pg_cache_invalidator ~pgci:origin:pg_cache_invalidator "), "{line}");
+        assert!(line.contains(" ~profile:user:* ~{profile:user:*}:pgci-version ~pgci:position:pg_cache_invalidator ~pgci:origin:pg_cache_invalidator ~pgci:events:{cache-invalidation} "), "{line}");
         assert!(
             line.contains(" resetchannels &cache-invalidation -@all +get "),
             "{line}"
@@ -196,6 +223,7 @@ mod tests {
         let err = daemon_user(
             &SecretUrl::new("redis://127.0.0.1:6379"),
             &[],
+            "",
             "",
             &[],
             REDIS_7,
@@ -214,7 +242,7 @@ mod tests {
     #[test]
     fn commands_a_server_does_not_know_are_left_out() {
         let url = SecretUrl::new("redis://pgci:s3cret@127.0.0.1:6379/0");
-        let line = |server| daemon_user(&url, &[], "c", &["s".to_string()], server);
+        let line = |server| daemon_user(&url, &[], "c", "", &["s".to_string()], server);
         let on_7 = line(REDIS_7).expect("line");
         assert!(on_7.ends_with(" +function|load +function|list"), "{on_7}");
         assert!(!on_7.contains("spublish"), "{on_7}");
@@ -251,6 +279,7 @@ mod tests {
             &url,
             &["my key:*".into()],
             "cache events*",
+            "ev stream*",
             &["s".to_string()],
             REDIS_7,
         )
@@ -260,5 +289,10 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(" &cache?events\\* "), "{line}");
+        assert!(
+            line.contains(" ~pgci:events:{cache?events\\*} ~ev?stream\\* "),
+            "{line}"
+        );
+        assert!(line.contains(" +xadd "), "{line}");
     }
 }

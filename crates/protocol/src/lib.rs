@@ -2,7 +2,8 @@
 //! Redis, and nothing else: the lease functions app readers call
 //! ([`lease`], loaded by [`functions`]), the daemon's applied-position
 //! record that read-your-writes tokens are compared with ([`position`]),
-//! the cache-tag marks a Next.js cache handler reads ([`tags`]), and
+//! the cache-tag marks a Next.js cache handler reads ([`tags`]), the
+//! order of the invalidation events a subscriber checks ([`events`]), and
 //! PostgreSQL's `pg_lsn` ([`lsn`]).
 //!
 //! The daemon and the Rust client (`pgci-client`) both depend on this
@@ -10,6 +11,7 @@
 //! check that its function library is byte for byte the one the daemon
 //! loads.
 
+pub mod events;
 pub mod functions;
 pub mod lease;
 pub mod lsn;

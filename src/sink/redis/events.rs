@@ -1,5 +1,16 @@
 //! The pub/sub event announcing each applied operation (the format is the
-//! contract in DESIGN.md: subscribers parse it).
+//! contract in DESIGN.md and the README: subscribers parse it), numbered
+//! for gap detection (see [`pgci_protocol::events`]) and optionally kept
+//! in a Redis Stream.
+//!
+//! One script per batch ([`ANNOUNCE`]) draws the events' `seq` numbers
+//! from the channel's sequence record, stamps the epoch, appends each
+//! event to the stream and publishes it: Redis runs it atomically, so
+//! the numbers are contiguous whatever else publishes on the channel (the
+//! daemons of other groups), and on a single server it runs inside the
+//! batch's transaction with the position record.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -12,7 +23,113 @@ use crate::ops::{CacheOp, Item};
 /// subscriber drops everything it holds of the table.
 pub const MAX_EVENT_KEY_BYTES: usize = 64 << 10;
 
-/// The pub/sub event for one applied operation.
+/// Numbers and publishes a batch's events. `KEYS[1]` the sequence record
+/// (hash: `seq`, `epoch`), `KEYS[2]` the stream when there is one; `ARGV`:
+/// the channel, `PUBLISH` or `SPUBLISH`, an epoch to start, `1` to start
+/// it now (the batch flushed), the stream's MAXLEN, then each event's JSON
+/// without its opening brace. A missing record (an emptied Redis) starts
+/// a new epoch too. With a stream, the published event also names the
+/// entry that holds it (`stream_id`), where a subscriber back from a
+/// disconnect resumes. Returns the last `seq`.
+const ANNOUNCE: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if ARGV[4] == '1' or not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local count = #ARGV - 5
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', count) - count
+for i = 6, #ARGV do
+  seq = seq + 1
+  local head = '{"seq":' .. string.format('%d', seq) .. ',"epoch":"' .. epoch .. '",'
+  if KEYS[2] then
+    local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', head .. ARGV[i])
+    head = head .. '"stream_id":"' .. id .. '",'
+  end
+  redis.call(ARGV[2], ARGV[1], head .. ARGV[i])
+end
+return seq
+"#;
+
+/// Where a target's events go.
+#[derive(Debug, Clone)]
+pub struct Announcer {
+    channel: String,
+    sharded: bool,
+    /// The channel's sequence record.
+    sequence: String,
+    /// `[redis] stream` and its `stream_max_len`.
+    stream: Option<(String, u64)>,
+}
+
+impl Announcer {
+    /// Events on `channel`, published with `PUBLISH`.
+    pub fn new(channel: &str) -> Announcer {
+        Announcer {
+            channel: channel.to_string(),
+            sharded: false,
+            sequence: pgci_protocol::events::sequence_key(channel),
+            stream: None,
+        }
+    }
+
+    /// Published with `SPUBLISH` instead.
+    pub fn sharded(mut self, sharded: bool) -> Announcer {
+        self.sharded = sharded;
+        self
+    }
+
+    /// Appended to the stream `name` too (none when empty), trimmed to
+    /// about `max_len` entries.
+    pub fn streamed_if(mut self, name: &str, max_len: u64) -> Announcer {
+        if !name.is_empty() {
+            self.stream = Some((name.to_string(), max_len));
+        }
+        self
+    }
+
+    /// The script call that numbers, stores and publishes the events of
+    /// `items`; `new_epoch` when they report a flush.
+    pub fn announce(&self, items: &[Item], new_epoch: bool) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(ANNOUNCE)
+            .arg(if self.stream.is_some() { 2 } else { 1 })
+            .arg(&self.sequence);
+        if let Some((stream, _)) = &self.stream {
+            cmd.arg(stream);
+        }
+        cmd.arg(&self.channel)
+            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(next_epoch())
+            .arg(if new_epoch { "1" } else { "0" })
+            .arg(self.stream.as_ref().map_or(0, |(_, n)| *n));
+        for item in items {
+            let json = event_json(item);
+            cmd.arg(json.strip_prefix('{').unwrap_or(&json));
+        }
+        cmd
+    }
+}
+
+/// A new epoch name: the time in microseconds (hex), never the same twice
+/// in one process.
+fn next_epoch() -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return format!("{next:x}"),
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+/// The pub/sub event for one applied operation (`seq` and `epoch` are
+/// put in front by [`ANNOUNCE`]).
 #[derive(Debug, Serialize)]
 struct Event<'a> {
     table: &'a str,
@@ -28,8 +145,8 @@ struct Event<'a> {
     commit_time: &'a str,
 }
 
-/// The event JSON for `item`.
-pub fn event_json(item: &Item) -> String {
+/// The event JSON for `item`, without `seq` and `epoch`.
+fn event_json(item: &Item) -> String {
     let (table, op) = item.op.names();
     let (action, patterns) = match &item.op {
         CacheOp::Refresh { .. } | CacheOp::Query { .. } => ("refresh", None),
@@ -63,14 +180,6 @@ pub fn event_json(item: &Item) -> String {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
-}
-
-/// The command that announces `payload` on `channel`: `SPUBLISH` when
-/// `sharded`, else `PUBLISH`.
-pub fn publish(channel: &str, sharded: bool, payload: String) -> redis::Cmd {
-    let mut cmd = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
-    cmd.arg(channel).arg(payload);
-    cmd
 }
 
 /// The events published on the configured channel, as they arrive (JSON
@@ -158,6 +267,94 @@ pub async fn subscribe(
         rx.recv().await.map(|payload| (payload, rx))
     })
     .boxed())
+}
+
+/// The event kept in `redis.stream` at entry `id`, if the stream still
+/// holds it.
+pub async fn stream_entry(
+    redis: &crate::config::RedisConfig,
+    id: &str,
+) -> Result<Option<String>, String> {
+    let mut conn = crate::redis::connect_once(&redis.url, redis.ca_cert.as_deref()).await?;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&redis.stream)
+        .arg(id)
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| redis.url.scrub(&e.to_string()))?;
+    Ok(entries
+        .into_iter()
+        .flat_map(|(_, fields)| fields)
+        .find(|(field, _)| field == pgci_protocol::events::STREAM_FIELD)
+        .map(|(_, event)| event))
+}
+
+/// `XREAD`'s reply: per stream, its entries (id, field-value pairs).
+type XReadReply = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+
+/// The events kept in `redis.stream` from the entry after `since` (`0`:
+/// the oldest kept), then each new one as it is added. Ends when the
+/// connection fails.
+pub async fn read_stream(
+    redis: &crate::config::RedisConfig,
+    since: &str,
+) -> Result<futures_util::stream::BoxStream<'static, String>, String> {
+    use futures_util::StreamExt;
+    let conn = crate::redis::connect_once(&redis.url, redis.ca_cert.as_deref()).await?;
+    let stream = redis.stream.clone();
+    let url = redis.url.clone();
+    // Each read blocks at most 250 ms: below the connection's response
+    // timeout (500 ms), and Ctrl-C is noticed between reads.
+    let read = move |(mut conn, after): (crate::redis::conn::Conn, String)| {
+        let stream = stream.clone();
+        let url = url.clone();
+        async move {
+            loop {
+                let reply: redis::RedisResult<Option<XReadReply>> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(&after)
+                    .query_async(&mut conn)
+                    .await;
+                match reply {
+                    Ok(None) => continue,
+                    Ok(Some(streams)) => {
+                        let entries: Vec<(String, Vec<(String, String)>)> = streams
+                            .into_iter()
+                            .flat_map(|(_, entries)| entries)
+                            .collect();
+                        let Some(last) = entries.last().map(|(id, _)| id.clone()) else {
+                            continue;
+                        };
+                        let payloads: Vec<String> = entries
+                            .into_iter()
+                            .flat_map(|(_, fields)| fields)
+                            .filter(|(field, _)| field == pgci_protocol::events::STREAM_FIELD)
+                            .map(|(_, payload)| payload)
+                            .collect();
+                        return Some((payloads, (conn, last)));
+                    }
+                    Err(error) => {
+                        eprintln!(
+                            "reading the stream failed: {}",
+                            url.scrub(&error.to_string())
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+    };
+    Ok(
+        futures_util::stream::unfold((conn, since.to_string()), read)
+            .flat_map(futures_util::stream::iter)
+            .boxed(),
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - `again`: the keys a batch's second pass deletes.
 //! - [`requests`]: a run of row operations as one atomic pipeline.
 //! - [`scripts`]: the version-guarded write of refreshed keys (EVALSHA).
-//! - [`events`]: the pub/sub event of each operation.
+//! - [`events`]: the pub/sub event of each operation, numbered, and the
+//!   optional stream.
 //! - `open`: connecting (retried until Redis answers), refusing a server
 //!   too old, loading the lease functions; reconnecting after READONLY.
 //! - [`record`]: what this target applied, and what a replaced record says
@@ -75,10 +76,8 @@ pub struct RedisSink {
     logged: Vec<error::RedisFailure>,
     /// What is applied, recorded with every batch (see [`position`]).
     record: Option<record::Record>,
-    /// Pub/sub channel; `None` when events are off.
-    channel: Option<String>,
-    /// Events go out with `SPUBLISH` (`redis.sharded_events`).
-    sharded_events: bool,
+    /// Where events go; `None` when they are off.
+    events: Option<events::Announcer>,
     /// After shutdown is requested a failing batch gets only a few more
     /// attempts (see [`Retry`]).
     cancel: CancellationToken,
@@ -122,8 +121,15 @@ impl RedisSink {
                 }));
             }
         }
-        self.sharded_events = sharded;
+        self.events = self.events.map(|e| e.sharded(sharded));
         Ok(self)
+    }
+
+    /// Appends every event to the stream `name` too (`redis.stream`),
+    /// trimmed to about `max_len` entries; nothing when events are off.
+    pub fn with_stream(mut self, name: &str, max_len: u64) -> RedisSink {
+        self.events = self.events.map(|e| e.streamed_if(name, max_len));
+        self
     }
 
     /// Applies `items` completely, retrying transient errors, and records
@@ -149,9 +155,9 @@ impl RedisSink {
         applied: Option<Lsn>,
     ) -> Result<(), SinkError> {
         let again = again::deletions(items, scope);
-        let channel = self.channel.take();
+        let events = self.events.take();
         let result = self.apply_counted(&again, applied, false).await;
-        self.channel = channel;
+        self.events = events;
         result
     }
 
@@ -314,10 +320,7 @@ impl RedisSink {
             if run > 0 {
                 let request = requests::row_request(
                     &rest[..run],
-                    self.channel.as_deref().map(|channel| requests::Events {
-                        channel,
-                        sharded: self.sharded_events,
-                    }),
+                    self.events.as_ref(),
                     self.conn.is_cluster(),
                 );
                 let mut shards = request.shards;
@@ -349,26 +352,32 @@ impl RedisSink {
                 // On a cluster, a failover must not lose what was
                 // acknowledged: the masters' replicas have it too.
                 self.conn.replicated(&written).await?;
-                // On a cluster the events go in one pipeline with the
-                // position record (when this run ends the batch), to the
-                // record's master: PUBLISH reaches subscribers from any
-                // node, and one round trip is saved. (SPUBLISH must go to
-                // its channel's master.)
-                let mut after = request.events;
-                let mut with_record = false;
-                if self.conn.is_cluster() && !self.sharded_events && run == rest.len() {
-                    if let Some(record) = record {
-                        after
-                            .get_or_insert_with(redis::pipe)
-                            .add_command(record.clone());
-                        with_record = true;
-                    }
-                }
-                if let Some(after) = after {
-                    let replies: Vec<Option<String>> = after.query_async(&mut self.conn).await?;
-                    if with_record {
-                        replaced = Some(replies.into_iter().next().flatten());
-                    }
+                // On a cluster the events go to their channel's master
+                // (the slot of its sequence record), and the position
+                // record (when this run ends the batch) to its own, side
+                // by side: one round trip.
+                let record_now = record.filter(|_| self.conn.is_cluster() && run == rest.len());
+                let (mut events_conn, mut record_conn) = (self.conn.clone(), self.conn.clone());
+                let (_, recorded) = futures_util::future::try_join(
+                    async {
+                        match &request.events {
+                            Some(announce) => announce.query_async::<()>(&mut events_conn).await,
+                            None => Ok(()),
+                        }
+                    },
+                    async {
+                        match record_now {
+                            Some(record) => record
+                                .query_async::<Option<String>>(&mut record_conn)
+                                .await
+                                .map(Some),
+                            None => Ok(None),
+                        }
+                    },
+                )
+                .await?;
+                if let Some(recorded) = recorded {
+                    replaced = Some(recorded);
                 }
                 for item in &rest[..run] {
                     let (removed, written) = item.op.keys().counts();
@@ -411,14 +420,17 @@ impl RedisSink {
                 tracing::error!(table = %table, patterns = ?patterns, keys_removed = removed,
                 "flushed every key of the table's rules because its changes may not have been streamed")
             }
+            FlushReason::Operator => {
+                tracing::warn!(patterns = ?patterns, keys_removed = removed, "flushed at the operator's request")
+            }
             FlushReason::HeldTooLarge => {
                 tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
                 "flushed every key of the table's rules once a synchronous commit too large to remember its keys showed")
             }
         }
-        if let Some(channel) = &self.channel {
-            let publish = events::publish(channel, self.sharded_events, events::event_json(item));
-            let _: () = publish.query_async(&mut self.conn).await?;
+        if let Some(events) = &self.events {
+            let announce = events.announce(std::slice::from_ref(item), true);
+            let _: () = announce.query_async(&mut self.conn).await?;
         }
         Ok(removed)
     }
@@ -450,7 +462,7 @@ impl RedisSink {
         }
         metrics::counter!(m::KEYS_INVALIDATED_TOTAL).increment(touched.removed);
         metrics::counter!(m::KEYS_WRITTEN_TOTAL).increment(touched.written);
-        if self.channel.is_some() {
+        if self.events.is_some() {
             metrics::counter!(m::EVENTS_PUBLISHED_TOTAL).increment(items.len() as u64);
         }
         metrics::counter!(m::BATCHES_TOTAL).increment(1);

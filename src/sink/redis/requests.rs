@@ -6,15 +6,16 @@
 //!
 //! Consecutive deletions (of one slot) share one UNLINK (deletions
 //! commute, so one command does for many rows); refreshed keys go through
-//! the version-guarded script ([`super::scripts`]); one PUBLISH per
-//! operation follows. A connection lost mid-batch applies each pipeline
+//! the version-guarded script ([`super::scripts`]); one script call
+//! numbering and publishing every operation's event follows
+//! ([`super::events`]). A connection lost mid-batch applies each pipeline
 //! all or nothing, and the batch is retried whole.
 
 use std::collections::HashMap;
 
 use crate::ops::{CacheOp, Item};
 use crate::redis::cluster::slot_of;
-use crate::sink::redis::events::{event_json, publish};
+use crate::sink::redis::events::Announcer;
 use crate::sink::redis::scripts;
 
 /// The requests for one run of row operations.
@@ -23,22 +24,14 @@ pub struct RowRequest {
     /// cluster, with the slot (any order between them; commit
     /// order within each).
     pub shards: Vec<(Option<u16>, redis::Pipeline)>,
-    /// On a cluster, the events, to send after every shard.
-    pub events: Option<redis::Pipeline>,
-}
-
-/// Where the events of a request go.
-#[derive(Clone, Copy)]
-pub struct Events<'a> {
-    /// The pub/sub channel.
-    pub channel: &'a str,
-    /// `SPUBLISH` instead of `PUBLISH`.
-    pub sharded: bool,
+    /// On a cluster, the events, to send after every shard (to the
+    /// channel's slot).
+    pub events: Option<redis::Cmd>,
 }
 
 /// The requests for `items` (none of them a flush); `by_slot` splits them
 /// by hash slot for a cluster.
-pub fn row_request(items: &[Item], events: Option<Events>, by_slot: bool) -> RowRequest {
+pub fn row_request(items: &[Item], events: Option<&Announcer>, by_slot: bool) -> RowRequest {
     let mut shards = Shards::new(by_slot);
     for item in items {
         match &item.op {
@@ -83,15 +76,12 @@ pub fn row_request(items: &[Item], events: Option<Events>, by_slot: bool) -> Row
         })
         .collect();
     let mut apart = None;
-    if let Some(Events { channel, sharded }) = events {
-        let pipe = if by_slot {
-            apart.insert(redis::pipe())
+    if let Some(announcer) = events {
+        let announce = announcer.announce(items, false);
+        if by_slot {
+            apart = Some(announce);
         } else {
-            &mut pipes[0].1
-        };
-        for item in items {
-            pipe.add_command(publish(channel, sharded, event_json(item)))
-                .ignore();
+            pipes[0].1.add_command(announce).ignore();
         }
     }
     RowRequest {
@@ -229,11 +219,8 @@ mod tests {
         }
     }
 
-    fn events() -> Events<'static> {
-        Events {
-            channel: "ch",
-            sharded: false,
-        }
+    fn events() -> Announcer {
+        Announcer::new("ch")
     }
 
     fn commands(pipe: &redis::Pipeline) -> Vec<String> {
@@ -268,12 +255,12 @@ mod tests {
             ttl_secs: 60,
         });
         let items = [delete("a"), delete("b"), refresh, delete("c")];
-        let request = row_request(&items, Some(events()), false);
+        let request = row_request(&items, Some(&events()), false);
         assert_eq!(request.shards.len(), 1);
         assert!(request.events.is_none());
         assert_eq!(
             commands(&request.shards[0].1),
-            ["UNLINK", "SCRIPT", "EVALSHA", "UNLINK", "PUBLISH", "PUBLISH", "PUBLISH", "PUBLISH"]
+            ["UNLINK", "SCRIPT", "EVALSHA", "UNLINK", "EVAL"]
         );
         let request = row_request(&[delete("a"), delete("b")], None, false);
         assert_eq!(commands(&request.shards[0].1), ["UNLINK"]);
@@ -290,7 +277,7 @@ mod tests {
         };
         // {u1} and {u2} hash to different slots; keys with one tag share one.
         let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
-        let request = row_request(&items, Some(events()), true);
+        let request = row_request(&items, Some(&events()), true);
         assert_eq!(request.shards.len(), 2);
         for (slot, shard) in &request.shards {
             assert!(slot.is_some());
@@ -303,6 +290,16 @@ mod tests {
             .collect();
         assert_eq!(keys, [2, 1], "a:{{u1}} and c:{{u1}} share one UNLINK");
         let events = request.events.expect("events apart");
-        assert_eq!(commands(&events), ["PUBLISH", "PUBLISH", "PUBLISH"]);
+        let args: Vec<String> = events
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(args[0], "EVAL");
+        assert_eq!(args[2], "1", "one key: the sequence record");
+        assert_eq!(args[3], "pgci:events:{ch}");
+        assert_eq!(args.len(), 9 + 3, "one event per operation");
     }
 }
