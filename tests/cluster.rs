@@ -555,7 +555,13 @@ async fn a_batch_is_confirmed_only_once_the_replicas_have_it() {
 /// start, exit 2 with one line.
 #[tokio::test(flavor = "multi_thread")]
 async fn sharded_events_reach_the_channel_s_shard_only() {
-    let (mut env, cluster) = cluster_env_with(5, "sharded_events = true", "").await;
+    type StreamEntry = (String, Vec<(String, String)>);
+    let (mut env, cluster) = cluster_env_with(
+        5,
+        "sharded_events = true\nstream = \"{cache-invalidation}:events\"",
+        "",
+    )
+    .await;
     if pgci_test_support::redis_server_version() < (7, 0) {
         let mut daemon = env.spawn_daemon();
         let status = daemon.wait_exit(Duration::from_secs(30)).await;
@@ -600,6 +606,37 @@ async fn sharded_events_reach_the_channel_s_shard_only() {
         printed.contains("\"table\":\"public.profiles\""),
         "{printed}"
     );
+    // The events are numbered and kept in the stream, on the master of
+    // the channel's slot, which holds the sequence record too.
+    let mut kept = None;
+    for url in cluster.urls() {
+        let mut node = redis::Client::open(url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node");
+        let entries: redis::RedisResult<Vec<StreamEntry>> = redis::cmd("XRANGE")
+            .arg("{cache-invalidation}:events")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut node)
+            .await;
+        if let Ok(entries) = entries {
+            kept = Some(entries);
+        }
+    }
+    let kept = kept.expect("the channel's master answers for the stream");
+    let seqs: Vec<u64> = kept
+        .iter()
+        .map(|(_, fields)| {
+            let event: serde_json::Value = serde_json::from_str(&fields[0].1).expect("json entry");
+            event["seq"].as_u64().expect("seq")
+        })
+        .collect();
+    assert!(!seqs.is_empty());
+    for pair in seqs.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "{seqs:?}");
+    }
     let mut messages = plain.on_message();
     let plain_got = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
     assert!(

@@ -187,13 +187,16 @@ async fn the_plan_s_redis_settings_are_checked() {
 /// The daemon runs under exactly the user `redis-acl` prints for its rules
 /// (on a real redis-server started with `--aclfile`): an update invalidates
 /// and announces, a refresh rule writes values and versions, a TRUNCATE
-/// flushes by SCAN, and it restarts and loads the lease functions — all
+/// flushes by SCAN, the events are numbered and kept in a stream, and it
+/// restarts and loads the lease functions — all
 /// without a refused command; what the list leaves out is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_runs_under_its_least_privilege_user() {
     use crate::support::{removed_by, users};
     use pgci_test_support::redis_server::Redis;
     let mut env = TestEnv::start(20).await;
+    // Events numbered from their record and kept in a stream too.
+    env.redis_extra = "stream = \"pgci-events\"\n".to_string();
     let refresh = "[[rules]]\ntable = \"public.pillars\"\nkeys = [\"pillar:{slug}\"]\naction = \"refresh\"\nttl = \"1h\"\n";
     let url = |port: u16| format!("redis://pgci:s3cr%40t@127.0.0.1:{port}/0");
     env.redis_url_override = Some(url(env.redis.port));
@@ -232,6 +235,12 @@ async fn the_daemon_runs_under_its_least_privilege_user() {
         .expect("refresh");
     env.sync().await;
     let mut admin = env.redis.conn().await;
+    let kept: usize = redis::cmd("XLEN")
+        .arg("pgci-events")
+        .query_async(&mut admin)
+        .await
+        .expect("xlen");
+    assert!(kept >= 2, "the events are kept in the stream: {kept}");
     let cached: Option<String> = redis::cmd("GET")
         .arg("pillar:individual")
         .query_async(&mut admin)

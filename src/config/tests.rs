@@ -243,3 +243,45 @@ fn a_slot_server_url_is_checked_like_the_primarys() {
         assert!(!lines.concat().contains(":pw@"), "{lines:?}");
     }
 }
+
+/// A stream needs events on, a bound, and on a cluster the channel's hash
+/// slot (its script updates the sequence record and the stream together);
+/// the message names a stream that would do.
+#[test]
+fn the_event_stream_is_checked_where_it_can_fail() {
+    let with = |redis_extra: &str| {
+        let text = MINIMAL.replace(
+            "url = \"redis://127.0.0.1\"",
+            &format!("url = \"redis://127.0.0.1\"\n{redis_extra}"),
+        );
+        match parse(&text).expect("loads").validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(lines)) => lines,
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert!(with("stream = \"events\"").is_empty());
+    assert!(with("cluster = true\nstream = \"{cache-invalidation}:events\"").is_empty());
+    let lines = with("cluster = true\nstream = \"events\"");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("redis.stream") && l.contains("\"{cache-invalidation}:events\"")),
+        "{lines:?}"
+    );
+    let lines = with("channel = \"\"\nstream = \"events\"");
+    assert!(
+        lines.iter().any(|l| l.contains("events are off")),
+        "{lines:?}"
+    );
+    let lines = with("stream = \"events\"\nstream_max_len = 0");
+    assert!(
+        lines.iter().any(|l| l.contains("redis.stream_max_len")),
+        "{lines:?}"
+    );
+    let lines = with("cluster = true\nchannel = \"a}b\"");
+    assert!(
+        lines.iter().any(|l| l.contains("redis.channel")),
+        "{lines:?}"
+    );
+}
