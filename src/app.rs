@@ -177,6 +177,13 @@ async fn start_and_run(
     }
 
     let rules = Arc::new(rules);
+    tasks.spawn(crate::freshness::run(
+        config.clone(),
+        Arc::clone(&rules),
+        conn.clone(),
+        Arc::clone(&health),
+        cancel.clone(),
+    ));
     let planner = Planner::new(Arc::clone(&rules));
     let recorded = match config.postgres.source {
         SourceKind::Replication => {

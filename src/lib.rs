@@ -40,6 +40,7 @@ pub mod db;
 pub(crate) mod decode;
 pub(crate) mod duration;
 pub(crate) mod error;
+pub(crate) mod freshness;
 pub(crate) mod memory;
 pub mod ops;
 pub(crate) mod pipeline;

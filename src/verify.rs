@@ -26,6 +26,11 @@ use crate::plan::keys::KeyTemplate;
 use crate::plan::rules::{Rule, RuleSet};
 use crate::redis::inspect;
 
+/// How many times a mismatch waits for the daemon and looks again before
+/// it counts as stale: a row written again while the daemon applied the
+/// change before mismatches once more without anything being wrong.
+const WAITS: u32 = 3;
+
 /// How many stale keys a report lists (the counts cover all).
 pub const LISTED: usize = 20;
 /// How long a mismatch waits for the daemon to apply what was committed
@@ -233,6 +238,101 @@ pub async fn verify<C: ConnectionLike + Send>(
     Ok(report)
 }
 
+/// The freshness sampler's walk over the checkable keys (see
+/// [`crate::freshness`]): one SCAN step at a time, template after
+/// template, starting each template's scan again when it ends, so every
+/// cached key comes round in turn whatever the keyspace's size.
+pub struct Walk<'r> {
+    rules: &'r RuleSet,
+    targets: Vec<Target<'r>>,
+    /// The template being scanned, and its cursor.
+    at: usize,
+    cursor: u64,
+    /// Keys of the last SCAN step not checked yet: at most one step's
+    /// worth ([`inspect::SCAN_COUNT`]).
+    pending: std::collections::VecDeque<(usize, String)>,
+}
+
+/// SCAN steps one [`Walk::next`] takes at most before it says there is
+/// nothing to check for now.
+const WALK_STEPS: usize = 64;
+
+impl<'r> Walk<'r> {
+    /// A walk over the keys of `rules` that can be checked.
+    pub fn new(rules: &'r RuleSet) -> Walk<'r> {
+        Walk {
+            rules,
+            targets: targets(rules).0,
+            at: 0,
+            cursor: 0,
+            pending: Default::default(),
+        }
+    }
+
+    /// Whether no rule's keys can be checked.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// The next cached key to check, with its template's index; `None`
+    /// when [`WALK_STEPS`] SCAN steps found none (a cache that holds none
+    /// now).
+    pub async fn next<C: ConnectionLike + Send>(
+        &mut self,
+        redis: &mut C,
+    ) -> Result<Option<(usize, String)>, redis::RedisError> {
+        for _ in 0..WALK_STEPS {
+            if let Some(next) = self.pending.pop_front() {
+                return Ok(Some(next));
+            }
+            let Some(target) = self.targets.get(self.at) else {
+                return Ok(None);
+            };
+            let pattern = target.template.scan_pattern();
+            let (next, keys) =
+                inspect::scan_step(redis, self.cursor, &pattern, inspect::SCAN_COUNT).await?;
+            for raw in keys {
+                let Ok(key) = String::from_utf8(raw) else {
+                    continue;
+                };
+                if owner(self.rules, &key).is_some_and(|t| std::ptr::eq(t, target.template)) {
+                    self.pending.push_back((self.at, key));
+                }
+            }
+            self.cursor = next;
+            if next == 0 {
+                self.at = (self.at + 1) % self.targets.len();
+            }
+        }
+        Ok(None)
+    }
+
+    /// Checks `key` of template `index` as `verify` does (waiting for the
+    /// daemon before calling it stale); the report counts this key alone.
+    pub async fn check<C: ConnectionLike + Send>(
+        &self,
+        comparer: &mut Comparer<'_>,
+        redis: &mut C,
+        index: usize,
+        key: &str,
+        options: &Options,
+    ) -> Result<Report, VerifyError> {
+        let mut report = Report::default();
+        if let Some(target) = self.targets.get(index) {
+            check_key(comparer, redis, target, key, options, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// The rule of template `index`, as metrics label it: the template.
+    pub fn rule(&self, index: usize) -> String {
+        self.targets
+            .get(index)
+            .map(|t| t.template.to_string())
+            .unwrap_or_default()
+    }
+}
+
 /// Sleeps so that `done` keys take at least `done / rate` seconds.
 async fn pace(started: Instant, done: u64, rate: u32) {
     if rate == 0 {
@@ -260,11 +360,11 @@ async fn check_key<C: ConnectionLike + Send>(
         report.skipped += 1;
         return Ok(());
     };
-    let mut waited = false;
+    let mut waited = 0;
     loop {
         let Some(value) = inspect::get(redis, key).await? else {
             // Gone since the scan (expired, invalidated): nothing to check.
-            if waited {
+            if waited > 0 {
                 report.checked += 1;
             } else {
                 report.skipped += 1;
@@ -304,12 +404,12 @@ async fn check_key<C: ConnectionLike + Send>(
             report.checked += 1;
             return Ok(());
         };
-        if !waited && !report.daemon_behind {
+        if waited < WAITS && !report.daemon_behind {
             // The daemon may simply not have applied a recent change yet:
             // wait until it applied everything committed by now, then look
-            // again.
+            // again (a row that changed again meanwhile gets another look).
             report.daemon_behind = !wait_for_daemon(comparer, redis, options).await?;
-            waited = true;
+            waited += 1;
             continue;
         }
         report.checked += 1;

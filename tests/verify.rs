@@ -238,3 +238,112 @@ async fn verify_waits_for_the_daemon_before_calling_a_key_stale() {
     assert_eq!(found["daemon_behind"].as_bool(), Some(true), "{found}");
     assert!(found["stale"].as_u64().unwrap_or(0) >= 1, "{found}");
 }
+
+/// The counter `name{rule="…"}` on /metrics (0 when absent).
+async fn metric(port: u16, name: &str, rule: &str) -> f64 {
+    let (_, body) = crate::support::http_get(port, "/metrics")
+        .await
+        .unwrap_or_default();
+    let prefix = format!("{name}{{rule=\"{rule}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The freshness sampler inside the daemon (`[verify] sample_per_second`):
+/// while rows change all the time and the daemon keeps the cache true, it
+/// checks keys and counts none stale; a stale key planted behind the
+/// daemon's back is found within seconds, counted under its rule, logged
+/// once, and the status page's "fresh" line says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sampler_finds_a_planted_stale_key_and_none_on_a_busy_true_cache() {
+    let mut env = TestEnv::start(30).await;
+    verify_env_config(&env);
+    let text = std::fs::read_to_string(&env.config).expect("read config");
+    std::fs::write(
+        &env.config,
+        format!("{text}\n[verify]\nsample_per_second = 200\n"),
+    )
+    .expect("write config");
+    env.setup();
+    let daemon = env.daemon().await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("update public.profiles set bio = 'cached by the daemon'")
+        .await
+        .expect("touch profiles");
+    env.sync().await;
+    let rule = "profile:user:{id}";
+    let port = env.http_port;
+
+    // A busy stream: every profile rewritten again and again, the daemon
+    // refreshing each key, for eight seconds.
+    let writer = {
+        let pg = env.pg.client().await;
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(8);
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < until {
+                pg.execute(
+                    "update public.profiles set bio = $1 where id = \
+                     (select id from public.profiles order by id offset ($2::bigint % 30) limit 1)",
+                    &[&format!("busy {n}"), &(n as i64)],
+                )
+                .await
+                .expect("update");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let writes = writer.await.expect("writer");
+    env.sync().await;
+    let checked = metric(port, "pgci_verify_checked_total", rule).await;
+    let stale = metric(port, "pgci_verify_stale_total", rule).await;
+    assert!(writes > 200, "the stream was busy: {writes} updates");
+    assert!(checked >= 100.0, "the sampler checked {checked} keys");
+    assert_eq!(
+        stale,
+        0.0,
+        "a true cache has no stale key: {}",
+        daemon.log()
+    );
+
+    // A value the database never held, written behind the daemon's back.
+    let id: String = pg
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("profile")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(format!("{{\"id\":\"{id}\",\"bio\":\"planted\"}}"))
+        .query_async(&mut redis)
+        .await
+        .expect("plant");
+    wait_for(
+        "the sampler to find the planted key",
+        Duration::from_secs(30),
+        || async { metric(port, "pgci_verify_stale_total", rule).await >= 1.0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = daemon.log();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("the cache holds a value the database does not") && l.contains(&key))
+        .count();
+    assert_eq!(logged, 1, "logged once however often it is found: {log}");
+    let (_, page) = crate::support::http_get(port, "/")
+        .await
+        .expect("status page");
+    assert!(page.contains("id=\"fresh\""), "{page}");
+    assert!(page.contains("keys checked in the last hour ("), "{page}");
+    assert!(!page.contains("(0 stale)"), "{page}");
+}

@@ -85,6 +85,9 @@ pub struct Config {
     /// Log output.
     #[serde(default)]
     pub log: LogConfig,
+    /// The freshness sampler (`[verify]`).
+    #[serde(default)]
+    pub verify: VerifyConfig,
     /// Which keys each table's changes invalidate.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -194,6 +197,18 @@ impl Default for HttpConfig {
 
 fn default_listen() -> String {
     DEFAULT_HTTP_LISTEN.to_string()
+}
+
+/// `[verify]`: the freshness sampler inside the daemon (see
+/// `crate::freshness`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Cached keys compared with the database per second, at most; 0 (the
+    /// default) turns the sampler off. Each check is one SCAN step share,
+    /// one GET and one primary-key query.
+    #[serde(default)]
+    pub sample_per_second: u32,
 }
 
 /// `[log]`

@@ -87,6 +87,15 @@ impl Config {
                 self.http.listen
             ));
         }
+        if self.verify.sample_per_second > 1000 {
+            problems.push(
+                "verify.sample_per_second: at most 1000 (each check is a query on the database)"
+                    .to_string(),
+            );
+        }
+        if self.verify.sample_per_second > 0 && self.redis.cluster {
+            problems.push("verify.sample_per_second: the sampler reads one Redis server only so far, not a cluster: set it to 0".to_string());
+        }
         self.validate_groups(&mut problems);
         if problems.is_empty() {
             Ok(())

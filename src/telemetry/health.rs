@@ -31,6 +31,47 @@ pub struct Health {
     /// What each Redis server's settings lack, as the last INFO read found
     /// (`redis::server::watch`), for the status page; not readiness.
     redis_warnings: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// The freshness sampler's counts of the last hour, when it runs.
+    freshness: Mutex<Option<FreshnessWindow>>,
+}
+
+/// Keys checked and found stale per minute, for the last hour.
+#[derive(Debug)]
+pub struct FreshnessWindow {
+    /// (minute since `Health::started`, checked, stale), oldest first.
+    minutes: std::collections::VecDeque<(u64, u64, u64)>,
+}
+
+/// Minutes [`FreshnessWindow`] keeps.
+const FRESHNESS_MINUTES: u64 = 60;
+
+impl FreshnessWindow {
+    fn add(&mut self, minute: u64, checked: u64, stale: u64) {
+        match self.minutes.back_mut() {
+            Some((m, c, s)) if *m == minute => {
+                *c += checked;
+                *s += stale;
+            }
+            _ => self.minutes.push_back((minute, checked, stale)),
+        }
+        self.trim(minute);
+    }
+
+    fn trim(&mut self, minute: u64) {
+        while self
+            .minutes
+            .front()
+            .is_some_and(|(m, _, _)| *m + FRESHNESS_MINUTES <= minute)
+        {
+            self.minutes.pop_front();
+        }
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.minutes
+            .iter()
+            .fold((0, 0), |(c, s), (_, mc, ms)| (c + mc, s + ms))
+    }
 }
 
 impl Default for Health {
@@ -42,11 +83,40 @@ impl Default for Health {
             targets: Mutex::new(Vec::new()),
             drifted: AtomicBool::new(false),
             redis_warnings: Mutex::default(),
+            freshness: Mutex::new(None),
         }
     }
 }
 
 impl Health {
+    /// The freshness sampler runs: the status page shows its counts.
+    pub fn sample_freshness(&self) {
+        let mut window = self.freshness.lock().unwrap_or_else(|e| e.into_inner());
+        window.get_or_insert_with(|| FreshnessWindow {
+            minutes: Default::default(),
+        });
+    }
+
+    /// The sampler checked `checked` keys and found `stale` of them stale.
+    pub fn record_freshness(&self, checked: u64, stale: u64) {
+        let minute = self.started.elapsed().as_secs() / 60;
+        let mut window = self.freshness.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(window) = window.as_mut() {
+            window.add(minute, checked, stale);
+        }
+    }
+
+    /// Keys checked and found stale in the last hour; `None` when the
+    /// sampler is off.
+    pub fn freshness(&self) -> Option<(u64, u64)> {
+        let minute = self.started.elapsed().as_secs() / 60;
+        let mut window = self.freshness.lock().unwrap_or_else(|e| e.into_inner());
+        window.as_mut().map(|w| {
+            w.trim(minute);
+            w.totals()
+        })
+    }
+
     /// The apply loop is alive.
     pub fn tick(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -69,6 +69,13 @@ pub const TARGET_BACKLOG_DROPS_TOTAL: &str = "pgci_target_backlog_drops_total";
 pub const OUTBOX_TRUNCATES_TOTAL: &str = "pgci_outbox_truncates_total";
 /// Events published on the pub/sub channel.
 pub const EVENTS_PUBLISHED_TOTAL: &str = "pgci_events_published_total";
+/// Cached keys the freshness sampler compared with the database, by rule
+/// (its key template).
+pub const VERIFY_CHECKED_TOTAL: &str = "pgci_verify_checked_total";
+/// Of those, keys found stale (value differs, row gone, not JSON).
+pub const VERIFY_STALE_TOTAL: &str = "pgci_verify_stale_total";
+/// How long each stale key found had been wrong, at least.
+pub const VERIFY_STALE_AGE_SECONDS: &str = "pgci_verify_stale_age_seconds";
 /// Batches applied to Redis.
 pub const BATCHES_TOTAL: &str = "pgci_batches_total";
 /// Operations per applied batch (histogram).
@@ -161,6 +168,12 @@ pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
                 ],
             )
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(VERIFY_STALE_AGE_SECONDS.to_string()),
+                &[1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0],
+            )
+        })
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
@@ -189,6 +202,19 @@ fn describe() {
     );
     describe_counter!(KEYS_SKIPPED_TOTAL, "Keys not rendered, by reason");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "Events published on the channel");
+    describe_counter!(
+        VERIFY_CHECKED_TOTAL,
+        "Cached keys the freshness sampler compared with the database, by rule"
+    );
+    describe_counter!(
+        VERIFY_STALE_TOTAL,
+        "Cached keys the freshness sampler found stale, by rule"
+    );
+    describe_histogram!(
+        VERIFY_STALE_AGE_SECONDS,
+        Unit::Seconds,
+        "How long each stale key the sampler found had been wrong, at least"
+    );
     describe_gauge!(
         TARGET_BACKLOG_BYTES,
         Unit::Bytes,

@@ -231,11 +231,13 @@ impl Board {
              <tr><th>ready</th><td>{ready}</td></tr>\
              <tr><th>confirmed</th><td>{confirmed}</td></tr>\
              <tr><th>lag</th><td id=\"lag\">{lag}</td></tr>\
+             {fresh}\
              <tr><th>retained WAL</th><td>{retained}</td></tr>\
              <tr><th>WAL before the slot is lost</th><td>{safe}</td></tr>\
              </table></section>",
             source = escape(&self.source),
             streaming = flag(health.streaming(), "streaming", "not streaming"),
+            fresh = freshness_row(health.freshness()),
             targets = target_rows(&health.targets()),
             ready = flag(health.ready(), "ready", "not ready"),
             confirmed = gauge(m::CONFIRMED_LSN_BYTES)
@@ -428,6 +430,24 @@ fn format_lsn(bytes: u64) -> String {
 }
 
 /// One row per Redis target when there are several (`[[targets]]`).
+/// The freshness sampler's line: what share of the keys it checked in
+/// the last hour held the database's value (nothing when it is off).
+fn freshness_row(counts: Option<(u64, u64)>) -> String {
+    let Some((checked, stale)) = counts else {
+        return String::new();
+    };
+    let text = if checked == 0 {
+        "<span class=\"warn\">no cached key checked in the last hour</span>".to_string()
+    } else {
+        let fresh = 100.0 * (checked - stale.min(checked)) as f64 / checked as f64;
+        format!(
+            "<span class=\"{}\">{fresh:.3} % of {checked} keys checked in the last hour ({stale} stale)</span>",
+            if stale == 0 { "ok" } else { "bad" }
+        )
+    };
+    format!("<tr><th>fresh</th><td id=\"fresh\">{text}</td></tr>")
+}
+
 fn target_rows(targets: &[(String, bool, String)]) -> String {
     if targets.len() < 2 {
         return String::new();
