@@ -82,3 +82,52 @@ export function parseLsn(text: string): bigint {
  * daemon): a rule's `tags` deletes `pgci:tag:<tag>` at each change.
  */
 export const TAG_KEY_PREFIX = "pgci:tag:";
+
+// The order of the invalidation events (the Rust source of truth is
+// crates/protocol/src/events.rs). Every event carries `seq`, one more than
+// the event before it on the channel, and `epoch`, which changes when keys
+// were flushed by pattern. A subscriber that sees anything but the next
+// `seq` of the same epoch, or whose connection dropped, drops everything it
+// holds.
+
+/** What one event says about the events before it. */
+export type Observed =
+  | { kind: "first" }
+  | { kind: "next" }
+  | { kind: "gap"; missed: number }
+  | { kind: "rewound" }
+  | { kind: "newEpoch" };
+
+/** Whether a subscriber must drop everything it holds. */
+export function mustDrop(observed: Observed): boolean {
+  return observed.kind !== "next" && observed.kind !== "first";
+}
+
+/** The last event a subscriber saw on one channel. */
+export class EventSequence {
+  private last: { epoch: string; seq: number } | null = null;
+
+  /** Takes the event numbered `seq` in `epoch`. */
+  observe(epoch: string, seq: number): Observed {
+    const last = this.last;
+    this.last = { epoch, seq };
+    if (last === null) return { kind: "first" };
+    if (last.epoch !== epoch) return { kind: "newEpoch" };
+    if (seq === last.seq + 1) return { kind: "next" };
+    if (seq > last.seq) return { kind: "gap", missed: seq - last.seq - 1 };
+    return { kind: "rewound" };
+  }
+
+  /** The subscription was lost: the next event starts afresh. */
+  reset(): void {
+    this.last = null;
+  }
+}
+
+/** The Redis hash `seq` and `epoch` come from, in the channel's hash slot. */
+export function sequenceKey(channel: string): string {
+  const open = channel.indexOf("{");
+  const close = open >= 0 ? channel.indexOf("}", open + 1) : -1;
+  const tagged = open >= 0 && close > open + 1;
+  return tagged ? `pgci:events:${channel}` : `pgci:events:{${channel}}`;
+}

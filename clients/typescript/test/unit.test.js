@@ -75,3 +75,18 @@ test("writeTokenFromSupabase calls the shipped function and says what to do when
   );
   await assert.rejects(cjs.writeTokenFromSupabase(supabase({ data: 42, error: null })), /not a pg_lsn/);
 });
+
+test("an event subscriber learns what it missed, as the daemon's contract says", () => {
+  const seen = new cjs.EventSequence();
+  assert.deepEqual(seen.observe("e1", 7), { kind: "first" });
+  assert.deepEqual(seen.observe("e1", 8), { kind: "next" });
+  assert.deepEqual(seen.observe("e1", 11), { kind: "gap", missed: 2 });
+  assert.deepEqual(seen.observe("e1", 11), { kind: "rewound" });
+  assert.deepEqual(seen.observe("e2", 12), { kind: "newEpoch" });
+  assert.ok(cjs.mustDrop({ kind: "gap", missed: 1 }));
+  assert.ok(!cjs.mustDrop({ kind: "next" }));
+  seen.reset();
+  assert.deepEqual(seen.observe("e2", 40), { kind: "first" });
+  assert.equal(cjs.sequenceKey("cache-invalidation"), "pgci:events:{cache-invalidation}");
+  assert.equal(cjs.sequenceKey("app{inv}"), "pgci:events:app{inv}");
+});

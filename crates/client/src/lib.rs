@@ -19,6 +19,10 @@
 //!    ([`AfterPolicy::Bypass`], the default), or waits a bounded time for
 //!    the daemon first ([`AfterPolicy::Wait`]).
 
+/// The order of the daemon's invalidation events, for subscribers that
+/// keep copies of their own (see [`pgci_protocol::events`]).
+pub use pgci_protocol::events;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
