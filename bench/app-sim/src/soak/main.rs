@@ -3,8 +3,10 @@
 //! the daemon, PostgreSQL and Redis; after each round the faults are
 //! healed, the writers pause, the daemon catches up, and an independent
 //! checker compares every cached page with the database's version
-//! counters. A cached page older than its rows, or an own read (with a
-//! write token) older than the write, is a violation.
+//! counters. A cached page older than its rows, an own read (with a
+//! write token) older than the write, or an app server's in-process copy
+//! kept by the events older than its rows (an event lost without its
+//! `seq`, `epoch` or a disconnect saying so; see `copies`), is a violation.
 //!
 //! ```text
 //! scripts/soak.sh [--minutes 2] [--seed 1] [--users 300]
@@ -14,6 +16,7 @@
 //! first violation is printed with the seed and round, so a failure can be
 //! replayed with the same `--seed`.
 
+mod copies;
 mod nemesis;
 
 use std::collections::{BTreeMap, HashMap};
@@ -95,6 +98,14 @@ struct Shared {
     writes: RwLock<()>,
     stop: AtomicBool,
     first_violation: std::sync::Mutex<Option<String>>,
+    /// An app server's in-process copies kept by the events alone.
+    copies: Arc<copies::Copies>,
+    /// Copies found older than their rows at a quiescent point: an
+    /// invalidation lost without a gap, epoch or disconnect saying so.
+    events_lost: AtomicU64,
+    /// Quiescent points where the listener had not seen the last event
+    /// within 10 s (its copies were not judged).
+    copies_unchecked: AtomicU64,
 }
 
 impl Shared {
@@ -207,7 +218,25 @@ async fn main() {
         writes: RwLock::new(()),
         stop: AtomicBool::new(false),
         first_violation: std::sync::Mutex::new(None),
+        copies: Arc::default(),
+        events_lost: AtomicU64::new(0),
+        copies_unchecked: AtomicU64::new(0),
     });
+    let stop_copies = Arc::new(AtomicBool::new(false));
+    let mut copy_tasks = vec![tokio::spawn(copies::listen(
+        shared.copies.clone(),
+        shared.redis_url.clone(),
+        stop_copies.clone(),
+    ))];
+    for i in 0..2 {
+        copy_tasks.push(tokio::spawn(copies::fill(
+            shared.copies.clone(),
+            shared.redis_url.clone(),
+            shared.ids.clone(),
+            stop_copies.clone(),
+            args.seed + 200 + i,
+        )));
+    }
     let mut tasks = Vec::new();
     for i in 0..args.readers {
         tasks.push(tokio::spawn(reader(
@@ -271,7 +300,8 @@ async fn main() {
         }
     }
     shared.stop.store(true, Ordering::SeqCst);
-    for task in tasks {
+    stop_copies.store(true, Ordering::SeqCst);
+    for task in tasks.into_iter().chain(copy_tasks) {
         let _ = task.await;
     }
     let c = &shared.counts;
@@ -281,6 +311,19 @@ async fn main() {
         c.rebuilds.load(Ordering::Relaxed)
     );
     violations += stale_own;
+    let lost = shared.events_lost.load(Ordering::Relaxed);
+    violations += lost;
+    let seen = shared.copies.counts();
+    println!(
+        "events_seen={} gaps_detected={} rewinds_detected={} new_epochs={} subscriber_disconnects={} copies_filled={} copy_checks_skipped={} events_lost_undetected={lost}",
+        seen.events,
+        seen.gaps,
+        seen.rewinds,
+        seen.epochs,
+        seen.disconnects,
+        seen.copies_filled,
+        shared.copies_unchecked.load(Ordering::Relaxed),
+    );
     println!(
         "seed={} source={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
         args.seed,
@@ -391,9 +434,20 @@ async fn check(
     }
     let mut redis = connect_redis(&shared.redis_url).await;
     let mut stale = 0;
+    // The listener must have seen every event the daemon numbered so far
+    // before its copies are judged.
+    let last_seq = copies::last_seq(&shared.redis_url).await;
+    let listened = shared
+        .copies
+        .caught_up(last_seq, Duration::from_secs(10))
+        .await;
+    let mut newest: HashMap<String, i64> = HashMap::new();
     for page in PAGES {
         let rows = pg.query(&page.versions_sql(), &[]).await.expect("versions");
         let truth: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for id in &shared.ids {
+            newest.insert(page.key(id), truth.get(id).copied().unwrap_or(0));
+        }
         for id in &shared.ids {
             let cached: Option<String> = redis::cmd("GET")
                 .arg(page.key(id))
@@ -409,6 +463,21 @@ async fn check(
                 stale += 1;
             }
         }
+    }
+    if listened {
+        let lost = shared.copies.stale(&newest);
+        if !lost.is_empty() {
+            shared
+                .events_lost
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
+            shared.violation(format!(
+                "{} in-process copies older than their rows without a gap, epoch or disconnect: {}",
+                lost.len(),
+                lost.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            ));
+        }
+    } else {
+        shared.copies_unchecked.fetch_add(1, Ordering::Relaxed);
     }
     stale
 }
