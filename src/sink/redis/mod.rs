@@ -78,6 +78,8 @@ pub struct RedisSink {
     record: Option<record::Record>,
     /// Where events go; `None` when they are off.
     events: Option<events::Announcer>,
+    /// Row operations go unannounced (the second pass); flushes never do.
+    quiet: bool,
     /// After shutdown is requested a failing batch gets only a few more
     /// attempts (see [`Retry`]).
     cancel: CancellationToken,
@@ -155,9 +157,12 @@ impl RedisSink {
         applied: Option<Lsn>,
     ) -> Result<(), SinkError> {
         let again = again::deletions(items, scope);
-        let events = self.events.take();
+        // The second pass announces nothing of its rows (the first pass
+        // did), but a flush it runs (Redis found to have lost writes) is
+        // announced like any other: subscribers' copies must go.
+        self.quiet = true;
         let result = self.apply_counted(&again, applied, false).await;
-        self.events = events;
+        self.quiet = false;
         result
     }
 
@@ -320,7 +325,7 @@ impl RedisSink {
             if run > 0 {
                 let request = requests::row_request(
                     &rest[..run],
-                    self.events.as_ref(),
+                    self.events.as_ref().filter(|_| !self.quiet),
                     self.conn.is_cluster(),
                 );
                 let mut shards = request.shards;

@@ -121,6 +121,9 @@ pub async fn listen(copies: Arc<Copies>, redis_url: String, stop: Arc<AtomicBool
             let mut state = copies.lock();
             state.drop_all();
             state.order.reset();
+            // The record may have gone back (Redis from a snapshot): what
+            // was applied before says nothing about the numbers to come.
+            state.last_seq = 0;
             state.subscribed = true;
         }
         let mut messages = pubsub.into_on_message();
