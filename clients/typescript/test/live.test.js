@@ -371,8 +371,13 @@ test("the Next.js incremental cache handler (unstable_cache, fetch) honours the 
   for (const [key, id, text] of [["fetch-mine", mine, "mine v1"], ["fetch-other", other, "other v1"]]) {
     assert.equal(await compute(key, id, text), null, "a miss");
     assert.equal(await compute(key, id, text), null, "the first value after a revalidation is not kept");
-    await sleep(5);
-    await compute(key, id, text);
+    // As in the test above: on a loaded machine a value computed a few ms
+    // after the mark is still within the clock error, so compute again a
+    // little later, as Next.js would on the next request.
+    for (let attempt = 0; attempt < 50; attempt++) {
+      await sleep(5 + attempt * 10);
+      if ((await compute(key, id, text)) !== null) break;
+    }
     assert.equal(body(await compute(key, id, "not computed")), text, "then it is served");
   }
   // A page entry's Buffers and Maps come back as they went.
