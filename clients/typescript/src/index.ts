@@ -24,8 +24,10 @@ import {
   library,
   parseLsn,
 } from "./protocol";
+import { L1, type L1Options, type L1Stats } from "./l1";
 
 export * from "./protocol";
+export type { L1Options, L1Stats, L1Drops } from "./l1";
 
 /** What a read given a write token does while the daemon is behind it. */
 export type AfterPolicy = "bypass" | { waitMs: number };
@@ -55,6 +57,12 @@ export interface CacheOptions {
   promClient?: PromClient;
   /** Registries for the prom-client counters. Default: prom-client's default registry. */
   promRegisters?: unknown[];
+  /**
+   * An in-process cache in front of Redis (single server, not a Cluster),
+   * kept true by Redis' CLIENT TRACKING and the daemon's events; it opens
+   * two connections of its own (close them with `cache.close()`).
+   */
+  l1?: L1Options;
 }
 
 /** One getOrLoad, as counted per key prefix. */
@@ -105,7 +113,7 @@ type Counters = {
 };
 
 /** Where getOrLoad's value came from (see getOrLoadWithSource). */
-export type Source = "hit" | "filled" | "refused" | "bypassed";
+export type Source = "hit" | "l1" | "filled" | "refused" | "bypassed";
 
 /** Anything with a `query` method like pg's Client or Pool. */
 export interface Queryable {
@@ -176,6 +184,7 @@ export class Cache {
   private readonly onLookup: ((lookup: Lookup) => void) | undefined;
   private readonly counters: Counters | undefined;
   private readonly counts = new Map<string, PrefixStats>();
+  private readonly l1: L1 | undefined;
 
   constructor(options: CacheOptions) {
     this.redis = options.redis;
@@ -186,6 +195,12 @@ export class Cache {
     this.defaultTtl = options.defaultTtlSeconds ?? 3600;
     this.prefixOf = options.keyPrefix ?? keyPrefix;
     this.onLookup = options.onLookup;
+    if (options.l1 !== undefined) {
+      if (!("duplicate" in options.redis) || "nodes" in options.redis) {
+        throw new Error("l1: needs a single Redis server (CLIENT TRACKING follows one connection); leave l1 out on a Redis Cluster");
+      }
+      this.l1 = new L1(options.redis as Redis, options.l1, () => this.redis.get(this.positionKey));
+    }
     const prom = options.promClient;
     const registers = options.promRegisters;
     this.counters = prom && {
@@ -217,7 +232,7 @@ export class Cache {
 
   private record(key: string, source: Source, waitedForLease: boolean): void {
     const prefix = this.prefixOf(key);
-    const hit = source === "hit";
+    const hit = source === "hit" || source === "l1";
     const c = this.counts.get(prefix) ?? { hits: 0, misses: 0, leaseWaits: 0, fills: 0 };
     c.hits += hit ? 1 : 0;
     c.misses += hit ? 0 : 1;
@@ -266,12 +281,16 @@ export class Cache {
     options: { after?: string },
     waited: { lease: boolean },
   ): Promise<{ value: T | null; source: Source }> {
+    const near = this.l1?.lookup(key, options.after);
+    if (near !== undefined) {
+      return { value: JSON.parse(near) as T, source: "l1" };
+    }
     if (options.after !== undefined && !(await this.caughtUp(options.after))) {
       return { value: await loader(), source: "bypassed" };
     }
     // A hit costs one GET: a cached value is never a lease marker, so the
     // lease function is called only on a miss or a marker.
-    const cached = await this.redis.get(key);
+    const cached = this.l1 ? await this.l1.read(key) : await this.redis.get(key);
     if (cached !== null && !isMarker(cached)) {
       return { value: JSON.parse(cached) as T, source: "hit" };
     }
@@ -329,6 +348,16 @@ export class Cache {
     await this.redis.set(key, JSON.stringify(data), "EX", ttlSeconds ?? this.defaultTtl);
   }
 
+  /** The in-process cache's figures (undefined without `l1`). */
+  l1Stats(): L1Stats | undefined {
+    return this.l1?.stats();
+  }
+
+  /** Closes what the cache opened itself (L1's two connections); the app's own client stays open. */
+  async close(): Promise<void> {
+    await this.l1?.close();
+  }
+
   /** Deletes `key` (and any lease on it). */
   async invalidateCache(key: string): Promise<void> {
     await this.redis.del(key);
@@ -350,6 +379,8 @@ export class Cache {
     for (;;) {
       const applied = await this.redis.get(this.positionKey);
       if (applied !== null && parseLsn(applied) >= wanted) {
+        // Lets later reads with this token answer from L1.
+        void this.l1?.passed(applied).catch(() => undefined);
         return true;
       }
       if (Date.now() >= deadline) {

@@ -23,6 +23,7 @@ const {
   keyPrefix,
   FUNCTIONS,
   TAG_KEY_PREFIX,
+  sequenceKey,
 } = require("../dist");
 
 const redisUrl = process.env.PGCI_TEST_REDIS_URL;
@@ -396,4 +397,175 @@ test("the Next.js incremental cache handler (unstable_cache, fetch) honours the 
   await handler.revalidateTag(tagOf(other));
   assert.equal(await handler.get("fetch-other", { kind: "FETCH", tags: [tagOf(other)] }), null);
   assert.equal(await handler.get("page-other", {}), null, "a page carrying the tag in x-next-cache-tags");
+});
+
+// ---- L1: the in-process cache kept true by CLIENT TRACKING and the events.
+
+/** A cache with L1, once its tracking is on. */
+const l1Cache = async (options = {}) => {
+  const cache = createCache({ redis, l1: { onError: () => undefined, ...options } });
+  await waitFor("L1's tracking to start", 5000, async () => cache.l1Stats().tracking);
+  return cache;
+};
+
+/** Reads `key` until L1 answers it (a fill, then a Redis hit that L1 keeps). */
+const intoL1 = async (cache, key, id) => {
+  for (let i = 0; i < 5; i++) {
+    if ((await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id))).source === "l1") return;
+  }
+  assert.fail(`L1 never answered ${key}`);
+};
+
+/** Kills the L1 connection named `name` (CLIENT KILL, as a network cut or an output-buffer limit would). */
+const killL1Connection = async (name) => {
+  const list = String(await redis.call("CLIENT", "LIST"));
+  const ids = list
+    .split("\n")
+    .filter((line) => line.includes(` name=${name} `))
+    .map((line) => /(?:^|\s)id=(\d+)/.exec(line)[1]);
+  assert.ok(ids.length > 0, `no connection named ${name}:\n${list}`);
+  for (const id of ids) await redis.call("CLIENT", "KILL", "ID", id);
+};
+
+test("L1 answers a repeated read in process; SQL changes and other instances' writes reach it by tracking", async () => {
+  const cache = await l1Cache();
+  const other = createCache({ redis });
+  try {
+    const id = ids[4];
+    const key = `profile:user:${id}`;
+    await redis.del(key);
+    assert.equal((await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id))).source, "filled");
+    // Its own load is not kept: L1 holds only what it read from Redis.
+    assert.equal(cache.l1Stats().entries, 0);
+    assert.equal((await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id))).source, "hit");
+    const near = await cache.getOrLoadWithSource(key, 3600, () => assert.fail("no load from L1"));
+    assert.equal(near.source, "l1");
+    // A change by plain SQL: the daemon deletes the key, tracking tells L1.
+    await pg.query("update public.profiles set bio = 'l1 sql' where id = $1::uuid", [id]);
+    await waitFor("the daemon's delete", 10000, async () => (await redis.exists(key)) === 0);
+    await waitFor("L1 to drop the key", 2000, async () => cache.l1Stats().entries === 0);
+    await intoL1(cache, key, id);
+    assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "l1 sql");
+    // Another instance overwrites the key (no delete first): tracking again.
+    await other.setCachedData(key, { bio: "another instance" });
+    await waitFor("L1 to drop the overwritten key", 2000, async () => cache.l1Stats().entries === 0);
+    assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "another instance");
+    // Another instance's lease fill after an invalidation.
+    await intoL1(cache, key, id);
+    await other.invalidateCache(key);
+    assert.equal((await other.getOrLoadWithSource(key, 3600, async () => ({ bio: "filled elsewhere" }))).source, "filled");
+    await waitFor("L1 to drop the refilled key", 2000, async () => cache.l1Stats().entries === 0);
+    assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "filled elsewhere");
+    const stats = cache.l1Stats();
+    assert.ok(stats.hits >= 3 && stats.fills >= 3, JSON.stringify(stats));
+  } finally {
+    await cache.close();
+    await redis.del(`profile:user:${ids[4]}`);
+  }
+});
+
+test("L1 is emptied when a connection drops, an event is missed or keys are flushed (a new epoch)", async () => {
+  const cache = await l1Cache();
+  const keyOf = (id) => `profile:user:${id}`;
+  const fill = async () => {
+    for (const id of ids.slice(0, 4)) await intoL1(cache, keyOf(id), id);
+    assert.equal(cache.l1Stats().entries, 4);
+  };
+  try {
+    // The invalidation connection is cut: what it would have carried is lost.
+    await fill();
+    await killL1Connection("pgci-l1-events");
+    await waitFor("L1 to learn of the cut", 5000, async () => cache.l1Stats().drops.disconnect >= 1);
+    assert.equal(cache.l1Stats().entries, 0);
+    await waitFor("tracking to start again", 5000, async () => cache.l1Stats().tracking);
+    // Tracking redirects to the new connection: a change still reaches L1.
+    await fill();
+    await pg.query("update public.profiles set bio = 'after the cut' where id = $1::uuid", [ids[0]]);
+    await waitFor("L1 to drop the changed key", 10000, async () => cache.l1Stats().entries === 3);
+    assert.equal((await cache.getOrLoad(keyOf(ids[0]), 3600, () => rowOf(pg, ids[0]))).bio, "after the cut");
+    // The tracked connection is cut.
+    await fill();
+    await killL1Connection("pgci-l1-reader");
+    await waitFor("L1 to learn of the cut", 5000, async () => cache.l1Stats().drops.disconnect >= 2);
+    assert.equal(cache.l1Stats().entries, 0);
+    await waitFor("tracking to start again", 5000, async () => cache.l1Stats().tracking);
+    // An event gap: the daemon's numbering skips three events this
+    // subscriber never saw (as when its messages were lost).
+    await fill();
+    await pg.query("update public.pillars set slug = slug where true");
+    await waitFor("an event", 5000, async () => (await redis.hget(sequenceKey("cache-invalidation"), "seq")) !== null);
+    await sleep(200);
+    assert.equal(cache.l1Stats().entries, 4, "a pillar's event drops nothing");
+    await redis.hincrby(sequenceKey("cache-invalidation"), "seq", 3);
+    await pg.query("update public.pillars set slug = slug where true");
+    await waitFor("L1 to see the gap", 5000, async () => cache.l1Stats().drops.gap >= 1);
+    assert.equal(cache.l1Stats().entries, 0);
+    // A new epoch: TRUNCATE makes the daemon flush journey keys by pattern.
+    await fill();
+    await pg.query("truncate public.user_journeys");
+    await waitFor("L1 to see the new epoch", 10000, async () => cache.l1Stats().drops.epoch >= 1);
+    assert.equal(cache.l1Stats().entries, 0);
+    // And it fills again.
+    await fill();
+  } finally {
+    await cache.close();
+  }
+});
+
+test("a read with a write token never returns a value from before the write through L1", async () => {
+  const cache = await l1Cache();
+  const id = ids[3];
+  const key = `profile:user:${id}`;
+  let reads = 0;
+  let fromL1 = 0;
+  let stale = 0;
+  try {
+    for (let n = 0; n < 25; n++) {
+      // L1 holds the value before the write.
+      await intoL1(cache, key, id);
+      const bio = `l1-token-${n}`;
+      await pg.query("update public.profiles set bio = $2 where id = $1::uuid", [id, bio]);
+      const token = await writeToken(pg);
+      // Read with the token until L1 answers it, and a few more times.
+      for (let i = 0, sinceL1 = 0; sinceL1 < 3 && i < 400; i++) {
+        const { value, source } = await cache.getOrLoadWithSource(key, 3600, () => rowOf(pg, id), { after: token });
+        reads += 1;
+        if (value?.bio !== bio) stale += 1;
+        if (source === "l1") {
+          fromL1 += 1;
+          sinceL1 += 1;
+        }
+        await sleep(1);
+      }
+    }
+    console.log(`# L1 token reads: ${reads}, from L1 ${fromL1}, stale ${stale}`);
+    assert.equal(stale, 0);
+    assert.ok(fromL1 >= 25, `L1 answered only ${fromL1} reads with a token`);
+  } finally {
+    await cache.close();
+  }
+});
+
+test("L1 keeps at most maxEntries entries and maxBytes bytes, each for at most ttlMs", async () => {
+  const keyOf = (id) => `profile:user:${id}`;
+  const byCount = await l1Cache({ maxEntries: 2 });
+  const byBytes = await l1Cache({ maxBytes: 1500 });
+  const byTime = await l1Cache({ ttlMs: 50 });
+  try {
+    for (const id of ids.slice(0, 5)) {
+      await intoL1(byCount, keyOf(id), id);
+      await intoL1(byBytes, keyOf(id), id);
+    }
+    assert.equal(byCount.l1Stats().entries, 2);
+    // The most recently used stay.
+    assert.equal((await byCount.getOrLoadWithSource(keyOf(ids[4]), 3600, () => rowOf(pg, ids[4]))).source, "l1");
+    const { entries, bytes } = byBytes.l1Stats();
+    assert.ok(bytes <= 1500 && entries >= 1 && entries < 5, JSON.stringify(byBytes.l1Stats()));
+    await intoL1(byTime, keyOf(ids[0]), ids[0]);
+    await sleep(80);
+    assert.equal((await byTime.getOrLoadWithSource(keyOf(ids[0]), 3600, () => rowOf(pg, ids[0]))).source, "hit");
+    assert.throws(() => createCache({ redis, l1: { maxEntries: 0 } }), /l1.maxEntries: 0 is not a positive number/);
+  } finally {
+    await Promise.all([byCount.close(), byBytes.close(), byTime.close()]);
+  }
 });
