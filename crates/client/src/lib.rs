@@ -23,6 +23,9 @@
 /// keep copies of their own (see [`pgci_protocol::events`]).
 pub use pgci_protocol::events;
 
+pub mod l1;
+pub use l1::{L1Options, L1Stats, L1};
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -121,6 +124,9 @@ pub enum ClientError {
     /// The loader failed.
     #[error("loader: {0}")]
     Loader(Box<dyn std::error::Error + Send + Sync>),
+    /// A setting or the server cannot work (the message says what to do).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Where a value came from, for metrics and tests.
@@ -128,6 +134,8 @@ pub enum ClientError {
 pub enum Source {
     /// The cache.
     Hit,
+    /// The in-process cache ([`L1`]).
+    L1,
     /// The loader, and the key was filled.
     Filled,
     /// The loader; the fill was refused (an invalidation voided the lease).
@@ -145,6 +153,7 @@ pub struct Cache<C> {
     /// Whether `FCALL` works here; `None` until first tried.
     functions: Option<bool>,
     stats: Stats,
+    l1: Option<L1>,
 }
 
 /// Counts of one key prefix (see [`Cache::stats`]).
@@ -185,7 +194,7 @@ impl Stats {
     fn record(&self, key: &str, source: Source, waited: bool) {
         // One owned prefix per lookup, shared by the labels and the map.
         let prefix = key_prefix(key).to_string();
-        let hit = source == Source::Hit;
+        let hit = matches!(source, Source::Hit | Source::L1);
         let filled = source == Source::Filled;
         let outcome = if hit { "hit" } else { "miss" };
         metrics::counter!("pgci_client_lookups_total", "prefix" => prefix.clone(), "outcome" => outcome)
@@ -237,7 +246,15 @@ impl<C: ConnectionLike + Send> Cache<C> {
             position_key,
             functions: None,
             stats: Stats::default(),
+            l1: None,
         }
+    }
+
+    /// Answers repeated reads from `l1` (shared by the process's caches)
+    /// before Redis; see [`l1`] for what keeps it true.
+    pub fn with_l1(mut self, l1: L1) -> Self {
+        self.l1 = Some(l1);
+        self
     }
 
     /// The value of `key`, loading and filling it on a miss. With `after`,
@@ -285,6 +302,9 @@ impl<C: ConnectionLike + Send> Cache<C> {
         Fut: Future<Output = Result<Option<String>, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        if let Some(value) = self.l1.as_ref().and_then(|l1| l1.lookup(key, after)) {
+            return Ok((Some(value), Source::L1));
+        }
         if let Some(token) = after {
             if !self.caught_up(token).await? {
                 let value = loader().await.map_err(|e| ClientError::Loader(e.into()))?;
@@ -293,7 +313,17 @@ impl<C: ConnectionLike + Send> Cache<C> {
         }
         // A hit costs one GET: a cached value is never a lease marker, so
         // the lease function is called only on a miss or a marker.
-        if let Some(value) = self.get_cached_data(key).await? {
+        let through_l1 = match &self.l1 {
+            Some(l1) => l1.read(key).await,
+            None => None,
+        };
+        let cached = match through_l1 {
+            Some(raw) => raw
+                .filter(|v| !lease::is_marker(v))
+                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+            None => self.get_cached_data(key).await?,
+        };
+        if let Some(value) = cached {
             return Ok((Some(value), Source::Hit));
         }
         let token = new_token();
@@ -393,6 +423,10 @@ impl<C: ConnectionLike + Send> Cache<C> {
         };
         loop {
             if self.applied().await?.is_some_and(|at| at >= token.0) {
+                // Lets later reads with this token answer from L1.
+                if let Some(l1) = &self.l1 {
+                    l1.refresh_position();
+                }
                 return Ok(true);
             }
             match deadline {
