@@ -141,6 +141,7 @@ async fn main() {
     let connect = Arc::new(Connect {
         pg_url: env.pg.url(),
         redis: redis.clone(),
+        redis_url: env.redis.url(),
     });
     let mut shared = Some(Shared {
         users: Users::new(ids, args.zipf),

@@ -1,7 +1,7 @@
 //! The ways the app can cache, and how each one reads a page and
 //! follows its own writes.
 
-use pgci_client::{AfterPolicy, Cache, CacheOptions, Source, WriteToken};
+use pgci_client::{AfterPolicy, Cache, CacheOptions, Source, WriteToken, L1};
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::{Client, Statement};
 
@@ -27,17 +27,21 @@ pub enum Policy {
     /// (6) As (5), a read ahead of the daemon waiting up to 50 ms for it
     /// first (`AfterPolicy::Wait`).
     DaemonLeasesWait,
+    /// (7) As (5), with an in-process cache (`pgci_client::L1`) shared by
+    /// the app server's request loops in front of Redis.
+    DaemonLeasesL1,
 }
 
 impl Policy {
     /// Every policy, in the order.
-    pub const ALL: [Policy; 6] = [
+    pub const ALL: [Policy; 7] = [
         Policy::NoCache,
         Policy::TtlPlan,
         Policy::DaemonDelete,
         Policy::DaemonRefresh,
         Policy::DaemonLeases,
         Policy::DaemonLeasesWait,
+        Policy::DaemonLeasesL1,
     ];
 
     /// The name in reports and on the command line.
@@ -49,6 +53,7 @@ impl Policy {
             Policy::DaemonRefresh => "daemon-refresh",
             Policy::DaemonLeases => "daemon-leases",
             Policy::DaemonLeasesWait => "daemon-leases-wait",
+            Policy::DaemonLeasesL1 => "daemon-leases-l1",
         }
     }
 
@@ -61,7 +66,10 @@ impl Policy {
     pub fn daemon(self) -> Option<bool> {
         match self {
             Policy::NoCache | Policy::TtlPlan => None,
-            Policy::DaemonDelete | Policy::DaemonLeases | Policy::DaemonLeasesWait => Some(false),
+            Policy::DaemonDelete
+            | Policy::DaemonLeases
+            | Policy::DaemonLeasesWait
+            | Policy::DaemonLeasesL1 => Some(false),
             Policy::DaemonRefresh => Some(true),
         }
     }
@@ -82,7 +90,15 @@ impl Policy {
 
     /// Whether reads after the app's own writes carry a write token.
     pub fn tokens(self) -> bool {
-        matches!(self, Policy::DaemonLeases | Policy::DaemonLeasesWait)
+        matches!(
+            self,
+            Policy::DaemonLeases | Policy::DaemonLeasesWait | Policy::DaemonLeasesL1
+        )
+    }
+
+    /// Whether the app server keeps an in-process cache.
+    pub fn l1(self) -> bool {
+        self == Policy::DaemonLeasesL1
     }
 
     /// The client's options under this policy.
@@ -104,6 +120,8 @@ pub struct Read {
     pub json: Option<String>,
     /// Whether it came from the cache.
     pub hit: bool,
+    /// Whether it came from the in-process cache.
+    pub near: bool,
     /// Whether it cost a database query.
     pub queried: bool,
 }
@@ -119,14 +137,23 @@ pub struct Reader {
 
 impl Reader {
     /// A reader on its own PostgreSQL session and a shared Redis
-    /// connection.
-    pub async fn new(policy: Policy, pg: Client, redis: MultiplexedConnection) -> Reader {
+    /// connection (and the app server's shared L1, if any).
+    pub async fn new(
+        policy: Policy,
+        pg: Client,
+        redis: MultiplexedConnection,
+        l1: Option<L1>,
+    ) -> Reader {
         let mut statements = Vec::new();
         for page in PAGES {
             let sql = page.query().replace("$1", "$1::text::uuid");
             statements.push(pg.prepare(&sql).await.expect("prepare page query"));
         }
         let cache = Cache::new(redis.clone(), policy.cache_options());
+        let cache = match l1 {
+            Some(l1) => cache.with_l1(l1),
+            None => cache,
+        };
         Reader {
             policy,
             pg,
@@ -165,18 +192,21 @@ impl Reader {
             Policy::NoCache => Read {
                 json: load().await.expect("page query"),
                 hit: false,
+                near: false,
                 queried: true,
             },
-            Policy::DaemonLeases | Policy::DaemonLeasesWait => {
+            Policy::DaemonLeases | Policy::DaemonLeasesWait | Policy::DaemonLeasesL1 => {
                 let (json, source) = self
                     .cache
                     .get_or_load(&key, self.policy.ttl_secs(page), load, after)
                     .await
                     .expect("cache read");
+                let hit = matches!(source, Source::Hit | Source::L1);
                 Read {
                     json,
-                    hit: source == Source::Hit,
-                    queried: source != Source::Hit,
+                    hit,
+                    near: source == Source::L1,
+                    queried: !hit,
                 }
             }
             Policy::TtlPlan | Policy::DaemonDelete | Policy::DaemonRefresh => {
@@ -190,6 +220,7 @@ impl Reader {
                     return Read {
                         json: Some(json),
                         hit: true,
+                        near: false,
                         queried: false,
                     };
                 }
@@ -207,6 +238,7 @@ impl Reader {
                 Read {
                     json,
                     hit: false,
+                    near: false,
                     queried: true,
                 }
             }

@@ -75,9 +75,10 @@ impl Outcome {
         let mut sorted = self.tally.latencies_us.clone();
         sorted.sort_unstable();
         format!(
-            "policy={} hit_rate={:.1}% db_queries_per_request={:.3} p50_ms={:.3} p95_ms={:.3} p99_ms={:.3} stale_read_pct={:.3}% worst_stale_s={:.3} own_read_stale_pct={:.2}% own_read_db_pct={:.1}% own_read_mean_ms={:.3} own_reads={} requests={} rps={:.0}",
+            "policy={} hit_rate={:.1}% l1_hit_rate={:.1}% db_queries_per_request={:.3} p50_ms={:.3} p95_ms={:.3} p99_ms={:.3} stale_read_pct={:.3}% worst_stale_s={:.3} own_read_stale_pct={:.2}% own_read_db_pct={:.1}% own_read_mean_ms={:.3} own_reads={} requests={} rps={:.0}",
             self.policy.name(),
             self.hit_rate(),
+            self.pct(self.tally.l1_hits),
             self.db_per_request(),
             self.quantile_ms(&sorted, 0.50),
             self.quantile_ms(&sorted, 0.95),
@@ -90,6 +91,18 @@ impl Outcome {
             self.tally.own_reads,
             self.tally.requests,
             self.tally.requests as f64 / self.seconds.max(1) as f64,
+        ) + &self.cut_line()
+    }
+
+    /// The reads right after a cut of L1's connection, when there were any.
+    fn cut_line(&self) -> String {
+        let t = &self.tally;
+        if t.cut_reads == 0 {
+            return String::new();
+        }
+        format!(
+            " reads_after_l1_cuts={} of_them_from_l1={} of_them_stale={}",
+            t.cut_reads, t.cut_l1_hits, t.cut_stale
         )
     }
 }
@@ -123,9 +136,12 @@ pub fn table(outcomes: &[Outcome]) -> String {
             _ => (String::new(), String::new(), "baseline".to_string()),
         };
         out.push_str(&format!(
-            "| {} | {:.1} % | {:.3}{} | {:.3}{} | {:.3} / {:.3} / {:.3} | {:.3} % ({} of {}) | {:.3} s | {:.2} % ({} of {}) | {} |\n",
+            "| {} | {} | {:.3}{} | {:.3}{} | {:.3} / {:.3} / {:.3} | {:.3} % ({} of {}) | {:.3} s | {:.2} % ({} of {}) | {} |\n",
             o.policy.name(),
-            o.hit_rate(),
+            match o.tally.l1_hits {
+                0 => format!("{:.1} %", o.hit_rate()),
+                _ => format!("{:.1} % (L1 {:.1} %)", o.hit_rate(), o.pct(o.tally.l1_hits)),
+            },
             o.db_per_request(),
             queries_vs,
             o.mean_ms(),

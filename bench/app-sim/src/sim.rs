@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgci_client::write_token;
+use pgci_client::{write_token, L1Options, L1};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
@@ -41,6 +41,8 @@ pub struct Series {
     /// [lookups, hits, stale] per second since the start.
     seconds: Vec<[AtomicU64; 3]>,
     start: Instant,
+    /// When the L1 policy's connection was cut.
+    cuts: std::sync::Mutex<Vec<Instant>>,
 }
 
 impl Series {
@@ -48,6 +50,7 @@ impl Series {
         Series {
             seconds: (0..seconds + 30).map(|_| Default::default()).collect(),
             start,
+            cuts: Default::default(),
         }
     }
 
@@ -58,6 +61,13 @@ impl Series {
         slot[0].fetch_add(1, Ordering::Relaxed);
         slot[1].fetch_add(u64::from(hit), Ordering::Relaxed);
         slot[2].fetch_add(u64::from(stale), Ordering::Relaxed);
+    }
+
+    /// Whether `at` falls in the first [`CUT_WINDOW`] after a cut.
+    fn after_cut(&self, at: Instant) -> bool {
+        let cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        cuts.iter()
+            .any(|&cut| at >= cut && at.duration_since(cut) < CUT_WINDOW)
     }
 
     /// (second, hit %, stale %) for each second with lookups, up to `until`.
@@ -77,6 +87,10 @@ impl Series {
     }
 }
 
+/// How long after a cut of L1's connection reads are counted apart (L1
+/// is emptied, reconnects and fills again within it).
+pub const CUT_WINDOW: Duration = Duration::from_secs(2);
+
 /// What one request loop (or the writer's own reads) saw.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -84,6 +98,14 @@ pub struct Tally {
     pub requests: u64,
     /// Reads served from the cache.
     pub hits: u64,
+    /// Of them, reads served from the in-process cache.
+    pub l1_hits: u64,
+    /// Reads in the [`CUT_WINDOW`] after a cut of L1's connection…
+    pub cut_reads: u64,
+    /// …how many of them L1 answered…
+    pub cut_l1_hits: u64,
+    /// …and how many were stale.
+    pub cut_stale: u64,
     /// Reads that queried PostgreSQL.
     pub db_queries: u64,
     /// Reads that returned an older version than the newest committed
@@ -107,6 +129,10 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         self.requests += other.requests;
         self.hits += other.hits;
+        self.l1_hits += other.l1_hits;
+        self.cut_reads += other.cut_reads;
+        self.cut_l1_hits += other.cut_l1_hits;
+        self.cut_stale += other.cut_stale;
         self.db_queries += other.db_queries;
         self.stale += other.stale;
         self.own_reads += other.own_reads;
@@ -163,6 +189,8 @@ pub struct Connect {
     pub pg_url: String,
     /// Shared Redis connection.
     pub redis: MultiplexedConnection,
+    /// Redis URL (the L1 policy's own connection).
+    pub redis_url: String,
 }
 
 impl Connect {
@@ -174,8 +202,8 @@ impl Connect {
         client
     }
 
-    async fn reader(&self, policy: Policy) -> Reader {
-        Reader::new(policy, self.pg().await, self.redis.clone()).await
+    async fn reader(&self, policy: Policy, l1: Option<L1>) -> Reader {
+        Reader::new(policy, self.pg().await, self.redis.clone(), l1).await
     }
 }
 
@@ -198,6 +226,12 @@ async fn judged_read(
     let stale = version < newest;
     tally.requests += 1;
     tally.hits += u64::from(read.hit);
+    tally.l1_hits += u64::from(read.near);
+    if series.after_cut(started) {
+        tally.cut_reads += 1;
+        tally.cut_l1_hits += u64::from(read.near);
+        tally.cut_stale += u64::from(stale);
+    }
     tally.db_queries += u64::from(read.queried);
     tally
         .latencies_us
@@ -223,12 +257,61 @@ pub async fn run(
     let start = Instant::now();
     let end = start + Duration::from_secs(workload.seconds);
     let series = Arc::new(Series::new(workload.seconds, start));
+    // One in-process cache for the app server's request loops.
+    let l1 = match policy.l1() {
+        true => {
+            let client = redis::Client::open(connect.redis_url.as_str()).expect("redis url");
+            Some(
+                L1::connect(&client, L1Options::default())
+                    .await
+                    .expect("L1 connects"),
+            )
+        }
+        false => None,
+    };
     let mut tasks = Vec::new();
+    if let Some(l1) = &l1 {
+        // Cut L1's connection at a third and two thirds of the run (as a
+        // network blip or an output-buffer kill would): L1 must be emptied
+        // and refilled without a stale read.
+        let (l1, series, mut redis) = (l1.clone(), series.clone(), connect.redis.clone());
+        tasks.push(tokio::spawn(async move {
+            for third in 1..=2u32 {
+                tokio::time::sleep_until((start + (end - start) * third / 3).into()).await;
+                series
+                    .cuts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Instant::now());
+                let _: i64 = redis::cmd("CLIENT")
+                    .arg(&["KILL", "TYPE", "pubsub"][..])
+                    .query_async(&mut redis)
+                    .await
+                    .expect("CLIENT KILL");
+            }
+            tokio::time::sleep_until(end.into()).await;
+            let stats = l1.stats();
+            eprintln!(
+                "l1 at the end: entries={} bytes={} hits={} fills={} not_kept={} drops: disconnect={} gap={} epoch={} flush={}",
+                stats.entries,
+                stats.bytes,
+                stats.hits,
+                stats.fills,
+                stats.not_kept,
+                stats.drops.disconnect,
+                stats.drops.gap,
+                stats.drops.epoch,
+                stats.drops.flush
+            );
+            Tally::default()
+        }));
+    }
     for w in 0..workload.workers {
-        let (shared, connect, series) = (shared.clone(), connect.clone(), series.clone());
+        let (shared, connect, series, l1) =
+            (shared.clone(), connect.clone(), series.clone(), l1.clone());
         let seed = workload.seed.wrapping_mul(1000).wrapping_add(w as u64);
         tasks.push(tokio::spawn(async move {
-            let mut reader = connect.reader(policy).await;
+            let mut reader = connect.reader(policy, l1).await;
             let mut rng = StdRng::seed_from_u64(seed);
             let mut tally = Tally::default();
             while Instant::now() < end {
@@ -240,14 +323,15 @@ pub async fn run(
         }));
     }
     {
-        let (shared, connect, series, workload) = (
+        let (shared, connect, series, workload, l1) = (
             shared.clone(),
             connect.clone(),
             series.clone(),
             workload.clone(),
+            l1.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            app_writes(policy, &workload, &shared, &connect, &series, end).await
+            app_writes(policy, &workload, &shared, &connect, &series, end, l1).await
         }));
     }
     {
@@ -274,8 +358,9 @@ async fn app_writes(
     connect: &Connect,
     series: &Series,
     end: Instant,
+    l1: Option<L1>,
 ) -> Tally {
-    let mut reader = connect.reader(policy).await;
+    let mut reader = connect.reader(policy, l1).await;
     let mut rng = StdRng::seed_from_u64(workload.seed.wrapping_add(7_777));
     let mut tally = Tally::default();
     if workload.writes_per_sec == 0 {
