@@ -20,13 +20,15 @@
 //! it drops everything unless [`Sequence::observe`] says the event is the
 //! next one.
 
+use crate::keys::hash_tag;
+
 /// The record `seq` and `epoch` come from (a Redis hash with fields `seq`
 /// and `epoch`): in the channel's hash slot, so a script on a Redis
 /// Cluster can update it and `SPUBLISH` on the channel together. A channel
 /// with a hash tag of its own keeps it (`pgci:events:app{inv}`); any other
 /// is wrapped (`pgci:events:{cache-invalidation}`).
 pub fn sequence_key(channel: &str) -> String {
-    if has_hash_tag(channel) {
+    if hash_tag(channel.as_bytes()).is_some() {
         format!("pgci:events:{channel}")
     } else {
         format!("pgci:events:{{{channel}}}")
@@ -37,25 +39,14 @@ pub fn sequence_key(channel: &str) -> String {
 /// or `{tag}:events` when the channel has a hash tag): on a Redis Cluster
 /// the stream must share the slot of [`sequence_key`].
 pub fn stream_name_like(channel: &str) -> String {
-    match hash_tag(channel) {
-        Some(tag) => format!("{{{tag}}}:events"),
+    match hash_tag(channel.as_bytes()) {
+        Some(tag) => format!("{{{}}}:events", String::from_utf8_lossy(tag)),
         None => format!("{{{channel}}}:events"),
     }
 }
 
 /// The field of a stream entry that holds the event, as published.
 pub const STREAM_FIELD: &str = "event";
-
-/// Whether `name` has a non-empty `{…}` hash tag (Redis Cluster's rule).
-fn has_hash_tag(name: &str) -> bool {
-    hash_tag(name).is_some()
-}
-
-fn hash_tag(name: &str) -> Option<&str> {
-    let open = name.find('{')?;
-    let len = name[open + 1..].find('}')?;
-    (len > 0).then(|| &name[open + 1..open + 1 + len])
-}
 
 /// What one event says about the events before it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 //! Redis, and nothing else: the lease functions app readers call
 //! ([`lease`], loaded by [`functions`]), the daemon's applied-position
 //! record that read-your-writes tokens are compared with ([`position`]),
-//! the cache-tag marks a Next.js cache handler reads ([`tags`]), the
+//! the cache-tag marks a Next.js cache handler reads ([`tags`]), Redis
+//! Cluster's hash-tag rule ([`keys`]), the
 //! order of the invalidation events a subscriber checks ([`events`]), and
 //! PostgreSQL's `pg_lsn` ([`lsn`]).
 //!
@@ -13,6 +14,7 @@
 
 pub mod events;
 pub mod functions;
+pub mod keys;
 pub mod lease;
 pub mod lsn;
 pub mod position;

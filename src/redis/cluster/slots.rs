@@ -39,14 +39,7 @@ impl SlotMap {
 
 /// The hash slot of `key` (its `{…}` tag's, when it has a non-empty one).
 pub fn slot_of(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|b| *b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter().position(|b| *b == b'}').map(|len| &rest[..len])
-        })
-        .filter(|tag| !tag.is_empty());
+    let tagged = pgci_protocol::keys::hash_tag(key);
     crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
 }
 

@@ -8,6 +8,7 @@
 //! cached value backwards, and a replayed write of a row that was later
 //! deleted does not resurrect it.
 
+use pgci_protocol::keys::hash_tag;
 use std::sync::LazyLock;
 
 /// The guarded write: `KEYS[1]` the key, `KEYS[2]` its version key;
@@ -36,7 +37,7 @@ const VERSION_TTL_MIN_SECS: u64 = 3600;
 /// (wrapping it would make `{balance:{user-1}` the tag: another slot, and
 /// a CROSSSLOT error on a cluster).
 pub fn version_key(key: &str) -> String {
-    if has_hash_tag(key) {
+    if hash_tag(key.as_bytes()).is_some() {
         format!("{key}:pgci-version")
     } else {
         format!("{{{key}}}:pgci-version")
@@ -49,13 +50,6 @@ pub fn version_key(key: &str) -> String {
 pub fn same_slot(key: &str) -> bool {
     use crate::redis::cluster::slot_of;
     slot_of(key.as_bytes()) == slot_of(version_key(key).as_bytes())
-}
-
-/// Whether `key` has a non-empty `{…}` hash tag (Redis Cluster's rule).
-fn has_hash_tag(key: &str) -> bool {
-    key.find('{')
-        .and_then(|open| key[open + 1..].find('}'))
-        .is_some_and(|len| len > 0)
 }
 
 /// `SCRIPT LOAD` of the guarded write. A pipeline that uses it starts with
