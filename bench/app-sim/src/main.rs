@@ -133,11 +133,11 @@ async fn main() {
     let pillars = column(&pg, "select id::text from public.pillars order by slug").await;
     let index: HashMap<String, usize> = ids.iter().cloned().zip(0..).collect();
     let users = ids.len();
-    let redis = redis::Client::open(env.redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
+    let redis = redis::aio::ConnectionManager::new(
+        redis::Client::open(env.redis.url()).expect("redis url"),
+    )
+    .await
+    .expect("connect to redis");
     let connect = Arc::new(Connect {
         pg_url: env.pg.url(),
         redis: redis.clone(),
@@ -167,7 +167,22 @@ async fn main() {
         sim::learn_all(&fresh, &pg).await;
         let fresh = Arc::new(fresh);
         eprintln!("running {} for {} s", policy.name(), args.seconds);
-        let (tally, series) = sim::run(policy, &workload, fresh.clone(), connect.clone()).await;
+        // Under the L1 policy Redis is restarted (empty) in the middle.
+        let (restart, restart_now) = tokio::sync::oneshot::channel();
+        let restarter = async {
+            if policy.l1() && restart_now.await.is_ok() {
+                env.redis.restart().await;
+                eprintln!("redis restarted");
+            }
+        };
+        let run = sim::run(
+            policy,
+            &workload,
+            fresh.clone(),
+            connect.clone(),
+            policy.l1().then_some(restart),
+        );
+        let ((tally, series), ()) = tokio::join!(run, restarter);
         let outcome = Outcome {
             policy,
             tally,

@@ -2,7 +2,7 @@
 //! follows its own writes.
 
 use pgci_client::{AfterPolicy, Cache, CacheOptions, Source, WriteToken, L1};
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use tokio_postgres::{Client, Statement};
 
 use crate::workload::{Page, PAGES};
@@ -131,8 +131,8 @@ pub struct Reader {
     policy: Policy,
     pg: Client,
     statements: Vec<Statement>,
-    redis: MultiplexedConnection,
-    cache: Cache<MultiplexedConnection>,
+    redis: ConnectionManager,
+    cache: Cache<ConnectionManager>,
 }
 
 impl Reader {
@@ -141,7 +141,7 @@ impl Reader {
     pub async fn new(
         policy: Policy,
         pg: Client,
-        redis: MultiplexedConnection,
+        redis: ConnectionManager,
         l1: Option<L1>,
     ) -> Reader {
         let mut statements = Vec::new();
@@ -196,11 +196,19 @@ impl Reader {
                 queried: true,
             },
             Policy::DaemonLeases | Policy::DaemonLeasesWait | Policy::DaemonLeasesL1 => {
-                let (json, source) = self
+                let (json, source) = match self
                     .cache
                     .get_or_load(&key, self.policy.ttl_secs(page), load, after)
                     .await
-                    .expect("cache read");
+                {
+                    Ok(read) => read,
+                    // Redis is restarting: the page comes from the
+                    // database, as an app serves it when its cache fails.
+                    Err(pgci_client::ClientError::Redis(_)) => {
+                        (load().await.expect("page query"), Source::Bypassed)
+                    }
+                    Err(e) => panic!("cache read: {e}"),
+                };
                 let hit = matches!(source, Source::Hit | Source::L1);
                 Read {
                     json,

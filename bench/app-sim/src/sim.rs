@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pgci_client::{write_token, L1Options, L1};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 
 use crate::policy::{Policy, Reader};
 use crate::truth::Truth;
@@ -61,6 +61,12 @@ impl Series {
         slot[0].fetch_add(1, Ordering::Relaxed);
         slot[1].fetch_add(u64::from(hit), Ordering::Relaxed);
         slot[2].fetch_add(u64::from(stale), Ordering::Relaxed);
+    }
+
+    /// Notes a cut (or a restart) of L1's connection now.
+    fn cut(&self) {
+        let mut cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        cuts.push(Instant::now());
     }
 
     /// Whether `at` falls in the first [`CUT_WINDOW`] after a cut.
@@ -187,8 +193,8 @@ impl Shared {
 pub struct Connect {
     /// PostgreSQL URL.
     pub pg_url: String,
-    /// Shared Redis connection.
-    pub redis: MultiplexedConnection,
+    /// Shared Redis connection (it reconnects after a Redis restart).
+    pub redis: ConnectionManager,
     /// Redis URL (the L1 policy's own connection).
     pub redis_url: String,
 }
@@ -247,12 +253,14 @@ async fn judged_read(
     series.add(started, read.hit, stale);
 }
 
-/// Runs `policy` for the workload's duration.
+/// Runs `policy` for the workload's duration; under the L1 policy,
+/// `restart` is told when to restart Redis.
 pub async fn run(
     policy: Policy,
     workload: &Workload,
     shared: Arc<Shared>,
     connect: Arc<Connect>,
+    restart: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> (Tally, Arc<Series>) {
     let start = Instant::now();
     let end = start + Duration::from_secs(workload.seconds);
@@ -271,23 +279,22 @@ pub async fn run(
     };
     let mut tasks = Vec::new();
     if let Some(l1) = &l1 {
-        // Cut L1's connection at a third and two thirds of the run (as a
-        // network blip or an output-buffer kill would): L1 must be emptied
-        // and refilled without a stale read.
+        // Cut L1's connection at a third of the run (as a network blip or
+        // an output-buffer kill would) and have Redis restarted (empty) at
+        // two thirds: L1 must be emptied and refilled without a stale read.
         let (l1, series, mut redis) = (l1.clone(), series.clone(), connect.redis.clone());
         tasks.push(tokio::spawn(async move {
-            for third in 1..=2u32 {
-                tokio::time::sleep_until((start + (end - start) * third / 3).into()).await;
-                series
-                    .cuts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(Instant::now());
-                let _: i64 = redis::cmd("CLIENT")
-                    .arg(&["KILL", "TYPE", "pubsub"][..])
-                    .query_async(&mut redis)
-                    .await
-                    .expect("CLIENT KILL");
+            tokio::time::sleep_until((start + (end - start) / 3).into()).await;
+            series.cut();
+            let _: i64 = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "pubsub"][..])
+                .query_async(&mut redis)
+                .await
+                .expect("CLIENT KILL");
+            tokio::time::sleep_until((start + (end - start) * 2 / 3).into()).await;
+            if let Some(restart) = restart {
+                series.cut();
+                let _ = restart.send(());
             }
             tokio::time::sleep_until(end.into()).await;
             let stats = l1.stats();
