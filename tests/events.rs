@@ -76,24 +76,9 @@ async fn bump(env: &TestEnv, user: &str, n: usize) {
 /// The stream's entries: (id, event).
 async fn stream_entries(env: &TestEnv, after: &str) -> Vec<(String, serde_json::Value)> {
     let mut redis = env.redis.conn().await;
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(STREAM)
-        .arg(format!("({after}"))
-        .arg("+")
-        .query_async(&mut redis)
+    crate::support::stream_events(&mut redis, STREAM, &format!("({after}"))
         .await
-        .expect("xrange");
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            let event = fields
-                .into_iter()
-                .find(|(f, _)| f == "event")
-                .map(|(_, e)| serde_json::from_str(&e).expect("json entry"))
-                .expect("event field");
-            (id, event)
-        })
-        .collect()
+        .expect("xrange")
 }
 
 /// A daemon killed with SIGKILL mid-stream replays what it had not

@@ -244,11 +244,7 @@ async fn metric(port: u16, name: &str, rule: &str) -> f64 {
     let (_, body) = crate::support::http_get(port, "/metrics")
         .await
         .unwrap_or_default();
-    let prefix = format!("{name}{{rule=\"{rule}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    crate::support::metric(&body, &format!("{name}{{rule=\"{rule}\"}}")).unwrap_or(0.0)
 }
 
 /// The freshness sampler inside the daemon (`[verify] sample_per_second`):

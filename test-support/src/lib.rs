@@ -34,7 +34,7 @@ pub use pgbouncer::PgBouncer;
 pub use postgres::{pg_bin, slot_active, Postgres};
 pub use proxy::Proxy;
 pub use redis_cluster::RedisCluster;
-pub use redis_server::{preset, surviving, Redis};
+pub use redis_server::{preset, stream_events, surviving, Redis};
 
 /// The demo schema the tests write to.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/demo/avolve_schema.sql");

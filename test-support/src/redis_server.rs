@@ -212,3 +212,31 @@ pub async fn surviving(redis: &mut redis::aio::MultiplexedConnection, keys: &[St
     }
     total
 }
+
+/// The events kept in `stream` from `start` on (an XRANGE start: `-`, or
+/// `(ID` for after ID), each as its entry id and the event's JSON (the
+/// entry's `event` field). An error when the node does not hold the
+/// stream's slot (a cluster).
+pub async fn stream_events<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    start: &str,
+) -> redis::RedisResult<Vec<(String, serde_json::Value)>> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(start)
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    Ok(entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let event = fields
+                .into_iter()
+                .find(|(field, _)| field == "event")
+                .map(|(_, json)| serde_json::from_str(&json).expect("an event's JSON"))
+                .expect("an entry with an event field");
+            (id, event)
+        })
+        .collect())
+}
