@@ -450,18 +450,18 @@ test("L1 answers a repeated read in process; SQL changes and other instances' wr
       const applied = await other.appliedPosition();
       return applied !== null && parseLsn(applied) >= parseLsn(token);
     });
-    await waitFor("L1 to drop the key", 2000, async () => cache.l1Stats().entries === 0);
+    await waitFor("L1 to drop the key", 5000, async () => cache.l1Stats().entries === 0);
     await intoL1(cache, key, id);
     assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "l1 sql");
     // Another instance overwrites the key (no delete first): tracking again.
     await other.setCachedData(key, { bio: "another instance" });
-    await waitFor("L1 to drop the overwritten key", 2000, async () => cache.l1Stats().entries === 0);
+    await waitFor("L1 to drop the overwritten key", 5000, async () => cache.l1Stats().entries === 0);
     assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "another instance");
     // Another instance's lease fill after an invalidation.
     await intoL1(cache, key, id);
     await other.invalidateCache(key);
     assert.equal((await other.getOrLoadWithSource(key, 3600, async () => ({ bio: "filled elsewhere" }))).source, "filled");
-    await waitFor("L1 to drop the refilled key", 2000, async () => cache.l1Stats().entries === 0);
+    await waitFor("L1 to drop the refilled key", 5000, async () => cache.l1Stats().entries === 0);
     assert.equal((await cache.getOrLoad(key, 3600, () => rowOf(pg, id))).bio, "filled elsewhere");
     const stats = cache.l1Stats();
     assert.ok(stats.hits >= 3 && stats.fills >= 3, JSON.stringify(stats));
