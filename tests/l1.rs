@@ -166,7 +166,7 @@ async fn l1_answers_in_process_and_tracking_keeps_it_true() {
         .expect("set");
     wait_for(
         "L1 to drop the overwritten key",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || l1.stats().entries == 0,
     )
     .await;
@@ -191,7 +191,7 @@ async fn l1_answers_in_process_and_tracking_keeps_it_true() {
     assert_eq!(filled, Source::Filled);
     wait_for(
         "L1 to drop the refilled key",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         || l1.stats().entries == 0,
     )
     .await;
