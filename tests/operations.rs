@@ -446,6 +446,14 @@ async fn changes_missed_through_a_recreated_slot_are_flushed_at_start() {
         )
         .await
         .expect("update");
+    // The stopped daemon's walsender may take a moment to let go of the
+    // slot (seen once in CI: "is active for PID …").
+    crate::support::wait_for(
+        "the stopped daemon's walsender to release the slot",
+        std::time::Duration::from_secs(30),
+        || async { !crate::support::slot_active(&client).await },
+    )
+    .await;
     client
         .execute(
             "select pg_drop_replication_slot('pg_cache_invalidator')",
