@@ -935,12 +935,16 @@ async fn outbox_physical_rows(env: &TestEnv) -> i64 {
 /// recorded, the rows not yet emptied), then a restart with no new writes:
 /// the outbox is emptied within a rotation. It kept all 20,000 rows: the
 /// new process counted no rows drained since the partition switch, so it
-/// never switched and emptied the full partition.
+/// never switched and emptied the full partition. The first process
+/// rotates only every ten minutes, so nothing empties the outbox before
+/// the kill however slowly the harness sees the drain end (with 2 s it
+/// once rotated and emptied first on a loaded CI machine); the second
+/// rotates every 2 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_outbox_empties_after_a_kill9() {
     let mut env = TestEnv::start(2_000).await;
     env.postgres_extra = "source = \"outbox\"\n".to_string();
-    env.write_config("[outbox]\nrotate_interval = \"2s\"\n");
+    env.write_config("[outbox]\nrotate_interval = \"10m\"\n");
     env.setup();
     let client = env.pg.client().await;
     client
@@ -971,6 +975,7 @@ async fn the_outbox_empties_after_a_kill9() {
     assert_eq!(surviving(&mut redis, &keys).await, 0);
     let left = outbox_physical_rows(&env).await;
     assert!(left > 0, "emptied before the kill: the test proves nothing");
+    env.write_config("[outbox]\nrotate_interval = \"2s\"\n");
     let daemon = env.daemon().await;
     wait_for(
         "the outbox to be emptied",
