@@ -249,10 +249,11 @@ impl Postgres {
         self.wait_ready_or_move(false).await;
     }
 
-    /// Waits until the server accepts a connection. A first start whose
-    /// server exited (`may_move`: its port was taken between `free_port`
-    /// and its bind, by another server of this or another test) starts
-    /// again on another port. Each attempt is bounded: the taker of the
+    /// Waits until the server accepts a connection. A server that exited
+    /// starts again: a first start (`may_move`: its port was taken between
+    /// `free_port` and its bind, by another server of this or another
+    /// test) on another port, a restart on the same one after a pause.
+    /// Each attempt is bounded: the taker of the
     /// port (a Redis) never answers a PostgreSQL startup packet, and this
     /// waited for ever.
     async fn wait_ready_or_move(&mut self, may_move: bool) {
@@ -262,8 +263,17 @@ impl Postgres {
                 .child
                 .as_mut()
                 .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-            if exited && may_move {
-                self.port = free_port();
+            if exited {
+                // A first start may move to another port; a restart tries
+                // the same port again: the last server's killed backends
+                // may still hold its shared memory for a moment ("pre-
+                // existing shared memory block is still in use", seen in
+                // the soak after a fast shutdown that had to be killed).
+                if may_move {
+                    self.port = free_port();
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 self.spawn();
             }
             let conninfo = self.conninfo();

@@ -6,7 +6,9 @@
 //! counters. A cached page older than its rows, an own read (with a
 //! write token) older than the write, or an app server's in-process copy
 //! kept by the events older than its rows (an event lost without its
-//! `seq`, `epoch` or a disconnect saying so; see `copies`), is a violation.
+//! `seq`, `epoch` or a disconnect saying so; see `copies`), is a violation;
+//! so is a canary key still in Redis after the slot confirmed the commit
+//! that deletes it (checked all the time; see `confirmed`).
 //!
 //! ```text
 //! scripts/soak.sh [--minutes 2] [--seed 1] [--users 300]
@@ -16,6 +18,7 @@
 //! first violation is printed with the seed and round, so a failure can be
 //! replayed with the same `--seed`.
 
+mod confirmed;
 mod copies;
 mod nemesis;
 
@@ -70,6 +73,10 @@ struct Args {
     /// `outbox` (trigger-fed; the slot faults are left out).
     #[arg(long, default_value = "replication")]
     source: String,
+    /// Copy every daemon's log into this directory before the servers'
+    /// directories are removed (to read what happened around a violation).
+    #[arg(long)]
+    keep_logs: Option<std::path::PathBuf>,
 }
 
 /// What the workload did, and what it got wrong.
@@ -106,6 +113,8 @@ struct Shared {
     /// Quiescent points where the listener had not seen the last event
     /// within 10 s (its copies were not judged).
     copies_unchecked: AtomicU64,
+    /// Canaries: nothing confirmed that Redis had not acknowledged.
+    confirmed: Arc<confirmed::Watcher>,
 }
 
 impl Shared {
@@ -221,6 +230,7 @@ async fn main() {
         copies: Arc::default(),
         events_lost: AtomicU64::new(0),
         copies_unchecked: AtomicU64::new(0),
+        confirmed: Arc::default(),
     });
     let stop_copies = Arc::new(AtomicBool::new(false));
     let mut copy_tasks = vec![tokio::spawn(copies::listen(
@@ -235,6 +245,21 @@ async fn main() {
             shared.ids.clone(),
             stop_copies.clone(),
             args.seed + 200 + i,
+        )));
+    }
+    if !outbox {
+        copy_tasks.push(tokio::spawn(confirmed::launch(
+            shared.confirmed.clone(),
+            shared.pg_url.clone(),
+            shared.redis_url.clone(),
+            stop_copies.clone(),
+        )));
+        copy_tasks.push(tokio::spawn(confirmed::judge(
+            shared.confirmed.clone(),
+            shared.pg_url.clone(),
+            shared.redis_url.clone(),
+            SLOT.to_string(),
+            stop_copies.clone(),
         )));
     }
     let mut tasks = Vec::new();
@@ -268,6 +293,10 @@ async fn main() {
         let faults = Fault::draw(&mut rng, &Fault::kinds(outbox, standby.is_some()));
         let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
         eprintln!("round {rounds}: {}", names.join(" + "));
+        shared.confirmed.round.store(rounds, Ordering::Relaxed);
+        if faults.iter().any(|f| f.undoes_invalidations()) {
+            shared.confirmed.expect_loss();
+        }
         if nemesis::inject(&mut env, &mut daemon, standby.as_mut(), &faults, &mut rng).await {
             restarts += 1;
         }
@@ -324,6 +353,13 @@ async fn main() {
         seen.copies_filled,
         shared.copies_unchecked.load(Ordering::Relaxed),
     );
+    let alive = shared.confirmed.alive.load(Ordering::Relaxed);
+    violations += alive;
+    println!(
+        "canaries_launched={} canaries_judged={} canaries_alive_after_confirm={alive}",
+        shared.confirmed.launched.load(Ordering::Relaxed),
+        shared.confirmed.judged.load(Ordering::Relaxed),
+    );
     println!(
         "seed={} source={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
         args.seed,
@@ -350,16 +386,25 @@ async fn main() {
             recovery.get(fault).map_or(0, |d| d.as_millis())
         );
     }
-    if let Some(first) = shared
+    let first = shared
         .first_violation
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-    {
+        .or_else(|| {
+            shared
+                .confirmed
+                .first_alive()
+                .map(|what| format!("seed {}: {what}", args.seed))
+        });
+    if let Some(first) = first {
         println!("first violation: {first}");
         eprintln!("daemon log (tail):\n{}", tail(&daemon.log(), 60));
     }
     println!("violations={violations} kinds={}", injected.len());
+    if let Some(dir) = &args.keep_logs {
+        keep_logs(&env, dir);
+    }
     // Stop every server before exit(), which runs no destructors: the
     // servers outlived each run (found on the CI machine).
     drop(daemon);
@@ -384,6 +429,20 @@ fn daemon_logs(env: &TestEnv) -> (usize, usize) {
         flushed += log.matches("flushed every key of every rule").count();
     }
     (promoted, flushed)
+}
+
+/// Copies `daemon-N.log` of every daemon the soak started into `dir`.
+fn keep_logs(env: &TestEnv, dir: &std::path::Path) {
+    if let Err(error) = std::fs::create_dir_all(dir) {
+        eprintln!("cannot create {}: {error}", dir.display());
+        return;
+    }
+    for n in 1.. {
+        let name = format!("daemon-{n}.log");
+        if std::fs::copy(env.path(&name), dir.join(&name)).is_err() {
+            break;
+        }
+    }
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -424,6 +483,9 @@ async fn check(
         let mut cache = shared.cache().await;
         pgci_app_sim::caught_up(&mut cache, token, limit).await
     };
+    if caught_up {
+        shared.confirmed.settled();
+    }
     if !caught_up {
         *violations += 1;
         shared.violation(format!(
@@ -481,6 +543,9 @@ async fn check(
     }
     stale
 }
+
+/// The daemon's slot (the default name).
+const SLOT: &str = "pg_cache_invalidator";
 
 /// A rule the soak watches to know when the daemon has applied
 /// everything committed before a sentinel row (the outbox source, which

@@ -75,6 +75,18 @@ impl Fault {
             .collect()
     }
 
+    /// Whether, after this fault, a deleted key may come back or the slot
+    /// move past changes the daemon never applied, until the daemon
+    /// notices and flushes (Redis back from an older snapshot, a slot
+    /// created anew, a promotion): the canaries are not judged until the
+    /// next quiescent point.
+    pub fn undoes_invalidations(self) -> bool {
+        matches!(
+            self,
+            Fault::RedisFromSnapshot | Fault::DropSlot | Fault::Promote
+        )
+    }
+
     /// Draws one or two distinct faults of `kinds`.
     pub fn draw(rng: &mut StdRng, kinds: &[Fault]) -> Vec<Fault> {
         let first = kinds[rng.random_range(0..kinds.len())];
