@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use pgci_protocol::events::{Observed, Sequence};
 
-use crate::support::{users, wait_for, TestEnv};
+use crate::support::{free_port, users, wait_for, TestEnv};
 
 const CHANNEL: &str = "cache-invalidation";
 const STREAM: &str = "pgci-events";
@@ -79,6 +79,86 @@ async fn stream_entries(env: &TestEnv, after: &str) -> Vec<(String, serde_json::
     crate::support::stream_events(&mut redis, STREAM, &format!("({after}"))
         .await
         .expect("xrange")
+}
+
+/// A change applied while its commit is still invisible to readers (a
+/// synchronous standby that has not applied it: `remote_apply`, replay
+/// paused) is announced only once the commit shows. A reader may fill the
+/// old row meanwhile, which the daemon's second deletion pass removes; a
+/// subscriber that dropped its copy on an event sent with the first pass
+/// and copied the key again from Redis would keep that old value, with no
+/// event left to drop it (the soak's in-process copies found two such).
+/// Before the fix the event went out with the first pass, while the
+/// writer still waited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_goes_out_only_once_its_commit_shows() {
+    let mut env = TestEnv::start(5).await;
+    let standby = env.pg.synchronous_standby_at(free_port(), false).await;
+    env.setup();
+    let seen = collect(&env).await;
+    let daemon = env.daemon().await;
+    let user = users(&env, 1).await.remove(0).id;
+    let key = format!("profile:user:{user}");
+    let mut redis = env.redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("cached")
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    standby
+        .client()
+        .await
+        .batch_execute("select pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    let writer = {
+        let client = env.pg.client().await;
+        tokio::spawn(async move {
+            client
+                .batch_execute(&format!(
+                    "set synchronous_commit = remote_apply;                      update public.profiles set bio = 'invisible for a while' where id = '{user}'"
+                ))
+                .await
+                .expect("update");
+        })
+    };
+    // The daemon decodes the commit and deletes the key (its first pass)
+    // while the writer waits for the standby.
+    wait_for(
+        "the first deletion pass",
+        Duration::from_secs(30),
+        || async {
+            let mut redis = env.redis.conn().await;
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .expect("exists");
+            !exists
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer did not wait for the standby: the test proves nothing"
+    );
+    assert!(
+        !keys_of(&snapshot(&seen)).contains(&key),
+        "an event named {key} while its commit was invisible: {:?}",
+        snapshot(&seen)
+    );
+    standby
+        .client()
+        .await
+        .batch_execute("select pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    writer.await.expect("writer");
+    wait_for_key(&seen, &key).await;
+    drop(daemon);
+    drop(standby);
 }
 
 /// A daemon killed with SIGKILL mid-stream replays what it had not

@@ -494,16 +494,23 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
         // Queries wait until their transactions are visible; plain
         // invalidations are applied at once (readers see them sooner) and
         // their keys deleted a second time once the commits show, before
-        // the position is recorded and confirmed.
+        // the position is recorded and confirmed; their events go out with
+        // that second pass.
         let visible_before = resolver.known_visible(&batch.items);
         let queried = resolver.resolve(&mut batch.items).await?;
         let ack_lsn = batch.ack.and_then(recorded);
         let second_pass = crate::resolve::has_rows(&batch.items)
             && !visible_before
             && queried != Some(Visibility::Visible);
-        let record_now = !second_pass && held.is_empty();
-        sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
-            .await?;
+        if second_pass {
+            // Announced by the second pass, once final (see
+            // `RedisSink::apply_unannounced`).
+            sink.apply_unannounced(&batch.items).await?;
+        } else {
+            let record_now = held.is_empty();
+            sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
+                .await?;
+        }
         unconfirmed.made += 1;
         if second_pass {
             let visibility = match queried {

@@ -68,8 +68,10 @@ pub struct Opening {
 }
 
 /// What a step does.
+#[derive(Clone, Copy)]
 enum Work {
     Apply,
+    ApplyUnannounced,
     Again(Again),
 }
 
@@ -210,6 +212,20 @@ impl Fanout {
         }
     }
 
+    /// Counts a batch's operations and keys in the stats (once, whatever
+    /// the number of targets).
+    fn count(&mut self, items: &[Item]) {
+        if items.is_empty() {
+            return;
+        }
+        self.stats.batches += 1;
+        self.stats.operations += items.len() as u64;
+        for item in items {
+            let (removed, written) = item.op.keys().counts();
+            self.stats.keys += (removed + written) as u64;
+        }
+    }
+
     /// Queues one step to every target, then keeps the pace.
     async fn step(
         &mut self,
@@ -234,10 +250,7 @@ impl Fanout {
             let queued = shared.queued_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
             let _ = tx.send(Step {
                 n: self.made,
-                work: match &work {
-                    Work::Apply => Work::Apply,
-                    Work::Again(scope) => Work::Again(*scope),
-                },
+                work,
                 items: Arc::clone(&items),
                 applied,
                 bytes,
@@ -290,15 +303,13 @@ impl Fanout {
 
 impl Sink for Fanout {
     async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
-        if !items.is_empty() {
-            self.stats.batches += 1;
-            self.stats.operations += items.len() as u64;
-            for item in items {
-                let (removed, written) = item.op.keys().counts();
-                self.stats.keys += (removed + written) as u64;
-            }
-        }
+        self.count(items);
         self.step(Work::Apply, items, applied).await
+    }
+
+    async fn apply_unannounced(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        self.count(items);
+        self.step(Work::ApplyUnannounced, items, None).await
     }
 
     async fn delete_again(
@@ -433,6 +444,7 @@ async fn drive_target(
         let applying = async {
             match step.work {
                 Work::Apply => sink.apply(&step.items, step.applied).await,
+                Work::ApplyUnannounced => sink.apply_unannounced(&step.items).await,
                 Work::Again(scope) => sink.delete_again(&step.items, scope, step.applied).await,
             }
         };

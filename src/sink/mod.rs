@@ -67,7 +67,16 @@ pub trait Sink: Send + 'static {
         applied: Option<Lsn>,
     ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
 
-    /// The second deletion pass of `items` (see [`RedisSink::delete_again`]).
+    /// Applies `items`, the first pass of a batch whose commits are not
+    /// known to be visible, without announcing them (see
+    /// [`RedisSink::apply_unannounced`]); its second pass announces them.
+    fn apply_unannounced(
+        &mut self,
+        items: &[Item],
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// The second deletion pass of `items`, which announces them (see
+    /// [`RedisSink::delete_again`]).
     fn delete_again(
         &mut self,
         items: &[Item],

@@ -89,8 +89,24 @@ impl Announcer {
     }
 
     /// The script call that numbers, stores and publishes the events of
+    /// the row operations among `items` (a first pass announced with its
+    /// second may hold flushes: those were announced when applied).
+    pub fn announce_rows(&self, items: &[Item]) -> redis::Cmd {
+        self.announce(
+            items
+                .iter()
+                .filter(|i| !matches!(i.op, CacheOp::Flush { .. })),
+            false,
+        )
+    }
+
+    /// The script call that numbers, stores and publishes the events of
     /// `items`; `new_epoch` when they report a flush.
-    pub fn announce(&self, items: &[Item], new_epoch: bool) -> redis::Cmd {
+    pub fn announce<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a Item>,
+        new_epoch: bool,
+    ) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(ANNOUNCE)
             .arg(if self.stream.is_some() { 2 } else { 1 })

@@ -58,6 +58,18 @@ const SLOW_ATTEMPT: Duration = Duration::from_secs(2);
 /// How long an idle readiness check waits for PONG.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Which events a step publishes for its row operations (a flush is
+/// always announced, with a new epoch).
+#[derive(Debug, Clone, Copy)]
+enum Announce<'a> {
+    /// Those of the operations applied.
+    Applied,
+    /// None: a first pass, announced by its second.
+    Nothing,
+    /// Those of these operations (the first pass's, with the second).
+    These(&'a [Item]),
+}
+
 /// Keys an attempt touched, split as the metrics count them.
 #[derive(Debug, Default, Clone, Copy)]
 struct Touched {
@@ -78,8 +90,6 @@ pub struct RedisSink {
     record: Option<record::Record>,
     /// Where events go; `None` when they are off.
     events: Option<events::Announcer>,
-    /// Row operations go unannounced (the second pass); flushes never do.
-    quiet: bool,
     /// After shutdown is requested a failing batch gets only a few more
     /// attempts (see [`Retry`]).
     cancel: CancellationToken,
@@ -139,12 +149,27 @@ impl RedisSink {
     /// Returns an error if Redis refuses us for good, or if shutdown was
     /// requested and Redis still fails.
     pub async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
-        self.apply_counted(items, applied, true).await
+        self.apply_counted(items, applied, true, Announce::Applied)
+            .await
     }
 
-    /// Deletes keys of `items` once more, without events or counting, and
-    /// records `applied`: for a batch applied before its commits were
-    /// visible (see [`crate::resolve`]). A reader that took a lease in
+    /// Applies `items` without announcing their rows: the first pass of
+    /// a batch whose commits are not known to be visible yet. Their events
+    /// go out with the second pass ([`RedisSink::delete_again`]), once
+    /// nothing a reader filled in between can still be in Redis: a
+    /// subscriber that drops its copy on an event and copies the key again
+    /// from Redis must not copy a value the second pass then removes
+    /// without a word (found by the soak's in-process copies). Flushes are
+    /// announced at once.
+    pub async fn apply_unannounced(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        self.apply_counted(items, None, true, Announce::Nothing)
+            .await
+    }
+
+    /// Deletes keys of `items` once more, without counting, announces
+    /// `items` (their first pass, [`RedisSink::apply_unannounced`], did
+    /// not) and records `applied`: for a batch applied before its commits
+    /// were visible (see [`crate::resolve`]). A reader that took a lease in
     /// between may have read the old rows; this voids its lease or removes
     /// what it filled. [`Again::Deleted`]: the keys the batch deleted (a
     /// key that holds a refreshed value cannot be leased); [`Again::All`]:
@@ -157,13 +182,8 @@ impl RedisSink {
         applied: Option<Lsn>,
     ) -> Result<(), SinkError> {
         let again = again::deletions(items, scope);
-        // The second pass announces nothing of its rows (the first pass
-        // did), but a flush it runs (Redis found to have lost writes) is
-        // announced like any other: subscribers' copies must go.
-        self.quiet = true;
-        let result = self.apply_counted(&again, applied, false).await;
-        self.quiet = false;
-        result
+        self.apply_counted(&again, applied, false, Announce::These(items))
+            .await
     }
 
     async fn apply_counted(
@@ -171,6 +191,7 @@ impl RedisSink {
         items: &[Item],
         applied: Option<Lsn>,
         counted: bool,
+        announce: Announce<'_>,
     ) -> Result<(), SinkError> {
         let applied = self
             .record
@@ -180,7 +201,9 @@ impl RedisSink {
             (Some(r), Some(lsn)) => Some(position::record(r.key(), lsn)),
             _ => None,
         };
-        if items.is_empty() && record.is_none() {
+        let announces = matches!(announce, Announce::These(these) if !these.is_empty())
+            && self.events.is_some();
+        if items.is_empty() && record.is_none() && !announces {
             return Ok(());
         }
         let mut retry = Retry::finishing(&Pace::REDIS, &self.cancel);
@@ -190,7 +213,7 @@ impl RedisSink {
             // so once an attempt has waited SLOW_ATTEMPT.
             let health = self.health.clone();
             let attempt = {
-                let attempt = self.try_apply(items, record.as_ref());
+                let attempt = self.try_apply(items, record.as_ref(), announce);
                 tokio::pin!(attempt);
                 tokio::select! {
                     done = &mut attempt => done,
@@ -313,19 +336,31 @@ impl RedisSink {
         &mut self,
         items: &[Item],
         record: Option<&redis::Cmd>,
+        announce: Announce<'_>,
     ) -> Result<(Touched, Option<Option<String>>), RedisError> {
         let mut touched = Touched::default();
         let mut rest = items;
         let mut replaced: Option<Option<String>> = None;
-        while !rest.is_empty() {
+        // Announced with the first run (alone, if nothing is deleted).
+        let mut instead = match announce {
+            Announce::These(these) if !these.is_empty() => Some(these),
+            _ => None,
+        }
+        .filter(|_| self.events.is_some());
+        while !rest.is_empty() || instead.is_some() {
             let run = rest
                 .iter()
                 .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
                 .count();
-            if run > 0 {
+            if run > 0 || instead.is_some() {
+                let announced = match announce {
+                    Announce::Applied => Some(&rest[..run]),
+                    Announce::Nothing => None,
+                    Announce::These(_) => instead.take(),
+                };
                 let request = requests::row_request(
                     &rest[..run],
-                    self.events.as_ref().filter(|_| !self.quiet),
+                    self.events.as_ref().zip(announced),
                     self.conn.is_cluster(),
                 );
                 let mut shards = request.shards;
@@ -478,6 +513,12 @@ impl RedisSink {
 impl Sink for RedisSink {
     async fn apply(&mut self, items: &[Item], applied: Option<Lsn>) -> Result<(), SinkError> {
         RedisSink::apply(self, items, applied).await?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    async fn apply_unannounced(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        RedisSink::apply_unannounced(self, items).await?;
         self.steps += 1;
         Ok(())
     }

@@ -127,7 +127,6 @@ impl RedisSink {
             logged: Vec::new(),
             record: None,
             events: (!channel.is_empty()).then(|| super::events::Announcer::new(channel)),
-            quiet: false,
             cancel,
             stats: SinkStats::default(),
             health,

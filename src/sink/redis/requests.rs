@@ -29,9 +29,14 @@ pub struct RowRequest {
     pub events: Option<redis::Cmd>,
 }
 
-/// The requests for `items` (none of them a flush); `by_slot` splits them
-/// by hash slot for a cluster.
-pub fn row_request(items: &[Item], events: Option<&Announcer>, by_slot: bool) -> RowRequest {
+/// The requests for `items` (none of them a flush), with the events of
+/// `events`' operations (those of `items`, or of a first pass that went
+/// unannounced); `by_slot` splits them by hash slot for a cluster.
+pub fn row_request(
+    items: &[Item],
+    events: Option<(&Announcer, &[Item])>,
+    by_slot: bool,
+) -> RowRequest {
     let mut shards = Shards::new(by_slot);
     for item in items {
         match &item.op {
@@ -76,8 +81,8 @@ pub fn row_request(items: &[Item], events: Option<&Announcer>, by_slot: bool) ->
         })
         .collect();
     let mut apart = None;
-    if let Some(announcer) = events {
-        let announce = announcer.announce(items, false);
+    if let Some((announcer, announced)) = events {
+        let announce = announcer.announce_rows(announced);
         if by_slot {
             apart = Some(announce);
         } else {
@@ -255,7 +260,8 @@ mod tests {
             ttl_secs: 60,
         });
         let items = [delete("a"), delete("b"), refresh, delete("c")];
-        let request = row_request(&items, Some(&events()), false);
+        let announcer = events();
+        let request = row_request(&items, Some((&announcer, &items[..])), false);
         assert_eq!(request.shards.len(), 1);
         assert!(request.events.is_none());
         assert_eq!(
@@ -277,7 +283,8 @@ mod tests {
         };
         // {u1} and {u2} hash to different slots; keys with one tag share one.
         let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
-        let request = row_request(&items, Some(&events()), true);
+        let announcer = events();
+        let request = row_request(&items, Some((&announcer, &items[..])), true);
         assert_eq!(request.shards.len(), 2);
         for (slot, shard) in &request.shards {
             assert!(slot.is_some());
