@@ -1107,7 +1107,7 @@ async fn promotion_ms(failover_slots: bool) -> f64 {
     let _daemon = env.daemon().await;
     env.sync().await;
     if failover_slots {
-        standby.wait_synced("pg_cache_invalidator").await;
+        standby.wait_synced("pg_cache_invalidator", &env.pg).await;
     }
     env.pg.kill9();
     standby.promote().await;

@@ -338,7 +338,7 @@ async fn a_synchronized_failover_slot_carries_the_stream_through_a_promotion_wit
     env.sync().await;
 
     // The standby holds a synchronized copy of the slot.
-    standby.wait_synced("pg_cache_invalidator").await;
+    standby.wait_synced("pg_cache_invalidator", &env.pg).await;
     let out = env.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");

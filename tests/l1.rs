@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pgci_client::{Cache, CacheOptions, L1Options, Source, WriteToken, L1};
 
-use crate::support::TestEnv;
+use crate::support::{users, TestEnv};
 
 /// Polls `check` every 5 ms for up to `within`.
 async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
@@ -29,16 +29,7 @@ async fn setup() -> (Setup, crate::support::Daemon) {
     env.setup();
     let daemon = env.daemon().await;
     let pg = env.pg.client().await;
-    let ids = pg
-        .query(
-            "select id::text from public.profiles order by id limit 8",
-            &[],
-        )
-        .await
-        .expect("ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = users(&env, 8).await.into_iter().map(|u| u.id).collect();
     (Setup { env, pg, ids }, daemon)
 }
 

@@ -486,9 +486,18 @@ impl Postgres {
 
     /// Waits until this standby holds a synchronized copy of `slot`
     /// (a failover slot, PostgreSQL 17+).
-    pub async fn wait_synced(&self, slot: &str) {
+    ///
+    /// The standby copies a slot only once the primary's `restart_lsn` is
+    /// past what the standby has, and the primary moves it at a snapshot of
+    /// running transactions (logged every 15 s): `primary` logs one every
+    /// second meanwhile (`pg_log_standby_snapshot()`, as PostgreSQL's own
+    /// failover-slot tests do), or a promotion under load waited more than
+    /// a minute.
+    pub async fn wait_synced(&self, slot: &str, primary: &Postgres) {
         let client = self.client().await;
+        let primary = primary.client().await;
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut snapshot_at = Instant::now();
         while client
             .query_opt(
                 "select 1 from pg_replication_slots where slot_name = $1 and synced and not temporary",
@@ -500,6 +509,12 @@ impl Postgres {
             .is_none()
         {
             assert!(Instant::now() < deadline, "{slot} was not synchronized to the standby");
+            if snapshot_at.elapsed() >= Duration::from_secs(1) {
+                let _ = primary
+                    .batch_execute("select pg_log_standby_snapshot()")
+                    .await;
+                snapshot_at = Instant::now();
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -216,7 +216,7 @@ async fn main() {
         slot: Some(slot),
     }) = &standby
     {
-        server.wait_synced(slot).await;
+        server.wait_synced(slot, &env.pg).await;
     }
     let shared = Arc::new(Shared {
         outbox,

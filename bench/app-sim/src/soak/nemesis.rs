@@ -126,7 +126,7 @@ async fn promote(env: &mut TestEnv, standby: &mut Standby, pause: Duration) {
         .synchronous_standby_at(port, standby.slot.is_some())
         .await;
     if let Some(slot) = &standby.slot {
-        standby.server.wait_synced(slot).await;
+        standby.server.wait_synced(slot, &env.pg).await;
     }
 }
 
