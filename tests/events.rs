@@ -61,6 +61,29 @@ async fn wait_for_key(seen: &Arc<Mutex<Vec<serde_json::Value>>>, key: &str) {
     .await;
 }
 
+/// `env.sync()` waits for the first deletion pass; events go out with the
+/// second. This waits until the daemon recorded a position past
+/// everything committed so far (both passes, events published).
+async fn sync_events(env: &TestEnv) {
+    env.sync().await;
+    let pg = env.pg.client().await;
+    let token = pgci_client::write_token(&pg).await.expect("token");
+    let key = pgci_protocol::position::key("pg_cache_invalidator");
+    wait_for(
+        "the events of everything committed",
+        Duration::from_secs(30),
+        || async {
+            let mut redis = env.redis.conn().await;
+            pgci_protocol::position::read(&mut redis, &key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|at| at.0 >= token.0 .0)
+        },
+    )
+    .await;
+}
+
 async fn bump(env: &TestEnv, user: &str, n: usize) {
     env.pg
         .client()
@@ -283,7 +306,7 @@ async fn a_subscriber_resumes_from_the_stream_or_learns_it_missed_events() {
     for (n, user) in u.iter().enumerate().skip(1).take(10) {
         bump(&env, &user.id, n).await;
     }
-    env.sync().await;
+    sync_events(&env).await;
     let resumed = stream_entries(&env, &last_id).await;
     let mut order = Sequence::default();
     order.observe(last["epoch"].as_str().expect("epoch"), last_seq);
@@ -303,7 +326,7 @@ async fn a_subscriber_resumes_from_the_stream_or_learns_it_missed_events() {
     for n in 0..200 {
         bump(&env, &u[n % u.len()].id, n).await;
     }
-    env.sync().await;
+    sync_events(&env).await;
     let length: usize = redis::cmd("XLEN")
         .arg(STREAM)
         .query_async(&mut redis)
@@ -354,7 +377,7 @@ async fn a_subscriber_resumes_from_the_stream_or_learns_it_missed_events() {
         .query_async(&mut redis)
         .await
         .expect("flushall");
-    env.sync().await;
+    sync_events(&env).await;
     let reborn = stream_entries(&env, "0-0").await;
     assert!(!reborn.is_empty());
     assert!(reborn
