@@ -101,6 +101,13 @@ impl Resolver {
         Ok(Some(visibility))
     }
 
+    /// Forgets what it knew of the server and drops its connections: the
+    /// position was replaced (see [`crate::pipeline`]), and a wait for the
+    /// old position's transactions was given up, or will not come.
+    pub fn forget_server(&mut self) {
+        self.queries.forget_server();
+    }
+
     /// Whether the transactions of `items` were visible before now, as an
     /// earlier check showed (a backlog's older commits): their keys need
     /// no second deletion.

@@ -283,6 +283,135 @@ async fn a_promoted_standby_with_an_old_copy_of_the_slot_is_not_trusted() {
     drop(standby);
 }
 
+/// The primary dies while a decoded commit is still invisible there (it
+/// waits for a synchronous standby that died first), and the promoted
+/// standby never had it. The daemon applied the change's first deletion
+/// pass and waits for its commit to show before the second: on the new
+/// primary it never will. The daemon must give that wait up when it finds
+/// the slot untrusted, flush, and go on invalidating the new primary's
+/// changes. (It used to wait forever: the flush never ran, and nothing
+/// after it was invalidated, while it said it was ready.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_that_never_showed_does_not_stall_the_daemon_after_a_promotion() {
+    let mut env = TestEnv::start(10).await;
+    env.write_config("");
+    env.setup();
+    let mut standby = env.pg.standby_with_slots().await;
+    env.url_override = Some(multi_host_url(&[env.pg.port, standby.port]));
+    env.write_config("");
+    let daemon = env.daemon().await;
+    let users: Vec<String> = env
+        .pg
+        .client()
+        .await
+        .query(
+            "select id::text from public.profiles order by id limit 2",
+            &[],
+        )
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (kept, lost) = (&users[0], &users[1]);
+    let (kept_key, lost_key) = (
+        format!("profile:user:{kept}"),
+        format!("profile:user:{lost}"),
+    );
+    let mut redis = env.redis.conn().await;
+    update_bio(&env, kept, "replicated").await;
+    env.sync().await;
+    standby.caught_up_with(&env.pg).await;
+
+    // From now on a commit waits for the standby, which is gone.
+    let admin = env.pg.client().await;
+    for sql in [
+        "alter system set synchronous_standby_names = 'standby'",
+        "select pg_reload_conf()",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .expect("synchronous_standby_names");
+    }
+    standby.kill9();
+    let writer = env.pg.client().await;
+    wait_for(
+        "the writer to see synchronous_standby_names",
+        Duration::from_secs(10),
+        || async {
+            writer
+                .query_one("show synchronous_standby_names", &[])
+                .await
+                .map(|r| r.get::<_, String>(0) == "standby")
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    app_fill(&mut redis, &lost_key, "cached before the lost change").await;
+    let lost_id = lost.clone();
+    let held = tokio::spawn(async move {
+        // Ends with an error when the primary is killed.
+        let _ = writer
+            .execute(
+                "update public.profiles set bio = 'never visible' where id = $1::text::uuid",
+                &[&lost_id],
+            )
+            .await;
+    });
+    // The daemon decodes the commit and deletes the key (its first pass)
+    // while the commit waits for the standby.
+    wait_for(
+        "the first deletion pass",
+        Duration::from_secs(30),
+        || async {
+            surviving(&mut env.redis.conn().await, std::slice::from_ref(&lost_key)).await == 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !held.is_finished(),
+        "the commit did not wait for the standby: the test proves nothing"
+    );
+    // A reader fills the key again; only the flush can remove it now.
+    app_fill(&mut redis, &lost_key, "cached before the lost change").await;
+
+    env.pg.kill9();
+    let _ = held.await;
+    standby.start_again().await;
+    standby.promote().await;
+    std::mem::swap(&mut env.pg, &mut standby);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while surviving(&mut redis, std::slice::from_ref(&lost_key)).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush after the promotion: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the new primary's changes are invalidated.
+    preset(&mut redis, std::slice::from_ref(&kept_key)).await;
+    update_bio(&env, kept, "on the new primary").await;
+    env.sync().await;
+    assert_eq!(
+        surviving(&mut redis, std::slice::from_ref(&kept_key)).await,
+        0,
+        "a change on the new primary was not invalidated: {}",
+        daemon.log()
+    );
+    let metrics = scrape(&env).await;
+    assert_eq!(
+        metric(&metrics, "pgci_slot_resets_total"),
+        Some(1.0),
+        "one flush: {}",
+        daemon.log()
+    );
+    drop(standby);
+}
+
 /// PostgreSQL 17+, failover slots: setup creates a failover slot, the
 /// standby synchronizes it, the primary holds logical changes back until
 /// the standby has them. The primary dies in the middle of a stream and

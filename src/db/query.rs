@@ -144,6 +144,14 @@ impl QueryRunner {
         }
     }
 
+    /// Forgets the server: its connections (a wait given up may have left
+    /// a query in flight on them) and its horizon (after a promotion, the
+    /// new primary may hand the lost transactions' ids to new ones).
+    pub fn forget_server(&mut self) {
+        self.clients.clear();
+        self.horizon = Horizon::default();
+    }
+
     /// Whether the transactions `xids` are known to be visible already,
     /// from an earlier check, without asking (see [`Horizon`]).
     pub fn known_visible(&self, xids: &[u32]) -> bool {

@@ -31,6 +31,9 @@ pub struct Held {
     /// The flush of each watched table's rules, by the table's name as
     /// operations carry it.
     flushes: HashMap<Arc<str>, CacheOp>,
+    /// The position (see [`super::Batch::generation`]) the held
+    /// transactions were read from.
+    generation: u64,
 }
 
 /// Held invalidations reduced to their tables.
@@ -75,7 +78,21 @@ impl Held {
             bytes: 0,
             overflow: None,
             flushes,
+            generation: 0,
         }
+    }
+
+    /// The position the held transactions were read from.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Forgets everything held: the position they were read from was
+    /// replaced, and the flush that starts the new one covers their keys.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+        self.overflow = None;
     }
 
     /// Nothing is held.
@@ -83,8 +100,10 @@ impl Held {
         self.items.is_empty() && self.overflow.is_none()
     }
 
-    /// Holds the row invalidations of `items`, all their keys.
-    pub fn hold(&mut self, items: &[Item]) {
+    /// Holds the row invalidations of `items`, all their keys, read from
+    /// the position `generation`.
+    pub fn hold(&mut self, items: &[Item], generation: u64) {
+        self.generation = generation;
         for item in items {
             let Some(held) = item.invalidating(item.op.keys().all().cloned().collect()) else {
                 continue;
@@ -183,8 +202,8 @@ mod tests {
     #[test]
     fn held_keys_come_due_once_their_commit_is_confirmed() {
         let mut held = Held::new(vec![flush("public.a")]);
-        held.hold(&[item("public.a", "a:1".into(), 10, 7)]);
-        held.hold(&[item("public.a", "a:2".into(), 20, 8)]);
+        held.hold(&[item("public.a", "a:1".into(), 10, 7)], 0);
+        held.hold(&[item("public.a", "a:2".into(), 20, 8)], 0);
         assert!(
             held.take_due(Lsn(10)).is_empty(),
             "confirmed up to, not past, 10"
@@ -206,13 +225,13 @@ mod tests {
         let mut lsn = 0;
         while held.overflow.is_none() {
             lsn += 1;
-            held.hold(&[item("public.a", key.clone(), lsn, 5)]);
+            held.hold(&[item("public.a", key.clone(), lsn, 5)], 0);
         }
         assert!(
             held.items.is_empty() && held.bytes == 0,
             "the keys are given up"
         );
-        held.hold(&[item("public.b", "b:1".into(), lsn + 1, 6)]);
+        held.hold(&[item("public.b", "b:1".into(), lsn + 1, 6)], 0);
         assert!(
             held.take_due(Lsn(lsn)).is_empty(),
             "the last given-up key is not confirmed yet"

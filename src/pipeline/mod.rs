@@ -240,9 +240,18 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
         }
     }
 
-    /// The position was rebuilt, starting at `start`: acks of the old one
-    /// must not be confirmed to the new one, and every key is flushed
-    /// (after everything already read, which the sink applies first). The
+    /// The position was lost: acks of the old one must not be confirmed to
+    /// the new one, and what was read from it and not handed to the sink
+    /// yet is dropped (the flush that starts the new one covers its keys).
+    fn abandon_position(&mut self) {
+        self.generation += 1;
+        self.queued_ack = A::default();
+        self.pending = Batch::default();
+        self.txn = None;
+    }
+
+    /// The position was rebuilt, starting at `start` (after
+    /// [`Stream::abandon_position`]): every key is flushed. The
     /// flush's batch carries `start`, so the position each target records
     /// (which write tokens are compared with) moves to the new position in
     /// the same transaction as the flush: after a promotion the old
@@ -250,10 +259,6 @@ impl<A: Copy + Default + PartialOrd> Stream<A> {
     /// left there would answer tokens taken on the new primary from the
     /// cache before their changes were applied.
     fn reset_after_position_loss(&mut self, start: A) {
-        self.generation += 1;
-        self.queued_ack = A::default();
-        self.pending.ack = None;
-        self.txn = None;
         let flush = self.planner.plan_flush_all();
         self.push(flush);
         self.set_ack(start);
@@ -315,6 +320,7 @@ pub async fn run<S: Source, K: Sink>(
     } = stages;
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
+    let (generation_tx, generation_rx) = watch::channel(0u64);
     let held = held::Held::new(planner.plan_flush_each_table(FlushReason::HeldTooLarge));
     let sink_task = tokio::spawn(apply_batches(
         resolver,
@@ -322,6 +328,7 @@ pub async fn run<S: Source, K: Sink>(
         held,
         batch_rx,
         ack_tx,
+        Current(generation_rx),
         S::recorded,
     ));
     let mut stream = Stream {
@@ -383,6 +390,12 @@ pub async fn run<S: Source, K: Sink>(
                 Ok(event) => match stream.handle(event).await {
                     Ok(None) => {}
                     Ok(Some(reason)) => {
+                        // What was read from the lost position is given up
+                        // at once, waits for its transactions included (the
+                        // new primary may never have had them); the flush
+                        // below covers its keys.
+                        stream.abandon_position();
+                        generation_tx.send_replace(stream.generation);
                         // Rebuild the position first, then flush: a change
                         // committed after the flush is then in the new slot.
                         let Some(start) = source.recover(&cancel).await else {
@@ -433,8 +446,9 @@ struct Unconfirmed<A> {
 }
 
 impl<A: Copy> Unconfirmed<A> {
-    /// Publishes the newest ack whose steps the sink applied; returns it.
-    fn publish<K: Sink>(&mut self, sink: &K, ack: &watch::Sender<(u64, A)>) -> Option<A> {
+    /// Publishes the newest ack whose steps the sink applied; returns it
+    /// with its generation.
+    fn publish<K: Sink>(&mut self, sink: &K, ack: &watch::Sender<(u64, A)>) -> Option<(u64, A)> {
         let applied = sink.applied();
         let mut newest = None;
         while let Some(&(step, acked)) = self.acks.front() {
@@ -446,7 +460,42 @@ impl<A: Copy> Unconfirmed<A> {
         }
         let newest = newest?;
         ack.send_replace(newest);
-        Some(newest.1)
+        Some(newest)
+    }
+}
+
+/// The sink task's view of which position is current (see
+/// [`Batch::generation`]). A batch read from a replaced one is obsolete:
+/// its acks are never confirmed and the flush that starts the new position
+/// covers its keys. A wait for its transactions to become visible is given
+/// up, since the new primary may never have had them: waiting would stall
+/// every batch behind it, the flush included.
+struct Current(watch::Receiver<u64>);
+
+impl Current {
+    /// Whether position `generation` has been replaced.
+    fn replaced(&self, generation: u64) -> bool {
+        *self.0.borrow() > generation
+    }
+
+    /// Runs `wait` to its end, unless position `generation` is replaced
+    /// first (`None`; `wait` is dropped).
+    async fn unless_replaced<T>(
+        &mut self,
+        generation: u64,
+        wait: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let replaced = async {
+            if self.0.wait_for(|&now| now > generation).await.is_err() {
+                // The loop ended: it replaces nothing any more.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            done = wait => Some(done),
+            () = replaced => None,
+        }
     }
 }
 
@@ -458,6 +507,7 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     mut held: held::Held,
     mut batches: mpsc::Receiver<Batch<A>>,
     ack: watch::Sender<(u64, A)>,
+    mut current: Current,
     recorded: fn(A) -> Option<Lsn>,
 ) -> Result<(), PipelineError> {
     let mut last_report = tokio::time::Instant::now();
@@ -470,6 +520,8 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
         made: 0,
         acks: std::collections::VecDeque::new(),
     };
+    // The newest position a batch was read from.
+    let mut generation = 0;
     loop {
         let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
@@ -484,20 +536,37 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
             advanced = sink.advanced() => {
                 advanced?;
                 if let Some(published) = unconfirmed.publish(&sink, &ack) {
-                    release_held(&mut resolver, &mut sink, &mut held, &mut unconfirmed, recorded(published)).await?;
+                    release_held(&mut resolver, &mut sink, &mut held, &mut unconfirmed, &mut current, published, recorded).await?;
                 }
                 continue;
             }
         };
         idle.reset();
         trimmer.moved(batch.bytes);
+        if current.replaced(batch.generation) {
+            continue;
+        }
+        if batch.generation > generation {
+            // The first batch of a new position, which starts with the
+            // flush: nothing of the old one is worth waiting for.
+            generation = batch.generation;
+            held.clear();
+            resolver.forget_server();
+        }
         // Queries wait until their transactions are visible; plain
         // invalidations are applied at once (readers see them sooner) and
         // their keys deleted a second time once the commits show, before
         // the position is recorded and confirmed; their events go out with
         // that second pass.
         let visible_before = resolver.known_visible(&batch.items);
-        let queried = resolver.resolve(&mut batch.items).await?;
+        let Some(queried) = current
+            .unless_replaced(batch.generation, resolver.resolve(&mut batch.items))
+            .await
+        else {
+            resolver.forget_server();
+            continue;
+        };
+        let queried = queried?;
         let ack_lsn = batch.ack.and_then(recorded);
         let second_pass = crate::resolve::has_rows(&batch.items)
             && !visible_before
@@ -514,16 +583,24 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
         unconfirmed.made += 1;
         if second_pass {
             let visibility = match queried {
-                Some(v) => v,
-                None => resolver.check_visible(&batch.items).await?,
+                Some(v) => Some(v),
+                None => current
+                    .unless_replaced(batch.generation, resolver.check_visible(&batch.items))
+                    .await
+                    .transpose()?,
             };
-            if visibility == Visibility::Visible {
-                let record = ack_lsn.filter(|_| held.is_empty());
-                sink.delete_again(&batch.items, Again::Deleted, record)
-                    .await?;
-                unconfirmed.made += 1;
-            } else {
-                held.hold(&batch.items);
+            match visibility {
+                Some(Visibility::Visible) => {
+                    let record = ack_lsn.filter(|_| held.is_empty());
+                    sink.delete_again(&batch.items, Again::Deleted, record)
+                        .await?;
+                    unconfirmed.made += 1;
+                }
+                Some(Visibility::HeldForStandby) => held.hold(&batch.items, batch.generation),
+                None => {
+                    resolver.forget_server();
+                    continue;
+                }
             }
         }
         if let Some(applied) = batch.ack {
@@ -537,7 +614,9 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
                 &mut sink,
                 &mut held,
                 &mut unconfirmed,
-                recorded(published),
+                &mut current,
+                published,
+                recorded,
             )
             .await?;
         }
@@ -564,27 +643,41 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     Ok(())
 }
 
-/// Once `confirmed` (the position just published for confirmation) is
-/// confirmed, the daemon's part of a synchronous standby's wait is
-/// released for the transactions it covers (a batch may end with the start
-/// of one whose commit a later batch confirms); once their commits show,
-/// readers that filled the old rows in between lose them, and the position
-/// is recorded.
+/// Once `published` (the position just published for confirmation, with
+/// its generation) is confirmed, the daemon's part of a synchronous
+/// standby's wait is released for the transactions it covers (a batch may
+/// end with the start of one whose commit a later batch confirms); once
+/// their commits show, readers that filled the old rows in between lose
+/// them, and the position is recorded. If the position is replaced
+/// meanwhile, they are given up (see [`Current`]).
 async fn release_held<A: Copy, K: Sink>(
     resolver: &mut Resolver,
     sink: &mut K,
     held: &mut held::Held,
     unconfirmed: &mut Unconfirmed<A>,
-    confirmed: Option<Lsn>,
+    current: &mut Current,
+    (generation, published): (u64, A),
+    recorded: fn(A) -> Option<Lsn>,
 ) -> Result<(), PipelineError> {
-    let Some(confirmed) = confirmed.filter(|_| !held.is_empty()) else {
+    if held.is_empty() || generation != held.generation() {
+        return Ok(());
+    }
+    let Some(confirmed) = recorded(published) else {
         return Ok(());
     };
     let due = held.take_due(confirmed);
     if due.is_empty() {
         return Ok(());
     }
-    resolver.wait_visible(&due.xids).await?;
+    let Some(visible) = current
+        .unless_replaced(generation, resolver.wait_visible(&due.xids))
+        .await
+    else {
+        held.clear();
+        resolver.forget_server();
+        return Ok(());
+    };
+    visible?;
     let record = Some(confirmed).filter(|_| held.is_empty());
     if !due.flushes.is_empty() {
         sink.apply(&due.flushes, None).await?;
