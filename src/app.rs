@@ -353,6 +353,7 @@ async fn stream<K: Sink>(
         }
         SourceKind::Replication => {
             let every = config.replication.heartbeat_interval.0;
+            let (seen_tx, seen_rx) = tokio::sync::watch::channel(None);
             if !every.is_zero() {
                 tasks.spawn(slot::heartbeats(
                     conn.clone(),
@@ -363,6 +364,7 @@ async fn stream<K: Sink>(
                         publication: config.replication.publication.clone(),
                         report: drift_tx,
                     },
+                    seen_tx,
                     cancel.clone(),
                 ));
             }
@@ -373,7 +375,8 @@ async fn stream<K: Sink>(
                 Arc::clone(&health),
             )
             .with_buffer(config.replication.buffer_messages)
-            .with_application_name(&config.replication.application_name);
+            .with_application_name(&config.replication.application_name)
+            .with_server_view(seen_rx);
             let source = match config.targets.first() {
                 Some(target) => source.with_origin_store(Arc::new(RedisOriginStore {
                     url: target.url.clone(),

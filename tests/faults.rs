@@ -730,3 +730,90 @@ async fn sigterm_while_redis_is_down_exits_zero_and_loses_nothing() {
         "the unapplied change was applied after the restart"
     );
 }
+
+/// A network path that forgets the daemon's connections (a NAT or load
+/// balancer timing them out: no FIN, no RST, packets dropped) while new
+/// connections work. Every PostgreSQL connection the daemon had open is
+/// stranded; a change committed afterwards must still be invalidated.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_postgres_that_silently_die_are_replaced() {
+    let mut env = TestEnv::start(3).await;
+    let proxy = crate::support::Proxy::start(env.pg.port).await;
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    ));
+    env.write_config("");
+    env.setup();
+    let daemon = env.daemon().await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+
+    proxy.strand();
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while surviving(&mut redis, &keys).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a change committed after the daemon's connections died was not invalidated: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the rest of the pipeline moves on: the change's second deletion
+    // pass waited on a stranded connection too.
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+    assert_eq!(surviving(&mut redis, &keys).await, 0, "{}", daemon.log());
+}
+
+/// The same for the daemon's connections to Redis: the batch in flight
+/// times out, and is applied again on a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_redis_that_silently_die_are_replaced() {
+    let mut env = TestEnv::start(3).await;
+    let proxy = crate::support::Proxy::start(env.redis.port).await;
+    env.redis_url_override = Some(format!("redis://127.0.0.1:{}/0", proxy.port));
+    env.write_config("");
+    env.setup();
+    let daemon = env.daemon().await;
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    let client = env.pg.client().await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    env.sync().await;
+
+    proxy.strand();
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while surviving(&mut redis, &keys).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a change committed after the daemon's Redis connections died was not invalidated: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{}", daemon.log());
+}

@@ -97,6 +97,15 @@ pub enum DbError {
         /// How long we waited.
         waited: std::time::Duration,
     },
+    /// The server did not answer in time: the connection may have been
+    /// dropped by the network without either end being told.
+    #[error("{what}: no answer after {after:?} (a connection the network dropped silently?); reconnecting")]
+    TimedOut {
+        /// What was being done.
+        what: &'static str,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
     /// Connecting or a query failed.
     #[error("{context}: {source}")]
     Query {
@@ -122,12 +131,27 @@ impl DbError {
                 hint: "fix postgres.url",
                 user_must_fix: true,
             },
-            DbError::Closed | DbError::NoPrimary { .. } | DbError::NotVisible { .. } => {
-                crate::error::Class::Transient
-            }
+            DbError::Closed
+            | DbError::NoPrimary { .. }
+            | DbError::NotVisible { .. }
+            | DbError::TimedOut { .. } => crate::error::Class::Transient,
             DbError::Query { source, .. } => crate::error::postgres(source),
         }
     }
+}
+
+/// Runs `work` for at most `limit`. A query on a connection the network
+/// dropped without a FIN or RST (a NAT or load balancer that forgot it)
+/// would otherwise wait for TCP to give up, hours by default; the caller
+/// drops the connection on this error and reconnects.
+pub async fn within<T>(
+    what: &'static str,
+    limit: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(DbError::TimedOut { what, after: limit }))
 }
 
 impl DbError {

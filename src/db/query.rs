@@ -18,7 +18,7 @@ use futures_util::future::try_join_all;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::db::{ConnInfo, Db, DbError};
+use crate::db::{within, ConnInfo, Db, DbError};
 use crate::telemetry::metrics as m;
 
 /// A parameter value in PostgreSQL's text format, for a parameter of any
@@ -171,7 +171,13 @@ impl QueryRunner {
                 statements: Mutex::new(HashMap::new()),
             }));
         }
-        match wait_visible(&self.clients[0], xids, hold).await {
+        match within(
+            "checking that decoded transactions are visible",
+            CHECK_TIMEOUT,
+            wait_visible(&self.clients[0], xids, hold),
+        )
+        .await
+        {
             Ok((visibility, xmin)) => {
                 self.horizon.advance(xmin);
                 Ok(visibility)
@@ -205,7 +211,13 @@ impl QueryRunner {
         let visibility = if self.known_visible(xids) {
             Visibility::Visible
         } else {
-            match wait_visible(&self.clients[0], xids, Hold::Allowed).await {
+            match within(
+                "checking that decoded transactions are visible",
+                CHECK_TIMEOUT,
+                wait_visible(&self.clients[0], xids, Hold::Allowed),
+            )
+            .await
+            {
                 Ok((visibility, xmin)) => {
                     self.horizon.advance(xmin);
                     visibility
@@ -224,7 +236,13 @@ impl QueryRunner {
                 let params = params.to_vec();
                 async move { run_one(&db, &sql, &params).await }
             });
-            match try_join_all(running).await {
+            match within(
+                "running refresh queries",
+                QUERY_TIMEOUT,
+                try_join_all(running),
+            )
+            .await
+            {
                 Ok(done) => answers.extend(done),
                 Err(error) => {
                     self.clients.clear();
@@ -258,6 +276,13 @@ pub enum Hold {
 /// How long to wait for a decoded transaction to become visible before
 /// querying anyway: the window is normally microseconds.
 const VISIBILITY_WAIT: Duration = Duration::from_secs(5);
+/// The longest one visibility check may take, its waiting included,
+/// before its connection counts as dead (see [`crate::db::within`]).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest a round of refresh queries may take before their
+/// connections count as dead and the round is retried: a refresh query
+/// reads a few rows by key, far below this.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Waits until every transaction in `xids` is visible to new snapshots,
 /// or (with [`Hold::Allowed`]) until those that are not all wait for a

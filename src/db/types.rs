@@ -74,6 +74,11 @@ async fn composite_attributes(db: &Db, relid: u32) -> Result<Vec<(String, u32)>,
         .map(|r| (r.get(0), r.get(1)))
         .collect())
 }
+
+/// The longest loading a table's column types may take before its
+/// connection counts as dead (see [`crate::db::within`]).
+const LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Loads the column types refresh rules need, on a regular connection
 /// opened when first needed.
 pub struct TypeLoader {
@@ -105,7 +110,10 @@ impl TypeLoader {
             }
         }
         if let Some(db) = &self.db {
-            if let Err(error) = load_types(db, planner.types_mut(), missing).await {
+            let loading = load_types(db, planner.types_mut(), missing);
+            if let Err(error) =
+                crate::db::within("reading column types", LOAD_TIMEOUT, loading).await
+            {
                 tracing::warn!(error = %error, "cannot load column types; rows of those types will be deleted instead of refreshed");
                 self.db = None;
             }

@@ -114,6 +114,9 @@ pub const SLOT_RESETS_TOTAL: &str = "pgci_slot_resets_total";
 /// Times the database behind the slot turned out to be another server or
 /// timeline (a promotion, a restore): the slot was rebuilt, keys flushed.
 pub const SERVER_CHANGES_TOTAL: &str = "pgci_server_changes_total";
+/// Stream sessions replaced because the server holding the slot no longer
+/// heard from them, though their connection never closed.
+pub const STREAM_SILENT_TOTAL: &str = "pgci_stream_sessions_unheard_total";
 /// Start-ups that flushed every rule key because Redis could not show it
 /// had seen every change the slot skipped.
 pub const STARTUP_FLUSHES_TOTAL: &str = "pgci_startup_flushes_total";
@@ -326,6 +329,10 @@ fn describe() {
     describe_counter!(
         SERVER_CHANGES_TOTAL,
         "Promotions or restores found behind the slot (slot rebuilt, keys flushed)"
+    );
+    describe_counter!(
+        STREAM_SILENT_TOTAL,
+        "Stream sessions replaced because the server no longer heard from them (a connection the network dropped silently)"
     );
     describe_counter!(
         HTTP_CONNECTIONS_REFUSED_TOTAL,

@@ -7,7 +7,7 @@
 //!
 //! One module per service: [`postgres`], [`redis_server`], [`pgbouncer`],
 //! [`certs`], [`daemon`], [`demo`] (the demo users and their keys), [`proxy`] (a switchable TCP forwarder, for
-//! failovers), [`redis_cluster`] (three masters, three replicas), and [`env`] ([`TestEnv`]) which puts them together with the
+//! failovers and slow or cut links), [`redis_cluster`] (three masters, three replicas), and [`env`] ([`TestEnv`]) which puts them together with the
 //! demo schema and a config file.
 
 pub mod certs;
@@ -32,7 +32,7 @@ pub use demo::{removed_by, users, User};
 pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
 pub use postgres::{pg_bin, slot_active, Postgres};
-pub use proxy::Proxy;
+pub use proxy::{Link, Proxy};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{preset, stream_events, surviving, Redis};
 

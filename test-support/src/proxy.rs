@@ -2,20 +2,49 @@
 //! while it runs: connections made after the switch reach the new target,
 //! connections made before stay where they were. It stands in for a DNS
 //! name or a cloud "primary endpoint" that moves to the promoted node in a
-//! failover.
+//! failover, and for a bad network between a client and its server: the
+//! link can be slowed (every byte arrives `delay` after it was sent) or cut
+//! (bytes are held, in both directions and on every connection, as a
+//! partition that drops packets would: no FIN, no RST, the sender's
+//! writes block once about 1 MiB is held; a connection made meanwhile is
+//! accepted and reaches its target once the cut heals). Connections can
+//! also be stranded: those open now never carry another byte and are
+//! never closed, as when a NAT or load balancer forgets them, while new
+//! ones work.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::free_port;
+
+/// What the link between the proxy's clients and the target does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Forwards at once.
+    Up,
+    /// Forwards every chunk `delay` after it arrived (order kept).
+    Delayed(Duration),
+    /// Forwards nothing until the link changes.
+    Cut,
+}
+
+/// Chunks held per direction of a connection (each up to 16 KiB).
+const HELD_CHUNKS: usize = 64;
 
 /// A running forwarder; stops accepting when dropped.
 pub struct Proxy {
     /// Where clients connect (127.0.0.1).
     pub port: u16,
     target: Arc<AtomicU16>,
+    link: watch::Sender<Link>,
+    /// Connections made before this stranding are stranded.
+    stranded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -28,22 +57,67 @@ impl Proxy {
             .expect("bind proxy");
         let target = Arc::new(AtomicU16::new(target));
         let current = Arc::clone(&target);
+        let (link, watching) = watch::channel(Link::Up);
+        let stranded = Arc::new(AtomicU64::new(0));
+        let strandings = Arc::clone(&stranded);
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let to = current.load(Ordering::SeqCst);
+                let mut link = watching.clone();
+                let open = Open {
+                    strandings: Arc::clone(&strandings),
+                    made_after: strandings.load(Ordering::SeqCst),
+                };
                 tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", to)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    // A connection made during a cut waits for it to heal.
+                    if link.wait_for(|l| *l != Link::Cut).await.is_err() {
+                        return;
+                    }
+                    if let Ok(server) = TcpStream::connect(("127.0.0.1", to)).await {
+                        forward(client, server, link, open).await;
                     }
                 });
             }
         });
-        Proxy { port, target, task }
+        Proxy {
+            port,
+            target,
+            link,
+            stranded,
+            task,
+        }
     }
 
     /// New connections go to `127.0.0.1:target` from now on.
     pub fn switch(&self, target: u16) {
         self.target.store(target, Ordering::SeqCst);
+    }
+
+    /// Sets what the link does, for every connection, open or new.
+    pub fn set_link(&self, link: Link) {
+        self.link.send_replace(link);
+    }
+
+    /// Every connection open now carries nothing more, in either
+    /// direction, and stays open (until the proxy is dropped); new ones
+    /// work.
+    pub fn strand(&self) {
+        self.stranded.fetch_add(1, Ordering::SeqCst);
+        // Wakes every pump, so a stranded one stops at once.
+        self.link.send_modify(|_| {});
+    }
+}
+
+/// Whether a connection has been stranded (see [`Proxy::strand`]).
+#[derive(Clone)]
+struct Open {
+    strandings: Arc<AtomicU64>,
+    made_after: u64,
+}
+
+impl Open {
+    fn stranded(&self) -> bool {
+        self.strandings.load(Ordering::SeqCst) > self.made_after
     }
 }
 
@@ -51,4 +125,79 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Forwards both directions until either ends.
+async fn forward(client: TcpStream, server: TcpStream, link: watch::Receiver<Link>, open: Open) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up = pump(client_read, server_write, link.clone(), open.clone());
+    let down = pump(server_read, client_write, link, open);
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+}
+
+/// Reads chunks from `from` as they come and writes each to `to` when the
+/// link lets it.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+    open: Open,
+) {
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(HELD_CHUNKS);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((arrived, chunk)) = rx.recv().await {
+            loop {
+                let now = *link.borrow_and_update();
+                if open.stranded() {
+                    // Held open, silent, until the proxy goes.
+                    while link.changed().await.is_ok() {}
+                    return;
+                }
+                match now {
+                    Link::Up => break,
+                    Link::Delayed(delay) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(arrived + delay) => break,
+                            changed = link.changed() => if changed.is_err() { return },
+                        }
+                    }
+                    Link::Cut => {
+                        if link.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        if open.stranded() {
+            // Not even the end is passed on.
+            while link.changed().await.is_ok() {}
+            return;
+        }
+        let _ = to.shutdown().await;
+    };
+    // The write side ends once the read side's EOF is forwarded.
+    let reading = tokio::spawn(read);
+    write.await;
+    reading.abort();
 }

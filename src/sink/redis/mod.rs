@@ -267,7 +267,12 @@ impl RedisSink {
                         tracing::debug!(error = %error, kind, retry_in = ?delay, "redis batch failed again");
                     }
                     if failure == error::RedisFailure::ReadOnly {
-                        self.reconnect().await;
+                        self.reconnect("after a READONLY reply").await;
+                    } else if error.is_timeout() {
+                        // The connection may be one the network dropped
+                        // without telling either end: the manager would
+                        // keep using it.
+                        self.reconnect("after a request timed out").await;
                     }
                     retry.sleep(delay).await?;
                 }
@@ -291,11 +296,19 @@ impl RedisSink {
             redis::cmd("PING").query_async::<String>(&mut self.conn),
         )
         .await;
-        if matches!(answered, Ok(Ok(ref pong)) if pong == "PONG") {
-            self.health.ok();
-        } else {
-            self.health.failing("redis is not answering");
-            return false;
+        match answered {
+            Ok(Ok(ref pong)) if pong == "PONG" => self.health.ok(),
+            Ok(_) => {
+                self.health.failing("redis is not answering");
+                return false;
+            }
+            Err(_) => {
+                self.health.failing("redis is not answering");
+                // No answer at all: perhaps a connection the network
+                // dropped silently, which the manager would keep using.
+                self.reconnect("after a PING went unanswered").await;
+                return false;
+            }
         }
         // While idle no batch writes the record: read it, so that a Redis
         // restored from an older snapshot is found within a tick, not at

@@ -136,9 +136,10 @@ impl RedisSink {
         })
     }
 
-    /// Opens a new connection in place of the current one (which still
-    /// answers, but from a node that is no longer the primary).
-    pub(super) async fn reconnect(&mut self) {
+    /// Opens a new connection in place of the current one (which answers
+    /// from a node that is no longer the primary, or does not answer at
+    /// all); `why` is logged.
+    pub(super) async fn reconnect(&mut self, why: &str) {
         if self.conn.is_cluster() {
             // The cluster client reads the slot map again itself.
             return;
@@ -146,7 +147,7 @@ impl RedisSink {
         match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
             Ok(conn) => {
                 metrics::counter!(m::RECONNECTS_TOTAL, "target" => "redis").increment(1);
-                tracing::info!("reconnected to redis after a READONLY reply");
+                tracing::info!("reconnected to redis {why}");
                 self.conn = Conn::Node(conn);
             }
             Err(error) => tracing::warn!(error = %error, "cannot reconnect to redis; retrying"),

@@ -40,10 +40,12 @@ use std::time::Duration;
 use pgwire_replication::{
     PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::origin::{Origin, OriginStore, Since};
+use self::slot::ServerView;
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
 use crate::db::{ConnInfo, Db, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
@@ -69,6 +71,17 @@ pub const STATUS_INTERVAL: Duration = Duration::from_millis(1);
 const FINAL_REPORT_WAIT: Duration = Duration::from_secs(3);
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the session tells the server where it is while the stream is
+/// idle (otherwise it does at every message): the server hears from a
+/// live session at least this often.
+const IDLE_FEEDBACK: Duration = Duration::from_secs(10);
+/// A session the server holding the slot has not heard from for this long
+/// (three idle reports), or that no longer holds the slot, is gone, though
+/// its connection was never closed: a NAT or load balancer dropped it
+/// without a FIN or RST, and TCP alone would take hours to notice. It is
+/// replaced. Needs heartbeats (`replication.heartbeat_interval`), which
+/// read the server's view.
+const UNHEARD_LIMIT: Duration = Duration::from_secs(30);
 
 /// A replication session that reopens itself.
 pub struct ReplicationSource {
@@ -106,6 +119,11 @@ pub struct ReplicationSource {
     store_read: bool,
     /// What the store holds, as far as this daemon knows.
     stored: Option<Origin>,
+    /// The server's view of the session, from the heartbeats (see
+    /// [`UNHEARD_LIMIT`]).
+    server_view: Option<watch::Receiver<Option<ServerView>>>,
+    /// When the current session started.
+    session_started: Instant,
 }
 
 /// A session just opened: where, and on which server history.
@@ -138,7 +156,16 @@ impl ReplicationSource {
             store: None,
             store_read: false,
             stored: None,
+            server_view: None,
+            session_started: Instant::now(),
         }
+    }
+
+    /// Replaces a session the server no longer hears from, as `view` (the
+    /// heartbeats' reading) tells.
+    pub fn with_server_view(mut self, view: watch::Receiver<Option<ServerView>>) -> Self {
+        self.server_view = Some(view);
+        self
     }
 
     /// Keeps the origin in `store` across restarts (see [`origin`]).
@@ -237,6 +264,7 @@ impl ReplicationSource {
                         }
                         tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, host = %endpoint, "replication stream started");
                         self.client = Some(client);
+                        self.session_started = Instant::now();
                         self.session_healthy = false;
                         self.health.set_streaming(true);
                         return Ok(Event::Restarted);
@@ -247,7 +275,19 @@ impl ReplicationSource {
                     }
                 }
             };
-            let event = match client.recv().await {
+            let received = tokio::select! {
+                received = client.recv() => Ok(received),
+                why = unheard(self.server_view.as_mut(), self.session_started) => Err(why),
+            };
+            let received = match received {
+                Ok(received) => received,
+                Err(why) => {
+                    metrics::counter!(m::STREAM_SILENT_TOTAL).increment(1);
+                    self.fail(PgWireError::Task(why)).await?;
+                    continue;
+                }
+            };
+            let event = match received {
                 Ok(Some(event)) => event,
                 Ok(None) => {
                     self.fail(PgWireError::Task("replication stream ended".into()))
@@ -393,6 +433,7 @@ impl ReplicationSource {
         .with_tls(self.tls())
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
+        .with_wakeup_interval(IDLE_FEEDBACK)
         .with_buffer_size(self.buffer_messages)
         .with_application_name(self.application_name.clone())
         .with_options(crate::db::SESSION_OPTIONS)
@@ -487,6 +528,40 @@ impl Source for ReplicationSource {
 
     async fn shutdown(self) {
         ReplicationSource::shutdown(self).await;
+    }
+}
+
+/// Resolves once the server holding the slot, read after the session had
+/// been open for [`UNHEARD_LIMIT`], says it has not heard from the session
+/// for that long, or that no session holds the slot; never without `view`.
+async fn unheard(
+    view: Option<&mut watch::Receiver<Option<ServerView>>>,
+    session_started: Instant,
+) -> String {
+    let Some(view) = view else {
+        return std::future::pending().await;
+    };
+    loop {
+        let seen = *view.borrow_and_update();
+        if let Some(seen) =
+            seen.filter(|s| s.checked_at > (session_started + UNHEARD_LIMIT).into_std())
+        {
+            match seen.unheard_for {
+                None => {
+                    return "the server says no session streams the slot, yet this one was never closed (the network dropped it?); reconnecting".to_string()
+                }
+                Some(unheard) if unheard >= UNHEARD_LIMIT => {
+                    return format!(
+                        "the server has not heard from this session for {}s, yet it was never closed (the network dropped it?); reconnecting",
+                        unheard.as_secs()
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        if view.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

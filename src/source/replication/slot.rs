@@ -8,6 +8,13 @@
 //! and it gives an idle database WAL to decode, so keepalive confirmations
 //! keep the slot from retaining WAL while the watched tables are quiet.
 //!
+//! Each heartbeat also reads how long the server holding the slot has gone
+//! without hearing from the session streaming it ([`ServerView`]): the
+//! stream's own connection cannot tell when the network dropped it without
+//! a FIN or RST, and the source replaces a session the server no longer
+//! hears from. Every heartbeat round is bounded in time for the same
+//! reason: its own connection may be the one that silently died.
+//!
 //! With `replication.url` the slot lives on a hot standby: heartbeats are
 //! still written on the primary (they reach the standby's slot through
 //! physical replication), the slot's usage is read on the standby, and a
@@ -29,6 +36,22 @@ use crate::source::replication::drift::{drifted_tables, membership, rejoined, Ca
 use crate::source::replication::HEARTBEAT_PREFIX;
 use crate::telemetry::metrics as m;
 
+/// What the server holding the slot says of the session streaming it, as
+/// the last heartbeat read it.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerView {
+    /// When it was read.
+    pub checked_at: std::time::Instant,
+    /// How long the walsender holding the slot had gone without a reply
+    /// from its client; `None` when no session held the slot.
+    pub unheard_for: Option<Duration>,
+}
+
+/// The longest a heartbeat round (connecting, the drift check, the
+/// heartbeat, the slot's usage) may take before its connections count as
+/// dead and are made again.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the heartbeat also checks: whether the catalog still lets the
 /// stream cover every watched table (see [`super::drift`]).
 pub struct DriftCheck {
@@ -41,12 +64,13 @@ pub struct DriftCheck {
 }
 
 /// Writes heartbeats every `every` until `cancel` fires; checks for drift
-/// with each.
+/// with each, and reports the server's view of the stream to `seen`.
 pub async fn heartbeats(
     conn: ConnInfo,
     slot: String,
     every: Duration,
     drift: DriftCheck,
+    seen: watch::Sender<Option<ServerView>>,
     cancel: CancellationToken,
 ) {
     let mut db: Option<Db> = None;
@@ -63,55 +87,26 @@ pub async fn heartbeats(
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if db.is_none() {
-            db = Db::connect(&conn).await.ok();
-        }
-        let Some(connection) = &db else { continue };
-        let now = unix_micros_now();
-        let checked_at = std::time::Instant::now();
-        let members_now = membership(connection, &drift.rules, &drift.publication).await;
-        match drifted_tables(connection, &drift.rules, &drift.publication).await {
-            // Every check is sent, changed or not: it also tells the loop
-            // that tables the stream described as drifted earlier are right
-            // again.
-            Ok(drifted) => {
-                let rejoined = match (&members, &members_now) {
-                    (Some(before), Ok(now)) => rejoined(before, now),
-                    _ => Vec::new(),
-                };
-                drift.report.send_replace(CatalogReport {
-                    checked_at,
-                    drifted,
-                    rejoined,
-                });
-                if let Ok(now) = members_now {
-                    members = Some(now);
-                }
-            }
-            Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
-        }
-        if conn.decodes_on_standby() && standby.is_none() {
-            standby = Db::connect(conn.slot_server()).await.ok();
-        }
-        let slot_db = match (&standby, conn.decodes_on_standby()) {
-            (Some(standby), true) => Some(standby),
-            (None, true) => None,
-            (_, false) => Some(connection),
-        };
-        let beat = async {
-            heartbeat(connection, HEARTBEAT_PREFIX, now).await?;
-            match slot_db {
-                Some(slot_db) => slot_usage(slot_db, &slot).await,
-                None => Ok(None),
-            }
-        };
-        match beat.await {
-            Ok(Some((retained, wal_status))) => {
+        let round = tokio::time::timeout(
+            ROUND_TIMEOUT,
+            beat_round(&conn, &slot, &drift, &mut db, &mut standby, &mut members),
+        )
+        .await
+        .unwrap_or(Err(DbError::TimedOut {
+            what: "a heartbeat round",
+            after: ROUND_TIMEOUT,
+        }));
+        match round {
+            Ok(Some(usage)) => {
                 failing = false;
-                metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
-                if wal_status == "lost" {
+                metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(usage.retained as f64);
+                if usage.wal_status == "lost" {
                     tracing::error!(slot = %slot, "replication slot is lost; the stream will rebuild it");
                 }
+                seen.send_replace(Some(ServerView {
+                    checked_at: std::time::Instant::now(),
+                    unheard_for: usage.unheard_for,
+                }));
             }
             Ok(None) => failing = false,
             Err(error) => {
@@ -122,6 +117,63 @@ pub async fn heartbeats(
                 db = None;
                 standby = None;
             }
+        }
+    }
+}
+
+/// One heartbeat round: (re)connects, checks the catalog for drift, writes
+/// the heartbeat and reads the slot's usage where it lives (`None` when
+/// that server cannot be reached yet).
+async fn beat_round(
+    conn: &ConnInfo,
+    slot: &str,
+    drift: &DriftCheck,
+    db: &mut Option<Db>,
+    standby: &mut Option<Db>,
+    members: &mut Option<std::collections::HashMap<crate::change::TableName, Vec<i64>>>,
+) -> Result<Option<SlotUsage>, DbError> {
+    {
+        if db.is_none() {
+            *db = Some(Db::connect(conn).await?);
+        }
+        let Some(connection) = db.as_ref() else {
+            return Ok(None);
+        };
+        let now = unix_micros_now();
+        let checked_at = std::time::Instant::now();
+        let members_now = membership(connection, &drift.rules, &drift.publication).await;
+        match drifted_tables(connection, &drift.rules, &drift.publication).await {
+            // Every check is sent, changed or not: it also tells the loop
+            // that tables the stream described as drifted earlier are right
+            // again.
+            Ok(drifted) => {
+                let rejoined = match (members.as_ref(), &members_now) {
+                    (Some(before), Ok(now)) => rejoined(before, now),
+                    _ => Vec::new(),
+                };
+                drift.report.send_replace(CatalogReport {
+                    checked_at,
+                    drifted,
+                    rejoined,
+                });
+                if let Ok(now) = members_now {
+                    *members = Some(now);
+                }
+            }
+            Err(error) => tracing::debug!(error = %error, "cannot check the catalog for drift"),
+        }
+        if conn.decodes_on_standby() && standby.is_none() {
+            *standby = Db::connect(conn.slot_server()).await.ok();
+        }
+        let slot_db = match (standby.as_ref(), conn.decodes_on_standby()) {
+            (Some(standby), true) => Some(standby),
+            (None, true) => None,
+            (_, false) => Some(connection),
+        };
+        heartbeat(connection, HEARTBEAT_PREFIX, now).await?;
+        match slot_db {
+            Some(slot_db) => slot_usage(slot_db, slot).await,
+            None => Ok(None),
         }
     }
 }
@@ -370,9 +422,21 @@ async fn heartbeat(primary: &Db, prefix: &str, now_unix_micros: i64) -> Result<(
     Ok(())
 }
 
+/// The slot's upkeep figures, read where it lives.
+struct SlotUsage {
+    /// WAL bytes it retains.
+    retained: i64,
+    /// `wal_status` (`lost` once invalidated).
+    wal_status: String,
+    /// See [`ServerView::unheard_for`].
+    unheard_for: Option<Duration>,
+}
+
 /// How much WAL the slot retains on the server that holds it (`db`, the
-/// primary or a decoding standby), and its `wal_status`.
-async fn slot_usage(db: &Db, slot: &str) -> Result<Option<(i64, String)>, DbError> {
+/// primary or a decoding standby), its `wal_status`, and how long the
+/// walsender holding it has gone without a reply from its client
+/// (`reply_time`, or when the session began if it never replied).
+async fn slot_usage(db: &Db, slot: &str) -> Result<Option<SlotUsage>, DbError> {
     let row = db
         .client()
         .query_opt(
@@ -380,7 +444,9 @@ async fn slot_usage(db: &Db, slot: &str) -> Result<Option<(i64, String)>, DbErro
                 "select ({} - s.restart_lsn)::int8, coalesce(s.wal_status, ''), \
                         coalesce((select r.sync_state in ('sync', 'quorum') from pg_stat_replication r \
                                    where r.pid = s.active_pid), false), \
-                        s.safe_wal_size \
+                        s.safe_wal_size, \
+                        (select extract(epoch from clock_timestamp() - coalesce(r.reply_time, r.backend_start))::float8 \
+                           from pg_stat_replication r where r.pid = s.active_pid) \
                    from pg_replication_slots s where s.slot_name = $1",
                 crate::db::catalog::WAL_NOW
             ),
@@ -394,7 +460,13 @@ async fn slot_usage(db: &Db, slot: &str) -> Result<Option<(i64, String)>, DbErro
         if let Some(safe) = r.get::<_, Option<i64>>(3) {
             metrics::gauge!(m::SLOT_SAFE_WAL_BYTES).set(safe as f64);
         }
-        (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))
+        SlotUsage {
+            retained: r.get::<_, Option<i64>>(0).unwrap_or(0),
+            wal_status: r.get(1),
+            unheard_for: r
+                .get::<_, Option<f64>>(4)
+                .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        }
     }))
 }
 

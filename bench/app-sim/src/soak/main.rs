@@ -30,13 +30,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pgci_app_sim::workload::{self, Page, PAGES};
 use pgci_client::{write_token, Cache, CacheOptions, WriteToken};
-use pgci_test_support::{free_port, Daemon, TestEnv};
+use pgci_test_support::{free_port, Daemon, Proxy, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::ConnectionManager;
 use tokio::sync::RwLock;
 
-use crate::nemesis::{Fault, Standby};
+use crate::nemesis::{Fault, Links, Standby};
 
 /// Runs the chaos soak.
 #[derive(Parser, Debug)]
@@ -200,11 +200,32 @@ async fn main() {
         ),
         None => env.pg.url(),
     };
+    // The daemon reaches its servers through forwarders the nemesis can
+    // slow down or cut.
+    let mut pg_ports = vec![env.pg.port];
+    pg_ports.extend(standby.as_ref().map(|s| s.server.port));
+    let mut postgres = Vec::new();
+    for port in pg_ports {
+        postgres.push(Proxy::start(port).await);
+    }
+    let links = Links {
+        redis: Proxy::start(env.redis.port).await,
+        postgres,
+    };
+    let hosts: Vec<String> = links
+        .postgres
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect();
+    let daemon_pg_url = format!(
+        "postgres://postgres@{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        hosts.join(",")
+    );
     let source = if outbox { "source = \"outbox\"\n" } else { "" };
     env.postgres_extra = source.to_string();
     let config = format!(
-        "[postgres]\nurl = \"{pg_url}\"\n{source}\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}{SENTINEL_RULE}",
-        env.redis.url(),
+        "[postgres]\nurl = \"{daemon_pg_url}\"\n{source}\n[redis]\nurl = \"redis://127.0.0.1:{}/0\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}{SENTINEL_RULE}",
+        links.redis.port,
         env.http_port,
     );
     std::fs::write(&env.config, config).expect("write config");
@@ -297,7 +318,16 @@ async fn main() {
         if faults.iter().any(|f| f.undoes_invalidations()) {
             shared.confirmed.expect_loss();
         }
-        if nemesis::inject(&mut env, &mut daemon, standby.as_mut(), &faults, &mut rng).await {
+        if nemesis::inject(
+            &mut env,
+            &mut daemon,
+            standby.as_mut(),
+            &links,
+            &faults,
+            &mut rng,
+        )
+        .await
+        {
             restarts += 1;
         }
         for &fault in &faults {

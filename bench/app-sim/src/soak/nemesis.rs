@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pgci_test_support::{Daemon, Postgres, TestEnv};
+use pgci_test_support::{Daemon, Link, Postgres, Proxy, TestEnv};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -35,10 +35,25 @@ pub enum Fault {
     /// synchronized failover slot); a new standby of the new primary is
     /// then built on the dead primary's port.
     Promote,
+    /// The daemon's links to Redis and PostgreSQL slowed (20–300 ms each
+    /// way) for up to three seconds.
+    SlowLinks,
+    /// The daemon's link to Redis, to PostgreSQL, or both, cut for 0.5 to
+    /// 15 seconds: nothing arrives, nothing is refused (past
+    /// `wal_sender_timeout`, 10 s here, the walsender gives up). What was
+    /// sent is delivered when the cut heals, as TCP would.
+    CutLinks,
+    /// Every connection the daemon has open to Redis, to PostgreSQL, or
+    /// to both, stranded: it never carries another byte and is never
+    /// closed, as when a NAT or load balancer forgets it; new connections
+    /// work. The daemon must notice on its own (a Redis request times out
+    /// after 30 s; the server holding the slot stops hearing from the
+    /// stream).
+    StrandLinks,
 }
 
 /// Every fault kind.
-pub const ALL: [Fault; 9] = [
+pub const ALL: [Fault; 12] = [
     Fault::KillDaemon,
     Fault::TerminateWalsender,
     Fault::RestartPostgres,
@@ -48,6 +63,9 @@ pub const ALL: [Fault; 9] = [
     Fault::DropSlot,
     Fault::RedisFull,
     Fault::Promote,
+    Fault::SlowLinks,
+    Fault::CutLinks,
+    Fault::StrandLinks,
 ];
 
 impl Fault {
@@ -63,6 +81,9 @@ impl Fault {
             Fault::DropSlot => "drop-slot",
             Fault::RedisFull => "redis-full",
             Fault::Promote => "promote-standby",
+            Fault::SlowLinks => "slow-links",
+            Fault::CutLinks => "cut-links",
+            Fault::StrandLinks => "strand-links",
         }
     }
 
@@ -102,6 +123,28 @@ impl Fault {
     }
 }
 
+/// The forwarders between the daemon and its servers (the workload and
+/// the checker connect directly).
+pub struct Links {
+    /// To Redis.
+    pub redis: Proxy,
+    /// To each PostgreSQL host the daemon's URL names.
+    pub postgres: Vec<Proxy>,
+}
+
+impl Links {
+    fn set(&self, redis: Option<Link>, postgres: Option<Link>) {
+        if let Some(link) = redis {
+            self.redis.set_link(link);
+        }
+        for proxy in &self.postgres {
+            if let Some(link) = postgres {
+                proxy.set_link(link);
+            }
+        }
+    }
+}
+
 /// The standby the soak promotes, and how to build the next one.
 pub struct Standby {
     /// The standby now.
@@ -136,6 +179,7 @@ pub async fn inject(
     env: &mut TestEnv,
     daemon: &mut Daemon,
     standby: Option<&mut Standby>,
+    links: &Links,
     faults: &[Fault],
     rng: &mut StdRng,
 ) -> bool {
@@ -238,6 +282,42 @@ pub async fn inject(
             Fault::Promote => {
                 if let Some(standby) = standby.as_deref_mut() {
                     promote(env, standby, pause).await;
+                }
+            }
+            Fault::SlowLinks => {
+                let slow = |rng: &mut StdRng| {
+                    Some(Link::Delayed(Duration::from_millis(
+                        rng.random_range(20..300),
+                    )))
+                };
+                let (redis, postgres) = (slow(rng), slow(rng));
+                links.set(redis, postgres);
+                tokio::time::sleep(pause * 2).await;
+                links.set(Some(Link::Up), Some(Link::Up));
+            }
+            Fault::CutLinks => {
+                let (redis, postgres) = match rng.random_range(0..3) {
+                    0 => (Some(Link::Cut), None),
+                    1 => (None, Some(Link::Cut)),
+                    _ => (Some(Link::Cut), Some(Link::Cut)),
+                };
+                links.set(redis, postgres);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(500..15_000))).await;
+                links.set(Some(Link::Up), Some(Link::Up));
+            }
+            Fault::StrandLinks => {
+                let (redis, postgres) = match rng.random_range(0..3) {
+                    0 => (true, false),
+                    1 => (false, true),
+                    _ => (true, true),
+                };
+                if redis {
+                    links.redis.strand();
+                }
+                if postgres {
+                    for proxy in &links.postgres {
+                        proxy.strand();
+                    }
                 }
             }
         }
