@@ -3,8 +3,9 @@
 # write tokens run against a private PostgreSQL and Redis while a nemesis,
 # drawn from --seed, kills the daemon, ends its walsender, restarts
 # PostgreSQL, brings Redis back from an older snapshot, kills and pauses
-# Redis clients, fills Redis, drops the slot and (PostgreSQL 17+, see
-# PGCI_TEST_PG_BINDIR) kills the primary and promotes its synchronous
+# Redis clients, fills Redis, drops the slot, slows, cuts and strands the
+# daemon's links (through forwarders in the harness) and (PostgreSQL 17+,
+# see PGCI_TEST_PG_BINDIR) kills the primary and promotes its synchronous
 # standby; after each round an independent checker compares every cached
 # page with its rows' version counters.
 # Arguments go to the soak: --minutes N (default 2), --seed S, --users,

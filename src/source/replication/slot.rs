@@ -228,13 +228,31 @@ pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -
     loop {
         let result = async {
             let db = Db::connect(conn.slot_server()).await?;
+            let pid: i32 =
+                crate::db::within("reading the session's pid", WATCH_QUERY_TIMEOUT, async {
+                    db.client()
+                        .query_one("select pg_backend_pid()", &[])
+                        .await
+                        .map_err(DbError::query("reading the session's pid"))
+                })
+                .await?
+                .get(0);
             // Without the primary (down, or this standby was promoted and
             // the URL names no other host) the slot is made unhurried.
             let primary = match conn.decodes_on_standby() {
                 true => Db::connect(conn).await.ok(),
                 false => None,
             };
-            recreate_slot(&db, primary.as_ref(), slot).await
+            // Creating a slot waits for running transactions, for as long
+            // as they run: no time limit fits it. Instead, the session is
+            // watched from another connection, and given up once the
+            // server says it is idle while no answer came (the network
+            // dropped the connection silently; the retry finds the slot
+            // made, or makes it).
+            tokio::select! {
+                made = recreate_slot(&db, primary.as_ref(), slot) => made,
+                lost = session_lost(conn.slot_server(), pid) => Err(lost),
+            }
         }
         .await;
         match result {
@@ -250,6 +268,56 @@ pub async fn recreate(conn: &ConnInfo, slot: &str, cancel: &CancellationToken) -
                     return None;
                 }
             }
+        }
+    }
+}
+
+/// How long one query of the watch on a session may take.
+const WATCH_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the watch looks at the session.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// Resolves once the server has shown the session `pid` idle (or gone)
+/// twice in a row, [`WATCH_EVERY`] apart, while its caller still waits for
+/// an answer: the connection is dead though never closed.
+async fn session_lost(conn: &ConnInfo, pid: i32) -> DbError {
+    let mut idle_seen = 0;
+    let mut watcher: Option<Db> = None;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if watcher.is_none() {
+            watcher = crate::db::within(
+                "watching the session",
+                WATCH_QUERY_TIMEOUT,
+                Db::connect(conn),
+            )
+            .await
+            .ok();
+        }
+        let Some(db) = &watcher else { continue };
+        let state = crate::db::within("watching the session", WATCH_QUERY_TIMEOUT, async {
+            db.client()
+                .query_opt(
+                    "select coalesce(state, '') from pg_stat_activity where pid = $1",
+                    &[&pid],
+                )
+                .await
+                .map_err(DbError::query("watching the session"))
+        })
+        .await;
+        match state {
+            Ok(row) => {
+                let idle = row.is_none_or(|r| r.get::<_, String>(0) == "idle");
+                idle_seen = if idle { idle_seen + 1 } else { 0 };
+                if idle_seen >= 2 {
+                    return DbError::TimedOut {
+                        what:
+                            "recreating the replication slot (the server finished, no answer came)",
+                        after: WATCH_EVERY * 2,
+                    };
+                }
+            }
+            Err(_) => watcher = None,
         }
     }
 }

@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::redis_target::{RedisConn, RedisTarget};
 use pgci_protocol::lsn::Lsn;
-use redis::aio::MultiplexedConnection;
 
 /// How often the judge samples the slot.
 const SAMPLE_EVERY: Duration = Duration::from_millis(25);
@@ -120,10 +120,10 @@ impl Watcher {
 pub async fn launch(
     watcher: Arc<Watcher>,
     pg_url: String,
-    redis_url: String,
+    redis: RedisTarget,
     stop: Arc<AtomicBool>,
 ) {
-    let mut conns = Conns::new(pg_url, redis_url);
+    let mut conns = Conns::new(pg_url, redis);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(LAUNCH_EVERY).await;
         let Some(phase) = watcher.judging() else {
@@ -182,11 +182,11 @@ pub async fn launch(
 pub async fn judge(
     watcher: Arc<Watcher>,
     pg_url: String,
-    redis_url: String,
+    redis: RedisTarget,
     slot: String,
     stop: Arc<AtomicBool>,
 ) {
-    let mut conns = Conns::new(pg_url, redis_url);
+    let mut conns = Conns::new(pg_url, redis);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(SAMPLE_EVERY).await;
         if watcher.judging().is_none() {
@@ -262,16 +262,16 @@ pub async fn judge(
 /// A connection to each server, opened again after any failure.
 struct Conns {
     pg_url: String,
-    redis_url: String,
+    target: RedisTarget,
     pg: Option<tokio_postgres::Client>,
-    redis: Option<MultiplexedConnection>,
+    redis: Option<RedisConn>,
 }
 
 impl Conns {
-    fn new(pg_url: String, redis_url: String) -> Conns {
+    fn new(pg_url: String, target: RedisTarget) -> Conns {
         Conns {
             pg_url,
-            redis_url,
+            target,
             pg: None,
             redis: None,
         }
@@ -282,7 +282,7 @@ impl Conns {
         self.redis = None;
     }
 
-    async fn get(&mut self) -> Option<(&tokio_postgres::Client, &mut MultiplexedConnection)> {
+    async fn get(&mut self) -> Option<(&tokio_postgres::Client, &mut RedisConn)> {
         if self.pg.as_ref().is_none_or(|c| c.is_closed()) {
             let connect = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls);
             let (client, conn) = tokio::time::timeout(CALL_TIMEOUT, connect)
@@ -293,13 +293,7 @@ impl Conns {
             self.pg = Some(client);
         }
         if self.redis.is_none() {
-            let client = redis::Client::open(self.redis_url.as_str()).ok()?;
-            let conn =
-                tokio::time::timeout(CALL_TIMEOUT, client.get_multiplexed_async_connection())
-                    .await
-                    .ok()?
-                    .ok()?;
-            self.redis = Some(conn);
+            self.redis = Some(self.target.try_connect(CALL_TIMEOUT).await?);
         }
         Some((self.pg.as_ref()?, self.redis.as_mut()?))
     }

@@ -22,6 +22,8 @@ use rand::{Rng, SeedableRng};
 
 use pgci_app_sim::workload::{self, PAGES};
 
+use crate::redis_target::{RedisConn, RedisTarget};
+
 const CHANNEL: &str = "cache-invalidation";
 
 /// The copies and what the listener saw.
@@ -180,30 +182,24 @@ fn apply(state: &mut State, event: &serde_json::Value) {
 /// Copies random pages from Redis into `copies` until `stop`.
 pub async fn fill(
     copies: Arc<Copies>,
-    redis_url: String,
+    target: RedisTarget,
     ids: Vec<String>,
     stop: Arc<AtomicBool>,
     seed: u64,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut redis: Option<redis::aio::MultiplexedConnection> = None;
+    let mut redis: Option<RedisConn> = None;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let conn = match redis.as_mut() {
             Some(conn) => conn,
-            None => {
-                let opened = match redis::Client::open(redis_url.as_str()) {
-                    Ok(client) => client.get_multiplexed_async_connection().await.ok(),
-                    Err(_) => None,
-                };
-                match opened {
-                    Some(conn) => redis.insert(conn),
-                    None => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
+            None => match target.try_connect(Duration::from_secs(5)).await {
+                Some(conn) => redis.insert(conn),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
-            }
+            },
         };
         let id = &ids[rng.random_range(0..ids.len())];
         let key = PAGES[rng.random_range(0..PAGES.len())].key(id);
@@ -241,11 +237,8 @@ pub async fn fill(
 }
 
 /// The last `seq` the daemon drew for the channel (0 when none).
-pub async fn last_seq(redis_url: &str) -> u64 {
-    let Ok(client) = redis::Client::open(redis_url) else {
-        return 0;
-    };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+pub async fn last_seq(target: &RedisTarget) -> u64 {
+    let Some(mut conn) = target.try_connect(Duration::from_secs(5)).await else {
         return 0;
     };
     redis::cmd("HGET")

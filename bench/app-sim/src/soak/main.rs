@@ -11,7 +11,7 @@
 //! that deletes it (checked all the time; see `confirmed`).
 //!
 //! ```text
-//! scripts/soak.sh [--minutes 2] [--seed 1] [--users 300]
+//! scripts/soak.sh [--minutes 2] [--seed 1] [--users 300] [--redis server|cluster]
 //! ```
 //!
 //! The last line is `violations=N kinds=K` (fault kinds injected); the
@@ -21,6 +21,7 @@
 mod confirmed;
 mod copies;
 mod nemesis;
+mod redis_target;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,13 +31,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pgci_app_sim::workload::{self, Page, PAGES};
 use pgci_client::{write_token, Cache, CacheOptions, WriteToken};
-use pgci_test_support::{free_port, Daemon, Proxy, TestEnv};
+use pgci_test_support::{free_port, Daemon, Proxy, RedisCluster, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::ConnectionManager;
 use tokio::sync::RwLock;
 
 use crate::nemesis::{Fault, Links, Standby};
+use crate::redis_target::{RedisConn, RedisTarget};
 
 /// Runs the chaos soak.
 #[derive(Parser, Debug)]
@@ -73,6 +74,12 @@ struct Args {
     /// `outbox` (trigger-fed; the slot faults are left out).
     #[arg(long, default_value = "replication")]
     source: String,
+    /// Where the cache is: `server` (one Redis) or `cluster` (a Redis
+    /// Cluster of three masters and three replicas; its faults are master
+    /// failovers and reshards instead of snapshot restores, a full Redis
+    /// and the Redis links).
+    #[arg(long, default_value = "server")]
+    redis: String,
     /// Copy every daemon's log into this directory before the servers'
     /// directories are removed (to read what happened around a violation).
     #[arg(long)]
@@ -98,7 +105,7 @@ struct Shared {
     outbox: bool,
     ids: Vec<String>,
     pg_url: String,
-    redis_url: String,
+    redis: RedisTarget,
     counts: Counts,
     /// Writers hold it shared for each write; the checker takes it
     /// exclusively, so no write is in flight while it checks.
@@ -119,11 +126,8 @@ struct Shared {
 
 impl Shared {
     /// A lease cache on its own Redis connection (reconnecting).
-    async fn cache(&self) -> Cache<ConnectionManager> {
-        Cache::new(
-            connect_redis(&self.redis_url).await,
-            CacheOptions::default(),
-        )
+    async fn cache(&self) -> Cache<RedisConn> {
+        Cache::new(self.redis.connect().await, CacheOptions::default())
     }
 
     fn violation(&self, what: String) {
@@ -152,6 +156,14 @@ async fn main() {
         "outbox" => true,
         other => {
             eprintln!("error: --source {other:?}: choose replication or outbox");
+            std::process::exit(2)
+        }
+    };
+    let cluster = match args.redis.as_str() {
+        "server" => None,
+        "cluster" => Some(RedisCluster::start().await),
+        other => {
+            eprintln!("error: --redis {other:?}: choose server or cluster");
             std::process::exit(2)
         }
     };
@@ -209,8 +221,20 @@ async fn main() {
         postgres.push(Proxy::start(port).await);
     }
     let links = Links {
-        redis: Proxy::start(env.redis.port).await,
+        redis: match cluster {
+            None => Some(Proxy::start(env.redis.port).await),
+            Some(_) => None,
+        },
         postgres,
+    };
+    let redis = match &cluster {
+        Some(cluster) => RedisTarget::Cluster(cluster.urls()),
+        None => RedisTarget::Server(env.redis.url()),
+    };
+    let daemon_redis = match (&links.redis, &cluster) {
+        (Some(proxy), _) => format!("url = \"redis://127.0.0.1:{}/0\"\n", proxy.port),
+        (None, Some(cluster)) => format!("url = \"{}\"\ncluster = true\n", cluster.url()),
+        (None, None) => unreachable!("one server has a forwarder"),
     };
     let hosts: Vec<String> = links
         .postgres
@@ -224,8 +248,7 @@ async fn main() {
     let source = if outbox { "source = \"outbox\"\n" } else { "" };
     env.postgres_extra = source.to_string();
     let config = format!(
-        "[postgres]\nurl = \"{daemon_pg_url}\"\n{source}\n[redis]\nurl = \"redis://127.0.0.1:{}/0\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}{SENTINEL_RULE}",
-        links.redis.port,
+        "[postgres]\nurl = \"{daemon_pg_url}\"\n{source}\n[redis]\n{daemon_redis}\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{rules}{SENTINEL_RULE}",
         env.http_port,
     );
     std::fs::write(&env.config, config).expect("write config");
@@ -243,7 +266,7 @@ async fn main() {
         outbox,
         ids,
         pg_url,
-        redis_url: env.redis.url(),
+        redis,
         counts: Counts::default(),
         writes: RwLock::new(()),
         stop: AtomicBool::new(false),
@@ -256,13 +279,13 @@ async fn main() {
     let stop_copies = Arc::new(AtomicBool::new(false));
     let mut copy_tasks = vec![tokio::spawn(copies::listen(
         shared.copies.clone(),
-        shared.redis_url.clone(),
+        shared.redis.subscribe_url().to_string(),
         stop_copies.clone(),
     ))];
     for i in 0..2 {
         copy_tasks.push(tokio::spawn(copies::fill(
             shared.copies.clone(),
-            shared.redis_url.clone(),
+            shared.redis.clone(),
             shared.ids.clone(),
             stop_copies.clone(),
             args.seed + 200 + i,
@@ -272,13 +295,13 @@ async fn main() {
         copy_tasks.push(tokio::spawn(confirmed::launch(
             shared.confirmed.clone(),
             shared.pg_url.clone(),
-            shared.redis_url.clone(),
+            shared.redis.clone(),
             stop_copies.clone(),
         )));
         copy_tasks.push(tokio::spawn(confirmed::judge(
             shared.confirmed.clone(),
             shared.pg_url.clone(),
-            shared.redis_url.clone(),
+            shared.redis.clone(),
             SLOT.to_string(),
             stop_copies.clone(),
         )));
@@ -311,7 +334,8 @@ async fn main() {
     while Instant::now() < deadline {
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
-        let faults = Fault::draw(&mut rng, &Fault::kinds(outbox, standby.is_some()));
+        let kinds = Fault::kinds(outbox, standby.is_some(), cluster.is_some());
+        let faults = Fault::draw(&mut rng, &kinds);
         let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
         eprintln!("round {rounds}: {}", names.join(" + "));
         shared.confirmed.round.store(rounds, Ordering::Relaxed);
@@ -323,6 +347,7 @@ async fn main() {
             &mut daemon,
             standby.as_mut(),
             &links,
+            cluster.as_ref(),
             &faults,
             &mut rng,
         )
@@ -391,9 +416,10 @@ async fn main() {
         shared.confirmed.judged.load(Ordering::Relaxed),
     );
     println!(
-        "seed={} source={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
+        "seed={} source={} redis={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
         args.seed,
         args.source,
+        args.redis,
         match (&standby, outbox) {
             (None, _) => "no",
             (Some(_), false) => "yes (synchronous, failover slots)",
@@ -439,6 +465,7 @@ async fn main() {
     // servers outlived each run (found on the CI machine).
     drop(daemon);
     drop(standby);
+    drop(cluster);
     drop(env);
     std::process::exit(i32::from(violations > 0));
 }
@@ -502,7 +529,7 @@ async fn check(
     let pg = connect_pg(&shared.pg_url).await;
     let limit = Duration::from_secs(catch_up_secs);
     let caught_up = if shared.outbox {
-        sentinel_applied(&pg, &shared.redis_url, limit).await
+        sentinel_applied(&pg, &shared.redis, limit).await
     } else {
         let token = loop {
             match write_token(&pg).await {
@@ -524,11 +551,11 @@ async fn check(
         ));
         return 0;
     }
-    let mut redis = connect_redis(&shared.redis_url).await;
+    let mut redis = shared.redis.connect().await;
     let mut stale = 0;
     // The listener must have seen every event the daemon numbered so far
     // before its copies are judged.
-    let last_seq = copies::last_seq(&shared.redis_url).await;
+    let last_seq = copies::last_seq(&shared.redis).await;
     let listened = shared
         .copies
         .caught_up(last_seq, Duration::from_secs(10))
@@ -586,8 +613,12 @@ const SENTINEL_RULE: &str =
 /// Sets a sentinel key, commits a pillar row whose rule deletes it, and
 /// waits (at most `limit`) until the key is gone: the daemon applies in
 /// commit order, so everything committed before is applied too.
-async fn sentinel_applied(pg: &tokio_postgres::Client, redis_url: &str, limit: Duration) -> bool {
-    let mut redis = connect_redis(redis_url).await;
+async fn sentinel_applied(
+    pg: &tokio_postgres::Client,
+    target: &RedisTarget,
+    limit: Duration,
+) -> bool {
+    let mut redis = target.connect().await;
     let started = Instant::now();
     let id = loop {
         let inserted = async {
@@ -635,16 +666,6 @@ async fn connect_pg(url: &str) -> tokio_postgres::Client {
         if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
             tokio::spawn(conn);
             return client;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn connect_redis(url: &str) -> ConnectionManager {
-    let client = redis::Client::open(url).expect("redis url");
-    loop {
-        if let Ok(conn) = ConnectionManager::new(client.clone()).await {
-            return conn;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -766,7 +787,7 @@ async fn writer(shared: Arc<Shared>, seed: u64) {
 /// than what it wrote.
 async fn own_read(
     shared: &Shared,
-    cache: &mut Cache<ConnectionManager>,
+    cache: &mut Cache<RedisConn>,
     pg: &tokio_postgres::Client,
     id: &str,
     written: i64,

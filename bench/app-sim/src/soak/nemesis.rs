@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pgci_test_support::{Daemon, Link, Postgres, Proxy, TestEnv};
+use pgci_test_support::{Daemon, Link, Postgres, Proxy, RedisCluster, TestEnv};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -50,10 +50,17 @@ pub enum Fault {
     /// after 30 s; the server holding the slot stops hearing from the
     /// stream).
     StrandLinks,
+    /// Redis Cluster only: a master's replica takes over (`CLUSTER
+    /// FAILOVER`, the master agreeing).
+    FailoverMaster,
+    /// Redis Cluster only: 100–2,000 hash slots move from one master to
+    /// another (`redis-cli --cluster reshard`, keys migrated while the
+    /// daemon writes), to completion.
+    Reshard,
 }
 
 /// Every fault kind.
-pub const ALL: [Fault; 12] = [
+pub const ALL: [Fault; 14] = [
     Fault::KillDaemon,
     Fault::TerminateWalsender,
     Fault::RestartPostgres,
@@ -66,6 +73,8 @@ pub const ALL: [Fault; 12] = [
     Fault::SlowLinks,
     Fault::CutLinks,
     Fault::StrandLinks,
+    Fault::FailoverMaster,
+    Fault::Reshard,
 ];
 
 impl Fault {
@@ -84,15 +93,29 @@ impl Fault {
             Fault::SlowLinks => "slow-links",
             Fault::CutLinks => "cut-links",
             Fault::StrandLinks => "strand-links",
+            Fault::FailoverMaster => "failover-master",
+            Fault::Reshard => "reshard",
         }
     }
 
     /// The kinds that apply: the slot's only with the replication source
-    /// (not `outbox`), a promotion only with a standby.
-    pub fn kinds(outbox: bool, standby: bool) -> Vec<Fault> {
+    /// (not `outbox`), a promotion only with a standby; on a Redis Cluster
+    /// the cluster's own faults instead of a snapshot restore, a full
+    /// Redis and the Redis links (the cluster client finds the nodes
+    /// itself, past any forwarder).
+    pub fn kinds(outbox: bool, standby: bool, cluster: bool) -> Vec<Fault> {
         ALL.into_iter()
             .filter(|f| !(outbox && matches!(f, Fault::TerminateWalsender | Fault::DropSlot)))
             .filter(|f| standby || *f != Fault::Promote)
+            .filter(|f| {
+                let cluster_only = matches!(f, Fault::FailoverMaster | Fault::Reshard);
+                let server_only = matches!(f, Fault::RedisFromSnapshot | Fault::RedisFull);
+                if cluster {
+                    !server_only
+                } else {
+                    !cluster_only
+                }
+            })
             .collect()
     }
 
@@ -126,16 +149,16 @@ impl Fault {
 /// The forwarders between the daemon and its servers (the workload and
 /// the checker connect directly).
 pub struct Links {
-    /// To Redis.
-    pub redis: Proxy,
+    /// To Redis (one server; a cluster client finds the nodes itself).
+    pub redis: Option<Proxy>,
     /// To each PostgreSQL host the daemon's URL names.
     pub postgres: Vec<Proxy>,
 }
 
 impl Links {
     fn set(&self, redis: Option<Link>, postgres: Option<Link>) {
-        if let Some(link) = redis {
-            self.redis.set_link(link);
+        if let (Some(link), Some(proxy)) = (redis, &self.redis) {
+            proxy.set_link(link);
         }
         for proxy in &self.postgres {
             if let Some(link) = postgres {
@@ -143,6 +166,81 @@ impl Links {
             }
         }
     }
+}
+
+/// A connection to every Redis node: the one server, or each node of the
+/// cluster.
+async fn nodes(
+    env: &TestEnv,
+    cluster: Option<&RedisCluster>,
+) -> Vec<redis::aio::MultiplexedConnection> {
+    let Some(cluster) = cluster else {
+        return vec![env.redis.conn().await];
+    };
+    let mut conns = Vec::new();
+    for url in cluster.urls() {
+        let Ok(client) = redis::Client::open(url) else {
+            continue;
+        };
+        if let Ok(Ok(conn)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            conns.push(conn);
+        }
+    }
+    conns
+}
+
+/// Moves 100–2,000 hash slots from one master to another, keys and all,
+/// to completion (at most two minutes).
+async fn reshard(cluster: &RedisCluster, rng: &mut StdRng) {
+    let masters = cluster.master_ports().await;
+    if masters.len() < 2 {
+        return;
+    }
+    let from = rng.random_range(0..masters.len());
+    let to = (from + rng.random_range(1..masters.len())) % masters.len();
+    let (Some(from_id), Some(to_id)) = (node_id(masters[from]).await, node_id(masters[to]).await)
+    else {
+        return;
+    };
+    let slots = rng.random_range(100..2000).to_string();
+    let child = tokio::process::Command::new(pgci_test_support::redis_cli_bin())
+        .args([
+            "--cluster",
+            "reshard",
+            &format!("127.0.0.1:{}", masters[from]),
+        ])
+        .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+        .args(["--cluster-slots", &slots, "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(120), child).await {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(Ok(out)) => eprintln!(
+            "reshard of {slots} slots failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Ok(Err(error)) => eprintln!("reshard could not run: {error}"),
+        Err(_) => eprintln!("reshard of {slots} slots did not finish in 120 s"),
+    }
+    cluster.wait_healthy().await;
+}
+
+/// A cluster node's id (`CLUSTER MYID`).
+async fn node_id(port: u16) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut conn)
+        .await
+        .ok()
 }
 
 /// The standby the soak promotes, and how to build the next one.
@@ -180,6 +278,7 @@ pub async fn inject(
     daemon: &mut Daemon,
     standby: Option<&mut Standby>,
     links: &Links,
+    cluster: Option<&RedisCluster>,
     faults: &[Fault],
     rng: &mut StdRng,
 ) -> bool {
@@ -211,27 +310,43 @@ pub async fn inject(
                 env.redis.restart().await;
             }
             Fault::ClientKill => {
-                let mut redis = env.redis.conn().await;
-                for kind in ["normal", "pubsub"] {
-                    let _: Result<i64, _> = redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg(kind)
-                        .arg("SKIPME")
-                        .arg("yes")
-                        .query_async(&mut redis)
-                        .await;
+                for mut redis in nodes(env, cluster).await {
+                    for kind in ["normal", "pubsub"] {
+                        let _: Result<i64, _> = redis::cmd("CLIENT")
+                            .arg("KILL")
+                            .arg("TYPE")
+                            .arg(kind)
+                            .arg("SKIPME")
+                            .arg("yes")
+                            .query_async(&mut redis)
+                            .await;
+                    }
                 }
             }
             Fault::ClientPause => {
-                let mut redis = env.redis.conn().await;
-                let _: Result<(), _> = redis::cmd("CLIENT")
-                    .arg("PAUSE")
-                    .arg(pause.as_millis() as u64 + 500)
-                    .arg("WRITE")
-                    .query_async(&mut redis)
-                    .await;
+                for mut redis in nodes(env, cluster).await {
+                    let _: Result<(), _> = redis::cmd("CLIENT")
+                        .arg("PAUSE")
+                        .arg(pause.as_millis() as u64 + 500)
+                        .arg("WRITE")
+                        .query_async(&mut redis)
+                        .await;
+                }
                 tokio::time::sleep(pause + Duration::from_millis(500)).await;
+            }
+            Fault::FailoverMaster => {
+                if let Some(cluster) = cluster {
+                    let masters = cluster.master_ports().await;
+                    let master = masters[rng.random_range(0..masters.len())];
+                    let replica = cluster.replica_of(master).await;
+                    cluster.failover(replica).await;
+                    cluster.wait_healthy().await;
+                }
+            }
+            Fault::Reshard => {
+                if let Some(cluster) = cluster {
+                    reshard(cluster, rng).await;
+                }
             }
             Fault::DropSlot => {
                 let pg = env.pg.client().await;
@@ -311,8 +426,8 @@ pub async fn inject(
                     1 => (false, true),
                     _ => (true, true),
                 };
-                if redis {
-                    links.redis.strand();
+                if let (true, Some(proxy)) = (redis, &links.redis) {
+                    proxy.strand();
                 }
                 if postgres {
                     for proxy in &links.postgres {
