@@ -85,9 +85,6 @@ if [[ $parallel == 1 ]]; then
   soak_pg=$(pg_major_bin_dir "${PGCI_SOAK_PG_MAJOR:-17}")
   log "chaos soak (${PGCI_SOAK_MINUTES:-1.5} min, seed ${PGCI_SOAK_SEED:-1}, PostgreSQL ${PGCI_SOAK_PG_MAJOR:-17}) and its checker's self-test, alongside"
   start_job soak env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" target/debug/soak --minutes "${PGCI_SOAK_MINUTES:-1.5}" --seed "${PGCI_SOAK_SEED:-1}"
-  # The same against a Redis Cluster (master failovers and reshards
-  # among the faults), shorter.
-  start_job soak-cluster env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" target/debug/soak --redis cluster --minutes "${PGCI_SOAK_CLUSTER_MINUTES:-1}" --seed "${PGCI_SOAK_SEED:-1}"
   start_job soak-checker bash -c 'out=$("$@" 2>&1) && { echo "$out"; echo "the checker found nothing with the balance rule left out"; exit 1; }
     echo "$out" | tail -3; echo "$out" | grep -Eq "^violations=[1-9]" || { echo "$out"; exit 1; }' _ \
     env PGCI_DAEMON_BIN="$daemon_bin" target/debug/soak --minutes 0.25 --seed 7 --without-rule balance

@@ -71,6 +71,12 @@ pub const STATUS_INTERVAL: Duration = Duration::from_millis(1);
 const FINAL_REPORT_WAIT: Duration = Duration::from_secs(3);
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest opening a session may take as a whole (connecting, reading
+/// the server's history, START_REPLICATION) before it is tried again.
+const OPEN_LIMIT: Duration = Duration::from_secs(60);
+/// The longest asking the catalog about the slot or the publication after
+/// a failure may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the session tells the server where it is while the stream is
 /// idle (otherwise it does at every message): the server hears from a
 /// live session at least this often.
@@ -209,9 +215,19 @@ impl ReplicationSource {
                 let cfg = self.replication_config();
                 let info = self.info.clone();
                 let store = (!self.store_read).then(|| self.store.clone()).flatten();
-                let opening = self
-                    .opening
-                    .get_or_insert_with(|| tokio::spawn(open(info, cfg, store)));
+                let opening = self.opening.get_or_insert_with(|| {
+                    tokio::spawn(async move {
+                        // Bounded as a whole: any of its connections may be
+                        // one the network drops silently.
+                        tokio::time::timeout(OPEN_LIMIT, open(info, cfg, store))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(PgWireError::Task(format!(
+                                    "opening the stream took longer than {OPEN_LIMIT:?} (a connection the network dropped silently?)"
+                                )))
+                            })
+                    })
+                });
                 let opened = opening.await;
                 self.opening = None;
                 let opened = opened.unwrap_or_else(|e| {
@@ -448,7 +464,13 @@ impl ReplicationSource {
         self.health.set_streaming(false);
         metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
         let slot = if error::may_mean_slot_lost(&error) {
-            slot::health(self.info.slot_server(), &self.slot).await
+            // Bounded: its connection may be one the network drops.
+            tokio::time::timeout(
+                ASK_TIMEOUT,
+                slot::health(self.info.slot_server(), &self.slot),
+            )
+            .await
+            .unwrap_or(SlotHealth::Unknown)
         } else {
             SlotHealth::Usable
         };
@@ -460,7 +482,14 @@ impl ReplicationSource {
         // slot like a lost one, which flushes every key.
         if slot == SlotHealth::Usable
             && error::replication_sqlstate(&error) == Some("42704")
-            && slot::publication_exists(&self.info, &self.publication).await == Some(true)
+            && tokio::time::timeout(
+                ASK_TIMEOUT,
+                slot::publication_exists(&self.info, &self.publication),
+            )
+            .await
+            .ok()
+            .flatten()
+                == Some(true)
         {
             tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
                 "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
