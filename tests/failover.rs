@@ -335,6 +335,23 @@ async fn a_commit_that_never_showed_does_not_stall_the_daemon_after_a_promotion(
             .expect("synchronous_standby_names");
     }
     standby.kill9();
+    // Its walreceiver may outlive the postmaster for a moment and still
+    // acknowledge a commit: wait until the primary has no standby.
+    wait_for(
+        "the standby to disconnect",
+        Duration::from_secs(30),
+        || async {
+            admin
+                .query_one(
+                    "select count(*) from pg_stat_replication where application_name = 'standby'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 0)
+                .unwrap_or(false)
+        },
+    )
+    .await;
     let writer = env.pg.client().await;
     wait_for(
         "the writer to see synchronous_standby_names",
