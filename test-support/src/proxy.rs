@@ -10,9 +10,11 @@
 //! accepted and reaches its target once the cut heals). Connections can
 //! also be stranded: those open now never carry another byte and are
 //! never closed, as when a NAT or load balancer forgets them, while new
-//! ones work.
+//! ones work; or stranded from birth, for a while: accepted, never
+//! forwarded, never closed, as behind a load balancer whose backend went
+//! silent.
 
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,10 @@ pub struct Proxy {
     link: watch::Sender<Link>,
     /// Connections made before this stranding are stranded.
     stranded: Arc<AtomicU64>,
+    /// Whether connections made now are stranded from the start.
+    swallowing: Arc<AtomicBool>,
+    /// How many connections were stranded from the start.
+    swallowed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,10 +66,22 @@ impl Proxy {
         let (link, watching) = watch::channel(Link::Up);
         let stranded = Arc::new(AtomicU64::new(0));
         let strandings = Arc::clone(&stranded);
+        let swallowing = Arc::new(AtomicBool::new(false));
+        let swallowed = Arc::new(AtomicU64::new(0));
+        let (swallow, count) = (Arc::clone(&swallowing), Arc::clone(&swallowed));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let to = current.load(Ordering::SeqCst);
                 let mut link = watching.clone();
+                if swallow.load(Ordering::SeqCst) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    // Held, silent, until the proxy goes.
+                    tokio::spawn(async move {
+                        let _client = client;
+                        while link.changed().await.is_ok() {}
+                    });
+                    continue;
+                }
                 let open = Open {
                     strandings: Arc::clone(&strandings),
                     made_after: strandings.load(Ordering::SeqCst),
@@ -84,6 +102,8 @@ impl Proxy {
             target,
             link,
             stranded,
+            swallowing,
+            swallowed,
             task,
         }
     }
@@ -105,6 +125,18 @@ impl Proxy {
         self.stranded.fetch_add(1, Ordering::SeqCst);
         // Wakes every pump, so a stranded one stops at once.
         self.link.send_modify(|_| {});
+    }
+
+    /// While `on`, every connection made is stranded from the start:
+    /// accepted, never forwarded, never closed (until the proxy is
+    /// dropped), even after this is turned off.
+    pub fn strand_new(&self, on: bool) {
+        self.swallowing.store(on, Ordering::SeqCst);
+    }
+
+    /// How many connections [`Proxy::strand_new`] has stranded so far.
+    pub fn stranded_new(&self) -> u64 {
+        self.swallowed.load(Ordering::SeqCst)
     }
 }
 

@@ -149,8 +149,14 @@ impl Redis {
             None => self.url(),
             Some(_) => format!("rediss://localhost:{}/0#insecure", self.port),
         };
+        // The client's default bounds (1 s to connect, 500 ms per answer)
+        // are for production; a loaded CI machine takes longer to answer a
+        // 5,000-key pipeline, and a test's own connection must not fail on it.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(10)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         redis::Client::open(url)?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
     }
 
