@@ -837,29 +837,7 @@ async fn a_slot_recreated_over_a_connection_that_silently_dies_is_made_again() {
         .batch_execute("begin; select pg_current_xact_id()")
         .await
         .expect("hold a transaction");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        client
-            .execute(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots \
-                  where slot_name = 'pg_cache_invalidator' and active",
-                &[],
-            )
-            .await
-            .expect("terminate");
-        if client
-            .execute(
-                "select pg_drop_replication_slot('pg_cache_invalidator')",
-                &[],
-            )
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "could not drop the slot");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    crate::support::drop_slot_under_daemon(&client).await;
     wait_for(
         "the daemon to wait in creating the slot",
         Duration::from_secs(30),
@@ -909,14 +887,7 @@ async fn a_stream_reopened_over_connections_that_silently_die_is_opened_again() 
 
     let client = env.pg.client().await;
     proxy.strand_new(true);
-    client
-        .execute(
-            "select pg_terminate_backend(active_pid) from pg_replication_slots \
-              where slot_name = 'pg_cache_invalidator' and active",
-            &[],
-        )
-        .await
-        .expect("terminate");
+    crate::support::terminate_walsender(&client).await;
     wait_for(
         "the daemon to reopen the stream",
         Duration::from_secs(20),

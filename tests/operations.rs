@@ -167,29 +167,7 @@ async fn dropped_slot_is_recreated_and_every_rule_key_flushed() {
     let keys = preset_rule_keys(&env).await;
     let client = env.pg.client().await;
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        client
-            .execute(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots \
-                  where slot_name = 'pg_cache_invalidator' and active",
-                &[],
-            )
-            .await
-            .expect("terminate");
-        if client
-            .execute(
-                "select pg_drop_replication_slot('pg_cache_invalidator')",
-                &[],
-            )
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "could not drop the slot");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    crate::support::drop_slot_under_daemon(&client).await;
 
     let mut redis = env.redis.conn().await;
     wait_for(

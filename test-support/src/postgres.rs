@@ -641,6 +641,43 @@ impl Drop for Postgres {
     }
 }
 
+/// Ends the session streaming from the daemon's slot, if any (the daemon
+/// sees its stream fail and reconnects).
+pub async fn terminate_walsender(client: &tokio_postgres::Client) {
+    client
+        .execute(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots \
+              where slot_name = 'pg_cache_invalidator' and active",
+            &[],
+        )
+        .await
+        .expect("terminate the walsender");
+}
+
+/// Drops the daemon's slot under a running daemon: ends its session
+/// until the drop wins the race with the daemon's reconnection (20 s).
+pub async fn drop_slot_under_daemon(client: &tokio_postgres::Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        terminate_walsender(client).await;
+        if client
+            .execute(
+                "select pg_drop_replication_slot('pg_cache_invalidator')",
+                &[],
+            )
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not drop the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Whether some session streams from the slot.
 pub async fn slot_active(client: &tokio_postgres::Client) -> bool {
     client
