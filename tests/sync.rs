@@ -41,6 +41,12 @@ async fn make_daemon_synchronous(admin: &tokio_postgres::Client) {
             .unwrap_or(false)
     })
     .await;
+    // Commits wait only once the checkpointer, too, has read the setting
+    // (it publishes "synchronous standbys defined"); a walsender can show
+    // the new sync_state before that (PostgreSQL 18 in CI). A checkpoint
+    // is requested after the reload's signal, so it runs after the
+    // checkpointer handled it.
+    admin.batch_execute("checkpoint").await.expect("checkpoint");
 }
 
 const BALANCE_SQL: &str =
