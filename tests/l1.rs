@@ -32,7 +32,7 @@ async fn setup() -> (Setup, crate::support::Daemon) {
     let ids = users(&env, 8).await.into_iter().map(|u| u.id).collect();
     let setup = Setup { env, pg, ids };
     // The users' own invalidations must be behind us: one arriving after a
-    // test filled L1 drops an entry the test counts (seen in CI).
+    // test filled L1 would drop an entry the test counts.
     let mut cache = setup.cache(None).await;
     setup.applied(&mut cache).await;
     (setup, daemon)
