@@ -556,10 +556,13 @@ async fn sigterm_while_a_backlog_drains_stops_promptly() {
     }
     let backlog = outbox_rows(&env).await;
     let mut daemon = env.spawn_daemon();
-    wait_for("draining to start", Duration::from_secs(30), || async {
-        outbox_rows(&env).await < backlog
-    })
-    .await;
+    // Generous: a daemon starts in well under a second, but CI once
+    // waited 30 s here, with six jobs on two cores.
+    daemon
+        .wait_for("draining to start", Duration::from_secs(90), || async {
+            outbox_rows(&env).await < backlog
+        })
+        .await;
     let asked = std::time::Instant::now();
     let status = daemon.terminate().await;
     let took = asked.elapsed();
@@ -573,13 +576,14 @@ async fn sigterm_while_a_backlog_drains_stops_promptly() {
     let keys = balance_keys(&env).await;
     let mut redis = env.redis.conn().await;
     preset(&mut redis, &keys).await;
-    let _daemon = env.daemon().await;
-    wait_for(
-        "the rest of the backlog",
-        Duration::from_secs(120),
-        || async { outbox_rows(&env).await == 0 },
-    )
-    .await;
+    let mut daemon = env.daemon().await;
+    daemon
+        .wait_for(
+            "the rest of the backlog",
+            Duration::from_secs(120),
+            || async { outbox_rows(&env).await == 0 },
+        )
+        .await;
 }
 
 /// An ADD COLUMN on a table whose rows are refreshed whole, while the

@@ -70,6 +70,33 @@ impl Daemon {
         }
     }
 
+    /// Polls `condition` until it holds, like [`crate::wait_for`], but a
+    /// timeout panics with whether the daemon still runs and the end of
+    /// its log: a wait that fails in CI says why without a rerun.
+    pub async fn wait_for<F, Fut>(&mut self, what: &str, timeout: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !condition().await {
+            if Instant::now() >= deadline {
+                let state = match self.try_status() {
+                    Some(status) => format!("the daemon exited ({status})"),
+                    None => "the daemon still runs".to_string(),
+                };
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; {state}; the end of its log:\n{}",
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Everything it logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
