@@ -870,12 +870,67 @@ async fn a_slot_recreated_over_a_connection_that_silently_dies_is_made_again() {
     invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
 }
 
+/// The question `slot::health` asks the catalog after START_REPLICATION
+/// failed with "slot does not exist" (or "not in prerequisite state"), and
+/// nothing else does.
+const SLOT_QUESTION: &[u8] = b"coalesce(s.wal_status = 'lost', false)";
+
+/// The slot is dropped, and the connection the daemon asks the catalog on
+/// whether the slot is lost goes silent as the question is sent. Asking is
+/// bounded (15 s); the error then counts as passing, and a retry asks
+/// again, finds the slot missing, recreates it and flushes the keys.
+/// (Unbounded, the source would wait for ever.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_question_over_a_connection_that_silently_dies_is_given_up() {
+    let (env, proxy, daemon) = behind_proxy(Stranded::Postgres).await;
+
+    let client = env.pg.client().await;
+    proxy.mark_on(Some((SLOT_QUESTION, crate::support::Marked::Strand)));
+    crate::support::drop_slot_under_daemon(&client).await;
+    wait_for(
+        "the daemon to ask about the slot",
+        Duration::from_secs(30),
+        || async { proxy.marked() >= 1 },
+    )
+    .await;
+    proxy.mark_on(None);
+    wait_for("the keys flushed", Duration::from_secs(60), || async {
+        daemon.log().contains("replication slot recreated")
+    })
+    .await;
+    invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
+}
+
+/// The slot is dropped, and every answer to the question whether it is
+/// lost comes 3 s late (a slow or loaded server). The pipeline drops the
+/// source's `next()` at least once a second; the question outlives that,
+/// so the slot is found missing, recreated and the keys flushed. (Asked
+/// inside `next()`, every question was dropped unanswered, the error
+/// counted as passing, and the slot was never recreated.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_slot_question_is_answered() {
+    let (env, proxy, daemon) = behind_proxy(Stranded::Postgres).await;
+
+    let client = env.pg.client().await;
+    proxy.mark_on(Some((
+        SLOT_QUESTION,
+        crate::support::Marked::Delay(Duration::from_secs(3)),
+    )));
+    crate::support::drop_slot_under_daemon(&client).await;
+    wait_for("the keys flushed", Duration::from_secs(60), || async {
+        daemon.log().contains("replication slot recreated")
+    })
+    .await;
+    assert!(proxy.marked() >= 1, "the question was not asked");
+    invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
+}
+
 /// The stream ends while every new connection is stranded from the start
 /// (a load balancer whose backend went silent): reopening the stream hangs
 /// on such a connection. It is bounded (60 s), so once new connections
 /// work again the stream is reopened. (The 15 s bound on the catalog
 /// questions is not reached here: a terminated session is no sign of a
-/// lost slot, so they are not asked.)
+/// lost slot, so they are not asked; the test above reaches it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_reopened_over_connections_that_silently_die_is_opened_again() {
     let (env, proxy, daemon) = behind_proxy(Stranded::Postgres).await;

@@ -12,10 +12,12 @@
 //! never closed, as when a NAT or load balancer forgets them, while new
 //! ones work; or stranded from birth, for a while: accepted, never
 //! forwarded, never closed, as behind a load balancer whose backend went
-//! silent.
+//! silent; or stranded or slowed once they send given bytes (a query's
+//! text), so that one question of a client goes unanswered for ever, or
+//! is answered late.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,6 +53,8 @@ pub struct Proxy {
     swallowing: Arc<AtomicBool>,
     /// How many connections were stranded from the start.
     swallowed: Arc<AtomicU64>,
+    /// Bytes that strand the connection that sends them.
+    marker: Marker,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,6 +73,8 @@ impl Proxy {
         let swallowing = Arc::new(AtomicBool::new(false));
         let swallowed = Arc::new(AtomicU64::new(0));
         let (swallow, count) = (Arc::clone(&swallowing), Arc::clone(&swallowed));
+        let marker = Marker::default();
+        let marking = marker.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let to = current.load(Ordering::SeqCst);
@@ -85,6 +91,8 @@ impl Proxy {
                 let open = Open {
                     strandings: Arc::clone(&strandings),
                     made_after: strandings.load(Ordering::SeqCst),
+                    marked: Arc::new(Mutex::new(None)),
+                    marker: marking.clone(),
                 };
                 tokio::spawn(async move {
                     // A connection made during a cut waits for it to heal.
@@ -104,6 +112,7 @@ impl Proxy {
             stranded,
             swallowing,
             swallowed,
+            marker,
             task,
         }
     }
@@ -138,18 +147,73 @@ impl Proxy {
     pub fn stranded_new(&self) -> u64 {
         self.swallowed.load(Ordering::SeqCst)
     }
+
+    /// From now on (`Some`) until `None`, a connection that sends a chunk
+    /// containing `bytes` is marked there, for good: [`Marked::Strand`]
+    /// strands it (that chunk is not forwarded either), as if the network
+    /// dropped it at that moment: with a query's text, that question is
+    /// never answered; [`Marked::Delay`] delays that chunk and every later
+    /// one, both ways.
+    pub fn mark_on(&self, bytes: Option<Mark>) {
+        *self.marker.bytes.lock().expect("marker") = bytes;
+    }
+
+    /// How many connections [`Proxy::mark_on`] has marked so far.
+    pub fn marked(&self) -> u64 {
+        self.marker.hits.load(Ordering::SeqCst)
+    }
 }
 
-/// Whether a connection has been stranded (see [`Proxy::strand`]).
+/// What becomes of a connection that sent the bytes of [`Proxy::mark_on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// Stranded: carries nothing more, never closed.
+    Strand,
+    /// Every chunk forwarded this long after it arrived.
+    Delay(Duration),
+}
+
+/// Bytes that mark a connection, and what becomes of it.
+type Mark = (&'static [u8], Marked);
+
+/// Bytes that mark a connection (see [`Proxy::mark_on`]).
+#[derive(Clone, Default)]
+struct Marker {
+    bytes: Arc<Mutex<Option<Mark>>>,
+    hits: Arc<AtomicU64>,
+}
+
+/// Whether a connection has been stranded (see [`Proxy::strand`]) or
+/// marked (see [`Proxy::mark_on`]).
 #[derive(Clone)]
 struct Open {
     strandings: Arc<AtomicU64>,
     made_after: u64,
+    /// What became of it once it sent the marker's bytes.
+    marked: Arc<Mutex<Option<Marked>>>,
+    marker: Marker,
 }
 
 impl Open {
     fn stranded(&self) -> bool {
-        self.strandings.load(Ordering::SeqCst) > self.made_after
+        self.marked() == Some(Marked::Strand)
+            || self.strandings.load(Ordering::SeqCst) > self.made_after
+    }
+
+    fn marked(&self) -> Option<Marked> {
+        *self.marked.lock().expect("marked")
+    }
+
+    /// Marks the connection if `chunk` holds the marker's bytes.
+    fn mark(&self, chunk: &[u8]) {
+        let Some((bytes, then)) = *self.marker.bytes.lock().expect("marker") else {
+            return;
+        };
+        let mut marked = self.marked.lock().expect("marked");
+        if marked.is_none() && chunk.windows(bytes.len()).any(|w| w == bytes) {
+            *marked = Some(then);
+            self.marker.hits.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -195,8 +259,16 @@ async fn pump(
     };
     let write = async move {
         while let Some((arrived, chunk)) = rx.recv().await {
+            open.mark(&chunk);
             loop {
-                let now = *link.borrow_and_update();
+                let now = match (*link.borrow_and_update(), open.marked()) {
+                    (Link::Cut, _) => Link::Cut,
+                    (Link::Delayed(link), Some(Marked::Delay(marked))) => {
+                        Link::Delayed(link.max(marked))
+                    }
+                    (_, Some(Marked::Delay(marked))) => Link::Delayed(marked),
+                    (now, _) => now,
+                };
                 if open.stranded() {
                     // Held open, silent, until the proxy goes.
                     while link.changed().await.is_ok() {}

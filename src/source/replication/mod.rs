@@ -117,6 +117,9 @@ pub struct ReplicationSource {
     application_name: String,
     /// A session being opened (see `next()`).
     opening: Option<tokio::task::JoinHandle<Result<Opened, PgWireError>>>,
+    /// A failed session's error, waiting for the catalog's answers before
+    /// it is classified (see [`Failing`]).
+    failing: Option<Failing>,
     /// The server and timeline of the last session (see [`origin`]).
     origin: Option<Origin>,
     /// Where the origin is kept across restarts, if anywhere.
@@ -130,6 +133,26 @@ pub struct ReplicationSource {
     server_view: Option<watch::Receiver<Option<ServerView>>>,
     /// When the current session started.
     session_started: Instant,
+}
+
+/// A session that failed with an error that may mean the slot is lost,
+/// and the catalog questions that tell (asked in their own task, kept
+/// across calls like an opening session: the pipeline's `select!` drops
+/// `next()` at least once a second, and a question dropped with it left
+/// the error unclassified, so a slot lost while the catalog took longer
+/// than that to answer was never recreated).
+struct Failing {
+    error: PgWireError,
+    asking: tokio::task::JoinHandle<Answers>,
+}
+
+/// What the catalog said about a failed session's slot and publication.
+#[derive(Debug, Clone, Copy)]
+struct Answers {
+    slot: SlotHealth,
+    /// Whether the publication exists (asked only for "undefined object"
+    /// from a usable slot; `None`: not asked or not answered).
+    publication_exists: Option<bool>,
 }
 
 /// A session just opened: where, and on which server history.
@@ -158,6 +181,7 @@ impl ReplicationSource {
             slot_lost: None,
             application_name: crate::config::DEFAULT_APPLICATION_NAME.to_string(),
             opening: None,
+            failing: None,
             origin: None,
             store: None,
             store_read: false,
@@ -197,6 +221,18 @@ impl ReplicationSource {
     /// one is returned. Cancel-safe: dropping the future loses no event.
     pub async fn next(&mut self) -> Result<Event<Lsn>, Fatal> {
         loop {
+            if let Some(failing) = self.failing.as_mut() {
+                // Awaited by reference: dropping this future keeps the task.
+                let answers = (&mut failing.asking).await.unwrap_or(Answers {
+                    slot: SlotHealth::Unknown,
+                    publication_exists: None,
+                });
+                let error = self.failing.take().map(|f| f.error);
+                if let Some(error) = error {
+                    self.classify(error, answers)?;
+                }
+                continue;
+            }
             if let Some(reason) = self.slot_lost.take() {
                 self.retry_at = None;
                 // The slot is rebuilt on whatever server answers next and
@@ -286,7 +322,7 @@ impl ReplicationSource {
                         return Ok(Event::Restarted);
                     }
                     Err(error) => {
-                        self.fail(error).await?;
+                        self.fail(error);
                         continue;
                     }
                 }
@@ -299,19 +335,18 @@ impl ReplicationSource {
                 Ok(received) => received,
                 Err(why) => {
                     metrics::counter!(m::STREAM_SILENT_TOTAL).increment(1);
-                    self.fail(PgWireError::Task(why)).await?;
+                    self.fail(PgWireError::Task(why));
                     continue;
                 }
             };
             let event = match received {
                 Ok(Some(event)) => event,
                 Ok(None) => {
-                    self.fail(PgWireError::Task("replication stream ended".into()))
-                        .await?;
+                    self.fail(PgWireError::Task("replication stream ended".into()));
                     continue;
                 }
                 Err(error) => {
-                    self.fail(error).await?;
+                    self.fail(error);
                     continue;
                 }
             };
@@ -455,25 +490,56 @@ impl ReplicationSource {
         .with_options(crate::db::SESSION_OPTIONS)
     }
 
-    /// Drops the session and schedules a retry, or returns the error if no
-    /// retry can fix it. A lost slot is remembered for `next()` to report.
-    async fn fail(&mut self, error: PgWireError) -> Result<(), Fatal> {
+    /// Drops the session; an error that may mean the slot is lost has the
+    /// catalog asked (in a task, see [`Failing`]); `next()` classifies it.
+    fn fail(&mut self, error: PgWireError) {
         if let Some(mut client) = self.client.take() {
             client.abort();
         }
         self.health.set_streaming(false);
         metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
-        let slot = if error::may_mean_slot_lost(&error) {
-            // Bounded: its connection may be one the network drops.
-            tokio::time::timeout(
-                ASK_TIMEOUT,
-                slot::health(self.info.slot_server(), &self.slot),
-            )
-            .await
-            .unwrap_or(SlotHealth::Unknown)
+        let asking = if error::may_mean_slot_lost(&error) {
+            let (info, slot, publication) = (
+                self.info.clone(),
+                self.slot.clone(),
+                self.publication.clone(),
+            );
+            let undefined = error::replication_sqlstate(&error) == Some("42704");
+            tokio::spawn(async move {
+                // Bounded: its connection may be one the network drops.
+                let slot =
+                    tokio::time::timeout(ASK_TIMEOUT, slot::health(info.slot_server(), &slot))
+                        .await
+                        .unwrap_or(SlotHealth::Unknown);
+                let publication_exists = match slot == SlotHealth::Usable && undefined {
+                    true => tokio::time::timeout(
+                        ASK_TIMEOUT,
+                        slot::publication_exists(&info, &publication),
+                    )
+                    .await
+                    .ok()
+                    .flatten(),
+                    false => None,
+                };
+                Answers {
+                    slot,
+                    publication_exists,
+                }
+            })
         } else {
-            SlotHealth::Usable
+            tokio::spawn(std::future::ready(Answers {
+                slot: SlotHealth::Usable,
+                publication_exists: None,
+            }))
         };
+        self.failing = Some(Failing { error, asking });
+    }
+
+    /// Schedules a retry after a failed session, or returns the error if
+    /// no retry can fix it. A lost slot is remembered for `next()` to
+    /// report.
+    fn classify(&mut self, error: PgWireError, answers: Answers) -> Result<(), Fatal> {
+        let slot = answers.slot;
         let text = error.to_string();
         // "Undefined object" from a usable slot while the publication
         // exists: it was dropped and created again. The walsender looks the
@@ -482,14 +548,7 @@ impl ReplicationSource {
         // slot like a lost one, which flushes every key.
         if slot == SlotHealth::Usable
             && error::replication_sqlstate(&error) == Some("42704")
-            && tokio::time::timeout(
-                ASK_TIMEOUT,
-                slot::publication_exists(&self.info, &self.publication),
-            )
-            .await
-            .ok()
-            .flatten()
-                == Some(true)
+            && answers.publication_exists == Some(true)
         {
             tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
                 "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
