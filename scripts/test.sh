@@ -122,9 +122,22 @@ for server in ${PGCI_TEST_REDIS_SERVERS-valkey9 redis6.2}; do
     PGCI_TEST_REDIS_SERVER="$server_bin" PGCI_TEST_REDIS_CLI="$cli" "${matrix[@]}"
 done
 failed=0
-for i in "${!pids[@]}"; do
-  if wait "${pids[$i]}"; then status=ok; else status=FAILED; failed=1; fi
-  log "${names[$i]}: $status (target/test-${names[$i]}.log)"
-  cat "target/test-${names[$i]}.log"
-done
+wait_jobs() { # waits for the jobs started so far and prints their logs
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then status=ok; else status=FAILED; failed=1; fi
+    log "${names[$i]}: $status (target/test-${names[$i]}.log)"
+    cat "target/test-${names[$i]}.log"
+  done
+  pids=() names=()
+}
+wait_jobs
+if [[ $parallel == 1 ]]; then
+  # The chaos soak on a Redis Cluster (six nodes beside a primary and its
+  # standby), after the rest: the cluster's own faults (master failovers,
+  # reshards) among the others.
+  log "chaos soak on a Redis Cluster (${PGCI_SOAK_CLUSTER_MINUTES:-1} min, seed ${PGCI_SOAK_SEED:-1}, PostgreSQL ${PGCI_SOAK_PG_MAJOR:-17})"
+  start_job soak-cluster env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" \
+    target/debug/soak --redis cluster --minutes "${PGCI_SOAK_CLUSTER_MINUTES:-1}" --seed "${PGCI_SOAK_SEED:-1}"
+  wait_jobs
+fi
 exit $failed
