@@ -291,6 +291,29 @@ impl RedisCluster {
             .expect("a node of this cluster")
     }
 
+    /// Starts the node on `port` again after [`RedisCluster::kill`]: with
+    /// no data (nothing persists) but its cluster config, so it rejoins,
+    /// as a replica of the node that took its slots over.
+    pub async fn restart(&mut self, port: u16) {
+        let i = self.index(port);
+        if self.nodes[i].child.is_none() {
+            self.spawn(i);
+            self.wait_started(i).await;
+        }
+    }
+
+    /// Waits until the node on `port` is a master (at most 30 s).
+    pub async fn wait_master(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.master_ports().await.contains(&port) {
+            assert!(
+                Instant::now() < deadline,
+                "the node on {port} did not become a master"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills (SIGKILL) the node on `port`; its replica takes over after
     /// the node timeout.
     pub fn kill(&mut self, port: u16) {

@@ -159,7 +159,7 @@ async fn main() {
             std::process::exit(2)
         }
     };
-    let cluster = match args.redis.as_str() {
+    let mut cluster = match args.redis.as_str() {
         "server" => None,
         "cluster" => Some(RedisCluster::start().await),
         other => {
@@ -347,7 +347,7 @@ async fn main() {
             &mut daemon,
             standby.as_mut(),
             &links,
-            cluster.as_ref(),
+            cluster.as_mut(),
             &faults,
             &mut rng,
         )

@@ -53,6 +53,13 @@ pub enum Fault {
     /// Redis Cluster only: a master's replica takes over (`CLUSTER
     /// FAILOVER`, the master agreeing).
     FailoverMaster,
+    /// Redis Cluster only: `kill -9` a master. Its replica takes over once
+    /// the others have not heard from it for the node timeout (2 s); the
+    /// node then starts again, empty (nothing persists), and rejoins as
+    /// the new master's replica. Writes the master acknowledged but had not
+    /// passed on are lost with it: the daemon's are not, as it waits
+    /// (`WAIT`) for each master's replicas before confirming.
+    KillMaster,
     /// Redis Cluster only: 100–2,000 hash slots move from one master to
     /// another (`redis-cli --cluster reshard`, keys migrated while the
     /// daemon writes), to completion.
@@ -60,7 +67,7 @@ pub enum Fault {
 }
 
 /// Every fault kind.
-pub const ALL: [Fault; 14] = [
+pub const ALL: [Fault; 15] = [
     Fault::KillDaemon,
     Fault::TerminateWalsender,
     Fault::RestartPostgres,
@@ -75,6 +82,7 @@ pub const ALL: [Fault; 14] = [
     Fault::StrandLinks,
     Fault::FailoverMaster,
     Fault::Reshard,
+    Fault::KillMaster,
 ];
 
 impl Fault {
@@ -95,6 +103,7 @@ impl Fault {
             Fault::StrandLinks => "strand-links",
             Fault::FailoverMaster => "failover-master",
             Fault::Reshard => "reshard",
+            Fault::KillMaster => "kill-master",
         }
     }
 
@@ -108,7 +117,10 @@ impl Fault {
             .filter(|f| !(outbox && matches!(f, Fault::TerminateWalsender | Fault::DropSlot)))
             .filter(|f| standby || *f != Fault::Promote)
             .filter(|f| {
-                let cluster_only = matches!(f, Fault::FailoverMaster | Fault::Reshard);
+                let cluster_only = matches!(
+                    f,
+                    Fault::FailoverMaster | Fault::Reshard | Fault::KillMaster
+                );
                 let server_only = matches!(f, Fault::RedisFromSnapshot | Fault::RedisFull);
                 if cluster {
                     !server_only
@@ -278,11 +290,12 @@ pub async fn inject(
     daemon: &mut Daemon,
     standby: Option<&mut Standby>,
     links: &Links,
-    cluster: Option<&RedisCluster>,
+    cluster: Option<&mut RedisCluster>,
     faults: &[Fault],
     rng: &mut StdRng,
 ) -> bool {
     let mut standby = standby;
+    let mut cluster = cluster;
     let mut restarted = false;
     for &fault in faults {
         let pause = Duration::from_millis(rng.random_range(100..1500));
@@ -310,7 +323,7 @@ pub async fn inject(
                 env.redis.restart().await;
             }
             Fault::ClientKill => {
-                for mut redis in nodes(env, cluster).await {
+                for mut redis in nodes(env, cluster.as_deref()).await {
                     for kind in ["normal", "pubsub"] {
                         let _: Result<i64, _> = redis::cmd("CLIENT")
                             .arg("KILL")
@@ -324,7 +337,7 @@ pub async fn inject(
                 }
             }
             Fault::ClientPause => {
-                for mut redis in nodes(env, cluster).await {
+                for mut redis in nodes(env, cluster.as_deref()).await {
                     let _: Result<(), _> = redis::cmd("CLIENT")
                         .arg("PAUSE")
                         .arg(pause.as_millis() as u64 + 500)
@@ -335,7 +348,7 @@ pub async fn inject(
                 tokio::time::sleep(pause + Duration::from_millis(500)).await;
             }
             Fault::FailoverMaster => {
-                if let Some(cluster) = cluster {
+                if let Some(cluster) = cluster.as_deref() {
                     let masters = cluster.master_ports().await;
                     let master = masters[rng.random_range(0..masters.len())];
                     let replica = cluster.replica_of(master).await;
@@ -344,8 +357,22 @@ pub async fn inject(
                 }
             }
             Fault::Reshard => {
-                if let Some(cluster) = cluster {
+                if let Some(cluster) = cluster.as_deref() {
                     reshard(cluster, rng).await;
+                }
+            }
+            Fault::KillMaster => {
+                if let Some(cluster) = cluster.as_deref_mut() {
+                    let masters = cluster.master_ports().await;
+                    let master = masters[rng.random_range(0..masters.len())];
+                    let replica = cluster.replica_of(master).await;
+                    cluster.kill(master);
+                    cluster.wait_master(replica).await;
+                    tokio::time::sleep(pause).await;
+                    cluster.restart(master).await;
+                    cluster.wait_healthy().await;
+                    // The next failover or kill finds a replica again.
+                    cluster.replica_of(replica).await;
                 }
             }
             Fault::DropSlot => {
