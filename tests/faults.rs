@@ -794,6 +794,15 @@ async fn connections_to_redis_that_silently_die_are_replaced() {
     strand_and_invalidate(Stranded::Redis).await;
 }
 
+/// Requires the daemon to have recreated its slot (and flushed every rule
+/// key) within `within`.
+async fn flushed_within(daemon: &crate::support::Daemon, within: Duration) {
+    wait_for("the keys flushed", within, || async {
+        daemon.log().contains("replication slot recreated")
+    })
+    .await;
+}
+
 /// Commits a change to every balance and requires it invalidated within
 /// `within`, then the pipeline to move on (`env.sync()`).
 async fn invalidated_within(env: &TestEnv, daemon: &crate::support::Daemon, within: Duration) {
@@ -863,10 +872,7 @@ async fn a_slot_recreated_over_a_connection_that_silently_dies_is_made_again() {
         || async { slot_active(&client).await },
     )
     .await;
-    wait_for("the keys flushed", Duration::from_secs(20), || async {
-        daemon.log().contains("replication slot recreated")
-    })
-    .await;
+    flushed_within(&daemon, Duration::from_secs(20)).await;
     invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
 }
 
@@ -894,10 +900,7 @@ async fn a_slot_question_over_a_connection_that_silently_dies_is_given_up() {
     )
     .await;
     proxy.mark_on(None);
-    wait_for("the keys flushed", Duration::from_secs(60), || async {
-        daemon.log().contains("replication slot recreated")
-    })
-    .await;
+    flushed_within(&daemon, Duration::from_secs(60)).await;
     invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
 }
 
@@ -917,10 +920,7 @@ async fn a_slow_slot_question_is_answered() {
         crate::support::Marked::Delay(Duration::from_secs(3)),
     )));
     crate::support::drop_slot_under_daemon(&client).await;
-    wait_for("the keys flushed", Duration::from_secs(60), || async {
-        daemon.log().contains("replication slot recreated")
-    })
-    .await;
+    flushed_within(&daemon, Duration::from_secs(60)).await;
     assert!(proxy.marked() >= 1, "the question was not asked");
     invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
 }

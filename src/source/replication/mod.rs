@@ -143,7 +143,8 @@ pub struct ReplicationSource {
 /// than that to answer was never recreated).
 struct Failing {
     error: PgWireError,
-    asking: tokio::task::JoinHandle<Answers>,
+    /// `None`: the error cannot mean the slot is lost; nothing to ask.
+    asking: Option<tokio::task::JoinHandle<Answers>>,
 }
 
 /// What the catalog said about a failed session's slot and publication.
@@ -222,11 +223,17 @@ impl ReplicationSource {
     pub async fn next(&mut self) -> Result<Event<Lsn>, Fatal> {
         loop {
             if let Some(failing) = self.failing.as_mut() {
-                // Awaited by reference: dropping this future keeps the task.
-                let answers = (&mut failing.asking).await.unwrap_or(Answers {
-                    slot: SlotHealth::Unknown,
-                    publication_exists: None,
-                });
+                let answers = match failing.asking.as_mut() {
+                    // Awaited by reference: dropping this future keeps the task.
+                    Some(asking) => asking.await.unwrap_or(Answers {
+                        slot: SlotHealth::Unknown,
+                        publication_exists: None,
+                    }),
+                    None => Answers {
+                        slot: SlotHealth::Usable,
+                        publication_exists: None,
+                    },
+                };
                 let error = self.failing.take().map(|f| f.error);
                 if let Some(error) = error {
                     self.classify(error, answers)?;
@@ -498,7 +505,7 @@ impl ReplicationSource {
         }
         self.health.set_streaming(false);
         metrics::counter!(m::RECONNECTS_TOTAL, "target" => "postgres").increment(1);
-        let asking = if error::may_mean_slot_lost(&error) {
+        let asking = error::may_mean_slot_lost(&error).then(|| {
             let (info, slot, publication) = (
                 self.info.clone(),
                 self.slot.clone(),
@@ -526,12 +533,7 @@ impl ReplicationSource {
                     publication_exists,
                 }
             })
-        } else {
-            tokio::spawn(std::future::ready(Answers {
-                slot: SlotHealth::Usable,
-                publication_exists: None,
-            }))
-        };
+        });
         self.failing = Some(Failing { error, asking });
     }
 

@@ -84,6 +84,10 @@ struct Args {
     /// directories are removed (to read what happened around a violation).
     #[arg(long)]
     keep_logs: Option<std::path::PathBuf>,
+    /// Inject only these fault kinds (comma-separated names, as in the
+    /// report), to replay or time one kind alone.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// What the workload did, and what it got wrong.
@@ -317,7 +321,7 @@ async fn main() {
 
     let deadline = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
     let mut injected: BTreeMap<Fault, u64> = BTreeMap::new();
-    let mut recovery: BTreeMap<Fault, Duration> = BTreeMap::new();
+    let mut recovery: BTreeMap<Fault, Steps> = BTreeMap::new();
     let mut rounds = 0u64;
     let mut checked = 0u64;
     let mut stale_keys = 0u64;
@@ -331,10 +335,17 @@ async fn main() {
         &mut violations,
     )
     .await;
+    let kinds = Fault::kinds(outbox, standby.is_some(), cluster.is_some());
+    let kinds = match nemesis::only(&kinds, &args.only) {
+        Ok(kinds) => kinds,
+        Err(message) => {
+            eprintln!("error: --only: {message}");
+            std::process::exit(2)
+        }
+    };
     while Instant::now() < deadline {
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
-        let kinds = Fault::kinds(outbox, standby.is_some(), cluster.is_some());
         let faults = Fault::draw(&mut rng, &kinds);
         let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
         eprintln!("round {rounds}: {}", names.join(" + "));
@@ -342,6 +353,7 @@ async fn main() {
         if faults.iter().any(|f| f.undoes_invalidations()) {
             shared.confirmed.expect_loss();
         }
+        let injecting = Instant::now();
         if nemesis::inject(
             &mut env,
             &mut daemon,
@@ -358,8 +370,11 @@ async fn main() {
         for &fault in &faults {
             *injected.entry(fault).or_default() += 1;
         }
-        let healed = Instant::now();
-        let stale = check(
+        eprintln!(
+            "round {rounds}: injected and healed in {} ms",
+            injecting.elapsed().as_millis()
+        );
+        let Checked { stale, steps } = check(
             &shared,
             &mut daemon,
             &mut env,
@@ -367,10 +382,12 @@ async fn main() {
             &mut violations,
         )
         .await;
-        let took = healed.elapsed();
+        eprintln!("round {rounds}: recovered: {steps}");
         for &fault in &faults {
             let longest = recovery.entry(fault).or_default();
-            *longest = (*longest).max(took);
+            if steps.total() > longest.total() {
+                *longest = steps;
+            }
         }
         checked += 1;
         if stale > 0 {
@@ -437,9 +454,10 @@ async fn main() {
     println!("promotions_resumed_without_flush={promoted} flushes={flushed}");
     for (fault, n) in &injected {
         println!(
-            "fault {}: injected={n} longest_recovery_ms={}",
+            "fault {}: injected={n} longest_recovery_ms={} ({})",
             fault.name(),
-            recovery.get(fault).map_or(0, |d| d.as_millis())
+            recovery.get(fault).map_or(0, |s| s.total().as_millis()),
+            recovery.get(fault).copied().unwrap_or_default()
         );
     }
     let first = shared
@@ -507,17 +525,65 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// How long each step of a quiescent point took, from the faults healed.
+#[derive(Clone, Copy, Default)]
+struct Steps {
+    /// Until no write was in flight.
+    paused: Duration,
+    /// Until a write token was taken on the primary.
+    token: Duration,
+    /// Until the daemon had applied that token (or the sentinel).
+    caught_up: Duration,
+    /// Until the events listener had seen the daemon's last event.
+    listened: Duration,
+}
+
+impl Steps {
+    /// From the faults healed to the checker's judgement.
+    fn total(&self) -> Duration {
+        self.paused + self.token + self.caught_up + self.listened
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ms: writes paused {}, token {}, caught up {}, listener {}",
+            self.total().as_millis(),
+            self.paused.as_millis(),
+            self.token.as_millis(),
+            self.caught_up.as_millis(),
+            self.listened.as_millis()
+        )
+    }
+}
+
+/// What a quiescent point found.
+struct Checked {
+    /// Cached pages older than their rows.
+    stale: u64,
+    steps: Steps,
+}
+
 /// A quiescent point: writers paused, the daemon running and caught up
 /// with everything committed; then every cached page is compared with its
-/// rows' versions. Returns how many cached pages are older than the rows.
+/// rows' versions.
 async fn check(
     shared: &Shared,
     daemon: &mut Daemon,
     env: &mut TestEnv,
     catch_up_secs: u64,
     violations: &mut u64,
-) -> u64 {
+) -> Checked {
+    let mut steps = Steps::default();
+    let mut step = Instant::now();
+    let mut lap = |into: &mut Duration| {
+        *into = step.elapsed();
+        step = Instant::now();
+    };
     let _paused = shared.writes.write().await;
+    lap(&mut steps.paused);
     if let Some(status) = daemon.try_status() {
         *violations += 1;
         shared.violation(format!(
@@ -537,9 +603,11 @@ async fn check(
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
+        lap(&mut steps.token);
         let mut cache = shared.cache().await;
         pgci_app_sim::caught_up(&mut cache, token, limit).await
     };
+    lap(&mut steps.caught_up);
     if caught_up {
         shared.confirmed.settled();
     }
@@ -549,7 +617,7 @@ async fn check(
             "the daemon did not catch up within {catch_up_secs} s: {}",
             tail(&daemon.log(), 30)
         ));
-        return 0;
+        return Checked { stale: 0, steps };
     }
     let mut redis = shared.redis.connect().await;
     let mut stale = 0;
@@ -560,6 +628,7 @@ async fn check(
         .copies
         .caught_up(last_seq, Duration::from_secs(10))
         .await;
+    lap(&mut steps.listened);
     let mut newest: HashMap<String, i64> = HashMap::new();
     for page in PAGES {
         let rows = pg.query(&page.versions_sql(), &[]).await.expect("versions");
@@ -598,7 +667,7 @@ async fn check(
     } else {
         shared.copies_unchecked.fetch_add(1, Ordering::Relaxed);
     }
-    stale
+    Checked { stale, steps }
 }
 
 /// The daemon's slot (the default name).

@@ -66,6 +66,37 @@ pub enum Fault {
     Reshard,
 }
 
+/// The kinds among `kinds` named in `names` (all of them when `names` is
+/// empty); an unknown name, or one that does not apply to this run, is an
+/// error that says which kinds do.
+pub fn only(kinds: &[Fault], names: &[String]) -> Result<Vec<Fault>, String> {
+    if names.is_empty() {
+        return Ok(kinds.to_vec());
+    }
+    let applicable = || {
+        kinds
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    names
+        .iter()
+        .map(|name| {
+            kinds
+                .iter()
+                .copied()
+                .find(|f| f.name() == name)
+                .ok_or_else(|| {
+                    format!(
+                        "{name:?} does not apply to this run; choose from {}",
+                        applicable()
+                    )
+                })
+        })
+        .collect()
+}
+
 /// Every fault kind.
 pub const ALL: [Fault; 15] = [
     Fault::KillDaemon,
