@@ -402,3 +402,78 @@ async fn l1_token_reads_never_return_a_value_from_before_the_write() {
         "L1 answered only {from_l1} reads with a token"
     );
 }
+
+/// An invalidation Redis sent before a reply is applied before that reply
+/// reaches the caller: once a read on the tracked connection saw a write,
+/// L1 no longer answers the other keys that write changed.
+/// (Handled by a task behind a channel, the invalidation waited for the
+/// runtime to schedule that task, and a busy process kept answering the
+/// old value meanwhile: with one worker, the reader woken by the reply ran
+/// first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn l1_applies_an_invalidation_before_the_reply_behind_it() {
+    let (s, _daemon) = setup().await;
+    let l1 = s.l1(L1Options::default()).await;
+    // On the worker, as an app's request handler runs.
+    let (judged, stale) = tokio::spawn(async move {
+        let mut cache = s.cache(Some(&l1)).await;
+        let mut other = s.env.redis.conn().await;
+        let (mut judged, mut stale) = (0, 0);
+        for n in 0..200 {
+            let (changed, sentinel) = (format!("l1-order:{n}"), format!("l1-sentinel:{n}"));
+            s.redis_cmd::<()>(
+                redis::cmd("MSET")
+                    .arg(&changed)
+                    .arg("old")
+                    .arg(&sentinel)
+                    .arg("x"),
+            )
+            .await;
+            let load = || async { Ok::<_, String>(Some("loaded".to_string())) };
+            for _ in 0..2 {
+                cache
+                    .get_or_load(&changed, 60, load, None)
+                    .await
+                    .expect("read");
+            }
+            assert_eq!(l1.stats().entries, 1, "{changed} is in L1");
+            // Both keys overwritten at once by another connection while
+            // the sentinel is read on the tracked one.
+            let mut write = redis::cmd("MSET");
+            write.arg(&changed).arg("new").arg(&sentinel).arg("y");
+            // (The request woken last is written first.)
+            let (read, written) = tokio::join!(
+                cache.get_or_load(&sentinel, 60, load, None),
+                write.query_async::<()>(&mut other)
+            );
+            written.expect("mset");
+            let (value, _) = read.expect("read the sentinel");
+            // Read before the write: nothing to judge.
+            if value.as_deref() == Some("y") {
+                judged += 1;
+                let (value, source) = cache
+                    .get_or_load(&changed, 60, load, None)
+                    .await
+                    .expect("read again");
+                if source == Source::L1 || value.as_deref() != Some("new") {
+                    stale += 1;
+                }
+            }
+            s.redis_cmd::<()>(redis::cmd("DEL").arg(&changed).arg(&sentinel))
+                .await;
+            wait_for("L1 to empty", Duration::from_secs(5), || {
+                l1.stats().entries == 0
+            })
+            .await;
+        }
+        (judged, stale)
+    })
+    .await
+    .expect("reader");
+    eprintln!("judged {judged}, stale {stale}");
+    assert!(
+        judged >= 20,
+        "only {judged} sentinels read after the write"
+    );
+    assert_eq!(stale, 0, "reads answered with an overwritten value");
+}

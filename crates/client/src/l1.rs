@@ -23,10 +23,15 @@
 //!
 //! Bounds: [`L1Options::max_entries`], [`L1Options::max_bytes`] (a key and
 //! its value counted in bytes, plus [`ENTRY_OVERHEAD`] each), and
-//! [`L1Options::ttl`] per entry; least recently used first out. Pushes wait
-//! in an unbounded channel between the connection and the task that
-//! handles them; that task does nothing else, so the channel holds at most
-//! what arrives while one push is handled.
+//! [`L1Options::ttl`] per entry; least recently used first out.
+//!
+//! Invalidations are handled where the connection reads them, before the
+//! reply behind them is delivered: a hop through a task would leave L1
+//! answering with a deleted value until a busy runtime scheduled that task
+//! (reads a Redis-only app would not get wrong). The other pushes (events,
+//! the disconnection, our barriers) wait in an unbounded channel for the
+//! task that handles them; that task does nothing else, so the channel
+//! holds at most what arrives while one push is handled.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -361,7 +366,18 @@ async fn open(
     client: &redis::Client,
 ) -> Result<UnboundedReceiver<PushInfo>, ClientError> {
     let (pushes, received) = unbounded_channel();
-    let config = AsyncConnectionConfig::new().set_push_sender(pushes.clone());
+    // Weak: the connection's driver must not keep L1 alive.
+    let (weak, others) = (Arc::downgrade(shared), pushes.clone());
+    let sender = move |push: PushInfo| {
+        if push.kind == PushKind::Invalidate {
+            if let Some(shared) = weak.upgrade() {
+                invalidated(&shared, &push);
+            }
+            return Ok(());
+        }
+        others.send(push)
+    };
+    let config = AsyncConnectionConfig::new().set_push_sender(sender);
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
@@ -421,22 +437,25 @@ async fn run(shared: Arc<Shared>, client: redis::Client, first: UnboundedReceive
     }
 }
 
-fn handle(shared: &Arc<Shared>, push: PushInfo) {
-    match push.kind {
-        PushKind::Invalidate => {
-            let mut state = shared.lock();
-            match push.data.first() {
-                Some(Value::Array(keys)) => {
-                    for key in keys {
-                        if let Some(key) = text(key) {
-                            state.invalidate(&key);
-                        }
-                    }
+/// Tracking's invalidation: the keys named, or everything.
+fn invalidated(shared: &Shared, push: &PushInfo) {
+    let mut state = shared.lock();
+    match push.data.first() {
+        Some(Value::Array(keys)) => {
+            for key in keys {
+                if let Some(key) = text(key) {
+                    state.invalidate(&key);
                 }
-                // A nil list: the whole database was flushed.
-                _ => state.drop_all(|d| &mut d.flush),
             }
         }
+        // A nil list: the whole database was flushed.
+        _ => state.drop_all(|d| &mut d.flush),
+    }
+}
+
+fn handle(shared: &Arc<Shared>, push: PushInfo) {
+    match push.kind {
+        PushKind::Invalidate => invalidated(shared, &push),
         PushKind::Message | PushKind::SMessage => {
             let Some(payload) = push.data.get(1).and_then(text) else {
                 return;
