@@ -36,7 +36,7 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live, groups, large-rows, failover, catchup.
+    /// cluster-live, groups, large-rows, failover, catchup, sync-commit.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
@@ -363,6 +363,113 @@ struct Catchup {
 /// pg_recvlogical then reads the outage's WAL (to the WAL position when
 /// the outage ended) from a slot made with the daemon's, and the daemon,
 /// started next, runs until its slot has confirmed the same position.
+/// Who a commit waits for in the `sync-commit` scenario.
+#[derive(Clone, Copy)]
+enum Waiter {
+    /// Nobody (`synchronous_commit = local`).
+    Local,
+    /// A physical streaming standby on loopback, `remote_apply`: the
+    /// anchor for what a synchronous wait costs on this machine.
+    PhysicalStandby,
+    /// The daemon, `remote_apply`: the commit returns once the daemon has
+    /// invalidated its keys in Redis (README "Synchronous invalidation").
+    Daemon,
+}
+
+impl Waiter {
+    const ALL: [Waiter; 3] = [Waiter::Local, Waiter::PhysicalStandby, Waiter::Daemon];
+
+    fn name(self) -> &'static str {
+        match self {
+            Waiter::Local => "local (nobody waited for)",
+            Waiter::PhysicalStandby => "a physical standby, remote_apply",
+            Waiter::Daemon => "the daemon, remote_apply",
+        }
+    }
+}
+
+/// Commit latency of one-row updates (one writer, back to back) waiting
+/// for nobody, for a physical synchronous standby and for the daemon, the
+/// three alternated `args.runs` times with `args.seconds` of commits each.
+/// Returns each waiter's commit times in milliseconds.
+async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
+    let mut env = TestEnv::start(100).await;
+    let _standby = env.pg.standby().await;
+    env.setup();
+    let _daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    let writer = env.pg.client().await;
+    let ids: Vec<String> = writer
+        .query("select id::text from public.user_tokens", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let update = writer
+        .prepare("update public.user_tokens set balance = balance + 1 where id = $1::text::uuid")
+        .await
+        .expect("prepare");
+    let mut times: Vec<(Waiter, Vec<f64>)> = Waiter::ALL.iter().map(|w| (*w, Vec::new())).collect();
+    for _ in 0..args.runs {
+        for (waiter, ms) in &mut times {
+            let (names, mode) = match waiter {
+                Waiter::Local => ("", "local"),
+                Waiter::PhysicalStandby => ("standby", "remote_apply"),
+                Waiter::Daemon => ("\"pg-cache-invalidator\"", "remote_apply"),
+            };
+            admin
+                .batch_execute(&format!(
+                    "alter system set synchronous_standby_names = '{names}'; select pg_reload_conf()"
+                ))
+                .await
+                .expect("synchronous_standby_names");
+            if !names.is_empty() {
+                let application = names.trim_matches('"');
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let synchronous: i64 = admin
+                        .query_one(
+                            "select count(*) from pg_stat_replication where application_name = $1 and sync_state = 'sync'",
+                            &[&application],
+                        )
+                        .await
+                        .expect("pg_stat_replication")
+                        .get(0);
+                    if synchronous == 1 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{application} never became synchronous"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            // Commits wait only once the checkpointer has read the setting
+            // too (tests/sync.rs).
+            admin.batch_execute("checkpoint").await.expect("checkpoint");
+            writer
+                .batch_execute(&format!("set synchronous_commit = {mode}"))
+                .await
+                .expect("synchronous_commit");
+            let until = Instant::now() + Duration::from_secs(args.seconds);
+            let mut i = 0;
+            while Instant::now() < until {
+                let id = &ids[i % ids.len()];
+                i += 1;
+                let started = Instant::now();
+                writer.execute(&update, &[id]).await.expect("update");
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    for (_, ms) in &mut times {
+        ms.sort_by(|a, b| a.total_cmp(b));
+    }
+    times
+}
+
 async fn catchup(args: &Args) -> Vec<Catchup> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let mut env = TestEnv::start(50_000).await;
@@ -1253,6 +1360,12 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let sync_commits = if args.wants("sync-commit") {
+        eprintln!("synchronous commits: nobody, a physical standby, the daemon");
+        sync_commit(&args).await
+    } else {
+        Vec::new()
+    };
     let (idle, peak, idle_after, mem_took) = if args.wants("memory") {
         eprintln!("memory");
         memory(&args).await
@@ -1378,6 +1491,29 @@ async fn main() {
                 c.recv.as_secs_f64(),
                 c.daemon.as_secs_f64(),
                 c.daemon.as_secs_f64() / c.recv.as_secs_f64()
+            ));
+        }
+        lines.push(String::new());
+    }
+    if let [(_, local), (_, physical), _] = &sync_commits[..] {
+        let (local_p50, physical_p50, physical_p99) = (
+            percentile(local, 0.5),
+            percentile(physical, 0.5),
+            percentile(physical, 0.99),
+        );
+        lines.push(
+            "| one-row update, commit waits for | commits | p50 ms | p99 ms | p50 / a physical standby's | p99 / a physical standby's | p50 / local |".into(),
+        );
+        lines.push("|---|---|---|---|---|---|---|".into());
+        for (waiter, ms) in &sync_commits {
+            let (p50, p99) = (percentile(ms, 0.5), percentile(ms, 0.99));
+            lines.push(format!(
+                "| {} | {} | {p50:.2} | {p99:.2} | {:.2} | {:.2} | {:.2} |",
+                waiter.name(),
+                ms.len(),
+                p50 / physical_p50,
+                p99 / physical_p99,
+                p50 / local_p50
             ));
         }
         lines.push(String::new());

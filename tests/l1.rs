@@ -471,9 +471,6 @@ async fn l1_applies_an_invalidation_before_the_reply_behind_it() {
     .await
     .expect("reader");
     eprintln!("judged {judged}, stale {stale}");
-    assert!(
-        judged >= 20,
-        "only {judged} sentinels read after the write"
-    );
+    assert!(judged >= 20, "only {judged} sentinels read after the write");
     assert_eq!(stale, 0, "reads answered with an overwritten value");
 }
