@@ -43,6 +43,11 @@ use crate::telemetry::status::Board;
 
 /// How long the other tasks get to finish once the loop has stopped.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long start-up may wait for PostgreSQL to answer its questions
+/// (connecting included) before it drops that connection and asks again
+/// on a new one. Each question is a small catalog query; a server that
+/// is up answers them within milliseconds.
+const STARTUP_QUESTIONS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the daemon stopped.
 #[derive(Debug)]
@@ -162,20 +167,19 @@ async fn start_and_run(
         tasks.spawn(feed_events(board, config.redis.clone(), cancel.clone()));
     }
 
-    let db = connect_with_retry(&conn, cancel).await?;
-    let problems = install::check(&db, &conn, config, &rules, true)
-        .await
-        .map_err(|e| Stopped::database(e, cancel))?;
-    for warning in catalog::warnings(&db, &rules)
-        .await
-        .map_err(|e| Stopped::database(e, cancel))?
-    {
-        tracing::warn!(warning = %warning, "check the rules");
-    }
-    if !problems.is_empty() {
-        return Err(Stopped::Problems(problems));
-    }
-
+    // Bounded: a connection the network drops silently (no FIN, no RST)
+    // would hold the start for ever, with nothing in the log.
+    let (recorded, partitioned) = loop {
+        let attempt = async {
+            let db = connect_with_retry(&conn, cancel).await?;
+            inspect(&db, config, &rules, &conn, cancel).await
+        };
+        match tokio::time::timeout(STARTUP_QUESTIONS_TIMEOUT, attempt).await {
+            Ok(inspected) => break inspected?,
+            Err(_) => tracing::warn!(timeout = ?STARTUP_QUESTIONS_TIMEOUT,
+                "start-up got no answer from postgres in time (a connection the network dropped?); asking again on a new connection"),
+        }
+    };
     let rules = Arc::new(rules);
     tasks.spawn(crate::freshness::run(
         config.clone(),
@@ -185,35 +189,6 @@ async fn start_and_run(
         cancel.clone(),
     ));
     let planner = Planner::new(Arc::clone(&rules));
-    let recorded = match config.postgres.source {
-        SourceKind::Replication => {
-            let slot = &config.replication.slot;
-            let server = SlotServer::open(&db, &conn)
-                .await
-                .map_err(|e| Stopped::database(e, cancel))?;
-            Recorded::Slot {
-                slot: slot.clone(),
-                confirmed: catalog::inspect_slot(server.db(), slot)
-                    .await
-                    .map_err(|e| Stopped::database(e, cancel))?
-                    .and_then(|info| info.confirmed_flush_lsn)
-                    .and_then(|text| text.parse::<Lsn>().ok()),
-            }
-        }
-        SourceKind::Outbox => Recorded::Outbox {
-            key: position::outbox_key(&config.outbox.schema),
-        },
-    };
-    let mut partitioned = Vec::new();
-    for (table, _) in rules.tables() {
-        let info = catalog::inspect_table(&db, table)
-            .await
-            .map_err(|e| Stopped::database(e, cancel))?;
-        if info.is_some_and(|i| i.is_partitioned()) {
-            partitioned.push(table.clone());
-        }
-    }
-    drop(db);
     let started = Started {
         planner,
         rules,
@@ -286,6 +261,59 @@ async fn start_and_run(
 }
 
 /// What start-up prepared for the stream.
+/// Start-up's questions to PostgreSQL on `db`: the install and the
+/// rules checked (problems stop the start), where the source's position
+/// is kept, and which watched tables are partitioned.
+async fn inspect(
+    db: &Db,
+    config: &Config,
+    rules: &RuleSet,
+    conn: &ConnInfo,
+    cancel: &CancellationToken,
+) -> Result<(Recorded, Vec<crate::change::TableName>), Stopped> {
+    let problems = install::check(db, conn, config, rules, true)
+        .await
+        .map_err(|e| Stopped::database(e, cancel))?;
+    for warning in catalog::warnings(db, rules)
+        .await
+        .map_err(|e| Stopped::database(e, cancel))?
+    {
+        tracing::warn!(warning = %warning, "check the rules");
+    }
+    if !problems.is_empty() {
+        return Err(Stopped::Problems(problems));
+    }
+    let recorded = match config.postgres.source {
+        SourceKind::Replication => {
+            let slot = &config.replication.slot;
+            let server = SlotServer::open(db, conn)
+                .await
+                .map_err(|e| Stopped::database(e, cancel))?;
+            Recorded::Slot {
+                slot: slot.clone(),
+                confirmed: catalog::inspect_slot(server.db(), slot)
+                    .await
+                    .map_err(|e| Stopped::database(e, cancel))?
+                    .and_then(|info| info.confirmed_flush_lsn)
+                    .and_then(|text| text.parse::<Lsn>().ok()),
+            }
+        }
+        SourceKind::Outbox => Recorded::Outbox {
+            key: position::outbox_key(&config.outbox.schema),
+        },
+    };
+    let mut partitioned = Vec::new();
+    for (table, _) in rules.tables() {
+        let info = catalog::inspect_table(db, table)
+            .await
+            .map_err(|e| Stopped::database(e, cancel))?;
+        if info.is_some_and(|i| i.is_partitioned()) {
+            partitioned.push(table.clone());
+        }
+    }
+    Ok((recorded, partitioned))
+}
+
 struct Started {
     planner: Planner,
     rules: Arc<RuleSet>,

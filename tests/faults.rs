@@ -953,3 +953,42 @@ async fn a_stream_reopened_over_connections_that_silently_die_is_opened_again() 
         daemon.log()
     );
 }
+
+/// A question only the start asks (which watched tables are partitioned).
+const STARTUP_QUESTION: &[u8] = b"c.relkind = 'p' from pg_class";
+
+/// The connection the daemon's start-up questions go over is stranded
+/// (the network drops it silently in the middle of the start, as the
+/// cluster soak's `kill-daemon + strand-links` did, seed 11): the start
+/// gives up on it after 30 s and asks again on a new connection, then
+/// streams. (Unbounded, the start waited for ever with nothing in the
+/// log, not ready.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_whose_connection_silently_dies_asks_again() {
+    let mut env = TestEnv::start(3).await;
+    let proxy = crate::support::Proxy::start(env.pg.port).await;
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    ));
+    env.write_config("");
+    env.setup();
+    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Strand)));
+    let mut daemon = env.spawn_daemon();
+    daemon
+        .wait_for(
+            "a start-up question stranded",
+            Duration::from_secs(30),
+            || async { proxy.marked() >= 1 },
+        )
+        .await;
+    proxy.mark_on(None);
+    invalidated_within(&env, &daemon, Duration::from_secs(90)).await;
+    assert!(
+        daemon
+            .log()
+            .contains("start-up got no answer from postgres in time"),
+        "{}",
+        daemon.log()
+    );
+}
