@@ -72,29 +72,6 @@ impl Conn {
         }
     }
 
-    /// Runs each shard's atomic pipeline (on a cluster, each slot's) and,
-    /// on a cluster, waits until the masters' replicas have them all (see
-    /// [`ClusterConn::transactions`]).
-    pub async fn transactions(
-        &mut self,
-        shards: &[(Option<u16>, Pipeline)],
-    ) -> Result<(), RedisError> {
-        if let Conn::Cluster(cluster) = self {
-            if let Some(by_slot) = shards
-                .iter()
-                .map(|(slot, pipe)| slot.map(|slot| (slot, pipe)))
-                .collect::<Option<Vec<_>>>()
-            {
-                return cluster.transactions(&by_slot).await;
-            }
-        }
-        let mut written = BTreeSet::new();
-        for (slot, pipe) in shards {
-            written.extend(self.transaction(*slot, pipe).await?);
-        }
-        self.replicated(&written).await
-    }
-
     /// Waits until the replicas of the cluster nodes in `written` have
     /// every write made there (see [`super::cluster`]); nothing to wait
     /// for on a single server.

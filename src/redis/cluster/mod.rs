@@ -9,18 +9,15 @@
 //! and `WAIT` on the very connection that wrote.
 //!
 //! ```text
-//!   batch ──▶ one MULTI…EXEC per slot, grouped by the slot's master (map):
-//!             one request per master, its slots' transactions then
-//!             WAIT n (n = its replicas in the map)
-//!                 │ MOVED            read the map again, send that slot
-//!                 │                  again on its own
+//!   batch ──▶ one MULTI…EXEC per slot ──▶ the slot's master (map)
+//!                 │ MOVED            read the map again, send again
 //!                 │ ASK / TRYAGAIN   the slot is migrating: its commands
 //!                 │                  one by one, in order, each following
 //!                 │                  its ASK (ASKING on the target)
 //!                 │ lost node,       back to the sink, which retries the
 //!                 │ CLUSTERDOWN      batch; the map is read again first
 //!                 ▼
-//!   WAIT n on each master a redirected slot was written to
+//!   WAIT n on each master written (n = its replicas in the map)
 //! ```
 //!
 //! Durability across a failover: Redis replicates asynchronously, so a
@@ -311,105 +308,6 @@ impl ClusterConn {
         Err(too_many_redirects(slot))
     }
 
-    /// Sends every slot's transaction (`shards`: a slot and the atomic
-    /// pipeline of its keys) and waits until each master's replicas have
-    /// them: one request per master, carrying each of its slots' `MULTI …
-    /// EXEC` and then the `WAIT`, so a run costs one round trip where a
-    /// request per slot and a `WAIT` after them cost two. In one request
-    /// the `WAIT` is sure to come after every write it must cover. A slot
-    /// that answered with a redirection (moved, migrating) goes the
-    /// one-slot way ([`ClusterConn::transaction`]) and is waited for after.
-    pub async fn transactions(&self, shards: &[(u16, &Pipeline)]) -> RedisResult<()> {
-        let mut by_master: HashMap<Addr, Vec<(u16, &Pipeline)>> = HashMap::new();
-        for &(slot, pipe) in shards {
-            let (addr, _) = self.owner(slot).await?;
-            by_master.entry(addr).or_default().push((slot, pipe));
-        }
-        let redirected: Vec<(u16, &Pipeline)> = futures_util::future::try_join_all(
-            by_master
-                .iter()
-                .map(|(addr, part)| self.on_master(addr, part)),
-        )
-        .await?
-        .into_iter()
-        .flatten()
-        .collect();
-        if redirected.is_empty() {
-            return Ok(());
-        }
-        let written = futures_util::future::try_join_all(
-            redirected
-                .iter()
-                .map(|&(slot, pipe)| self.transaction(slot, pipe)),
-        )
-        .await?;
-        self.replicated(&written.into_iter().flatten().collect())
-            .await
-    }
-
-    /// One master's part of [`ClusterConn::transactions`]; returns the
-    /// slots it did not apply because they answered with a redirection.
-    async fn on_master<'p>(
-        &self,
-        addr: &Addr,
-        part: &[(u16, &'p Pipeline)],
-    ) -> RedisResult<Vec<(u16, &'p Pipeline)>> {
-        let replicas = self
-            .map()
-            .masters
-            .iter()
-            .find(|m| &m.addr == addr)
-            .map_or(0, |m| m.replicas);
-        let mut request = redis::pipe();
-        for (_, pipe) in part {
-            request.cmd("MULTI");
-            for cmd in pipe.cmd_iter() {
-                request.add_command(cmd.clone());
-            }
-            request.cmd("EXEC");
-        }
-        if replicas > 0 {
-            request
-                .cmd("WAIT")
-                .arg(replicas)
-                .arg(REPLICA_WAIT.as_millis() as u64);
-        }
-        let sent = async {
-            let mut conn = self.node(addr).await?;
-            conn.req_packed_commands(&request, 0, request.len()).await
-        };
-        let replies = sent.await.inspect_err(|e| self.failed(addr, e))?;
-        let mut replies = replies.into_iter();
-        let mut redirected = Vec::new();
-        for &(slot, pipe) in part {
-            // MULTI's OK and each command's QUEUED (or the error that
-            // aborts the transaction), then EXEC's reply.
-            let queued: Vec<Value> = replies.by_ref().take(1 + pipe.cmd_iter().count()).collect();
-            let exec = replies.next().unwrap_or(Value::Nil);
-            let outcome = match queued.into_iter().find_map(|v| v.extract_error().err()) {
-                Some(error) => Err(error),
-                None => exec_outcome(exec),
-            };
-            if let Err(error) = outcome {
-                if redirection(&error).is_none() {
-                    self.failed(addr, &error);
-                    return Err(error);
-                }
-                redirected.push((slot, pipe));
-            }
-        }
-        if replicas > 0 {
-            let acknowledged = replies
-                .next()
-                .unwrap_or(Value::Nil)
-                .extract_error()
-                .and_then(|v| Ok(redis::from_redis_value::<usize>(v)?))
-                .inspect_err(|e| self.failed(addr, e))?;
-            self.enough_replicas(addr, acknowledged, replicas)?;
-        }
-        Ok(redirected)
-    }
-
     /// Runs `cmd` on the master of `slot` (`None`: any master), following
     /// redirections; returns its reply and the node that ran it.
     async fn command_at(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<(Value, Addr)> {
@@ -512,33 +410,21 @@ impl ClusterConn {
                     .query_async(&mut conn)
                     .await
                     .inspect_err(|e| self.failed(addr, e))?;
-                self.enough_replicas(addr, acknowledged, replicas)
+                if acknowledged < replicas {
+                    self.shared.stale.store(true, Ordering::Relaxed);
+                    return Err(RedisError::from((
+                        ErrorKind::ClusterConnectionNotFound,
+                        "a replica did not acknowledge the batch",
+                        format!(
+                            "{}:{}: {acknowledged} of {replicas} replicas within {REPLICA_WAIT:?}",
+                            addr.0, addr.1
+                        ),
+                    )));
+                }
+                Ok(())
             })
         });
         futures_util::future::try_join_all(waits).await.map(|_| ())
-    }
-
-    /// Fails when fewer than `replicas` of `addr`'s replicas acknowledged
-    /// (`WAIT`'s answer): a replica failed or lags; the map is read again
-    /// before the retry (a failed replica leaves it).
-    fn enough_replicas(
-        &self,
-        addr: &Addr,
-        acknowledged: usize,
-        replicas: usize,
-    ) -> RedisResult<()> {
-        if acknowledged >= replicas {
-            return Ok(());
-        }
-        self.shared.stale.store(true, Ordering::Relaxed);
-        Err(RedisError::from((
-            ErrorKind::ClusterConnectionNotFound,
-            "a replica did not acknowledge the batch",
-            format!(
-                "{}:{}: {acknowledged} of {replicas} replicas within {REPLICA_WAIT:?}",
-                addr.0, addr.1
-            ),
-        )))
     }
 }
 
@@ -548,28 +434,20 @@ async fn exec(conn: &mut MultiplexedConnection, pipe: &Pipeline) -> RedisResult<
     let queued = pipe.cmd_iter().count();
     let replies = conn.req_packed_commands(pipe, queued + 1, 1).await?;
     match replies.into_iter().next() {
-        Some(exec) => exec_outcome(exec),
-        None => Err((ErrorKind::Io, "no reply to a transaction").into()),
-    }
-}
-
-/// What `EXEC`'s reply says: every command's result, each of which may be
-/// an error; or an error (or nil) instead of them.
-fn exec_outcome(exec: Value) -> RedisResult<()> {
-    match exec {
-        Value::Array(results) => {
+        Some(Value::Array(results)) => {
             for result in results {
                 result.extract_error()?;
             }
             Ok(())
         }
-        other => other.extract_error().and_then(|other| {
+        Some(other) => other.extract_error().and_then(|other| {
             Err(RedisError::from((
                 ErrorKind::Io,
                 "the cluster aborted a transaction",
                 format!("{other:?}"),
             )))
         }),
+        None => Err((ErrorKind::Io, "no reply to a transaction").into()),
     }
 }
 

@@ -361,9 +361,6 @@ impl RedisSink {
         }
         .filter(|_| self.events.is_some());
         while !rest.is_empty() || instead.is_some() {
-            // A run's slot count and start (when it is sent as slots'
-            // transactions), for the debug log of where its time went.
-            let mut sent: Option<(usize, std::time::Instant)> = None;
             let run = rest
                 .iter()
                 .take_while(|i| !matches!(i.op, CacheOp::Flush { .. }))
@@ -389,18 +386,25 @@ impl RedisSink {
                     }
                     _ => None,
                 };
-                if let Some(pipe) = single {
+                let written = if let Some(pipe) = single {
                     let replies: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
                     replaced = Some(replies.into_iter().next().flatten());
+                    Default::default()
                 } else {
-                    // Every slot's part at once, and on a cluster the
-                    // masters' replicas' acknowledgement (a failover must
-                    // not lose what was acknowledged); the events, and the
-                    // position (below), only once all of them were.
-                    sent = Some((shards.len(), std::time::Instant::now()));
-                    self.conn.transactions(&shards).await?;
-                }
-                let replicated = sent.map(|(_, at)| at.elapsed());
+                    // Every slot's part at once; the events, and the
+                    // position (below), only once all of them were
+                    // acknowledged.
+                    let written =
+                        futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
+                            let mut conn = self.conn.clone();
+                            async move { conn.transaction(*slot, pipe).await }
+                        }))
+                        .await?;
+                    written.into_iter().flatten().collect()
+                };
+                // On a cluster, a failover must not lose what was
+                // acknowledged: the masters' replicas have it too.
+                self.conn.replicated(&written).await?;
                 // On a cluster the events go to their channel's master
                 // (the slot of its sequence record), and the position
                 // record (when this run ends the batch) to its own, side
@@ -427,14 +431,6 @@ impl RedisSink {
                 .await?;
                 if let Some(recorded) = recorded {
                     replaced = Some(recorded);
-                }
-                if let (Some((slots, at)), Some(replicated)) = (sent.take(), replicated) {
-                    tracing::debug!(
-                        slots,
-                        replicated_us = replicated.as_micros() as u64,
-                        events_us = (at.elapsed() - replicated).as_micros() as u64,
-                        "run applied"
-                    );
                 }
                 for item in &rest[..run] {
                     let (removed, written) = item.op.keys().counts();
