@@ -418,12 +418,15 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
                 Waiter::PhysicalStandby => ("standby", "remote_apply"),
                 Waiter::Daemon => ("\"pg-cache-invalidator\"", "remote_apply"),
             };
-            admin
-                .batch_execute(&format!(
-                    "alter system set synchronous_standby_names = '{names}'; select pg_reload_conf()"
-                ))
-                .await
-                .expect("synchronous_standby_names");
+            for sql in [
+                format!("alter system set synchronous_standby_names = '{names}'"),
+                "select pg_reload_conf()".to_string(),
+            ] {
+                admin
+                    .batch_execute(&sql)
+                    .await
+                    .expect("synchronous_standby_names");
+            }
             if !names.is_empty() {
                 let application = names.trim_matches('"');
                 let deadline = Instant::now() + Duration::from_secs(30);
