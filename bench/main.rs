@@ -36,7 +36,8 @@ struct Args {
     naive_seconds: u64,
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
-    /// cluster-live, groups, large-rows, failover, catchup, sync-commit.
+    /// cluster-live, cluster-live-sharded, groups, large-rows, failover,
+    /// catchup, sync-commit.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
@@ -837,17 +838,25 @@ enum Capture {
     Standby,
 }
 
+/// `cluster`: the cache is a Redis Cluster; `sharded`: its events go out
+/// with `SPUBLISH` and are heard with `SSUBSCRIBE` on the channel's shard
+/// (plain `PUBLISH` is heard on a seed node otherwise, across the cluster
+/// bus).
 async fn live_latency(
     args: &Args,
     capture: Capture,
     rates: &[u64],
     cluster: bool,
+    sharded: bool,
 ) -> Vec<LatencyResult> {
     let mut env = TestEnv::start(50_000).await;
     let cluster = if cluster {
         let cluster = RedisCluster::start().await;
         env.redis_url_override = Some(cluster.url());
-        env.redis_extra = "cluster = true".to_string();
+        env.redis_extra = match sharded {
+            true => "cluster = true\nsharded_events = true".to_string(),
+            false => "cluster = true".to_string(),
+        };
         env.write_config("");
         Some(cluster)
     } else {
@@ -909,6 +918,44 @@ async fn live_latency(
     }
 
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    if let (Some(cluster), true) = (&cluster, sharded) {
+        // Only the channel's shard hears SPUBLISH; its other nodes refuse
+        // SSUBSCRIBE (MOVED), so every node is tried.
+        for url in cluster.urls() {
+            let arrivals = Arc::clone(&arrivals);
+            std::thread::spawn(move || {
+                let subscribed = redis::Client::open(url.as_str())
+                    .and_then(|client| client.get_connection())
+                    .and_then(|mut conn| {
+                        redis::cmd("SSUBSCRIBE")
+                            .arg("cache-invalidation")
+                            .query::<redis::Value>(&mut conn)?
+                            .extract_error()?;
+                        Ok(conn)
+                    });
+                let Ok(mut conn) = subscribed else {
+                    return;
+                };
+                while let Ok(redis::Value::Array(message)) = conn.recv_response() {
+                    let now = Instant::now();
+                    // ["smessage", channel, payload]
+                    let Some(redis::Value::BulkString(payload)) = message.get(2) else {
+                        continue;
+                    };
+                    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                        continue;
+                    };
+                    if let Some(key) = event["keys"][1].as_str() {
+                        arrivals
+                            .lock()
+                            .expect("lock")
+                            .entry(key.to_string())
+                            .or_insert(now);
+                    }
+                }
+            });
+        }
+    }
     // PUBLISH reaches every node of a cluster.
     let events_url = cluster.as_ref().map_or(env.redis.url(), |c| c.url());
     let pubsub_client = redis::Client::open(events_url).expect("client");
@@ -1277,26 +1324,26 @@ async fn main() {
     }
     let live = if args.wants("live") {
         eprintln!("live latency");
-        live_latency(&args, Capture::Replication, &args.rates, false).await
+        live_latency(&args, Capture::Replication, &args.rates, false, false).await
     } else {
         Vec::new()
     };
     let outbox_live = if args.wants("outbox-live") {
         eprintln!("live latency through the outbox");
-        live_latency(&args, Capture::Outbox, &[1_000], false).await
+        live_latency(&args, Capture::Outbox, &[1_000], false, false).await
     } else {
         Vec::new()
     };
     let outbox_polling = if args.wants("outbox-poll") {
         eprintln!("live latency through the outbox, wake-ups off (poll every 100 ms)");
-        live_latency(&args, Capture::OutboxPolling, &[1_000], false).await
+        live_latency(&args, Capture::OutboxPolling, &[1_000], false, false).await
     } else {
         Vec::new()
     };
     let standby_live =
         if args.wants("standby-live") && TestEnv::start(1).await.pg.major().await >= 16 {
             eprintln!("live latency, the slot on a streaming standby");
-            live_latency(&args, Capture::Standby, &[1_000], false).await
+            live_latency(&args, Capture::Standby, &[1_000], false, false).await
         } else {
             Vec::new()
         };
@@ -1308,7 +1355,13 @@ async fn main() {
     };
     let cluster_live = if args.wants("cluster-live") {
         eprintln!("live latency, redis cluster");
-        live_latency(&args, Capture::Replication, &args.rates, true).await
+        live_latency(&args, Capture::Replication, &args.rates, true, false).await
+    } else {
+        Vec::new()
+    };
+    let cluster_live_sharded = if args.wants("cluster-live-sharded") {
+        eprintln!("live latency, redis cluster, sharded events");
+        live_latency(&args, Capture::Replication, &args.rates, true, true).await
     } else {
         Vec::new()
     };
@@ -1408,6 +1461,7 @@ async fn main() {
         (" (outbox, polling 100 ms)", &outbox_polling),
         (" (slot on a standby)", &standby_live),
         (" (redis cluster)", &cluster_live),
+        (" (redis cluster, sharded events)", &cluster_live_sharded),
     ] {
         for l in results {
             lines.push(format!(

@@ -260,7 +260,6 @@ async fn start_and_run(
     stream(config, started, sink, health, cancel, tasks).await
 }
 
-/// What start-up prepared for the stream.
 /// Start-up's questions to PostgreSQL on `db`: the install and the
 /// rules checked (problems stop the start), where the source's position
 /// is kept, and which watched tables are partitioned.
@@ -314,6 +313,7 @@ async fn inspect(
     Ok((recorded, partitioned))
 }
 
+/// What start-up prepared for the stream.
 struct Started {
     planner: Planner,
     rules: Arc<RuleSet>,
