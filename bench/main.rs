@@ -430,25 +430,23 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
             }
             if !names.is_empty() {
                 let application = names.trim_matches('"');
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    let synchronous: i64 = admin
-                        .query_one(
-                            "select count(*) from pg_stat_replication where application_name = $1 and sync_state = 'sync'",
-                            &[&application],
-                        )
-                        .await
-                        .expect("pg_stat_replication")
-                        .get(0);
-                    if synchronous == 1 {
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "{application} never became synchronous"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                let admin = &admin;
+                pgci_test_support::wait_for(
+                    "the waiter to be a synchronous standby",
+                    Duration::from_secs(30),
+                    || async move {
+                        admin
+                            .query_one(
+                                "select count(*) from pg_stat_replication where application_name = $1 and sync_state = 'sync'",
+                                &[&application],
+                            )
+                            .await
+                            .expect("pg_stat_replication")
+                            .get::<_, i64>(0)
+                            == 1
+                    },
+                )
+                .await;
             }
             // Commits wait only once the checkpointer has read the setting
             // too (tests/sync.rs).
