@@ -195,6 +195,77 @@ async fn truncate_flushes_every_master() {
     assert_eq!(surviving(&mut conn, std::slice::from_ref(&other)).await, 1);
 }
 
+/// A TRUNCATE after `CLIENT KILL` took the daemon's connections to some
+/// masters (not the one whose slot map it reads first) flushes every
+/// master. The flush's SCAN on a killed connection used to fail without
+/// dropping it, and the batch was retried on it for ever (found by the
+/// cluster soak: the daemon stalled after a `client-kill` round).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncate_after_client_kill_flushes_every_master() {
+    let (mut env, cluster) = cluster_env(20, "").await;
+    let _daemon = env.daemon().await;
+    let mut conn = cluster.conn().await;
+    sync(&env, &mut conn).await;
+    let keys = balance_keys(&env).await;
+    preset(&mut conn, &keys).await;
+    let strays = [
+        "balance:user:stray-1".to_string(),
+        "balance:user:stray-2".to_string(),
+        "balance:user:stray-3".to_string(),
+    ];
+    preset(&mut conn, &strays).await;
+    let first = slot_owner(cluster.master_ports().await[0], 0);
+    for port in cluster.master_ports().await {
+        if port != first {
+            redis_cli(port, &["client", "kill", "type", "normal"]);
+        }
+    }
+    env.pg
+        .client()
+        .await
+        .batch_execute("truncate public.user_tokens")
+        .await
+        .expect("truncate");
+    sync(&env, &mut conn).await;
+    assert_eq!(surviving(&mut conn, &keys).await, 0);
+    assert_eq!(surviving(&mut conn, &strays).await, 0, "on every master");
+}
+
+/// The port of the master serving `slot`, as the node on `port` sees it.
+fn slot_owner(port: u16, slot: u16) -> u16 {
+    let nodes = redis_cli(port, &["cluster", "nodes"]);
+    nodes
+        .lines()
+        .filter(|line| line.contains("master"))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let serves = fields.iter().skip(8).any(|range| {
+                let mut ends = range.split('-').map(|n| n.parse::<u16>().ok());
+                match (ends.next().flatten(), ends.next().flatten()) {
+                    (Some(from), Some(to)) => (from..=to).contains(&slot),
+                    (Some(only), None) => only == slot,
+                    _ => false,
+                }
+            });
+            let addr = fields.get(1)?.split('@').next()?;
+            serves
+                .then(|| addr.rsplit(':').next()?.parse().ok())
+                .flatten()
+        })
+        .expect("a master serves the slot")
+}
+
+/// `redis-cli -p port args…`'s output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new(crate::support::redis_cli_bin())
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// A daemon killed -9 in the middle of a backlog, restarted, applies
 /// everything: no key left stale. The backlog's last 400 transactions are
 /// the only ones touching the checked keys, so the kill lands before them.
@@ -291,11 +362,7 @@ async fn the_verbs_work_on_a_cluster() {
 
 /// The node id of the cluster node on `port`.
 fn node_id(port: u16) -> String {
-    let out = std::process::Command::new(crate::support::redis_cli_bin())
-        .args(["-p", &port.to_string(), "cluster", "myid"])
-        .output()
-        .expect("redis-cli cluster myid");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    redis_cli(port, &["cluster", "myid"]).trim().to_string()
 }
 
 /// Rounds of writes while 2,000 slots move between masters

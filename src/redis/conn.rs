@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-use super::cluster::{Addr, ClusterConn};
+use super::cluster::{Addr, ClusterConn, Node};
 
 /// One server or a cluster.
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub enum Conn {
     Direct(MultiplexedConnection),
     /// A Redis Cluster.
     Cluster(ClusterConn),
+    /// One node of a Redis Cluster (a master, for what each must hold).
+    Member(Node),
 }
 
 impl Conn {
@@ -50,7 +52,7 @@ impl Conn {
         };
         let mut conns = Vec::new();
         for addr in cluster.masters().await? {
-            conns.push(Conn::Direct(cluster.node(&addr).await?));
+            conns.push(Conn::Member(cluster.node(&addr).await?));
         }
         Ok(conns)
     }
@@ -104,6 +106,7 @@ impl ConnectionLike for Conn {
             Conn::Node(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Member(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -117,6 +120,7 @@ impl ConnectionLike for Conn {
             Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Member(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -125,6 +129,7 @@ impl ConnectionLike for Conn {
             Conn::Node(c) => c.get_db(),
             Conn::Direct(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Member(c) => c.get_db(),
         }
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::cluster::ClusterConn;
+use super::conn::Conn;
 use crate::secret::SecretUrl;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -246,14 +247,18 @@ pub async fn watch(
                 if single.is_none() {
                     single = client.get_multiplexed_async_connection().await.ok();
                 }
-                servers.extend(single.clone().map(|c| (target_label(&url), c)));
+                servers.extend(
+                    single
+                        .clone()
+                        .map(|c| (target_label(&url), Conn::Direct(c))),
+                );
                 Ok(())
             }
             Some(cluster) => match cluster.masters().await {
                 Ok(masters) => {
                     for addr in masters {
                         if let Ok(conn) = cluster.node(&addr).await {
-                            servers.push((format!("{}:{}", addr.0, addr.1), conn));
+                            servers.push((format!("{}:{}", addr.0, addr.1), Conn::Member(conn)));
                         }
                     }
                     Ok(())

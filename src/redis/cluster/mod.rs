@@ -146,8 +146,21 @@ impl ClusterConn {
         self.owner(slot_of(key)).await.map(|(addr, _)| addr)
     }
 
-    /// The connection to `addr`, opened if there is none.
-    pub async fn node(&self, addr: &Addr) -> RedisResult<MultiplexedConnection> {
+    /// A handle on the node at `addr` for requests of one's own (a flush's
+    /// SCAN, INFO for the metrics): a request that fails drops the node's
+    /// connection, as the cluster's own requests do, so the next one opens
+    /// a new connection instead of failing for ever on a dead one.
+    pub async fn node(&self, addr: &Addr) -> RedisResult<Node> {
+        Ok(Node {
+            conn: self.connection(addr).await?,
+            addr: addr.clone(),
+            cluster: self.clone(),
+        })
+    }
+
+    /// The connection to `addr`, opened if there is none. Whoever uses it
+    /// reports its failures ([`ClusterConn::failed`]).
+    async fn connection(&self, addr: &Addr) -> RedisResult<MultiplexedConnection> {
         if let Some(conn) = self.nodes().get(addr) {
             return Ok(conn.clone());
         }
@@ -223,20 +236,24 @@ impl ClusterConn {
     /// does not answer keeps the map's count.
     async fn count_replicas(&self, map: &mut SlotMap) {
         for master in &mut map.masters {
-            let Ok(mut conn) = self.node(&master.addr).await else {
+            let Ok(mut conn) = self.connection(&master.addr).await else {
                 continue;
             };
-            if let Ok(Value::Array(role)) = redis::cmd("ROLE").query_async(&mut conn).await {
-                // ["master", offset, [[host, port, offset], …]]
-                if let Some(Value::Array(replicas)) = role.get(2) {
-                    master.replicas = replicas.len();
+            match redis::cmd("ROLE").query_async(&mut conn).await {
+                Ok(Value::Array(role)) => {
+                    // ["master", offset, [[host, port, offset], …]]
+                    if let Some(Value::Array(replicas)) = role.get(2) {
+                        master.replicas = replicas.len();
+                    }
                 }
+                Ok(_) => {}
+                Err(error) => self.drop_if_lost(&master.addr, &error),
             }
         }
     }
 
     async fn read_map(&self, addr: &Addr) -> RedisResult<SlotMap> {
-        let mut conn = self.node(addr).await?;
+        let mut conn = self.connection(addr).await?;
         let reply = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async::<Value>(&mut conn)
@@ -268,10 +285,17 @@ impl ClusterConn {
     /// request opens a new one) and the map is read before the next
     /// request (the node may have failed over).
     fn failed(&self, addr: &Addr, error: &RedisError) {
+        self.drop_if_lost(addr, error);
+        self.shared.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Drops the connection to `addr` if `error` says it is lost (closed,
+    /// killed with `CLIENT KILL`, or silent): a multiplexed connection
+    /// never reconnects, so a dead one kept would fail every request.
+    fn drop_if_lost(&self, addr: &Addr, error: &RedisError) {
         if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
             self.nodes().remove(addr);
         }
-        self.shared.stale.store(true, Ordering::Relaxed);
     }
 
     /// Sends the atomic pipeline `pipe`, whose keys are all in `slot`, to
@@ -280,7 +304,7 @@ impl ClusterConn {
     pub async fn transaction(&self, slot: u16, pipe: &Pipeline) -> RedisResult<BTreeSet<Addr>> {
         for _ in 0..MAX_REDIRECTS {
             let (addr, generation) = self.owner(slot).await?;
-            let result = match self.node(&addr).await {
+            let result = match self.connection(&addr).await {
                 Ok(mut conn) => exec(&mut conn, pipe).await,
                 Err(error) => Err(error),
             };
@@ -320,7 +344,7 @@ impl ClusterConn {
                 (None, Some(slot)) => self.owner(slot).await?,
                 (None, None) => self.any_master().await?,
             };
-            let result = match self.node(&addr).await {
+            let result = match self.connection(&addr).await {
                 Ok(mut conn) if asking.is_some() => {
                     let mut pipe = redis::pipe();
                     pipe.cmd("ASKING").ignore().add_command(cmd.clone());
@@ -403,7 +427,7 @@ impl ClusterConn {
                 .find(|m| &m.addr == addr)
                 .map_or(0, |m| m.replicas);
             (replicas > 0).then_some(async move {
-                let mut conn = self.node(addr).await?;
+                let mut conn = self.connection(addr).await?;
                 let acknowledged: usize = redis::cmd("WAIT")
                     .arg(replicas)
                     .arg(REPLICA_WAIT.as_millis() as u64)
@@ -425,6 +449,50 @@ impl ClusterConn {
             })
         });
         futures_util::future::try_join_all(waits).await.map(|_| ())
+    }
+}
+
+/// One node of a cluster, for requests of one's own ([`ClusterConn::node`]).
+#[derive(Clone)]
+pub struct Node {
+    conn: MultiplexedConnection,
+    addr: Addr,
+    cluster: ClusterConn,
+}
+
+impl Node {
+    fn report<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(error) = &result {
+            if redirection(error).is_none() {
+                self.cluster.failed(&self.addr, error);
+            }
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Node {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.conn.req_packed_command(cmd).await;
+            self.report(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self.conn.req_packed_commands(pipeline, offset, count).await;
+            self.report(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
     }
 }
 
@@ -473,7 +541,7 @@ impl ConnectionLike for ClusterConn {
                     Some(slot) => self.owner(slot).await?,
                     None => self.any_master().await?,
                 };
-                let result = match self.node(&addr).await {
+                let result = match self.connection(&addr).await {
                     Ok(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
                     Err(error) => Err(error),
                 };

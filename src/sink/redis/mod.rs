@@ -58,6 +58,11 @@ const SLOW_ATTEMPT: Duration = Duration::from_secs(2);
 /// How long an idle readiness check waits for PONG.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// While one batch keeps failing the same way, how often a line says so
+/// (the first failure of each kind is logged at once; the rest would be
+/// silent at `info`, and a batch that never succeeds must not be).
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(30);
+
 /// Which events a step publishes for its row operations (a flush is
 /// always announced, with a new epoch).
 #[derive(Debug, Clone, Copy)]
@@ -207,7 +212,11 @@ impl RedisSink {
             return Ok(());
         }
         let mut retry = Retry::finishing(&Pace::REDIS, &self.cancel);
+        let started = std::time::Instant::now();
+        let mut said = started;
+        let mut attempts = 0u64;
         loop {
+            attempts += 1;
             // A Redis that is frozen (SIGSTOP, CLIENT PAUSE) or overloaded
             // answers nothing until the response timeout: readiness says
             // so once an attempt has waited SLOW_ATTEMPT.
@@ -263,6 +272,11 @@ impl RedisSink {
                         tracing::warn!(error = %error, kind, hint = failure.hint(), retry_in = ?delay,
                             operations = items.len(),
                             "redis batch failed; retrying it (confirmations are held meanwhile)");
+                    } else if said.elapsed() >= STILL_FAILING_EVERY {
+                        said = std::time::Instant::now();
+                        tracing::warn!(error = %error, kind, hint = failure.hint(), attempts,
+                            failing_for = ?started.elapsed(), operations = items.len(),
+                            "redis batch still failing; retrying it (confirmations are held meanwhile)");
                     } else {
                         tracing::debug!(error = %error, kind, retry_in = ?delay, "redis batch failed again");
                     }
