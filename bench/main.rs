@@ -419,38 +419,8 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
                 Waiter::PhysicalStandby => ("standby", "remote_apply"),
                 Waiter::Daemon => ("\"pg-cache-invalidator\"", "remote_apply"),
             };
-            for sql in [
-                format!("alter system set synchronous_standby_names = '{names}'"),
-                "select pg_reload_conf()".to_string(),
-            ] {
-                admin
-                    .batch_execute(&sql)
-                    .await
-                    .expect("synchronous_standby_names");
-            }
-            if !names.is_empty() {
-                let application = names.trim_matches('"');
-                let admin = &admin;
-                pgci_test_support::wait_for(
-                    "the waiter to be a synchronous standby",
-                    Duration::from_secs(30),
-                    || async move {
-                        admin
-                            .query_one(
-                                "select count(*) from pg_stat_replication where application_name = $1 and sync_state = 'sync'",
-                                &[&application],
-                            )
-                            .await
-                            .expect("pg_stat_replication")
-                            .get::<_, i64>(0)
-                            == 1
-                    },
-                )
-                .await;
-            }
-            // Commits wait only once the checkpointer has read the setting
-            // too (tests/sync.rs).
-            admin.batch_execute("checkpoint").await.expect("checkpoint");
+            let application = (!names.is_empty()).then(|| names.trim_matches('"'));
+            pgci_test_support::set_synchronous_standbys(&admin, names, application).await;
             writer
                 .batch_execute(&format!("set synchronous_commit = {mode}"))
                 .await

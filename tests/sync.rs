@@ -24,29 +24,12 @@ fn cycles() -> usize {
 /// Lists the daemon in `synchronous_standby_names` and waits until it is
 /// a synchronous standby.
 async fn make_daemon_synchronous(admin: &tokio_postgres::Client) {
-    for sql in [
-        "alter system set synchronous_standby_names = 'ANY 1 (\"pg-cache-invalidator\")'",
-        "select pg_reload_conf()",
-    ] {
-        admin.batch_execute(sql).await.expect("configure");
-    }
-    wait_for("the daemon to be a synchronous standby", Duration::from_secs(15), || async {
-        admin
-            .query_one(
-                "select count(*) from pg_stat_replication where application_name = 'pg-cache-invalidator' and sync_state in ('sync', 'quorum')",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
-    })
+    pgci_test_support::set_synchronous_standbys(
+        admin,
+        "ANY 1 (\"pg-cache-invalidator\")",
+        Some("pg-cache-invalidator"),
+    )
     .await;
-    // Commits wait only once the checkpointer, too, has read the setting
-    // (it publishes "synchronous standbys defined"); a walsender can show
-    // the new sync_state before that (PostgreSQL 18 in CI). A checkpoint
-    // is requested after the reload's signal, so it runs after the
-    // checkpointer handled it.
-    admin.batch_execute("checkpoint").await.expect("checkpoint");
 }
 
 const BALANCE_SQL: &str =

@@ -31,7 +31,10 @@ pub use daemon::Daemon;
 pub use demo::{removed_by, users, User};
 pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
-pub use postgres::{drop_slot_under_daemon, pg_bin, slot_active, terminate_walsender, Postgres};
+pub use postgres::{
+    drop_slot_under_daemon, pg_bin, set_synchronous_standbys, slot_active, terminate_walsender,
+    Postgres,
+};
 pub use proxy::{Link, Marked, Proxy};
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{preset, stream_events, surviving, Redis};

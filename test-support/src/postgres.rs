@@ -641,6 +641,50 @@ impl Drop for Postgres {
     }
 }
 
+/// Sets `synchronous_standby_names` to `names` (empty: none) and reloads.
+/// With `waits_for` (an application name `names` lists), returns once it
+/// streams as a synchronous standby and commits really wait for it: the
+/// checkpointer, too, must have read the setting (it publishes
+/// "synchronous standbys defined"), and a walsender can show the new
+/// `sync_state` before it has, so a checkpoint, requested after the
+/// reload's signal, runs after the checkpointer handled it.
+pub async fn set_synchronous_standbys(
+    admin: &tokio_postgres::Client,
+    names: &str,
+    waits_for: Option<&str>,
+) {
+    let names = names.replace('\'', "''");
+    for sql in [
+        format!("alter system set synchronous_standby_names = '{names}'"),
+        "select pg_reload_conf()".to_string(),
+    ] {
+        admin
+            .batch_execute(&sql)
+            .await
+            .expect("set synchronous_standby_names");
+    }
+    let Some(application) = waits_for else {
+        return;
+    };
+    crate::wait_for(
+        &format!("{application} to be a synchronous standby"),
+        Duration::from_secs(30),
+        || async move {
+            admin
+                .query_one(
+                    "select count(*) from pg_stat_replication \
+                      where application_name = $1 and sync_state in ('sync', 'quorum')",
+                    &[&application],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    admin.batch_execute("checkpoint").await.expect("checkpoint");
+}
+
 /// Ends the session streaming from the daemon's slot, if any (the daemon
 /// sees its stream fail and reconnects).
 pub async fn terminate_walsender(client: &tokio_postgres::Client) {

@@ -2,8 +2,8 @@
 //! stale reads? Runs one workload — Zipf-popular users reading profiles,
 //! balance pages and journey progress through cache-aside on Redis, while
 //! the app writes (profile edits, `transfer_tokens`, journey progress) and
-//! other writers bypass it (a SQL function, a batch job) — under five
-//! policies in turn, on a private PostgreSQL and Redis started like the
+//! other writers bypass it (a SQL function, a batch job) — under each
+//! policy in turn, on a private PostgreSQL and Redis started like the
 //! test harness does, and reports per policy the hit rate, database
 //! queries per request, latency, and stale reads: reads that returned an
 //! older version than the newest one committed when they started (every
@@ -162,6 +162,14 @@ async fn main() {
             Some(refresh) => Some(start_daemon(&mut env, refresh).await),
             None => None,
         };
+        if policy.synchronous() {
+            pgci_test_support::set_synchronous_standbys(
+                &pg,
+                "\"pg-cache-invalidator\"",
+                Some("pg-cache-invalidator"),
+            )
+            .await;
+        }
         let mut fresh = shared.take().expect("shared state");
         fresh.truth = truth::Truth::new(3 * users);
         sim::learn_all(&fresh, &pg).await;
@@ -191,6 +199,10 @@ async fn main() {
         };
         println!("{}", outcome.line());
         outcomes.push(outcome);
+        if policy.synchronous() {
+            // Before the daemon stops: commits would wait for it.
+            pgci_test_support::set_synchronous_standbys(&pg, "", None).await;
+        }
         if let Some(mut daemon) = daemon {
             daemon.terminate().await;
         }

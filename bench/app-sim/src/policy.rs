@@ -30,11 +30,16 @@ pub enum Policy {
     /// (7) As (5), with an in-process cache (`pgci_client::L1`) shared by
     /// the app server's request loops in front of Redis.
     DaemonLeasesL1,
+    /// (8) The money path: as (5), every write committed with synchronous
+    /// invalidation (the daemon a synchronous standby, the writers'
+    /// sessions `synchronous_commit = remote_apply`), so a commit returns
+    /// only once its keys are gone, for every reader; no write tokens.
+    DaemonSync,
 }
 
 impl Policy {
     /// Every policy, in the order.
-    pub const ALL: [Policy; 7] = [
+    pub const ALL: [Policy; 8] = [
         Policy::NoCache,
         Policy::TtlPlan,
         Policy::DaemonDelete,
@@ -42,6 +47,7 @@ impl Policy {
         Policy::DaemonLeases,
         Policy::DaemonLeasesWait,
         Policy::DaemonLeasesL1,
+        Policy::DaemonSync,
     ];
 
     /// The name in reports and on the command line.
@@ -54,6 +60,7 @@ impl Policy {
             Policy::DaemonLeases => "daemon-leases",
             Policy::DaemonLeasesWait => "daemon-leases-wait",
             Policy::DaemonLeasesL1 => "daemon-leases-l1",
+            Policy::DaemonSync => "daemon-sync",
         }
     }
 
@@ -69,7 +76,8 @@ impl Policy {
             Policy::DaemonDelete
             | Policy::DaemonLeases
             | Policy::DaemonLeasesWait
-            | Policy::DaemonLeasesL1 => Some(false),
+            | Policy::DaemonLeasesL1
+            | Policy::DaemonSync => Some(false),
             Policy::DaemonRefresh => Some(true),
         }
     }
@@ -94,6 +102,11 @@ impl Policy {
             self,
             Policy::DaemonLeases | Policy::DaemonLeasesWait | Policy::DaemonLeasesL1
         )
+    }
+
+    /// Whether every write commits with synchronous invalidation.
+    pub fn synchronous(self) -> bool {
+        self == Policy::DaemonSync
     }
 
     /// Whether the app server keeps an in-process cache.
@@ -195,7 +208,10 @@ impl Reader {
                 near: false,
                 queried: true,
             },
-            Policy::DaemonLeases | Policy::DaemonLeasesWait | Policy::DaemonLeasesL1 => {
+            Policy::DaemonLeases
+            | Policy::DaemonLeasesWait
+            | Policy::DaemonLeasesL1
+            | Policy::DaemonSync => {
                 let (json, source) = match self
                     .cache
                     .get_or_load(&key, self.policy.ttl_secs(page), load, after)

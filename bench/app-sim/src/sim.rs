@@ -129,6 +129,9 @@ pub struct Tally {
     pub worst_stale: Duration,
     /// Each read's latency, microseconds.
     pub latencies_us: Vec<u32>,
+    /// Each of the app's writes' latency (statement and commit),
+    /// microseconds.
+    pub commit_latencies_us: Vec<u32>,
 }
 
 impl Tally {
@@ -147,6 +150,7 @@ impl Tally {
         self.own_latency_us += other.own_latency_us;
         self.worst_stale = self.worst_stale.max(other.worst_stale);
         self.latencies_us.extend(other.latencies_us);
+        self.commit_latencies_us.extend(other.commit_latencies_us);
     }
 }
 
@@ -344,7 +348,7 @@ pub async fn run(
     {
         let (shared, connect, workload) = (shared.clone(), connect.clone(), workload.clone());
         tasks.push(tokio::spawn(async move {
-            bypass_writes(&workload, &shared, &connect, end).await;
+            bypass_writes(policy, &workload, &shared, &connect, end).await;
             Tally::default()
         }));
     }
@@ -368,6 +372,9 @@ async fn app_writes(
     l1: Option<L1>,
 ) -> Tally {
     let mut reader = connect.reader(policy, l1).await;
+    if policy.synchronous() {
+        synchronous(reader.pg()).await;
+    }
     let mut rng = StdRng::seed_from_u64(workload.seed.wrapping_add(7_777));
     let mut tally = Tally::default();
     if workload.writes_per_sec == 0 {
@@ -380,6 +387,7 @@ async fn app_writes(
         tick.tick().await;
         let user = shared.users.draw(&mut rng);
         let id = shared.users.ids[user].clone();
+        let began = Instant::now();
         let (page, changed): (Page, Vec<String>) = match rng.random_range(0..10) {
             0..=3 => {
                 let bio = format!("bio {}", rng.random::<u32>());
@@ -426,6 +434,9 @@ async fn app_writes(
                 (Page::Journey, vec![id.clone()])
             }
         };
+        tally
+            .commit_latencies_us
+            .push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
         if policy.app_deletes() {
             let keys: Vec<String> = changed.iter().map(|id| page.key(id)).collect();
             reader.delete(&keys).await;
@@ -446,10 +457,28 @@ async fn app_writes(
     tally
 }
 
+/// Commits on `pg` from now on wait until the daemon has applied them
+/// (it is a synchronous standby while the policy runs).
+async fn synchronous(pg: &tokio_postgres::Client) {
+    pg.batch_execute("set synchronous_commit = remote_apply")
+        .await
+        .expect("synchronous_commit");
+}
+
 /// Writes the app does not know about: a SQL function changing balances,
-/// and a batch job moving many users' journeys at once.
-async fn bypass_writes(workload: &Workload, shared: &Shared, connect: &Connect, end: Instant) {
+/// and a batch job moving many users' journeys at once (synchronous too
+/// under a synchronous policy).
+async fn bypass_writes(
+    policy: Policy,
+    workload: &Workload,
+    shared: &Shared,
+    connect: &Connect,
+    end: Instant,
+) {
     let pg = connect.pg().await;
+    if policy.synchronous() {
+        synchronous(&pg).await;
+    }
     let mut rng = StdRng::seed_from_u64(workload.seed.wrapping_add(9_999));
     let per_sec = workload.bypass_per_sec.max(1);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_sec));
