@@ -160,12 +160,60 @@ impl RedisCluster {
             if healthy {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not become healthy"
-            );
+            if Instant::now() >= deadline {
+                panic!(
+                    "the cluster did not become healthy in 60 s; what each node says:\n{}",
+                    self.states().await
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Each running node's `CLUSTER INFO` state and `CLUSTER NODES`, for
+    /// a failure's message.
+    async fn states(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.nodes.len() {
+            let port = self.nodes[i].port;
+            if self.nodes[i].child.is_none() {
+                out.push_str(&format!("{port}: not running\n"));
+                continue;
+            }
+            let (info, nodes) = match self.node_conn(i).await {
+                Ok(mut conn) => {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| format!("CLUSTER INFO failed: {e}"));
+                    let nodes: String = redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| format!("CLUSTER NODES failed: {e}"));
+                    (info, nodes)
+                }
+                Err(e) => (format!("no connection: {e}"), String::new()),
+            };
+            let state: Vec<&str> = info
+                .lines()
+                .filter(|l| {
+                    l.starts_with("cluster_state")
+                        || l.starts_with("cluster_slots_ok")
+                        || l.starts_with("cluster_slots_fail")
+                        || l.starts_with("cluster_size")
+                        || l.starts_with("cluster_known_nodes")
+                        || l.contains("failed")
+                })
+                .map(str::trim)
+                .collect();
+            out.push_str(&format!("{port}: {}\n", state.join(" ")));
+            for line in nodes.lines() {
+                out.push_str(&format!("    {line}\n"));
+            }
+        }
+        out
     }
 
     /// A direct connection to node `i`.
