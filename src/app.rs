@@ -174,7 +174,12 @@ async fn start_and_run(
             let db = connect_with_retry(&conn, cancel).await?;
             inspect(&db, config, &rules, &conn, cancel).await
         };
-        match tokio::time::timeout(STARTUP_QUESTIONS_TIMEOUT, attempt).await {
+        // A SIGTERM is heard while a question waits: nothing was read yet.
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(STARTUP_QUESTIONS_TIMEOUT, attempt) => answered,
+            () = cancel.cancelled() => return Err(Stopped::Cancelled),
+        };
+        match answered {
             Ok(inspected) => break inspected?,
             Err(_) => tracing::warn!(timeout = ?STARTUP_QUESTIONS_TIMEOUT,
                 "start-up got no answer from postgres in time (a connection the network dropped?); asking again on a new connection"),

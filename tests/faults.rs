@@ -992,3 +992,35 @@ async fn a_start_whose_connection_silently_dies_asks_again() {
         daemon.log()
     );
 }
+
+/// A SIGTERM while a start-up question waits on a stranded connection
+/// ends the daemon at once (exit 0: nothing was read yet). It used to be
+/// heard only once the 30 s bound had passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_during_a_stranded_start_is_heard_at_once() {
+    let mut env = TestEnv::start(3).await;
+    let proxy = crate::support::Proxy::start(env.pg.port).await;
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    ));
+    env.write_config("");
+    env.setup();
+    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Strand)));
+    let mut daemon = env.spawn_daemon();
+    daemon
+        .wait_for(
+            "a start-up question stranded",
+            Duration::from_secs(30),
+            || async { proxy.marked() >= 1 },
+        )
+        .await;
+    let pid = daemon.pid().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}: {}", daemon.log());
+}
