@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the app simulation (bench/app-sim) on throw-away PostgreSQL and
-# Redis: the same workload under seven cache policies (no cache; the plan's
+# Redis: the same workload under eight cache policies (no cache; the plan's
 # TTLs with app-side deletes; the daemon deleting; the daemon refreshing;
 # the daemon with leases and write tokens, bypassing or waiting; the same
 # with the Rust client's in-process L1, whose connection is cut and whose
-# Redis is restarted mid-run), one summary line per policy, a
+# Redis is restarted mid-run; every write with synchronous invalidation),
+# one summary line per policy, a
 # Markdown table against the plan's targets, and a plot of hit rate and
 # stale reads over time (docs/app-sim.png). Arguments go to the
 # simulation: --seconds S per policy (default 30, about 4 minutes in all),
