@@ -347,7 +347,8 @@ async fn open_target(
     )
     .await?
     .with_sharded_events(target.sharded_events)?
-    .with_stream(&target.stream, target.stream_max_len);
+    .with_stream(&target.stream, target.stream_max_len)
+    .fencing_until_visible(target.fence_until_visible);
     start::prepare(&mut sink, &recorded, &flush_all).await?;
     Ok(sink)
 }

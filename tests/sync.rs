@@ -520,3 +520,138 @@ async fn a_synchronous_transaction_too_large_to_remember_flushes_its_tables() {
         daemon.log()
     );
 }
+
+/// What readers hammering two balances saw while one writer transferred
+/// between them synchronously.
+#[derive(Debug, Default)]
+struct Hammered {
+    reads: u64,
+    /// Reads that returned a balance older than the one known when they
+    /// started (known once the writer's commit had returned).
+    stale: u64,
+}
+
+/// `transfers` synchronous transfers from one user to another (so one
+/// balance only falls and the other only rises), while four readers read
+/// both balances through leases as fast as they can; counts the reads
+/// that returned a balance from before a transfer that had returned when
+/// the read started.
+async fn hammer(env: &TestEnv, transfers: usize) -> Hammered {
+    let writer = env.pg.client().await;
+    let rows = writer
+        .query(
+            "select t.user_id::text, k.id::text from public.user_tokens t join public.tokens k on k.id = t.token_id \
+              where k.symbol = 'GEN' order by t.user_id limit 2",
+            &[],
+        )
+        .await
+        .expect("users");
+    let (from, to): (String, String) = (rows[0].get(0), rows[1].get(0));
+    let token: String = rows[0].get(1);
+    writer
+        .execute(
+            "update public.user_tokens set balance = 1000000 where user_id = $1::text::uuid and token_id = $2::text::uuid",
+            &[&from, &token],
+        )
+        .await
+        .expect("fund the sender");
+    let users = [from.clone(), to.clone()];
+    let newest = Arc::new(std::sync::Mutex::new([0f64; 2]));
+    for (i, user) in users.iter().enumerate() {
+        newest.lock().expect("newest")[i] = balance(&writer, user).await.parse().expect("a number");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (pg, redis) = (env.pg.client().await, env.redis.conn().await);
+        let (users, newest, stop) = (users.clone(), Arc::clone(&newest), Arc::clone(&stop));
+        readers.push(tokio::spawn(async move {
+            let mut cache = Cache::new(redis, CacheOptions::default());
+            let mut seen = Hammered::default();
+            while !stop.load(Ordering::Relaxed) {
+                for (i, user) in users.iter().enumerate() {
+                    let known = newest.lock().expect("newest")[i];
+                    let pg = &pg;
+                    let (value, _) = cache
+                        .get_or_load(
+                            &format!("balance:user:{user}"),
+                            300,
+                            || async move { Ok::<_, std::io::Error>(Some(balance(pg, user).await)) },
+                            None,
+                        )
+                        .await
+                        .expect("read");
+                    let value: f64 = value.expect("a balance").parse().expect("a number");
+                    seen.reads += 1;
+                    // The sender's balance only falls, the receiver's
+                    // only rises.
+                    let older = if i == 0 {
+                        value > known + 0.001
+                    } else {
+                        value < known - 0.001
+                    };
+                    seen.stale += u64::from(older);
+                }
+            }
+            seen
+        }));
+    }
+    writer
+        .batch_execute("set synchronous_commit = remote_apply")
+        .await
+        .expect("synchronous_commit");
+    for _ in 0..transfers {
+        writer
+            .execute(
+                "select public.transfer_tokens($1::text::uuid, $2::text::uuid, $3::text::uuid, 0.01)",
+                &[&from, &to, &token],
+            )
+            .await
+            .expect("transfer");
+        // The commit returned: every read from now on must see it (known
+        // at once, without asking: only this writer moves these balances).
+        let mut newest = newest.lock().expect("newest");
+        newest[0] -= 0.01;
+        newest[1] += 0.01;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Hammered::default();
+    for reader in readers {
+        let seen = reader.await.expect("reader");
+        total.reads += seen.reads;
+        total.stale += seen.stale;
+    }
+    total
+}
+
+/// A synchronous commit returns once the daemon deleted its keys, but
+/// before the commit shows to other sessions: a reader that misses in
+/// between reads the row as it was and fills it (its lease is its own),
+/// and until the daemon's second deletion every reader is served that
+/// old balance, after the commit returned. With `fence_until_visible`
+/// the first deletion leaves the daemon's lease marker instead, so no
+/// reader can fill until the commit shows: no read returns a balance
+/// older than a returned transfer. The same run without fences must see
+/// such reads (the test can fail).
+#[tokio::test(flavor = "multi_thread")]
+async fn fences_leave_no_old_balance_to_any_reader_of_a_synchronous_commit() {
+    let mut env = TestEnv::start(2).await;
+    env.write_config("");
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    make_daemon_synchronous(&admin).await;
+    let unfenced = hammer(&env, 300).await;
+    daemon.terminate().await;
+    env.redis_extra = "fence_until_visible = true\n".to_string();
+    env.write_config("");
+    let _daemon = env.daemon().await;
+    make_daemon_synchronous(&admin).await;
+    let fenced = hammer(&env, 300).await;
+    eprintln!("without fences {unfenced:?}; with fences {fenced:?}");
+    assert!(
+        unfenced.stale > 0,
+        "the test must be able to see old balances: {unfenced:?}"
+    );
+    assert_eq!(fenced.stale, 0, "{fenced:?}");
+}

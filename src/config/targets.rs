@@ -61,6 +61,16 @@ pub struct RedisConfig {
     /// it answers again.
     #[serde(default)]
     pub max_backlog_bytes: Option<usize>,
+    /// The first deletion of a commit not yet visible (a synchronous
+    /// commit waiting for the daemon, above all) leaves a lease marker
+    /// owned by the daemon instead of nothing, until the commit shows and
+    /// the second pass deletes it (10 s at most): a reader through the
+    /// pgci clients waits for it or reads the database, and none can fill
+    /// the row as it was before the commit in between. Only for keys every
+    /// reader reads through the pgci clients (`getOrLoad`,
+    /// `getCachedData`): a plain `GET` would return the marker.
+    #[serde(default)]
+    pub fence_until_visible: bool,
 }
 
 impl Default for RedisConfig {
@@ -77,6 +87,7 @@ impl Default for RedisConfig {
             stream: String::new(),
             stream_max_len: default_stream_max_len(),
             max_backlog_bytes: None,
+            fence_until_visible: false,
         }
     }
 }

@@ -159,7 +159,7 @@ async fn main() {
             .await
             .expect("FLUSHALL");
         let daemon = match policy.daemon() {
-            Some(refresh) => Some(start_daemon(&mut env, refresh).await),
+            Some(refresh) => Some(start_daemon(&mut env, refresh, policy.fences()).await),
             None => None,
         };
         if policy.synchronous() {
@@ -216,11 +216,12 @@ async fn main() {
     }
 }
 
-/// Starts the daemon with the pages' rules and waits until it has applied
+/// Starts the daemon with the pages' rules (fencing deleted keys until
+/// their commits show, with `fence`) and waits until it has applied
 /// everything committed so far.
-async fn start_daemon(env: &mut TestEnv, refresh: bool) -> Daemon {
+async fn start_daemon(env: &mut TestEnv, refresh: bool, fence: bool) -> Daemon {
     let config = format!(
-        "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+        "[postgres]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\nfence_until_visible = {fence}\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
         env.pg.url(),
         env.redis.url(),
         env.http_port,

@@ -33,13 +33,18 @@ pub enum Policy {
     /// (8) The money path: as (5), every write committed with synchronous
     /// invalidation (the daemon a synchronous standby, the writers'
     /// sessions `synchronous_commit = remote_apply`), so a commit returns
-    /// only once its keys are gone, for every reader; no write tokens.
+    /// only once its keys are gone, for every reader; no write tokens; the
+    /// daemon fences the keys until the commit shows
+    /// (`redis.fence_until_visible`).
     DaemonSync,
+    /// (9) As (8) without the fences: a reader that misses between the
+    /// daemon's deletion and the commit showing fills the old row.
+    DaemonSyncUnfenced,
 }
 
 impl Policy {
     /// Every policy, in the order.
-    pub const ALL: [Policy; 8] = [
+    pub const ALL: [Policy; 9] = [
         Policy::NoCache,
         Policy::TtlPlan,
         Policy::DaemonDelete,
@@ -48,6 +53,7 @@ impl Policy {
         Policy::DaemonLeasesWait,
         Policy::DaemonLeasesL1,
         Policy::DaemonSync,
+        Policy::DaemonSyncUnfenced,
     ];
 
     /// The name in reports and on the command line.
@@ -61,6 +67,7 @@ impl Policy {
             Policy::DaemonLeasesWait => "daemon-leases-wait",
             Policy::DaemonLeasesL1 => "daemon-leases-l1",
             Policy::DaemonSync => "daemon-sync",
+            Policy::DaemonSyncUnfenced => "daemon-sync-unfenced",
         }
     }
 
@@ -77,7 +84,8 @@ impl Policy {
             | Policy::DaemonLeases
             | Policy::DaemonLeasesWait
             | Policy::DaemonLeasesL1
-            | Policy::DaemonSync => Some(false),
+            | Policy::DaemonSync
+            | Policy::DaemonSyncUnfenced => Some(false),
             Policy::DaemonRefresh => Some(true),
         }
     }
@@ -106,6 +114,11 @@ impl Policy {
 
     /// Whether every write commits with synchronous invalidation.
     pub fn synchronous(self) -> bool {
+        matches!(self, Policy::DaemonSync | Policy::DaemonSyncUnfenced)
+    }
+
+    /// Whether the daemon fences deleted keys until their commits show.
+    pub fn fences(self) -> bool {
         self == Policy::DaemonSync
     }
 
@@ -211,7 +224,8 @@ impl Reader {
             Policy::DaemonLeases
             | Policy::DaemonLeasesWait
             | Policy::DaemonLeasesL1
-            | Policy::DaemonSync => {
+            | Policy::DaemonSync
+            | Policy::DaemonSyncUnfenced => {
                 let (json, source) = match self
                     .cache
                     .get_or_load(&key, self.policy.ttl_secs(page), load, after)

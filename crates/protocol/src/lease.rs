@@ -99,6 +99,17 @@ pub fn is_marker(value: &[u8]) -> bool {
     value.starts_with(MARKER_PREFIX.as_bytes())
 }
 
+/// The marker the daemon leaves where it deleted a key of a commit not
+/// yet visible (`redis.fence_until_visible`): a lease no reader holds, so
+/// readers wait for it (or read the database) and none can fill the key
+/// until the daemon's second deletion, once the commit shows, removes it.
+pub const FENCE: &str = "\u{0}pgci-lease:daemon-fence";
+
+/// How long a fence lives at most (`PX`): far longer than a commit takes
+/// to show once the daemon confirmed it (milliseconds), short enough that
+/// a daemon killed in between costs its readers a few seconds of bypass.
+pub const FENCE_MS: u64 = 10_000;
+
 /// What `pgci_lease_get` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Got {

@@ -107,6 +107,9 @@ pub struct RedisSink {
     steps: u64,
     /// `redis_version` of the server at connect time, when it said.
     server_version: Option<String>,
+    /// A first pass leaves a fence where it deletes
+    /// (`redis.fence_until_visible`, see [`RedisSink::fencing_until_visible`]).
+    fence: bool,
 }
 
 impl RedisSink {
@@ -146,6 +149,19 @@ impl RedisSink {
     /// trimmed to about `max_len` entries; nothing when events are off.
     pub fn with_stream(mut self, name: &str, max_len: u64) -> RedisSink {
         self.events = self.events.map(|e| e.streamed_if(name, max_len));
+        self
+    }
+
+    /// The first pass of a commit not yet visible
+    /// ([`RedisSink::apply_unannounced`]) sets each key it would delete to
+    /// the daemon's lease marker ([`pgci_protocol::lease::FENCE`], for
+    /// [`pgci_protocol::lease::FENCE_MS`] at most) instead: lease readers
+    /// cannot fill the row as it was until the second pass deletes it.
+    /// Without it, a reader that missed between the first deletion and the
+    /// commit showing fills the old row, and every reader is served it
+    /// until the second pass, after the commit returned.
+    pub fn fencing_until_visible(mut self, on: bool) -> RedisSink {
+        self.fence = on;
         self
     }
 
@@ -389,6 +405,7 @@ impl RedisSink {
                     &rest[..run],
                     self.events.as_ref().zip(announced),
                     self.conn.is_cluster(),
+                    self.fence && matches!(announce, Announce::Nothing),
                 );
                 let mut shards = request.shards;
                 // One server: the position goes in the batch's transaction,

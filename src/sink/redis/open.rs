@@ -132,6 +132,7 @@ impl RedisSink {
             health,
             counts_metrics: true,
             steps: 0,
+            fence: false,
             server_version,
         })
     }

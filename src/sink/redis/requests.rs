@@ -13,6 +13,8 @@
 
 use std::collections::HashMap;
 
+use pgci_protocol::lease::{FENCE, FENCE_MS};
+
 use crate::ops::{CacheOp, Item};
 use crate::redis::cluster::slot_of;
 use crate::sink::redis::events::Announcer;
@@ -31,18 +33,26 @@ pub struct RowRequest {
 
 /// The requests for `items` (none of them a flush), with the events of
 /// `events`' operations (those of `items`, or of a first pass that went
-/// unannounced); `by_slot` splits them by hash slot for a cluster.
+/// unannounced); `by_slot` splits them by hash slot for a cluster;
+/// `fence` sets each key an invalidation deletes to the daemon's lease
+/// marker instead (see [`super::RedisSink::fencing_until_visible`]).
 pub fn row_request(
     items: &[Item],
     events: Option<(&Announcer, &[Item])>,
     by_slot: bool,
+    fence: bool,
 ) -> RowRequest {
     let mut shards = Shards::new(by_slot);
     for item in items {
         match &item.op {
             CacheOp::Invalidate { keys, .. } => {
                 for key in keys {
-                    shards.of(key).unlink.add(key);
+                    let shard = shards.of(key);
+                    if fence {
+                        shard.fence(key);
+                    } else {
+                        shard.unlink.add(key);
+                    }
                 }
             }
             CacheOp::Refresh {
@@ -118,6 +128,19 @@ impl Shard {
             slot,
             scripted: false,
         }
+    }
+
+    /// Sets `key` to the daemon's lease marker, after the deletions before
+    /// it.
+    fn fence(&mut self, key: &str) {
+        self.unlink.flush_into(&mut self.pipe);
+        self.pipe
+            .cmd("SET")
+            .arg(key)
+            .arg(FENCE)
+            .arg("PX")
+            .arg(FENCE_MS)
+            .ignore();
     }
 
     /// The guarded write (or delete) of `key`, after the deletions before
@@ -261,15 +284,43 @@ mod tests {
         });
         let items = [delete("a"), delete("b"), refresh, delete("c")];
         let announcer = events();
-        let request = row_request(&items, Some((&announcer, &items[..])), false);
+        let request = row_request(&items, Some((&announcer, &items[..])), false, false);
         assert_eq!(request.shards.len(), 1);
         assert!(request.events.is_none());
         assert_eq!(
             commands(&request.shards[0].1),
             ["UNLINK", "SCRIPT", "EVALSHA", "UNLINK", "EVAL"]
         );
-        let request = row_request(&[delete("a"), delete("b")], None, false);
+        let request = row_request(&[delete("a"), delete("b")], None, false, false);
         assert_eq!(commands(&request.shards[0].1), ["UNLINK"]);
+        // Fenced: each deleted key holds the daemon's marker instead; a
+        // refreshed value is written as ever.
+        let request = row_request(&items, None, false, true);
+        assert_eq!(
+            commands(&request.shards[0].1),
+            ["SET", "SET", "SCRIPT", "EVALSHA", "SET"]
+        );
+        let first: Vec<Vec<u8>> = request.shards[0]
+            .1
+            .cmd_iter()
+            .next()
+            .expect("a command")
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            first,
+            [
+                b"SET".to_vec(),
+                b"a".to_vec(),
+                FENCE.as_bytes().to_vec(),
+                b"PX".to_vec(),
+                FENCE_MS.to_string().into_bytes()
+            ]
+        );
     }
 
     #[test]
@@ -284,7 +335,7 @@ mod tests {
         // {u1} and {u2} hash to different slots; keys with one tag share one.
         let items = [delete("a:{u1}"), delete("b:{u2}"), delete("c:{u1}")];
         let announcer = events();
-        let request = row_request(&items, Some((&announcer, &items[..])), true);
+        let request = row_request(&items, Some((&announcer, &items[..])), true, false);
         assert_eq!(request.shards.len(), 2);
         for (slot, shard) in &request.shards {
             assert!(slot.is_some());
