@@ -151,7 +151,8 @@ export function createNextCacheHandler(options: NextCacheHandlerOptions): NextCa
     const values = cluster
       ? await Promise.all(keys.map((k) => redis.get(k)))
       : await (redis as Redis).mget(...keys);
-    return values.map((v) => (v === null ? null : Number(v)));
+    // A mark that is not a number (a lease marker) counts as missing.
+    return values.map((v) => (v === null || Number.isNaN(Number(v)) ? null : Number(v)));
   }
 
   async function store(cacheKey: string, pendingEntry: Promise<NextCacheEntry>): Promise<void> {
@@ -313,7 +314,8 @@ export function createNextIncrementalCacheHandler(
       return ((await redis.eval(MARK_MISSING, keys.length, ...keys)) as number[]).slice(1).map(Number);
     }
     const values = cluster ? await Promise.all(keys.map((k) => redis.get(k))) : await (redis as Redis).mget(...keys);
-    return values.map((v) => (v === null ? null : Number(v)));
+    // A mark that is not a number (a lease marker) counts as missing.
+    return values.map((v) => (v === null || Number.isNaN(Number(v)) ? null : Number(v)));
   }
 
   /** The tags an entry carries: the fetch's, or a page's `x-next-cache-tags`. */

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use pgci_protocol::lease::{FENCE, FENCE_MS};
+use pgci_protocol::tags::TAG_KEY_PREFIX;
 
 use crate::ops::{CacheOp, Item};
 use crate::redis::cluster::slot_of;
@@ -48,7 +49,9 @@ pub fn row_request(
             CacheOp::Invalidate { keys, .. } => {
                 for key in keys {
                     let shard = shards.of(key);
-                    if fence {
+                    // A Next.js tag's mark must be missing, not a marker,
+                    // for the pages it tags to render again.
+                    if fence && !key.starts_with(TAG_KEY_PREFIX) {
                         shard.fence(key);
                     } else {
                         shard.unlink.add(key);
@@ -300,6 +303,9 @@ mod tests {
             commands(&request.shards[0].1),
             ["SET", "SET", "SCRIPT", "EVALSHA", "SET"]
         );
+        // …but a Next.js tag's mark is deleted even then.
+        let tagged = row_request(&[delete("pgci:tag:profile:1")], None, false, true);
+        assert_eq!(commands(&tagged.shards[0].1), ["UNLINK"]);
         let first: Vec<Vec<u8>> = request.shards[0]
             .1
             .cmd_iter()
