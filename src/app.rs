@@ -169,6 +169,7 @@ async fn start_and_run(
 
     // Bounded: a connection the network drops silently (no FIN, no RST)
     // would hold the start for ever, with nothing in the log.
+    let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
     let (recorded, partitioned) = loop {
         let attempt = async {
             let db = connect_with_retry(&conn, cancel).await?;
@@ -180,6 +181,23 @@ async fn start_and_run(
             () = cancel.cancelled() => return Err(Stopped::Cancelled),
         };
         match answered {
+            // The server went away in the middle of the questions (a
+            // restart, a failover): asked again, as a start that cannot
+            // connect yet is.
+            Ok(Err(Stopped::Database(error))) if error.class() == Class::Transient => {
+                let delay = match retry.after(&error, error.class()) {
+                    Ok(delay) => delay,
+                    Err(GiveUp::Shutdown(_)) => return Err(Stopped::Cancelled),
+                    Err(GiveUp::Fatal(_) | GiveUp::PositionLost(_)) => {
+                        return Err(Stopped::Database(error))
+                    }
+                };
+                tracing::warn!(error = %error.one_line(), retry_in = ?delay,
+                    "postgres went away while start-up asked its questions; asking again");
+                if retry.sleep(delay).await.is_err() {
+                    return Err(Stopped::Cancelled);
+                }
+            }
             Ok(inspected) => break inspected?,
             Err(_) => tracing::warn!(timeout = ?STARTUP_QUESTIONS_TIMEOUT,
                 "start-up got no answer from postgres in time (a connection the network dropped?); asking again on a new connection"),

@@ -993,6 +993,41 @@ async fn a_start_whose_connection_silently_dies_asks_again() {
     );
 }
 
+/// The server goes away while start-up asks its questions (the soak's
+/// `kill-daemon + promote-standby`: the old primary killed under a
+/// starting daemon): the start asks again on a new connection and
+/// streams. It used to exit ("reading indexes of …: connection closed"),
+/// and nothing restarted it in the soak.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_whose_connection_closes_asks_again() {
+    let mut env = TestEnv::start(3).await;
+    let proxy = crate::support::Proxy::start(env.pg.port).await;
+    env.url_override = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    ));
+    env.write_config("");
+    env.setup();
+    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Close)));
+    let mut daemon = env.spawn_daemon();
+    daemon
+        .wait_for(
+            "a start-up question's connection closed",
+            Duration::from_secs(30),
+            || async { proxy.marked() >= 1 },
+        )
+        .await;
+    proxy.mark_on(None);
+    invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
+    assert!(
+        daemon
+            .log()
+            .contains("postgres went away while start-up asked its questions"),
+        "{}",
+        daemon.log()
+    );
+}
+
 /// A SIGTERM while a start-up question waits on a stranded connection
 /// ends the daemon at once (exit 0: nothing was read yet). It used to be
 /// heard only once the 30 s bound had passed.

@@ -153,7 +153,7 @@ impl Proxy {
     /// strands it (that chunk is not forwarded either), as if the network
     /// dropped it at that moment: with a query's text, that question is
     /// never answered; [`Marked::Delay`] delays that chunk and every later
-    /// one, both ways.
+    /// one, both ways; [`Marked::Close`] closes the connection.
     pub fn mark_on(&self, bytes: Option<Mark>) {
         *self.marker.bytes.lock().expect("marker") = bytes;
     }
@@ -171,6 +171,10 @@ pub enum Marked {
     Strand,
     /// Every chunk forwarded this long after it arrived.
     Delay(Duration),
+    /// Closed at once, both ways (that chunk is not forwarded): as a
+    /// server that went away (restarted, failed over) in the middle of
+    /// the question.
+    Close,
 }
 
 /// Bytes that mark a connection, and what becomes of it.
@@ -260,6 +264,10 @@ async fn pump(
     let write = async move {
         while let Some((arrived, chunk)) = rx.recv().await {
             open.mark(&chunk);
+            if open.marked() == Some(Marked::Close) {
+                // Both halves are dropped with the connection's task.
+                return;
+            }
             loop {
                 let now = match (*link.borrow_and_update(), open.marked()) {
                     (Link::Cut, _) => Link::Cut,

@@ -177,6 +177,18 @@ async fn main() {
         args.seed, args.minutes, args.users
     );
     let mut env = TestEnv::start(args.users).await;
+    if let Some(dir) = args.keep_logs.clone() {
+        // A harness step that panics (a cluster that never heals, a slot
+        // never synchronized) ends the soak before the report: keep the
+        // logs of what led there too.
+        let from = env.path("");
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            keep_logs(&from, &dir);
+            eprintln!("the daemons' logs are in {}", dir.display());
+            report(info);
+        }));
+    }
     let pg = env.pg.client().await;
     pg.batch_execute(workload::SCHEMA_SQL)
         .await
@@ -477,7 +489,7 @@ async fn main() {
     }
     println!("violations={violations} kinds={}", injected.len());
     if let Some(dir) = &args.keep_logs {
-        keep_logs(&env, dir);
+        keep_logs(&env.path(""), dir);
     }
     // Stop every server before exit(), which runs no destructors: the
     // servers outlived each run (found on the CI machine).
@@ -506,15 +518,16 @@ fn daemon_logs(env: &TestEnv) -> (usize, usize) {
     (promoted, flushed)
 }
 
-/// Copies `daemon-N.log` of every daemon the soak started into `dir`.
-fn keep_logs(env: &TestEnv, dir: &std::path::Path) {
+/// Copies `daemon-N.log` of every daemon the soak started (in the
+/// environment's directory `from`) into `dir`.
+fn keep_logs(from: &std::path::Path, dir: &std::path::Path) {
     if let Err(error) = std::fs::create_dir_all(dir) {
         eprintln!("cannot create {}: {error}", dir.display());
         return;
     }
     for n in 1.. {
         let name = format!("daemon-{n}.log");
-        if std::fs::copy(env.path(&name), dir.join(&name)).is_err() {
+        if std::fs::copy(from.join(&name), dir.join(&name)).is_err() {
             break;
         }
     }
