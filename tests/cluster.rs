@@ -175,20 +175,11 @@ async fn truncate_flushes_every_master() {
     let keys = balance_keys(&env).await;
     preset(&mut conn, &keys).await;
     // No row renders these: only a flush by pattern removes the first.
-    let strays = [
-        "balance:user:stray-1".to_string(),
-        "balance:user:stray-2".to_string(),
-        "balance:user:stray-3".to_string(),
-    ];
+    let strays = stray_balances();
     let other = "profile:user:stray".to_string();
     preset(&mut conn, &strays).await;
     preset(&mut conn, std::slice::from_ref(&other)).await;
-    env.pg
-        .client()
-        .await
-        .batch_execute("truncate public.user_tokens")
-        .await
-        .expect("truncate");
+    truncate_user_tokens(&env).await;
     sync(&env, &mut conn).await;
     assert_eq!(surviving(&mut conn, &keys).await, 0);
     assert_eq!(surviving(&mut conn, &strays).await, 0, "on every master");
@@ -208,11 +199,7 @@ async fn a_truncate_after_client_kill_flushes_every_master() {
     sync(&env, &mut conn).await;
     let keys = balance_keys(&env).await;
     preset(&mut conn, &keys).await;
-    let strays = [
-        "balance:user:stray-1".to_string(),
-        "balance:user:stray-2".to_string(),
-        "balance:user:stray-3".to_string(),
-    ];
+    let strays = stray_balances();
     preset(&mut conn, &strays).await;
     let first = slot_owner(cluster.master_ports().await[0], 0);
     for port in cluster.master_ports().await {
@@ -220,15 +207,25 @@ async fn a_truncate_after_client_kill_flushes_every_master() {
             redis_cli(port, &["client", "kill", "type", "normal"]);
         }
     }
+    truncate_user_tokens(&env).await;
+    sync(&env, &mut conn).await;
+    assert_eq!(surviving(&mut conn, &keys).await, 0);
+    assert_eq!(surviving(&mut conn, &strays).await, 0, "on every master");
+}
+
+/// Balance keys no row renders: only a flush by pattern removes them.
+fn stray_balances() -> [String; 3] {
+    ["stray-1", "stray-2", "stray-3"].map(|s| format!("balance:user:{s}"))
+}
+
+/// `TRUNCATE public.user_tokens` (its rules' keys are flushed).
+async fn truncate_user_tokens(env: &TestEnv) {
     env.pg
         .client()
         .await
         .batch_execute("truncate public.user_tokens")
         .await
         .expect("truncate");
-    sync(&env, &mut conn).await;
-    assert_eq!(surviving(&mut conn, &keys).await, 0);
-    assert_eq!(surviving(&mut conn, &strays).await, 0, "on every master");
 }
 
 /// The port of the master serving `slot`, as the node on `port` sees it.

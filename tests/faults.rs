@@ -957,14 +957,12 @@ async fn a_stream_reopened_over_connections_that_silently_die_is_opened_again() 
 /// A question only the start asks (which watched tables are partitioned).
 const STARTUP_QUESTION: &[u8] = b"c.relkind = 'p' from pg_class";
 
-/// The connection the daemon's start-up questions go over is stranded
-/// (the network drops it silently in the middle of the start, as the
-/// cluster soak's `kill-daemon + strand-links` did, seed 11): the start
-/// gives up on it after 30 s and asks again on a new connection, then
-/// streams. (Unbounded, the start waited for ever with nothing in the
-/// log, not ready.)
-#[tokio::test(flavor = "multi_thread")]
-async fn a_start_whose_connection_silently_dies_asks_again() {
+/// A daemon started through the harness's proxy, whose connection is
+/// marked with `then` as a start-up question passes on it; returns once
+/// it was (the mark stays on: the caller lifts it).
+async fn start_marked(
+    then: crate::support::Marked,
+) -> (TestEnv, crate::support::Proxy, crate::support::Daemon) {
     let mut env = TestEnv::start(3).await;
     let proxy = crate::support::Proxy::start(env.pg.port).await;
     env.url_override = Some(format!(
@@ -973,15 +971,27 @@ async fn a_start_whose_connection_silently_dies_asks_again() {
     ));
     env.write_config("");
     env.setup();
-    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Strand)));
+    proxy.mark_on(Some((STARTUP_QUESTION, then)));
     let mut daemon = env.spawn_daemon();
     daemon
         .wait_for(
-            "a start-up question stranded",
+            "a start-up question's connection marked",
             Duration::from_secs(30),
             || async { proxy.marked() >= 1 },
         )
         .await;
+    (env, proxy, daemon)
+}
+
+/// The connection the daemon's start-up questions go over is stranded
+/// (the network drops it silently in the middle of the start, as the
+/// cluster soak's `kill-daemon + strand-links` did, seed 11): the start
+/// gives up on it after 30 s and asks again on a new connection, then
+/// streams. (Unbounded, the start waited for ever with nothing in the
+/// log, not ready.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_whose_connection_silently_dies_asks_again() {
+    let (env, proxy, daemon) = start_marked(crate::support::Marked::Strand).await;
     proxy.mark_on(None);
     invalidated_within(&env, &daemon, Duration::from_secs(90)).await;
     assert!(
@@ -1000,23 +1010,7 @@ async fn a_start_whose_connection_silently_dies_asks_again() {
 /// and nothing restarted it in the soak.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_whose_connection_closes_asks_again() {
-    let mut env = TestEnv::start(3).await;
-    let proxy = crate::support::Proxy::start(env.pg.port).await;
-    env.url_override = Some(format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        proxy.port
-    ));
-    env.write_config("");
-    env.setup();
-    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Close)));
-    let mut daemon = env.spawn_daemon();
-    daemon
-        .wait_for(
-            "a start-up question's connection closed",
-            Duration::from_secs(30),
-            || async { proxy.marked() >= 1 },
-        )
-        .await;
+    let (env, proxy, daemon) = start_marked(crate::support::Marked::Close).await;
     proxy.mark_on(None);
     invalidated_within(&env, &daemon, Duration::from_secs(60)).await;
     assert!(
@@ -1033,23 +1027,7 @@ async fn a_start_whose_connection_closes_asks_again() {
 /// heard only once the 30 s bound had passed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigterm_during_a_stranded_start_is_heard_at_once() {
-    let mut env = TestEnv::start(3).await;
-    let proxy = crate::support::Proxy::start(env.pg.port).await;
-    env.url_override = Some(format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        proxy.port
-    ));
-    env.write_config("");
-    env.setup();
-    proxy.mark_on(Some((STARTUP_QUESTION, crate::support::Marked::Strand)));
-    let mut daemon = env.spawn_daemon();
-    daemon
-        .wait_for(
-            "a start-up question stranded",
-            Duration::from_secs(30),
-            || async { proxy.marked() >= 1 },
-        )
-        .await;
+    let (_env, _proxy, mut daemon) = start_marked(crate::support::Marked::Strand).await;
     let pid = daemon.pid().expect("running");
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
