@@ -622,6 +622,91 @@ async fn a_fill_that_raced_an_invalidation_is_refused() {
     assert_eq!(source, Source::Filled);
 }
 
+/// What one lookup sends, as `MONITOR` shows it: the commands on `key`
+/// (not those a script runs) between two `ECHO`s.
+async fn commands_of(
+    lines: &mut (impl futures_util::Stream<Item = String> + Unpin),
+    key: &str,
+    until: &str,
+) -> Vec<String> {
+    use futures_util::StreamExt;
+    let mut seen = Vec::new();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next())
+            .await
+            .expect("MONITOR went quiet")
+            .expect("MONITOR ended");
+        if line.contains(until) {
+            return seen;
+        }
+        if line.contains(key) && !line.contains(" lua]") {
+            let command = line.split('"').nth(1).unwrap_or_default();
+            seen.push(command.to_ascii_uppercase());
+        }
+    }
+}
+
+/// A hit costs a reader one command, and a miss two where the server has
+/// `SET … NX GET` (7.0 and later): the read takes the lease with it, then
+/// the fill; before, a `GET`, the lease function and the fill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hit_costs_one_command_and_a_miss_two() {
+    let env = TestEnv::start(3).await;
+    env.setup();
+    let client = redis::Client::open(env.redis.url()).expect("redis url");
+    let monitor = client.get_async_monitor().await.expect("MONITOR");
+    let mut lines = Box::pin(monitor.into_on_message::<String>());
+    let mut redis = env.redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut redis)
+        .await
+        .expect("info");
+    let major: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .and_then(|v| v.split('.').next()?.trim().parse().ok())
+        .expect("redis_version");
+    let key = "profile:user:one-command-probe";
+    let mut cache = Cache::new(env.redis.conn().await, CacheOptions::default());
+    let load = || async { Ok::<_, std::io::Error>(Some("{\"v\":1}".to_string())) };
+    let echo = |text: &'static str| redis::cmd("ECHO").arg(text).to_owned();
+    // The first lookup learns what the server takes; the probe comes after.
+    cache
+        .get_or_load("profile:user:warm-up", 60, load, None)
+        .await
+        .expect("warm-up");
+    let (_, source) = cache.get_or_load(key, 60, load, None).await.expect("miss");
+    assert_eq!(source, Source::Filled);
+    let _: String = echo("probe-miss-done")
+        .query_async(&mut redis)
+        .await
+        .expect("echo");
+    let (_, source) = cache.get_or_load(key, 60, load, None).await.expect("hit");
+    assert_eq!(source, Source::Hit);
+    let _: String = echo("probe-hit-done")
+        .query_async(&mut redis)
+        .await
+        .expect("echo");
+    let miss = commands_of(&mut lines, key, "probe-miss-done").await;
+    let hit = commands_of(&mut lines, key, "probe-hit-done").await;
+    if major >= 7 {
+        assert_eq!(
+            miss,
+            ["SET", "FCALL"],
+            "a miss: the lease with the read, the fill"
+        );
+        assert_eq!(hit, ["SET"], "a hit: one SET … NX GET");
+    } else {
+        assert_eq!(
+            miss,
+            ["GET", "EVALSHA", "EVALSHA"],
+            "before 7.0: the read, the lease, the fill"
+        );
+        assert_eq!(hit, ["GET"]);
+    }
+}
+
 /// The walsender sends a commit as soon as its record is flushed, before
 /// the committing session makes it visible — for as long as a synchronous
 /// standby holds the commit back. The daemon applies a batch's DEL only
