@@ -37,7 +37,7 @@ struct Args {
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
     /// cluster-live, cluster-live-sharded, groups, large-rows, failover,
-    /// catchup, sync-commit.
+    /// catchup, sync-commit, live-recvlogical.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
@@ -804,6 +804,10 @@ enum Capture {
     OutboxPolling,
     /// The slot on a streaming standby (`replication.url`).
     Standby,
+    /// No daemon: `pg_recvlogical` (test_decoding, to a pipe) on a slot of
+    /// its own, timed from the commit to the row's line: what any logical
+    /// decoding client waits for on this machine, the live anchor.
+    RecvLogical,
 }
 
 /// `cluster`: the cache is a Redis Cluster; `sharded`: its events go out
@@ -831,7 +835,7 @@ async fn live_latency(
         None
     };
     let outbox = match capture {
-        Capture::Replication | Capture::Standby => "",
+        Capture::Replication | Capture::Standby | Capture::RecvLogical => "",
         Capture::Outbox => "[outbox]\n",
         Capture::OutboxPolling => "[outbox]\nwake_ups = false\npoll_interval = \"100ms\"\n",
     };
@@ -868,7 +872,13 @@ async fn live_latency(
     env.write_config(&format!(
         "[replication]\nheartbeat_interval = \"0s\"\n{slot_on}{outbox}"
     ));
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut anchor = None;
     let _daemon = match &standby {
+        _ if matches!(capture, Capture::RecvLogical) => {
+            anchor = Some(recvlogical_live(&env, &client, Arc::clone(&arrivals)).await);
+            None
+        }
         Some(standby) => {
             let mut daemon = env.spawn_daemon();
             let client = standby.client().await;
@@ -876,16 +886,15 @@ async fn live_latency(
                 assert!(daemon.try_status().is_none(), "{}", daemon.log());
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            daemon
+            Some(daemon)
         }
-        None => env.daemon().await,
+        None => Some(env.daemon().await),
     };
     if matches!(capture, Capture::Outbox | Capture::OutboxPolling) {
         // Let the drainer go idle and ask for wake-ups.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     if let (Some(cluster), true) = (&cluster, sharded) {
         // Only the channel's shard hears SPUBLISH; its other nodes refuse
         // SSUBSCRIBE (MOVED), so every node is tried.
@@ -1014,7 +1023,79 @@ async fn live_latency(
         );
         results.push(result);
     }
+    if let Some(mut recv) = anchor {
+        let _ = recv.kill();
+        let _ = recv.wait();
+    }
     results
+}
+
+/// Starts `pg_recvlogical` on a test_decoding slot of its own, writing to
+/// a pipe, and records when each `user_tokens` row's line arrives under
+/// the row's balance key (the key the daemon's event names).
+async fn recvlogical_live(
+    env: &TestEnv,
+    client: &tokio_postgres::Client,
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+) -> std::process::Child {
+    use std::io::BufRead;
+    client
+        .execute(
+            "select pg_create_logical_replication_slot('recv_live', 'test_decoding')",
+            &[],
+        )
+        .await
+        .expect("create the anchor's slot");
+    let mut child = std::process::Command::new(pg_bin().join("pg_recvlogical"))
+        .arg("-d")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            env.pg.port
+        ))
+        .args(["--slot", "recv_live", "--start", "-f", "-", "--no-loop"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pg_recvlogical");
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        // table public.user_tokens: UPDATE: id[bigint]:5 user_id[uuid]:'…' token_id[uuid]:'…' …
+        let quoted = |line: &str, column: &str| -> Option<String> {
+            let rest = &line[line.find(column)? + column.len()..];
+            Some(rest.split('\'').nth(1)?.to_string())
+        };
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let now = Instant::now();
+            if !line.starts_with("table public.user_tokens: UPDATE") {
+                continue;
+            }
+            let (Some(user), Some(token)) = (
+                quoted(&line, " user_id[uuid]:"),
+                quoted(&line, " token_id[uuid]:"),
+            ) else {
+                continue;
+            };
+            arrivals
+                .lock()
+                .expect("lock")
+                .entry(format!("balance:user:{user}:token:{token}"))
+                .or_insert(now);
+        }
+    });
+    // Streaming once the slot is active.
+    let active = "select active from pg_replication_slots where slot_name = 'recv_live'";
+    while !client
+        .query_one(active, &[])
+        .await
+        .is_ok_and(|row| row.get::<_, bool>(0))
+    {
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "pg_recvlogical exited"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    child
 }
 
 /// TPS of `pgbench` running single-row updates on user_tokens.
@@ -1315,6 +1396,12 @@ async fn main() {
         } else {
             Vec::new()
         };
+    let recv_live = if args.wants("live-recvlogical") {
+        eprintln!("live latency of pg_recvlogical (test_decoding), no daemon: the anchor");
+        live_latency(&args, Capture::RecvLogical, &args.rates, false, false).await
+    } else {
+        Vec::new()
+    };
     let cluster_drains = if args.wants("cluster-drain") {
         eprintln!("drain, 1-row transactions, one redis and a redis cluster");
         Some(cluster_drain(&args).await)
@@ -1428,6 +1515,10 @@ async fn main() {
         (" (outbox)", &outbox_live),
         (" (outbox, polling 100 ms)", &outbox_polling),
         (" (slot on a standby)", &standby_live),
+        (
+            " (pg_recvlogical, no daemon: row line, not event)",
+            &recv_live,
+        ),
         (" (redis cluster)", &cluster_live),
         (" (redis cluster, sharded events)", &cluster_live_sharded),
     ] {

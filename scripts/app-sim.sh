@@ -9,7 +9,8 @@
 # Markdown table against the plan's targets, and a plot of hit rate and
 # stale reads over time (docs/app-sim.png). Arguments go to the
 # simulation: --seconds S per policy (default 30, about 4 minutes in all),
-# --users, --zipf, --workers, --writes, --bypass, --seed, --policies, --plot.
+# --users, --zipf, --workers, --read-rate (reads/s offered, 0: as fast as
+# the loops go), --writes, --bypass, --seed, --policies, --plot.
 # The report is also written to target/app-sim-report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,7 @@
 //! row carries a version counter, so this is exact).
 //!
 //! ```text
-//! scripts/app-sim.sh [--seconds 30] [--users 10000] [--zipf 1.1] [--workers 16] …
+//! scripts/app-sim.sh [--seconds 30] [--users 10000] [--zipf 1.1] [--workers 16] [--read-rate N] …
 //! ```
 
 mod policy;
@@ -50,6 +50,11 @@ struct Args {
     /// Concurrent request loops.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Reads per second offered by all request loops together (each loop
+    /// paced to its share); 0: each loop reads as fast as it can, so a
+    /// faster cache makes more reads.
+    #[arg(long, default_value_t = 0)]
+    read_rate: u64,
     /// The app's own writes per second.
     #[arg(long, default_value_t = 40)]
     writes: u64,
@@ -112,6 +117,7 @@ async fn main() {
     let workload = Workload {
         seconds: args.seconds,
         workers: args.workers,
+        reads_per_sec: (args.read_rate > 0).then_some(args.read_rate),
         writes_per_sec: args.writes,
         bypass_per_sec: args.bypass,
         batch_every: Duration::from_secs(args.batch_every.max(1)),

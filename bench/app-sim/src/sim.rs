@@ -24,6 +24,11 @@ pub struct Workload {
     pub seconds: u64,
     /// Concurrent request loops.
     pub workers: usize,
+    /// Reads per second offered by all the loops together (an open
+    /// workload: a faster cache then serves the same requests with idle
+    /// time left, instead of making more of them); `None`: as fast as
+    /// each loop can.
+    pub reads_per_sec: Option<u64>,
     /// The app's own writes per second.
     pub writes_per_sec: u64,
     /// Calls per second of the SQL function that bypasses the app.
@@ -317,6 +322,9 @@ pub async fn run(
             Tally::default()
         }));
     }
+    let per_loop = workload
+        .reads_per_sec
+        .map(|rate| rate as f64 / workload.workers as f64);
     for w in 0..workload.workers {
         let (shared, connect, series, l1) =
             (shared.clone(), connect.clone(), series.clone(), l1.clone());
@@ -325,7 +333,17 @@ pub async fn run(
             let mut reader = connect.reader(policy, l1).await;
             let mut rng = StdRng::seed_from_u64(seed);
             let mut tally = Tally::default();
+            let (began, mut reads) = (Instant::now(), 0u64);
             while Instant::now() < end {
+                if let Some(per_loop) = per_loop {
+                    // Paced by the count due so far (tokio's timers tick in
+                    // milliseconds, finer than one read).
+                    if reads as f64 >= began.elapsed().as_secs_f64() * per_loop {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    reads += 1;
+                }
                 let page = draw_page(&mut rng);
                 let user = shared.users.draw(&mut rng);
                 judged_read(&mut reader, &shared, &series, &mut tally, page, user, None).await;
