@@ -19,7 +19,6 @@ import {
   FILL,
   FUNCTIONS,
   GET,
-  MARKER_PREFIX,
   RELEASE,
   isMarker,
   library,
@@ -164,9 +163,6 @@ export async function writeTokenFromSupabase(supabase: SupabaseRpc): Promise<str
   return data;
 }
 
-/** The longest pause between two looks at another reader's lease, ms. */
-const LEASE_WAIT_STEP_MS = 5;
-
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -184,8 +180,6 @@ export class Cache {
   private readonly defaultTtl: number;
   /** Whether FCALL works here; undefined until tried. */
   private functions: boolean | undefined;
-  /** Whether SET … NX … GET works here (Redis 7.0+, Valkey); undefined until tried. */
-  private setNxGet: boolean | undefined;
   private readonly prefixOf: (key: string) => string;
   private readonly onLookup: ((lookup: Lookup) => void) | undefined;
   private readonly counters: Counters | undefined;
@@ -294,22 +288,16 @@ export class Cache {
     if (options.after !== undefined && !(await this.caughtUp(options.after))) {
       return { value: await loader(), source: "bypassed" };
     }
-    // A hit costs one round trip: without L1 one SET … NX GET answers a
-    // hit and takes the lease on a miss; through L1 (whose tracking
-    // remembers only reads) or where the server has no NX GET, a GET
-    // first, and the lease function only on a miss or a marker.
-    const token = randomBytes(12).toString("hex");
-    let first = this.l1 ? undefined : await this.getOrLease(key, token);
-    if (first === undefined) {
-      const cached = this.l1 ? await this.l1.read(key) : await this.redis.get(key);
-      if (cached !== null && !isMarker(cached)) {
-        return { value: JSON.parse(cached) as T, source: "hit" };
-      }
+    // A hit costs one GET: a cached value is never a lease marker, so the
+    // lease function is called only on a miss or a marker.
+    const cached = this.l1 ? await this.l1.read(key) : await this.redis.get(key);
+    if (cached !== null && !isMarker(cached)) {
+      return { value: JSON.parse(cached) as T, source: "hit" };
     }
+    const token = randomBytes(12).toString("hex");
     const deadline = Date.now() + this.leaseWaitMs;
     for (;;) {
-      const reply = first ?? ((await this.call(GET, key, [token, String(this.leaseMs)])) as [string, string]);
-      first = undefined;
+      const reply = (await this.call(GET, key, [token, String(this.leaseMs)])) as [string, string];
       const [kind, payload] = reply;
       if (kind === "hit") {
         return { value: JSON.parse(payload) as T, source: "hit" };
@@ -325,7 +313,7 @@ export class Cache {
       if (now >= deadline) {
         return { value: await loader(), source: "bypassed" };
       }
-      const left = Math.max(1, Math.min(LEASE_WAIT_STEP_MS, Number(payload) || 1));
+      const left = Math.max(1, Math.min(5, Number(payload) || 1));
       await sleep(Math.min(left, deadline - now));
     }
     let value: T | null;
@@ -341,33 +329,6 @@ export class Cache {
     }
     const stored = await this.call(FILL, key, [token, JSON.stringify(value), String(ttlSeconds)]);
     return { value, source: Number(stored) === 1 ? "filled" : "refused" };
-  }
-
-  /**
-   * pgci_lease_get in one native command, SET key marker NX PX lease GET:
-   * ["hit", value], ["lease", token], or ["wait", ms] on another reader's
-   * marker (its time left unknown: the wait's longest step). undefined
-   * where the server refuses NX with GET (before Redis 7.0); asked once.
-   */
-  private async getOrLease(key: string, token: string): Promise<[string, string] | undefined> {
-    if (this.setNxGet === false) {
-      return undefined;
-    }
-    let raw: string | null;
-    try {
-      raw = (await this.redis.call("SET", key, MARKER_PREFIX + token, "NX", "PX", String(this.leaseMs), "GET")) as string | null;
-    } catch (e) {
-      if (this.setNxGet === undefined && isError(e, "syntax error")) {
-        this.setNxGet = false;
-        return undefined;
-      }
-      throw e;
-    }
-    this.setNxGet = true;
-    if (raw === null) {
-      return ["lease", token];
-    }
-    return isMarker(raw) ? ["wait", String(LEASE_WAIT_STEP_MS)] : ["hit", raw];
   }
 
   /** The plan's plain read: the cached value, or null (a lease marker reads as a miss). */

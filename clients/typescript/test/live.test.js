@@ -127,46 +127,6 @@ test("a miss fills through a lease, then hits; a lease reads as a miss", async (
   await cache.invalidateCache(key);
 });
 
-test("a hit costs one command and a miss two (the lease taken with the read) where Redis has SET NX GET", async () => {
-  const monitor = await redis.monitor();
-  const lines = [];
-  monitor.on("monitor", (_time, args, source) => {
-    if (!source.includes("lua")) lines.push(args);
-  });
-  const version = /redis_version:(\d+)/.exec(await redis.info("server"))[1];
-  const key = "profile:user:one-command-probe";
-  const cache = createCache({ redis });
-  const commandsUntil = async (marker) => {
-    await redis.echo(marker);
-    await waitFor(`MONITOR to show ${marker}`, 5000, async () => lines.some((a) => a[1] === marker));
-    const at = lines.findIndex((a) => a[1] === marker);
-    const seen = lines.splice(0, at + 1).filter((a) => a.slice(1).includes(key));
-    return seen.map((a) => String(a[0]).toUpperCase());
-  };
-  const load = async () => ({ v: 1 });
-  let miss, hit;
-  try {
-    // The first lookup learns what the server takes; the probe comes after.
-    await cache.getOrLoadWithSource(`${key}-warm-up`, 60, load);
-    await commandsUntil("probe-warm-up-done");
-    assert.equal((await cache.getOrLoadWithSource(key, 60, load)).source, "filled");
-    miss = await commandsUntil("probe-miss-done");
-    assert.equal((await cache.getOrLoadWithSource(key, 60, load)).source, "hit");
-    hit = await commandsUntil("probe-hit-done");
-  } finally {
-    monitor.disconnect();
-    await cache.invalidateCache(key);
-    await cache.invalidateCache(`${key}-warm-up`);
-  }
-  if (Number(version) >= 7) {
-    assert.deepEqual(miss, ["SET", "FCALL"], "a miss: the lease with the read, then the fill");
-    assert.deepEqual(hit, ["SET"], "a hit: one SET … NX GET");
-  } else {
-    assert.deepEqual(miss, ["GET", "EVALSHA", "EVALSHA"], "before 7.0: the read, the lease, the fill");
-    assert.deepEqual(hit, ["GET"]);
-  }
-});
-
 test("a fill that raced the daemon's invalidation is refused", async () => {
   const cache = createCache({ redis });
   const id = ids[1];

@@ -152,9 +152,6 @@ pub struct Cache<C> {
     position_key: String,
     /// Whether `FCALL` works here; `None` until first tried.
     functions: Option<bool>,
-    /// Whether `SET … NX … GET` works here (Redis 7.0 and later, Valkey);
-    /// `None` until first tried.
-    set_nx_get: Option<bool>,
     stats: Stats,
     l1: Option<L1>,
 }
@@ -222,22 +219,6 @@ impl Stats {
     }
 }
 
-/// A cached value as text, without a copy when it is UTF-8 (JSON is).
-fn into_text(value: Vec<u8>) -> String {
-    String::from_utf8(value).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// The longest pause between two looks at another reader's lease.
-const LEASE_WAIT_STEP_MS: u64 = 5;
-
-/// Redis before 7.0 refuses `SET … NX … GET`: `ERR syntax error`.
-fn is_syntax_error(error: &RedisError) -> bool {
-    error
-        .to_string()
-        .to_ascii_lowercase()
-        .contains("syntax error")
-}
-
 static TOKENS: AtomicU64 = AtomicU64::new(0);
 
 /// A lease token unique across this process and, with the process id and
@@ -264,7 +245,6 @@ impl<C: ConnectionLike + Send> Cache<C> {
             options,
             position_key,
             functions: None,
-            set_nx_get: None,
             stats: Stats::default(),
             l1: None,
         }
@@ -331,43 +311,30 @@ impl<C: ConnectionLike + Send> Cache<C> {
                 return Ok((value, Source::Bypassed));
             }
         }
-        let token = new_token();
-        let lease_ms = self.options.lease.as_millis().to_string();
-        // A hit costs one round trip: without L1 one `SET … NX GET` answers
-        // a hit and takes the lease on a miss; through L1 (whose tracking
-        // remembers only reads) or where the server has no `NX GET`, a
-        // `GET` first, and the lease function only on a miss or a marker.
-        let mut first = match self.l1 {
-            None => self.get_or_lease(key, &token, &lease_ms).await?,
-            Some(_) => None,
+        // A hit costs one GET: a cached value is never a lease marker, so
+        // the lease function is called only on a miss or a marker.
+        let through_l1 = match &self.l1 {
+            Some(l1) => l1.read(key).await,
+            None => None,
         };
-        if first.is_none() {
-            let through_l1 = match &self.l1 {
-                Some(l1) => l1.read(key).await,
-                None => None,
-            };
-            let cached = match through_l1 {
-                Some(raw) => raw.filter(|v| !lease::is_marker(v)).map(into_text),
-                None => self.get_cached_data(key).await?,
-            };
-            if let Some(value) = cached {
-                return Ok((Some(value), Source::Hit));
-            }
+        let cached = match through_l1 {
+            Some(raw) => raw
+                .filter(|v| !lease::is_marker(v))
+                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+            None => self.get_cached_data(key).await?,
+        };
+        if let Some(value) = cached {
+            return Ok((Some(value), Source::Hit));
         }
+        let token = new_token();
         let deadline = Instant::now() + self.options.lease_wait;
+        let lease_ms = self.options.lease.as_millis().to_string();
         loop {
-            let got = match first.take() {
-                Some(got) => got,
-                None => {
-                    let reply: Vec<String> =
-                        self.call(lease::GET, key, &[&token, &lease_ms]).await?;
-                    Got::parse(&reply).ok_or_else(|| ClientError::Protocol {
-                        function: lease::GET,
-                        key: key.to_string(),
-                    })?
-                }
-            };
-            match got {
+            let reply: Vec<String> = self.call(lease::GET, key, &[&token, &lease_ms]).await?;
+            match Got::parse(&reply).ok_or_else(|| ClientError::Protocol {
+                function: lease::GET,
+                key: key.to_string(),
+            })? {
                 Got::Hit(value) => return Ok((Some(value), Source::Hit)),
                 Got::Lease => break,
                 Got::Wait(left_ms) => {
@@ -377,7 +344,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
                         let value = loader().await.map_err(|e| ClientError::Loader(e.into()))?;
                         return Ok((value, Source::Bypassed));
                     }
-                    let step = Duration::from_millis(left_ms.clamp(1, LEASE_WAIT_STEP_MS));
+                    let step = Duration::from_millis(left_ms.clamp(1, 5));
                     tokio::time::sleep(step.min(deadline - now)).await;
                 }
             }
@@ -404,52 +371,15 @@ impl<C: ConnectionLike + Send> Cache<C> {
         Ok((Some(value), source))
     }
 
-    /// `pgci_lease_get` in one native command, `SET key marker NX PX
-    /// lease GET`: the value on a hit, the lease on a miss, a wait on
-    /// another reader's marker (its time left unknown: the wait's longest
-    /// step). `None` where the server refuses `NX` with `GET` (before 7.0);
-    /// asked once per cache.
-    async fn get_or_lease(
-        &mut self,
-        key: &str,
-        token: &str,
-        lease_ms: &str,
-    ) -> Result<Option<Got>, ClientError> {
-        if self.set_nx_get == Some(false) {
-            return Ok(None);
-        }
-        let reply = redis::cmd("SET")
-            .arg(key)
-            .arg(format!("{}{token}", lease::MARKER_PREFIX))
-            .arg("NX")
-            .arg("PX")
-            .arg(lease_ms)
-            .arg("GET")
-            .query_async::<Option<Vec<u8>>>(&mut self.conn)
-            .await;
-        let value = match reply {
-            Ok(value) => value,
-            Err(error) if self.set_nx_get.is_none() && is_syntax_error(&error) => {
-                self.set_nx_get = Some(false);
-                return Ok(None);
-            }
-            Err(error) => return Err(error.into()),
-        };
-        self.set_nx_get = Some(true);
-        Ok(Some(match value {
-            None => Got::Lease,
-            Some(v) if lease::is_marker(&v) => Got::Wait(LEASE_WAIT_STEP_MS),
-            Some(v) => Got::Hit(into_text(v)),
-        }))
-    }
-
     /// The cached value of `key`; a lease marker reads as a miss.
     pub async fn get_cached_data(&mut self, key: &str) -> Result<Option<String>, ClientError> {
         let value: Option<Vec<u8>> = redis::cmd("GET")
             .arg(key)
             .query_async(&mut self.conn)
             .await?;
-        Ok(value.filter(|v| !lease::is_marker(v)).map(into_text))
+        Ok(value
+            .filter(|v| !lease::is_marker(v))
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Stores `value` without a lease (the plan's plain `SET … EX`): use it
