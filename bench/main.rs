@@ -9,12 +9,13 @@
 //! cargo bench --bench pipeline -- [--changes N] [--runs R] [--memory-changes N]
 //!                                 [--rates 1000,5000,20000] [--seconds S]
 //! ```
+//!
+//! With `PGCI_BENCH_SLOW=1` the live scenarios also print each episode of
+//! commits whose event took over 5 ms (when, how many, the worst).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use futures_util::StreamExt;
 
 use pg_cache_invalidator::change::{Change, RowOp};
 use pg_cache_invalidator::config::SecretUrl;
@@ -37,7 +38,7 @@ struct Args {
     /// Scenarios to run (all when empty): drain1000, drain1, live,
     /// outbox-live, outbox-poll, capture, memory, cluster-drain,
     /// cluster-live, cluster-live-sharded, groups, large-rows, failover,
-    /// catchup, sync-commit, live-recvlogical.
+    /// catchup, sync-commit, live-recvlogical, hit-path.
     only: Vec<String>,
     /// large-rows: rows in the transaction, and megabytes per row.
     large_rows: u32,
@@ -933,30 +934,38 @@ async fn live_latency(
             });
         }
     }
-    // PUBLISH reaches every node of a cluster.
+    // PUBLISH reaches every node of a cluster. The subscriber has a thread
+    // of its own (as the anchor's reader has), so the writers' tasks never
+    // delay the moment an event is stamped.
     let events_url = cluster.as_ref().map_or(env.redis.url(), |c| c.url());
-    let pubsub_client = redis::Client::open(events_url).expect("client");
-    let mut pubsub = pubsub_client.get_async_pubsub().await.expect("pubsub");
-    pubsub
-        .subscribe("cache-invalidation")
-        .await
-        .expect("subscribe");
-    let sink = Arc::clone(&arrivals);
-    tokio::spawn(async move {
-        let mut messages = pubsub.into_on_message();
-        while let Some(msg) = messages.next().await {
-            let now = Instant::now();
-            let payload: String = msg.get_payload().unwrap_or_default();
-            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) {
-                if let Some(key) = event["keys"][1].as_str() {
-                    sink.lock()
-                        .expect("lock")
-                        .entry(key.to_string())
-                        .or_insert(now);
+    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+    {
+        let arrivals = Arc::clone(&arrivals);
+        std::thread::spawn(move || {
+            let mut conn = redis::Client::open(events_url.as_str())
+                .and_then(|client| client.get_connection())
+                .expect("subscriber connects");
+            let mut pubsub = conn.as_pubsub();
+            pubsub.subscribe("cache-invalidation").expect("subscribe");
+            let _ = subscribed_tx.send(());
+            while let Ok(msg) = pubsub.get_message() {
+                let now = Instant::now();
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) {
+                    if let Some(key) = event["keys"][1].as_str() {
+                        arrivals
+                            .lock()
+                            .expect("lock")
+                            .entry(key.to_string())
+                            .or_insert(now);
+                    }
                 }
             }
-        }
-    });
+        });
+    }
+    subscribed_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the subscriber subscribed");
 
     const WRITERS: u64 = 4;
     let mut results = Vec::new();
@@ -1008,6 +1017,34 @@ async fn live_latency(
                 None => missing += 1,
             }
         }
+        if std::env::var_os("PGCI_BENCH_SLOW").is_some() {
+            let mut slow: Vec<(f64, f64)> = commits
+                .iter()
+                .filter_map(|(key, committed)| {
+                    let at = arrived.get(key)?;
+                    Some((
+                        committed.saturating_duration_since(started).as_secs_f64(),
+                        at.saturating_duration_since(*committed).as_secs_f64() * 1000.0,
+                    ))
+                })
+                .filter(|(_, ms)| *ms > 5.0)
+                .collect();
+            slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut groups: Vec<(f64, f64, usize, f64)> = Vec::new();
+            for (t, ms) in slow {
+                match groups.last_mut() {
+                    Some(g) if t - g.1 <= 0.005 => {
+                        g.1 = t;
+                        g.2 += 1;
+                        g.3 = g.3.max(ms);
+                    }
+                    _ => groups.push((t, t, 1, ms)),
+                }
+            }
+            for (from, to, n, max) in groups {
+                eprintln!("    slow {from:.3}–{to:.3} s: {n} commits, worst {max:.1} ms");
+            }
+        }
         latencies.sort_by(|a, b| a.total_cmp(b));
         let result = LatencyResult {
             target: rate,
@@ -1026,6 +1063,93 @@ async fn live_latency(
     if let Some(mut recv) = anchor {
         let _ = recv.kill();
         let _ = recv.wait();
+    }
+    results
+}
+
+/// What a cache hit costs through the client against a plain `GET`: the
+/// same cached values read by `loops` concurrent loops for `seconds`, a
+/// plain `GET` (cache-aside as the plan writes it) then `get_or_load`,
+/// alternated `runs` times. Returns (plain, client) hits per second per run.
+async fn hit_path(args: &Args, loops: usize) -> Vec<(f64, f64)> {
+    use pgci_client::{Cache, CacheOptions, Source};
+    const KEYS: usize = 1_000;
+    let env = TestEnv::start(1).await;
+    let mut conn = env.redis.conn().await;
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("profile:user:{i:08}")).collect();
+    let value = format!("{{\"bio\":\"{}\"}}", "x".repeat(300));
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(&value)
+            .query_async(&mut conn)
+            .await
+            .expect("preset");
+    }
+    let keys = Arc::new(keys);
+    let run = |client: bool| {
+        let (keys, conn) = (Arc::clone(&keys), conn.clone());
+        async move {
+            let end = Instant::now() + Duration::from_secs(args.seconds);
+            let mut tasks = Vec::new();
+            for l in 0..loops {
+                let (keys, mut conn) = (Arc::clone(&keys), conn.clone());
+                let mut cache = Cache::new(conn.clone(), CacheOptions::default());
+                tasks.push(tokio::spawn(async move {
+                    let mut hits = 0u64;
+                    let mut i = l * 7;
+                    while Instant::now() < end {
+                        let key = &keys[i % KEYS];
+                        i += 1;
+                        if client {
+                            let (value, source) = cache
+                                .get_or_load(
+                                    key,
+                                    3600,
+                                    || async { Ok::<_, std::io::Error>(None) },
+                                    None,
+                                )
+                                .await
+                                .expect("get_or_load");
+                            assert!(value.is_some() && source == Source::Hit);
+                        } else {
+                            let value: Option<String> = redis::cmd("GET")
+                                .arg(key)
+                                .query_async(&mut conn)
+                                .await
+                                .expect("GET");
+                            assert!(value.is_some());
+                        }
+                        hits += 1;
+                    }
+                    hits
+                }));
+            }
+            let mut hits = 0;
+            for task in tasks {
+                hits += task.await.expect("loop");
+            }
+            hits as f64 / args.seconds as f64
+        }
+    };
+    let mut results = Vec::new();
+    for r in 0..args.runs {
+        // Alternate which goes first, so drift favours neither.
+        let (plain, client) = match r % 2 {
+            0 => {
+                let plain = run(false).await;
+                (plain, run(true).await)
+            }
+            _ => {
+                let client = run(true).await;
+                (run(false).await, client)
+            }
+        };
+        eprintln!(
+            "  {loops} loop(s), run {r}: plain GET {plain:.0}/s, get_or_load {client:.0}/s ({:.3}x)",
+            client / plain
+        );
+        results.push((plain, client));
     }
     results
 }
@@ -1402,6 +1526,13 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let mut hit_paths = Vec::new();
+    if args.wants("hit-path") {
+        eprintln!("a cache hit: plain GET against the client's get_or_load");
+        for loops in [1, 16] {
+            hit_paths.push((loops, hit_path(&args, loops).await));
+        }
+    }
     let cluster_drains = if args.wants("cluster-drain") {
         eprintln!("drain, 1-row transactions, one redis and a redis cluster");
         Some(cluster_drain(&args).await)
@@ -1530,6 +1661,25 @@ async fn main() {
         }
     }
     lines.push(String::new());
+    if !hit_paths.is_empty() {
+        lines.push(
+            "| cache hits | plain GET hits/s (median) | get_or_load hits/s (median) | get_or_load / GET (median of runs) |"
+                .into(),
+        );
+        lines.push("|---|---|---|---|".into());
+        for (loops, runs) in &hit_paths {
+            let mut plain: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let mut client: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            let mut ratios: Vec<f64> = runs.iter().map(|r| r.1 / r.0).collect();
+            lines.push(format!(
+                "| {loops} loop(s) | {:.0} | {:.0} | {:.3} |",
+                median(&mut plain),
+                median(&mut client),
+                median(&mut ratios)
+            ));
+        }
+        lines.push(String::new());
+    }
     let mut cluster_ratio = f64::NAN;
     if let Some((mut single, mut clustered)) = cluster_drains {
         let (single, clustered) = (median(&mut single), median(&mut clustered));

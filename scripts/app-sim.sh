@@ -10,7 +10,8 @@
 # stale reads over time (docs/app-sim.png). Arguments go to the
 # simulation: --seconds S per policy (default 30, about 4 minutes in all),
 # --users, --zipf, --workers, --read-rate (reads/s offered, 0: as fast as
-# the loops go), --writes, --bypass, --seed, --policies, --plot.
+# the loops go), --faults (every policy gets the L1 policy's cut and
+# restart), --writes, --bypass, --seed, --policies, --plot.
 # The report is also written to target/app-sim-report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -55,6 +55,11 @@ struct Args {
     /// faster cache makes more reads.
     #[arg(long, default_value_t = 0)]
     read_rate: u64,
+    /// Give every policy the L1 policy's faults (pub/sub connections
+    /// killed at a third of the run, Redis restarted empty at two thirds),
+    /// so their stale reads compare like for like.
+    #[arg(long)]
+    faults: bool,
     /// The app's own writes per second.
     #[arg(long, default_value_t = 40)]
     writes: u64,
@@ -123,6 +128,7 @@ async fn main() {
         batch_every: Duration::from_secs(args.batch_every.max(1)),
         batch_users: args.batch_users,
         seed: args.seed,
+        faults: args.faults,
     };
 
     eprintln!(
@@ -181,10 +187,11 @@ async fn main() {
         sim::learn_all(&fresh, &pg).await;
         let fresh = Arc::new(fresh);
         eprintln!("running {} for {} s", policy.name(), args.seconds);
-        // Under the L1 policy Redis is restarted (empty) in the middle.
+        // Under the L1 policy (every policy with --faults) Redis is restarted
+        // (empty) in the middle.
         let (restart, restart_now) = tokio::sync::oneshot::channel();
         let restarter = async {
-            if policy.l1() && restart_now.await.is_ok() {
+            if (policy.l1() || args.faults) && restart_now.await.is_ok() {
                 env.redis.restart().await;
                 eprintln!("redis restarted");
             }
@@ -194,7 +201,7 @@ async fn main() {
             &workload,
             fresh.clone(),
             connect.clone(),
-            policy.l1().then_some(restart),
+            (policy.l1() || args.faults).then_some(restart),
         );
         let ((tally, series), ()) = tokio::join!(run, restarter);
         let outcome = Outcome {

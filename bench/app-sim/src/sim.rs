@@ -39,6 +39,9 @@ pub struct Workload {
     pub batch_users: usize,
     /// Seeds every random choice: each policy sees the same sequence.
     pub seed: u64,
+    /// Every policy gets the L1 policy's faults (a pub/sub cut, a Redis
+    /// restart), not only the L1 policy.
+    pub faults: bool,
 }
 
 /// Per-second counts, for the plot.
@@ -287,10 +290,11 @@ pub async fn run(
         false => None,
     };
     let mut tasks = Vec::new();
-    if let Some(l1) = &l1 {
+    if l1.is_some() || workload.faults {
         // Cut L1's connection at a third of the run (as a network blip or
         // an output-buffer kill would) and have Redis restarted (empty) at
         // two thirds: L1 must be emptied and refilled without a stale read.
+        // (With `faults`, every policy gets the same, for comparison.)
         let (l1, series, mut redis) = (l1.clone(), series.clone(), connect.redis.clone());
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((start + (end - start) / 3).into()).await;
@@ -306,6 +310,9 @@ pub async fn run(
                 let _ = restart.send(());
             }
             tokio::time::sleep_until(end.into()).await;
+            let Some(l1) = l1 else {
+                return Tally::default();
+            };
             let stats = l1.stats();
             eprintln!(
                 "l1 at the end: entries={} bytes={} hits={} fills={} not_kept={} drops: disconnect={} gap={} epoch={} flush={}",

@@ -219,6 +219,11 @@ impl Stats {
     }
 }
 
+/// A cached value as text, without a copy when it is UTF-8 (JSON is).
+fn into_text(value: Vec<u8>) -> String {
+    String::from_utf8(value).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 static TOKENS: AtomicU64 = AtomicU64::new(0);
 
 /// A lease token unique across this process and, with the process id and
@@ -318,9 +323,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
             None => None,
         };
         let cached = match through_l1 {
-            Some(raw) => raw
-                .filter(|v| !lease::is_marker(v))
-                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+            Some(raw) => raw.filter(|v| !lease::is_marker(v)).map(into_text),
             None => self.get_cached_data(key).await?,
         };
         if let Some(value) = cached {
@@ -377,9 +380,7 @@ impl<C: ConnectionLike + Send> Cache<C> {
             .arg(key)
             .query_async(&mut self.conn)
             .await?;
-        Ok(value
-            .filter(|v| !lease::is_marker(v))
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(value.filter(|v| !lease::is_marker(v)).map(into_text))
     }
 
     /// Stores `value` without a lease (the plan's plain `SET … EX`): use it
