@@ -920,16 +920,7 @@ async fn live_latency(
                     let Some(redis::Value::BulkString(payload)) = message.get(2) else {
                         continue;
                     };
-                    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
-                        continue;
-                    };
-                    if let Some(key) = event["keys"][1].as_str() {
-                        arrivals
-                            .lock()
-                            .expect("lock")
-                            .entry(key.to_string())
-                            .or_insert(now);
-                    }
+                    stamp_event(&arrivals, payload, now);
                 }
             });
         }
@@ -950,16 +941,8 @@ async fn live_latency(
             let _ = subscribed_tx.send(());
             while let Ok(msg) = pubsub.get_message() {
                 let now = Instant::now();
-                let payload: String = msg.get_payload().unwrap_or_default();
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) {
-                    if let Some(key) = event["keys"][1].as_str() {
-                        arrivals
-                            .lock()
-                            .expect("lock")
-                            .entry(key.to_string())
-                            .or_insert(now);
-                    }
-                }
+                let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                stamp_event(&arrivals, &payload, now);
             }
         });
     }
@@ -1152,6 +1135,21 @@ async fn hit_path(args: &Args, loops: usize) -> Vec<(f64, f64)> {
         results.push((plain, client));
     }
     results
+}
+
+/// Records when the first event naming a key (its second key, the
+/// balance key of the benchmark's rule) arrived.
+fn stamp_event(arrivals: &Mutex<HashMap<String, Instant>>, payload: &[u8], now: Instant) {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return;
+    };
+    if let Some(key) = event["keys"][1].as_str() {
+        arrivals
+            .lock()
+            .expect("lock")
+            .entry(key.to_string())
+            .or_insert(now);
+    }
 }
 
 /// Starts `pg_recvlogical` on a test_decoding slot of its own, writing to
