@@ -875,7 +875,7 @@ async fn live_latency(
     ));
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut anchor = None;
-    let _daemon = match &standby {
+    let daemon = match &standby {
         _ if matches!(capture, Capture::RecvLogical) => {
             anchor = Some(recvlogical_live(&env, &client, Arc::clone(&arrivals)).await);
             None
@@ -958,6 +958,7 @@ async fn live_latency(
         let total = (rate * args.seconds).min(rows as u64);
         let first = next_row;
         next_row = (next_row + total as i64) % rows;
+        let metrics_before = daemon_metrics(&env, &daemon).await;
         let started = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
@@ -1041,6 +1042,9 @@ async fn live_latency(
             "  {rate}/s: achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, missing {missing}",
             result.achieved, result.p50_ms, result.p99_ms, result.max_ms
         );
+        if let (Some(before), Some(after)) = (metrics_before, daemon_metrics(&env, &daemon).await) {
+            print_breakdown(&before, &after);
+        }
         results.push(result);
     }
     if let Some(mut recv) = anchor {
@@ -1048,6 +1052,84 @@ async fn live_latency(
         let _ = recv.wait();
     }
     results
+}
+
+/// The daemon's /metrics, when one runs.
+async fn daemon_metrics(env: &TestEnv, daemon: &Option<Daemon>) -> Option<String> {
+    daemon.as_ref()?;
+    pgci_test_support::http_get(env.http_port, "/metrics")
+        .await
+        .map(|(_, body)| body)
+}
+
+/// Where the live latency goes, from the daemon's histograms between two
+/// scrapes: inside PostgreSQL (commit to the server sending it), the
+/// daemon's work per batch, and commit to Redis's acknowledgement.
+/// Quantiles are estimated within buckets, as Prometheus does.
+fn print_breakdown(before: &str, after: &str) {
+    let mut parts = Vec::new();
+    for (name, what) in [
+        (
+            "pgci_stream_send_delay_seconds",
+            "commit→sent (in PostgreSQL)",
+        ),
+        ("pgci_batch_seconds", "per batch (daemon)"),
+        ("pgci_apply_latency_seconds", "commit→Redis ack"),
+    ] {
+        let q = |p| histogram_quantile(before, after, name, p) * 1000.0;
+        parts.push(format!("{what} p50 ~{:.2} p99 ~{:.2} ms", q(0.5), q(0.99)));
+    }
+    eprintln!("    where it goes: {}", parts.join("; "));
+}
+
+/// Estimates quantile `q` of histogram `name` over the observations made
+/// between scrape `before` and scrape `after`.
+fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> f64 {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut out: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&prefix)?;
+                let (le, value) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, value.trim().parse().ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    };
+    let (old, new) = (buckets(before), buckets(after));
+    let counts: Vec<(f64, f64)> = new
+        .iter()
+        .map(|&(le, n)| {
+            let was = old.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c);
+            (le, n - was)
+        })
+        .collect();
+    let Some(&(_, total)) = counts.last() else {
+        return f64::NAN;
+    };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, cumulative) in &counts {
+        if cumulative >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let within = (rank - lower.1) / (cumulative - lower.1).max(f64::MIN_POSITIVE);
+            return lower.0 + (le - lower.0) * within;
+        }
+        lower = (le, cumulative);
+    }
+    f64::NAN
 }
 
 /// What a cache hit costs through the client against a plain `GET`: the

@@ -877,3 +877,39 @@ async fn slow_http_clients_cannot_hold_the_daemon_s_descriptors() {
     );
     crate::support::wait_status("ready", port, "/readyz", 200, Duration::from_secs(10)).await;
 }
+
+/// `pgci_stream_send_delay_seconds` is the time a commit spent inside
+/// PostgreSQL before the server sent it: a change committed while the
+/// daemon is down waits there until it starts (over a second here), while
+/// one committed once it streams is sent at once; `pgci_batch_seconds`
+/// counts the sink's batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_time_a_commit_waits_inside_postgres_is_measured_apart() {
+    let mut env = TestEnv::start(5).await;
+    env.setup();
+    let client = env.pg.client().await;
+    client
+        .batch_execute("update public.profiles set bio = 'waited' where id in (select id from public.profiles order by id limit 1)")
+        .await
+        .expect("update while the daemon is down");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _daemon = env.daemon().await;
+    env.sync().await;
+    let text = scrape(&env).await;
+    let get = |series: &str| metric(&text, series).unwrap_or(0.0);
+    let count = get("pgci_stream_send_delay_seconds_count");
+    assert!(count >= 2.0, "{text}");
+    assert!(
+        get("pgci_stream_send_delay_seconds_sum") >= 1.5,
+        "the change committed while the daemon was down waited 1.5 s: {text}"
+    );
+    assert!(
+        count - get("pgci_stream_send_delay_seconds_bucket{le=\"1\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        get("pgci_stream_send_delay_seconds_bucket{le=\"1\"}") >= 1.0,
+        "the sync's own change was sent at once: {text}"
+    );
+    assert!(get("pgci_batch_seconds_count") >= 1.0, "{text}");
+}

@@ -542,6 +542,7 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
             }
         };
         idle.reset();
+        let started = tokio::time::Instant::now();
         trimmer.moved(batch.bytes);
         if current.replaced(batch.generation) {
             continue;
@@ -603,6 +604,7 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
                 }
             }
         }
+        metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         if let Some(applied) = batch.ack {
             unconfirmed
                 .acks

@@ -88,6 +88,14 @@ pub const RECONNECTS_TOTAL: &str = "pgci_reconnects_total";
 /// Seconds from a transaction's commit to Redis acknowledging its
 /// invalidations (histogram).
 pub const APPLY_LATENCY_SECONDS: &str = "pgci_apply_latency_seconds";
+/// Seconds from a transaction's commit to the server sending it on the
+/// replication stream, both on the server's clock (histogram): the part of
+/// [`APPLY_LATENCY_SECONDS`] spent inside PostgreSQL.
+pub const STREAM_SEND_DELAY_SECONDS: &str = "pgci_stream_send_delay_seconds";
+/// Seconds the sink spent on one batch, from taking it to its last round
+/// trip: refresh queries, both deletion passes and the visibility check
+/// between them (histogram).
+pub const BATCH_SECONDS: &str = "pgci_batch_seconds";
 /// Server WAL end seen on the stream minus the confirmed LSN, in bytes.
 pub const REPLICATION_LAG_BYTES: &str = "pgci_replication_lag_bytes";
 /// WAL the slot keeps on the server (current LSN minus restart LSN).
@@ -148,6 +156,13 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// Buckets of the latency histograms, seconds: fine below 10 ms, where a
+/// live stream's figures fall, coarse up to the minute a backlog takes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 /// Installs the Prometheus recorder and describes every metric.
 pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
     let mut builder = PrometheusBuilder::new();
@@ -155,22 +170,22 @@ pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
     if let Some(group) = group {
         builder = builder.add_global_label("group", group);
     }
+    for latency in [
+        APPLY_LATENCY_SECONDS,
+        STREAM_SEND_DELAY_SECONDS,
+        BATCH_SECONDS,
+    ] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(latency.to_string()), LATENCY_BUCKETS)
+            .map_err(|e| e.to_string())?;
+    }
     let handle = builder
         .set_buckets_for_metric(
-            Matcher::Full(APPLY_LATENCY_SECONDS.to_string()),
+            Matcher::Full(BATCH_OPERATIONS.to_string()),
             &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0,
+                1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0,
             ],
         )
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(BATCH_OPERATIONS.to_string()),
-                &[
-                    1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0,
-                ],
-            )
-        })
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(VERIFY_STALE_AGE_SECONDS.to_string()),
@@ -288,6 +303,16 @@ fn describe() {
         APPLY_LATENCY_SECONDS,
         Unit::Seconds,
         "Commit to Redis acknowledgement"
+    );
+    describe_histogram!(
+        STREAM_SEND_DELAY_SECONDS,
+        Unit::Seconds,
+        "Commit to the server sending it on the stream (server clock): the part spent in PostgreSQL"
+    );
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Time the sink spent on one batch (queries, both deletion passes, visibility check)"
     );
     describe_gauge!(
         REPLICATION_LAG_BYTES,

@@ -107,6 +107,11 @@ pub struct ReplicationSource {
     /// reset only then, so a server that accepts and at once fails is not
     /// retried in a tight loop.
     session_healthy: bool,
+    /// When the server sent the newest change message (its clock,
+    /// microseconds since 2000): a commit's delay inside PostgreSQL is
+    /// measured against the send time of its last change (see
+    /// [`m::STREAM_SEND_DELAY_SECONDS`]).
+    last_sent_micros: i64,
     health: Arc<Health>,
     /// Set when the last failure was a lost slot, reported once by `next()`.
     slot_lost: Option<String>,
@@ -178,6 +183,7 @@ impl ReplicationSource {
             backoff: Backoff::new(&Pace::POSTGRES),
             retry_at: None,
             session_healthy: false,
+            last_sent_micros: 0,
             health,
             slot_lost: None,
             application_name: crate::config::DEFAULT_APPLICATION_NAME.to_string(),
@@ -366,13 +372,21 @@ impl ReplicationSource {
                     final_lsn,
                     commit_time_micros,
                     xid,
-                } => Event::Begin(Txn {
-                    xid,
-                    lsn: Lsn(final_lsn.as_u64()),
-                    commit_time_micros,
-                    fixed_seq: None,
-                }),
-                ReplicationEvent::XLogData { data, .. } => {
+                } => {
+                    self.last_sent_micros = 0;
+                    Event::Begin(Txn {
+                        xid,
+                        lsn: Lsn(final_lsn.as_u64()),
+                        commit_time_micros,
+                        fixed_seq: None,
+                    })
+                }
+                ReplicationEvent::XLogData {
+                    data,
+                    server_time_micros,
+                    ..
+                } => {
+                    self.last_sent_micros = server_time_micros;
                     let message = pgoutput::decode(&data).map_err(|error| Fatal {
                         what: format!("cannot decode the change stream: {error}"),
                         hint:
@@ -384,9 +398,16 @@ impl ReplicationSource {
                         None => continue,
                     }
                 }
-                ReplicationEvent::Commit { end_lsn, .. } => Event::Commit {
-                    ack: Some(Lsn(end_lsn.as_u64())),
-                },
+                ReplicationEvent::Commit {
+                    end_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    record_send_delay(commit_time_micros, self.last_sent_micros);
+                    Event::Commit {
+                        ack: Some(Lsn(end_lsn.as_u64())),
+                    }
+                }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     Event::Position(Lsn(wal_end.as_u64()))
                 }
@@ -658,6 +679,21 @@ async fn unheard(
 /// The neutral change a pgoutput message carries, if any (Begin and
 /// Commit arrive decoded by the transport; Type, Origin and messages
 /// inside transactions carry nothing to plan).
+/// Records how long a transaction spent inside PostgreSQL between its
+/// commit and the server sending it (both on the server's clock, so the
+/// daemon's clock does not matter): the WAL flush, the walsender waiting
+/// for CPU or reading through a backlog. Subtracted from
+/// [`m::APPLY_LATENCY_SECONDS`] it leaves the daemon's and Redis's part.
+/// `last_sent` is the send time of the transaction's last change message
+/// (0: none, nothing is recorded).
+fn record_send_delay(commit_time_micros: i64, last_sent_micros: i64) {
+    if last_sent_micros == 0 || commit_time_micros == 0 {
+        return;
+    }
+    let delay = (last_sent_micros - commit_time_micros).max(0) as f64 / 1e6;
+    metrics::histogram!(m::STREAM_SEND_DELAY_SECONDS).record(delay);
+}
+
 fn change_of(message: Message) -> Option<Change> {
     Some(match message {
         Message::Relation(relation) => Change::Schema(TableSchema {
