@@ -104,7 +104,26 @@ impl Outcome {
             self.tally.requests as f64 / self.seconds.max(1) as f64,
             write_p50,
             write_p99,
-        ) + &self.cut_line()
+        ) + &self.stale_line()
+            + &self.cut_line()
+    }
+
+    /// When there were stale reads: how many L1 answered, and how long
+    /// their pages had been superseded (p50, p99, max).
+    fn stale_line(&self) -> String {
+        let t = &self.tally;
+        if t.stale_ages_us.is_empty() {
+            return String::new();
+        }
+        let mut ages = t.stale_ages_us.clone();
+        ages.sort_unstable();
+        format!(
+            " stale_from_l1={} stale_age_p50_ms={:.3} stale_age_p99_ms={:.3} stale_age_max_ms={:.3}",
+            t.stale_from_l1,
+            self.quantile_ms(&ages, 0.50),
+            self.quantile_ms(&ages, 0.99),
+            f64::from(*ages.last().unwrap_or(&0)) / 1000.0,
+        )
     }
 
     /// The reads right after a cut of L1's connection, when there were any.

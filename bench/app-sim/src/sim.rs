@@ -135,6 +135,11 @@ pub struct Tally {
     pub own_latency_us: u64,
     /// The longest a returned page had been superseded.
     pub worst_stale: Duration,
+    /// Of the stale reads, those the in-process cache answered.
+    pub stale_from_l1: u64,
+    /// How long each stale read's page had been superseded when the read
+    /// started, microseconds (the window a cache leaves open).
+    pub stale_ages_us: Vec<u32>,
     /// Each read's latency, microseconds.
     pub latencies_us: Vec<u32>,
     /// Each of the app's writes' latency (statement and commit),
@@ -157,6 +162,8 @@ impl Tally {
         self.own_queried += other.own_queried;
         self.own_latency_us += other.own_latency_us;
         self.worst_stale = self.worst_stale.max(other.worst_stale);
+        self.stale_from_l1 += other.stale_from_l1;
+        self.stale_ages_us.extend(other.stale_ages_us);
         self.latencies_us.extend(other.latencies_us);
         self.commit_latencies_us.extend(other.commit_latencies_us);
     }
@@ -256,10 +263,13 @@ async fn judged_read(
         .push(took.as_micros().min(u32::MAX as u128) as u32);
     if stale {
         tally.stale += 1;
+        tally.stale_from_l1 += u64::from(read.near);
         if let Some(since) = shared.truth.newer_since(entity, version) {
-            tally.worst_stale = tally
-                .worst_stale
-                .max(started.saturating_duration_since(since));
+            let age = started.saturating_duration_since(since);
+            tally.worst_stale = tally.worst_stale.max(age);
+            tally
+                .stale_ages_us
+                .push(age.as_micros().min(u32::MAX as u128) as u32);
         }
     }
     series.add(started, read.hit, stale);
