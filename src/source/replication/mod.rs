@@ -676,9 +676,6 @@ async fn unheard(
     }
 }
 
-/// The neutral change a pgoutput message carries, if any (Begin and
-/// Commit arrive decoded by the transport; Type, Origin and messages
-/// inside transactions carry nothing to plan).
 /// Records how long a transaction spent inside PostgreSQL between its
 /// commit and the server sending it (both on the server's clock, so the
 /// daemon's clock does not matter): the WAL flush, the walsender waiting
@@ -694,6 +691,9 @@ fn record_send_delay(commit_time_micros: i64, last_sent_micros: i64) {
     metrics::histogram!(m::STREAM_SEND_DELAY_SECONDS).record(delay);
 }
 
+/// The neutral change a pgoutput message carries, if any (Begin and
+/// Commit arrive decoded by the transport; Type, Origin and messages
+/// inside transactions carry nothing to plan).
 fn change_of(message: Message) -> Option<Change> {
     Some(match message {
         Message::Relation(relation) => Change::Schema(TableSchema {
