@@ -397,8 +397,19 @@ impl Waiter {
 async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
     let mut env = TestEnv::start(100).await;
     let _standby = env.pg.standby().await;
+    // Heartbeats tell the daemon soon when synchronous_standby_names
+    // comes to name it, and it reopens its stream at the synchronous pace
+    // (see `SYNC_STATUS_INTERVAL`).
+    env.write_config("[replication]\nheartbeat_interval = \"200ms\"\n");
     env.setup();
-    let _daemon = env.daemon().await;
+    let daemon = env.daemon().await;
+    let paced = |every: &str| {
+        daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains("replication stream started") && l.contains(every))
+            .count()
+    };
     let admin = env.pg.client().await;
     let writer = env.pg.client().await;
     let ids: Vec<String> = writer
@@ -413,6 +424,7 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
         .await
         .expect("prepare");
     let mut times: Vec<(Waiter, Vec<f64>)> = Waiter::ALL.iter().map(|w| (*w, Vec::new())).collect();
+    let mut previous: Option<Waiter> = None;
     for _ in 0..args.runs {
         for (waiter, ms) in &mut times {
             let (names, mode) = match waiter {
@@ -421,7 +433,26 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
                 Waiter::Daemon => ("\"pg-cache-invalidator\"", "remote_apply"),
             };
             let application = (!names.is_empty()).then(|| names.trim_matches('"'));
+            let every = match waiter {
+                Waiter::Daemon => "reports_every=100µs",
+                _ => "reports_every=1ms",
+            };
+            let sessions = paced(every);
+            let reopens = waiter_changes_pace(previous, *waiter);
             pgci_test_support::set_synchronous_standbys(&admin, names, application).await;
+            // (A daemon from before the pace changed logs none.)
+            if reopens && paced("reports_every=") > 0 {
+                pgci_test_support::wait_for(
+                    "the daemon's stream to reopen at its new pace",
+                    Duration::from_secs(30),
+                    || {
+                        let now = paced(every);
+                        async move { now > sessions }
+                    },
+                )
+                .await;
+            }
+            previous = Some(*waiter);
             writer
                 .batch_execute(&format!("set synchronous_commit = {mode}"))
                 .await
@@ -441,6 +472,14 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
         ms.sort_by(|a, b| a.total_cmp(b));
     }
     times
+}
+
+/// Whether the daemon reopens its stream when commits go from waiting
+/// for `from` to waiting for `to`: it reports at the synchronous pace
+/// only while `synchronous_standby_names` names it.
+fn waiter_changes_pace(from: Option<Waiter>, to: Waiter) -> bool {
+    let daemon = |w: Waiter| matches!(w, Waiter::Daemon);
+    from.is_some_and(|from| daemon(from) != daemon(to))
 }
 
 async fn catchup(args: &Args) -> Vec<Catchup> {

@@ -410,6 +410,7 @@ async fn stream<K: Sink>(
                 tasks.spawn(slot::heartbeats(
                     conn.clone(),
                     config.replication.slot.clone(),
+                    config.replication.application_name.clone(),
                     every,
                     slot::DriftCheck {
                         rules: Arc::clone(&rules),

@@ -655,3 +655,77 @@ async fn fences_leave_no_old_balance_to_any_reader_of_a_synchronous_commit() {
     );
     assert_eq!(fenced.stale, 0, "{fenced:?}");
 }
+
+/// Confirmations are reported at the synchronous pace only while commits
+/// may wait for the daemon: when `synchronous_standby_names` comes to name
+/// it (read by the heartbeats), the stream reopens reporting every 100 µs
+/// instead of every millisecond (each report releases a waiting commit, and
+/// at 1 ms half of a busy writer's commits waited for the timer), and goes
+/// back when it no longer names it. A synchronous commit made across the
+/// switch is released with its invalidation applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn confirmations_are_reported_at_once_only_while_commits_wait_for_the_daemon() {
+    let mut env = TestEnv::start(4).await;
+    env.write_config("[replication]\nheartbeat_interval = \"200ms\"\n");
+    env.setup();
+    let daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    let paced = |log: &str, every: &str| {
+        log.lines()
+            .filter(|l| l.contains("replication stream started") && l.contains(every))
+            .count()
+    };
+    assert_eq!(
+        paced(&daemon.log(), "reports_every=1ms"),
+        1,
+        "{}",
+        daemon.log()
+    );
+    make_daemon_synchronous(&admin).await;
+    wait_for(
+        "the stream to reopen at the synchronous pace",
+        Duration::from_secs(20),
+        || {
+            let log = daemon.log();
+            async move { paced(&log, "reports_every=100µs") == 1 }
+        },
+    )
+    .await;
+    let id: String = admin
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    let write = synchronous_update(env.pg.client().await, id).await;
+    tokio::time::timeout(Duration::from_secs(20), write)
+        .await
+        .expect("the synchronous commit is released")
+        .expect("writer task");
+    assert_eq!(
+        crate::support::surviving(&mut redis, std::slice::from_ref(&key)).await,
+        0,
+        "released only after the invalidation was applied"
+    );
+    pgci_test_support::set_synchronous_standbys(&admin, "", None).await;
+    wait_for(
+        "the stream to reopen at the usual pace",
+        Duration::from_secs(20),
+        || {
+            let log = daemon.log();
+            async move { paced(&log, "reports_every=1ms") == 2 }
+        },
+    )
+    .await;
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("synchronous_standby_names changed").count(),
+        2,
+        "one reopening each way, no more: {log}"
+    );
+}

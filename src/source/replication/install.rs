@@ -314,20 +314,29 @@ async fn standby_warnings(standby: &Db) -> Result<Vec<String>, DbError> {
 /// without case, as the walsender does; `*` is any standby, which a
 /// physical standby satisfies, so it does not count).
 pub(crate) fn lists_standby(setting: &str, application_name: &str) -> bool {
+    standby_names(setting).any(|name| name.eq_ignore_ascii_case(application_name))
+}
+
+/// Whether commits may wait for a session named `application_name`:
+/// [`lists_standby`], or `*` (any standby).
+pub(crate) fn may_wait_for(setting: &str, application_name: &str) -> bool {
+    standby_names(setting).any(|name| name == "*" || name.eq_ignore_ascii_case(application_name))
+}
+
+/// The names in a `synchronous_standby_names` setting, unquoted.
+fn standby_names(setting: &str) -> impl Iterator<Item = String> + '_ {
     let setting = setting.trim();
     let list = match (setting.find('('), setting.rfind(')')) {
         (Some(open), Some(close)) if open < close => &setting[open + 1..close],
         _ => setting,
     };
-    list.split(',')
-        .map(|name| {
-            let name = name.trim();
-            match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-                Some(quoted) => quoted.replace("\"\"", "\""),
-                None => name.to_string(),
-            }
-        })
-        .any(|name| name.eq_ignore_ascii_case(application_name))
+    list.split(',').map(|name| {
+        let name = name.trim();
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => name.to_string(),
+        }
+    })
 }
 
 /// Plans the statements that make the database ready for `rules`: replica
@@ -702,7 +711,7 @@ fn failover_text(failover: Option<bool>, standby_slots: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::lists_standby;
+    use super::{lists_standby, may_wait_for};
 
     #[test]
     fn synchronous_standby_names_are_read_in_every_form() {
@@ -720,5 +729,21 @@ mod tests {
             assert!(!lists_standby(not_listed, name), "{not_listed}");
         }
         assert!(lists_standby("ANY 1 (Cache)", "cache"));
+    }
+
+    #[test]
+    fn any_standby_may_be_this_daemon() {
+        let name = "pg-cache-invalidator";
+        for waits in [
+            "*",
+            "FIRST 1 (*)",
+            "ANY 1 (standby, *)",
+            "\"pg-cache-invalidator\"",
+        ] {
+            assert!(may_wait_for(waits, name), "{waits}");
+        }
+        for not in ["", "standby", "ANY 1 (a, b)"] {
+            assert!(!may_wait_for(not, name), "{not}");
+        }
     }
 }

@@ -9,9 +9,10 @@
 //! ```
 //!
 //! The transport reports the confirmed LSN to the server within
-//! [`STATUS_INTERVAL`] of each confirmation (coalesced: never more often),
-//! which is what releases a commit waiting for this daemon as a
-//! synchronous standby, and never on its own at shutdown, so
+//! [`STATUS_INTERVAL`] of each confirmation (coalesced: never more often;
+//! [`SYNC_STATUS_INTERVAL`] while `synchronous_standby_names` may make
+//! commits wait for this daemon, since each report is what releases one),
+//! and never on its own at shutdown, so
 //! [`ReplicationSource::shutdown`] waits until the last confirmation has gone
 //! out. A lost connection or a terminated walsender is transient: the session
 //! is reopened with capped exponential backoff and the server resumes from
@@ -47,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use self::origin::{Origin, OriginStore, Since};
 use self::slot::ServerView;
 use crate::change::{Change, Column, Row, RowOp, TableName, TableSchema, Value};
-use crate::db::{ConnInfo, Db, Endpoint, SslMode};
+use crate::db::{catalog, ConnInfo, Db, Endpoint, SslMode};
 use crate::decode::pgoutput::{self, Datum, Message, Tuple};
 use crate::error::{self, Backoff, Class, Fatal, Pace, SlotHealth};
 use crate::lsn::Lsn;
@@ -60,15 +61,25 @@ use crate::telemetry::metrics as m;
 /// microseconds.
 pub const HEARTBEAT_PREFIX: &str = "pg-cache-invalidator.heartbeat";
 
-/// The longest a confirmation waits before it is reported to the server,
-/// and the shortest time between two reports. A confirmation arriving
-/// after a quiet spell goes out at once; under load, reports coalesce to
-/// one per interval (200/s of 34-byte messages). A commit waiting for this
-/// daemon as a synchronous standby is released that much after Redis
-/// acknowledged its invalidation, at most.
+/// The shortest time between two reports of the confirmed position to the
+/// server. A confirmation arriving later than that after the last report
+/// goes out at once; one arriving sooner waits for the timer, whose ticks
+/// are a millisecond apart (so up to 2 ms). Under load, reports coalesce
+/// to at most one per interval (1,000/s of 39-byte messages).
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(1);
+/// [`STATUS_INTERVAL`] while `synchronous_standby_names` may make commits
+/// wait for this daemon: each report releases a waiting commit, and one
+/// writer committing back to back confirms about once a millisecond, so at
+/// 1 ms half its commits waited for the timer (benchmark `sync-commit`:
+/// p50 1.8–2.0 ms, p99 3.5 ms; at 100 µs 0.8–0.9 and 1.8–2.0 ms). The
+/// transport also reports at every read from the socket once this much
+/// has passed, so the walsender spends about 13 % more CPU at 5,000
+/// rows/s: only a daemon that commits wait for pays it.
+pub const SYNC_STATUS_INTERVAL: Duration = Duration::from_micros(100);
 /// How long a shutdown waits for the final confirmation to be reported.
 const FINAL_REPORT_WAIT: Duration = Duration::from_secs(3);
+/// How long ending a session to reopen it may take.
+const END_WAIT: Duration = Duration::from_secs(5);
 /// How long opening a session may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest opening a session may take as a whole (connecting, reading
@@ -138,6 +149,9 @@ pub struct ReplicationSource {
     server_view: Option<watch::Receiver<Option<ServerView>>>,
     /// When the current session started.
     session_started: Instant,
+    /// Whether commits could wait for the current session when it opened
+    /// (it then reports every [`SYNC_STATUS_INTERVAL`]).
+    waited_for: bool,
 }
 
 /// A session that failed with an error that may mean the slot is lost,
@@ -166,6 +180,8 @@ struct Opened {
     client: ReplicationClient,
     endpoint: Endpoint,
     origin: Origin,
+    /// See [`ReplicationSource::waited_for`].
+    waited_for: bool,
     /// The stored origin, when it was asked for.
     stored: Option<Origin>,
 }
@@ -195,6 +211,7 @@ impl ReplicationSource {
             stored: None,
             server_view: None,
             session_started: Instant::now(),
+            waited_for: false,
         }
     }
 
@@ -262,13 +279,14 @@ impl ReplicationSource {
                 // half-open session is not abandoned (it would hold the slot
                 // and make the next attempt fail with "slot is active").
                 let cfg = self.replication_config();
+                let application = self.application_name.clone();
                 let info = self.info.clone();
                 let store = (!self.store_read).then(|| self.store.clone()).flatten();
                 let opening = self.opening.get_or_insert_with(|| {
                     tokio::spawn(async move {
                         // Bounded as a whole: any of its connections may be
                         // one the network drops silently.
-                        tokio::time::timeout(OPEN_LIMIT, open(info, cfg, store))
+                        tokio::time::timeout(OPEN_LIMIT, open(info, cfg, application, store))
                             .await
                             .unwrap_or_else(|_| {
                                 Err(PgWireError::Task(format!(
@@ -287,6 +305,7 @@ impl ReplicationSource {
                         mut client,
                         endpoint,
                         origin,
+                        waited_for,
                         stored,
                     }) => {
                         if !self.store_read && self.store.is_some() {
@@ -327,8 +346,10 @@ impl ReplicationSource {
                                 self.confirmed.0,
                             ));
                         }
-                        tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, host = %endpoint, "replication stream started");
+                        tracing::info!(slot = %self.slot, confirmed_lsn = %self.confirmed, host = %endpoint,
+                            reports_every = ?report_interval(waited_for), "replication stream started");
                         self.client = Some(client);
+                        self.waited_for = waited_for;
                         self.session_started = Instant::now();
                         self.session_healthy = false;
                         self.health.set_streaming(true);
@@ -342,13 +363,19 @@ impl ReplicationSource {
             };
             let received = tokio::select! {
                 received = client.recv() => Ok(received),
-                why = unheard(self.server_view.as_mut(), self.session_started) => Err(why),
+                says = view_says(self.server_view.as_mut(), self.session_started, self.waited_for) => Err(says),
             };
             let received = match received {
                 Ok(received) => received,
-                Err(why) => {
+                Err(ViewSays::Unheard(why)) => {
                     metrics::counter!(m::STREAM_SILENT_TOTAL).increment(1);
                     self.fail(PgWireError::Task(why));
+                    continue;
+                }
+                Err(ViewSays::WaitedFor(waited_for)) => {
+                    tracing::info!(slot = %self.slot, waited_for, reports_every = ?report_interval(waited_for),
+                        "synchronous_standby_names changed: reopening the stream to report confirmations at the matching pace");
+                    self.end_session().await;
                     continue;
                 }
             };
@@ -518,6 +545,16 @@ impl ReplicationSource {
         .with_options(crate::db::SESSION_OPTIONS)
     }
 
+    /// Ends the session cleanly, so its walsender lets go of the slot at
+    /// once, for the next `next()` to open another straight away (what was
+    /// not confirmed yet is sent again).
+    async fn end_session(&mut self) {
+        if let Some(mut client) = self.client.take() {
+            let _ = tokio::time::timeout(END_WAIT, client.shutdown()).await;
+        }
+        self.health.set_streaming(false);
+    }
+
     /// Drops the session; an error that may mean the slot is lost has the
     /// catalog asked (in a task, see [`Failing`]); `next()` classifies it.
     fn fail(&mut self, error: PgWireError) {
@@ -642,30 +679,56 @@ impl Source for ReplicationSource {
     }
 }
 
+/// What the heartbeats' reading of the server asks of the session.
+enum ViewSays {
+    /// It is gone though never closed: replace it (the reason).
+    Unheard(String),
+    /// Whether commits may wait for this daemon changed to this: reopen at
+    /// the matching [`report_interval`].
+    WaitedFor(bool),
+}
+
+/// How often a session reports its confirmations (see
+/// [`SYNC_STATUS_INTERVAL`]).
+fn report_interval(waited_for: bool) -> Duration {
+    match waited_for {
+        true => SYNC_STATUS_INTERVAL,
+        false => STATUS_INTERVAL,
+    }
+}
+
 /// Resolves once the server holding the slot, read after the session had
 /// been open for [`UNHEARD_LIMIT`], says it has not heard from the session
-/// for that long, or that no session holds the slot; never without `view`.
-async fn unheard(
+/// for that long, or that no session holds the slot; or once a reading
+/// taken after the session opened disagrees with `waited_for` (the
+/// session's pace, see [`SYNC_STATUS_INTERVAL`]). Never without `view`.
+async fn view_says(
     view: Option<&mut watch::Receiver<Option<ServerView>>>,
     session_started: Instant,
-) -> String {
+    waited_for: bool,
+) -> ViewSays {
     let Some(view) = view else {
         return std::future::pending().await;
     };
     loop {
         let seen = *view.borrow_and_update();
+        if let Some(seen) = seen.filter(|s| s.checked_at > session_started.into_std()) {
+            if seen.waited_for != waited_for {
+                return ViewSays::WaitedFor(seen.waited_for);
+            }
+        }
         if let Some(seen) =
             seen.filter(|s| s.checked_at > (session_started + UNHEARD_LIMIT).into_std())
         {
             match seen.unheard_for {
                 None => {
-                    return "the server says no session streams the slot, yet this one was never closed (the network dropped it?); reconnecting".to_string()
+                    return ViewSays::Unheard("the server says no session streams the slot, yet this one was never closed (the network dropped it?); reconnecting".to_string())
                 }
                 Some(unheard) if unheard >= UNHEARD_LIMIT => {
-                    return format!(
+                    return ViewSays::Unheard(format!(
                         "the server has not heard from this session for {}s, yet it was never closed (the network dropped it?); reconnecting",
                         unheard.as_secs()
-                    )
+                    ))
                 }
                 Some(_) => {}
             }
@@ -776,6 +839,7 @@ fn as_stream_error(error: &crate::db::DbError) -> PgWireError {
 async fn open(
     info: ConnInfo,
     mut cfg: ReplicationConfig,
+    application_name: String,
     store: Option<Arc<dyn OriginStore>>,
 ) -> Result<Opened, PgWireError> {
     if !info.decodes_on_standby() && info.endpoints.len() > 1 {
@@ -794,16 +858,24 @@ async fn open(
     };
     // Never stream without knowing which history the slot is on (see
     // [`origin`]): a session whose origin cannot be read is retried.
-    let origin = async {
+    let (origin, waited_for) = async {
         let server = match info.decodes_on_standby() {
             true => info.slot_server().clone(),
             false => info.at(&endpoint),
         };
         let db = Db::connect(&server).await?;
-        Origin::read(&db, &cfg.slot).await
+        let origin = Origin::read(&db, &cfg.slot).await?;
+        // A slot on a standby cannot release the primary's commits.
+        let waited_for = !info.decodes_on_standby()
+            && install::may_wait_for(
+                &catalog::setting(&db, "synchronous_standby_names").await?,
+                &application_name,
+            );
+        Ok::<_, crate::db::DbError>((origin, waited_for))
     }
     .await
     .map_err(|error| as_stream_error(&error))?;
+    cfg.status_interval = report_interval(waited_for);
     let mut client = ReplicationClient::connect(cfg).await?;
     match tokio::time::timeout(OPEN_TIMEOUT, client.wait_started()).await {
         Ok(result) => result?,
@@ -821,6 +893,7 @@ async fn open(
         client,
         endpoint,
         origin,
+        waited_for,
         stored,
     })
 }

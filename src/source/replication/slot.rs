@@ -33,6 +33,7 @@ use crate::error::{Class, Pace, Retry, SlotHealth};
 use crate::lsn::Lsn;
 use crate::plan::rules::RuleSet;
 use crate::source::replication::drift::{drifted_tables, membership, rejoined, CatalogReport};
+use crate::source::replication::install::may_wait_for;
 use crate::source::replication::HEARTBEAT_PREFIX;
 use crate::telemetry::metrics as m;
 
@@ -45,6 +46,9 @@ pub struct ServerView {
     /// How long the walsender holding the slot had gone without a reply
     /// from its client; `None` when no session held the slot.
     pub unheard_for: Option<Duration>,
+    /// Whether the primary's `synchronous_standby_names` may make commits
+    /// wait for this daemon (never when it decodes on a standby).
+    pub waited_for: bool,
 }
 
 /// The longest a heartbeat round (connecting, the drift check, the
@@ -64,10 +68,12 @@ pub struct DriftCheck {
 }
 
 /// Writes heartbeats every `every` until `cancel` fires; checks for drift
-/// with each, and reports the server's view of the stream to `seen`.
+/// with each, and reports the server's view of the stream (named
+/// `application_name`) to `seen`.
 pub async fn heartbeats(
     conn: ConnInfo,
     slot: String,
+    application_name: String,
     every: Duration,
     drift: DriftCheck,
     seen: watch::Sender<Option<ServerView>>,
@@ -106,6 +112,8 @@ pub async fn heartbeats(
                 seen.send_replace(Some(ServerView {
                     checked_at: std::time::Instant::now(),
                     unheard_for: usage.unheard_for,
+                    waited_for: !conn.decodes_on_standby()
+                        && may_wait_for(&usage.standby_names, &application_name),
                 }));
             }
             Ok(None) => failing = false,
@@ -498,6 +506,8 @@ struct SlotUsage {
     wal_status: String,
     /// See [`ServerView::unheard_for`].
     unheard_for: Option<Duration>,
+    /// `synchronous_standby_names` where the slot lives.
+    standby_names: String,
 }
 
 /// How much WAL the slot retains on the server that holds it (`db`, the
@@ -514,7 +524,8 @@ async fn slot_usage(db: &Db, slot: &str) -> Result<Option<SlotUsage>, DbError> {
                                    where r.pid = s.active_pid), false), \
                         s.safe_wal_size, \
                         (select extract(epoch from clock_timestamp() - coalesce(r.reply_time, r.backend_start))::float8 \
-                           from pg_stat_replication r where r.pid = s.active_pid) \
+                           from pg_stat_replication r where r.pid = s.active_pid), \
+                        current_setting('synchronous_standby_names') \
                    from pg_replication_slots s where s.slot_name = $1",
                 crate::db::catalog::WAL_NOW
             ),
@@ -534,6 +545,7 @@ async fn slot_usage(db: &Db, slot: &str) -> Result<Option<SlotUsage>, DbError> {
             unheard_for: r
                 .get::<_, Option<f64>>(4)
                 .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+            standby_names: r.get(5),
         }
     }))
 }
