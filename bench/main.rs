@@ -457,6 +457,13 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
                 .batch_execute(&format!("set synchronous_commit = {mode}"))
                 .await
                 .expect("synchronous_commit");
+            let scrape = || async {
+                pgci_test_support::http_get(env.http_port, "/metrics")
+                    .await
+                    .map(|(_, body)| body)
+                    .unwrap_or_default()
+            };
+            let before = scrape().await;
             let until = Instant::now() + Duration::from_secs(args.seconds);
             let mut i = 0;
             while Instant::now() < until {
@@ -465,6 +472,18 @@ async fn sync_commit(args: &Args) -> Vec<(Waiter, Vec<f64>)> {
                 let started = Instant::now();
                 writer.execute(&update, &[id]).await.expect("update");
                 ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            if matches!(waiter, Waiter::Daemon) {
+                let after = scrape().await;
+                let q = |p| {
+                    histogram_quantile(&before, &after, "pgci_confirm_report_wait_seconds", p)
+                        * 1000.0
+                };
+                eprintln!(
+                    "    the daemon's confirmations waited for their report p50 ~{:.3} p99 ~{:.3} ms",
+                    q(0.5),
+                    q(0.99)
+                );
             }
         }
     }

@@ -882,7 +882,8 @@ async fn slow_http_clients_cannot_hold_the_daemon_s_descriptors() {
 /// PostgreSQL before the server sent it: a change committed while the
 /// daemon is down waits there until it starts (over a second here), while
 /// one committed once it streams is sent at once; `pgci_batch_seconds`
-/// counts the sink's batches.
+/// counts the sink's batches, and `pgci_confirm_report_wait_seconds` the
+/// wait of each confirmation for its report to the server.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_time_a_commit_waits_inside_postgres_is_measured_apart() {
     let mut env = TestEnv::start(5).await;
@@ -912,4 +913,8 @@ async fn the_time_a_commit_waits_inside_postgres_is_measured_apart() {
         "the sync's own change was sent at once: {text}"
     );
     assert!(get("pgci_batch_seconds_count") >= 1.0, "{text}");
+    assert!(
+        get("pgci_confirm_report_wait_seconds_count") >= 1.0,
+        "each confirmation's wait for its report is measured: {text}"
+    );
 }

@@ -96,6 +96,11 @@ pub const STREAM_SEND_DELAY_SECONDS: &str = "pgci_stream_send_delay_seconds";
 /// trip: refresh queries, both deletion passes and the visibility check
 /// between them (histogram).
 pub const BATCH_SECONDS: &str = "pgci_batch_seconds";
+/// Seconds a confirmation waited in the transport before it was reported
+/// to the server, which is what releases a commit waiting for the daemon
+/// as a synchronous standby (histogram; see
+/// [`crate::source::replication::SYNC_STATUS_INTERVAL`]).
+pub const CONFIRM_REPORT_WAIT_SECONDS: &str = "pgci_confirm_report_wait_seconds";
 /// Server WAL end seen on the stream minus the confirmed LSN, in bytes.
 pub const REPLICATION_LAG_BYTES: &str = "pgci_replication_lag_bytes";
 /// WAL the slot keeps on the server (current LSN minus restart LSN).
@@ -163,6 +168,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// Buckets of [`CONFIRM_REPORT_WAIT_SECONDS`], seconds: around the
+/// transport's report intervals (100 µs, 1 ms) and its timer's 1 ms tick.
+const REPORT_WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.1, 1.0, 10.0,
+];
+
 /// Installs the Prometheus recorder and describes every metric.
 pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
     let mut builder = PrometheusBuilder::new();
@@ -186,6 +197,12 @@ pub fn install(group: Option<&str>) -> Result<PrometheusHandle, String> {
                 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0,
             ],
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(CONFIRM_REPORT_WAIT_SECONDS.to_string()),
+                REPORT_WAIT_BUCKETS,
+            )
+        })
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(VERIFY_STALE_AGE_SECONDS.to_string()),
@@ -308,6 +325,11 @@ fn describe() {
         STREAM_SEND_DELAY_SECONDS,
         Unit::Seconds,
         "Commit to the server sending it on the stream (server clock): the part spent in PostgreSQL"
+    );
+    describe_histogram!(
+        CONFIRM_REPORT_WAIT_SECONDS,
+        Unit::Seconds,
+        "Confirmation to its report to the server (what releases a synchronous commit)"
     );
     describe_histogram!(
         BATCH_SECONDS,

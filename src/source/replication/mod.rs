@@ -39,7 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{
-    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+    FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+    TlsConfig,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -540,6 +541,10 @@ impl ReplicationSource {
         .with_start_lsn(pgwire_replication::Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(IDLE_FEEDBACK)
+        .with_feedback_observer(FeedbackObserver::new(|sent| {
+            metrics::histogram!(m::CONFIRM_REPORT_WAIT_SECONDS)
+                .record(sent.pending_for.as_secs_f64());
+        }))
         .with_buffer_size(self.buffer_messages)
         .with_application_name(self.application_name.clone())
         .with_options(crate::db::SESSION_OPTIONS)
