@@ -652,6 +652,60 @@ async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
     );
 }
 
+/// A publication dropped while the daemon streams and created again only
+/// seconds later (a migration half way through): the daemon waits for it
+/// instead of exiting, and rebuilds the slot once it is back. It exited
+/// ("run setup") when it asked the catalog between the drop and the
+/// create, which made the test above fail under load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_missing_for_a_while_is_waited_for() {
+    let mut env = TestEnv::start(20).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let client = env.pg.client().await;
+    let tables: Vec<String> = client
+        .query(
+            "select format('%I.%I', schemaname, tablename) from pg_publication_tables where pubname = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let keys = balance_keys(&env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("drop publication pg_cache_invalidator")
+        .await
+        .expect("drop");
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        daemon.try_status().is_none(),
+        "the daemon waits for the publication: {}",
+        daemon.log()
+    );
+    client
+        .batch_execute(&format!(
+            "create publication pg_cache_invalidator for table {}",
+            tables.join(", ")
+        ))
+        .await
+        .expect("create");
+    daemon
+        .wait_for("the keys to be flushed", Duration::from_secs(60), || {
+            let mut redis = redis.clone();
+            let keys = keys.clone();
+            async move { surviving(&mut redis, &keys).await == 0 }
+        })
+        .await;
+}
+
 /// SIGTERM while start-up waits for a Redis (or a PostgreSQL) that does
 /// not answer yet exits 0, as any SIGTERM: nothing was read, so nothing is
 /// lost. It exited 1 (Redis) and 2 (PostgreSQL), which a supervisor takes

@@ -623,6 +623,19 @@ impl ReplicationSource {
             ));
             return Ok(());
         }
+        // The same while the publication is missing: a migration that drops
+        // and creates it again may be half way. Wait for it, not ready,
+        // rather than exit; once it is back, the branch above rebuilds.
+        if slot == SlotHealth::Usable
+            && error::replication_sqlstate(&error) == Some("42704")
+            && answers.publication_exists == Some(false)
+        {
+            let delay = self.backoff.next_delay();
+            self.retry_at = Some(Instant::now() + delay);
+            tracing::error!(slot = %self.slot, publication = %self.publication, error = %text, retry_in = ?delay,
+                "the publication does not exist (dropped?): waiting for it to be created again (pg-cache-invalidator setup creates it)");
+            return Ok(());
+        }
         match error::replication(&error, slot) {
             Class::PositionLost => {
                 tracing::error!(slot = %self.slot, error = %text,
