@@ -596,7 +596,7 @@ async fn redis_restored_while_running(postgres_extra: &str, record_key: &str) {
 async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
     let mut env = TestEnv::start(50).await;
     env.setup();
-    let daemon = env.daemon().await;
+    let mut daemon = env.daemon().await;
     let client = env.pg.client().await;
     let tables: Vec<String> = client
         .query(
@@ -626,12 +626,14 @@ async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
         ))
         .await
         .expect("create");
-    wait_for("the keys to be flushed", Duration::from_secs(60), || {
-        let mut redis = redis.clone();
-        let keys = keys.clone();
-        async move { surviving(&mut redis, &keys).await == 0 }
-    })
-    .await;
+    // The daemon's own wait: a timeout prints its log.
+    daemon
+        .wait_for("the keys to be flushed", Duration::from_secs(60), || {
+            let mut redis = redis.clone();
+            let keys = keys.clone();
+            async move { surviving(&mut redis, &keys).await == 0 }
+        })
+        .await;
     // It keeps streaming from the new slot.
     preset(&mut redis, &keys).await;
     client
