@@ -598,34 +598,8 @@ async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
     env.setup();
     let mut daemon = env.daemon().await;
     let client = env.pg.client().await;
-    let tables: Vec<String> = client
-        .query(
-            "select format('%I.%I', schemaname, tablename) from pg_publication_tables where pubname = 'pg_cache_invalidator'",
-            &[],
-        )
-        .await
-        .expect("tables")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let keys = balance_keys(&env).await;
-    let mut redis = env.redis.conn().await;
-    preset(&mut redis, &keys).await;
-    client
-        .batch_execute("drop publication pg_cache_invalidator")
-        .await
-        .expect("drop");
-    client
-        .batch_execute("update public.user_tokens set balance = balance + 1")
-        .await
-        .expect("update");
-    client
-        .batch_execute(&format!(
-            "create publication pg_cache_invalidator for table {}",
-            tables.join(", ")
-        ))
-        .await
-        .expect("create");
+    let (tables, keys, mut redis) = drop_publication_under_a_change(&env, &client).await;
+    create_publication(&client, &tables).await;
     // The daemon's own wait: a timeout prints its log.
     daemon
         .wait_for("the keys to be flushed", Duration::from_secs(60), || {
@@ -654,6 +628,48 @@ async fn a_publication_dropped_and_recreated_rebuilds_the_slot() {
     );
 }
 
+/// Presets the balance keys, drops the publication and updates every
+/// balance; returns the tables it published, the keys and a Redis
+/// connection.
+async fn drop_publication_under_a_change(
+    env: &TestEnv,
+    client: &tokio_postgres::Client,
+) -> (Vec<String>, Vec<String>, redis::aio::MultiplexedConnection) {
+    let tables: Vec<String> = client
+        .query(
+            "select format('%I.%I', schemaname, tablename) from pg_publication_tables where pubname = 'pg_cache_invalidator'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let keys = balance_keys(env).await;
+    let mut redis = env.redis.conn().await;
+    preset(&mut redis, &keys).await;
+    client
+        .batch_execute("drop publication pg_cache_invalidator")
+        .await
+        .expect("drop");
+    client
+        .batch_execute("update public.user_tokens set balance = balance + 1")
+        .await
+        .expect("update");
+    (tables, keys, redis)
+}
+
+/// Creates the publication again for `tables`.
+async fn create_publication(client: &tokio_postgres::Client, tables: &[String]) {
+    client
+        .batch_execute(&format!(
+            "create publication pg_cache_invalidator for table {}",
+            tables.join(", ")
+        ))
+        .await
+        .expect("create");
+}
+
 /// A publication dropped while the daemon streams and created again only
 /// seconds later (a migration half way through): the daemon waits for it
 /// instead of exiting, and rebuilds the slot once it is back. It exited
@@ -665,40 +681,14 @@ async fn a_publication_missing_for_a_while_is_waited_for() {
     env.setup();
     let mut daemon = env.daemon().await;
     let client = env.pg.client().await;
-    let tables: Vec<String> = client
-        .query(
-            "select format('%I.%I', schemaname, tablename) from pg_publication_tables where pubname = 'pg_cache_invalidator'",
-            &[],
-        )
-        .await
-        .expect("tables")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let keys = balance_keys(&env).await;
-    let mut redis = env.redis.conn().await;
-    preset(&mut redis, &keys).await;
-    client
-        .batch_execute("drop publication pg_cache_invalidator")
-        .await
-        .expect("drop");
-    client
-        .batch_execute("update public.user_tokens set balance = balance + 1")
-        .await
-        .expect("update");
+    let (tables, keys, redis) = drop_publication_under_a_change(&env, &client).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         daemon.try_status().is_none(),
         "the daemon waits for the publication: {}",
         daemon.log()
     );
-    client
-        .batch_execute(&format!(
-            "create publication pg_cache_invalidator for table {}",
-            tables.join(", ")
-        ))
-        .await
-        .expect("create");
+    create_publication(&client, &tables).await;
     daemon
         .wait_for("the keys to be flushed", Duration::from_secs(60), || {
             let mut redis = redis.clone();

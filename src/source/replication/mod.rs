@@ -606,35 +606,33 @@ impl ReplicationSource {
     fn classify(&mut self, error: PgWireError, answers: Answers) -> Result<(), Fatal> {
         let slot = answers.slot;
         let text = error.to_string();
-        // "Undefined object" from a usable slot while the publication
-        // exists: it was dropped and created again. The walsender looks the
-        // publication up as of each change, so the slot can never decode
-        // past that point (every start failed the same way): rebuild the
-        // slot like a lost one, which flushes every key.
-        if slot == SlotHealth::Usable
-            && error::replication_sqlstate(&error) == Some("42704")
-            && answers.publication_exists == Some(true)
-        {
-            tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
-                "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
-            self.slot_lost = Some(format!(
-                "publication {} was recreated: {text}",
-                self.publication
-            ));
-            return Ok(());
-        }
-        // The same while the publication is missing: a migration that drops
-        // and creates it again may be half way. Wait for it, not ready,
-        // rather than exit; once it is back, the branch above rebuilds.
-        if slot == SlotHealth::Usable
-            && error::replication_sqlstate(&error) == Some("42704")
-            && answers.publication_exists == Some(false)
-        {
-            let delay = self.backoff.next_delay();
-            self.retry_at = Some(Instant::now() + delay);
-            tracing::error!(slot = %self.slot, publication = %self.publication, error = %text, retry_in = ?delay,
-                "the publication does not exist (dropped?): waiting for it to be created again (pg-cache-invalidator setup creates it)");
-            return Ok(());
+        // "Undefined object" from a usable slot: the publication. Present,
+        // it was dropped and created again; the walsender looks it up as of
+        // each change, so the slot can never decode past that point (every
+        // start failed the same way): rebuild the slot like a lost one,
+        // which flushes every key. Missing, a migration that drops and
+        // creates it again may be half way: wait for it, not ready, rather
+        // than exit; once it is back, the slot is rebuilt as above.
+        if slot == SlotHealth::Usable && error::replication_sqlstate(&error) == Some("42704") {
+            match answers.publication_exists {
+                Some(true) => {
+                    tracing::error!(slot = %self.slot, publication = %self.publication, error = %text,
+                        "the publication was dropped and created again after changes the slot still holds: they cannot be decoded; recreating the slot");
+                    self.slot_lost = Some(format!(
+                        "publication {} was recreated: {text}",
+                        self.publication
+                    ));
+                    return Ok(());
+                }
+                Some(false) => {
+                    let delay = self.backoff.next_delay();
+                    self.retry_at = Some(Instant::now() + delay);
+                    tracing::error!(slot = %self.slot, publication = %self.publication, error = %text, retry_in = ?delay,
+                        "the publication does not exist (dropped?): waiting for it to be created again (pg-cache-invalidator setup creates it)");
+                    return Ok(());
+                }
+                None => {}
+            }
         }
         match error::replication(&error, slot) {
             Class::PositionLost => {
