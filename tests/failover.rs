@@ -413,6 +413,14 @@ async fn a_commit_that_never_showed_does_not_stall_the_daemon_after_a_promotion(
     preset(&mut redis, std::slice::from_ref(&kept_key)).await;
     update_bio(&env, kept, "on the new primary").await;
     env.sync().await;
+    // The rebuilt slot's session may still be opening under load: give
+    // the invalidation the same bound as the flush above.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while surviving(&mut redis, std::slice::from_ref(&kept_key)).await != 0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         surviving(&mut redis, std::slice::from_ref(&kept_key)).await,
         0,
