@@ -245,7 +245,9 @@ impl TestEnv {
 
     /// Waits until the daemon has applied everything committed so far: it
     /// applies in commit order, so once a change committed now has been
-    /// applied, so has every earlier one.
+    /// applied, so has every earlier one. Not while the daemon flushes
+    /// every rule's keys (a lost slot, a promotion): the flush deletes the
+    /// sentinel too; wait for its log line first.
     pub async fn sync(&self) {
         self.sync_on(&self.redis).await;
     }
