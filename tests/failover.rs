@@ -58,6 +58,19 @@ async fn update_bio(env: &TestEnv, user: &str, bio: &str) {
         .expect("update");
 }
 
+/// Waits until the flush after a lost slot has finished. It deletes rule
+/// by rule, the sentinel's rule too: until then `env.sync()` may see its
+/// sentinel go with the flush, before the rebuilt slot streams (a pg17 CI
+/// run failed so).
+async fn flush_finished(daemon: &crate::support::Daemon) {
+    wait_for("the flush to finish", Duration::from_secs(60), || async {
+        daemon
+            .log()
+            .contains("flushed every key of every rule because changes were missed")
+    })
+    .await;
+}
+
 /// The first host does not answer and the second is a standby: setup,
 /// check-config and the daemon all reach the primary, third in the list,
 /// and the daemon streams from it.
@@ -197,6 +210,7 @@ async fn a_promoted_standby_without_the_slot_is_followed_and_the_rules_keys_flus
         "only rule keys"
     );
 
+    flush_finished(&daemon).await;
     // New changes on the new primary are invalidated.
     preset(&mut redis, std::slice::from_ref(&key)).await;
     update_bio(&env, &user, "after the promotion").await;
@@ -409,15 +423,7 @@ async fn a_commit_that_never_showed_does_not_stall_the_daemon_after_a_promotion(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The flush deletes rule by rule, the sentinel's rule too: until it
-    // has finished, `env.sync()` may see its sentinel go with the flush,
-    // before the rebuilt slot streams (this failed once under CI load).
-    wait_for("the flush to finish", Duration::from_secs(60), || async {
-        daemon
-            .log()
-            .contains("flushed every key of every rule because changes were missed")
-    })
-    .await;
+    flush_finished(&daemon).await;
     // And the new primary's changes are invalidated.
     preset(&mut redis, std::slice::from_ref(&kept_key)).await;
     update_bio(&env, kept, "on the new primary").await;
