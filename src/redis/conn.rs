@@ -9,8 +9,6 @@
 //! when every slot's pipeline was acknowledged and replicated; a flush
 //! SCANs every master.
 
-use std::collections::BTreeSet;
-
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
@@ -57,31 +55,28 @@ impl Conn {
         Ok(conns)
     }
 
-    /// Sends an atomic pipeline (`MULTI … EXEC`) whose keys are all in
-    /// `slot` (`None` on a single server) and fails if any command in it
-    /// failed. Returns the cluster nodes written to (none for a server).
-    pub async fn transaction(
+    /// Sends atomic pipelines (`MULTI … EXEC`), each one's keys all in its
+    /// slot (`None` on a single server), and fails if any command in them
+    /// failed. On a cluster it returns once every master written to has
+    /// had its writes acknowledged by its replicas
+    /// ([`ClusterConn::transactions`]).
+    pub async fn transactions(
         &mut self,
-        slot: Option<u16>,
-        pipe: &Pipeline,
-    ) -> Result<BTreeSet<Addr>, RedisError> {
-        match (self, slot) {
-            (Conn::Cluster(cluster), Some(slot)) => cluster.transaction(slot, pipe).await,
-            (conn, _) => {
-                pipe.query_async::<()>(conn).await?;
-                Ok(BTreeSet::new())
+        parts: &[(Option<u16>, Pipeline)],
+    ) -> Result<(), RedisError> {
+        if let Conn::Cluster(cluster) = self {
+            if let Some(parts) = parts
+                .iter()
+                .map(|(slot, pipe)| slot.map(|slot| (slot, pipe)))
+                .collect::<Option<Vec<_>>>()
+            {
+                return cluster.transactions(&parts).await;
             }
         }
-    }
-
-    /// Waits until the replicas of the cluster nodes in `written` have
-    /// every write made there (see [`super::cluster`]); nothing to wait
-    /// for on a single server.
-    pub async fn replicated(&mut self, written: &BTreeSet<Addr>) -> Result<(), RedisError> {
-        match self {
-            Conn::Cluster(cluster) if !written.is_empty() => cluster.replicated(written).await,
-            _ => Ok(()),
+        for (_, pipe) in parts {
+            pipe.query_async::<()>(self).await?;
         }
+        Ok(())
     }
 
     /// Runs `cmd` on the master at `node` (`None`: wherever it routes).

@@ -9,15 +9,17 @@
 //! and `WAIT` on the very connection that wrote.
 //!
 //! ```text
-//!   batch ──▶ one MULTI…EXEC per slot ──▶ the slot's master (map)
-//!                 │ MOVED            read the map again, send again
+//!   batch ──▶ one MULTI…EXEC per slot, one request per master (map):
+//!             its slots' transactions, then WAIT n (n = its replicas)
+//!                 │ MOVED            that slot alone: read the map again,
+//!                 │                  send again, WAIT there
 //!                 │ ASK / TRYAGAIN   the slot is migrating: its commands
 //!                 │                  one by one, in order, each following
 //!                 │                  its ASK (ASKING on the target)
 //!                 │ lost node,       back to the sink, which retries the
 //!                 │ CLUSTERDOWN      batch; the map is read again first
 //!                 ▼
-//!   WAIT n on each master written (n = its replicas in the map)
+//!   applied: every master written has its replicas' acknowledgement
 //! ```
 //!
 //! Durability across a failover: Redis replicates asynchronously, so a
@@ -29,7 +31,7 @@
 //! batch is retried. Deletions and version-guarded writes are idempotent,
 //! so sending a part twice is harmless.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -332,6 +334,105 @@ impl ClusterConn {
         Err(too_many_redirects(slot))
     }
 
+    /// Sends each of `parts` (an atomic pipeline whose keys are all in its
+    /// slot) to its slot's master and returns once every master written
+    /// to has had its writes acknowledged by its replicas. One request per
+    /// master carries all of that master's transactions and ends with the
+    /// `WAIT`: one round trip where sending, then waiting, took two. A
+    /// part a redirection turned away (the slot moved or is migrating) is
+    /// sent again alone, as [`ClusterConn::transaction`] sends it, and
+    /// waited for the same way.
+    pub async fn transactions(&self, parts: &[(u16, &Pipeline)]) -> RedisResult<()> {
+        let mut by_master: BTreeMap<Addr, Vec<(u16, &Pipeline)>> = BTreeMap::new();
+        for (slot, pipe) in parts {
+            let (addr, _) = self.owner(*slot).await?;
+            by_master.entry(addr).or_default().push((*slot, pipe));
+        }
+        let map = self.map();
+        let sends = by_master.into_iter().map(|(addr, parts)| {
+            let replicas = map
+                .masters
+                .iter()
+                .find(|m| m.addr == addr)
+                .map_or(0, |m| m.replicas);
+            async move {
+                let turned_away = self.on_master(&addr, &parts, replicas).await?;
+                for (slot, pipe) in turned_away {
+                    let written = self.transaction(slot, pipe).await?;
+                    self.replicated(&written).await?;
+                }
+                Ok::<(), RedisError>(())
+            }
+        });
+        futures_util::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    /// One request to `addr`: each part's `MULTI … EXEC`, then `WAIT` for
+    /// `replicas` (none when it has none). Returns the parts a redirection
+    /// turned away, which were not applied there.
+    async fn on_master<'p>(
+        &self,
+        addr: &Addr,
+        parts: &[(u16, &'p Pipeline)],
+        replicas: usize,
+    ) -> RedisResult<Vec<(u16, &'p Pipeline)>> {
+        let mut request = redis::pipe();
+        for (_, pipe) in parts {
+            request.cmd("MULTI");
+            for cmd in pipe.cmd_iter() {
+                request.add_command(cmd.clone());
+            }
+            request.cmd("EXEC");
+        }
+        if replicas > 0 {
+            request
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(REPLICA_WAIT.as_millis() as u64);
+        }
+        let count = request.cmd_iter().count();
+        let replies = match self.connection(addr).await {
+            Ok(mut conn) => conn.req_packed_commands(&request, 0, count).await,
+            Err(error) => Err(error),
+        }
+        .inspect_err(|e| self.failed(addr, e))?;
+        if replies.len() != count {
+            let error = RedisError::from((
+                ErrorKind::Io,
+                "a cluster node answered a request short",
+                format!("{} replies to {count} commands", replies.len()),
+            ));
+            self.failed(addr, &error);
+            return Err(error);
+        }
+        let mut turned_away = Vec::new();
+        let mut rest = &replies[..];
+        for (slot, pipe) in parts {
+            let (this, tail) = rest.split_at(pipe.cmd_iter().count() + 2);
+            rest = tail;
+            match part_outcome(this) {
+                Ok(()) => {}
+                Err(error) if redirection(&error).is_some() => turned_away.push((*slot, *pipe)),
+                Err(error) => {
+                    self.failed(addr, &error);
+                    return Err(error);
+                }
+            }
+        }
+        if let Some(reply) = rest.first() {
+            let acknowledged: usize = redis::from_redis_value(reply.clone().extract_error()?)?;
+            if acknowledged < replicas {
+                self.shared.stale.store(true, Ordering::Relaxed);
+                return Err(replicas_short(addr, acknowledged, replicas));
+            }
+        }
+        if !turned_away.is_empty() {
+            // The map is out of date: read it before the parts go again.
+            self.shared.stale.store(true, Ordering::Relaxed);
+        }
+        Ok(turned_away)
+    }
+
     /// Runs `cmd` on the master of `slot` (`None`: any master), following
     /// redirections; returns its reply and the node that ran it.
     async fn command_at(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<(Value, Addr)> {
@@ -436,14 +537,7 @@ impl ClusterConn {
                     .inspect_err(|e| self.failed(addr, e))?;
                 if acknowledged < replicas {
                     self.shared.stale.store(true, Ordering::Relaxed);
-                    return Err(RedisError::from((
-                        ErrorKind::ClusterConnectionNotFound,
-                        "a replica did not acknowledge the batch",
-                        format!(
-                            "{}:{}: {acknowledged} of {replicas} replicas within {REPLICA_WAIT:?}",
-                            addr.0, addr.1
-                        ),
-                    )));
+                    return Err(replicas_short(addr, acknowledged, replicas));
                 }
                 Ok(())
             })
@@ -497,6 +591,46 @@ impl ConnectionLike for Node {
 }
 
 /// Sends `pipe` (atomic) on `conn`; fails if any command in it failed.
+/// What one part of a master's request ([`ClusterConn::on_master`])
+/// came to, from its replies: `MULTI`'s, each queued command's, `EXEC`'s.
+/// A command refused while queueing (`MOVED`, `ASK`) aborts the
+/// transaction; its error is the one returned.
+fn part_outcome(replies: &[Value]) -> RedisResult<()> {
+    let Some((exec, queued)) = replies.split_last() else {
+        return Err((ErrorKind::Io, "no reply to a transaction").into());
+    };
+    for reply in queued {
+        reply.clone().extract_error()?;
+    }
+    match exec {
+        Value::Array(results) => {
+            for result in results {
+                result.clone().extract_error()?;
+            }
+            Ok(())
+        }
+        other => other.clone().extract_error().and_then(|other| {
+            Err(RedisError::from((
+                ErrorKind::Io,
+                "the cluster aborted a transaction",
+                format!("{other:?}"),
+            )))
+        }),
+    }
+}
+
+/// A master's replicas did not all acknowledge its writes in time.
+fn replicas_short(addr: &Addr, acknowledged: usize, replicas: usize) -> RedisError {
+    RedisError::from((
+        ErrorKind::ClusterConnectionNotFound,
+        "a replica did not acknowledge the batch",
+        format!(
+            "{}:{}: {acknowledged} of {replicas} replicas within {REPLICA_WAIT:?}",
+            addr.0, addr.1
+        ),
+    ))
+}
+
 async fn exec(conn: &mut MultiplexedConnection, pipe: &Pipeline) -> RedisResult<()> {
     // Skip the replies to MULTI and each queued command; keep EXEC's.
     let queued = pipe.cmd_iter().count();
@@ -654,6 +788,55 @@ mod tests {
         let mut publish = redis::cmd("publish");
         publish.arg("channel").arg("m");
         assert_eq!(key_of(&publish), None);
+    }
+
+    #[test]
+    fn each_part_of_a_master_s_request_is_read_from_its_replies() {
+        let ok = || Value::Okay;
+        let queued = || Value::SimpleString("QUEUED".into());
+        let server_error =
+            |line: &str| match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+                Ok(value) => value,
+                Err(error) => panic!("{error}"),
+            };
+        // Applied: MULTI, two queued, EXEC with both results.
+        assert!(part_outcome(&[
+            ok(),
+            queued(),
+            queued(),
+            Value::Array(vec![Value::Int(1), Value::Int(0)])
+        ])
+        .is_ok());
+        // Moved while queueing: not applied, sent again alone.
+        let moved = part_outcome(&[
+            ok(),
+            server_error("MOVED 3999 127.0.0.1:6381"),
+            server_error("EXECABORT Transaction discarded because of previous errors."),
+        ])
+        .expect_err("moved");
+        assert_eq!(redirection(&moved), Some(Redirect::Moved));
+        let ask = part_outcome(&[
+            ok(),
+            queued(),
+            server_error("ASK 3999 127.0.0.1:6381"),
+            server_error("EXECABORT Transaction discarded because of previous errors."),
+        ])
+        .expect_err("ask");
+        assert_eq!(
+            redirection(&ask),
+            Some(Redirect::Ask(("127.0.0.1".to_string(), 6381)))
+        );
+        // A command failing inside EXEC fails the batch, no redirection.
+        let failed = part_outcome(&[
+            ok(),
+            queued(),
+            Value::Array(vec![server_error(
+                "WRONGTYPE Operation against a key holding the wrong kind of value",
+            )]),
+        ])
+        .expect_err("wrongtype");
+        assert_eq!(redirection(&failed), None);
+        assert!(part_outcome(&[]).is_err());
     }
 
     #[test]

@@ -417,25 +417,16 @@ impl RedisSink {
                     }
                     _ => None,
                 };
-                let written = if let Some(pipe) = single {
+                if let Some(pipe) = single {
                     let replies: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
                     replaced = Some(replies.into_iter().next().flatten());
-                    Default::default()
                 } else {
                     // Every slot's part at once; the events, and the
                     // position (below), only once all of them were
-                    // acknowledged.
-                    let written =
-                        futures_util::future::try_join_all(shards.iter().map(|(slot, pipe)| {
-                            let mut conn = self.conn.clone();
-                            async move { conn.transaction(*slot, pipe).await }
-                        }))
-                        .await?;
-                    written.into_iter().flatten().collect()
-                };
-                // On a cluster, a failover must not lose what was
-                // acknowledged: the masters' replicas have it too.
-                self.conn.replicated(&written).await?;
+                    // acknowledged, and on a cluster replicated (a
+                    // failover must not lose what was acknowledged).
+                    self.conn.transactions(&shards).await?;
+                }
                 // On a cluster the events go to their channel's master
                 // (the slot of its sequence record), and the position
                 // record (when this run ends the batch) to its own, side
