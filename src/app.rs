@@ -170,7 +170,7 @@ async fn start_and_run(
     // Bounded: a connection the network drops silently (no FIN, no RST)
     // would hold the start for ever, with nothing in the log.
     let mut retry = Retry::until_shutdown(&Pace::POSTGRES, cancel);
-    let (recorded, partitioned) = loop {
+    let (recorded, partitioned, waiting) = loop {
         let attempt = async {
             let db = connect_with_retry(&conn, cancel).await?;
             inspect(&db, config, &rules, &conn, cancel).await
@@ -212,11 +212,16 @@ async fn start_and_run(
         cancel.clone(),
     ));
     let planner = Planner::new(Arc::clone(&rules));
+    if !waiting.is_empty() {
+        tracing::warn!(transactions = waiting.len(),
+            "commits wait for a synchronous standby other than this daemon; once they show, every key of every rule is flushed (a daemon stopped while it waited for them may not have deleted their keys a second time)");
+    }
     let started = Started {
         planner,
         rules,
         partitioned,
         conn,
+        waiting,
     };
     let flush_all = started.planner.plan_flush_all();
     let info_every = config.redis.info_interval.0;
@@ -285,14 +290,17 @@ async fn start_and_run(
 
 /// Start-up's questions to PostgreSQL on `db`: the install and the
 /// rules checked (problems stop the start), where the source's position
-/// is kept, and which watched tables are partitioned.
+/// is kept, which watched tables are partitioned, and which transactions
+/// wait for a synchronous standby other than this daemon (see
+/// [`slot::waiting_for_other_standbys`]; asked before any target is
+/// prepared, whose start-up flush they may outlive).
 async fn inspect(
     db: &Db,
     config: &Config,
     rules: &RuleSet,
     conn: &ConnInfo,
     cancel: &CancellationToken,
-) -> Result<(Recorded, Vec<crate::change::TableName>), Stopped> {
+) -> Result<(Recorded, Vec<crate::change::TableName>, Vec<u32>), Stopped> {
     let problems = install::check(db, conn, config, rules, true)
         .await
         .map_err(|e| Stopped::database(e, cancel))?;
@@ -333,7 +341,15 @@ async fn inspect(
             partitioned.push(table.clone());
         }
     }
-    Ok((recorded, partitioned))
+    let waiting = match config.postgres.source {
+        SourceKind::Replication => {
+            slot::waiting_for_other_standbys(db, &config.replication.application_name)
+                .await
+                .map_err(|e| Stopped::database(e, cancel))?
+        }
+        SourceKind::Outbox => Vec::new(),
+    };
+    Ok((recorded, partitioned, waiting))
 }
 
 /// What start-up prepared for the stream.
@@ -343,6 +359,9 @@ struct Started {
     /// Watched tables that are partitioned (see `pipeline`'s drift).
     partitioned: Vec<crate::change::TableName>,
     conn: ConnInfo,
+    /// Transactions that wait for another synchronous standby (see
+    /// [`slot::waiting_for_other_standbys`]).
+    waiting: Vec<u32>,
 }
 
 /// Connects to one Redis target and makes it safe to stream into (see
@@ -385,6 +404,7 @@ async fn stream<K: Sink>(
         rules,
         partitioned,
         conn,
+        waiting,
     } = started;
     let (drift_tx, drift_rx) = tokio::sync::watch::channel(Default::default());
     let stages = Stages {
@@ -396,6 +416,7 @@ async fn stream<K: Sink>(
             && !config.replication.heartbeat_interval.0.is_zero())
         .then_some(drift_rx),
         partitioned,
+        held_across_restart: waiting,
     };
     match config.postgres.source {
         SourceKind::Outbox => {

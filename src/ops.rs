@@ -183,6 +183,10 @@ pub enum FlushReason {
     HeldTooLarge,
     /// The operator ran `flush`.
     Operator,
+    /// Commits that waited for another synchronous standby while the
+    /// daemon restarted showed: the daemon before the restart had confirmed
+    /// past them before their second deletion (see [`crate::pipeline`]).
+    HeldAcrossRestart,
 }
 
 impl FlushReason {
@@ -193,6 +197,7 @@ impl FlushReason {
             FlushReason::SlotReset
             | FlushReason::Drift
             | FlushReason::HeldTooLarge
+            | FlushReason::HeldAcrossRestart
             | FlushReason::Operator => "flush",
         }
     }

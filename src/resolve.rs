@@ -119,10 +119,14 @@ impl Resolver {
     /// a synchronous standby wait (this daemon may be the standby: it must
     /// confirm them first).
     pub async fn check_visible(&mut self, items: &[Item]) -> Result<Visibility, ResolveError> {
-        let xids = xids_of(items);
+        self.check_visible_xids(&xids_of(items)).await
+    }
+
+    /// [`Resolver::check_visible`] for the transactions `xids`.
+    pub async fn check_visible_xids(&mut self, xids: &[u32]) -> Result<Visibility, ResolveError> {
         let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
         loop {
-            match self.queries.wait_visible(&xids, Hold::Allowed).await {
+            match self.queries.wait_visible(xids, Hold::Allowed).await {
                 Ok(visibility) => return Ok(visibility),
                 Err(error) => wait_to_retry(&mut retry, error).await?,
             }

@@ -729,3 +729,108 @@ async fn confirmations_are_reported_at_once_only_while_commits_wait_for_the_daem
         "one reopening each way, no more: {log}"
     );
 }
+
+/// A commit waits for a synchronous standby that is down (not the daemon)
+/// while the daemon restarts. The daemon had decoded it, deleted its key
+/// and confirmed past it (its confirmation releases nobody here), and was
+/// waiting for the commit to show before the second deletion. After the
+/// restart a reader fills the row it reads, rightly the old one: the
+/// commit does not show yet. Once the standby's wait ends and the commit
+/// shows, that fill must go, although the restarted daemon streams from
+/// after the commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_held_for_another_standby_across_a_restart_is_invalidated_when_it_shows() {
+    let mut env = TestEnv::start(4).await;
+    env.setup();
+    let mut daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
+    let id: String = admin
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    let writer = env.pg.client().await;
+    wait_for(
+        "the writer to see synchronous_standby_names",
+        Duration::from_secs(10),
+        || async {
+            writer
+                .query_one("show synchronous_standby_names", &[])
+                .await
+                .map(|r| r.get::<_, String>(0) == "absent")
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let write = tokio::spawn(async move {
+        writer
+            .execute(
+                "update public.profiles set bio = 'held for a standby' where id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .expect("update")
+    });
+    wait_for("the first deletion", Duration::from_secs(30), || async {
+        crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
+            == 0
+    })
+    .await;
+    let written: String = admin
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    wait_for(
+        "the slot to confirm past the held commit",
+        Duration::from_secs(30),
+        || async {
+            admin
+                .query_one(
+                    "select confirmed_flush_lsn >= $1::text::pg_lsn from pg_replication_slots \
+                      where slot_name = 'pg_cache_invalidator'",
+                    &[&written],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert!(!write.is_finished(), "the commit must wait for the standby");
+    // Restarted twice: the second start must not forget the commit either
+    // (the first one's start-up flush recorded the slot's position).
+    for _ in 0..2 {
+        daemon.kill9();
+        daemon = env.daemon().await;
+        // What a reader reads now is the old row, and rightly so.
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("before the held commit")
+            .query_async(&mut redis)
+            .await
+            .expect("fill");
+    }
+    assert!(!write.is_finished(), "the commit must still wait");
+    pgci_test_support::set_synchronous_standbys(&admin, "", None).await;
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the writer is released")
+        .expect("writer task");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while crate::support::surviving(&mut redis, std::slice::from_ref(&key)).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the old row filled before the commit showed is still cached: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

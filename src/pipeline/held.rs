@@ -34,6 +34,10 @@ pub struct Held {
     /// The position (see [`super::Batch::generation`]) the held
     /// transactions were read from.
     generation: u64,
+    /// Commits found waiting for another synchronous standby at start,
+    /// and the flush of every rule's keys due once they show (see
+    /// [`Held::across_restart`]).
+    across_restart: Option<(Vec<u32>, CacheOp)>,
 }
 
 /// Held invalidations reduced to their tables.
@@ -79,7 +83,41 @@ impl Held {
             overflow: None,
             flushes,
             generation: 0,
+            across_restart: None,
         }
+    }
+
+    /// Adds the commits `xids` that waited for a synchronous standby other
+    /// than this daemon when it started: the daemon before may have held
+    /// them, confirmed past them and stopped before deleting their keys a
+    /// second time, and this one will not read them again. Their keys are
+    /// unknown, so once they show `flush_all` (every rule's keys) is due.
+    pub fn across_restart(mut self, xids: Vec<u32>, flush_all: CacheOp) -> Self {
+        if !xids.is_empty() {
+            self.across_restart = Some((xids, flush_all));
+        }
+        self
+    }
+
+    /// The commits held across the restart that have not shown yet.
+    pub fn waiting_across_restart(&self) -> Option<&[u32]> {
+        self.across_restart
+            .as_ref()
+            .map(|(xids, _)| xids.as_slice())
+    }
+
+    /// The flush due now that the commits held across the restart showed;
+    /// nothing is waited for after it.
+    pub fn shown_across_restart(&mut self) -> Option<Item> {
+        let (_, flush) = self.across_restart.take()?;
+        Some(Item {
+            op: flush,
+            lsn: Lsn::ZERO,
+            commit_time: Arc::from(""),
+            commit_micros: 0,
+            seq: 0,
+            xid: 0,
+        })
     }
 
     /// The position the held transactions were read from.
@@ -89,6 +127,8 @@ impl Held {
 
     /// Forgets everything held: the position they were read from was
     /// replaced, and the flush that starts the new one covers their keys.
+    /// Not the commits held across the restart: that flush may come before
+    /// they show.
     pub fn clear(&mut self) {
         self.items.clear();
         self.bytes = 0;
@@ -216,6 +256,23 @@ mod tests {
         let due = held.take_due(Lsn(21));
         assert_eq!(due.xids, vec![8]);
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn commits_held_across_a_restart_outlive_a_new_position_and_flush_once() {
+        let held = Held::new(vec![flush("public.a")]);
+        assert_eq!(held.waiting_across_restart(), None);
+        let mut held = held.across_restart(vec![7, 9], flush("*"));
+        assert!(held.is_empty(), "nothing to record past");
+        // A new position's flush may come before they show.
+        held.clear();
+        assert_eq!(held.waiting_across_restart(), Some(&[7, 9][..]));
+        let shown = held.shown_across_restart().expect("the flush");
+        assert_eq!(shown.op.names().0, "*");
+        assert_eq!(held.waiting_across_restart(), None);
+        assert!(held.shown_across_restart().is_none(), "once");
+        let none = Held::new(Vec::new()).across_restart(Vec::new(), flush("*"));
+        assert_eq!(none.waiting_across_restart(), None);
     }
 
     #[test]

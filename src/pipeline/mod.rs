@@ -62,6 +62,9 @@ const QUEUED_BATCHES: usize = 1;
 /// How often the loop proves it is alive (liveness, systemd watchdog) and
 /// updates the lag gauge, even when the stream is idle.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the commits held across a restart are asked about until they
+/// show: the flush follows within this much.
+const RECHECK_ACROSS_RESTART: Duration = Duration::from_millis(200);
 /// How often the sink task logs its progress while there is any.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -300,6 +303,9 @@ pub struct Stages<K> {
     pub drift: Option<watch::Receiver<CatalogReport>>,
     /// Watched tables that are partitioned (see [`DriftWatch`]).
     pub partitioned: Vec<TableName>,
+    /// Commits that waited for another synchronous standby at start (see
+    /// [`held::Held::across_restart`]).
+    pub held_across_restart: Vec<u32>,
 }
 
 /// Runs until `cancel` fires or a fatal error; then applies what was read,
@@ -317,11 +323,16 @@ pub async fn run<S: Source, K: Sink>(
         conn,
         mut drift,
         partitioned,
+        held_across_restart,
     } = stages;
     let (batch_tx, batch_rx) = mpsc::channel::<Batch<S::Ack>>(QUEUED_BATCHES);
     let (ack_tx, mut ack_rx) = watch::channel((0u64, S::Ack::default()));
     let (generation_tx, generation_rx) = watch::channel(0u64);
-    let held = held::Held::new(planner.plan_flush_each_table(FlushReason::HeldTooLarge));
+    let held = held::Held::new(planner.plan_flush_each_table(FlushReason::HeldTooLarge))
+        .across_restart(
+            held_across_restart,
+            planner.plan_flush_all_because(FlushReason::HeldAcrossRestart),
+        );
     let sink_task = tokio::spawn(apply_batches(
         resolver,
         sink,
@@ -515,6 +526,8 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     // While no batch comes, Redis is pinged so readiness notices an outage.
     let mut idle = tokio::time::interval(TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recheck = tokio::time::interval(RECHECK_ACROSS_RESTART);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmer = crate::memory::Trimmer::default();
     let mut unconfirmed = Unconfirmed {
         made: 0,
@@ -531,6 +544,10 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
             _ = idle.tick() => {
                 sink.check().await;
                 trimmer.idle();
+                continue;
+            }
+            _ = recheck.tick(), if held.waiting_across_restart().is_some() => {
+                flush_once_shown_across_restart(&mut resolver, &mut sink, &mut held, &mut unconfirmed).await?;
                 continue;
             }
             advanced = sink.advanced() => {
@@ -642,6 +659,27 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     // before the last acknowledgement is published.
     sink.finish().await?;
     unconfirmed.publish(&sink, &ack);
+    Ok(())
+}
+
+/// Flushes every rule's keys once the commits held across the restart
+/// (see [`held::Held::across_restart`]) show; asks once.
+async fn flush_once_shown_across_restart<A, K: Sink>(
+    resolver: &mut Resolver,
+    sink: &mut K,
+    held: &mut held::Held,
+    unconfirmed: &mut Unconfirmed<A>,
+) -> Result<(), PipelineError> {
+    let Some(xids) = held.waiting_across_restart() else {
+        return Ok(());
+    };
+    if resolver.check_visible_xids(xids).await? != Visibility::Visible {
+        return Ok(());
+    }
+    if let Some(flush) = held.shown_across_restart() {
+        sink.apply(&[flush], None).await?;
+        unconfirmed.made += 1;
+    }
     Ok(())
 }
 

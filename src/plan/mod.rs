@@ -356,12 +356,17 @@ impl Planner {
             .collect()
     }
 
-    /// Plans flushing every key any rule can produce.
+    /// Plans flushing every key any rule can produce (changes were missed).
     pub fn plan_flush_all(&self) -> CacheOp {
+        self.plan_flush_all_because(FlushReason::SlotReset)
+    }
+
+    /// Plans flushing every key any rule can produce, for `reason`.
+    pub fn plan_flush_all_because(&self, reason: FlushReason) -> CacheOp {
         CacheOp::Flush {
             table: Arc::from("*"),
             patterns: rules::scan_patterns(self.rules.tables().flat_map(|(_, r)| r)),
-            reason: FlushReason::SlotReset,
+            reason,
         }
     }
 }

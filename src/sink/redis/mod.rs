@@ -498,6 +498,10 @@ impl RedisSink {
             FlushReason::Operator => {
                 tracing::warn!(patterns = ?patterns, keys_removed = removed, "flushed at the operator's request")
             }
+            FlushReason::HeldAcrossRestart => {
+                tracing::warn!(patterns = ?patterns, keys_removed = removed,
+                "flushed every key of every rule once the commits that waited for another synchronous standby across the restart showed")
+            }
             FlushReason::HeldTooLarge => {
                 tracing::warn!(table = %table, patterns = ?patterns, keys_removed = removed,
                 "flushed every key of the table's rules once a synchronous commit too large to remember its keys showed")

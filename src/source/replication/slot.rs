@@ -345,6 +345,44 @@ pub(crate) async fn standby_slots(db: &Db) -> Result<String, DbError> {
     Ok(row.get(0))
 }
 
+/// Transactions on the primary `db` whose commits wait for a synchronous
+/// standby that this daemon (`application_name`) cannot be; none when
+/// `synchronous_standby_names` may name it ([`may_wait_for`]: then the
+/// commits waiting at start are this daemon's to release, and show once it
+/// confirms them). Read at start, before any target is prepared: a daemon
+/// stopped while such a commit was held (see [`crate::pipeline::held`])
+/// had confirmed past it before its second deletion, so the restarted one
+/// never reads it again, and a reader may fill the old row until it shows.
+/// Needs `pg_read_all_stats` to see other roles' sessions (as the
+/// visibility check does).
+pub(crate) async fn waiting_for_other_standbys(
+    db: &Db,
+    application_name: &str,
+) -> Result<Vec<u32>, DbError> {
+    let row = db
+        .client()
+        .query_one(
+            "select current_setting('synchronous_standby_names'), \
+                    coalesce(array_agg(backend_xid::text::int8) \
+                               filter (where wait_event = 'SyncRep' and backend_xid is not null), \
+                             '{}'::int8[]) \
+               from pg_stat_activity",
+            &[],
+        )
+        .await
+        .map_err(DbError::query(
+            "reading the commits that wait for a synchronous standby",
+        ))?;
+    if may_wait_for(&row.get::<_, String>(0), application_name) {
+        return Ok(Vec::new());
+    }
+    Ok(row
+        .get::<_, Vec<i64>>(1)
+        .into_iter()
+        .filter_map(|xid| u32::try_from(xid).ok())
+        .collect())
+}
+
 /// What a standby holds of the slot, for `status`.
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct OnStandby {
