@@ -510,14 +510,7 @@ async fn a_fill_that_raced_an_invalidation_is_refused() {
     );
 
     let pg = env.pg.client().await;
-    let id: String = pg
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("id")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&pg).await;
     let key = format!("profile:user:{id}");
     let mut first = Cache::new(env.redis.conn().await, CacheOptions::default());
     let mut second = Cache::new(
@@ -634,14 +627,7 @@ async fn invalidations_wait_until_their_commit_is_visible() {
     env.setup();
     let _daemon = env.daemon().await;
     let admin = env.pg.client().await;
-    let id: String = admin
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("id")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&admin).await;
     let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
     let _: () = redis::cmd("SET")
@@ -663,20 +649,7 @@ async fn invalidations_wait_until_their_commit_is_visible() {
         .batch_execute("set synchronous_commit = on")
         .await
         .expect("writer waits for the standby");
-    // pg_reload_conf() only signals: the writer's session may start before
-    // the postmaster has read the new settings.
-    wait_for(
-        "the writer to see synchronous_standby_names",
-        Duration::from_secs(10),
-        || async {
-            writer
-                .query_one("show synchronous_standby_names", &[])
-                .await
-                .map(|r| r.get::<_, String>(0) == "nobody")
-                .unwrap_or(false)
-        },
-    )
-    .await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "nobody").await;
     let writer_pid: i32 = writer
         .query_one("select pg_backend_pid()", &[])
         .await

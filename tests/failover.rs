@@ -24,16 +24,7 @@ async fn scrape(env: &TestEnv) -> String {
 }
 
 async fn some_user(env: &TestEnv) -> String {
-    env.pg
-        .client()
-        .await
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("a user")
-        .get(0)
+    pgci_test_support::first_profile_id(&env.pg.client().await).await
 }
 
 /// What an app's cache-aside read leaves in Redis: `value` under `key`.
@@ -367,18 +358,7 @@ async fn a_commit_that_never_showed_does_not_stall_the_daemon_after_a_promotion(
     )
     .await;
     let writer = env.pg.client().await;
-    wait_for(
-        "the writer to see synchronous_standby_names",
-        Duration::from_secs(10),
-        || async {
-            writer
-                .query_one("show synchronous_standby_names", &[])
-                .await
-                .map(|r| r.get::<_, String>(0) == "standby")
-                .unwrap_or(false)
-        },
-    )
-    .await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "standby").await;
     app_fill(&mut redis, &lost_key, "cached before the lost change").await;
     let lost_id = lost.clone();
     let held = tokio::spawn(async move {
@@ -658,17 +638,7 @@ async fn a_daemon_stopped_during_a_promotion_still_does_not_trust_an_old_copy_of
     env.url_override = Some(multi_host_url(&[env.pg.port, standby.port]));
     env.write_config("");
     let mut daemon = env.daemon().await;
-    let lost: String = env
-        .pg
-        .client()
-        .await
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("user")
-        .get(0);
+    let lost = some_user(&env).await;
     let lost_key = format!("profile:user:{lost}");
     let mut redis = env.redis.conn().await;
     env.sync().await;

@@ -103,14 +103,7 @@ async fn verify_finds_and_repairs_stale_keys() {
 
     // Corrupt four keys: a value that differs, one that is not JSON, one
     // for a row that does not exist, and a lease marker (skipped).
-    let profile_id: String = pg
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("profile")
-        .get(0);
+    let profile_id = pgci_test_support::first_profile_id(&pg).await;
     let token_id: String = token_rows[0].get(0);
     let corrupt = [
         (
@@ -307,14 +300,7 @@ async fn the_sampler_finds_a_planted_stale_key_and_none_on_a_busy_true_cache() {
     );
 
     // A value the database never held, written behind the daemon's back.
-    let id: String = pg
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("profile")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&pg).await;
     let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
     let _: () = redis::cmd("SET")

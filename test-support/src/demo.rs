@@ -32,6 +32,18 @@ pub async fn users(env: &TestEnv, n: i64) -> Vec<User> {
         .collect()
 }
 
+/// The first seeded profile's id (by id).
+pub async fn first_profile_id(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "select id::text from public.profiles order by id limit 1",
+            &[],
+        )
+        .await
+        .expect("a profile")
+        .get(0)
+}
+
 fn all_keys(u: &User) -> Vec<String> {
     let mut keys = vec![
         format!("profile:user:{}", u.id),

@@ -28,12 +28,12 @@ use tokio::time::Instant;
 
 pub use certs::Certs;
 pub use daemon::Daemon;
-pub use demo::{removed_by, users, User};
+pub use demo::{first_profile_id, removed_by, users, User};
 pub use env::{balance_keys, TestEnv};
 pub use pgbouncer::PgBouncer;
 pub use postgres::{
-    drop_slot_under_daemon, pg_bin, set_synchronous_standbys, slot_active, terminate_walsender,
-    Postgres,
+    drop_slot_under_daemon, pg_bin, sees_synchronous_standbys, set_synchronous_standbys,
+    slot_active, terminate_walsender, Postgres,
 };
 pub use proxy::{Link, Marked, Proxy};
 pub use redis_cluster::RedisCluster;

@@ -685,6 +685,24 @@ pub async fn set_synchronous_standbys(
     admin.batch_execute("checkpoint").await.expect("checkpoint");
 }
 
+/// Waits until the session `client` sees `synchronous_standby_names` as
+/// `names`: `pg_reload_conf()` only signals, and a session may commit
+/// before the postmaster has read the new setting.
+pub async fn sees_synchronous_standbys(client: &tokio_postgres::Client, names: &str) {
+    crate::wait_for(
+        "the session to see synchronous_standby_names",
+        Duration::from_secs(10),
+        || async move {
+            client
+                .query_one("show synchronous_standby_names", &[])
+                .await
+                .map(|r| r.get::<_, String>(0) == names)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
 /// Ends the session streaming from the daemon's slot, if any (the daemon
 /// sees its stream fail and reconnects).
 pub async fn terminate_walsender(client: &tokio_postgres::Client) {
