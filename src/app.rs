@@ -409,7 +409,7 @@ async fn stream<K: Sink>(
     let (drift_tx, drift_rx) = tokio::sync::watch::channel(Default::default());
     let stages = Stages {
         planner,
-        resolver: Resolver::new(conn.clone(), cancel.clone()),
+        resolver: Resolver::new(conn.clone(), cancel.clone()).reporting_to(Arc::clone(&health)),
         sink,
         conn: conn.clone(),
         drift: (config.postgres.source == SourceKind::Replication

@@ -20,6 +20,9 @@
 //! [`Resolver::check_visible`] says the commits show, since a reader that
 //! took a lease after the first DEL may still have read the old row.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 pub use crate::db::query::Visibility;
@@ -28,6 +31,7 @@ use crate::db::ConnInfo;
 use crate::db::DbError;
 use crate::error::{Fatal, GiveUp, Pace, Retry};
 use crate::ops::{CacheOp, Item};
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 
 /// Why resolving stopped.
@@ -41,10 +45,18 @@ pub enum ResolveError {
     GaveUp(String),
 }
 
+/// How long invalidations may wait behind a held commit (see
+/// [`Resolver::wait_visible`]) before readiness says so: a commit held by
+/// the daemon itself shows within milliseconds of its confirmation, one
+/// held by another standby as long as that standby is away.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
+
 /// Answers refresh queries on a small pool of regular connections.
 pub struct Resolver {
     queries: QueryRunner,
     cancel: CancellationToken,
+    /// Where a long wait for held commits is reported.
+    health: Option<Arc<Health>>,
 }
 
 impl Resolver {
@@ -53,7 +65,15 @@ impl Resolver {
         Resolver {
             queries: QueryRunner::new(conn),
             cancel,
+            health: None,
         }
+    }
+
+    /// Reports to `health` while invalidations wait behind held commits
+    /// ([`Resolver::wait_visible`]).
+    pub fn reporting_to(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Replaces every [`CacheOp::Query`] in `items` by the
@@ -136,13 +156,30 @@ impl Resolver {
     /// Waits until the transactions `xids` are visible, with no
     /// exception for synchronous standby waits: called after the batch was
     /// applied and confirmed, which released this daemon's part of them.
+    /// Every later batch waits meanwhile: past [`STALLED_AFTER`] the
+    /// daemon is not ready (invalidations of commits that did show, such as
+    /// asynchronous ones, are not applied) until they show.
     pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), ResolveError> {
-        let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
-        loop {
-            match self.queries.wait_visible(xids, Hold::Visible).await {
-                Ok(_) => return Ok(()),
-                Err(error) => wait_to_retry(&mut retry, error).await?,
+        let wait = async {
+            let mut retry = Retry::finishing(&Pace::POSTGRES, &self.cancel);
+            loop {
+                match self.queries.wait_visible(xids, Hold::Visible).await {
+                    Ok(_) => return Ok(()),
+                    Err(error) => wait_to_retry(&mut retry, error).await?,
+                }
             }
+        };
+        // Cleared however the wait ends: shown, failed, or given up
+        // because the position was replaced.
+        let stalled = Stalled(self.health.as_deref());
+        let report = async {
+            tokio::time::sleep(STALLED_AFTER).await;
+            stalled.report(xids.len());
+            std::future::pending().await
+        };
+        tokio::select! {
+            done = wait => done,
+            done = report => done,
         }
     }
 
@@ -159,6 +196,29 @@ impl Resolver {
             })
             .collect();
         self.queries.run(&jobs, xids).await
+    }
+}
+
+/// Readiness while invalidations wait behind held commits (see
+/// [`Resolver::wait_visible`]); cleared when dropped.
+struct Stalled<'a>(Option<&'a Health>);
+
+impl Stalled<'_> {
+    fn report(&self, transactions: usize) {
+        tracing::warn!(transactions, waited = ?STALLED_AFTER,
+            "invalidations wait behind commits a synchronous standby holds (not this daemon: it confirmed them); not ready until they show");
+        if let Some(health) = self.0 {
+            health.set_stalled_by_held(true);
+        }
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        if let Some(health) = self.0.filter(|h| h.stalled_by_held()) {
+            health.set_stalled_by_held(false);
+            tracing::info!("the held commits showed, or were given up; invalidations go on");
+        }
     }
 }
 

@@ -284,14 +284,7 @@ async fn a_synchronous_writer_waits_for_a_restarted_daemon() {
     let mut daemon = env.daemon().await;
     let admin = env.pg.client().await;
     make_daemon_synchronous(&admin).await;
-    let id: String = admin
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("id")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&admin).await;
     let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
     crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
@@ -691,14 +684,7 @@ async fn confirmations_are_reported_at_once_only_while_commits_wait_for_the_daem
         },
     )
     .await;
-    let id: String = admin
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("id")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&admin).await;
     let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
     crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
@@ -745,30 +731,12 @@ async fn a_commit_held_for_another_standby_across_a_restart_is_invalidated_when_
     let mut daemon = env.daemon().await;
     let admin = env.pg.client().await;
     pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
-    let id: String = admin
-        .query_one(
-            "select id::text from public.profiles order by id limit 1",
-            &[],
-        )
-        .await
-        .expect("id")
-        .get(0);
+    let id = pgci_test_support::first_profile_id(&admin).await;
     let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
     crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
     let writer = env.pg.client().await;
-    wait_for(
-        "the writer to see synchronous_standby_names",
-        Duration::from_secs(10),
-        || async {
-            writer
-                .query_one("show synchronous_standby_names", &[])
-                .await
-                .map(|r| r.get::<_, String>(0) == "absent")
-                .unwrap_or(false)
-        },
-    )
-    .await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "absent").await;
     let write = tokio::spawn(async move {
         writer
             .execute(
@@ -833,4 +801,67 @@ async fn a_commit_held_for_another_standby_across_a_restart_is_invalidated_when_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// While a commit held by a synchronous standby other than the daemon
+/// does not show, the daemon waits to delete its keys a second time and
+/// applies nothing after it: readiness says so, and says ready again once
+/// the commit shows (its keys then go a second time).
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_holds() {
+    let mut env = TestEnv::start(4).await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
+    let id = pgci_test_support::first_profile_id(&admin).await;
+    let key = format!("profile:user:{id}");
+    let writer = env.pg.client().await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "absent").await;
+    let write = tokio::spawn(async move {
+        writer
+            .execute(
+                "update public.profiles set bio = 'held for a standby' where id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .expect("update")
+    });
+    let port = env.http_port;
+    let readyz = || async move {
+        crate::support::http_get(port, "/readyz")
+            .await
+            .unwrap_or((0, String::new()))
+    };
+    wait_for(
+        "readiness to say what waits",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = readyz().await;
+            status == 503 && body.contains("held by a synchronous standby")
+        },
+    )
+    .await;
+    assert!(!write.is_finished(), "the commit must wait for the standby");
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    pgci_test_support::set_synchronous_standbys(&admin, "", None).await;
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the writer is released")
+        .expect("writer task");
+    wait_for("ready again", Duration::from_secs(20), || async {
+        readyz().await.0 == 200
+    })
+    .await;
+    wait_for("the second deletion", Duration::from_secs(10), || async {
+        crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
+            == 0
+    })
+    .await;
+    assert!(
+        daemon.log().contains("not ready until they show"),
+        "{}",
+        daemon.log()
+    );
 }

@@ -28,6 +28,9 @@ pub struct Health {
     /// Some watched table's changes may be missed (see
     /// `source::replication::drift`).
     drifted: AtomicBool,
+    /// Invalidations wait behind a commit held by a synchronous standby
+    /// that has not shown for a while (see `pipeline::release_held`).
+    stalled_by_held: AtomicBool,
     /// What each Redis server's settings lack, as the last INFO read found
     /// (`redis::server::watch`), for the status page; not readiness.
     redis_warnings: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
@@ -82,6 +85,7 @@ impl Default for Health {
             streaming: AtomicBool::new(false),
             targets: Mutex::new(Vec::new()),
             drifted: AtomicBool::new(false),
+            stalled_by_held: AtomicBool::new(false),
             redis_warnings: Mutex::default(),
             freshness: Mutex::new(None),
         }
@@ -259,9 +263,21 @@ impl Health {
         self.drifted.load(Ordering::Relaxed)
     }
 
-    /// Streaming, Redis answering, and every watched table covered.
+    /// Whether invalidations wait behind a held commit that does not show
+    /// (a synchronous standby other than the daemon is down or slow).
+    pub fn set_stalled_by_held(&self, stalled: bool) {
+        self.stalled_by_held.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Whether they do.
+    pub fn stalled_by_held(&self) -> bool {
+        self.stalled_by_held.load(Ordering::Relaxed)
+    }
+
+    /// Streaming, Redis answering, every watched table covered, and no
+    /// invalidation waiting behind a held commit.
     pub fn ready(&self) -> bool {
-        self.streaming() && self.redis_ok() && !self.drifted()
+        self.streaming() && self.redis_ok() && !self.drifted() && !self.stalled_by_held()
     }
 }
 

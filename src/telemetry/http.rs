@@ -177,6 +177,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "a watched table is no longer covered by the publication or its replica identity (see the log)".to_string(),
         )
+    } else if state.health.stalled_by_held() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "invalidations wait behind a commit held by a synchronous standby that has not shown it yet (a standby other than the daemon is down or slow; see the log)".to_string(),
+        )
     } else if state.health.redis_failing() {
         // Before the stream: at start-up Redis is connected first, and a
         // Redis that fails keeps the stream from starting.
