@@ -185,18 +185,13 @@ async fn start_and_run(
             // restart, a failover): asked again, as a start that cannot
             // connect yet is.
             Ok(Err(Stopped::Database(error))) if error.class() == Class::Transient => {
-                let delay = match retry.after(&error, error.class()) {
-                    Ok(delay) => delay,
-                    Err(GiveUp::Shutdown(_)) => return Err(Stopped::Cancelled),
-                    Err(GiveUp::Fatal(_) | GiveUp::PositionLost(_)) => {
-                        return Err(Stopped::Database(error))
-                    }
-                };
-                tracing::warn!(error = %error.one_line(), retry_in = ?delay,
-                    "postgres went away while start-up asked its questions; asking again");
-                if retry.sleep(delay).await.is_err() {
-                    return Err(Stopped::Cancelled);
-                }
+                wait_to_ask_again(
+                    &mut retry,
+                    error,
+                    "",
+                    "postgres went away while start-up asked its questions; asking again",
+                )
+                .await?;
             }
             Ok(inspected) => break inspected?,
             Err(_) => tracing::warn!(timeout = ?STARTUP_QUESTIONS_TIMEOUT,
@@ -505,13 +500,6 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
         match Db::connect(conn).await {
             Ok(db) => return Ok(db),
             Err(error) => {
-                let delay = match retry.after(&error, error.class()) {
-                    Ok(delay) => delay,
-                    Err(GiveUp::Shutdown(_)) => return Err(Stopped::Cancelled),
-                    Err(GiveUp::Fatal(_) | GiveUp::PositionLost(_)) => {
-                        return Err(Stopped::Database(error))
-                    }
-                };
                 let hint = match &error {
                     DbError::Query { source, .. }
                         if error::is_unreachable(source) && only_ipv6(conn).await =>
@@ -520,13 +508,29 @@ async fn connect_with_retry(conn: &ConnInfo, cancel: &CancellationToken) -> Resu
                     }
                     _ => "",
                 };
-                tracing::warn!(error = %error.one_line(), hint, retry_in = ?delay, "cannot reach postgres; retrying");
-                if retry.sleep(delay).await.is_err() {
-                    return Err(Stopped::Cancelled);
-                }
+                wait_to_ask_again(&mut retry, error, hint, "cannot reach postgres; retrying")
+                    .await?;
             }
         }
     }
+}
+
+/// Waits before start-up asks PostgreSQL again after `error` (logged with
+/// `hint` and `message`), or says why it stops instead: shutdown was
+/// requested, or retrying cannot help.
+async fn wait_to_ask_again(
+    retry: &mut Retry,
+    error: DbError,
+    hint: &'static str,
+    message: &'static str,
+) -> Result<(), Stopped> {
+    let delay = match retry.after(&error, error.class()) {
+        Ok(delay) => delay,
+        Err(GiveUp::Shutdown(_)) => return Err(Stopped::Cancelled),
+        Err(GiveUp::Fatal(_) | GiveUp::PositionLost(_)) => return Err(Stopped::Database(error)),
+    };
+    tracing::warn!(error = %error.one_line(), hint, retry_in = ?delay, "{message}");
+    retry.sleep(delay).await.map_err(|_| Stopped::Cancelled)
 }
 
 /// Whether the database host resolves to IPv6 addresses only.
