@@ -147,6 +147,7 @@ async fn start_and_run(
     let health = Arc::new(Health::default());
     let metrics = telemetry::metrics::install(config.group.as_deref()).map_err(Stopped::Failed)?;
     health.set_drifted(false);
+    health.set_stalled_by_held(false);
     let listener = telemetry::http::bind(&config.http.listen)
         .await
         .map_err(|e| Stopped::Problems(vec![e]))?;

@@ -833,6 +833,12 @@ async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_
             .await
             .unwrap_or((0, String::new()))
     };
+    let stalled = || async move {
+        let (_, text) = crate::support::http_get(port, "/metrics")
+            .await
+            .unwrap_or((0, String::new()));
+        crate::support::metric(&text, "pgci_stalled_by_held_commit")
+    };
     wait_for(
         "readiness to say what waits",
         Duration::from_secs(20),
@@ -842,6 +848,7 @@ async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_
         },
     )
     .await;
+    assert_eq!(stalled().await, Some(1.0), "the gauge says so too");
     assert!(!write.is_finished(), "the commit must wait for the standby");
     let mut redis = env.redis.conn().await;
     crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
@@ -854,6 +861,7 @@ async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_
         readyz().await.0 == 200
     })
     .await;
+    assert_eq!(stalled().await, Some(0.0));
     wait_for("the second deletion", Duration::from_secs(10), || async {
         crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
             == 0

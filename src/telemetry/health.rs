@@ -267,6 +267,11 @@ impl Health {
     /// (a synchronous standby other than the daemon is down or slow).
     pub fn set_stalled_by_held(&self, stalled: bool) {
         self.stalled_by_held.store(stalled, Ordering::Relaxed);
+        metrics::gauge!(crate::telemetry::metrics::STALLED_BY_HELD).set(if stalled {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Whether they do.

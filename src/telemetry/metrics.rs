@@ -117,6 +117,9 @@ pub const SYNC_WAITERS: &str = "pgci_sync_waiters";
 /// 1 while the slot's walsender is a synchronous standby (`sync_state`
 /// `sync` or `quorum`), else 0.
 pub const SYNC_STANDBY: &str = "pgci_sync_standby";
+/// 1 while invalidations wait behind a commit that a synchronous standby
+/// other than the daemon holds (past 2 s; not ready meanwhile), else 0.
+pub const STALLED_BY_HELD: &str = "pgci_stalled_by_held_commit";
 /// Unix time of the commit whose invalidations were applied last.
 pub const LAST_APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
     "pgci_last_applied_commit_timestamp_seconds";
@@ -353,6 +356,10 @@ fn describe() {
     describe_gauge!(
         SYNC_WAITERS,
         "Sessions waiting for a synchronous standby (SyncRep)"
+    );
+    describe_gauge!(
+        STALLED_BY_HELD,
+        "1 while invalidations wait behind a commit another synchronous standby holds"
     );
     describe_gauge!(
         SYNC_STANDBY,
