@@ -668,6 +668,13 @@ async fn confirmations_are_reported_at_once_only_while_commits_wait_for_the_daem
             .filter(|l| l.contains("replication stream started") && l.contains(every))
             .count()
     };
+    // The slot turns active a moment before the line is written.
+    wait_for(
+        "the stream to start at the asynchronous pace",
+        Duration::from_secs(20),
+        || async { paced(&daemon.log(), "reports_every=1ms") >= 1 },
+    )
+    .await;
     assert_eq!(
         paced(&daemon.log(), "reports_every=1ms"),
         1,
