@@ -16,13 +16,6 @@
 //! position is confirmed the same way, when no transaction is open, so
 //! writes to unwatched tables never make the slot retain WAL.
 //!
-//! A batch whose commits are not known to be visible yet is applied in two
-//! passes (see [`crate::resolve`]): its keys are deleted at once, then
-//! again, with its events, once PostgreSQL shows its commits. While
-//! PostgreSQL is asked, the next batch, if one comes, gets its first pass
-//! (`check_and_take_next`), so under load a batch costs two Redis round trips
-//! one after another instead of three.
-//!
 //! A large transaction does not have to fit in memory: once the pending
 //! batch is full it is applied without an acknowledgement, and the
 //! transaction's commit confirms it later. That is safe because pgoutput v1
@@ -58,9 +51,8 @@ use crate::telemetry::systemd;
 /// round-trips.
 pub const MAX_BATCH_ITEMS: usize = 4096;
 /// Most bytes (keys and refreshed values) in one batch: refreshed rows can
-/// be large (a 100 kB profile), and at most four batches are alive at once
-/// (pending, queued, applying, and the next one taken early while the
-/// applying one is checked) plus the Redis requests built from two, so
+/// be large (a 100 kB profile), and at most three batches are alive at once
+/// (pending, queued, applying) plus the Redis request built from one, so
 /// this keeps the daemon's memory in tens of MB whatever the rows hold,
 /// while 2 MiB is still far more than one round-trip needs to be efficient.
 pub const MAX_BATCH_BYTES: usize = 2 << 20;
@@ -543,18 +535,10 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     };
     // The newest position a batch was read from.
     let mut generation = 0;
-    // The next batch, when it was taken early and perhaps given its first
-    // pass already (see `check_and_take_next`).
-    let mut next: Option<Taken<A>> = None;
     loop {
-        let Taken {
-            mut batch,
-            first_pass_done,
-        } = match next.take() {
-            Some(taken) => taken,
-            None => tokio::select! {
+        let mut batch = tokio::select! {
             batch = batches.recv() => match batch {
-                Some(batch) => Taken { batch, first_pass_done: false },
+                Some(batch) => batch,
                 None => break,
             },
             _ = idle.tick() => {
@@ -573,7 +557,6 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
                 }
                 continue;
             }
-            },
         };
         idle.reset();
         let started = tokio::time::Instant::now();
@@ -593,7 +576,7 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
         // their keys deleted a second time once the commits show, before
         // the position is recorded and confirmed; their events go out with
         // that second pass.
-        let visible_before = !first_pass_done && resolver.known_visible(&batch.items);
+        let visible_before = resolver.known_visible(&batch.items);
         let Some(queried) = current
             .unless_replaced(batch.generation, resolver.resolve(&mut batch.items))
             .await
@@ -603,38 +586,26 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
         };
         let queried = queried?;
         let ack_lsn = batch.ack.and_then(recorded);
-        let second_pass = first_pass_done
-            || (crate::resolve::has_rows(&batch.items)
-                && !visible_before
-                && queried != Some(Visibility::Visible));
-        if !second_pass {
-            let record_now = held.is_empty();
-            sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
-                .await?;
-            unconfirmed.made += 1;
-        } else if !first_pass_done {
+        let second_pass = crate::resolve::has_rows(&batch.items)
+            && !visible_before
+            && queried != Some(Visibility::Visible);
+        if second_pass {
             // Announced by the second pass, once final (see
             // `RedisSink::apply_unannounced`).
             sink.apply_unannounced(&batch.items).await?;
-            unconfirmed.made += 1;
+        } else {
+            let record_now = held.is_empty();
+            sink.apply(&batch.items, ack_lsn.filter(|_| record_now))
+                .await?;
         }
+        unconfirmed.made += 1;
         if second_pass {
             let visibility = match queried {
                 Some(v) => Some(v),
-                None => {
-                    let check = current
-                        .unless_replaced(batch.generation, resolver.check_visible(&batch.items));
-                    let (visibility, taken) = check_and_take_next(
-                        check,
-                        &mut batches,
-                        &mut sink,
-                        &mut unconfirmed,
-                        batch.generation,
-                    )
-                    .await?;
-                    next = taken;
-                    visibility.transpose()?
-                }
+                None => current
+                    .unless_replaced(batch.generation, resolver.check_visible(&batch.items))
+                    .await
+                    .transpose()?,
             };
             match visibility {
                 Some(Visibility::Visible) => {
@@ -689,72 +660,6 @@ async fn apply_batches<A: Copy + std::fmt::Display, K: Sink>(
     sink.finish().await?;
     unconfirmed.publish(&sink, &ack);
     Ok(())
-}
-
-/// A batch the sink task has taken from the channel.
-struct Taken<A> {
-    batch: Batch<A>,
-    /// Its first pass ([`Sink::apply_unannounced`]) was applied while the
-    /// batch before it was checked (see [`check_and_take_next`]): only its
-    /// visibility check and second pass are left (the check answers at
-    /// once if its commits are known to be visible by then).
-    first_pass_done: bool,
-}
-
-/// Waits for `check`, the visibility check of a batch of position
-/// `generation`, and takes the next batch if it comes meanwhile: when it
-/// is [`eligible_for_an_early_first_pass`], Redis is given its first pass
-/// while PostgreSQL answers, instead of after the second pass of the batch
-/// checked. Its deletions then go before that second pass, which is
-/// harmless (deletions commute, and are repeated once its own commits
-/// show); nothing is announced or recorded out of order, since a first
-/// pass announces no rows and records nothing. A batch that is not
-/// eligible is taken anyway and handled as usual.
-async fn check_and_take_next<A, K: Sink, T>(
-    check: impl std::future::Future<Output = T>,
-    batches: &mut mpsc::Receiver<Batch<A>>,
-    sink: &mut K,
-    unconfirmed: &mut Unconfirmed<A>,
-    generation: u64,
-) -> Result<(T, Option<Taken<A>>), PipelineError> {
-    tokio::pin!(check);
-    let batch = tokio::select! {
-        biased;
-        done = &mut check => return Ok((done, None)),
-        batch = batches.recv() => batch,
-    };
-    let Some(batch) = batch else {
-        return Ok((check.await, None));
-    };
-    if !eligible_for_an_early_first_pass(&batch, generation) {
-        let taken = Taken {
-            batch,
-            first_pass_done: false,
-        };
-        return Ok((check.await, Some(taken)));
-    }
-    let (done, first) = tokio::join!(check, sink.apply_unannounced(&batch.items));
-    first?;
-    unconfirmed.made += 1;
-    let taken = Taken {
-        batch,
-        first_pass_done: true,
-    };
-    Ok((done, Some(taken)))
-}
-
-/// Whether `batch` may be given its first pass while the batch before it,
-/// of position `generation`, is checked: row changes of the same position,
-/// no flush (a flush is announced at once, with a new epoch: it must not
-/// overtake the previous batch's events) and no refresh query (those wait
-/// for their commits before anything is applied).
-fn eligible_for_an_early_first_pass<A>(batch: &Batch<A>, generation: u64) -> bool {
-    batch.generation == generation
-        && crate::resolve::has_rows(&batch.items)
-        && !batch
-            .items
-            .iter()
-            .any(|i| matches!(i.op, CacheOp::Flush { .. } | CacheOp::Query { .. }))
 }
 
 /// Flushes every rule's keys once the commits held across the restart
@@ -821,77 +726,4 @@ async fn release_held<A: Copy, K: Sink>(
     sink.delete_again(&due.again, Again::All, record).await?;
     unconfirmed.made += 1;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::Op;
-
-    fn row(xid: u32) -> Item {
-        Item {
-            op: CacheOp::Invalidate {
-                table: Arc::from("public.user_tokens"),
-                op: Op::Update,
-                keys: vec![format!("balance:{xid}")],
-            },
-            lsn: Lsn(u64::from(xid)),
-            commit_time: Arc::from(""),
-            commit_micros: 0,
-            seq: 1,
-            xid,
-        }
-    }
-
-    fn batch(items: Vec<Item>, generation: u64) -> Batch<Lsn> {
-        Batch {
-            items,
-            bytes: 0,
-            ack: Some(Lsn(100)),
-            generation,
-        }
-    }
-
-    #[test]
-    fn only_row_changes_of_the_same_position_get_an_early_first_pass() {
-        assert!(eligible_for_an_early_first_pass(
-            &batch(vec![row(7), row(8)], 3),
-            3
-        ));
-        assert!(
-            !eligible_for_an_early_first_pass(&batch(vec![row(7)], 4), 3),
-            "a batch of a new position starts with its flush"
-        );
-        assert!(
-            !eligible_for_an_early_first_pass(&batch(Vec::new(), 3), 3),
-            "a keepalive's position has no first pass"
-        );
-        let flush = Item {
-            op: CacheOp::Flush {
-                table: Arc::from("*"),
-                patterns: vec!["balance:*".into()],
-                reason: FlushReason::SlotReset,
-            },
-            ..row(0)
-        };
-        assert!(
-            !eligible_for_an_early_first_pass(&batch(vec![row(7), flush], 3), 3),
-            "a flush is announced at once: it must not overtake the events before it"
-        );
-        let query = Item {
-            op: CacheOp::Query {
-                table: Arc::from("public.user_tokens"),
-                op: Op::Update,
-                keys: vec!["total:1".into()],
-                sql: Arc::from("select 1"),
-                params: Vec::new(),
-                ttl_secs: 60,
-            },
-            ..row(9)
-        };
-        assert!(
-            !eligible_for_an_early_first_pass(&batch(vec![row(7), query], 3), 3),
-            "refresh queries wait for their commits before anything is applied"
-        );
-    }
 }
