@@ -11,7 +11,8 @@
 # simulation: --seconds S per policy (default 30, about 4 minutes in all),
 # --users, --zipf, --workers, --read-rate (reads/s offered, 0: as fast as
 # the loops go), --faults (every policy gets the L1 policy's cut and
-# restart), --writes, --bypass, --seed, --policies, --plot.
+# restart), --beside P (every other loop reads as policy P in the same
+# run, reported apart), --writes, --bypass, --seed, --policies, --plot.
 # The report is also written to target/app-sim-report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

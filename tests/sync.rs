@@ -723,6 +723,30 @@ async fn confirmations_are_reported_at_once_only_while_commits_wait_for_the_daem
     );
 }
 
+/// Makes `absent`, a standby that never connects, the synchronous one,
+/// caches the first profile's key and updates that profile: the commit
+/// waits for the standby until the test clears the setting. Returns the
+/// key and the writer's task.
+async fn held_by_an_absent_standby(env: &TestEnv) -> (String, tokio::task::JoinHandle<u64>) {
+    let admin = env.pg.client().await;
+    pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
+    let id = pgci_test_support::first_profile_id(&admin).await;
+    let key = format!("profile:user:{id}");
+    crate::support::preset(&mut env.redis.conn().await, std::slice::from_ref(&key)).await;
+    let writer = env.pg.client().await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "absent").await;
+    let write = tokio::spawn(async move {
+        writer
+            .execute(
+                "update public.profiles set bio = 'held for a standby' where id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .expect("update")
+    });
+    (key, write)
+}
+
 /// A commit waits for a synchronous standby that is down (not the daemon)
 /// while the daemon restarts. The daemon had decoded it, deleted its key
 /// and confirmed past it (its confirmation releases nobody here), and was
@@ -737,22 +761,8 @@ async fn a_commit_held_for_another_standby_across_a_restart_is_invalidated_when_
     env.setup();
     let mut daemon = env.daemon().await;
     let admin = env.pg.client().await;
-    pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
-    let id = pgci_test_support::first_profile_id(&admin).await;
-    let key = format!("profile:user:{id}");
     let mut redis = env.redis.conn().await;
-    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
-    let writer = env.pg.client().await;
-    pgci_test_support::sees_synchronous_standbys(&writer, "absent").await;
-    let write = tokio::spawn(async move {
-        writer
-            .execute(
-                "update public.profiles set bio = 'held for a standby' where id = $1::text::uuid",
-                &[&id],
-            )
-            .await
-            .expect("update")
-    });
+    let (key, write) = held_by_an_absent_standby(&env).await;
     wait_for("the first deletion", Duration::from_secs(30), || async {
         crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
             == 0
@@ -820,20 +830,7 @@ async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_
     env.setup();
     let daemon = env.daemon().await;
     let admin = env.pg.client().await;
-    pgci_test_support::set_synchronous_standbys(&admin, "absent", None).await;
-    let id = pgci_test_support::first_profile_id(&admin).await;
-    let key = format!("profile:user:{id}");
-    let writer = env.pg.client().await;
-    pgci_test_support::sees_synchronous_standbys(&writer, "absent").await;
-    let write = tokio::spawn(async move {
-        writer
-            .execute(
-                "update public.profiles set bio = 'held for a standby' where id = $1::text::uuid",
-                &[&id],
-            )
-            .await
-            .expect("update")
-    });
+    let (key, write) = held_by_an_absent_standby(&env).await;
     let port = env.http_port;
     let readyz = || async move {
         crate::support::http_get(port, "/readyz")

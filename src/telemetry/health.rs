@@ -250,12 +250,11 @@ impl Health {
 
     /// Whether the catalog has drifted from what the rules need.
     pub fn set_drifted(&self, drifted: bool) {
-        self.drifted.store(drifted, Ordering::Relaxed);
-        metrics::gauge!(crate::telemetry::metrics::CATALOG_DRIFT).set(if drifted {
-            1.0
-        } else {
-            0.0
-        });
+        flag_with_gauge(
+            &self.drifted,
+            crate::telemetry::metrics::CATALOG_DRIFT,
+            drifted,
+        );
     }
 
     /// Whether it has.
@@ -266,12 +265,11 @@ impl Health {
     /// Whether invalidations wait behind a held commit that does not show
     /// (a synchronous standby other than the daemon is down or slow).
     pub fn set_stalled_by_held(&self, stalled: bool) {
-        self.stalled_by_held.store(stalled, Ordering::Relaxed);
-        metrics::gauge!(crate::telemetry::metrics::STALLED_BY_HELD).set(if stalled {
-            1.0
-        } else {
-            0.0
-        });
+        flag_with_gauge(
+            &self.stalled_by_held,
+            crate::telemetry::metrics::STALLED_BY_HELD,
+            stalled,
+        );
     }
 
     /// Whether they do.
@@ -284,6 +282,12 @@ impl Health {
     pub fn ready(&self) -> bool {
         self.streaming() && self.redis_ok() && !self.drifted() && !self.stalled_by_held()
     }
+}
+
+/// Sets a readiness flag and the 0/1 gauge that exports it.
+fn flag_with_gauge(flag: &AtomicBool, gauge: &'static str, on: bool) {
+    flag.store(on, Ordering::Relaxed);
+    metrics::gauge!(gauge).set(if on { 1.0 } else { 0.0 });
 }
 
 /// One Redis target's last answer.

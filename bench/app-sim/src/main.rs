@@ -76,6 +76,13 @@ struct Args {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Runs this policy's readers beside each policy's in the same run:
+    /// half the request loops read each way, on the same writes at the
+    /// same time, so that what the machine does to one it does to the
+    /// other (the writes, the daemon and the faults are the other
+    /// policy's; both must run the daemon the same way).
+    #[arg(long)]
+    beside: Option<String>,
     /// Policies to run, comma-separated (default: all of them).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
@@ -113,6 +120,26 @@ async fn main() {
             })
             .collect()
     };
+    let beside = args.beside.as_deref().map(|name| {
+        let beside = Policy::parse(name).unwrap_or_else(|| {
+            fail(&format!(
+                "--beside: unknown policy {name:?}; choose from {}",
+                Policy::ALL.map(Policy::name).join(", ")
+            ))
+        });
+        let same_daemon = |p: Policy| {
+            p.daemon() == beside.daemon()
+                && p.fences() == beside.fences()
+                && p.synchronous() == beside.synchronous()
+        };
+        if let Some(other) = policies.iter().find(|&&p| !same_daemon(p)) {
+            fail(&format!(
+                "--beside {name}: {} runs the daemon differently (or not at all); pair policies that share it, e.g. daemon-leases-l1 with daemon-leases",
+                other.name()
+            ));
+        }
+        beside
+    });
     if args.users < 2 || args.workers == 0 || args.seconds == 0 {
         fail("--users must be at least 2, --workers and --seconds at least 1");
     }
@@ -189,29 +216,43 @@ async fn main() {
         eprintln!("running {} for {} s", policy.name(), args.seconds);
         // Under the L1 policy (every policy with --faults) Redis is restarted
         // (empty) in the middle.
+        let faults = policy.l1() || beside.is_some_and(Policy::l1) || args.faults;
         let (restart, restart_now) = tokio::sync::oneshot::channel();
         let restarter = async {
-            if (policy.l1() || args.faults) && restart_now.await.is_ok() {
+            if faults && restart_now.await.is_ok() {
                 env.redis.restart().await;
                 eprintln!("redis restarted");
             }
         };
         let run = sim::run(
             policy,
+            beside,
             &workload,
             fresh.clone(),
             connect.clone(),
-            (policy.l1() || args.faults).then_some(restart),
+            faults.then_some(restart),
         );
-        let ((tally, series), ()) = tokio::join!(run, restarter);
+        let (((tally, series), beside_seen), ()) = tokio::join!(run, restarter);
         let outcome = Outcome {
             policy,
             tally,
             series,
             seconds: args.seconds,
+            beside: None,
         };
         println!("{}", outcome.line());
         outcomes.push(outcome);
+        if let (Some(other), Some((tally, series))) = (beside, beside_seen) {
+            let outcome = Outcome {
+                policy: other,
+                tally,
+                series,
+                seconds: args.seconds,
+                beside: Some(policy),
+            };
+            println!("{}", outcome.line());
+            outcomes.push(outcome);
+        }
         if policy.synchronous() {
             // Before the daemon stops: commits would wait for it.
             pgci_test_support::set_synchronous_standbys(&pg, "", None).await;

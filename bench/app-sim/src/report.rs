@@ -18,9 +18,20 @@ pub struct Outcome {
     pub series: std::sync::Arc<Series>,
     /// Seconds it ran.
     pub seconds: u64,
+    /// The policy whose run these readers shared (`--beside`): half the
+    /// request loops read this way, beside the other policy's.
+    pub beside: Option<Policy>,
 }
 
 impl Outcome {
+    /// The policy's name, and whose run it shared.
+    pub fn name(&self) -> String {
+        match self.beside {
+            Some(other) => format!("{}(beside-{})", self.policy.name(), other.name()),
+            None => self.policy.name().to_string(),
+        }
+    }
+
     fn pct(&self, n: u64) -> f64 {
         100.0 * n as f64 / self.tally.requests.max(1) as f64
     }
@@ -87,7 +98,7 @@ impl Outcome {
         let (write_p50, write_p99) = self.write_ms();
         format!(
             "policy={} hit_rate={:.1}% l1_hit_rate={:.1}% db_queries_per_request={:.3} p50_ms={:.3} p95_ms={:.3} p99_ms={:.3} stale_read_pct={:.3}% worst_stale_s={:.3} own_read_stale_pct={:.2}% own_read_db_pct={:.1}% own_read_mean_ms={:.3} own_reads={} requests={} rps={:.0} write_p50_ms={:.3} write_p99_ms={:.3}",
-            self.policy.name(),
+            self.name(),
             self.hit_rate(),
             self.pct(self.tally.l1_hits),
             self.db_per_request(),
@@ -169,7 +180,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {:.3}{} | {:.3}{} | {:.3} / {:.3} / {:.3} | {:.3} % ({} of {}) | {:.3} s | {:.2} % ({} of {}) | {:.2} / {:.2} | {} |\n",
-            o.policy.name(),
+            o.name(),
             match o.tally.l1_hits {
                 0 => format!("{:.1} %", o.hit_rate()),
                 _ => format!("{:.1} % (L1 {:.1} %)", o.hit_rate(), o.pct(o.tally.l1_hits)),
@@ -263,7 +274,7 @@ pub fn plot(outcomes: &[Outcome], path: &Path, font: &Path) -> Result<(), String
                 color.stroke_width(2),
             ))
             .map_err(|e| e.to_string())?
-            .label(o.policy.name())
+            .label(o.name())
             .legend(legend);
         stale_chart
             .draw_series(LineSeries::new(
@@ -271,7 +282,7 @@ pub fn plot(outcomes: &[Outcome], path: &Path, font: &Path) -> Result<(), String
                 color.stroke_width(2),
             ))
             .map_err(|e| e.to_string())?
-            .label(o.policy.name())
+            .label(o.name())
             .legend(legend);
     }
     hit_chart

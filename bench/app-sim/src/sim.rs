@@ -275,20 +275,28 @@ async fn judged_read(
     series.add(started, read.hit, stale);
 }
 
+/// What the readers of one policy saw in a run.
+pub type Seen = (Tally, Arc<Series>);
+
 /// Runs `policy` for the workload's duration; under the L1 policy,
-/// `restart` is told when to restart Redis.
+/// `restart` is told when to restart Redis. With `beside`, every other
+/// request loop reads the way that policy does instead, on the same
+/// writes at the same time (the writes are `policy`'s): what those loops
+/// saw is returned apart.
 pub async fn run(
     policy: Policy,
+    beside: Option<Policy>,
     workload: &Workload,
     shared: Arc<Shared>,
     connect: Arc<Connect>,
     restart: Option<tokio::sync::oneshot::Sender<()>>,
-) -> (Tally, Arc<Series>) {
+) -> (Seen, Option<Seen>) {
     let start = Instant::now();
     let end = start + Duration::from_secs(workload.seconds);
     let series = Arc::new(Series::new(workload.seconds, start));
+    let beside_series = Arc::new(Series::new(workload.seconds, start));
     // One in-process cache for the app server's request loops.
-    let l1 = match policy.l1() {
+    let l1 = match policy.l1() || beside.is_some_and(Policy::l1) {
         true => {
             let client = redis::Client::open(connect.redis_url.as_str()).expect("redis url");
             Some(
@@ -305,10 +313,12 @@ pub async fn run(
         // an output-buffer kill would) and have Redis restarted (empty) at
         // two thirds: L1 must be emptied and refilled without a stale read.
         // (With `faults`, every policy gets the same, for comparison.)
-        let (l1, series, mut redis) = (l1.clone(), series.clone(), connect.redis.clone());
+        let (l1, mut redis) = (l1.clone(), connect.redis.clone());
+        let (series, beside_series) = (series.clone(), beside_series.clone());
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((start + (end - start) / 3).into()).await;
             series.cut();
+            beside_series.cut();
             let _: i64 = redis::cmd("CLIENT")
                 .arg(&["KILL", "TYPE", "pubsub"][..])
                 .query_async(&mut redis)
@@ -317,6 +327,7 @@ pub async fn run(
             tokio::time::sleep_until((start + (end - start) * 2 / 3).into()).await;
             if let Some(restart) = restart {
                 series.cut();
+                beside_series.cut();
                 let _ = restart.send(());
             }
             tokio::time::sleep_until(end.into()).await;
@@ -342,12 +353,18 @@ pub async fn run(
     let per_loop = workload
         .reads_per_sec
         .map(|rate| rate as f64 / workload.workers as f64);
+    let mut beside_tasks = Vec::new();
     for w in 0..workload.workers {
-        let (shared, connect, series, l1) =
-            (shared.clone(), connect.clone(), series.clone(), l1.clone());
+        // Odd loops read as `beside` does, when it is given.
+        let (reads_as, series, tasks) = match beside.filter(|_| w % 2 == 1) {
+            Some(other) => (other, beside_series.clone(), &mut beside_tasks),
+            None => (policy, series.clone(), &mut tasks),
+        };
+        let (shared, connect) = (shared.clone(), connect.clone());
+        let l1 = l1.clone().filter(|_| reads_as.l1());
         let seed = workload.seed.wrapping_mul(1000).wrapping_add(w as u64);
         tasks.push(tokio::spawn(async move {
-            let mut reader = connect.reader(policy, l1).await;
+            let mut reader = connect.reader(reads_as, l1).await;
             let mut rng = StdRng::seed_from_u64(seed);
             let mut tally = Tally::default();
             let (began, mut reads) = (Instant::now(), 0u64);
@@ -376,6 +393,7 @@ pub async fn run(
             workload.clone(),
             l1.clone(),
         );
+        let l1 = l1.filter(|_| policy.l1());
         tasks.push(tokio::spawn(async move {
             app_writes(policy, &workload, &shared, &connect, &series, end, l1).await
         }));
@@ -391,7 +409,14 @@ pub async fn run(
     for task in tasks {
         total.merge(task.await.expect("simulation task"));
     }
-    (total, series)
+    let mut beside_total = Tally::default();
+    for task in beside_tasks {
+        beside_total.merge(task.await.expect("simulation task"));
+    }
+    (
+        (total, series),
+        beside.map(|_| (beside_total, beside_series)),
+    )
 }
 
 /// The app's own writes, each followed by the writer's read of the page
