@@ -757,17 +757,41 @@ async fn held_by_an_absent_standby(env: &TestEnv) -> (String, tokio::task::JoinH
 /// after the commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_held_for_another_standby_across_a_restart_is_invalidated_when_it_shows() {
+    held_across_restarts(false).await;
+}
+
+/// The same with fences (`fence_until_visible`): the first pass leaves the
+/// daemon's lease marker instead of deleting, and the daemon is killed
+/// between its two passes. A reader's fill replaces the marker (as one
+/// would once it expired), and must go once the commit shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fenced_commit_held_across_a_kill_between_the_passes_is_invalidated_when_it_shows() {
+    held_across_restarts(true).await;
+}
+
+async fn held_across_restarts(fences: bool) {
     let mut env = TestEnv::start(4).await;
+    if fences {
+        env.redis_extra = "fence_until_visible = true\n".to_string();
+        env.write_config("");
+    }
     env.setup();
     let mut daemon = env.daemon().await;
     let admin = env.pg.client().await;
     let mut redis = env.redis.conn().await;
     let (key, write) = held_by_an_absent_standby(&env).await;
-    wait_for("the first deletion", Duration::from_secs(30), || async {
-        crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
-            == 0
-    })
-    .await;
+    let first_pass_done = || async {
+        let now: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut env.redis.conn().await)
+            .await
+            .expect("GET");
+        match fences {
+            true => now.as_deref() == Some(pgci_protocol::lease::FENCE),
+            false => now.is_none(),
+        }
+    };
+    wait_for("the first pass", Duration::from_secs(30), first_pass_done).await;
     let written: String = admin
         .query_one("select pg_current_wal_lsn()::text", &[])
         .await
