@@ -901,3 +901,70 @@ async fn readiness_says_when_invalidations_wait_behind_a_commit_another_standby_
         daemon.log()
     );
 }
+
+/// A synchronous `COMMIT PREPARED` waits for the daemon, but the
+/// visibility check cannot see that wait: the session that waits has no
+/// transaction id of its own (the prepared transaction's belongs to no
+/// session). Once the commit has been invisible for a second
+/// (`ASSUME_HELD_AFTER_SEEN`), the daemon takes it for held by a
+/// synchronous standby wait, confirms it, and the commit returns; a fill
+/// made meanwhile goes once the commit shows. Without the assumption the
+/// daemon would wait for the commit to show, which waits for the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synchronous_commit_prepared_is_taken_for_held_after_a_second() {
+    let mut env = TestEnv::start(4).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("alter system set max_prepared_transactions = 4")
+        .await
+        .expect("max_prepared_transactions");
+    env.pg.restart().await;
+    env.setup();
+    let daemon = env.daemon().await;
+    let admin = env.pg.client().await;
+    let id = pgci_test_support::first_profile_id(&admin).await;
+    let key = format!("profile:user:{id}");
+    let mut redis = env.redis.conn().await;
+    crate::support::preset(&mut redis, std::slice::from_ref(&key)).await;
+    let writer = env.pg.client().await;
+    writer
+        .batch_execute(&format!(
+            "begin; update public.profiles set bio = 'prepared' where id = '{id}'; \
+             prepare transaction 'pgci-held'"
+        ))
+        .await
+        .expect("prepare");
+    make_daemon_synchronous(&admin).await;
+    pgci_test_support::sees_synchronous_standbys(&writer, "ANY 1 (\"pg-cache-invalidator\")").await;
+    let started = Instant::now();
+    let commit = tokio::spawn(async move {
+        writer
+            .batch_execute("commit prepared 'pgci-held'")
+            .await
+            .expect("commit prepared");
+        started.elapsed()
+    });
+    // While the commit waits, a reader fills the row it reads: the old one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!commit.is_finished(), "the commit must wait for the daemon");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("before the prepared commit showed")
+        .query_async(&mut redis)
+        .await
+        .expect("fill");
+    let took = tokio::time::timeout(Duration::from_secs(30), commit)
+        .await
+        .unwrap_or_else(|_| panic!("the commit was never released: {}", daemon.log()))
+        .expect("commit task");
+    assert!(
+        took >= Duration::from_millis(900),
+        "released after {took:?}: the wait was seen after all, so this test no longer covers the assumption"
+    );
+    wait_for("the second deletion", Duration::from_secs(10), || async {
+        crate::support::surviving(&mut env.redis.conn().await, std::slice::from_ref(&key)).await
+            == 0
+    })
+    .await;
+}
