@@ -138,6 +138,12 @@ if [[ $parallel == 1 ]]; then
   log "chaos soak on a Redis Cluster (${PGCI_SOAK_CLUSTER_MINUTES:-1} min, seed ${PGCI_SOAK_SEED:-1}, PostgreSQL ${PGCI_SOAK_PG_MAJOR:-17})"
   start_job soak-cluster env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" \
     target/debug/soak --redis cluster --minutes "${PGCI_SOAK_CLUSTER_MINUTES:-1}" --seed "${PGCI_SOAK_SEED:-1}"
+  # And beside it, the soak with fences (redis.fence_until_visible): the
+  # daemon's first pass leaves the lease marker until the commit shows,
+  # through kills between the passes, promotions and Redis faults.
+  log "chaos soak with fences (${PGCI_SOAK_FENCED_MINUTES:-1} min, seed ${PGCI_SOAK_SEED:-1}, PostgreSQL ${PGCI_SOAK_PG_MAJOR:-17})"
+  start_job soak-fenced env PGCI_DAEMON_BIN="$daemon_bin" PGCI_TEST_PG_BINDIR="$soak_pg" \
+    target/debug/soak --fences --minutes "${PGCI_SOAK_FENCED_MINUTES:-1}" --seed "${PGCI_SOAK_SEED:-1}"
   wait_jobs
 fi
 exit $failed

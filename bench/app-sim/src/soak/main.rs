@@ -80,6 +80,11 @@ struct Args {
     /// and the Redis links).
     #[arg(long, default_value = "server")]
     redis: String,
+    /// Run the daemon with `redis.fence_until_visible = true`: its first
+    /// pass leaves the lease marker where it deletes, until the commit
+    /// shows (the soak's readers all read through leases).
+    #[arg(long)]
+    fences: bool,
     /// Copy every daemon's log into this directory before the servers'
     /// directories are removed (to read what happened around a violation).
     #[arg(long)]
@@ -247,11 +252,14 @@ async fn main() {
         Some(cluster) => RedisTarget::Cluster(cluster.urls()),
         None => RedisTarget::Server(env.redis.url()),
     };
-    let daemon_redis = match (&links.redis, &cluster) {
+    let mut daemon_redis = match (&links.redis, &cluster) {
         (Some(proxy), _) => format!("url = \"redis://127.0.0.1:{}/0\"\n", proxy.port),
         (None, Some(cluster)) => format!("url = \"{}\"\ncluster = true\n", cluster.url()),
         (None, None) => unreachable!("one server has a forwarder"),
     };
+    if args.fences {
+        daemon_redis.push_str("fence_until_visible = true\n");
+    }
     let hosts: Vec<String> = links
         .postgres
         .iter()
@@ -445,10 +453,11 @@ async fn main() {
         shared.confirmed.judged.load(Ordering::Relaxed),
     );
     println!(
-        "seed={} source={} redis={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
+        "seed={} source={} redis={} fences={} rounds={rounds} quiescent_points_checked={checked} daemon_restarts={restarts} standby={}",
         args.seed,
         args.source,
         args.redis,
+        args.fences,
         match (&standby, outbox) {
             (None, _) => "no",
             (Some(_), false) => "yes (synchronous, failover slots)",
